@@ -1,0 +1,101 @@
+"""Process groups from torchrun's environment: tensor parallel (fairscale) x data parallel.
+
+Ranks are laid out as fairscale does: consecutive ranks form one tensor-parallel group, so with
+world size W and tensor-parallel size T there are W / T data-parallel replicas. A plain
+`python script.py` (no torchrun) runs as a one-process world.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    tp_rank: int
+    tp_size: int
+    dp_rank: int
+    dp_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup(tp_size: int | None = None, device: str | None = None) -> DistInfo:
+    """Initialise torch.distributed and fairscale's model-parallel groups (idempotent).
+
+    tp_size: tensor-parallel size; default the whole world (pure tensor parallelism, as the seeds).
+    device: "cuda" / "cpu"; default CUDA when available. NCCL on CUDA, gloo on CPU.
+    """
+    from fairscale.nn.model_parallel import initialize as mpu
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "RANK" not in os.environ:  # single process without torchrun
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    tp_size = world if tp_size in (None, 0, -1) else int(tp_size)
+    if tp_size < 1 or world % tp_size:
+        raise ValueError(f"--tp_size={tp_size} does not divide the world size {world}")
+
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    if not mpu.model_parallel_is_initialized():
+        with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints its group sizes
+            mpu.initialize_model_parallel(tp_size)
+    elif mpu.get_model_parallel_world_size() != tp_size:
+        raise RuntimeError(f"model parallel already initialised with size {mpu.get_model_parallel_world_size()}")
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank,
+                    tp_rank=mpu.get_model_parallel_rank(), tp_size=tp_size,
+                    dp_rank=mpu.get_data_parallel_rank(), dp_size=mpu.get_data_parallel_world_size(),
+                    device=dev)
+
+
+def teardown() -> None:
+    from fairscale.nn.model_parallel import initialize as mpu
+
+    if mpu.model_parallel_is_initialized():
+        mpu.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def tp_group():
+    from fairscale.nn.model_parallel import initialize as mpu
+
+    return mpu.get_model_parallel_group()
+
+
+def dp_group():
+    from fairscale.nn.model_parallel import initialize as mpu
+
+    return mpu.get_data_parallel_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,253 @@
+"""ModelArgs: every supported family is a set of field values of this one dataclass.
+
+Three on-disk descriptions are understood:
+- our native `params.json` (the fields below, written by `ModelArgs.save`),
+- Meta's / Mistral's reference `params.json` (a subset of our field names, plus a few aliases),
+- an HF `config.json` (LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM,
+  and Qwen-1's QWenLMHeadModel).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from engine.errors import UserError
+
+
+class ConfigError(UserError):
+    """A user-facing configuration problem; the message is one sentence naming the file or flag."""
+
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None: same as n_heads (multi-head attention)
+    head_dim: Optional[int] = None  # None: dim // n_heads
+    vocab_size: int = 32000
+    hidden_dim: Optional[int] = None  # FFN width; None: Meta's formula from multiple_of / ffn_dim_multiplier
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # {"rope_type": "llama3"|"linear", "factor": ..., ...}
+    max_seq_len: int = 2048
+    qkv_bias: bool = False  # Qwen: biases on the q/k/v projections
+    tie_embeddings: bool = False  # output head shares the token-embedding matrix
+    sliding_window: Optional[int] = None  # Mistral: attend to at most this many most recent positions
+    n_experts: int = 0  # Mixtral: > 0 makes every FFN a top-k mixture of experts
+    n_experts_per_tok: int = 2
+    family: str = "llama"  # informational: which key map / HF architecture this model came from
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ConfigError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+            self.head_dim = self.dim // self.n_heads
+        if self.hidden_dim is None:
+            hidden = int(2 * (4 * self.dim) / 3)
+            if self.ffn_dim_multiplier is not None:
+                hidden = int(self.ffn_dim_multiplier * hidden)
+            self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+            if kind not in SUPPORTED_ROPE_TYPES:
+                raise ConfigError(f"rope_scaling type {kind!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+            self.rope_scaling = {**self.rope_scaling, "rope_type": kind}
+            self.rope_scaling.pop("type", None)
+            if kind == "default":
+                self.rope_scaling = None
+
+    # ----- tensor-parallel layout -------------------------------------------------------------
+    def check_tp(self, tp: int, where: str = "--n") -> None:
+        """Raise ConfigError unless a tensor-parallel size of `tp` can shard this model."""
+        problems = []
+        if self.n_heads % tp:
+            problems.append(f"n_heads={self.n_heads}")
+        if self.n_kv_heads % tp and tp % self.n_kv_heads:
+            problems.append(f"n_kv_heads={self.n_kv_heads} (nor is {tp} a multiple of it)")
+        if self.vocab_size % tp:
+            problems.append(f"vocab_size={self.vocab_size}")
+        if self.hidden_dim % tp:
+            problems.append(f"hidden_dim={self.hidden_dim}")
+        if problems:
+            raise ConfigError(f"{where}={tp} does not divide " + ", ".join(problems))
+
+    def local_kv_heads(self, tp: int) -> int:
+        """KV heads held per rank: a slice of them, or one replicated head when tp > n_kv_heads."""
+        return max(self.n_kv_heads // tp, 1)
+
+    # ----- (de)serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str) -> None:
+        from engine.fileio import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "params.json") -> "ModelArgs":
+        """Native or Meta/Mistral reference params.json."""
+        raw = dict(raw)
+        # Meta / Mistral aliases and runtime-only keys
+        if raw.pop("use_scaled_rope", False):  # LLaMA-3.1 Meta params.json
+            raw["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        moe = raw.pop("moe", None)  # Mistral reference Mixtral params.json
+        if moe:
+            raw["n_experts"] = moe["num_experts"]
+            raw["n_experts_per_tok"] = moe["num_experts_per_tok"]
+        for runtime_key in ("max_batch_size", "max_position_embeddings", "rope_scaling_factor", "model_type"):
+            raw.pop(runtime_key, None)
+        if raw.get("vocab_size", 0) is not None and raw.get("vocab_size", 0) <= 0:
+            raw["vocab_size"] = -1  # Meta's LLaMA-1/2 params.json: the weights tell
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")
+        try:
+            return cls(**raw)
+        except TypeError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def load(cls, path: str) -> "ModelArgs":
+        """Read a params.json (native or Meta) or an HF config.json."""
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path} does not exist") from None
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path} is not readable JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} does not hold a JSON object")
+        if "architectures" in raw or "hidden_size" in raw:
+            return cls.from_hf_config(raw, source=path)
+        return cls.from_dict(raw, source=path)
+
+    # ----- HF config.json ---------------------------------------------------------------------
+    @classmethod
+    def from_hf_config(cls, cfg: dict, source: str = "config.json") -> "ModelArgs":
+        arch = (cfg.get("architectures") or [None])[0]
+        family = HF_ARCHITECTURES.get(arch)
+        if family is None:
+            raise ConfigError(f"{source}: architecture {arch!r} is not supported "
+                              f"(supported: {', '.join(sorted(HF_ARCHITECTURES))})")
+        if family == "qwen":
+            return cls._from_qwen1_config(cfg, source)
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"{source}: hidden_act={cfg['hidden_act']!r} is not supported (only silu)")
+        if cfg.get("mlp_bias") or (family != "qwen2" and cfg.get("attention_bias")):
+            raise ConfigError(f"{source}: attention_bias / mlp_bias on LLaMA-style models is not supported")
+        rope_params = dict(cfg.get("rope_parameters") or {})  # transformers >= 5
+        rope_theta = rope_params.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope_scaling = cfg.get("rope_scaling") or (rope_params or None)
+        sliding = cfg.get("sliding_window") if family in ("mistral", "mixtral") else None
+        if family == "qwen2" and cfg.get("use_sliding_window"):
+            raise ConfigError(f"{source}: Qwen2 use_sliding_window=true is not supported")
+        n_heads = cfg["num_attention_heads"]
+        return cls(
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+            vocab_size=cfg["vocab_size"],
+            hidden_dim=cfg["intermediate_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            max_seq_len=cfg.get("max_position_embeddings", 2048),
+            qkv_bias=family == "qwen2",
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            sliding_window=sliding,
+            n_experts=cfg.get("num_local_experts", 0) if family == "mixtral" else 0,
+            n_experts_per_tok=cfg.get("num_experts_per_tok", 2),
+            family=family,
+        )
+
+    @classmethod
+    def _from_qwen1_config(cls, cfg: dict, source: str) -> "ModelArgs":
+        if cfg.get("rotary_pct", 1.0) != 1.0:
+            raise ConfigError(f"{source}: Qwen-1 rotary_pct != 1 is not supported")
+        n_heads = cfg["num_attention_heads"]
+        return cls(
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=n_heads,
+            head_dim=cfg.get("kv_channels") or cfg["hidden_size"] // n_heads,
+            vocab_size=cfg["vocab_size"],
+            hidden_dim=cfg["intermediate_size"] // 2,  # Qwen-1 stores twice the per-branch width
+            norm_eps=cfg.get("layer_norm_epsilon", 1e-6),
+            rope_theta=float(cfg.get("rotary_emb_base", 10000.0)),
+            max_seq_len=cfg.get("seq_length", cfg.get("max_position_embeddings", 8192)),
+            qkv_bias=True,
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            family="qwen",
+        )
+
+    def to_hf_config(self, bos_id: Optional[int] = None, eos_id: Optional[int] = None,
+                     pad_id: Optional[int] = None, dtype: str = "float32") -> dict:
+        """An HF config.json that `AutoModelForCausalLM.from_pretrained` loads (v4 and v5 key names)."""
+        if self.n_experts:
+            arch, model_type = "MixtralForCausalLM", "mixtral"
+        elif self.qkv_bias:
+            arch, model_type = "Qwen2ForCausalLM", "qwen2"
+        elif self.sliding_window is not None:
+            arch, model_type = "MistralForCausalLM", "mistral"
+        else:
+            arch, model_type = "LlamaForCausalLM", "llama"
+        cfg = {
+            "architectures": [arch],
+            "model_type": model_type,
+            "hidden_size": self.dim,
+            "intermediate_size": self.hidden_dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_seq_len,
+            "tie_word_embeddings": self.tie_embeddings,
+            "hidden_act": "silu",
+            "bos_token_id": bos_id,
+            "eos_token_id": eos_id,
+            "pad_token_id": pad_id,
+            "dtype": dtype,
+            "torch_dtype": dtype,
+        }
+        if self.rope_scaling:
+            cfg["rope_scaling"] = dict(self.rope_scaling)
+        if model_type in ("mistral", "mixtral"):
+            cfg["sliding_window"] = self.sliding_window
+        if model_type == "mixtral":
+            cfg["num_local_experts"] = self.n_experts
+            cfg["num_experts_per_tok"] = self.n_experts_per_tok
+        if model_type == "qwen2":
+            cfg["use_sliding_window"] = False
+        return cfg
+
+
+HF_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2ForCausalLM": "qwen2",
+    "QWenLMHeadModel": "qwen",
+}

@@ -1,0 +1,337 @@
+"""ONE tensor-parallel decoder for LLaMA / Mistral / Qwen / Mixtral, built from fairscale's layers.
+
+Family differences are ModelArgs values: GQA (n_kv_heads), RoPE base and scaling, q/k/v biases,
+tied embeddings, sliding-window attention, and a mixture of experts in place of the dense MLP.
+
+Tensor parallelism follows Meta's reference LLaMA: q/k/v, w1/w3 and the output head are
+column-parallel; wo and w2 are row-parallel; the token embedding is split over the vocabulary.
+When the tensor-parallel size exceeds n_kv_heads, each rank holds a copy of the one KV head its
+query heads use (`replicated_kv_params` names them so the trainer can sum their gradients).
+
+RoPE uses the rotate-half convention (HF's); Meta's interleaved q/k rows are permuted at the
+checkpoint boundary (engine/checkpoint.py).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_model_parallel_world_size
+from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from fairscale.nn.model_parallel.mappings import (
+    copy_to_model_parallel_region,
+    gather_from_model_parallel_region,
+    reduce_from_model_parallel_region,
+)
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from models.args import ModelArgs
+
+
+def _keep(tensor):  # weights always come from a checkpoint: skip fairscale's random init
+    return tensor
+
+
+def _materialize(module: nn.Module, device, dtype) -> None:
+    """Swap the CPU fp32 storage fairscale allocates for empty storage of the target device/dtype,
+    one layer at a time, so building a 70B shard never holds an extra fp32 copy."""
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None:
+                sub._parameters[name] = nn.Parameter(torch.empty(p.shape, device=device, dtype=dtype),
+                                                     requires_grad=p.requires_grad)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x):
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class RotaryEmbedding:
+    """cos/sin tables for given positions. A plain object, not a module: `module.to(dtype)` must never
+    touch the inverse frequencies."""
+
+    def __init__(self, args: ModelArgs):
+        dim = args.head_dim
+        inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        scaling = args.rope_scaling or {}
+        kind = scaling.get("rope_type", "default")
+        if kind == "linear":
+            inv_freq = inv_freq / scaling["factor"]
+        elif kind == "llama3":
+            inv_freq = _llama3_inv_freq(inv_freq, scaling)
+        self.inv_freq = inv_freq
+        self._device_copies = {}
+
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype):
+        inv = self._device_copies.get(positions.device)
+        if inv is None:
+            inv = self._device_copies[positions.device] = self.inv_freq.to(positions.device)
+        freqs = positions[..., None].float() * inv
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """x: [B, S, H, D]; cos/sin: [B, S, D]."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return x * cos + _rotate_half(x) * sin
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: Optional[int]) -> torch.Tensor:
+    """Boolean [B, 1, S, T] mask: a query at position p sees keys at positions <= p (and > p - window).
+    q_pos: [B, S]; k_pos: [B, T] or [T]."""
+    if k_pos.dim() == 1:
+        k_pos = k_pos.unsqueeze(0)
+    q, k = q_pos[:, :, None], k_pos[:, None, :]
+    mask = k <= q
+    if window is not None:
+        mask = mask & (q - k < window)
+    return mask.unsqueeze(1)
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: [batch, local kv heads, max_len, head_dim].
+    Slot t of row b holds the key/value of that row's position t."""
+
+    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device, dtype, tp_size: int = None):
+        tp = tp_size or get_model_parallel_world_size()
+        shape = (batch_size, args.local_kv_heads(tp), max_len, args.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.max_len = max_len
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        tp = get_model_parallel_world_size()
+        self.layer_id = layer_id
+        self.head_dim = args.head_dim
+        self.n_local_heads = args.n_heads // tp
+        self.n_local_kv_heads = args.local_kv_heads(tp)
+        self.window = args.sliding_window
+        kv_out = self.n_local_kv_heads * tp * args.head_dim  # replicated heads count once per rank
+        self.wq = ColumnParallelLinear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias,
+                                       gather_output=False, init_method=_keep)
+        self.wk = ColumnParallelLinear(args.dim, kv_out, bias=args.qkv_bias, gather_output=False, init_method=_keep)
+        self.wv = ColumnParallelLinear(args.dim, kv_out, bias=args.qkv_bias, gather_output=False, init_method=_keep)
+        self.wo = RowParallelLinear(args.n_heads * args.head_dim, args.dim, bias=False, input_is_parallel=True,
+                                    init_method=_keep)
+
+    def forward(self, x, cos, sin, positions, mask, cache: Optional[KVCache], kv_len: Optional[int]):
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if cache is not None:
+            ck, cv = cache.k[self.layer_id], cache.v[self.layer_id]
+            rows = torch.arange(bsz, device=x.device)[:, None]
+            ck[rows, :, positions] = k.to(ck.dtype)  # advanced indexing -> [B, S, H, D]
+            cv[rows, :, positions] = v.to(cv.dtype)
+            keys, values = ck[:, :, :kv_len], cv[:, :, :kv_len]
+        else:
+            keys, values = k.transpose(1, 2), v.transpose(1, 2)
+        q = q.transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, is_causal=mask is None and seqlen > 1,
+            enable_gqa=self.n_local_heads != self.n_local_kv_heads)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = ColumnParallelLinear(args.dim, args.hidden_dim, bias=False, gather_output=False, init_method=_keep)
+        self.w2 = RowParallelLinear(args.hidden_dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep)
+        self.w3 = ColumnParallelLinear(args.dim, args.hidden_dim, bias=False, gather_output=False, init_method=_keep)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Expert(nn.Module):
+    """One expert's local shards: w1/w3 split on the output (like ColumnParallelLinear), w2 on the
+    input (like RowParallelLinear). The all-reduce happens once for all experts in MoE.forward."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        local = args.hidden_dim // get_model_parallel_world_size()
+        self.w1 = nn.Linear(args.dim, local, bias=False, device="meta")
+        self.w2 = nn.Linear(local, args.dim, bias=False, device="meta")
+        self.w3 = nn.Linear(args.dim, local, bias=False, device="meta")
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MoE(nn.Module):
+    """Mixtral sparse MoE: softmax router (fp32), top-k experts per token, weights renormalised."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k = args.n_experts_per_tok
+        self.gate = nn.Linear(args.dim, args.n_experts, bias=False, device="meta")
+        self.experts = nn.ModuleList(Expert(args) for _ in range(args.n_experts))
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = torch.softmax(self.gate(x).float(), dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        # every rank computes a partial expert output: these make the backward sum the partial
+        # gradients of the (replicated) router and input across the tensor-parallel group
+        weights = copy_to_model_parallel_region(weights)
+        x_par = copy_to_model_parallel_region(x)
+
+        flat = chosen.reshape(-1)
+        order = flat.argsort(stable=True)
+        token_of, weight_of = order // self.top_k, weights.reshape(-1)[order]
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, count in zip(self.experts, counts):  # a loop over experts, never over tokens
+            if count:
+                tokens = token_of[start:start + count]
+                y = expert(x_par[tokens]).float() * weight_of[start:start + count, None]
+                out.index_add_(0, tokens, y.to(out.dtype))
+                start += count
+        return reduce_from_model_parallel_region(out).view(shape)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.attention = Attention(args, layer_id)
+        self.feed_forward = MoE(args) if args.n_experts else FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, positions, mask, cache=None, kv_len=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, positions, mask, cache, kv_len)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, device=None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        device = torch.device(device or "cpu")
+        self.args = args
+        self.tp_size = get_model_parallel_world_size()
+        self.tp_rank = get_model_parallel_rank()
+        args.check_tp(self.tp_size, where="the tensor-parallel size")
+        self.tok_embeddings = VocabParallelEmbedding(args.vocab_size, args.dim, init_method=_keep)
+        _materialize(self.tok_embeddings, device, dtype)
+        self.layers = nn.ModuleList()
+        for layer_id in range(args.n_layers):
+            block = TransformerBlock(args, layer_id)
+            _materialize(block, device, dtype)
+            self.layers.append(block)
+        self.norm = RMSNorm(args.dim, args.norm_eps, device=device, dtype=dtype)
+        if args.tie_embeddings:
+            self.output = None
+        else:
+            self.output = ColumnParallelLinear(args.dim, args.vocab_size, bias=False, gather_output=False,
+                                               init_method=_keep)
+            _materialize(self.output, device, dtype)
+        self.rope = RotaryEmbedding(args)
+        self.gradient_checkpointing = False
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The local vocabulary shard of the output head [vocab / tp, dim]."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def new_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
+        w = self.tok_embeddings.weight
+        return KVCache(self.args, batch_size, max_len, w.device, dtype or w.dtype, self.tp_size)
+
+    def forward_hidden(self, tokens: torch.Tensor, start_pos: int = 0, positions: Optional[torch.Tensor] = None,
+                       cache: Optional[KVCache] = None, kv_len: Optional[int] = None) -> torch.Tensor:
+        """Final-norm hidden states [B, S, dim].
+
+        positions: [B, S] absolute positions per token (default start_pos + 0..S-1 for every row);
+        rows may sit at different positions (generation with prompts of different lengths).
+        cache: keys/values are written at `positions` and attention reads slots [0, kv_len).
+        """
+        bsz, seqlen = tokens.shape
+        contiguous_from_start = positions is None and start_pos == 0
+        if positions is None:
+            positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device).expand(bsz, seqlen)
+        h = self.tok_embeddings(tokens)
+        cos, sin = self.rope(positions, h.dtype)
+        window = self.args.sliding_window
+        if cache is not None:
+            if kv_len is None:
+                kv_len = int(positions.max()) + 1
+            mask = attention_mask(positions, torch.arange(kv_len, device=tokens.device), window)
+        elif contiguous_from_start and (window is None or seqlen <= window):
+            mask = None  # plain causal attention: SDPA's fused causal path
+        else:
+            mask = attention_mask(positions, positions, window)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(layer, h, cos, sin, positions, mask, cache, kv_len, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, positions, mask, cache, kv_len)
+        return self.norm(h)
+
+    def logits(self, h: torch.Tensor, gather: bool = True) -> torch.Tensor:
+        """Project hidden states to the vocabulary. gather=False keeps this rank's vocabulary shard
+        [..., vocab / tp] (for vocabulary-parallel losses)."""
+        local = F.linear(copy_to_model_parallel_region(h), self.head_weight)
+        return gather_from_model_parallel_region(local) if gather and self.tp_size > 1 else local
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, positions: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None, kv_len: Optional[int] = None, gather: bool = True,
+                last_only: bool = False) -> torch.Tensor:
+        h = self.forward_hidden(tokens, start_pos, positions, cache, kv_len)
+        if last_only:
+            h = h[:, -1:]
+        return self.logits(h, gather=gather)
+
+    def replicated_kv_params(self) -> List[nn.Parameter]:
+        """Parameters copied on several ranks (KV projections when tp > n_kv_heads). Their gradients
+        must be summed over the ranks that share a head; see `kv_replica_groups`."""
+        if self.tp_size <= self.args.n_kv_heads:
+            return []
+        return [p for layer in self.layers for m in (layer.attention.wk, layer.attention.wv)
+                for p in m.parameters()]
+
+    def kv_replica_groups(self) -> List[List[int]]:
+        """Tensor-parallel ranks holding the same KV head, e.g. tp=4, n_kv=2 -> [[0, 1], [2, 3]]."""
+        per_head = max(self.tp_size // self.args.n_kv_heads, 1)
+        return [list(range(s, s + per_head)) for s in range(0, self.tp_size, per_head)]
+
