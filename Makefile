@@ -1,0 +1,25 @@
+# `make demo`: set up .venv if needed, then run the main job on the embedded default.
+# `make test`: set up .venv if needed, then run the test suite.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements-ci.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements-ci.txt
+	touch $(STAMP)
+
+demo: setup
+	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/demo.sh $(DEMO_ARGS)
+
+test: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+
+clean:
+	rm -rf demo_out runs
