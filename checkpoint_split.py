@@ -128,7 +128,7 @@ def init(model_type: str, save_dir: str, n: int = 1, tokenizer: str = None, seed
     files = []
     if tokenizer:
         tok = load_tokenizer(tokenizer)
-        files = [tok.path]
+        files = ck.tokenizer_files_for(tok.path)
         if base.startswith(("tiny-", "small-")):
             args.vocab_size = -(-tok.vocab_size // 64) * 64
         elif tok.vocab_size > args.vocab_size:

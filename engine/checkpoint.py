@@ -209,8 +209,10 @@ class Source:
 class ShardedSource(Source):
     """Native shards (rotate-half RoPE) or Meta's reference layout (interleaved RoPE), any shard count."""
 
-    def __init__(self, files: Sequence[str], args: ModelArgs, description: str, tokenizer_files=()):
+    def __init__(self, files: Sequence[str], args: ModelArgs, description: str, tokenizer_files=(),
+                 specs: Optional[List[WeightSpec]] = None):
         self.files = [_TensorFile(p) for p in files]
+        self._specs = specs
         self.description = description
         self.tokenizer_files = list(tokenizer_files)
         first = self.files[0]
@@ -223,6 +225,9 @@ class ShardedSource(Source):
             args.vocab_size = shape[0] * (self.n if self.native else 1)
         self.args = args
         self._check()
+
+    def specs(self) -> List[WeightSpec]:
+        return self._specs if self._specs is not None else weight_specs(self.args)
 
     def _split_dim(self, spec: WeightSpec) -> Optional[int]:
         if not self.native and spec.key == "tok_embeddings.weight":
@@ -248,16 +253,20 @@ class ShardedSource(Source):
                 want = box_shape(self._file_box(sp, s))
                 got = f.shapes.get(sp.key)
                 if got is None:
-                    raise CheckpointError(f"{f.path}: weight {sp.key} is missing (params.json describes "
+                    raise CheckpointError(f"{f.path}: weight {sp.key} is missing ({self._described_by} describes "
                                           f"{self.args.n_layers} layers, dim {self.args.dim})")
                 if got != want:
-                    raise CheckpointError(f"{f.path}: {sp.key} has shape {list(got)} but params.json implies "
-                                          f"{list(want)} for shard {s} of {self.n}")
+                    raise CheckpointError(f"{f.path}: {sp.key} has shape {list(got)} but {self._described_by} "
+                                          f"implies {list(want)} for shard {s} of {self.n}")
             extra = sorted(k for k in f.shapes if k not in expected and k != "rope.freqs"
                            and not (self.args.tie_embeddings and k == "output.weight"))
             if extra:
                 raise CheckpointError(f"{f.path}: unexpected weight(s) {', '.join(extra[:3])} not described "
-                                      f"by params.json")
+                                      f"by {self._described_by}")
+
+    @property
+    def _described_by(self) -> str:
+        return "params.json" if self._specs is None else "lora_config.json"
 
     def dtype(self, spec: WeightSpec) -> torch.dtype:
         return self.files[0].dtype(spec.key)
@@ -522,9 +531,23 @@ def _progress(iterable, total, desc, show):
     return tqdm(iterable, total=total, desc=desc, unit="tensor", leave=False)
 
 
+def tokenizer_files_for(path: str) -> List[str]:
+    """The files that make up the tokenizer at `path` (a .model / tokenizer.json file or a directory)."""
+    directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    files = [] if os.path.isdir(path) else [path]
+    if os.path.isdir(path) or path.endswith(".json"):
+        files += [os.path.join(directory, n) for n in TOKENIZER_FILES
+                  if os.path.exists(os.path.join(directory, n)) and os.path.join(directory, n) not in files]
+    return files
+
+
 def _copy_tokenizer(files: Iterable[str], out_dir: str) -> None:
+    """Copy under the standard names (a sentencepiece model becomes tokenizer.model)."""
     for p in files:
-        shutil.copyfile(p, os.path.join(out_dir, os.path.basename(p)))
+        name = os.path.basename(p)
+        if name not in TOKENIZER_FILES:
+            name = "tokenizer.model" if name.endswith(".model") else "tokenizer.json"
+        shutil.copyfile(p, os.path.join(out_dir, name))
 
 
 def write_native(src: Source, save_dir: str, n: int, dtype: Optional[torch.dtype] = None,
@@ -683,12 +706,17 @@ def _sentencepiece_tokenizer_config(tokenizer_files: Sequence[str]) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Loading into a model
 # ----------------------------------------------------------------------------------------------
-def load_state_into(model: torch.nn.Module, src: Source, rank: int, n: int) -> None:
-    """Copy this rank's boxes of every weight into the (tensor-parallel) model, checking shapes."""
+def load_state_into(model: torch.nn.Module, src: Source, rank: int, n: int, only_specs: bool = False) -> None:
+    """Copy this rank's boxes of every weight into the (tensor-parallel) model, checking shapes.
+    only_specs: load just the source's tensors (a LoRA adapter) and leave the rest as they are."""
     params = dict(model.named_parameters())
     specs = src.specs()
-    missing = sorted(set(params) - {sp.key for sp in specs} - ({"output.weight"} if src.args.tie_embeddings else set()))
-    if missing:
+    absent = sorted({sp.key for sp in specs} - set(params))
+    if absent:
+        raise CheckpointError(f"{src.description}: the model has no parameter {', '.join(absent[:3])}")
+    lora = {k for k in params if ".lora_" in k}
+    missing = sorted(set(params) - {sp.key for sp in specs} - lora - ({"output.weight"} if src.args.tie_embeddings else set()))
+    if missing and not only_specs:
         raise CheckpointError(f"{src.description}: the checkpoint lacks {', '.join(missing[:3])}")
     with torch.no_grad():
         for sp in specs:

@@ -38,11 +38,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def setup(tp_size: int | None = None, device: str | None = None) -> DistInfo:
+def setup(tp_size: int | None = None, device: str | None = None, own: bool = True) -> DistInfo:
     """Initialise torch.distributed and fairscale's model-parallel groups (idempotent).
 
     tp_size: tensor-parallel size; default the whole world (pure tensor parallelism, as the seeds).
     device: "cuda" / "cpu"; default CUDA when available. NCCL on CUDA, gloo on CPU.
+    own: teardown() may destroy what this call creates (False for a long-lived host, e.g. tests).
     """
     from fairscale.nn.model_parallel import initialize as mpu
 
@@ -64,6 +65,8 @@ def setup(tp_size: int | None = None, device: str | None = None) -> DistInfo:
         dev = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        if own:
+            _OWNED.append(True)
     if not mpu.model_parallel_is_initialized():
         with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints its group sizes
             mpu.initialize_model_parallel(tp_size)
@@ -75,9 +78,16 @@ def setup(tp_size: int | None = None, device: str | None = None) -> DistInfo:
                     device=dev)
 
 
+_OWNED: list = []  # set when setup() created the process group (a launcher's own run)
+
+
 def teardown() -> None:
+    """Destroy what setup() created; a process group made by someone else (a test) is left alone."""
     from fairscale.nn.model_parallel import initialize as mpu
 
+    if not _OWNED:
+        return
+    _OWNED.clear()
     if mpu.model_parallel_is_initialized():
         mpu.destroy_model_parallel()
     if dist.is_initialized():

@@ -105,3 +105,46 @@ def score(texts: Iterable[str], labels: Iterable, task: str) -> Accuracy:
     for text, label in zip(texts, labels):
         acc.add(extract_answer(text, task), label, task)
     return acc
+
+
+class GenerationEvaluator:
+    """Greedy generation on labelled records and task accuracy. Data-parallel replicas take
+    interleaved slices; counts are summed over them."""
+
+    def __init__(self, records, tokenizer, task: str, info, batch_size: int = 64, max_new_tokens: int = 256,
+                 template: str = "default"):
+        from engine.data import format_prompt
+
+        self.task, self.tok, self.info = check_task(task), tokenizer, info
+        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        mine = records[info.dp_rank::info.dp_size]
+        self.labels = [r.get("label") for r in mine]
+        self.prompts = [tokenizer.encode(format_prompt(r["instruction"], template)) for r in mine]
+
+    def texts(self, model) -> List[str]:
+        from engine.generation import SamplingParams, generate
+
+        params = SamplingParams(max_new_tokens=self.max_new_tokens)
+        stop = [self.tok.eos_id] if self.tok.eos_id is not None else []
+        order = sorted(range(len(self.prompts)), key=lambda i: len(self.prompts[i]))  # less padding
+        out: List[str] = [""] * len(self.prompts)
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s:s + self.batch_size]
+            new = generate(model, [self.prompts[i] for i in idx], params, stop)
+            for i, ids in zip(idx, new):
+                out[i] = self.tok.decode([t for t in ids if t not in stop])
+        return out
+
+    def __call__(self, model) -> dict:
+        import torch
+        import torch.distributed as dist
+
+        from engine import distributed
+
+        acc = score(self.texts(model), self.labels, self.task)
+        counts = torch.tensor([acc.correct, acc.total, acc.unparsable], dtype=torch.float64,
+                              device=model.head_weight.device)
+        if dist.is_initialized() and self.info.dp_size > 1:
+            dist.all_reduce(counts, group=distributed.dp_group())
+        c, t, u = (int(x) for x in counts.tolist())
+        return {"accuracy": c / t if t else 0.0, "correct": c, "total": t, "unparsable": u}

@@ -328,7 +328,7 @@ class Transformer(nn.Module):
         if self.tp_size <= self.args.n_kv_heads:
             return []
         return [p for layer in self.layers for m in (layer.attention.wk, layer.attention.wv)
-                for p in m.parameters()]
+                for name, p in m.named_parameters() if name in ("weight", "bias", "lora_B")]
 
     def kv_replica_groups(self) -> List[List[int]]:
         """Tensor-parallel ranks holding the same KV head, e.g. tp=4, n_kv=2 -> [[0, 1], [2, 3]]."""

@@ -14,7 +14,7 @@ def dist1():
     """A one-process world (gloo) with fairscale's groups: TP=1 in the test process."""
     from engine import distributed
 
-    return distributed.setup(tp_size=1, device="cpu")
+    return distributed.setup(tp_size=1, device="cpu", own=False)
 
 
 @pytest.fixture(scope="session")

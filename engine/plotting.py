@@ -1,0 +1,47 @@
+"""Training curves from metrics.jsonl to a PNG: losses (each part), learning rate, grad norm, accuracy."""
+from __future__ import annotations
+
+import json
+import os
+
+
+def plot_metrics(metrics_path: str, png_path: str, title: str = None) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from engine.fileio import atomic_open
+
+    steps, evals = [], []
+    with open(metrics_path) as f:
+        for line in f:
+            if line.strip():
+                rec = json.loads(line)
+                (evals if rec.get("eval") else steps).append(rec)
+    loss_keys = sorted({k for r in steps for k in r if k.startswith("loss") and k != "loss_scale"})
+    panels = [("loss", loss_keys), ("learning rate", ["lr"]), ("grad norm", ["grad_norm"])]
+    fig, axes = plt.subplots(1, 4 if evals else 3, figsize=(16 if evals else 12, 3.6))
+    for ax, (name, keys) in zip(axes, panels):
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in steps if isinstance(r.get(k), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), label=k, linewidth=1.2)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+        if name == "loss":
+            ax.set_yscale("log")
+    if evals:
+        ax = axes[3]
+        ax.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], marker="o")
+        ax.set_title("eval accuracy")
+        ax.set_xlabel("step")
+        ax.set_ylim(0, 1)
+    fig.suptitle(title or os.path.basename(os.path.dirname(os.path.abspath(metrics_path))))
+    fig.tight_layout()
+    with atomic_open(png_path, "wb") as f:
+        fig.savefig(f, format="png", dpi=90)
+    plt.close(fig)
+    return png_path

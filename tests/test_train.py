@@ -1,0 +1,213 @@
+"""train.py: tensor/data-parallel equivalence, LoRA, exact resume, fp16 loss scaling, learning
+an arithmetic task from scratch, DeepSpeed ZeRO, and one-sentence errors for bad input."""
+import json
+import os
+
+import pytest
+import torch
+
+import checkpoint_split as cks
+import train
+from data.arithmetic import main as make_arith
+from engine import checkpoint as ck
+from engine.errors import UserError
+from tests.helpers import run_cli, torchrun
+
+COMMON = ["--task", "ARITH", "--template", "none", "--max_seq_len", "64", "--lr", "1e-3", "--max_steps", "3",
+          "--save_every", "3"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("train")
+    make_arith(str(root / "arith"), n_train=14, n_test=4, min_value=10, style="fixed", seed=1)
+    models = {}
+    for name in ("tiny-qwen2", "tiny-llama3", "tiny-mixtral"):
+        cks.init(name, str(root / f"{name}-1"), n=1, tokenizer=tiny_tokenizer, seed=4)
+        cks.split(str(root / f"{name}-1"), str(root / f"{name}-2"), n=2)
+        models[name] = root / f"{name}-1", root / f"{name}-2"
+    return root, models
+
+
+def losses(save_dir):
+    return [json.loads(line)["loss"] for line in open(os.path.join(save_dir, "metrics.jsonl"))
+            if not json.loads(line).get("eval")]
+
+
+def full_weights(path, lora=False):
+    if lora:
+        from engine.lora import open_lora
+
+        src = open_lora(str(path))[0]
+    else:
+        src = ck.open_checkpoint(str(path))
+    return {sp.key: src.read(sp, tuple((0, s) for s in sp.shape)) for sp in src.specs()}
+
+
+def assert_same_run(a, b, lora=False, tol=1e-5):
+    la, lb = losses(a), losses(b)
+    assert len(la) == len(lb) == 3
+    assert max(abs(x - y) for x, y in zip(la, lb)) <= tol, (la, lb)
+    wa, wb = full_weights(os.path.join(a, "checkpoint-3"), lora), full_weights(os.path.join(b, "checkpoint-3"), lora)
+    assert wa.keys() == wb.keys()
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert worst <= tol, worst
+
+
+
+def _args(d):
+    return [a for k, v in d.items() for a in (f"--{k}", str(v))]
+
+
+@pytest.mark.parametrize("name,extra", [
+    ("tiny-qwen2", {"accumulation_steps": 2}),  # one KV head: replicated on both ranks, biases, tied embeddings
+    ("tiny-mixtral", {}),  # experts sharded, router replicated
+    ("tiny-llama3", {"model_type": "lora-tiny-llama3", "lora_rank": 4, "lora_alpha": 8}),
+])
+def test_tp2_equals_tp1(env, name, extra, dist1):
+    root, models = env
+    one, two = models[name]
+    base = {"task": "ARITH", "template": "none", "max_seq_len": 64, "lr": 1e-3, "max_steps": 3, "save_every": 3,
+            "train_file": str(root / "arith" / "train.json"), "max_batch_size": 4, **extra}
+    train.main(ckpt_dir=str(one), save_dir=str(root / f"{name}-tp1"), **base)
+    torchrun("train.py", *_args({**base, "ckpt_dir": two, "save_dir": root / f"{name}-tp2"}))
+    assert_same_run(str(root / f"{name}-tp1"), str(root / f"{name}-tp2"), lora="lora_rank" in extra)
+
+
+def test_dp2_equals_one_process_with_twice_the_batch(env, dist1):
+    root, models = env
+    one, _ = models["tiny-llama3"]
+    base = {"task": "ARITH", "template": "none", "max_seq_len": 64, "lr": 1e-3, "max_steps": 3, "save_every": 3,
+            "train_file": str(root / "arith" / "train.json"), "ckpt_dir": str(one), "accumulation_steps": 2}
+    train.main(save_dir=str(root / "dp1"), max_batch_size=4, **base)
+    torchrun("train.py", *_args({**base, "save_dir": root / "dp2", "max_batch_size": 4, "tp_size": 1}))
+    assert_same_run(str(root / "dp1"), str(root / "dp2"))
+
+
+def test_resume_continues_the_loss_curve_exactly(env):
+    """LoRA with dropout at TP=2: stopped after 4 of 7 steps (mid-epoch) and resumed, the losses
+    match the uninterrupted run step for step (RNG, optimizer, schedule, data position restored)."""
+    root, models = env
+    _, two = models["tiny-llama3"]
+    base = {"task": "ARITH", "template": "none", "max_seq_len": 64, "lr": 2e-3, "max_steps": 7,
+            "train_file": root / "arith" / "train.json", "ckpt_dir": two, "max_batch_size": 4,
+            "model_type": "lora-tiny-llama3", "lora_rank": 4, "lora_dropout": 0.2, "save_every": 2,
+            "warmup_steps": 2}
+    torchrun("train.py", *_args({**base, "save_dir": root / "straight"}))
+    torchrun("train.py", *_args({**base, "save_dir": root / "stopped", "exit_after_steps": 4}))
+    assert len(losses(root / "stopped")) == 4
+    torchrun("train.py", *_args({**base, "save_dir": root / "stopped", "resume": True}))
+    a, b = losses(root / "straight"), losses(root / "stopped")
+    assert len(a) == len(b) == 7
+    assert a == b, (a, b)
+
+
+def test_fp16_overflow_skips_the_step_and_lowers_the_scale(env, dist1, tiny_tokenizer):
+    from engine.data import SFTData, read_records
+    from engine.launch import build_model
+    from engine.tasks import SFTTask
+    from engine.tokenizer import load_tokenizer
+    from engine.trainer import TrainConfig, Trainer
+
+    root, models = env
+    one, _ = models["tiny-llama3"]
+    model, _ = build_model(str(one), None, -1, None, 0.0, "wq", torch.float16, dist1)
+    tok = load_tokenizer(str(one))
+    data = SFTData(read_records(str(root / "arith" / "train.json")), tok, 64, "none")
+    task = SFTTask(data, dist1.device)
+    real = task.loss_sums
+    calls = []
+
+    def overflow_once(m, batch):
+        sums = real(m, batch)
+        calls.append(1)
+        return {"ce": sums["ce"] * float("inf")} if len(calls) == 1 else sums
+
+    task.loss_sums = overflow_once
+    cfg = TrainConfig(save_dir=str(root / "fp16"), max_batch_size=4, lr=1e-3, max_steps=2, dtype=torch.float16,
+                      progress=False, plot=False)
+    trainer = Trainer(model, task, cfg, dist1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scale0 = trainer.scaler.scale
+    first = trainer._optimizer_step([[0, 1, 2, 3]])
+    assert first["skipped"] and trainer.scaler.scale == scale0 / 2
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    second = trainer._optimizer_step([[4, 5, 6, 7]])
+    assert not second["skipped"] and trainer.scaler.scale == scale0 / 2
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert trainer.scheduler.last_epoch == 1  # the skipped step did not advance the schedule
+
+
+def test_learns_arithmetic_from_scratch_at_tp2(tmp_path, tiny_tokenizer):
+    """A tiny LLaMA trained from random weights through train.py under torchrun (TP=2) adds
+    two-digit numbers it never saw with > 90% exact-match accuracy."""
+    make_arith(str(tmp_path / "data"), n_train=4000, n_test=200, min_value=10, style="fixed", seed=0)
+    cks.init("tiny-llama", str(tmp_path / "init"), n=2, tokenizer=tiny_tokenizer, seed=0)
+    torchrun("train.py", "--task", "ARITH", "--ckpt_dir", str(tmp_path / "init"), "--save_dir", str(tmp_path / "run"),
+             "--train_file", str(tmp_path / "data" / "train.json"), "--label_file", str(tmp_path / "data" / "test.json"),
+             "--max_batch_size", "32", "--max_steps", "875", "--lr", "5e-3", "--warmup_steps", "50",
+             "--template", "none", "--max_seq_len", "64", "--max_new_tokens", "40", "--eval_batch_size", "200",
+             "--log_every", "25", timeout=900)
+    evals = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"eval"' in line]
+    final = evals[-1]
+    print(f"ARITH accuracy after {final['step']} steps: {final['accuracy']:.3f} ({final['correct']}/{final['total']})")
+    assert final["total"] == 200 and final["accuracy"] > 0.9
+    assert os.path.exists(tmp_path / "run" / "curves.png")
+    best = json.load(open(tmp_path / "run" / "best" / "eval.json"))
+    assert best["accuracy"] == max(e["accuracy"] for e in evals)
+
+
+# ----- bad input -----------------------------------------------------------------------------
+def test_bad_training_input(env, tmp_path, dist1):
+    root, models = env
+    one, two = models["tiny-llama3"]
+    good = str(root / "arith" / "train.json")
+    base = dict(task="ARITH", ckpt_dir=str(one), save_dir=str(tmp_path / "s"), train_file=good, template="none",
+                max_steps=1, max_seq_len=64)
+
+    def err(**kw):
+        with pytest.raises(UserError) as e:
+            train.main(**{**base, **kw})
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"instruction": "q", "output": "a"}, {"instruction": "q2"}]))
+    assert err(train_file=str(bad)) == f"{bad} record 1 lacks the key 'output'"
+    bad.write_text(json.dumps([{"instruction": "q", "output": 3}]))
+    assert "record 0" in err(train_file=str(bad)) and "'output'" in err(train_file=str(bad))
+    bad.write_text(json.dumps([{"instruction": 5, "output": "a"}]))
+    assert "record 0: 'instruction' must be a string" in err(train_file=str(bad))
+    bad.write_text("")
+    assert err(train_file=str(bad)) == f"{bad} is empty"
+    bad.write_text("[]")
+    assert "holds no records" in err(train_file=str(bad))
+    assert "every prompt" in err(max_seq_len=4)
+    assert "cannot both be True" in err(use_float16=True, use_bfloat16=True)
+    assert "unknown" in err(task="MATHS")
+    assert "shard" in err(ckpt_dir=str(two))  # 2 shards, one process
+
+
+def test_resume_refuses_another_run(env, tmp_path, dist1):
+    root, models = env
+    one, _ = models["tiny-llama3"]
+    q_one, _ = models["tiny-qwen2"]
+    base = dict(task="ARITH", save_dir=str(tmp_path / "r"), train_file=str(root / "arith" / "train.json"),
+                template="none", max_steps=1, max_seq_len=64, max_batch_size=2)
+    train.main(ckpt_dir=str(one), **base)
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        train.main(ckpt_dir=str(one), **base)
+    with pytest.raises(UserError, match="different model"):
+        train.main(ckpt_dir=str(q_one), resume=True, **base)
+    with pytest.raises(UserError, match="different LoRA"):
+        train.main(ckpt_dir=str(one), resume=True, model_type="lora-tiny-llama3", lora_rank=2, **base)
+
+
+def test_batch_must_split_over_data_parallel_ranks(env, tmp_path):
+    root, models = env
+    one, _ = models["tiny-llama3"]
+    proc = run_cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py", "--task", "ARITH",
+                   "--ckpt_dir", str(one), "--save_dir", str(tmp_path / "x"), "--train_file",
+                   str(root / "arith" / "train.json"), "--max_batch_size", "3", "--tp_size", "1")
+    assert proc.returncode != 0
+    assert "error: --max_batch_size=3 is not divisible by the 2 data-parallel replicas" in proc.stderr
