@@ -230,6 +230,10 @@ class Trainer:
 
     # ----- DeepSpeed ZeRO over the data-parallel group ----------------------------------------
     def _init_deepspeed(self, config_path: str) -> None:
+        """ZeRO-1/2 partitions the optimizer state (and, at stage 2, gradients) over the data-parallel
+        group; the learning-rate schedule stays on our torch optimizer, whose param_groups ZeRO uses."""
+        if self.info.device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
         from fairscale.nn.model_parallel import initialize as mpu
 
@@ -242,15 +246,18 @@ class Trainer:
         stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
         if stage not in (0, 1, 2):
             raise UserError(f"--deepspeed {config_path}: ZeRO stage {stage} is not supported (0, 1 or 2)")
+        if ds_cfg.get("fp16", {}).get("enabled") or ds_cfg.get("bf16", {}).get("enabled"):
+            raise UserError(f"--deepspeed {config_path}: leave fp16/bf16 out of the config and use "
+                            f"--use_bfloat16 (weights and optimizer stay fp32, compute is autocast)")
         ds_cfg["train_micro_batch_size_per_gpu"] = self.local_batch
-        ds_cfg["gradient_accumulation_steps"] = 1  # the loop accumulates itself, see _optimizer_step
+        ds_cfg["gradient_accumulation_steps"] = 1  # boundaries are set by hand, see _optimizer_step
         ds_cfg.pop("train_batch_size", None)
-        ds_cfg["gradient_clipping"] = 0.0  # clipped here, tensor-parallel aware
+        ds_cfg["gradient_clipping"] = self.cfg.max_grad_norm
         ds_cfg.setdefault("steps_per_print", 10 ** 9)
+        for p in self.params:  # DeepSpeed counts these on every TP rank in the global norm, others once
+            p.tensor_model_parallel = self.copies.get(id(p), 1) == 1 and self.info.tp_size > 1
         self.ds_engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.model, optimizer=self.optimizer, config=ds_cfg, mpu=mpu,
-            model_parameters=self.params)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.cfg, self.total_steps))
+            model=self.model, optimizer=self.optimizer, config=ds_cfg, mpu=mpu, model_parameters=self.params)
 
     # ----- one optimizer step -------------------------------------------------------------------
     def _autocast(self):
@@ -273,46 +280,45 @@ class Trainer:
         norm = {p: max(float(c), 1.0) for p, c in zip(parts, counts)}
         sums = torch.zeros(len(parts), device=self.info.device)
         scale = self.scaler.scale if self.scaler else 1.0
-        for m in micro:
+        ds = self.ds_engine
+        for i, m in enumerate(micro):
             with self._autocast():
                 s = self.task.loss_sums(self.model, m)
             loss = sum(self.task.weights[p] * s[p] / norm[p] for p in parts)
             sums += torch.stack([s[p].detach().float() for p in parts])
-            if self.ds_engine is not None:
-                self.ds_engine.backward(loss)
+            if ds is not None:  # DeepSpeed averages over replicas; our loss is already a global mean
+                ds.set_gradient_accumulation_boundary(i == len(micro) - 1)
+                ds.backward(loss * self.info.dp_size)
             else:
                 (loss * scale).backward()
-        self.kv_sync()
         dist.all_reduce(sums, group=distributed.dp_group())
-        if self.ds_engine is None and self.info.dp_size > 1:
-            _all_reduce_coalesced([p.grad for p in self.params if p.grad is not None], distributed.dp_group())
         record = {p: float(sums[i]) / norm[p] for i, p in enumerate(parts)}
         total = sum(self.task.weights[p] * record[p] for p in parts)
         lr = self.optimizer.param_groups[0]["lr"]
         skipped = False
-        if self.scaler is not None:
-            skipped = self.scaler.found_inf(self.params)
-            self.scaler.update(skipped)
-        if skipped:
-            gnorm = float("nan")
+        if ds is not None:
+            ds.step()
+            gnorm = float(ds.get_global_grad_norm() or 0.0)
         else:
-            if scale != 1.0:
-                for p in self.params:
-                    if p.grad is not None:
-                        p.grad.div_(scale)
-            gn = grad_norm(self.params, self.copies)
-            gnorm = float(gn)
-            if self.cfg.max_grad_norm > 0 and gnorm > self.cfg.max_grad_norm:
-                for p in self.params:
-                    if p.grad is not None:
-                        p.grad.mul_(self.cfg.max_grad_norm / (gnorm + 1e-6))
-            if self.ds_engine is not None:
-                self.ds_engine.step()
-            else:
+            self.kv_sync()
+            if self.info.dp_size > 1:
+                _all_reduce_coalesced([p.grad for p in self.params if p.grad is not None], distributed.dp_group())
+            if self.scaler is not None:
+                skipped = self.scaler.found_inf(self.params)
+                self.scaler.update(skipped)
+            gnorm = float("nan")
+            if not skipped:
+                if scale != 1.0:
+                    for p in self.params:
+                        if p.grad is not None:
+                            p.grad.div_(scale)
+                gnorm = float(grad_norm(self.params, self.copies))
+                if self.cfg.max_grad_norm > 0 and gnorm > self.cfg.max_grad_norm:
+                    for p in self.params:
+                        if p.grad is not None:
+                            p.grad.mul_(self.cfg.max_grad_norm / (gnorm + 1e-6))
                 self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ds_engine is not None:
-            self.ds_engine.zero_grad()
+            self.optimizer.zero_grad(set_to_none=True)
         if not skipped:
             self.scheduler.step()
         self.step += 1

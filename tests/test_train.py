@@ -211,3 +211,20 @@ def test_batch_must_split_over_data_parallel_ranks(env, tmp_path):
                    str(root / "arith" / "train.json"), "--max_batch_size", "3", "--tp_size", "1")
     assert proc.returncode != 0
     assert "error: --max_batch_size=3 is not divisible by the 2 data-parallel replicas" in proc.stderr
+
+
+@pytest.mark.parametrize("stage", [1])
+def test_deepspeed_zero_matches_the_plain_run(env, stage, tmp_path):
+    """ZeRO over 2 data-parallel CPU processes (gloo) gives the plain data-parallel losses and weights."""
+    root, models = env
+    one, _ = models["tiny-llama3"]
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({"zero_optimization": {"stage": stage}}))
+    base = {"task": "ARITH", "template": "none", "max_seq_len": 64, "lr": 1e-3, "max_steps": 3, "save_every": 3,
+            "train_file": root / "arith" / "train.json", "ckpt_dir": one, "accumulation_steps": 2,
+            "max_batch_size": 4, "tp_size": 1}
+    torchrun("train.py", *_args({**base, "save_dir": tmp_path / "plain"}))
+    torchrun("train.py", *_args({**base, "save_dir": tmp_path / "zero", "deepspeed": cfg}),
+             env={"DS_ACCELERATOR": "cpu"})
+    assert os.path.isdir(tmp_path / "zero" / "checkpoint-3" / "deepspeed")
+    assert_same_run(str(tmp_path / "plain"), str(tmp_path / "zero"))
