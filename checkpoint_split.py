@@ -3,7 +3,9 @@
   python checkpoint_split.py --ckpt_file F --save_path D --n 8          # the seed's form: split one file
   python checkpoint_split.py split|merge|reshard --ckpt_dir IN --save_dir OUT [--n N]
   python checkpoint_split.py from_hf --hf_dir IN --save_dir OUT [--n N]
-  python checkpoint_split.py to_hf --ckpt_dir IN --save_dir OUT
+  python checkpoint_split.py to_hf --ckpt_dir IN --save_dir OUT [--lora_dir L] [--merge_lora True]
+  python checkpoint_split.py merge_lora --lora_dir L --save_dir OUT [--ckpt_dir BASE]
+  python checkpoint_split.py export_peft --lora_dir L --save_dir OUT
   python checkpoint_split.py to_meta --ckpt_dir IN --save_dir OUT [--n N]
   python checkpoint_split.py init --model_type NAME --save_dir OUT --n N --tokenizer PATH [--seed S]
   python checkpoint_split.py info --ckpt_dir IN
@@ -81,17 +83,86 @@ def from_hf(hf_dir: str, save_dir: str, n: int = 1, dtype: str = None, overwrite
     print(f"wrote {n} shard(s) to {save_dir}")
 
 
-def to_hf(ckpt_dir: str, save_dir: str, dtype: str = None, overwrite: bool = False):
+def _with_lora(ckpt_dir: str, lora_dir: str = None):
+    """The checkpoint at ckpt_dir, with a LoRA adapter folded in when one is given (or when ckpt_dir
+    is itself an adapter directory written by training, whose lora_config.json names its base)."""
+    import os
+
+    from engine.lora import LORA_CONFIG, MergedSource, open_lora
+
+    if lora_dir is None and os.path.exists(os.path.join(ckpt_dir, LORA_CONFIG)):
+        lora_dir, ckpt_dir = ckpt_dir, None
+    if lora_dir is None:
+        return ck.open_checkpoint(ckpt_dir)
+    lora_src, cfg, base = open_lora(lora_dir)
+    base = ckpt_dir or base
+    if not base:
+        raise ck.CheckpointError(f"{lora_dir}: the adapter names no base checkpoint; pass --ckpt_dir")
+    base_src = ck.open_checkpoint(base)
+    if base_src.args.to_dict() != lora_src.args.to_dict():
+        raise ck.CheckpointError(f"{lora_dir} was trained on a different model than {base}")
+    return MergedSource(base_src, lora_src, cfg)
+
+
+def to_hf(ckpt_dir: str, save_dir: str, dtype: str = None, overwrite: bool = False, lora_dir: str = None,
+          merge_lora: bool = False):
     """Write a checkpoint as an HF directory that AutoModelForCausalLM.from_pretrained loads.
 
     Args:
-        ckpt_dir: native / Meta checkpoint directory (any shard count).
+        ckpt_dir: native / Meta checkpoint directory (any shard count), or a LoRA adapter directory from training.
         save_dir: output directory.
         dtype: convert weights to fp32 / bf16 / fp16 (default: keep).
         overwrite: replace a non-empty save_dir.
+        lora_dir: a LoRA adapter (lora.NN.safetensors + lora_config.json) to use with ckpt_dir as its base.
+        merge_lora: fold the adapter into the weights; otherwise the base is written and the adapter is
+            exported beside it as an HF peft adapter in save_dir/adapter.
     """
-    ck.write_hf(ck.open_checkpoint(ckpt_dir), save_dir, _dtype(dtype), overwrite)
-    print(f"wrote an HF model to {save_dir}")
+    import os
+
+    from engine.lora import LORA_CONFIG, export_peft
+
+    src = _with_lora(ckpt_dir, lora_dir)
+    adapter = lora_dir or (ckpt_dir if os.path.exists(os.path.join(ckpt_dir, LORA_CONFIG)) else None)
+    if adapter and not merge_lora:
+        src = src.base
+    ck.write_hf(src, save_dir, _dtype(dtype), overwrite)
+    if adapter and not merge_lora:
+        export_peft(adapter, os.path.join(save_dir, "adapter"))
+        print(f"wrote an HF model to {save_dir} and its peft adapter to {save_dir}/adapter")
+    else:
+        print(f"wrote an HF model to {save_dir}" + (" (LoRA merged)" if adapter else ""))
+
+
+def merge_lora(lora_dir: str, save_dir: str, ckpt_dir: str = None, n: int = None, dtype: str = None,
+               overwrite: bool = False):
+    """Fold a LoRA adapter into its base weights and write native shards.
+
+    Args:
+        lora_dir: adapter directory written by training (lora.NN.safetensors + lora_config.json).
+        save_dir: output directory.
+        ckpt_dir: the base checkpoint (default: the one recorded in lora_config.json).
+        n: number of shards (default: as many as the adapter has).
+        dtype: convert weights to fp32 / bf16 / fp16 (default: keep the base's).
+        overwrite: replace a non-empty save_dir.
+    """
+    src = _with_lora(ckpt_dir, lora_dir) if ckpt_dir else _with_lora(lora_dir)
+    n = n or src.lora.n
+    ck.write_native(src, save_dir, n, _dtype(dtype), overwrite)
+    print(f"wrote the merged model ({n} shard(s)) to {save_dir}")
+
+
+def export_peft(lora_dir: str, save_dir: str, overwrite: bool = False):
+    """Write an HF peft adapter (adapter_config.json + adapter_model.safetensors) from a LoRA adapter.
+
+    Args:
+        lora_dir: adapter directory written by training.
+        save_dir: output directory; load it with peft.PeftModel.from_pretrained(hf_model, save_dir).
+        overwrite: replace a non-empty save_dir.
+    """
+    from engine.lora import export_peft as _export
+
+    _export(lora_dir, save_dir, overwrite)
+    print(f"wrote a peft adapter to {save_dir}")
 
 
 def to_meta(ckpt_dir: str, save_dir: str, n: int = 1, overwrite: bool = False):
@@ -150,7 +221,7 @@ def info(ckpt_dir: str):
 
 
 COMMANDS = {"split": split, "merge": merge, "reshard": reshard, "from_hf": from_hf, "to_hf": to_hf,
-            "to_meta": to_meta, "init": init, "info": info}
+            "to_meta": to_meta, "init": init, "info": info, "merge_lora": merge_lora, "export_peft": export_peft}
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] in COMMANDS or "--ckpt_file" not in " ".join(sys.argv[1:]):

@@ -15,7 +15,7 @@ from engine.cli import run_cli
 def generate(ckpt_dir: str, data_file: str, output_file: str, task: str = None, batch_size: int = 32,
              max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              num_samples: int = 1, template: str = "default", seed: int = 0, use_float16: bool = False,
-             use_bfloat16: bool = False):
+             use_bfloat16: bool = False, lora_dir: str = None):
     """Generate a response for every record of data_file and write one JSON line per record.
 
     Args:
@@ -33,11 +33,13 @@ def generate(ckpt_dir: str, data_file: str, output_file: str, task: str = None, 
         seed: sampling seed.
         use_float16: run in fp16.
         use_bfloat16: run in bf16.
+        lora_dir: a LoRA adapter from training, merged into the weights for generation (ckpt_dir may
+            also be the adapter directory itself: its base is read from lora_config.json).
     """
     import torch
 
     from engine import distributed
-    from engine.checkpoint import load_model
+    from engine.lora import load_for_inference
     from engine.data import format_prompt, read_records
     from engine.errors import UserError
     from engine.evaluation import Accuracy, check_task, extract_answer
@@ -56,8 +58,9 @@ def generate(ckpt_dir: str, data_file: str, output_file: str, task: str = None, 
     dtype = dtype_from_flags(use_float16, use_bfloat16)
     records = read_records(data_file)
     info = distributed.setup()
-    tok = load_tokenizer(ckpt_dir)
-    model = load_model(ckpt_dir, dtype=dtype, device=info.device).eval()
+    model, base_dir = load_for_inference(ckpt_dir, lora_dir, dtype, info.device)
+    model.eval()
+    tok = load_tokenizer(base_dir)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     prompts = [format_prompt(r["instruction"], template) for r in records]
     acc, n_tokens, start = Accuracy(), 0, time.time()

@@ -330,3 +330,23 @@ def export_peft(lora_dir: str, save_dir: str, overwrite: bool = False) -> None:
             w.write(key, src.read(sp, tuple((0, s) for s in sp.shape)).float())
         w.close()
         atomic_write_text(os.path.join(stage, "adapter_config.json"), json.dumps(adapter_config, indent=2) + "\n")
+
+
+def load_for_inference(ckpt_dir: str, lora_dir: Optional[str], dtype, device):
+    """The model for generation/scoring: ckpt_dir, plus a LoRA adapter merged into its weights.
+    ckpt_dir may itself be an adapter directory from training (its lora_config.json names the base)."""
+    import os
+
+    from engine.checkpoint import CheckpointError, load_model
+
+    if lora_dir is None and os.path.exists(os.path.join(ckpt_dir, LORA_CONFIG)):
+        lora_dir = ckpt_dir
+        _, base = read_lora_config(lora_dir)
+        if not base:
+            raise CheckpointError(f"{lora_dir}: the adapter names no base checkpoint; pass --ckpt_dir BASE --lora_dir {lora_dir}")
+        ckpt_dir = base
+    model = load_model(ckpt_dir, dtype=dtype, device=device)
+    if lora_dir:
+        load_lora_into(model, lora_dir)
+        merge_lora(model)
+    return model, ckpt_dir

@@ -145,7 +145,7 @@ def test_learns_arithmetic_from_scratch_at_tp2(tmp_path, tiny_tokenizer):
     cks.init("tiny-llama", str(tmp_path / "init"), n=2, tokenizer=tiny_tokenizer, seed=0)
     torchrun("train.py", "--task", "ARITH", "--ckpt_dir", str(tmp_path / "init"), "--save_dir", str(tmp_path / "run"),
              "--train_file", str(tmp_path / "data" / "train.json"), "--label_file", str(tmp_path / "data" / "test.json"),
-             "--max_batch_size", "32", "--max_steps", "875", "--lr", "5e-3", "--warmup_steps", "50",
+             "--max_batch_size", "32", "--max_steps", "1250", "--lr", "5e-3", "--warmup_steps", "50",
              "--template", "none", "--max_seq_len", "64", "--max_new_tokens", "40", "--eval_batch_size", "200",
              "--log_every", "25", timeout=900)
     evals = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"eval"' in line]

@@ -1,0 +1,92 @@
+"""LoRA: merged weights give base + adapter logits; the exported peft adapter on the HF model
+gives our logits; adapters trained at TP=2 (with a replicated KV head) load anywhere."""
+import json
+import os
+
+import pytest
+import torch
+
+import checkpoint_split as cks
+from engine import checkpoint as ck
+from engine.lora import LoRAConfig, apply_lora, load_lora_into, merge_lora, save_lora, unmerge_lora
+from tests.helpers import save_hf, torchrun
+
+TOL = 1e-4
+
+
+def _random_adapter(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_merge_and_peft_export_match(tmp_path, family, dist1):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    hf = save_hf(family, str(tmp_path / "hf"))
+    cks.from_hf(str(tmp_path / "hf"), str(tmp_path / "base"))
+    model = ck.load_model(str(tmp_path / "base")).eval()
+    cfg = LoRAConfig(rank=4, alpha=8.0, seed=3)
+    apply_lora(model, cfg)
+    _random_adapter(model, 1)
+    os.makedirs(tmp_path / "adapter")
+    save_lora(model, cfg, str(tmp_path / "adapter"), str(tmp_path / "base"))
+    x = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        ours = model(x)
+        base = hf(x).logits
+        assert (ours - base).abs().max() > 1e-2  # the adapter changes the model
+        merge_lora(model)
+        assert (model(x) - ours).abs().max() <= TOL
+        unmerge_lora(model)
+        assert (model(x) - ours).abs().max() <= TOL
+
+    # merged checkpoint (native) and HF export with the adapter merged
+    cks.merge_lora(str(tmp_path / "adapter"), str(tmp_path / "merged"))
+    merged = ck.load_model(str(tmp_path / "merged")).eval()
+    cks.to_hf(str(tmp_path / "adapter"), str(tmp_path / "hf-merged"), merge_lora=True)
+    hf_merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf-merged"), dtype=torch.float32).eval()
+    # peft adapter on the HF base model
+    cks.export_peft(str(tmp_path / "adapter"), str(tmp_path / "peft"))
+    peft_model = PeftModel.from_pretrained(hf, str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        for name, logits in (("merged", merged(x)), ("hf merged", hf_merged(x).logits), ("peft", peft_model(x).logits)):
+            err = (logits - ours).abs().max().item()
+            print(f"LORA {family} {name}: {err:.2e}")
+            assert err <= TOL, (name, err)
+    conf = json.load(open(tmp_path / "peft" / "adapter_config.json"))
+    assert conf["r"] == 4 and conf["lora_alpha"] == 8.0 and "q_proj" in conf["target_modules"]
+
+
+def test_adapter_trained_at_tp2_loads_at_tp1_and_in_peft(tmp_path, tiny_tokenizer, dist1):
+    """tiny-qwen2 has one KV head, replicated on both TP ranks: its LoRA B is stored twice and must
+    be read once; the adapter loads into a TP=1 model and exports to peft with the same logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from data.arithmetic import main as make_arith
+
+    make_arith(str(tmp_path / "data"), n_train=8, n_test=2, style="fixed", min_value=10)
+    cks.init("tiny-qwen2", str(tmp_path / "base"), n=1, tokenizer=tiny_tokenizer, seed=2)
+    cks.split(str(tmp_path / "base"), str(tmp_path / "base2"), n=2)
+    torchrun("train.py", "--task", "ARITH", "--ckpt_dir", str(tmp_path / "base2"), "--save_dir",
+             str(tmp_path / "run"), "--train_file", str(tmp_path / "data" / "train.json"), "--max_batch_size", "4",
+             "--model_type", "lora-tiny-qwen2", "--lora_rank", "4", "--lr", "5e-2", "--max_steps", "2",
+             "--template", "none", "--max_seq_len", "64")
+    adapter = tmp_path / "run" / "checkpoint-2"
+    assert sorted(p for p in os.listdir(adapter) if p.startswith("lora.")) == ["lora.00.safetensors", "lora.01.safetensors"]
+    model = ck.load_model(str(tmp_path / "base")).eval()
+    load_lora_into(model, str(adapter))
+    x = torch.randint(0, 320, (2, 16))
+    cks.to_hf(str(adapter), str(tmp_path / "hf"), lora_dir=None)  # base + peft adapter beside it
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    peft_model = PeftModel.from_pretrained(hf, str(tmp_path / "hf" / "adapter")).eval()
+    with torch.no_grad():
+        ours = model(x)
+        base = ck.load_model(str(tmp_path / "base")).eval()(x)
+        assert (ours - base).abs().max() > 1e-3  # training moved the adapter
+        assert (peft_model(x).logits - ours).abs().max() <= TOL
