@@ -79,9 +79,13 @@ def test_dp2_equals_one_process_with_twice_the_batch(env, dist1):
     one, _ = models["tiny-llama3"]
     base = {"task": "ARITH", "template": "none", "max_seq_len": 64, "lr": 1e-3, "max_steps": 3, "save_every": 3,
             "train_file": str(root / "arith" / "train.json"), "ckpt_dir": str(one), "accumulation_steps": 2}
+    base["label_file"] = str(root / "arith" / "test.json")  # 4 records, evaluated in 2 slices under DP
     train.main(save_dir=str(root / "dp1"), max_batch_size=4, **base)
     torchrun("train.py", *_args({**base, "save_dir": root / "dp2", "max_batch_size": 4, "tp_size": 1}))
     assert_same_run(str(root / "dp1"), str(root / "dp2"))
+    evals = [[json.loads(line) for line in open(root / d / "metrics.jsonl") if '"eval"' in line] for d in ("dp1", "dp2")]
+    assert [(e["total"], e["correct"]) for e in evals[0]] == [(e["total"], e["correct"]) for e in evals[1]]
+    assert evals[1][-1]["total"] == 4
 
 
 def test_resume_continues_the_loss_curve_exactly(env):
@@ -228,3 +232,29 @@ def test_deepspeed_zero_matches_the_plain_run(env, stage, tmp_path):
              env={"DS_ACCELERATOR": "cpu"})
     assert os.path.isdir(tmp_path / "zero" / "checkpoint-3" / "deepspeed")
     assert_same_run(str(tmp_path / "plain"), str(tmp_path / "zero"))
+
+
+def test_activation_checkpointing_and_bf16(env, dist1):
+    """Recomputing activations changes memory, not results; bf16 autocast stays close to fp32."""
+    from engine.data import SFTData, pad_batch, read_records
+    from engine.launch import build_model
+    from engine.objectives import token_cross_entropy
+    from engine.tokenizer import load_tokenizer
+
+    root, models = env
+    one, _ = models["tiny-mixtral"]
+    tok = load_tokenizer(str(one))
+    data = SFTData(read_records(str(root / "arith" / "train.json")), tok, 64, "none")
+    x, y = pad_batch([data.example(i, 0) for i in range(4)], tok.padding_id)
+    results = {}
+    for ckpt in (False, True):
+        model, _ = build_model(str(one), None, -1, None, 0.0, "wq", torch.float32, dist1)
+        model.gradient_checkpointing = ckpt
+        loss = token_cross_entropy(model(x, gather=False), y)
+        loss.backward()
+        results[ckpt] = (float(loss), torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert abs(results[True][0] - results[False][0]) <= 1e-6
+    assert (results[True][1] - results[False][1]).abs().max() <= 1e-6
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16 = token_cross_entropy(model(x, gather=False), y)
+    assert abs(float(loss16) - results[False][0]) / results[False][0] < 2e-2
