@@ -126,14 +126,8 @@ class GenerationEvaluator:
 
         params = SamplingParams(max_new_tokens=self.max_new_tokens)
         stop = [self.tok.eos_id] if self.tok.eos_id is not None else []
-        order = sorted(range(len(self.prompts)), key=lambda i: len(self.prompts[i]))  # less padding
-        out: List[str] = [""] * len(self.prompts)
-        for s in range(0, len(order), self.batch_size):
-            idx = order[s:s + self.batch_size]
-            new = generate(model, [self.prompts[i] for i in idx], params, stop)
-            for i, ids in zip(idx, new):
-                out[i] = self.tok.decode([t for t in ids if t not in stop])
-        return out
+        new = generate(model, self.prompts, params, stop, batch_size=self.batch_size)
+        return [self.tok.decode([t for t in ids if t not in stop]) for ids in new]
 
     def __call__(self, model) -> dict:
         import torch

@@ -1,13 +1,17 @@
-"""Batched generation with a preallocated KV cache: prefill, then one token per step per row.
+"""Large-batch generation with a preallocated KV cache and continuous batching.
 
-Rows hold prompts of different lengths; each row decodes from its own position, so a prompt gives
-the same tokens in a batch as alone. Every tensor-parallel rank runs the same loop on the same
-(gathered) logits and the same seeded generator, so all ranks pick the same tokens.
+A fixed number of slots (rows of the KV cache) decode together, one token per step. A slot whose
+sequence finishes is refilled with the next waiting prompt (prefilled into that row alone), so a
+large offline job never pays for padding to its longest output. Every row decodes from its own
+position, so a prompt gives the same tokens in a batch as alone. Sampling draws from a generator
+per request seeded by (seed, request), so results do not depend on which slot or batch a request
+lands in. All tensor-parallel ranks run the same loop on the same gathered logits and the same
+generators, so they pick the same tokens; only the caller decides who writes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -21,52 +25,177 @@ class SamplingParams:
     seed: int = 0
 
 
-def pick_next(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """[B, V] logits -> [B] token ids (greedy, or temperature / top-k / top-p sampling)."""
+@dataclass
+class Request:
+    key: Hashable
+    prompt: List[int]
+    seed: int = 0  # per-request sampling seed
+
+
+@dataclass
+class Completion:
+    key: Hashable
+    tokens: List[int]  # new tokens; a stop id, when reached, is the last one
+    finish: str  # "stop" (stop id or stop string) or "length"
+
+
+def request_seed(seed: int, *parts) -> int:
+    import zlib
+
+    return zlib.crc32(repr((seed,) + parts).encode()) & 0x7FFFFFFF
+
+
+def choose_tokens(logits: torch.Tensor, params: SamplingParams, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """[n, V] logits -> [n] token ids: greedy, or temperature / top-k / top-p sampling with one
+    uniform draw per row from that row's own generator (inverse-CDF over the sorted distribution)."""
     if params.temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / params.temperature
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
     if params.top_k:
-        kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_probs.cumsum(-1) - sorted_probs > params.top_p  # keep the smallest set reaching top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+        sorted_probs[:, params.top_k:] = 0.0
+    if params.top_p < 1.0:  # keep the smallest prefix whose mass reaches top_p
+        sorted_probs = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= params.top_p, 0.0)
+    cdf = sorted_probs.cumsum(-1)
+    u = torch.cat([torch.rand(1, generator=g) for g in generators]).to(cdf.device, cdf.dtype)
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).clamp(max=cdf.shape[-1] - 1)
+    return order.gather(-1, pick).squeeze(-1)
+
+
+class StopStrings:
+    """Detects stop strings in the decoded tail of a sequence (decoding only a few tokens per step)."""
+
+    def __init__(self, tokenizer, strings: Sequence[str]):
+        self.tok, self.strings = tokenizer, [s for s in strings if s]
+        self.window = max((len(tokenizer.encode(s, bos=False)) for s in self.strings), default=0) + 4
+
+    def __bool__(self):
+        return bool(self.strings)
+
+    def hit(self, tokens: List[int]) -> bool:
+        tail = self.tok.decode(tokens[-self.window:])
+        return any(s in tail for s in self.strings)
+
+    def cut(self, text: str) -> str:
+        ends = [text.find(s) for s in self.strings if s in text]
+        return text[: min(ends)] if ends else text
+
+
+class _Slots:
+    """Host-side state of the decoding rows."""
+
+    def __init__(self, n: int, device):
+        self.req: List[Optional[Request]] = [None] * n
+        self.out: List[List[int]] = [[] for _ in range(n)]
+        self.gen: List[Optional[torch.Generator]] = [None] * n
+        self.pos = torch.zeros(n, dtype=torch.long, device=device)  # position of the token fed next
+        self.last = torch.zeros(n, dtype=torch.long, device=device)  # the token fed next
+
+    def active(self) -> List[int]:
+        return [i for i, r in enumerate(self.req) if r is not None]
+
+    def free(self) -> List[int]:
+        return [i for i, r in enumerate(self.req) if r is None]
+
+    def keep(self, rows: List[int]) -> None:
+        self.req = [self.req[i] for i in rows]
+        self.out = [self.out[i] for i in rows]
+        self.gen = [self.gen[i] for i in rows]
+        idx = torch.tensor(rows, device=self.pos.device)
+        self.pos, self.last = self.pos[idx], self.last[idx]
 
 
 @torch.no_grad()
-def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, stop_ids: Sequence[int] = ()) -> List[List[int]]:
-    """Generate continuations for a batch of token-id prompts; returns the new ids of each row
-    (a stop id, when reached, is kept as the last token)."""
+def generate_stream(model, requests: Sequence[Request], params: SamplingParams, batch_size: int,
+                    stop_ids: Sequence[int] = (), stop_strings: Optional[StopStrings] = None,
+                    prefill_tokens: int = 16384, refill_min: Optional[int] = None) -> Iterator[Completion]:
+    """Yield a Completion per request, in completion order (continuous batching).
+
+    batch_size: decoding slots. prefill_tokens: token budget of one prefill forward (more prompts
+    are prefilled in several passes). refill_min: refill free slots once at least this many are free
+    (default batch_size / 8), so prefills run in groups rather than one prompt at a time."""
+    if not requests:
+        return
     device = model.head_weight.device
-    bsz = len(prompts)
-    lens = torch.tensor([len(p) for p in prompts])
-    limit = min(int(lens.max()) + params.max_new_tokens, model.args.max_seq_len)
-    if int(lens.max()) >= limit:
-        raise ValueError(f"a prompt of {int(lens.max())} tokens leaves no room under max_seq_len={model.args.max_seq_len}")
-    tokens = torch.zeros(bsz, int(lens.max()), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        tokens[b, : len(p)] = torch.tensor(p)
-    cache = model.new_cache(bsz, limit)
-    hidden = model.forward_hidden(tokens.to(device), cache=cache)
-    last = hidden[torch.arange(bsz), (lens - 1).to(device)]
-    logits = model.logits(last)
-    generator = torch.Generator().manual_seed(params.seed) if params.temperature > 0 else None
-    stop = torch.tensor(list(stop_ids) or [-1], device=device)
-    pos = lens.to(device)
-    done = torch.zeros(bsz, dtype=torch.bool, device=device)
-    out = []
-    for _ in range(params.max_new_tokens):
-        nxt = pick_next(logits, params, generator)
-        out.append(torch.where(done, torch.full_like(nxt, -1), nxt))
-        done = done | torch.isin(nxt, stop) | (pos + 1 >= limit)
-        if bool(done.all()):
-            break
-        logits = model(nxt[:, None], positions=pos[:, None], cache=cache, kv_len=int(pos.max()) + 1)[:, -1]
-        pos = pos + 1
-    ids = torch.stack(out, dim=1).tolist() if out else [[] for _ in range(bsz)]
-    return [[t for t in row if t >= 0] for row in ids]
+    budget = params.max_new_tokens
+    longest = max(len(r.prompt) for r in requests)
+    max_len = min(longest + budget, model.args.max_seq_len)
+    if longest >= max_len:
+        raise ValueError(f"a prompt of {longest} tokens leaves no room under max_seq_len={model.args.max_seq_len}")
+    n_slots = max(1, min(batch_size, len(requests)))
+    refill_min = max(1, refill_min or n_slots // 8)
+    queue = sorted(requests, key=lambda r: len(r.prompt))  # pop() takes the longest first
+    cache = model.new_cache(n_slots, max_len)
+    slots = _Slots(n_slots, device)
+    stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
+
+    def accept(rows: List[int], chosen: torch.Tensor) -> Iterator[Completion]:
+        """Append each row's chosen token; finish the rows that stop."""
+        hit_stop = torch.isin(chosen, stop).tolist()
+        for row, token, is_stop in zip(rows, chosen.tolist(), hit_stop):
+            out = slots.out[row]
+            out.append(token)
+            finish = None
+            if is_stop or (stop_strings and stop_strings.hit(out)):
+                finish = "stop"
+            elif len(out) >= budget or int(slots.pos[row]) + 2 >= max_len:  # the next token would not fit
+                finish = "length"
+            if finish:
+                yield Completion(slots.req[row].key, out, finish)
+                slots.req[row], slots.out[row], slots.gen[row] = None, [], None
+        slots.last[rows] = chosen
+        slots.pos[rows] += 1
+
+    def prefill(rows: List[int], reqs: List[Request]) -> Iterator[Completion]:
+        start = 0
+        while start < len(reqs):  # split by the prefill token budget
+            width = len(reqs[start].prompt)
+            end = start + max(1, min(len(reqs) - start, prefill_tokens // max(width, 1)))
+            group, group_rows = reqs[start:end], rows[start:end]
+            width = max(len(r.prompt) for r in group)
+            tokens = torch.zeros(len(group), width, dtype=torch.long)
+            for b, r in enumerate(group):
+                tokens[b, : len(r.prompt)] = torch.tensor(r.prompt)
+            lens = torch.tensor([len(r.prompt) for r in group], device=device)
+            idx = torch.tensor(group_rows, device=device)
+            hidden = model.forward_hidden(tokens.to(device), cache=cache, cache_rows=idx)
+            logits = model.logits(hidden[torch.arange(len(group), device=device), lens - 1])
+            for row, r in zip(group_rows, group):
+                slots.req[row], slots.out[row] = r, []
+                slots.gen[row] = torch.Generator().manual_seed(r.seed)
+            slots.pos[idx] = lens - 1  # accept() advances to the first new token's position
+            yield from accept(group_rows, choose_tokens(logits, params, [slots.gen[i] for i in group_rows]))
+            start = end
+
+    while queue or slots.active():
+        free = slots.free()
+        if queue and free and (len(free) >= min(refill_min, len(queue)) or not slots.active()):
+            take = [queue.pop() for _ in range(min(len(free), len(queue)))]
+            yield from prefill(free[: len(take)], take)
+            continue
+        active = slots.active()
+        if not active:
+            continue
+        if not queue and len(active) <= len(slots.req) // 2:  # the tail: drop idle rows from the cache
+            slots.keep(active)
+            idx = torch.tensor(active, device=device)
+            cache.k = [k[idx] for k in cache.k]
+            cache.v = [v[idx] for v in cache.v]
+            active = list(range(len(active)))
+        idle = torch.tensor([r is None for r in slots.req], device=device)
+        pos = slots.pos.masked_fill(idle, 0)  # idle rows write harmless garbage at their own slot 0
+        kv_len = int(pos.max()) + 1
+        logits = model(slots.last.masked_fill(idle, 0)[:, None], positions=pos[:, None], cache=cache,
+                       kv_len=kv_len)[:, -1]
+        rows = torch.tensor(active, device=device)
+        yield from accept(active, choose_tokens(logits[rows], params, [slots.gen[i] for i in active]))
+
+
+def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, stop_ids: Sequence[int] = (),
+             batch_size: Optional[int] = None) -> List[List[int]]:
+    """New token ids for each prompt, in prompt order (a stop id, when reached, is kept last)."""
+    reqs = [Request(i, list(p), request_seed(params.seed, i)) for i, p in enumerate(prompts)]
+    out: List[List[int]] = [[] for _ in prompts]
+    for c in generate_stream(model, reqs, params, batch_size or len(prompts), stop_ids):
+        out[c.key] = c.tokens
+    return out

@@ -146,7 +146,8 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(args.n_heads * args.head_dim, args.dim, bias=False, input_is_parallel=True,
                                     init_method=_keep)
 
-    def forward(self, x, cos, sin, positions, mask, cache: Optional[KVCache], kv_len: Optional[int]):
+    def forward(self, x, cos, sin, positions, mask, cache: Optional[KVCache], kv_len: Optional[int],
+                cache_rows: Optional[torch.Tensor] = None):
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
@@ -155,11 +156,12 @@ class Attention(nn.Module):
 
         if cache is not None:
             ck, cv = cache.k[self.layer_id], cache.v[self.layer_id]
-            rows = torch.arange(bsz, device=x.device)[:, None]
-            ck[rows, :, positions] = k.to(ck.dtype)  # advanced indexing -> [B, S, H, D]
-            cv[rows, :, positions] = v.to(cv.dtype)
+            rows = torch.arange(bsz, device=x.device) if cache_rows is None else cache_rows
+            ck[rows[:, None], :, positions] = k.to(ck.dtype)  # advanced indexing -> [B, S, H, D]
+            cv[rows[:, None], :, positions] = v.to(cv.dtype)
+        if cache is not None and cache_rows is None:  # continue every row from what its cache holds
             keys, values = ck[:, :, :kv_len], cv[:, :, :kv_len]
-        else:
+        else:  # no cache, or prefilling some rows of it from position 0: the fresh keys are all there is
             keys, values = k.transpose(1, 2), v.transpose(1, 2)
         q = q.transpose(1, 2)
         out = F.scaled_dot_product_attention(
@@ -239,8 +241,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, positions, mask, cache=None, kv_len=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, positions, mask, cache, kv_len)
+    def forward(self, x, cos, sin, positions, mask, cache=None, kv_len=None, cache_rows=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, positions, mask, cache, kv_len, cache_rows)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -279,12 +281,15 @@ class Transformer(nn.Module):
         return KVCache(self.args, batch_size, max_len, w.device, dtype or w.dtype, self.tp_size)
 
     def forward_hidden(self, tokens: torch.Tensor, start_pos: int = 0, positions: Optional[torch.Tensor] = None,
-                       cache: Optional[KVCache] = None, kv_len: Optional[int] = None) -> torch.Tensor:
+                       cache: Optional[KVCache] = None, kv_len: Optional[int] = None,
+                       cache_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Final-norm hidden states [B, S, dim].
 
         positions: [B, S] absolute positions per token (default start_pos + 0..S-1 for every row);
         rows may sit at different positions (generation with prompts of different lengths).
         cache: keys/values are written at `positions` and attention reads slots [0, kv_len).
+        cache_rows: prefill these cache rows (one per input row) with sequences starting at position 0;
+            attention then uses the fresh keys only (the other rows of the cache are untouched).
         """
         bsz, seqlen = tokens.shape
         contiguous_from_start = positions is None and start_pos == 0
@@ -293,7 +298,7 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         cos, sin = self.rope(positions, h.dtype)
         window = self.args.sliding_window
-        if cache is not None:
+        if cache is not None and cache_rows is None:
             if kv_len is None:
                 kv_len = int(positions.max()) + 1
             mask = attention_mask(positions, torch.arange(kv_len, device=tokens.device), window)
@@ -303,9 +308,9 @@ class Transformer(nn.Module):
             mask = attention_mask(positions, positions, window)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(layer, h, cos, sin, positions, mask, cache, kv_len, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, positions, mask, cache, kv_len, cache_rows, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, positions, mask, cache, kv_len)
+                h = layer(h, cos, sin, positions, mask, cache, kv_len, cache_rows)
         return self.norm(h)
 
     def logits(self, h: torch.Tensor, gather: bool = True) -> torch.Tensor:

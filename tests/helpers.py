@@ -39,19 +39,19 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.08 * noise)
 
 
-def build_hf(family: str, seed: int = 0):
+def build_hf(family: str, seed: int = 0, **overrides):
     import transformers
 
     cls, extra = FAMILIES[family]
-    cfg = getattr(transformers, cls)(**{**COMMON, **extra})
+    cfg = getattr(transformers, cls)(**{**COMMON, **extra, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     randomize(model, seed)
     return model
 
 
-def save_hf(family: str, path: str, seed: int = 0):
-    model = build_hf(family, seed)
+def save_hf(family: str, path: str, seed: int = 0, **overrides):
+    model = build_hf(family, seed, **overrides)
     if family == "qwen1":
         save_qwen1(model, path)
     else:
@@ -130,12 +130,21 @@ def hf_to_meta_files(model, path: str, n: int) -> None:
         json.dump(params, f)
 
 
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK")
+
+
+def child_env(**extra) -> dict:
+    """The environment for a launched process: this repo on the path, one thread, and none of the
+    test process's own torch.distributed variables (the child starts its own world)."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **extra}
+
+
 def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600, env=None) -> subprocess.CompletedProcess:
     """Launch a worker under torchrun (gloo on CPU); raise with its output if it fails."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(_free_port()), script, *args]
-    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(env or {})}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=e)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=child_env(**(env or {})))
     if proc.returncode != 0:
         raise AssertionError(f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -143,8 +152,8 @@ def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600, env=No
 
 def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run a launcher as a user would; returns the completed process (never raises)."""
-    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=e)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=child_env())
 
 
 def _free_port() -> int:

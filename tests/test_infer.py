@@ -1,0 +1,216 @@
+"""infer.py: greedy output token-identical to HF generate() for every family at TP=1 and TP=2,
+batch-independence, seeded sampling, resume after a kill, scoring, evaluation, bad input."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import infer
+from engine.errors import UserError
+from engine.tokenizer import load_tokenizer
+from tests.conftest import shared_path
+from tests.helpers import FAMILIES, ROOT, child_env, run_cli, save_hf, torchrun
+
+QUESTIONS = ["What is 1 + 2 ?", "Tom has 3 apples.", "What is 48 + 17 ? Let's think step by step, first add the ones",
+             "A", "Mary buys 12 books and sells 5 . How many books are left ?", "What is 999 * 12 ?",
+             "The answer is (A) bank"]
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_tokenizer):
+    """HF random models of every family over the tiny tokenizer's vocabulary, plus HF's greedy
+    continuation of each prompt (batched, left-padded, as HF users run it)."""
+    root = tmp_path_factory.mktemp("infer")
+    data = root / "prompts.json"
+    data.write_text(json.dumps([{"instruction": q, "label": "3"} for q in QUESTIONS]))
+    tok = load_tokenizer(tiny_tokenizer)
+    prompts = [tok.encode(q) for q in QUESTIONS]
+    out = {}
+    for i, family in enumerate(FAMILIES):
+        hf_dir = root / family
+        hf = save_hf(family, str(hf_dir), seed=10 + i, vocab_size=320)
+        shutil.copy(tiny_tokenizer, hf_dir / "tokenizer.model")
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), 3)
+        mask = torch.zeros_like(ids)
+        for b, p in enumerate(prompts):
+            ids[b, width - len(p):] = torch.tensor(p)
+            mask[b, width - len(p):] = 1
+        with torch.no_grad():
+            gen = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                              eos_token_id=tok.eos_id, pad_token_id=3)
+        ref = []
+        for b in range(len(prompts)):
+            row = gen[b, width:].tolist()
+            ref.append(row[: row.index(tok.eos_id) + 1] if tok.eos_id in row else row)
+        out[family] = (str(hf_dir), ref)
+    return root, data, out
+
+
+def _tokens(path):
+    return [json.loads(line)["tokens"] for line in open(path)]
+
+
+def _job(ckpt, data, out, **kw):
+    return {"ckpt_dir": ckpt, "data_file": str(data), "output_file": str(out), "template": "none",
+            "max_new_tokens": NEW, "batch_size": 3, "output_tokens": True, "progress": False, **kw}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_greedy_matches_hf_generate_tp1(models, family, dist1):
+    root, data, refs = models
+    hf_dir, ref = refs[family]
+    out = root / f"{family}-tp1.jsonl"
+    infer.generate(**_job(hf_dir, data, out))
+    assert _tokens(out) == ref
+    assert sum(len(r) for r in ref) > 3 * len(ref)  # not all stopping at once
+
+
+def test_greedy_matches_hf_generate_tp2(models):
+    root, data, refs = models
+    jobs = [_job(hf_dir, data, root / f"{family}-tp2.jsonl") for family, (hf_dir, _) in refs.items()]
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    torchrun("tests/workers/infer_worker.py", str(root / "jobs.json"))
+    for family, (_, ref) in refs.items():
+        assert _tokens(root / f"{family}-tp2.jsonl") == ref, family
+
+
+def test_batching_and_sampling(models, dist1, tmp_path):
+    """Same outputs in a batch as alone (greedy and seeded sampling); seeds reproduce; K samples."""
+    root, data, refs = models
+    hf_dir = refs["llama3"][0]
+    runs = {}
+    for name, kw in {"greedy-b7": dict(batch_size=7), "greedy-b1": dict(batch_size=1),
+                     "sample-b7": dict(batch_size=7, temperature=0.9, top_p=0.9, seed=1),
+                     "sample-b2": dict(batch_size=2, temperature=0.9, top_p=0.9, seed=1),
+                     "sample-seed2": dict(batch_size=7, temperature=0.9, top_p=0.9, seed=2),
+                     "k4": dict(batch_size=5, temperature=1.0, top_k=50, num_samples=4, seed=3)}.items():
+        infer.generate(**_job(hf_dir, data, tmp_path / f"{name}.jsonl", **kw))
+        runs[name] = [json.loads(line) for line in open(tmp_path / f"{name}.jsonl")]
+    tokens = {k: [r["tokens"] for r in v] for k, v in runs.items()}
+    assert tokens["greedy-b7"] == tokens["greedy-b1"]
+    assert tokens["sample-b7"] == tokens["sample-b2"]
+    assert tokens["sample-b7"] != tokens["sample-seed2"]
+    assert tokens["sample-b7"] != tokens["greedy-b7"]
+    assert all(len(r["output"]) == 4 and len(r["tokens"]) == 4 for r in runs["k4"])
+    assert any(len({tuple(t) for t in r["tokens"]}) > 1 for r in runs["k4"])  # samples are independent
+    assert [r["index"] for r in runs["k4"]] == list(range(len(QUESTIONS)))
+
+
+def test_killed_run_resumes_with_every_record_once(tmp_path, tiny_tokenizer):
+    from checkpoint_split import init
+
+    init("tiny-llama", str(tmp_path / "m"), tokenizer=tiny_tokenizer, seed=9)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "instruction": f"What is {i} + {i * 7 % 13} ?"}) + "\n"
+                            for i in range(300)))
+    args = ["infer.py", "--ckpt_dir", str(tmp_path / "m"), "--data_file", str(data), "--template", "none",
+            "--max_new_tokens", "48", "--batch_size", "4"]
+    straight = run_cli(*args, "--output_file", str(tmp_path / "straight.jsonl"))
+    assert straight.returncode == 0, straight.stderr
+    out = tmp_path / "killed.jsonl"
+    proc = subprocess.Popen([sys.executable, *args, "--output_file", str(out)], cwd=ROOT, env=child_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not out.exists() or sum(1 for _ in open(out)) < 40):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = sum(1 for _ in open(out))
+    assert 40 <= partial < 300
+    resumed = run_cli(*args, "--output_file", str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert summary["records"] == 300 and summary["generated_this_run"] <= 300 - partial + 1
+    lines = [json.loads(line) for line in open(out)]
+    assert [r["index"] for r in lines] == list(range(300))
+    assert [r["id"] for r in lines] == [f"q{i}" for i in range(300)]
+    assert lines == [json.loads(line) for line in open(tmp_path / "straight.jsonl")]
+
+
+def test_score_matches_hf_log_likelihood(models, dist1, tmp_path):
+    root, _, refs = models
+    hf_dir = refs["qwen2"][0]
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(hf_dir)
+    recs = [{"instruction": "What is 2 + 2 ?", "output": ["4 .", "It is 5"]}, {"instruction": "Hi", "output": "there"}]
+    data = tmp_path / "s.json"
+    data.write_text(json.dumps(recs))
+    infer.score(ckpt_dir=hf_dir, data_file=str(data), output_file=str(tmp_path / "s.jsonl"), template="none")
+    got = [json.loads(line) for line in open(tmp_path / "s.jsonl")]
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+
+    def ref(prompt, text):
+        p, r = tok.encode(prompt), tok.encode(text, bos=False, eos=True)
+        ids = torch.tensor([p + r])
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(ids).logits[0, :-1].float(), -1)
+        return float(sum(logp[len(p) - 1 + j, t] for j, t in enumerate(r))), len(r)
+
+    s0, n0 = ref("What is 2 + 2 ?", "4 .")
+    s1, _ = ref("What is 2 + 2 ?", "It is 5")
+    s2, n2 = ref("Hi", "there")
+    assert got[0]["n_tokens"][0] == n0 and abs(got[0]["sum_logprob"][0] - s0) < 1e-3
+    assert abs(got[0]["sum_logprob"][1] - s1) < 1e-3
+    assert abs(got[1]["sum_logprob"] - s2) < 1e-3 and abs(got[1]["mean_logprob"] - s2 / n2) < 1e-4
+
+
+def test_evaluate_gold_and_empty(tmp_path):
+    gold = shared_path("data", "mcc", "GSM8K", "test.json")
+    proc = run_cli("infer.py", "evaluate", "--task", "GSM8K", "--predictions_file", gold)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"accuracy": 1.0, "correct": 659, "total": 659, "unparsable": 0}
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("".join(json.dumps({"output": ""}) + "\n" for _ in range(659)))
+    proc = run_cli("infer.py", "evaluate", "--task", "GSM8K", "--predictions_file", str(empty), "--label_file", gold)
+    assert json.loads(proc.stdout) == {"accuracy": 0.0, "correct": 0, "total": 659, "unparsable": 659}
+
+
+def test_long_prompts_skip_or_truncate(models, dist1, tmp_path):
+    root, _, refs = models
+    hf_dir = refs["llama2"][0]  # max_position_embeddings 256
+    data = tmp_path / "long.json"
+    data.write_text(json.dumps([{"instruction": "What is 1 + 1 ?", "label": "2"},
+                                {"instruction": "1 2 3 4 5 6 7 8 9 " * 40, "label": "2"}]))
+    infer.generate(**_job(hf_dir, data, tmp_path / "skip.jsonl", task="ARITH"))
+    lines = [json.loads(line) for line in open(tmp_path / "skip.jsonl")]
+    assert "error" in lines[1] and lines[1]["correct"] is False and "error" not in lines[0]
+    meta = json.load(open(str(tmp_path / "skip.jsonl") + ".meta.json"))
+    assert meta["summary"]["skipped_long_prompts"] == 1 and meta["summary"]["total"] == 2
+    infer.generate(**_job(hf_dir, data, tmp_path / "trunc.jsonl", long_prompts="truncate"))
+    lines = [json.loads(line) for line in open(tmp_path / "trunc.jsonl")]
+    assert "error" not in lines[1] and len(lines[1]["tokens"]) > 0
+
+
+def test_bad_input(models, dist1, tmp_path):
+    root, data, refs = models
+    hf_dir = refs["llama2"][0]
+
+    def err(**kw):
+        with pytest.raises(UserError) as e:
+            infer.generate(**{**_job(hf_dir, data, tmp_path / "o.jsonl"), **kw})
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    bad = tmp_path / "bad.txt"
+    bad.write_text("this is not json\n")
+    assert err(data_file=str(bad)).startswith(f"{bad} line 1 is not valid JSON")
+    bad.write_text(json.dumps([{"question": "x"}]))
+    assert err(data_file=str(bad)) == f"{bad} record 0 lacks the key 'instruction'"
+    assert "--temperature" in err(temperature=-1)
+    assert "--top_p" in err(top_p=0)
+    assert "--top_p" in err(top_p=1.5)
+    assert "--task 'MATHS' is unknown" in err(task="MATHS")
+    infer.generate(**_job(hf_dir, data, tmp_path / "o.jsonl"))
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([{"instruction": "different"}]))
+    assert "different data file" in err(data_file=str(other))
+    assert "--max_new_tokens" in err(max_new_tokens=5)
