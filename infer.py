@@ -151,7 +151,7 @@ def generate(ckpt_dir: str, data_file: str, output_file: str, task: str = None, 
     def line_for(i: int, texts, finishes, error=None, token_ids=None) -> dict:
         rec = records[i]
         one = num_samples == 1
-        line = {"id": rec.get("id", i), "index": i, "prompt": prompts[i],
+        line = {"id": rec.get("id", i), "index": i, "instruction": rec["instruction"], "prompt": prompts[i],
                 "output": texts[0] if one else texts, "finish": finishes[0] if one else finishes}
         if output_tokens:
             token_ids = token_ids or [[] for _ in texts]

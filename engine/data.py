@@ -168,3 +168,155 @@ def pad_batch(pairs, pad_id: int):
         inputs[b, : len(x)] = torch.tensor(x)
         labels[b, : len(y)] = torch.tensor(y)
     return inputs, labels
+
+
+# ----------------------------------------------------------------------------------------------
+# Answer spans (MCC-KD): the response tokens that spell the final answer
+# ----------------------------------------------------------------------------------------------
+def answer_char_span(text: str, answer: str):
+    """(start, end) characters of the answer inside `text`: in the sentence that states the answer
+    ("... the answer is 18") when there is one, else its last occurrence; numbers match by value
+    ("1,234" for 1234). None when the answer does not appear."""
+    import re
+
+    from engine.evaluation import _NUMBER, _to_number
+
+    answer = str(answer).strip()
+    if not answer:
+        return None
+    target = _to_number(answer)
+    if target is not None:
+        hits = [m for m in _NUMBER.finditer(text) if _to_number(m.group()) is not None
+                and abs(_to_number(m.group()) - target) <= 1e-6 * max(1.0, abs(target))]
+        hits = [m for m in hits if not (m.end() < len(text) and text[m.end()] == "." and text[m.end() + 1:m.end() + 2].isdigit())]
+    else:
+        hits = list(re.finditer(r"(?<![\w])" + re.escape(answer) + r"(?![\w])", text))
+    if not hits:
+        return None
+    phrase = list(re.finditer(r"answer\s*(?:is|:|=)", text, re.IGNORECASE))
+    if phrase:
+        after = [m for m in hits if m.start() >= phrase[-1].end()]
+        if after:
+            return after[0].span()
+    return hits[-1].span()
+
+
+def token_char_ends(tokenizer, ids: Sequence[int]) -> List[int]:
+    """ends[i] = length of decode(ids[:i+1]): where each token's text ends in the decoded string."""
+    return [len(tokenizer.decode(ids[: i + 1])) for i in range(len(ids))]
+
+
+def find_answer_span(tokenizer, response_ids: Sequence[int], text: str, answer: str):
+    """[s, e) indices into response_ids of the tokens that spell `answer` in `text`, or None when the
+    answer is absent or shares a token with its neighbours (so no clean span exists)."""
+    chars = answer_char_span(text, answer)
+    if chars is None:
+        return None
+    cs, ce = chars
+    ends = token_char_ends(tokenizer, response_ids)
+    starts = [0] + ends[:-1]
+    covered = [i for i, (a, b) in enumerate(zip(starts, ends)) if b > cs and a < ce]
+    if not covered:
+        return None
+    s, e = covered[0], covered[-1] + 1
+    return (s, e) if span_spells(tokenizer, response_ids, s, e, text[cs:ce]) else None
+
+
+def span_spells(tokenizer, ids: Sequence[int], s: int, e: int, answer: str) -> bool:
+    return 0 <= s < e <= len(ids) and tokenizer.decode(list(ids[s:e])).strip() == str(answer).strip()
+
+
+class MultiRationaleData:
+    """Questions with several teacher rationales each (MCC-KD). Per epoch each question contributes
+    `num_rationales` of its rationales (a seeded draw by (seed, epoch, question)) whose answer spans
+    have the same token length, so every pair among them can be compared token for token.
+
+    Spans come from the record's `indices` when present (validated: the tokens there must spell the
+    answer) or are found automatically. Questions with fewer than 2 usable rationales are dropped
+    and counted, never failing mid-epoch."""
+
+    def __init__(self, records: List[dict], tokenizer, max_seq_len: int, template: str = "default",
+                 seed: int = 0, path: str = "train_file", num_rationales: int = 2, use_file_indices: bool = True):
+        if num_rationales < 2:
+            raise DataError(f"--num_rationales must be >= 2, got {num_rationales}")
+        validate_training_records(records, path, need_label=True)
+        self.tok, self.max_seq_len, self.seed, self.k = tokenizer, max_seq_len, seed, num_rationales
+        self.records = records
+        self.prompts, self.responses, self.spans, self.groups = [], [], [], []
+        self.stats = {"questions": len(records), "rationales": 0, "no_span": 0, "too_long": 0,
+                      "dropped_questions": 0}
+        for i, rec in enumerate(records):
+            prompt = tokenizer.encode(format_prompt(rec["instruction"], template), bos=True)
+            outs = rec["output"] if isinstance(rec["output"], list) else [rec["output"]]
+            resp = [tokenizer.encode(o, bos=False, eos=True) for o in outs]
+            spans = [self._span(i, j, prompt, r, o, rec, path) if use_file_indices else
+                     find_answer_span(tokenizer, r, o, rec["label"]) for j, (r, o) in enumerate(zip(resp, outs))]
+            self.stats["rationales"] += len(outs)
+            by_len = {}
+            for j, sp in enumerate(spans):
+                if sp is None:
+                    self.stats["no_span"] += 1
+                elif len(prompt) + sp[1] > max_seq_len:
+                    self.stats["too_long"] += 1
+                else:
+                    by_len.setdefault(sp[1] - sp[0], []).append(j)
+            best = max(by_len.values(), key=len, default=[])
+            self.prompts.append(prompt)
+            self.responses.append(resp)
+            self.spans.append(spans)
+            self.groups.append(best if len(best) >= 2 else [])
+        self.keep = [i for i, g in enumerate(self.groups) if g]
+        self.stats["dropped_questions"] = len(records) - len(self.keep)
+        if not self.keep:
+            raise DataError(f"{path}: no question has 2 or more rationales with a findable answer span "
+                            f"of equal length ({self.stats})")
+
+    def _span(self, i, j, prompt, resp, text, rec, path):
+        """The file's indices for rationale j (response-relative, or counted over BOS + prompt +
+        response as the seed's files do), validated; found automatically when the file has none."""
+        raw = rec.get("indices")
+        if raw is None:
+            return find_answer_span(self.tok, resp, text, rec["label"])
+        try:
+            entry = raw[j]
+            if isinstance(entry, (list, tuple)) and entry and isinstance(entry[0], (list, tuple)):
+                entry = entry[0]
+            s, e = int(entry[0]), int(entry[1])
+        except (IndexError, TypeError, ValueError):
+            raise DataError(f"{path} record {i}: 'indices' needs one [start, end] per rationale "
+                            f"(rationale {j} has none)") from None
+        chars = answer_char_span(text, rec["label"])
+        answer = text[chars[0]:chars[1]] if chars else str(rec["label"])
+        for off in (0, len(prompt)):  # response-relative first, then full-sequence positions
+            for end in (e, e + 1):  # exclusive end, or inclusive as some files write it
+                if span_spells(self.tok, resp, s - off, end - off, answer):
+                    return s - off, end - off
+        if not (0 <= s < e <= len(prompt) + len(resp)):
+            raise DataError(f"{path} record {i}: indices [{s}, {e}] of rationale {j} are out of range")
+        raise DataError(f"{path} record {i}: indices [{s}, {e}] of rationale {j} do not spell the answer "
+                        f"{rec['label']!r}")
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def choose(self, index: int, epoch: int) -> List[int]:
+        group = self.groups[index]
+        rng = _stable_rng("mcc", self.seed, epoch, index)
+        return sorted(rng.sample(group, min(self.k, len(group))))
+
+    def example(self, index: int, which: int):
+        prompt, resp = self.prompts[index], self.responses[index][which]
+        seq = (prompt + resp)[: self.max_seq_len + 1]
+        labels = [IGNORE] * (len(prompt) - 1) + seq[len(prompt):]
+        s, e = self.spans[index][which]
+        return seq[:-1], labels[: len(seq) - 1], (len(prompt) + s, len(prompt) + e)
+
+    def length(self, index: int, epoch: int) -> int:
+        return max(min(len(self.prompts[index]) + len(self.responses[index][j]), self.max_seq_len)
+                   for j in self.choose(index, epoch))
+
+    def describe(self) -> str:
+        st = self.stats
+        return (f"{len(self.keep)} of {st['questions']} questions usable ({st['dropped_questions']} dropped with "
+                f"fewer than 2 rationales of equal answer-span length); of {st['rationales']} rationales, "
+                f"{st['no_span']} without a findable answer span, {st['too_long']} with the span cut by --max_seq_len")

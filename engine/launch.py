@@ -58,3 +58,111 @@ def report_data(data, path: str, info) -> None:
         if data.dropped:
             msg += f", {data.dropped} dropped (prompt alone reaches --max_seq_len)"
         print(msg, flush=True)
+
+
+# One line per flag shared by train.py and train_mcc.py (their --help is built from this table).
+TRAIN_FLAG_DOCS = {
+    "task": "GSM8K / SVAMP / ASDiv / CSQA / ARITH: how answers are read during evaluation.",
+    "ckpt_dir": "native checkpoint with one shard per tensor-parallel rank (or an HF directory).",
+    "save_dir": "where checkpoint-N/, best/, metrics.jsonl and curves.png go.",
+    "train_file": "MCC-KD JSON list: instruction, output (a rationale or a list of them), label.",
+    "label_file": "evaluation records (instruction, label), scored by greedy generation.",
+    "model_type": "registry name; a lora- prefix means LoRA (the checkpoint's params.json wins for shapes).",
+    "max_batch_size": "questions per micro-batch, summed over data-parallel replicas.",
+    "lora_rank": "LoRA rank (> 0 with a lora- model type); -1 for full fine-tuning.",
+    "lora_alpha": "LoRA alpha (scaling alpha / rank); default: the rank.",
+    "lora_dropout": "dropout on the LoRA input.",
+    "lora_targets": "comma-separated projections to adapt: wq,wk,wv,wo (attention), w1,w2,w3 (MLP).",
+    "eval_batch_size": "sequences decoded together during evaluation.",
+    "epochs": "passes over the training data.",
+    "use_float16": "fp16 compute with dynamic loss scaling (overflowing steps are skipped).",
+    "use_bfloat16": "bf16 compute.",
+    "lr": "peak learning rate (AdamW).",
+    "weight_decay": "AdamW weight decay on matrices.",
+    "warmup_steps": "linear warm-up steps.",
+    "schedule": "cosine, linear or constant after warm-up.",
+    "min_lr_ratio": "final learning rate as a fraction of lr.",
+    "max_grad_norm": "clip the global gradient norm (0: off).",
+    "accumulation_steps": "micro-batches per optimizer step.",
+    "max_seq_len": "cut longer sequences (counted and reported).",
+    "max_new_tokens": "generation budget during evaluation.",
+    "template": "prompt template: default or none.",
+    "seed": "seed of LoRA initialisation, data order and dropout.",
+    "save_every": "also save a checkpoint every N steps (always at each epoch end).",
+    "keep_checkpoints": "how many checkpoint-N directories to keep (0: all).",
+    "eval_every": "also evaluate every N steps (always at each epoch end).",
+    "eval_at_start": "evaluate once before training.",
+    "max_eval_examples": "evaluate on the first N label_file records only (0: all).",
+    "log_every": "write a metrics line every N steps.",
+    "resume": "continue from the latest checkpoint in save_dir (weights, optimizer, schedule, RNG, data position).",
+    "checkpoint_activations": "recompute layer activations in backward to save memory.",
+    "deepspeed": "DeepSpeed config JSON: ZeRO stage 1/2 over the data-parallel group.",
+    "tp_size": "tensor-parallel size (default: all processes); world size / tp_size replicas train data-parallel.",
+    "max_steps": "total optimizer steps (> 0 overrides epochs).",
+    "exit_after_steps": "stop after N steps as if preempted, keeping the full schedule (for resume).",
+    "alpha": "weight of the consistency (symmetric KL) term.",
+    "temperature": "softening temperature T of the answer-span distributions.",
+    "num_rationales": "rationales per question per step (>= 2); every pair among them is compared.",
+    "recompute_spans": "ignore the file's indices and find the answer spans anew.",
+}
+
+
+def document(fn, summary: str):
+    """Give a launcher a --help that explains every flag in one line (from TRAIN_FLAG_DOCS)."""
+    import inspect
+
+    lines = [summary, "", "Args:"]
+    for name in inspect.signature(fn).parameters:
+        lines.append(f"    {name}: {TRAIN_FLAG_DOCS[name]}")
+    fn.__doc__ = "\n".join(lines)
+    return fn
+
+
+def run_training(kind: str, **flags) -> None:
+    """The whole run behind train.py (kind="sft") and train_mcc.py (kind="mcc")."""
+    from engine import distributed
+    from engine.data import MultiRationaleData, SFTData, read_records
+    from engine.evaluation import GenerationEvaluator, check_task
+    from engine.precision import dtype_from_flags
+    from engine.tasks import MCCTask, SFTTask
+    from engine.tokenizer import load_tokenizer
+    from engine.trainer import TrainConfig, Trainer
+
+    f = flags
+    task = check_task(f["task"])
+    dtype = dtype_from_flags(f["use_float16"], f["use_bfloat16"])
+    if kind == "mcc":  # flag checks that need no model
+        MCCTask.check(f["alpha"], f["temperature"])
+    records = read_records(f["train_file"])
+    eval_records = read_eval_records(f["label_file"], f["max_eval_examples"])
+    info = distributed.setup(f["tp_size"])
+    tok = load_tokenizer(f["ckpt_dir"])
+    model, lora_cfg = build_model(f["ckpt_dir"], f["model_type"], f["lora_rank"], f["lora_alpha"], f["lora_dropout"],
+                                  f["lora_targets"], dtype, info, f["seed"])
+    max_len = min(f["max_seq_len"], model.args.max_seq_len)
+    if kind == "mcc":
+        data = MultiRationaleData(records, tok, max_len, f["template"], f["seed"], f["train_file"],
+                                  f["num_rationales"], not f["recompute_spans"])
+        if info.is_main:
+            print(f"{f['train_file']}: {data.describe()}", flush=True)
+        job = MCCTask(data, info.device, f["alpha"], f["temperature"])
+    else:
+        data = SFTData(records, tok, max_len, f["template"], f["seed"], f["train_file"])
+        report_data(data, f["train_file"], info)
+        job = SFTTask(data, info.device)
+    evaluator = None
+    if eval_records:
+        evaluator = GenerationEvaluator(eval_records, tok, task, info, f["eval_batch_size"], f["max_new_tokens"],
+                                        f["template"])
+    cfg = TrainConfig(save_dir=f["save_dir"], epochs=f["epochs"], max_batch_size=f["max_batch_size"],
+                      accumulation_steps=f["accumulation_steps"], lr=f["lr"], min_lr_ratio=f["min_lr_ratio"],
+                      weight_decay=f["weight_decay"], warmup_steps=f["warmup_steps"], schedule=f["schedule"],
+                      max_grad_norm=f["max_grad_norm"], max_steps=f["max_steps"],
+                      exit_after_steps=f["exit_after_steps"], dtype=dtype, seed=f["seed"],
+                      save_every=f["save_every"], keep_checkpoints=f["keep_checkpoints"], eval_every=f["eval_every"],
+                      eval_at_start=f["eval_at_start"], log_every=f["log_every"], resume=f["resume"],
+                      checkpoint_activations=f["checkpoint_activations"])
+    meta = {"launcher": "train_mcc.py" if kind == "mcc" else "train.py", **{k: v for k, v in f.items()}}
+    trainer = Trainer(model, job, cfg, info, tok, evaluator, lora_cfg, f["ckpt_dir"], f["deepspeed"], run_meta=meta)
+    trainer.fit()
+    distributed.teardown()

@@ -43,3 +43,53 @@ class SFTTask:
 
     def loss_sums(self, model, batch: Batch) -> Dict[str, torch.Tensor]:
         return {"ce": token_cross_entropy(model(batch.inputs, gather=False), batch.labels)}
+
+
+class MCCTask:
+    """MCC-KD: cross-entropy on every rationale + alpha x symmetric KL between the answer-span
+    predictions of each pair of rationales of the same question (engine.objectives.mcc_kd_sums)."""
+
+    def __init__(self, data, device, alpha: float, temperature: float):
+        self.check(alpha, temperature)
+        self.data, self.device, self.temperature = data, device, temperature
+        self.weights = {"ce": 1.0, "kl": alpha}
+        self.pad_id = data.tok.padding_id
+
+    @staticmethod
+    def check(alpha: float, temperature: float) -> None:
+        from engine.errors import UserError
+
+        if alpha < 0:
+            raise UserError(f"--alpha must be >= 0, got {alpha}")
+        if temperature <= 0:
+            raise UserError(f"--temperature must be > 0, got {temperature}")
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.data)
+
+    def lengths(self, epoch: int) -> List[int]:
+        return [self.data.length(q, epoch) for q in self.data.keep]
+
+    def micro_batch(self, positions: List[int], epoch: int) -> Batch:
+        from engine.objectives import span_prediction_positions
+
+        seqs, pairs = [], []
+        for p in positions:
+            q = self.data.keep[p]
+            rows = []
+            for j in self.data.choose(q, epoch):
+                x, y, (s, e) = self.data.example(q, j)
+                rows.append((len(seqs), span_prediction_positions(s, e)))
+                seqs.append((x, y))
+            pairs += [(ra, pa, rb, pb) for n, (ra, pa) in enumerate(rows) for rb, pb in rows[n + 1:]]
+        inputs, labels = pad_batch(seqs, self.pad_id)
+        return Batch(inputs.to(self.device), labels.to(self.device),
+                     {"ce": int((labels != IGNORE).sum()), "kl": len(pairs)}, sum(len(x) for x, _ in seqs),
+                     {"pairs": pairs})
+
+    def loss_sums(self, model, batch: Batch) -> Dict[str, torch.Tensor]:
+        from engine.objectives import mcc_kd_sums
+
+        ce, kl = mcc_kd_sums(model(batch.inputs, gather=False), batch.labels, batch.extra["pairs"], self.temperature)
+        return {"ce": ce, "kl": kl}
