@@ -1,0 +1,172 @@
+"""MCC-KD: the objective against a direct reference, TP=2 == TP=1, answer spans and the rationale
+pipeline on real data, the end-to-end path teacher -> samples -> training file -> train_mcc."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import checkpoint_split as cks
+import infer
+import train
+import train_mcc
+from data.arithmetic import main as make_arith
+from data.prepare_mcc import main as prepare_main, most_diverse
+from engine.data import IGNORE, MultiRationaleData, find_answer_span
+from engine.errors import UserError
+from engine.objectives import mcc_kd_sums, span_prediction_positions
+from engine.tokenizer import load_tokenizer
+from tests.conftest import shared_path
+from tests.helpers import torchrun
+from tests.test_train import _args, assert_same_run
+
+
+def test_loss_matches_a_direct_reference(dist1):
+    """Hand-made logits: CE over labelled tokens, and the symmetric KL between the predictions OF
+    the span tokens (one position earlier), masked where spans are shorter, averaged over pairs."""
+    g = torch.Generator().manual_seed(0)
+    B, T, V, temp = 3, 10, 11, 1.3
+    logits = torch.randn(B, T, V, generator=g, requires_grad=True)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[:, :3] = IGNORE
+    labels[2, 8:] = IGNORE  # padding
+    spans = [(5, 7), (6, 8), (4, 5)]  # [start, end) of answer tokens in rows 0, 1, 2
+    pos = [span_prediction_positions(*s) for s in spans]
+    assert pos[0] == [4, 5] and pos[2] == [3]
+    pairs = [(0, pos[0], 1, pos[1]), (0, pos[0][:1], 2, pos[2])]  # two pairs, span lengths 2 and 1
+    ce, kl = mcc_kd_sums(logits.clone(), labels, pairs, temp)
+
+    ref_ce = F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
+
+    def sym_kl(ra, pa, rb, pb):
+        total = 0.0
+        for a, b in zip(pa, pb):
+            p = F.log_softmax(logits[ra, a] / temp, -1)
+            q = F.log_softmax(logits[rb, b] / temp, -1)
+            total = total + 0.5 * ((p.exp() * (p - q)).sum() + (q.exp() * (q - p)).sum())
+        return total / len(pa)
+
+    ref_kl = sym_kl(*pairs[0]) + sym_kl(*pairs[1])
+    assert torch.allclose(ce, ref_ce, atol=1e-5) and torch.allclose(kl, ref_kl, atol=1e-6)
+    at_positions = [(0, [5, 6], 1, [6, 7]), (0, [5], 2, [4])]  # the seed's off-by-one
+    assert not torch.allclose(mcc_kd_sums(logits.clone(), labels, at_positions, temp)[1], ref_kl)
+    (g1,) = torch.autograd.grad(ce + 0.5 * kl, logits)
+    (g2,) = torch.autograd.grad(ref_ce + 0.5 * ref_kl, logits)
+    assert torch.allclose(g1, g2, atol=1e-6)  # both branches of every pair get gradient
+    assert g1[1, 6].abs().sum() > 0 and g1[2, 3].abs().sum() > 0
+
+
+@pytest.fixture(scope="module")
+def sum3(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("mcc")
+    make_arith(str(root / "data"), kind="sum3", n_train=40, n_test=8, max_value=9, seed=3)
+    return root
+
+
+def test_mcc_tp2_equals_tp1(sum3, tiny_tokenizer, dist1):
+    root = sum3
+    cks.init("tiny-qwen2", str(root / "m1"), n=1, tokenizer=tiny_tokenizer, seed=1)
+    cks.split(str(root / "m1"), str(root / "m2"), n=2)
+    base = {"task": "ARITH", "template": "none", "max_seq_len": 64, "lr": 2e-3, "max_steps": 3, "save_every": 3,
+            "train_file": str(root / "data" / "train.json"), "max_batch_size": 4, "alpha": 1.0, "temperature": 1.3,
+            "num_rationales": 3}
+    train_mcc.main(ckpt_dir=str(root / "m1"), save_dir=str(root / "tp1"), **base)
+    torchrun("train_mcc.py", *_args({**base, "ckpt_dir": root / "m2", "save_dir": root / "tp2"}))
+    assert_same_run(str(root / "tp1"), str(root / "tp2"))
+    lines = [json.loads(line) for line in open(root / "tp2" / "metrics.jsonl")]
+    assert all(line["loss_kl"] > 0 for line in lines)
+    assert all(abs(line["loss"] - line["loss_ce"] - line["loss_kl"]) < 1e-6 for line in lines)  # alpha = 1
+    assert os.path.exists(root / "tp2" / "curves.png")
+
+
+def test_svamp_pipeline_with_the_llama2_tokenizer(tmp_path):
+    raw = shared_path("data", "mcc", "SVAMP", "train.json")
+    tok_path = shared_path("data", "tokenizers", "llama2.model")
+    prepare_main(raw, str(tmp_path / "svamp.json"), tok_path, num_rationales=3, task="SVAMP")
+    out = json.load(open(tmp_path / "svamp.json"))
+    assert len(out) >= 600  # of 700 questions: most keep at least 2 rationales
+    assert all(2 <= len(r["output"]) <= 3 and len(r["indices"]) == len(r["output"]) for r in out)
+    # spans: found for >= 95% of the correct rationales (automatic), and the written indices validate
+    tok = load_tokenizer(tok_path)
+    data = MultiRationaleData(out, tok, 2048, num_rationales=3)
+    assert data.stats["no_span"] == 0 and len(data) == len(out)
+    found = total = 0
+    from engine.evaluation import extract_answer, is_correct
+
+    for rec in json.load(open(raw))[:150]:
+        for text in rec["output"]:
+            if is_correct(extract_answer(text, "SVAMP"), rec["label"], "SVAMP"):
+                total += 1
+                found += find_answer_span(tok, tok.encode(text, bos=False), text, rec["label"]) is not None
+    assert found / total >= 0.95, (found, total)
+
+
+def test_indices_are_validated(sum3, tiny_tokenizer):
+    tok = load_tokenizer(tiny_tokenizer)
+    text = "2 + 3 = 5 . 5 + 4 = 9 . Therefore, the answer is 9 ."
+    ids = tok.encode(text, bos=False, eos=True)
+    s, e = find_answer_span(tok, ids, text, "9")
+    rec = {"instruction": "What is 2 + 3 + 4 ?", "output": [text, text.replace("2 + 3 = 5 . 5", "3 + 4 = 7 . 7")],
+           "label": "9"}
+    other = find_answer_span(tok, tok.encode(rec["output"][1], bos=False, eos=True), rec["output"][1], "9")
+    ok = MultiRationaleData([{**rec, "indices": [[s, e], [list(other)]]}], tok, 128, template="none")
+    assert ok.spans[0] == [(s, e), other]
+    prompt_len = len(tok.encode("What is 2 + 3 + 4 ?"))
+    full = MultiRationaleData([{**rec, "indices": [[s + prompt_len, e + prompt_len], list(other)]}], tok, 128,
+                              template="none")  # positions counted over the whole sequence, as the seed's files
+    assert full.spans[0][0] == (s, e)
+    with pytest.raises(UserError, match=r"train_file record 0: indices \[1, 2\] of rationale 0 do not spell"):
+        MultiRationaleData([{**rec, "indices": [[1, 2], list(other)]}], tok, 128, template="none")
+    with pytest.raises(UserError, match="out of range"):
+        MultiRationaleData([{**rec, "indices": [[500, 502], list(other)]}], tok, 128, template="none")
+    with pytest.raises(UserError, match="record 0 lacks the key 'label'"):
+        MultiRationaleData([{"instruction": "q", "output": [text, text]}], tok, 128)
+    # a question with one usable rationale is dropped and counted, not fatal
+    data = MultiRationaleData([rec, {**rec, "output": [text, "no answer here"]}], tok, 128, template="none")
+    assert len(data) == 1 and data.stats["dropped_questions"] == 1 and data.stats["no_span"] == 1
+
+
+def test_flag_errors(sum3, tiny_tokenizer, tmp_path, dist1):
+    base = dict(task="ARITH", ckpt_dir="unused", save_dir=str(tmp_path / "x"),
+                train_file=str(sum3 / "data" / "train.json"))
+    with pytest.raises(UserError, match="--alpha must be >= 0"):
+        train_mcc.main(alpha=-0.1, **base)
+    with pytest.raises(UserError, match="--temperature must be > 0"):
+        train_mcc.main(temperature=0, **base)
+
+
+def test_most_diverse_prefers_different_rationales():
+    texts = ["a b c d e f", "a b c d e g", "x y z w v u", "a b c x y z"]
+    assert most_diverse(texts, 2) == [0, 2] or most_diverse(texts, 2) == [1, 2]
+    assert len(most_diverse(texts, 3)) == 3 and 2 in most_diverse(texts, 3)
+
+
+def test_end_to_end_teacher_samples_to_mcc_training(tmp_path, tiny_tokenizer, dist1):
+    """A teacher trained here samples 4 rationales per question; prepare_mcc keeps the correct,
+    diverse ones with spans; train_mcc trains a student on them at TP=2."""
+    make_arith(str(tmp_path / "data"), kind="sum3", n_train=600, n_test=50, max_value=9, seed=0)
+    cks.init("tiny-llama", str(tmp_path / "init"), tokenizer=tiny_tokenizer, seed=0)
+    train.main(task="ARITH", ckpt_dir=str(tmp_path / "init"), save_dir=str(tmp_path / "teacher"),
+               train_file=str(tmp_path / "data" / "train.json"), max_batch_size=32, max_steps=400, lr=5e-3,
+               warmup_steps=30, template="none", max_seq_len=64)
+    infer.generate(ckpt_dir=str(tmp_path / "teacher" / "checkpoint-400"), data_file=str(tmp_path / "data" / "train.json"),
+                   output_file=str(tmp_path / "raw.jsonl"), num_samples=4, temperature=0.8, template="none",
+                   max_new_tokens=32, batch_size=64, task="ARITH", progress=False)
+    raw = [json.loads(line) for line in open(tmp_path / "raw.jsonl")]
+    assert len(raw) == 600 and all(len(r["output"]) == 4 for r in raw)
+    prepare_main(str(tmp_path / "raw.jsonl"), str(tmp_path / "mcc.json"), tiny_tokenizer, num_rationales=3,
+                 task="ARITH")
+    prepared = json.load(open(tmp_path / "mcc.json"))
+    assert len(prepared) >= 10
+    assert all(len(set(r["output"])) == len(r["output"]) >= 2 for r in prepared)
+    cks.split(str(tmp_path / "init"), str(tmp_path / "student"), n=2)
+    torchrun("train_mcc.py", "--task", "ARITH", "--ckpt_dir", str(tmp_path / "student"), "--save_dir",
+             str(tmp_path / "run"), "--train_file", str(tmp_path / "mcc.json"), "--label_file",
+             str(tmp_path / "data" / "test.json"), "--max_batch_size", "8", "--max_steps", "6", "--lr", "3e-3",
+             "--template", "none", "--max_seq_len", "64", "--max_new_tokens", "32", "--alpha", "0.1",
+             "--num_rationales", "3")
+    lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    steps = [line for line in lines if not line.get("eval")]
+    assert len(steps) == 6 and steps[-1]["loss_ce"] < steps[0]["loss_ce"]
+    assert any(line.get("eval") and line["total"] == 50 for line in lines)
