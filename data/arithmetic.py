@@ -4,6 +4,7 @@
 
 kind=add:  "What is 47 + 38 ?" -> "7 + 8 = 15 , write 5 carry 1 . 4 + 3 + 1 = 8 , write 8 .
            Therefore, the answer is 85 ."   (digit by digit, least significant first)
+           With --multi True each training question also gets the rationale with the operands swapped.
 kind=sum3: "What is 12 + 7 + 30 ?" -> several valid rationales that add the same three numbers in
            different orders ("12 + 7 = 19 . 19 + 30 = 49 . Therefore, the answer is 49 ."), all
            kept in `output` as a list (the multi-rationale input of MCC-KD).
@@ -62,7 +63,7 @@ def sum3_rationales(nums) -> list:
 
 
 def generate(kind: str = "add", n_train: int = 2000, n_test: int = 200, n_dev: int = 0, max_value: int = 99,
-             seed: int = 0, min_value: int = 0, style: str = "natural"):
+             seed: int = 0, min_value: int = 0, style: str = "natural", multi: bool = False):
     rng = random.Random(seed)
     seen, splits = set(), {"train": [], "dev": [], "test": []}
     want = {"test": n_test, "dev": n_dev, "train": n_train}
@@ -78,7 +79,10 @@ def generate(kind: str = "add", n_train: int = 2000, n_test: int = 200, n_dev: i
             seen.add(nums)
             question = "What is " + " + ".join(map(str, nums)) + " ?"
             if kind == "add":
-                output = add_rationale_fixed(*nums, width) if style == "fixed" else add_rationale(*nums)
+                make = (lambda x, y: add_rationale_fixed(x, y, width)) if style == "fixed" else add_rationale
+                output = make(*nums)
+                if multi and split == "train" and nums[0] != nums[1]:
+                    output = [output, make(nums[1], nums[0])]  # the same steps with the operands swapped
             elif kind == "sum3":
                 output = sum3_rationales(nums)
                 if split != "train":
@@ -90,7 +94,7 @@ def generate(kind: str = "add", n_train: int = 2000, n_test: int = 200, n_dev: i
 
 
 def main(out_dir: str, kind: str = "add", n_train: int = 2000, n_test: int = 200, n_dev: int = 0,
-         max_value: int = 99, seed: int = 0, min_value: int = 0, style: str = "natural"):
+         max_value: int = 99, seed: int = 0, min_value: int = 0, style: str = "natural", multi: bool = False):
     """Write train.json / test.json (and dev.json when n_dev > 0) under out_dir.
 
     Args:
@@ -103,10 +107,11 @@ def main(out_dir: str, kind: str = "add", n_train: int = 2000, n_test: int = 200
         seed: generator seed.
         min_value: smallest operand.
         style: natural (digit steps as a person writes them) or fixed (fixed-width steps, kind=add).
+        multi: kind=add: two rationales per training question (the operands taken in either order).
     """
     from engine.fileio import atomic_write_text
 
-    splits = generate(kind, n_train, n_test, n_dev, max_value, seed, min_value, style)
+    splits = generate(kind, n_train, n_test, n_dev, max_value, seed, min_value, style, multi)
     os.makedirs(out_dir, exist_ok=True)
     for name, records in splits.items():
         if records:

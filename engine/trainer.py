@@ -382,8 +382,10 @@ class Trainer:
             bar.close()
         if info.is_main and cfg.plot:
             from engine.plotting import plot_metrics
+            from engine.report import write_run_report
 
             plot_metrics(self.metrics_path, os.path.join(cfg.save_dir, "curves.png"))
+            write_run_report(cfg.save_dir)
         distributed.barrier()
         return last
 

@@ -1,26 +1,35 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: a generated arithmetic data set with step-by-step
-# rationales, a tokenizer trained here, a tiny LLaMA-style model initialised at random and split
-# into 2 tensor-parallel shards, supervised distillation under torchrun (TP=2, CPU), then
-# evaluation of the trained student with infer.py on the held-out split.
+# The main job on the embedded default (no data or weights from outside the repository):
+#  1. generate a two-digit addition task whose training questions carry two step-by-step
+#     rationales each (the operands taken in either order): the "teacher rationales";
+#  2. train a tokenizer and initialise a tiny LLaMA-style student at random, split into 2
+#     tensor-parallel shards;
+#  3. turn the rationales into an MCC-KD training file (answer spans, diversity) with prepare_mcc.py;
+#  4. train the student with MCC-KD under torchrun (TP=2, CPU), evaluating before and during;
+#  5. evaluate the best checkpoint with infer.py on the held-out split, and print a report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-demo_out}
-STEPS=${STEPS:-1250}
+STEPS=${STEPS:-2500}
+N_TRAIN=${N_TRAIN:-4000}
 export OMP_NUM_THREADS=1
-start=$(date +%s)
+SECONDS=0
 mkdir -p "$OUT"
-python data/arithmetic.py --out_dir "$OUT/data" --n_train 4000 --n_test 200 --min_value 10 --style fixed
+python data/arithmetic.py --out_dir "$OUT/data" --kind add --style fixed --multi True --min_value 10 \
+    --n_train "$N_TRAIN" --n_test 200
 python data/make_tokenizer.py --output "$OUT/tokenizer.model"
-python checkpoint_split.py init --model_type tiny-llama --save_dir "$OUT/init" --n 2 \
+python checkpoint_split.py init --model_type tiny-llama --save_dir "$OUT/init" --n 1 \
     --tokenizer "$OUT/tokenizer.model" --seed 0 --overwrite True
-rm -rf "$OUT/run"
-torchrun --nproc_per_node 2 train.py --task ARITH --ckpt_dir "$OUT/init" --save_dir "$OUT/run" \
-    --train_file "$OUT/data/train.json" --label_file "$OUT/data/test.json" --max_batch_size 32 \
-    --max_steps "$STEPS" --lr 5e-3 --warmup_steps 50 --template none --max_seq_len 64 --max_new_tokens 40 \
-    --eval_batch_size 200 --eval_at_start True --log_every 25
+python checkpoint_split.py split --ckpt_dir "$OUT/init" --save_dir "$OUT/student-tp2" --n 2 --overwrite True
+python data/prepare_mcc.py --input_file "$OUT/data/train.json" --output_file "$OUT/data/train-mcc.json" \
+    --tokenizer "$OUT/tokenizer.model" --num_rationales 2 --task ARITH
+rm -rf "$OUT/run" "$OUT/predictions.jsonl" "$OUT/predictions.jsonl.meta.json"
+torchrun --nproc_per_node 2 train_mcc.py --task ARITH --ckpt_dir "$OUT/student-tp2" --save_dir "$OUT/run" \
+    --train_file "$OUT/data/train-mcc.json" --label_file "$OUT/data/test.json" --max_batch_size 16 \
+    --num_rationales 2 --alpha 0.1 --temperature 1.0 --max_steps "$STEPS" --lr 5e-3 --warmup_steps 50 \
+    --template none --max_seq_len 64 --max_new_tokens 40 --eval_batch_size 200 --eval_at_start True \
+    --eval_every 500 --log_every 10
 torchrun --nproc_per_node 2 infer.py --ckpt_dir "$OUT/run/best" --data_file "$OUT/data/test.json" \
     --output_file "$OUT/predictions.jsonl" --task ARITH --template none --batch_size 200 --max_new_tokens 40 \
-    | tee "$OUT/infer_summary.json"
-echo "demo finished in $(( $(date +%s) - start )) s"
-echo "checkpoint: $OUT/run/best  predictions: $OUT/predictions.jsonl  metrics: $OUT/run/metrics.jsonl  plot: $OUT/run/curves.png"
+    --progress False
+python scripts/demo_report.py --out "$OUT" --wall_s "$SECONDS"
