@@ -16,7 +16,7 @@ $(STAMP): requirements-ci.txt
 	touch $(STAMP)
 
 demo: setup
-	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/demo.sh $(DEMO_ARGS)
+	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/demo.sh
 
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests

@@ -57,12 +57,29 @@ def reshard(ckpt_dir: str, save_dir: str, n: int, dtype: str = None, overwrite: 
 
 
 def split(ckpt_dir: str, save_dir: str, n: int, dtype: str = None, overwrite: bool = False, model_type: str = None):
-    """Split a checkpoint into n native shards (same as reshard)."""
+    """Split a checkpoint into n native shards (same as reshard).
+
+    Args:
+        ckpt_dir: input checkpoint directory (any shard count) or file.
+        save_dir: output directory.
+        n: number of shards to write.
+        dtype: convert weights to fp32 / bf16 / fp16 (default: keep).
+        overwrite: replace a non-empty save_dir.
+        model_type: registry name used when the input carries no params.json.
+    """
     reshard(ckpt_dir, save_dir, n, dtype, overwrite, model_type)
 
 
 def merge(ckpt_dir: str, save_dir: str, dtype: str = None, overwrite: bool = False, model_type: str = None):
-    """Merge a sharded checkpoint into one native shard (reshard with n=1)."""
+    """Merge a sharded checkpoint into one native shard (reshard with n=1).
+
+    Args:
+        ckpt_dir: input checkpoint directory (any shard count).
+        save_dir: output directory.
+        dtype: convert weights to fp32 / bf16 / fp16 (default: keep).
+        overwrite: replace a non-empty save_dir.
+        model_type: registry name used when the input carries no params.json.
+    """
     reshard(ckpt_dir, save_dir, 1, dtype, overwrite, model_type)
 
 
@@ -114,8 +131,7 @@ def to_hf(ckpt_dir: str, save_dir: str, dtype: str = None, overwrite: bool = Fal
         dtype: convert weights to fp32 / bf16 / fp16 (default: keep).
         overwrite: replace a non-empty save_dir.
         lora_dir: a LoRA adapter (lora.NN.safetensors + lora_config.json) to use with ckpt_dir as its base.
-        merge_lora: fold the adapter into the weights; otherwise the base is written and the adapter is
-            exported beside it as an HF peft adapter in save_dir/adapter.
+        merge_lora: fold the adapter into the weights; otherwise write the base plus a peft adapter in save_dir/adapter.
     """
     import os
 
@@ -210,7 +226,11 @@ def init(model_type: str, save_dir: str, n: int = 1, tokenizer: str = None, seed
 
 
 def info(ckpt_dir: str):
-    """Print a checkpoint's model arguments and layout."""
+    """Print a checkpoint's model arguments and layout.
+
+    Args:
+        ckpt_dir: a native, Meta or HF checkpoint directory (or file).
+    """
     src = ck.open_checkpoint(ckpt_dir)
     kind = type(src).__name__
     shards = getattr(src, "n", 1)

@@ -85,8 +85,7 @@ def generate(ckpt_dir: str, data_file: str, output_file: str, task: str = None, 
         use_bfloat16: run in bf16.
         lora_dir: a LoRA adapter from training, merged into the weights.
         stop: stop string(s), comma separated, besides EOS; the output is cut before them.
-        long_prompts: prompts that leave less than max_new_tokens under the model's max_seq_len:
-            skip (written with an 'error' and counted wrong) or truncate (keep BOS and the last tokens).
+        long_prompts: prompts leaving < max_new_tokens of room: skip (written with an error, counted wrong) or truncate (left).
         prefill_tokens: token budget of one prefill pass.
         progress: show a progress bar.
         output_tokens: also write the generated token ids ('tokens') of each response.
