@@ -56,18 +56,7 @@ def reshard(ckpt_dir: str, save_dir: str, n: int, dtype: str = None, overwrite: 
     print(f"wrote {n} shard(s) to {save_dir}")
 
 
-def split(ckpt_dir: str, save_dir: str, n: int, dtype: str = None, overwrite: bool = False, model_type: str = None):
-    """Split a checkpoint into n native shards (same as reshard).
-
-    Args:
-        ckpt_dir: input checkpoint directory (any shard count) or file.
-        save_dir: output directory.
-        n: number of shards to write.
-        dtype: convert weights to fp32 / bf16 / fp16 (default: keep).
-        overwrite: replace a non-empty save_dir.
-        model_type: registry name used when the input carries no params.json.
-    """
-    reshard(ckpt_dir, save_dir, n, dtype, overwrite, model_type)
+split = reshard  # "split 1 -> N" is a reshard; kept as its own command name for the seed's users
 
 
 def merge(ckpt_dir: str, save_dir: str, dtype: str = None, overwrite: bool = False, model_type: str = None):

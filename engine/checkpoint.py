@@ -458,10 +458,6 @@ def _shard_files(ckpt_dir: str) -> List[str]:
     return files
 
 
-def is_hf_dir(path: str) -> bool:
-    return os.path.exists(os.path.join(path, "config.json")) and not _shard_files(path)
-
-
 def open_checkpoint(path: str, model_type: Optional[str] = None) -> Source:
     """A native / Meta shard directory, an HF directory, or one state-dict file."""
     if not os.path.exists(path):
@@ -727,9 +723,6 @@ def load_state_into(model: torch.nn.Module, src: Source, rank: int, n: int, only
                                       f"the model expects {list(p.shape)}")
             p.copy_(t)
 
-
-def shard_count(path: str) -> int:
-    return len(_shard_files(path)) if os.path.isdir(path) else 1
 
 
 def load_model(ckpt_dir: str, dtype: torch.dtype = torch.float32, device=None, model_type: Optional[str] = None):

@@ -1,7 +1,6 @@
 """Training curves from metrics.jsonl to a PNG: losses (each part), learning rate, grad norm, accuracy."""
 from __future__ import annotations
 
-import json
 import os
 
 
@@ -12,13 +11,9 @@ def plot_metrics(metrics_path: str, png_path: str, title: str = None) -> str:
     import matplotlib.pyplot as plt
 
     from engine.fileio import atomic_open
+    from engine.report import read_metrics
 
-    steps, evals = [], []
-    with open(metrics_path) as f:
-        for line in f:
-            if line.strip():
-                rec = json.loads(line)
-                (evals if rec.get("eval") else steps).append(rec)
+    steps, evals = read_metrics(metrics_path)
     loss_keys = sorted({k for r in steps for k in r if k.startswith("loss") and k != "loss_scale"})
     panels = [("loss", loss_keys), ("learning rate", ["lr"]), ("grad norm", ["grad_norm"])]
     fig, axes = plt.subplots(1, 4 if evals else 3, figsize=(16 if evals else 12, 3.6))

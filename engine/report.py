@@ -5,13 +5,19 @@ import json
 import os
 
 
-def summarize_metrics(metrics_path: str) -> dict:
+def read_metrics(metrics_path: str):
+    """metrics.jsonl -> (step records, evaluation records)."""
     steps, evals = [], []
     with open(metrics_path) as f:
         for line in f:
             if line.strip():
                 rec = json.loads(line)
                 (evals if rec.get("eval") else steps).append(rec)
+    return steps, evals
+
+
+def summarize_metrics(metrics_path: str) -> dict:
+    steps, evals = read_metrics(metrics_path)
     out = {"steps": steps[-1]["step"] if steps else 0, "evals": evals}
     if steps:
         tail = steps[-max(1, len(steps) // 10):]
