@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import checkpoint_split as cli
+import checkpoint_split as cks
 from engine import checkpoint as ck
 from engine.errors import UserError
 from tests.helpers import assert_same_tensors, build_hf, hf_to_meta_files, read_shards, run_cli, save_hf
@@ -193,3 +194,16 @@ def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'} does not exist"]
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_from_hf_reads_pytorch_model_bin(tmp_path, dist1):
+    hf = build_hf("mistral", seed=6)
+    hf.save_pretrained(str(tmp_path / "hf"))
+    os.remove(tmp_path / "hf" / "model.safetensors")  # the older pickle format instead
+    torch.save(hf.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
+    cks.from_hf(str(tmp_path / "hf"), str(tmp_path / "native"), n=2)
+    cks.merge(str(tmp_path / "native"), str(tmp_path / "one"))
+    model = ck.load_model(str(tmp_path / "one")).eval()
+    x = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        assert (model(x) - hf(x).logits).abs().max() <= 1e-4

@@ -90,3 +90,15 @@ def test_adapter_trained_at_tp2_loads_at_tp1_and_in_peft(tmp_path, tiny_tokenize
         base = ck.load_model(str(tmp_path / "base")).eval()(x)
         assert (ours - base).abs().max() > 1e-3  # training moved the adapter
         assert (peft_model(x).logits - ours).abs().max() <= TOL
+
+    # infer.py with the adapter (merged on load) == infer.py on the merged checkpoint
+    import infer
+
+    cks.merge_lora(str(adapter), str(tmp_path / "merged"), n=1)
+    outs = []
+    for name, kw in (("adapter", dict(ckpt_dir=str(tmp_path / "base"), lora_dir=str(adapter))),
+                     ("merged", dict(ckpt_dir=str(tmp_path / "merged")))):
+        infer.generate(data_file=str(tmp_path / "data" / "test.json"), output_file=str(tmp_path / f"{name}.jsonl"),
+                       template="none", max_new_tokens=8, output_tokens=True, progress=False, **kw)
+        outs.append([json.loads(line)["tokens"] for line in open(tmp_path / f"{name}.jsonl")])
+    assert outs[0] == outs[1]
