@@ -96,7 +96,7 @@ def generate(ckpt_dir: str, data_file: str, output_file: str, task: str = None, 
     from engine.data import format_prompt, read_records
     from engine.errors import UserError
     from engine.evaluation import Accuracy, check_task, extract_answer
-    from engine.generation import Request, SamplingParams, StopStrings, generate_stream, request_seed
+    from engine.generation import Request, SamplingParams, StopStrings, fit_prompt, generate_stream, request_seed
     from engine.lora import load_for_inference
     from engine.precision import dtype_from_flags
     from engine.tokenizer import load_tokenizer
@@ -185,8 +185,7 @@ def generate(ckpt_dir: str, data_file: str, output_file: str, task: str = None, 
                                      f"{model.args.max_seq_len} - max_new_tokens {max_new_tokens})"))
                 continue
             truncated += 1
-            head = ids[:1] if tok.bos_id is not None and ids[:1] == [tok.bos_id] else []
-            ids = head + ids[len(ids) - (limit - len(head)):]
+            ids = fit_prompt(ids, limit, tok.bos_id)
         for k in range(num_samples):
             requests.append(Request((i, k), ids, request_seed(seed, i, k)))
 

@@ -122,11 +122,13 @@ class GenerationEvaluator:
         self.prompts = [tokenizer.encode(format_prompt(r["instruction"], template)) for r in mine]
 
     def texts(self, model) -> List[str]:
-        from engine.generation import SamplingParams, generate
+        from engine.generation import SamplingParams, fit_prompt, generate
 
         params = SamplingParams(max_new_tokens=self.max_new_tokens)
         stop = [self.tok.eos_id] if self.tok.eos_id is not None else []
-        new = generate(model, self.prompts, params, stop, batch_size=self.batch_size)
+        limit = max(1, model.args.max_seq_len - self.max_new_tokens)  # long prompts lose their beginning
+        prompts = [fit_prompt(p, limit, self.tok.bos_id) for p in self.prompts]
+        new = generate(model, prompts, params, stop, batch_size=self.batch_size)
         return [self.tok.decode([t for t in ids if t not in stop]) for ids in new]
 
     def __call__(self, model) -> dict:

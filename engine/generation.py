@@ -191,6 +191,14 @@ def generate_stream(model, requests: Sequence[Request], params: SamplingParams, 
         yield from accept(active, choose_tokens(logits[rows], params, [slots.gen[i] for i in active]))
 
 
+def fit_prompt(ids: List[int], limit: int, bos_id: Optional[int]) -> List[int]:
+    """Cut a prompt from the left to at most `limit` tokens, keeping a leading BOS."""
+    if len(ids) <= limit:
+        return ids
+    head = ids[:1] if bos_id is not None and ids[:1] == [bos_id] else []
+    return head + ids[len(ids) - (limit - len(head)):]
+
+
 def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, stop_ids: Sequence[int] = (),
              batch_size: Optional[int] = None) -> List[List[int]]:
     """New token ids for each prompt, in prompt order (a stop id, when reached, is kept last)."""
