@@ -339,9 +339,10 @@ class Trainer:
         distributed.barrier()
         if cfg.resume:
             self._resume()
-        elif info.is_main:
-            self._check_fresh_start()
-            open(self.metrics_path, "w").close()
+        else:
+            self._check_fresh_start()  # on every rank, so all of them stop with the same sentence
+            if info.is_main:
+                open(self.metrics_path, "w").close()
         distributed.barrier()
         self._write_run_meta()
         bar = None
@@ -408,31 +409,22 @@ class Trainer:
             self._save_model_dir(os.path.join(self.cfg.save_dir, "best"), extra={"step": self.step, **result})
 
     # ----- saving -------------------------------------------------------------------------------
+    @contextlib.contextmanager
     def _staged(self, final: str):
-        """Context: all ranks write into a temporary sibling of `final`; rank 0 swaps it in."""
-        trainer = self
-
-        class _Stage:
-            def __enter__(self_inner):
-                self_inner.stage = final.rstrip("/") + ".partial"
-                if trainer.info.is_main:
-                    shutil.rmtree(self_inner.stage, ignore_errors=True)
-                    os.makedirs(self_inner.stage)
-                distributed.barrier()
-                return self_inner.stage
-
-            def __exit__(self_inner, exc_type, exc, tb):
-                distributed.barrier()
-                if trainer.info.is_main and exc_type is None:
-                    old = final.rstrip("/") + ".old"
-                    if os.path.exists(final):
-                        os.replace(final, old)
-                    os.replace(self_inner.stage, final)
-                    shutil.rmtree(old, ignore_errors=True)
-                distributed.barrier()
-                return False
-
-        return _Stage()
+        """All ranks write into a temporary sibling of `final`; rank 0 swaps it in once all are done."""
+        stage, old = final.rstrip("/") + ".partial", final.rstrip("/") + ".old"
+        if self.info.is_main:
+            shutil.rmtree(stage, ignore_errors=True)
+            os.makedirs(stage)
+        distributed.barrier()
+        yield stage
+        distributed.barrier()
+        if self.info.is_main:
+            if os.path.exists(final):
+                os.replace(final, old)
+            os.replace(stage, final)
+            shutil.rmtree(old, ignore_errors=True)
+        distributed.barrier()
 
     def _write_model_files(self, directory: str) -> None:
         """The model as a loadable checkpoint: LoRA adapter (+ base reference) or full native shards."""
