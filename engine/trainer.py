@@ -493,7 +493,7 @@ class Trainer:
 
     def _write_run_meta(self) -> None:
         if self.info.is_main:
-            meta = {**self._run_signature(), **self.run_meta, "total_steps": self.total_steps,
+            meta = {**self.run_meta, **self._run_signature(), "total_steps": self.total_steps,
                     "steps_per_epoch": self.steps_per_epoch}
             with open(os.path.join(self.cfg.save_dir, "run_config.json"), "w") as f:
                 json.dump(meta, f, indent=2, default=str)
