@@ -201,24 +201,29 @@ def answer_char_span(text: str, answer: str):
     return hits[-1].span()
 
 
-def token_char_ends(tokenizer, ids: Sequence[int]) -> List[int]:
-    """ends[i] = length of decode(ids[:i+1]): where each token's text ends in the decoded string."""
-    return [len(tokenizer.decode(ids[: i + 1])) for i in range(len(ids))]
-
-
 def find_answer_span(tokenizer, response_ids: Sequence[int], text: str, answer: str):
     """[s, e) indices into response_ids of the tokens that spell `answer` in `text`, or None when the
-    answer is absent or shares a token with its neighbours (so no clean span exists)."""
+    answer is absent or shares a token with its neighbours (so no clean span exists).
+
+    Token i covers characters [end(i-1), end(i)) of the decoded text, end(i) = len(decode(ids[:i+1]))
+    (non-decreasing), so two binary searches find the covering tokens with O(log n) decodes."""
+    import bisect
+
     chars = answer_char_span(text, answer)
-    if chars is None:
+    if chars is None or not response_ids:
         return None
     cs, ce = chars
-    ends = token_char_ends(tokenizer, response_ids)
-    starts = [0] + ends[:-1]
-    covered = [i for i, (a, b) in enumerate(zip(starts, ends)) if b > cs and a < ce]
-    if not covered:
-        return None
-    s, e = covered[0], covered[-1] + 1
+
+    class _Ends:  # a lazy sequence of end(i) for bisect
+        def __len__(self):
+            return len(response_ids)
+
+        def __getitem__(self, i):
+            return len(tokenizer.decode(list(response_ids[: i + 1])))
+
+    ends = _Ends()
+    s = bisect.bisect_right(ends, cs)  # first token ending after the answer starts
+    e = bisect.bisect_left(ends, ce) + 1  # through the first token ending at or after its end
     return (s, e) if span_spells(tokenizer, response_ids, s, e, text[cs:ce]) else None
 
 
