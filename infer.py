@@ -95,7 +95,7 @@ def generate(ckpt_dir: str, data_file: str, output_file: str, task: str = None, 
     from engine import distributed
     from engine.data import format_prompt, read_records
     from engine.errors import UserError
-    from engine.evaluation import Accuracy, check_task, extract_answer
+    from engine.evaluation import Accuracy, check_task, extract_answer, is_correct
     from engine.generation import Request, SamplingParams, StopStrings, fit_prompt, generate_stream, request_seed
     from engine.lora import load_for_inference
     from engine.precision import dtype_from_flags
@@ -161,8 +161,6 @@ def generate(ckpt_dir: str, data_file: str, output_file: str, task: str = None, 
             line["label"] = rec["label"]
         if task:
             preds = [extract_answer(t, task) for t in texts]
-            from engine.evaluation import is_correct
-
             oks = [is_correct(p, rec.get("label"), task) for p in preds]
             line["prediction"], line["correct"] = (preds[0], oks[0]) if num_samples == 1 else (preds, oks)
         return line

@@ -295,16 +295,21 @@ class ShardedSource(Source):
 class HFSource(Source):
     """An HF model directory (single or sharded safetensors, or pytorch_model*.bin)."""
 
-    def __init__(self, hf_dir: str, args: Optional[ModelArgs] = None):
+    def __init__(self, hf_dir: str, weight_file: Optional[_TensorFile] = None):
+        """weight_file: one state-dict file with HF names (config.json beside it) instead of the
+        directory's own weight files."""
         config_path = os.path.join(hf_dir, "config.json")
         self.hf_config = _read_json(config_path)
-        self.args = args or ModelArgs.from_hf_config(self.hf_config, source=config_path)
-        self.description = hf_dir
-        self.tokenizer_files = [os.path.join(hf_dir, n) for n in TOKENIZER_FILES
-                                if os.path.exists(os.path.join(hf_dir, n))]
+        self.args = ModelArgs.from_hf_config(self.hf_config, source=config_path)
+        self.description = weight_file.path if weight_file else hf_dir
+        self.tokenizer_files = tokenizer_files_for(hf_dir)
         self.key_map = hf_key_map(self.args)
-        self._where = _hf_weight_files(hf_dir)  # hf key -> file path
         self._files: Dict[str, _TensorFile] = {}
+        if weight_file:
+            self._where = {k: weight_file.path for k in weight_file.shapes}
+            self._files[weight_file.path] = weight_file
+        else:
+            self._where = _hf_weight_files(hf_dir)  # hf key -> file path
         self._check()
 
     def _file(self, hf_key: str) -> _TensorFile:
@@ -464,11 +469,10 @@ def open_checkpoint(path: str, model_type: Optional[str] = None) -> Source:
         raise CheckpointError(f"{path} does not exist")
     if os.path.isfile(path):
         return _open_single_file(path, model_type)
-    tokenizer_files = [os.path.join(path, n) for n in TOKENIZER_FILES if os.path.exists(os.path.join(path, n))]
     files = _shard_files(path)
     if files:
         args = _args_beside(path, model_type, files[0])
-        return ShardedSource(files, args, path, tokenizer_files)
+        return ShardedSource(files, args, path, tokenizer_files_for(path))
     if os.path.exists(os.path.join(path, "config.json")):
         return HFSource(path)
     raise CheckpointError(f"{path} holds no checkpoint (no consolidated.NN.safetensors/.pth and no config.json)")
@@ -492,21 +496,12 @@ def _args_beside(directory: str, model_type: Optional[str], what: str) -> ModelA
 def _open_single_file(path: str, model_type: Optional[str]) -> Source:
     f = _TensorFile(path)
     directory = os.path.dirname(os.path.abspath(path))
-    tokenizer_files = [os.path.join(directory, n) for n in TOKENIZER_FILES if os.path.exists(os.path.join(directory, n))]
     if any(k.startswith(("model.", "transformer.", "lm_head.")) for k in f.shapes):
         if not os.path.exists(os.path.join(directory, "config.json")):
             raise CheckpointError(f"{path} has HF weight names but no config.json beside it")
-        src = HFSource.__new__(HFSource)
-        src.hf_config = _read_json(os.path.join(directory, "config.json"))
-        src.args = ModelArgs.from_hf_config(src.hf_config, source=os.path.join(directory, "config.json"))
-        src.description, src.tokenizer_files = path, tokenizer_files
-        src.key_map = hf_key_map(src.args)
-        src._where = {k: path for k in f.shapes}
-        src._files = {path: f}
-        src._check()
-        return src
+        return HFSource(directory, weight_file=f)
     args = _args_beside(directory, model_type, path)
-    return ShardedSource([path], args, path, tokenizer_files)
+    return ShardedSource([path], args, path, tokenizer_files_for(directory))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -756,14 +751,11 @@ class RandomSource(Source):
         self.args, self.seed, self.std = args, seed, std
         self.description = "random init"
         self.tokenizer_files = list(tokenizer_files)
-        self._cache: Tuple[str, Optional[torch.Tensor]] = ("", None)
 
     def dtype(self, spec: WeightSpec) -> torch.dtype:
         return torch.float32
 
     def _full(self, spec: WeightSpec) -> torch.Tensor:
-        if self._cache[0] == spec.key:
-            return self._cache[1]
         import zlib
 
         if spec.key.endswith("norm.weight"):
@@ -776,7 +768,6 @@ class RandomSource(Source):
             if spec.key.endswith(("wo.weight", "w2.weight")):  # residual branches: GPT-2's depth scaling
                 std = std / (2 * self.args.n_layers) ** 0.5
             t = torch.randn(spec.shape, generator=g) * std
-        self._cache = (spec.key, t)
         return t
 
     def read(self, spec: WeightSpec, box: Box) -> torch.Tensor:

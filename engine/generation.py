@@ -10,8 +10,8 @@ generators, so they pick the same tokens; only the caller decides who writes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Hashable, Iterator, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Hashable, Iterator, List, Optional, Sequence
 
 import torch
 

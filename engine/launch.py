@@ -1,7 +1,6 @@
 """What the training launchers share: model + LoRA set-up, evaluation data, the trainer run."""
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -118,7 +118,7 @@ def _init_A(name: str, shape_full: Tuple[int, int], seed: int) -> torch.Tensor:
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> List[str]:
     """Freeze the model and add LoRA to the targeted projections; returns the names of LoRA layers.
     Mixture-of-experts FFNs keep their experts frozen (LoRA goes on attention there)."""
-    tp, rank = get_model_parallel_world_size(), get_model_parallel_rank()
+    rank = get_model_parallel_rank()
     for p in model.parameters():
         p.requires_grad_(False)
     device = next(model.parameters()).device

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from engine.errors import UserError

@@ -1,7 +1,6 @@
 """infer.py: greedy output token-identical to HF generate() for every family at TP=1 and TP=2,
 batch-independence, seeded sampling, resume after a kill, scoring, evaluation, bad input."""
 import json
-import os
 import shutil
 import signal
 import subprocess
