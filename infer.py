@@ -65,7 +65,7 @@ def generate(ckpt_dir: str, data_file: str, output_file: str, task: str = None, 
              max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              num_samples: int = 1, template: str = "default", seed: int = 0, use_float16: bool = False,
              use_bfloat16: bool = False, lora_dir: str = None, stop: str = None, long_prompts: str = "skip",
-             prefill_tokens: int = 16384, progress: bool = True, output_tokens: bool = False):
+             prefill_tokens: int = 16384, progress: bool = True, output_tokens: bool = False, compile: bool = True):
     """Generate responses for every record of data_file; one JSON line per record in output_file.
 
     Args:
@@ -89,6 +89,7 @@ def generate(ckpt_dir: str, data_file: str, output_file: str, task: str = None, 
         prefill_tokens: token budget of one prefill pass.
         progress: show a progress bar.
         output_tokens: also write the generated token ids ('tokens') of each response.
+        compile: on a GPU, decode with CUDA graphs of a compiled step (False: eager; CPU is always eager).
     """
     import torch
 
@@ -197,7 +198,8 @@ def generate(ckpt_dir: str, data_file: str, output_file: str, task: str = None, 
 
         bar = tqdm(total=len(requests), desc="generating", unit="seq", dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 10.0)
-    for c in generate_stream(model, requests, params, batch_size, stop_ids, stop_strings, prefill_tokens):
+    for c in generate_stream(model, requests, params, batch_size, stop_ids, stop_strings, prefill_tokens,
+                             compile=None if compile else False):
         i, k = c.key
         n_new_tokens += len(c.tokens)
         text = tok.decode([t for t in c.tokens if t not in stop_ids])

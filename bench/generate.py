@@ -1,7 +1,13 @@
-"""Greedy generation throughput: this engine vs HF transformers `generate()`, same random model,
-prompts and device, with a check that both produce the same tokens.
+"""Greedy generation throughput: this engine vs HF transformers `generate()`, same random LLaMA model,
+prompts and device, in the same run, with a check that both produce the same tokens. Also measures
+the device's read bandwidth, and for batch 1 how close a decode step comes to the bandwidth limit
+(the bytes a step must read: the weights + the KV cache so far). `--e2e True` adds `infer.py` end to
+end (tokenising, generation, writing the output file) against HF (tokenising, `generate()`,
+decoding, writing) on the same prompts.
 
   python bench/generate.py [--batches 1,64,384] [--dim 512] [--n_layers 4] [--new_tokens 32] [--device cuda]
+  python bench/generate.py --dim 2048 --n_layers 16 --n_heads 16 --n_kv_heads 8 --dtype bf16 \
+      --new_tokens 128 --device cuda --e2e True                         # the GPU numbers in BENCHMARKS.md
 """
 from __future__ import annotations
 
@@ -15,10 +21,60 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def _sync(device):
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def read_bandwidth(device: str, n_bytes: int) -> float:
+    """Bytes/s of reading one large tensor (a sum: one read of every byte, negligible writes)."""
+    import torch
+
+    x = torch.ones(n_bytes // 2, dtype=torch.bfloat16 if device == "cuda" else torch.float16, device=device)
+    x = x.float() if device == "cpu" else x  # CPU half reductions are slow; read fp32 there
+    x.sum()
+    _sync(device)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * x.element_size() / best
+
+
+def _timed(fn, device):
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return out, time.perf_counter() - t0
+
+
+def _hf_generate(hf, prompts, new_tokens, device, eos=None):
+    import torch
+
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):] = torch.tensor(p)
+        mask[b, width - len(p):] = 1
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens if eos is None else 0, do_sample=False, pad_token_id=0,
+                          eos_token_id=eos)
+    return out[:, width:].tolist()
+
+
 def main(batches="1,64,384", dim: int = 512, n_layers: int = 4, n_heads: int = 8, n_kv_heads: int = 4,
          vocab: int = 32000, min_prompt: int = 16, max_prompt: int = 96, new_tokens: int = 32, dtype: str = "fp32",
-         device: str = None, seed: int = 0):
-    """Print tokens/s of both engines at each batch size, their ratio, and whether the tokens agree.
+         device: str = None, seed: int = 0, compile: bool = None, e2e: bool = False, e2e_batch: int = 384,
+         e2e_records: int = 768):
+    """Print tokens/s of both engines at each batch size, their ratio, whether the tokens agree, and
+    for batch 1 the fraction of the read-bandwidth limit reached.
 
     Args:
         batches: comma-separated batch sizes (a size that runs out of memory is reported and skipped).
@@ -28,13 +84,17 @@ def main(batches="1,64,384", dim: int = 512, n_layers: int = 4, n_heads: int = 8
         dtype: fp32, bf16 or fp16.
         device: cpu or cuda (default: cuda when available).
         seed: prompt and weight seed.
+        compile: our decode path (default: CUDA graphs on a GPU, eager on CPU; False: eager).
+        e2e: also time infer.py end to end against an HF script doing the same work.
+        e2e_batch: slots of the end-to-end run.
+        e2e_records: records of the end-to-end run.
     """
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from engine import checkpoint as ck
     from engine import distributed
-    from engine.generation import SamplingParams, generate
+    from engine.generation import SamplingParams, generate, make_runner
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
@@ -44,48 +104,111 @@ def main(batches="1,64,384", dim: int = 512, n_layers: int = 4, n_heads: int = 8
     cfg = LlamaConfig(hidden_size=dim, intermediate_size=int(dim * 8 / 3) // 64 * 64, num_hidden_layers=n_layers,
                       num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, vocab_size=vocab,
                       max_position_embeddings=max_prompt + new_tokens + 8)
-    with tempfile.TemporaryDirectory() as tmp:
-        AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp)
-        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dt).to(device).eval()
-        ours = ck.load_model(tmp, dtype=dt, device=info.device).eval()
+    tmp = tempfile.mkdtemp()
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp)
+    hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dt).to(device).eval()
+    ours = ck.load_model(tmp, dtype=dt, device=info.device).eval()
+    bandwidth = read_bandwidth(device, 4 * 1024 ** 3 if device == "cuda" else 512 * 1024 ** 2)
+    element = torch.tensor([], dtype=dt).element_size()
+    # a decode step reads every weight once except the embedding table (one row per token)
+    weight_bytes = sum(p.numel() for p in ours.parameters()) * element
+    if ours.output is not None:
+        weight_bytes -= ours.tok_embeddings.weight.numel() * element
+    kv_per_token = 2 * n_layers * n_kv_heads * (dim // n_heads) * element
+    print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}, "
+          f"{dtype}; read bandwidth {bandwidth / 1e9:.1f} GB/s; weights read per step {weight_bytes / 1e9:.3f} GB",
+          flush=True)
     g = torch.Generator().manual_seed(seed)
     results = []
     for bsz in sizes:
         lens = torch.randint(min_prompt, max_prompt + 1, (bsz,), generator=g).tolist()
         prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
+        runner = make_runner(ours, compile)
+        greedy = SamplingParams(max_new_tokens=new_tokens)
         try:
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            mine = generate(ours, prompts, SamplingParams(max_new_tokens=new_tokens), stop_ids=[], batch_size=bsz)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t_ours = time.perf_counter() - t0
-            width = max(lens)
-            ids = torch.zeros(bsz, width, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for b, p in enumerate(prompts):
-                ids[b, width - len(p):] = torch.tensor(p)
-                mask[b, width - len(p):] = 1
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                out = hf.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t_hf = time.perf_counter() - t0
+            if device == "cuda":  # compile / capture / cuBLAS warm-up outside the timing, for both sides
+                generate(ours, prompts, greedy, [], bsz, runner=runner)
+                _hf_generate(hf, prompts[:1], 2, device)
+            mine, t_ours = _timed(lambda: generate(ours, prompts, greedy, [], bsz, runner=runner), device)
+            theirs, t_hf = _timed(lambda: _hf_generate(hf, prompts, new_tokens, device), device)
         except torch.OutOfMemoryError:
-            print(f"batch {bsz}: out of memory, skipped")
+            print(f"batch {bsz}: out of memory, skipped", flush=True)
             continue
-        theirs = out[:, width:].tolist()
+        del runner
         same = sum(a == b for a, b in zip(mine, theirs))
         n_tok = bsz * new_tokens
         row = {"batch": bsz, "ours_tokens_per_s": n_tok / t_ours, "hf_tokens_per_s": n_tok / t_hf,
                "ratio": t_hf / t_ours, "identical_sequences": f"{same}/{bsz}"}
+        line = (f"batch {bsz:4d}: ours {row['ours_tokens_per_s']:9.1f} tok/s  HF {row['hf_tokens_per_s']:9.1f} tok/s  "
+                f"ratio x{row['ratio']:.2f}  identical {row['identical_sequences']}")
+        if bsz == 1:  # bytes a step must read / step time / measured bandwidth
+            step_s = t_ours / new_tokens
+            kv_bytes = kv_per_token * (lens[0] + new_tokens / 2)
+            row["bandwidth_fraction"] = (weight_bytes + kv_bytes) / step_s / bandwidth
+            line += f"  step {step_s * 1e3:.2f} ms = {row['bandwidth_fraction']:.1%} of the bandwidth limit"
         results.append(row)
-        print(f"batch {bsz:4d}: ours {row['ours_tokens_per_s']:9.1f} tok/s  HF {row['hf_tokens_per_s']:9.1f} tok/s  "
-              f"ratio x{row['ratio']:.2f}  identical {row['identical_sequences']}", flush=True)
-    print(json.dumps({"device": device, "dtype": dtype, "dim": dim, "n_layers": n_layers, "results": results}))
+        print(line, flush=True)
+    summary = {"device": device, "dtype": dtype, "dim": dim, "n_layers": n_layers, "n_heads": n_heads,
+               "n_kv_heads": n_kv_heads, "vocab": vocab, "new_tokens": new_tokens,
+               "read_bandwidth_gb_s": bandwidth / 1e9, "results": results}
+    if e2e:
+        summary["e2e"] = end_to_end(tmp, hf, device, dtype, e2e_batch, e2e_records, new_tokens, min_prompt, seed)
+    print(json.dumps(summary))
+
+
+def end_to_end(hf_dir: str, hf, device: str, dtype: str, batch: int, n_records: int, new_tokens: int,
+               min_prompt: int, seed: int) -> dict:
+    """infer.py's generate (records in, JSON lines out) vs the same job written with HF."""
+    import random
+
+    import infer
+    from engine.tokenizer import load_tokenizer
+
+    tok_path = os.path.join(os.path.dirname(ROOT), "shared", "data", "tokenizers", "llama2.model")
+    if not os.path.exists(tok_path):  # a tokenizer trained here; its ids fit any vocabulary >= 320
+        from data.make_tokenizer import default_corpus, train_tokenizer
+
+        tok_path = train_tokenizer(os.path.join(hf_dir, "bench-tokenizer.model"), default_corpus(500))
+    import shutil
+
+    shutil.copy(tok_path, os.path.join(hf_dir, "tokenizer.model"))
+    tok = load_tokenizer(hf_dir)
+    rng = random.Random(seed)
+    words = "the a of to and in is was for on that with as by at from are this be or it an which".split()
+    records = [{"instruction": " ".join(rng.choice(words) for _ in range(rng.randint(min_prompt, 3 * min_prompt)))}
+               for _ in range(n_records)]
+    data = os.path.join(hf_dir, "e2e.jsonl")
+    with open(data, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    out = os.path.join(hf_dir, "e2e-out.jsonl")
+    flags = dict(ckpt_dir=hf_dir, data_file=data, batch_size=batch, max_new_tokens=new_tokens, template="none",
+                 progress=False, use_bfloat16=dtype == "bf16", use_float16=dtype == "fp16", output_tokens=True)
+    if device == "cuda":  # warm-up (compile) outside the timing
+        infer.generate(**{**flags, "output_file": out + ".warm", "max_new_tokens": 4})
+    _, t_ours = _timed(lambda: infer.generate(**flags, output_file=out), device)
+    ours_tokens = sum(len([t for t in json.loads(line)["tokens"] if t != tok.eos_id]) for line in open(out))
+
+    def hf_job():
+        n = 0
+        with open(out + ".hf", "w") as f:
+            for s in range(0, len(records), batch):
+                chunk = records[s:s + batch]
+                outs = _hf_generate(hf, [tok.encode(r["instruction"]) for r in chunk], new_tokens, device,
+                                    eos=tok.eos_id)
+                for r, ids in zip(chunk, outs):
+                    ids = ids[: ids.index(tok.eos_id)] if tok.eos_id in ids else ids
+                    n += len(ids)
+                    f.write(json.dumps({"instruction": r["instruction"], "output": tok.decode(ids)}) + "\n")
+        return n
+
+    hf_tokens, t_hf = _timed(hf_job, device)
+    row = {"records": n_records, "batch": batch, "ours_tokens_per_s": ours_tokens / t_ours,
+           "hf_tokens_per_s": hf_tokens / t_hf, "ours_wall_s": t_ours, "hf_wall_s": t_hf}
+    row["ratio"] = row["ours_tokens_per_s"] / row["hf_tokens_per_s"]
+    print(f"end to end, {n_records} records at batch {batch}: infer.py {row['ours_tokens_per_s']:.1f} tok/s "
+          f"({t_ours:.1f} s)  HF {row['hf_tokens_per_s']:.1f} tok/s ({t_hf:.1f} s)  ratio x{row['ratio']:.2f}",
+          flush=True)
+    return row
 
 
 if __name__ == "__main__":

@@ -136,7 +136,8 @@ def main(dim: int = 512, n_layers: int = 4, n_heads: int = 8, n_kv_heads: int = 
             cmd = [sys.executable, __file__, "--_side", side, "--_hf_dir", os.path.join(tmp, "hf"),
                    "--_native_dir", os.path.join(tmp, "native"), "--seq_len", str(seq_len), "--batch", str(batch),
                    "--steps", str(steps), "--lora_rank", str(lora_rank), "--dtype", dtype, "--device", device]
-            env = {**os.environ, "PYTHONPATH": ROOT}
+            paths = [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}  # keep packages installed on a path
             if threads:
                 env["OMP_NUM_THREADS"] = str(threads)
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -64,7 +64,10 @@ def setup(tp_size: int | None = None, device: str | None = None, own: bool = Tru
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        if dev.type == "cuda":  # device_id: NCCL binds this rank's GPU now instead of guessing it later
+            dist.init_process_group("nccl", device_id=dev)
+        else:
+            dist.init_process_group("gloo")
         if own:
             _OWNED.append(True)
     if not mpu.model_parallel_is_initialized():

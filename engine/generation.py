@@ -1,15 +1,37 @@
-"""Large-batch generation with a preallocated KV cache and continuous batching.
+"""Large-batch generation with a preallocated KV cache, continuous batching and a decode step that
+runs on the device from one host synchronisation to the next.
 
 A fixed number of slots (rows of the KV cache) decode together, one token per step. A slot whose
 sequence finishes is refilled with the next waiting prompt (prefilled into that row alone), so a
 large offline job never pays for padding to its longest output. Every row decodes from its own
-position, so a prompt gives the same tokens in a batch as alone. Sampling draws from a generator
-per request seeded by (seed, request), so results do not depend on which slot or batch a request
-lands in. All tensor-parallel ranks run the same loop on the same gathered logits and the same
-generators, so they pick the same tokens; only the caller decides who writes.
+position, so a prompt gives the same tokens in a batch as alone.
+
+What lives where:
+- On the device (`_DeviceSlots`): each slot's next token, its position, whether it is live, its
+  request's seed and how many random draws it has used. A decode step reads and updates them in
+  place and samples on the device, so it needs nothing from the host.
+- On the host (`_HostSlots`): the request in each slot, its tokens so far, its prompt length. The
+  host knows every live row's position without asking (one token per step), so it picks the step's
+  shape (how many rows, how much of the cache to read) itself.
+- Every `sync_every` steps the host reads back the tokens chosen since the last read (one copy),
+  applies stop ids, stop strings and length limits exactly as if it had looked after every step
+  (a row that stopped early decoded a few throw-away tokens meanwhile), frees finished rows and
+  refills them.
+
+Sampling uses a counter-based generator: the u of draw j of a request is a hash of (its seed, j),
+so results do not depend on which slot or batch a request lands in, nor on the device. All
+tensor-parallel ranks run the same loop on the same gathered logits, so they pick the same tokens;
+only the caller decides who writes.
+
+Step runners (`make_runner`) decide how a step executes: `EagerSteps` (plain PyTorch, exact
+shapes; CPU and `--compile False`), `StaticSteps` (a few fixed shapes, dense MoE routing: what a
+CUDA graph can capture) and `CUDAGraphSteps` (those shapes captured once each and replayed).
 """
 from __future__ import annotations
 
+import os
+import sys
+import zlib
 from dataclasses import dataclass
 from typing import Hashable, Iterator, List, Optional, Sequence
 
@@ -40,14 +62,38 @@ class Completion:
 
 
 def request_seed(seed: int, *parts) -> int:
-    import zlib
-
     return zlib.crc32(repr((seed,) + parts).encode()) & 0x7FFFFFFF
 
 
-def choose_tokens(logits: torch.Tensor, params: SamplingParams, generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """[n, V] logits -> [n] token ids: greedy, or temperature / top-k / top-p sampling with one
-    uniform draw per row from that row's own generator (inverse-CDF over the sorted distribution)."""
+# ----------------------------------------------------------------------------------------------
+# Sampling on the device
+# ----------------------------------------------------------------------------------------------
+def _int64(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN, _MIX1, _MIX2 = _int64(0x9E3779B97F4A7C15), _int64(0xBF58476D1CE4E5B9), _int64(0x94D049BB133111EB)
+
+
+def _shift_right(z: torch.Tensor, s: int) -> torch.Tensor:
+    return (z >> s) & ((1 << (64 - s)) - 1)  # logical shift of int64 bits
+
+
+def uniform(seeds: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """A uniform [0, 1) float per row from (seed, draw index) alone: splitmix64 in int64 tensor
+    arithmetic (wrapping multiplication), so it runs inside a captured step and gives the same
+    numbers on any device and in any batch."""
+    z = seeds * (1 << 32) + draws + _GOLDEN
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    z = z ^ _shift_right(z, 31)
+    return _shift_right(z, 40).float() / float(1 << 24)
+
+
+def choose_tokens(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor,
+                  draws: torch.Tensor) -> torch.Tensor:
+    """[n, V] logits -> [n] token ids on the device: greedy, or temperature / top-k / top-p sampling
+    by inverse CDF over the sorted distribution with one uniform per row from (seed, draw)."""
     if params.temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
@@ -57,7 +103,7 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams, generators: Sequ
     if params.top_p < 1.0:  # keep the smallest prefix whose mass reaches top_p
         sorted_probs = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= params.top_p, 0.0)
     cdf = sorted_probs.cumsum(-1)
-    u = torch.cat([torch.rand(1, generator=g) for g in generators]).to(cdf.device, cdf.dtype)
+    u = uniform(seeds, draws).to(cdf.dtype)
     pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).clamp(max=cdf.shape[-1] - 1)
     return order.gather(-1, pick).squeeze(-1)
 
@@ -81,39 +127,236 @@ class StopStrings:
         return text[: min(ends)] if ends else text
 
 
-class _Slots:
-    """Host-side state of the decoding rows."""
+# ----------------------------------------------------------------------------------------------
+# Slot state
+# ----------------------------------------------------------------------------------------------
+class _DeviceSlots:
+    """Per-slot decode state on the device, updated in place by the decode step."""
 
     def __init__(self, n: int, device):
+        def zeros():
+            return torch.zeros(n, dtype=torch.long, device=device)
+
+        self.tokens, self.pos, self.live, self.seeds, self.draws, self.chosen = (zeros() for _ in range(6))
+        self.all = (self.tokens, self.pos, self.live, self.seeds, self.draws, self.chosen)
+
+    def start(self, rows: torch.Tensor, first: torch.Tensor, prompt_lens: torch.Tensor, seeds: torch.Tensor) -> None:
+        """Rows just prefilled: `first` (drawn with draw 0) is fed next, at position len(prompt)."""
+        self.tokens[rows], self.pos[rows], self.seeds[rows] = first, prompt_lens, seeds
+        self.live[rows], self.draws[rows] = 1, 1
+
+    def stop(self, rows: torch.Tensor) -> None:
+        """Idle rows decode a harmless token at their own slot 0 until they are refilled."""
+        self.live[rows], self.pos[rows] = 0, 0
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        n = rows.numel()
+        for t in self.all:
+            t[:n] = t.index_select(0, rows)
+            t[n:] = 0
+
+    def advance(self, m: int, chosen: torch.Tensor, max_len: int) -> None:
+        live = self.live[:m]
+        self.chosen[:m].copy_(chosen)
+        self.tokens[:m].copy_(chosen)
+        self.pos[:m].copy_(torch.clamp(self.pos[:m] + live, max=max_len - 1))
+        self.draws[:m].add_(live)
+
+
+class _HostSlots:
+    """What the host knows of each slot: its request, tokens read back so far, and how many tokens
+    it has produced on the device (read back or not)."""
+
+    def __init__(self, n: int):
         self.req: List[Optional[Request]] = [None] * n
         self.out: List[List[int]] = [[] for _ in range(n)]
-        self.gen: List[Optional[torch.Generator]] = [None] * n
-        self.pos = torch.zeros(n, dtype=torch.long, device=device)  # position of the token fed next
-        self.last = torch.zeros(n, dtype=torch.long, device=device)  # the token fed next
+        self.produced = [0] * n
+        self.done = [False] * n  # finished by a token read back; freed at the next sync
 
-    def active(self) -> List[int]:
-        return [i for i, r in enumerate(self.req) if r is not None]
-
-    def free(self) -> List[int]:
-        return [i for i, r in enumerate(self.req) if r is None]
+    def live(self, m: int) -> List[int]:
+        return [i for i in range(m) if self.req[i] is not None]
 
     def keep(self, rows: List[int]) -> None:
-        self.req = [self.req[i] for i in rows]
-        self.out = [self.out[i] for i in rows]
-        self.gen = [self.gen[i] for i in rows]
-        idx = torch.tensor(rows, device=self.pos.device)
-        self.pos, self.last = self.pos[idx], self.last[idx]
+        """Move `rows` to the front (as the device state and the cache do); the rest become free."""
+        free = len(self.req) - len(rows)
+        self.req = [self.req[i] for i in rows] + [None] * free
+        self.out = [self.out[i] for i in rows] + [[] for _ in range(free)]
+        self.produced = [self.produced[i] for i in rows] + [0] * free
+        self.done = [self.done[i] for i in rows] + [False] * free
 
 
+def _decode_step(model, cache, state: _DeviceSlots, params: SamplingParams, m: int, kv_len: int, max_len: int):
+    """One token for each of the first m slots, everything on the device: what a CUDA graph captures."""
+    logits = model(state.tokens[:m, None], positions=state.pos[:m, None], cache=cache, kv_len=kv_len)[:, -1]
+    state.advance(m, choose_tokens(logits, params, state.seeds[:m], state.draws[:m]), max_len)
+
+
+# ----------------------------------------------------------------------------------------------
+# How a step executes
+# ----------------------------------------------------------------------------------------------
+_SAID = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _SAID and os.environ.get("RANK", "0") == "0":
+        _SAID.add(message)
+        print(message, file=sys.stderr, flush=True)
+
+
+class EagerSteps:
+    """Plain PyTorch at exact shapes: the KV length each step needs, the live rows only.
+
+    A runner owns the KV cache and slot state of its generation calls: a call with the same slot
+    count, cache length and sampling parameters as the last reuses them (and, for CUDA graphs, the
+    graphs captured on them)."""
+
+    sync_every = 1
+    compile = False
+    description = "eager decode step"
+
+    def __init__(self, model):
+        self.model, self._key, self.cache, self.state = model, None, None, None
+
+    def buffers(self, n: int, max_len: int, params: SamplingParams):
+        key = (n, max_len, params.temperature, params.top_p, params.top_k)
+        if key != self._key:
+            self.cache = self.state = None  # free the old ones first
+            self.forget()
+            self.cache = self.model.new_cache(n, max_len)
+            self.state, self._key = _DeviceSlots(n, self.model.head_weight.device), key
+        else:
+            for t in self.state.all:
+                t.zero_()
+        return self.cache, self.state
+
+    def forget(self) -> None:
+        """Drop what was built on the old buffers."""
+
+    def rows_for(self, count: int, n: int) -> int:
+        return count
+
+    def kv_len(self, need: int, max_len: int) -> int:
+        return need
+
+    def run(self, step, m: int, kv_len: int) -> None:
+        step(m, kv_len)
+
+
+class StaticSteps(EagerSteps):
+    """A few fixed shapes: row counts n, n/2, n/4 ...; KV lengths 64, 128, ... 1024, then multiples
+    of 1024 (short sequences do not read the whole cache); MoE routed densely (no host sync). On
+    CPU this runs the step a CUDA graph captures, uncaptured (compile: through torch.compile)."""
+
+    description = "static-shape decode step"
+
+    def __init__(self, model, sync_every: int = 8, first_bucket: int = 64, compile: bool = False):
+        super().__init__(model)
+        self.sync_every, self.first_bucket, self.compile = sync_every, first_bucket, compile
+
+    def rows_for(self, count: int, n: int) -> int:
+        level = n
+        while level > 1 and (level + 1) // 2 >= count:
+            level = (level + 1) // 2
+        return level
+
+    def kv_len(self, need: int, max_len: int) -> int:
+        bucket = self.first_bucket
+        while bucket < need:
+            bucket = bucket * 2 if bucket < 1024 else bucket + 1024
+        return min(bucket, max_len)
+
+    def run(self, step, m: int, kv_len: int) -> None:
+        with self.model.static_shapes():
+            step(m, kv_len)
+
+
+class CUDAGraphSteps(StaticSteps):
+    """Each (rows, KV length) shape is captured once in a CUDA graph and replayed after.
+
+    Why torch.cuda.CUDAGraph directly rather than torch.compile(mode="reduce-overhead"): the state a
+    step mutates (KV cache, slot tensors) is allocated once by the caller and updated in place, the
+    tokens are copied out of a static buffer before the next replay, and a failed capture falls back
+    to eager with one line; cudagraph trees would copy inputs and own outputs instead. The step is
+    first run for real (which also warms up cuBLAS and, with `compile`, builds the fused kernels of
+    torch.compile, inductor without its own graphs), then captured. Under tensor parallelism the
+    all-reduces are captured with the rest (NCCL)."""
+
+    def __init__(self, model, sync_every: int = 8, first_bucket: int = 64, compile: bool = True):
+        super().__init__(model, sync_every, first_bucket, compile)
+        self.graphs, self.pool, self.capture = {}, torch.cuda.graph_pool_handle(), True
+
+    def forget(self) -> None:
+        self.graphs.clear()
+        self.description = "CUDA graphs of a " + ("torch.compile'd " if compile else "") + "static-shape decode step"
+
+    def run(self, step, m: int, kv_len: int) -> None:
+        graph = self.graphs.get((m, kv_len))
+        if graph is not None:
+            graph.replay()
+            return
+        with self.model.static_shapes():
+            if not self.capture:
+                step(m, kv_len)
+                return
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # the real step of this token, and the warm-up of the capture
+                step(m, kv_len)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                    step(m, kv_len)
+            except Exception as e:  # a feature that cannot be captured: keep decoding eagerly
+                self.capture = False
+                _say_once(f"decode: CUDA graph capture failed ({' '.join(str(e).split())[:200]}); "
+                          f"continuing with the eager static-shape step")
+                return
+            self.graphs[(m, kv_len)] = graph
+
+
+_COMPILED_STEP = None
+
+
+def _compiled_step():
+    global _COMPILED_STEP
+    if _COMPILED_STEP is None:
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        _COMPILED_STEP = torch.compile(_decode_step, dynamic=None)
+    return _COMPILED_STEP
+
+
+def make_runner(model, compile: Optional[bool] = None):
+    """The fastest step runner this device allows: CUDA graphs (over a torch.compile'd step) on a
+    GPU, eager on CPU or with compile=False."""
+    device = model.head_weight.device
+    if compile is False:
+        runner, why = EagerSteps(model), "--compile False"
+    elif device.type != "cuda":
+        runner, why = EagerSteps(model), "CUDA graphs need a GPU"
+    else:
+        runner, why = CUDAGraphSteps(model), None
+    _say_once(f"decode: {runner.description}" + (f" ({why})" if why else ""))
+    return runner
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def generate_stream(model, requests: Sequence[Request], params: SamplingParams, batch_size: int,
                     stop_ids: Sequence[int] = (), stop_strings: Optional[StopStrings] = None,
-                    prefill_tokens: int = 16384, refill_min: Optional[int] = None) -> Iterator[Completion]:
+                    prefill_tokens: int = 16384, refill_min: Optional[int] = None,
+                    compile: Optional[bool] = None, runner=None) -> Iterator[Completion]:
     """Yield a Completion per request, in completion order (continuous batching).
 
     batch_size: decoding slots. prefill_tokens: token budget of one prefill forward (more prompts
     are prefilled in several passes). refill_min: refill free slots once at least this many are free
-    (default batch_size / 8), so prefills run in groups rather than one prompt at a time."""
+    (default batch_size / 8), so prefills run in groups rather than one prompt at a time.
+    compile: None picks the fastest path for the device (see make_runner); runner: an explicit one
+    (pass the same runner to several calls of the same shape to reuse its buffers and graphs)."""
     if not requests:
         return
     device = model.head_weight.device
@@ -122,31 +365,59 @@ def generate_stream(model, requests: Sequence[Request], params: SamplingParams, 
     max_len = min(longest + budget, model.args.max_seq_len)
     if longest >= max_len:
         raise ValueError(f"a prompt of {longest} tokens leaves no room under max_seq_len={model.args.max_seq_len}")
-    n_slots = max(1, min(batch_size, len(requests)))
-    refill_min = max(1, refill_min or n_slots // 8)
+    n = max(1, min(batch_size, len(requests)))
+    refill_min = max(1, refill_min or n // 8)
+    runner = runner or make_runner(model, compile)
     queue = sorted(requests, key=lambda r: len(r.prompt))  # pop() takes the longest first
-    cache = model.new_cache(n_slots, max_len)
-    slots = _Slots(n_slots, device)
-    stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
+    cache, state = runner.buffers(n, max_len, params)
+    host = _HostSlots(n)
+    stops = set(stop_ids)
+    pending = []  # (rows or None for "the first m rows", tokens tensor) not yet read back
+    m = n  # slots in use: rows [0, m) of the cache
 
-    def accept(rows: List[int], chosen: torch.Tensor) -> Iterator[Completion]:
-        """Append each row's chosen token; finish the rows that stop."""
-        hit_stop = torch.isin(chosen, stop).tolist()
-        for row, token, is_stop in zip(rows, chosen.tolist(), hit_stop):
-            out = slots.out[row]
-            out.append(token)
-            finish = None
-            if is_stop or (stop_strings and stop_strings.hit(out)):
-                finish = "stop"
-            elif len(out) >= budget or int(slots.pos[row]) + 2 >= max_len:  # the next token would not fit
-                finish = "length"
-            if finish:
-                yield Completion(slots.req[row].key, out, finish)
-                slots.req[row], slots.out[row], slots.gen[row] = None, [], None
-        slots.last[rows] = chosen
-        slots.pos[rows] += 1
+    def step(rows: int, kv_len: int) -> None:
+        if runner.compile:
+            try:
+                return _compiled_step()(model, cache, state, params, rows, kv_len, max_len)
+            except Exception as e:  # torch.compile cannot build this step: the same step, uncompiled
+                runner.compile = False
+                _say_once(f"decode: torch.compile failed ({' '.join(str(e).split())[:200]}); "
+                          f"capturing the uncompiled step")
+        _decode_step(model, cache, state, params, rows, kv_len, max_len)
 
-    def prefill(rows: List[int], reqs: List[Request]) -> Iterator[Completion]:
+    def length_done(row: int, produced: int) -> bool:
+        return produced >= budget or len(host.req[row].prompt) + produced >= max_len
+
+    def drain() -> Iterator[Completion]:
+        """Read back every token chosen since the last sync and finish the rows that stop."""
+        if not pending:
+            return
+        values = torch.cat([t for _, t in pending]).tolist()
+        start, finished = 0, []
+        for rows, t in pending:
+            chunk = values[start:start + t.numel()]
+            start += t.numel()
+            for row, token in zip(rows if rows is not None else range(t.numel()), chunk):
+                if host.req[row] is None or host.done[row]:
+                    continue
+                out = host.out[row]
+                out.append(token)
+                finish = None
+                if token in stops or (stop_strings and stop_strings.hit(out)):
+                    finish = "stop"
+                elif length_done(row, len(out)):
+                    finish = "length"
+                if finish:
+                    host.done[row] = True
+                    finished.append(row)
+                    yield Completion(host.req[row].key, out, finish)
+        pending.clear()
+        if finished:
+            state.stop(torch.tensor(finished, device=device))
+            for row in finished:
+                host.req[row], host.out[row], host.produced[row], host.done[row] = None, [], 0, False
+
+    def prefill(rows: List[int], reqs: List[Request]) -> None:
         start = 0
         while start < len(reqs):  # split by the prefill token budget
             width = len(reqs[start].prompt)
@@ -158,37 +429,41 @@ def generate_stream(model, requests: Sequence[Request], params: SamplingParams, 
                 tokens[b, : len(r.prompt)] = torch.tensor(r.prompt)
             lens = torch.tensor([len(r.prompt) for r in group], device=device)
             idx = torch.tensor(group_rows, device=device)
+            seeds = torch.tensor([r.seed for r in group], device=device)
             hidden = model.forward_hidden(tokens.to(device), cache=cache, cache_rows=idx)
             logits = model.logits(hidden[torch.arange(len(group), device=device), lens - 1])
+            first = choose_tokens(logits, params, seeds, torch.zeros_like(seeds))
+            state.start(idx, first, lens, seeds)
+            pending.append((group_rows, first))
             for row, r in zip(group_rows, group):
-                slots.req[row], slots.out[row] = r, []
-                slots.gen[row] = torch.Generator().manual_seed(r.seed)
-            slots.pos[idx] = lens - 1  # accept() advances to the first new token's position
-            yield from accept(group_rows, choose_tokens(logits, params, [slots.gen[i] for i in group_rows]))
+                host.req[row], host.out[row], host.produced[row], host.done[row] = r, [], 1, False
             start = end
 
-    while queue or slots.active():
-        free = slots.free()
-        if queue and free and (len(free) >= min(refill_min, len(queue)) or not slots.active()):
+    while True:
+        yield from drain()
+        live = host.live(m)
+        free = [i for i in range(m) if host.req[i] is None]
+        if not queue and not live:
+            break
+        if queue and free and (len(free) >= min(refill_min, len(queue)) or not live):
             take = [queue.pop() for _ in range(min(len(free), len(queue)))]
-            yield from prefill(free[: len(take)], take)
-            continue
-        active = slots.active()
-        if not active:
-            continue
-        if not queue and len(active) <= len(slots.req) // 2:  # the tail: drop idle rows from the cache
-            slots.keep(active)
-            idx = torch.tensor(active, device=device)
-            cache.k = [k[idx] for k in cache.k]
-            cache.v = [v[idx] for v in cache.v]
-            active = list(range(len(active)))
-        idle = torch.tensor([r is None for r in slots.req], device=device)
-        pos = slots.pos.masked_fill(idle, 0)  # idle rows write harmless garbage at their own slot 0
-        kv_len = int(pos.max()) + 1
-        logits = model(slots.last.masked_fill(idle, 0)[:, None], positions=pos[:, None], cache=cache,
-                       kv_len=kv_len)[:, -1]
-        rows = torch.tensor(active, device=device)
-        yield from accept(active, choose_tokens(logits[rows], params, [slots.gen[i] for i in active]))
+            prefill(free[: len(take)], take)
+            live = host.live(m)
+        if not queue and len(live) <= m // 2:  # the tail: keep the live rows at the front of the cache
+            idx = torch.tensor(live, device=device)
+            cache.keep_rows(idx)
+            state.keep_rows(idx)
+            host.keep(live)
+            live = list(range(len(live)))
+            m = runner.rows_for(len(live), n)
+        for _ in range(runner.sync_every):
+            need = max(min(len(host.req[r].prompt) - 1 + host.produced[r], max_len - 1) for r in live) + 1
+            runner.run(step, m, runner.kv_len(need, max_len))
+            pending.append((None, state.chosen[:m].clone()))
+            for r in live:
+                host.produced[r] += 1
+            if all(length_done(r, host.produced[r]) for r in live):
+                break
 
 
 def fit_prompt(ids: List[int], limit: int, bos_id: Optional[int]) -> List[int]:
@@ -200,10 +475,11 @@ def fit_prompt(ids: List[int], limit: int, bos_id: Optional[int]) -> List[int]:
 
 
 def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, stop_ids: Sequence[int] = (),
-             batch_size: Optional[int] = None) -> List[List[int]]:
+             batch_size: Optional[int] = None, compile: Optional[bool] = None, runner=None) -> List[List[int]]:
     """New token ids for each prompt, in prompt order (a stop id, when reached, is kept last)."""
     reqs = [Request(i, list(p), request_seed(params.seed, i)) for i, p in enumerate(prompts)]
     out: List[List[int]] = [[] for _ in prompts]
-    for c in generate_stream(model, reqs, params, batch_size or len(prompts), stop_ids):
+    for c in generate_stream(model, reqs, params, batch_size or len(prompts), stop_ids, compile=compile,
+                             runner=runner):
         out[c.key] = c.tokens
     return out

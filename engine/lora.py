@@ -1,7 +1,7 @@
 """LoRA on fairscale's tensor-parallel linear layers.
 
 Column-parallel layer (q/k/v, gate/up): A [r, in] replicated, B [out/tp, r] sharded like the base.
-  The A output is replicated; `copy_to_model_parallel_region` on it sums the partial gradients the
+  The A output is replicated; `copy_to_tp` on it sums the partial gradients the
   ranks send back through their B shards, so A's gradient is complete and equal on every rank.
 Row-parallel layer (o, down): A [r, in/tp] sharded like the base input, its output all-reduced,
   B [out, r] replicated.
@@ -22,11 +22,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_model_parallel_world_size
-from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
-from fairscale.nn.model_parallel.mappings import copy_to_model_parallel_region, reduce_from_model_parallel_region
 from torch import nn
 
 from engine.errors import UserError
+from models.parallel import ColumnParallelLinear, RowParallelLinear, copy_to_tp, reduce_from_tp
 
 ALL_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 HF_TARGET_NAMES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj",
@@ -95,7 +94,7 @@ class LoRAColumnParallelLinear(_LoRAMixin, ColumnParallelLinear):
         if self.merged:
             return y
         h = F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A)
-        delta = F.linear(copy_to_model_parallel_region(h), self.lora_B)
+        delta = F.linear(copy_to_tp(h), self.lora_B)
         return y + (delta * self.lora_scaling).to(y.dtype)
 
 
@@ -104,7 +103,7 @@ class LoRARowParallelLinear(_LoRAMixin, RowParallelLinear):
         y = super().forward(x)
         if self.merged:
             return y
-        h = reduce_from_model_parallel_region(F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A))
+        h = reduce_from_tp(F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A))
         return y + (F.linear(h, self.lora_B) * self.lora_scaling).to(y.dtype)
 
 

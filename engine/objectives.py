@@ -10,6 +10,7 @@ import torch
 from fairscale.nn.model_parallel.cross_entropy import vocab_parallel_cross_entropy
 
 from engine.data import IGNORE
+from models.parallel import gather_from_tp
 
 
 def token_cross_entropy(logits_local: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -49,8 +50,6 @@ def mcc_kd_sums(logits_local: torch.Tensor, labels: torch.Tensor, pairs, tempera
     pairs: list of (row_a, positions_a, row_b, positions_b), positions already shifted (see
     span_prediction_positions) and of equal length. Only the span positions are gathered to the full
     vocabulary; the CE stays vocabulary-parallel. Returns (ce_sum, kl_sum over pairs)."""
-    from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region
-
     kl_sum = logits_local.new_zeros((), dtype=torch.float32)
     if pairs:
         width = max(len(p[1]) for p in pairs)
@@ -65,7 +64,7 @@ def mcc_kd_sums(logits_local: torch.Tensor, labels: torch.Tensor, pairs, tempera
         dev = logits_local.device
         idx = lambda v: torch.tensor(v, device=dev)  # noqa: E731
         # gathered BEFORE the cross-entropy, which shifts fp32 logits in place
-        span_a = gather_from_model_parallel_region(logits_local[idx(rows_a), idx(pos_a)])
-        span_b = gather_from_model_parallel_region(logits_local[idx(rows_b), idx(pos_b)])
+        span_a = gather_from_tp(logits_local[idx(rows_a), idx(pos_a)])
+        span_b = gather_from_tp(logits_local[idx(rows_b), idx(pos_b)])
         kl_sum = symmetric_kl_pairs(span_a, span_b, idx(mask), temperature).sum()
     return token_cross_entropy(logits_local, labels), kl_sum

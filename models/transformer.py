@@ -13,22 +13,25 @@ checkpoint boundary (engine/checkpoint.py).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_model_parallel_world_size
-from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from fairscale.nn.model_parallel.mappings import (
-    copy_to_model_parallel_region,
-    gather_from_model_parallel_region,
-    reduce_from_model_parallel_region,
-)
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.args import ModelArgs
+from models.parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    copy_to_tp,
+    gather_from_tp,
+    reduce_from_tp,
+)
 
 
 def _keep(tensor):  # weights always come from a checkpoint: skip fairscale's random init
@@ -118,16 +121,39 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: Optional[in
 
 
 class KVCache:
-    """Preallocated keys/values for every layer: [batch, local kv heads, max_len, head_dim].
-    Slot t of row b holds the key/value of that row's position t."""
+    """Preallocated keys/values of every layer: [rows, local kv heads, max_len, head_dim] each.
+
+    Slot t of row r holds the key/value of that row's position t. A forward over B rows without
+    `rows` uses the first B rows of the cache, so a decode loop that keeps its live rows at the
+    front (see `keep_rows`) can run on a prefix of a cache allocated once: the tensors never move,
+    which is what lets a captured decode step replay on them."""
 
     def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device, dtype, tp_size: int = None):
         tp = tp_size or get_model_parallel_world_size()
         shape = (batch_size, args.local_kv_heads(tp), max_len, args.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
-        self.max_len = max_len
+        self.rows, self.max_len = batch_size, max_len
 
+    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              rows: Optional[torch.Tensor] = None) -> None:
+        """Store k/v [B, S, H, D] of input row b at (rows[b] or b, positions[b, s])."""
+        if rows is None:
+            rows = torch.arange(k.shape[0], device=k.device)
+        ck, cv = self.k[layer], self.v[layer]
+        ck[rows[:, None], :, positions] = k.to(ck.dtype)  # advanced indexing -> [B, S, H, D]
+        cv[rows[:, None], :, positions] = v.to(cv.dtype)
+
+    def read(self, layer: int, length: int, n_rows: int):
+        """Keys and values [n_rows, H, length, D] of the first n_rows rows, slots [0, length)."""
+        return self.k[layer][:n_rows, :, :length], self.v[layer][:n_rows, :, :length]
+
+    @torch.no_grad()
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Move `rows` (ascending) to the front, in place; the rows after them become free."""
+        n = rows.numel()
+        for t in self.k + self.v:
+            t[:n] = t.index_select(0, rows)
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int):
@@ -153,21 +179,31 @@ class Attention(nn.Module):
         k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
         if cache is not None:
-            ck, cv = cache.k[self.layer_id], cache.v[self.layer_id]
-            rows = torch.arange(bsz, device=x.device) if cache_rows is None else cache_rows
-            ck[rows[:, None], :, positions] = k.to(ck.dtype)  # advanced indexing -> [B, S, H, D]
-            cv[rows[:, None], :, positions] = v.to(cv.dtype)
+            cache.write(self.layer_id, positions, k, v, cache_rows)
         if cache is not None and cache_rows is None:  # continue every row from what its cache holds
-            keys, values = ck[:, :, :kv_len], cv[:, :, :kv_len]
+            keys, values = cache.read(self.layer_id, kv_len, bsz)
+            out = grouped_attention(q.transpose(1, 2), keys, values, mask)
         else:  # no cache, or prefilling some rows of it from position 0: the fresh keys are all there is
-            keys, values = k.transpose(1, 2), v.transpose(1, 2)
-        q = q.transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, is_causal=mask is None and seqlen > 1,
-            enable_gqa=self.n_local_heads != self.n_local_kv_heads)
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                is_causal=mask is None and seqlen > 1, enable_gqa=self.n_local_heads != self.n_local_kv_heads)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of a few new queries over cached keys, each KV head read once for its group of
+    query heads (SDPA's GQA path with a mask copies every KV head per query head first).
+    q: [B, Hq, S, D]; keys/values: [B, Hkv, T, D]; mask: [B, 1, S, T] bool. Returns [B, Hq, S, D]."""
+    bsz, n_heads, seqlen, head_dim = q.shape
+    n_kv = keys.shape[1]
+    group = n_heads // n_kv
+    q = q.reshape(bsz, n_kv, group * seqlen, head_dim)  # query head h reads KV head h // group
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * head_dim ** -0.5
+    mask = mask[:, :, None].expand(bsz, 1, group, seqlen, mask.shape[-1]).reshape(bsz, 1, group * seqlen, -1)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+    return torch.matmul(probs, values).reshape(bsz, n_heads, seqlen, head_dim)
 
 
 class FeedForward(nn.Module):
@@ -206,6 +242,7 @@ class MoE(nn.Module):
         self.top_k = args.n_experts_per_tok
         self.gate = nn.Linear(args.dim, args.n_experts, bias=False, device="meta")
         self.experts = nn.ModuleList(Expert(args) for _ in range(args.n_experts))
+        self.static_shapes = False  # set by Transformer.static_shapes(): route without a host sync
 
     def forward(self, x):
         shape = x.shape
@@ -215,14 +252,19 @@ class MoE(nn.Module):
         weights = weights / weights.sum(dim=-1, keepdim=True)
         # every rank computes a partial expert output: these make the backward sum the partial
         # gradients of the (replicated) router and input across the tensor-parallel group
-        weights = copy_to_model_parallel_region(weights)
-        x_par = copy_to_model_parallel_region(x)
+        weights = copy_to_tp(weights)
+        x_par = copy_to_tp(x)
 
+        out = torch.zeros_like(x)
+        if self.static_shapes:  # every expert sees every token, weighted 0 where not chosen: no host sync
+            dense = torch.zeros_like(probs).scatter(1, chosen, weights)
+            for e, expert in enumerate(self.experts):
+                out += (expert(x_par).float() * dense[:, e:e + 1]).to(out.dtype)
+            return reduce_from_tp(out).view(shape)
         flat = chosen.reshape(-1)
         order = flat.argsort(stable=True)
         token_of, weight_of = order // self.top_k, weights.reshape(-1)[order]
-        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
-        out = torch.zeros_like(x)
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()  # the host sync
         start = 0
         for expert, count in zip(self.experts, counts):  # a loop over experts, never over tokens
             if count:
@@ -230,7 +272,7 @@ class MoE(nn.Module):
                 y = expert(x_par[tokens]).float() * weight_of[start:start + count, None]
                 out.index_add_(0, tokens, y.to(out.dtype))
                 start += count
-        return reduce_from_model_parallel_region(out).view(shape)
+        return reduce_from_tp(out).view(shape)
 
 
 class TransformerBlock(nn.Module):
@@ -276,6 +318,19 @@ class Transformer(nn.Module):
         """The local vocabulary shard of the output head [vocab / tp, dim]."""
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
+    @contextlib.contextmanager
+    def static_shapes(self):
+        """Within: no operation waits for the GPU or depends on data for its shapes (the MoE routes
+        densely), so a forward can be captured in a CUDA graph."""
+        moes = [m for m in self.modules() if isinstance(m, MoE)]
+        for m in moes:
+            m.static_shapes = True
+        try:
+            yield
+        finally:
+            for m in moes:
+                m.static_shapes = False
+
     def new_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
         w = self.tok_embeddings.weight
         return KVCache(self.args, batch_size, max_len, w.device, dtype or w.dtype, self.tp_size)
@@ -316,8 +371,8 @@ class Transformer(nn.Module):
     def logits(self, h: torch.Tensor, gather: bool = True) -> torch.Tensor:
         """Project hidden states to the vocabulary. gather=False keeps this rank's vocabulary shard
         [..., vocab / tp] (for vocabulary-parallel losses)."""
-        local = F.linear(copy_to_model_parallel_region(h), self.head_weight)
-        return gather_from_model_parallel_region(local) if gather and self.tp_size > 1 else local
+        local = F.linear(copy_to_tp(h), self.head_weight)
+        return gather_from_tp(local) if gather else local
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, positions: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None, kv_len: Optional[int] = None, gather: bool = True,

@@ -29,3 +29,35 @@ def ragged_cached_logits(model, tokens, prompt_lens):
                 out[b, pos[b]] = logits[b, 0]
         pos = pos + 1
     return out
+
+
+@torch.no_grad()
+def decode_paths(model, prompts, stop_ids, new_tokens, slots=3):
+    """Tokens of every decode path on the same prompts (more prompts than slots, so slots are
+    refilled): the eager step; the static-shape step a CUDA graph captures (reading the back of the
+    window of sync_every=3 steps, KV buckets from 4); and that step traced whole by Dynamo
+    (fullgraph: no graph break, so no host sync or data-dependent shape inside it)."""
+    import torch._dynamo
+
+    from engine import generation as g
+
+    greedy = g.SamplingParams(max_new_tokens=new_tokens)
+    sample = g.SamplingParams(max_new_tokens=new_tokens, temperature=0.9, top_p=0.9, top_k=40, seed=5)
+
+    def static(**kw):
+        return g.StaticSteps(model, sync_every=3, first_bucket=4, **kw)
+
+    out = {}
+    for name, params in (("greedy", greedy), ("sample", sample)):
+        out[f"eager_{name}"] = g.generate(model, prompts, params, stop_ids, slots, runner=g.EagerSteps(model))
+        out[f"static_{name}"] = g.generate(model, prompts, params, stop_ids, slots, runner=static())
+    torch._dynamo.reset()
+    compiled = g._COMPILED_STEP
+    g._COMPILED_STEP = torch.compile(g._decode_step, fullgraph=True, backend="eager")
+    try:
+        runner = static(compile=True)
+        out["traced_greedy"] = g.generate(model, prompts, greedy, stop_ids, slots, runner=runner)
+        out["traced_without_fallback"] = runner.compile  # False when tracing failed and the step ran uncompiled
+    finally:
+        g._COMPILED_STEP = compiled
+    return out

@@ -81,6 +81,43 @@ def test_greedy_matches_hf_generate_tp2(models):
         assert _tokens(root / f"{family}-tp2.jsonl") == ref, family
 
 
+DECODE_FAMILIES = ["llama2", "llama3", "mistral", "mixtral", "qwen2"]
+
+
+def _check_decode_paths(paths, ref, family):
+    assert paths["traced_without_fallback"] is True, family
+    for name in ("eager_greedy", "static_greedy", "traced_greedy"):
+        assert paths[name] == ref, (family, name)
+    assert paths["static_sample"] == paths["eager_sample"], family
+    assert paths["eager_sample"] != paths["eager_greedy"], family
+
+
+@pytest.mark.parametrize("family", DECODE_FAMILIES)
+def test_static_decode_step_matches_eager_and_hf_tp1(models, family, dist1, tiny_tokenizer):
+    """The step a CUDA graph captures (static shapes, KV buckets, dense MoE, tokens read back every
+    3 steps) gives HF's greedy tokens and the eager path's sampled tokens; Dynamo traces it whole."""
+    from engine.checkpoint import load_model
+    from tests.model_checks import decode_paths
+
+    root, data, refs = models
+    hf_dir, ref = refs[family]
+    tok = load_tokenizer(tiny_tokenizer)
+    model = load_model(hf_dir).eval()
+    _check_decode_paths(decode_paths(model, [tok.encode(q) for q in QUESTIONS], [tok.eos_id], NEW), ref, family)
+
+
+def test_static_decode_step_matches_eager_and_hf_tp2(models, tiny_tokenizer):
+    root, data, refs = models
+    tok = load_tokenizer(tiny_tokenizer)
+    prompts = [tok.encode(q) for q in QUESTIONS]
+    jobs = [{"ckpt": refs[f][0], "prompts": prompts, "stop_ids": [tok.eos_id], "new_tokens": NEW,
+             "out": str(root / f"{f}-paths-tp2.json")} for f in DECODE_FAMILIES]
+    (root / "decode_jobs.json").write_text(json.dumps(jobs))
+    torchrun("tests/workers/decode_worker.py", str(root / "decode_jobs.json"))
+    for f, job in zip(DECODE_FAMILIES, jobs):
+        _check_decode_paths(json.load(open(job["out"])), refs[f][1], f)
+
+
 def test_batching_and_sampling(models, dist1, tmp_path):
     """Same outputs in a batch as alone (greedy and seeded sampling); seeds reproduce; K samples."""
     root, data, refs = models

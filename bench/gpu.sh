@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Every GPU number of BENCHMARKS.md, on a bare GPU machine that has torch and transformers (+ peft)
+# but not fairscale / fire / deepspeed: those come from the wheels of ../shared/device-wheels (or a
+# copy of them in .device-wheels/), installed into the default environment so that subprocesses
+# see them too.   Usage: bash bench/gpu.sh [generate|train|all] 2>&1 | tee gpu.log
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WHAT=${1:-all}
+WHEELS=${WHEELS:-$( [ -d .device-wheels ] && echo .device-wheels || echo ../shared/device-wheels )}
+python3 -c "import fairscale, fire" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile "$WHEELS"/*.whl
+python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
+export PYTHONUNBUFFERED=1
+if [ "$WHAT" = generate ] || [ "$WHAT" = all ]; then
+  python3 bench/generate.py --dim 2048 --n_layers 16 --n_heads 16 --n_kv_heads 8 --dtype bf16 --new_tokens 128 \
+      --batches 1,16,64,384 --device cuda --e2e True
+fi

@@ -1,0 +1,25 @@
+"""torchrun worker: every decode path (tests/model_checks.decode_paths) for each job's HF
+checkpoint at the launch's tensor-parallel size; rank 0 writes the tokens.  Usage: decode_worker.py JOBS.json"""
+import json
+import sys
+
+import torch
+
+from engine import distributed
+from engine.checkpoint import load_model
+from tests.model_checks import decode_paths
+
+
+def main(jobs_file):
+    info = distributed.setup()
+    torch.set_num_threads(1)
+    for job in json.load(open(jobs_file)):
+        model = load_model(job["ckpt"]).eval()
+        result = decode_paths(model, job["prompts"], job["stop_ids"], job["new_tokens"])
+        if info.is_main:
+            json.dump(result, open(job["out"], "w"))
+    distributed.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
