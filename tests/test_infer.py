@@ -118,6 +118,52 @@ def test_static_decode_step_matches_eager_and_hf_tp2(models, tiny_tokenizer):
         _check_decode_paths(json.load(open(job["out"])), refs[f][1], f)
 
 
+def test_static_shapes_and_stop_strings_across_sync_windows(models, dist1, tiny_tokenizer):
+    """Row counts and KV lengths come from a few levels; a stop string met in the middle of a window
+    of 4 unread steps finishes its row exactly where the step-by-step path does."""
+    from engine.checkpoint import load_model
+    from engine.generation import EagerSteps, Request, SamplingParams, StaticSteps, StopStrings, generate_stream
+
+    root, data, refs = models
+    hf_dir, ref = refs["llama2"]
+    model = load_model(hf_dir).eval()
+    static = StaticSteps(model, sync_every=4, first_bucket=4)
+    assert [static.rows_for(c, 384) for c in (384, 200, 192, 100, 3, 1)] == [384, 384, 192, 192, 3, 1]
+    assert [static.kv_len(n, 5000) for n in (1, 64, 65, 1000, 1025, 4097, 4999)] == [4, 64, 128, 1024, 2048, 5000, 5000]
+    tok = load_tokenizer(hf_dir)
+    row = max(range(len(ref)), key=lambda i: len(ref[i]))
+    text = tok.decode(ref[row][:NEW // 2])
+    stop = text[-3:]  # met after about half of the row's tokens
+    reqs = [Request(i, tok.encode(q), 0) for i, q in enumerate(QUESTIONS)]
+    runs = []
+    for runner in (EagerSteps(model), static):
+        done = generate_stream(model, reqs, SamplingParams(max_new_tokens=NEW), 3, [tok.eos_id],
+                               StopStrings(tok, [stop]), runner=runner)
+        runs.append(sorted((c.key, c.tokens, c.finish) for c in done))
+    assert runs[0] == runs[1]
+    key, tokens, finish = runs[0][row]
+    assert finish == "stop" and len(tokens) < len(ref[row]) and stop in tok.decode(tokens)
+
+
+@pytest.mark.parametrize("family", ["llama3"])
+def test_inductor_compiled_decode_step_matches_hf(models, family, dist1):
+    """The step torch.compile builds for the GPU path, compiled here by inductor for the CPU."""
+    import torch._dynamo
+
+    from engine import generation as g
+    from engine.checkpoint import load_model
+
+    root, data, refs = models
+    hf_dir, ref = refs[family]
+    tok = load_tokenizer(hf_dir)
+    model = load_model(hf_dir).eval()
+    torch._dynamo.reset()
+    runner = g.StaticSteps(model, sync_every=3, first_bucket=8, compile=True)
+    out = g.generate(model, [tok.encode(q) for q in QUESTIONS], g.SamplingParams(max_new_tokens=NEW), [tok.eos_id], 3,
+                     runner=runner)
+    assert runner.compile and out == ref
+
+
 def test_batching_and_sampling(models, dist1, tmp_path):
     """Same outputs in a batch as alone (greedy and seeded sampling); seeds reproduce; K samples."""
     root, data, refs = models
