@@ -29,13 +29,13 @@ CUDA graph can capture) and `CUDAGraphSteps` (those shapes captured once each an
 """
 from __future__ import annotations
 
-import os
-import sys
 import zlib
 from dataclasses import dataclass
 from typing import Hashable, Iterator, List, Optional, Sequence
 
 import torch
+
+from models.compiled import CompiledCall, say_once
 
 
 @dataclass
@@ -194,15 +194,6 @@ def _decode_step(model, cache, state: _DeviceSlots, params: SamplingParams, m: i
 # ----------------------------------------------------------------------------------------------
 # How a step executes
 # ----------------------------------------------------------------------------------------------
-_SAID = set()
-
-
-def _say_once(message: str) -> None:
-    if message not in _SAID and os.environ.get("RANK", "0") == "0":
-        _SAID.add(message)
-        print(message, file=sys.stderr, flush=True)
-
-
 class EagerSteps:
     """Plain PyTorch at exact shapes: the KV length each step needs, the live rows only.
 
@@ -211,8 +202,8 @@ class EagerSteps:
     graphs captured on them)."""
 
     sync_every = 1
-    compile = False
     description = "eager decode step"
+    step_call = None  # a CompiledCall of _decode_step when the step is compiled
 
     def __init__(self, model):
         self.model, self._key, self.cache, self.state = model, None, None, None
@@ -249,9 +240,11 @@ class StaticSteps(EagerSteps):
 
     description = "static-shape decode step"
 
-    def __init__(self, model, sync_every: int = 8, first_bucket: int = 64, compile: bool = False):
+    def __init__(self, model, sync_every: int = 8, first_bucket: int = 64, compile: bool = False, **compile_options):
         super().__init__(model)
-        self.sync_every, self.first_bucket, self.compile = sync_every, first_bucket, compile
+        self.sync_every, self.first_bucket = sync_every, first_bucket
+        if compile:
+            self.step_call = CompiledCall(_decode_step, "decode step", **compile_options)
 
     def rows_for(self, count: int, n: int) -> int:
         level = n
@@ -282,7 +275,7 @@ class CUDAGraphSteps(StaticSteps):
     all-reduces are captured with the rest (NCCL)."""
 
     def __init__(self, model, sync_every: int = 8, first_bucket: int = 64, compile: bool = True):
-        super().__init__(model, sync_every, first_bucket, compile)
+        super().__init__(model, sync_every, first_bucket, compile, dynamic=None)
         self.graphs, self.pool, self.capture = {}, torch.cuda.graph_pool_handle(), True
 
     def forget(self) -> None:
@@ -309,23 +302,10 @@ class CUDAGraphSteps(StaticSteps):
                     step(m, kv_len)
             except Exception as e:  # a feature that cannot be captured: keep decoding eagerly
                 self.capture = False
-                _say_once(f"decode: CUDA graph capture failed ({' '.join(str(e).split())[:200]}); "
+                say_once(f"decode: CUDA graph capture failed ({' '.join(str(e).split())[:200]}); "
                           f"continuing with the eager static-shape step")
                 return
             self.graphs[(m, kv_len)] = graph
-
-
-_COMPILED_STEP = None
-
-
-def _compiled_step():
-    global _COMPILED_STEP
-    if _COMPILED_STEP is None:
-        import torch._dynamo
-
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        _COMPILED_STEP = torch.compile(_decode_step, dynamic=None)
-    return _COMPILED_STEP
 
 
 def make_runner(model, compile: Optional[bool] = None):
@@ -338,7 +318,7 @@ def make_runner(model, compile: Optional[bool] = None):
         runner, why = EagerSteps(model), "CUDA graphs need a GPU"
     else:
         runner, why = CUDAGraphSteps(model), None
-    _say_once(f"decode: {runner.description}" + (f" ({why})" if why else ""))
+    say_once(f"decode: {runner.description}" + (f" ({why})" if why else ""))
     return runner
 
 
@@ -376,14 +356,7 @@ def generate_stream(model, requests: Sequence[Request], params: SamplingParams, 
     m = n  # slots in use: rows [0, m) of the cache
 
     def step(rows: int, kv_len: int) -> None:
-        if runner.compile:
-            try:
-                return _compiled_step()(model, cache, state, params, rows, kv_len, max_len)
-            except Exception as e:  # torch.compile cannot build this step: the same step, uncompiled
-                runner.compile = False
-                _say_once(f"decode: torch.compile failed ({' '.join(str(e).split())[:200]}); "
-                          f"capturing the uncompiled step")
-        _decode_step(model, cache, state, params, rows, kv_len, max_len)
+        (runner.step_call or _decode_step)(model, cache, state, params, rows, kv_len, max_len)
 
     def length_done(row: int, produced: int) -> bool:
         return produced >= budget or len(host.req[row].prompt) + produced >= max_len

@@ -94,7 +94,9 @@ TRAIN_FLAG_DOCS = {
     "max_eval_examples": "evaluate on the first N label_file records only (0: all).",
     "log_every": "write a metrics line every N steps.",
     "resume": "continue from the latest checkpoint in save_dir (weights, optimizer, schedule, RNG, data position).",
-    "checkpoint_activations": "recompute layer activations in backward to save memory.",
+    "checkpoint_activations": "recompute activations in backward to save memory: False/none, True/full (whole blocks), selective (keep matmul and attention outputs, recompute the rest).",
+    "checkpoint_fraction": "checkpoint only this fraction of the layers (from the first), e.g. 0.5.",
+    "compile": "compile each decoder block with torch.compile (default: on a GPU; False: eager).",
     "deepspeed": "DeepSpeed config JSON: ZeRO stage 1/2 over the data-parallel group.",
     "tp_size": "tensor-parallel size (default: all processes); world size / tp_size replicas train data-parallel.",
     "max_steps": "total optimizer steps (> 0 overrides epochs).",
@@ -160,7 +162,8 @@ def run_training(kind: str, **flags) -> None:
                       exit_after_steps=f["exit_after_steps"], dtype=dtype, seed=f["seed"],
                       save_every=f["save_every"], keep_checkpoints=f["keep_checkpoints"], eval_every=f["eval_every"],
                       eval_at_start=f["eval_at_start"], log_every=f["log_every"], resume=f["resume"],
-                      checkpoint_activations=f["checkpoint_activations"])
+                      checkpoint_activations=f["checkpoint_activations"],
+                      checkpoint_fraction=f["checkpoint_fraction"], compile=f["compile"])
     meta = {"launcher": "train_mcc.py" if kind == "mcc" else "train.py", **{k: v for k, v in f.items()}}
     trainer = Trainer(model, job, cfg, info, tok, evaluator, lora_cfg, f["ckpt_dir"], f["deepspeed"], run_meta=meta)
     trainer.fit()

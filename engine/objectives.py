@@ -7,10 +7,12 @@ Logits are this rank's vocabulary shard [..., vocab / tp]; nothing gathers the f
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from fairscale.nn.model_parallel.cross_entropy import vocab_parallel_cross_entropy
 
 from engine.data import IGNORE
-from models.parallel import gather_from_tp
+from models.parallel import all_reduce_tp_, gather_from_tp, vocab_shard_start
 
 
 def token_cross_entropy(logits_local: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -19,6 +21,67 @@ def token_cross_entropy(logits_local: torch.Tensor, labels: torch.Tensor) -> tor
     mask = labels != IGNORE
     per_token = vocab_parallel_cross_entropy(logits_local.float(), labels.clamp(min=0))
     return (per_token * mask).sum()
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """Output projection + next-token cross-entropy, chunk by chunk over positions, on this rank's
+    vocabulary shard. Each chunk's fp32 logits live only while the chunk is processed: the loss
+    and both gradients (softmax - one-hot, times the weight / the hidden states) are computed in
+    the forward, so the backward only scales them and nothing is recomputed."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_rows):
+        h = hidden.reshape(-1, hidden.shape[-1])
+        y = labels.reshape(-1)
+        local_vocab = weight.shape[0]
+        start = vocab_shard_start(local_vocab)
+        grad_h = torch.empty_like(h) if hidden.requires_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], chunk_rows):
+            hc, yc = h[s:s + chunk_rows], y[s:s + chunk_rows]
+            local = yc - start
+            here = (local >= 0) & (local < local_vocab) & (yc != IGNORE)  # this rank holds the target
+            index = local.clamp(0, local_vocab - 1)[:, None]
+            logits = F.linear(hc, weight).float()
+            logits -= all_reduce_tp_(logits.max(dim=-1).values, dist.ReduceOp.MAX)[:, None]
+            target = all_reduce_tp_(torch.where(here, logits.gather(1, index).squeeze(1), 0.0))
+            probs = logits.exp_()
+            sum_exp = all_reduce_tp_(probs.sum(dim=-1))
+            valid = (yc != IGNORE).to(probs.dtype)
+            total += ((sum_exp.log() - target) * valid).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            probs /= sum_exp[:, None]  # d loss / d logits = softmax - one-hot, 0 where there is no label
+            probs.scatter_add_(1, index, -here.to(probs.dtype)[:, None])
+            probs = (probs * valid[:, None]).to(hc.dtype)
+            if grad_h is not None:
+                grad_h[s:s + chunk_rows] = all_reduce_tp_(probs @ weight.to(hc.dtype))
+            if grad_w is not None:
+                grad_w += (probs.t() @ hc).float()
+        ctx.save_for_backward(grad_h if grad_h is not None else torch.empty(0),
+                              grad_w if grad_w is not None else torch.empty(0))
+        ctx.shapes = hidden.shape, hidden.dtype, weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        shape, h_dtype, w_dtype = ctx.shapes
+        gh = (grad_h * grad_out).to(h_dtype).view(shape) if ctx.needs_input_grad[0] else None
+        gw = (grad_w * grad_out).to(w_dtype) if ctx.needs_input_grad[1] else None
+        return gh, gw, None, None
+
+
+def head_cross_entropy(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor,
+                       chunk_rows: int = 0) -> torch.Tensor:
+    """Sum of next-token cross-entropy over positions whose label is not IGNORE, from final hidden
+    states [B, T, dim] and this rank's head shard [vocab / tp, dim], never holding the logits of
+    more than `chunk_rows` positions (default: about 2^26 logits). Equals
+    token_cross_entropy(hidden @ head_weight.T, labels) in value and gradients."""
+    if not chunk_rows:
+        chunk_rows = max(64, (1 << 26) // head_weight.shape[0])
+    return _HeadCrossEntropy.apply(hidden, head_weight, labels, chunk_rows)
 
 
 def symmetric_kl_pairs(logits_a: torch.Tensor, logits_b: torch.Tensor, mask: torch.Tensor,
@@ -43,28 +106,42 @@ def span_prediction_positions(span_start: int, span_end: int):
     return list(range(span_start - 1, span_end - 1))
 
 
+def mcc_kl_sum(span_logits, pairs, temperature: float, device) -> torch.Tensor:
+    """Sum over rationale pairs of the MCC-KD consistency (symmetric_kl_pairs).
+
+    span_logits(rows, positions): FULL-vocabulary logits [pairs, span, vocab] at those [pairs, span]
+    index tensors (only these positions are ever gathered across tensor-parallel ranks).
+    pairs: list of (row_a, positions_a, row_b, positions_b), positions already shifted (see
+    span_prediction_positions) and of equal length within a pair."""
+    if not pairs:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    width = max(len(p[1]) for p in pairs)
+    rows_a, pos_a, rows_b, pos_b, mask = [], [], [], [], []
+    for ra, pa, rb, pb in pairs:
+        pad = width - len(pa)
+        rows_a.append([ra] * width)
+        rows_b.append([rb] * width)
+        pos_a.append(list(pa) + [pa[-1]] * pad)
+        pos_b.append(list(pb) + [pb[-1]] * pad)
+        mask.append([1.0] * len(pa) + [0.0] * pad)
+    rows_a, pos_a, rows_b, pos_b, mask = (to_device(torch.tensor(v), device) for v in (rows_a, pos_a, rows_b, pos_b, mask))
+    return symmetric_kl_pairs(span_logits(rows_a, pos_a), span_logits(rows_b, pos_b), mask, temperature).sum()
+
+
 def mcc_kd_sums(logits_local: torch.Tensor, labels: torch.Tensor, pairs, temperature: float):
-    """CE and consistency sums for a batch of rationales of the same questions.
+    """CE and consistency sums for a batch of rationales of the same questions, from logits.
 
     logits_local: [B, T, vocab/tp] this rank's vocabulary shard; labels: [B, T] next-token labels.
-    pairs: list of (row_a, positions_a, row_b, positions_b), positions already shifted (see
-    span_prediction_positions) and of equal length. Only the span positions are gathered to the full
-    vocabulary; the CE stays vocabulary-parallel. Returns (ce_sum, kl_sum over pairs)."""
-    kl_sum = logits_local.new_zeros((), dtype=torch.float32)
-    if pairs:
-        width = max(len(p[1]) for p in pairs)
-        rows_a, pos_a, rows_b, pos_b, mask = [], [], [], [], []
-        for ra, pa, rb, pb in pairs:
-            pad = width - len(pa)
-            rows_a.append([ra] * width)
-            rows_b.append([rb] * width)
-            pos_a.append(list(pa) + [pa[-1]] * pad)
-            pos_b.append(list(pb) + [pb[-1]] * pad)
-            mask.append([1.0] * len(pa) + [0.0] * pad)
-        dev = logits_local.device
-        idx = lambda v: torch.tensor(v, device=dev)  # noqa: E731
-        # gathered BEFORE the cross-entropy, which shifts fp32 logits in place
-        span_a = gather_from_tp(logits_local[idx(rows_a), idx(pos_a)])
-        span_b = gather_from_tp(logits_local[idx(rows_b), idx(pos_b)])
-        kl_sum = symmetric_kl_pairs(span_a, span_b, idx(mask), temperature).sum()
+    Only the span positions are gathered to the full vocabulary; the CE stays vocabulary-parallel.
+    Returns (ce_sum, kl_sum over pairs)."""
+    # the spans are gathered BEFORE the cross-entropy, which shifts fp32 logits in place
+    kl_sum = mcc_kl_sum(lambda rows, pos: gather_from_tp(logits_local[rows, pos]), pairs, temperature,
+                        logits_local.device)
     return token_cross_entropy(logits_local, labels), kl_sum
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """Host tensor -> device without making the host wait for the device's queue (pinned, async)."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

@@ -7,7 +7,7 @@ from typing import Dict, List
 import torch
 
 from engine.data import IGNORE, SFTData, pad_batch
-from engine.objectives import token_cross_entropy
+from engine.objectives import head_cross_entropy, mcc_kl_sum, to_device
 
 
 @dataclass
@@ -38,11 +38,12 @@ class SFTTask:
     def micro_batch(self, positions: List[int], epoch: int) -> Batch:
         pairs = [self.data.example(self.data.keep[p], epoch) for p in positions]
         inputs, labels = pad_batch(pairs, self.pad_id)
-        return Batch(inputs.to(self.device), labels.to(self.device), {"ce": int((labels != IGNORE).sum())},
-                     sum(len(x) for x, _ in pairs))
+        return Batch(to_device(inputs, self.device), to_device(labels, self.device),
+                     {"ce": int((labels != IGNORE).sum())}, sum(len(x) for x, _ in pairs))
 
     def loss_sums(self, model, batch: Batch) -> Dict[str, torch.Tensor]:
-        return {"ce": token_cross_entropy(model(batch.inputs, gather=False), batch.labels)}
+        hidden = model.forward_hidden(batch.inputs)
+        return {"ce": head_cross_entropy(hidden, model.head_weight, batch.labels)}
 
 
 class MCCTask:
@@ -84,12 +85,12 @@ class MCCTask:
                 seqs.append((x, y))
             pairs += [(ra, pa, rb, pb) for n, (ra, pa) in enumerate(rows) for rb, pb in rows[n + 1:]]
         inputs, labels = pad_batch(seqs, self.pad_id)
-        return Batch(inputs.to(self.device), labels.to(self.device),
+        return Batch(to_device(inputs, self.device), to_device(labels, self.device),
                      {"ce": int((labels != IGNORE).sum()), "kl": len(pairs)}, sum(len(x) for x, _ in seqs),
                      {"pairs": pairs})
 
     def loss_sums(self, model, batch: Batch) -> Dict[str, torch.Tensor]:
-        from engine.objectives import mcc_kd_sums
-
-        ce, kl = mcc_kd_sums(model(batch.inputs, gather=False), batch.labels, batch.extra["pairs"], self.temperature)
-        return {"ce": ce, "kl": kl}
+        hidden = model.forward_hidden(batch.inputs)
+        kl = mcc_kl_sum(lambda rows, pos: model.logits(hidden[rows, pos]), batch.extra["pairs"], self.temperature,
+                        hidden.device)
+        return {"ce": head_cross_entropy(hidden, model.head_weight, batch.labels), "kl": kl}

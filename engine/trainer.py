@@ -29,7 +29,9 @@ import torch.distributed as dist
 
 from engine import distributed
 from engine.data import epoch_batches
+from models.transformer import CHECKPOINT_POLICIES
 from engine.errors import UserError
+from engine.objectives import to_device
 
 
 @dataclass
@@ -55,7 +57,9 @@ class TrainConfig:
     eval_at_start: bool = False
     log_every: int = 1
     resume: bool = False
-    checkpoint_activations: bool = False
+    checkpoint_activations: object = False  # False / "none", True / "full", "selective"
+    checkpoint_fraction: float = 1.0  # of the layers, from the first
+    compile: Optional[bool] = None  # regional torch.compile of the blocks; None: on CUDA
     bucket: bool = True
     progress: bool = True
     plot: bool = True
@@ -128,15 +132,19 @@ def _all_reduce_coalesced(tensors: List[torch.Tensor], group, op=dist.ReduceOp.S
             t.copy_(synced)
 
 
-def grad_norm(params, copies: Dict[int, int]) -> torch.Tensor:
-    """Global L2 norm of the gradients: every distinct tensor-parallel piece counted once."""
-    device = params[0].device
-    local = torch.zeros((), device=device, dtype=torch.float32)
-    for p in params:
-        if p.grad is not None:
-            local += p.grad.float().pow(2).sum() / copies.get(id(p), 1)
-    dist.all_reduce(local, group=distributed.tp_group())
-    return local.sqrt()
+def clip_gradients(params, copies: Dict[int, int], max_norm: float) -> torch.Tensor:
+    """Global L2 norm of the gradients (every distinct tensor-parallel piece counted once), and the
+    gradients scaled down to max_norm when above it (max_norm <= 0: not clipped). Everything stays
+    on the device: one foreach norm, one all-reduce, one foreach multiply; nothing waits for it."""
+    grads = [p.grad for p in params if p.grad is not None]
+    inv_copies = torch.tensor([1.0 / copies.get(id(p), 1) for p in params if p.grad is not None])
+    squares = torch.stack(torch._foreach_norm(grads)).float().pow(2)
+    total = (squares * to_device(inv_copies, squares.device)).sum()
+    dist.all_reduce(total, group=distributed.tp_group())
+    norm = total.sqrt()
+    if max_norm > 0:
+        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+    return norm
 
 
 class DynamicLossScaler:
@@ -205,7 +213,20 @@ class Trainer:
         if cfg.dtype == torch.float16 and deepspeed_config:
             raise UserError("--use_float16 with --deepspeed: set fp16 in the DeepSpeed config instead")
         self.local_batch = cfg.max_batch_size // info.dp_size
-        model.gradient_checkpointing = cfg.checkpoint_activations
+        policy = {True: "full", False: "none"}.get(cfg.checkpoint_activations, cfg.checkpoint_activations)
+        if policy not in CHECKPOINT_POLICIES:
+            raise UserError(f"--checkpoint_activations {cfg.checkpoint_activations!r} is not one of "
+                            f"True, False, {', '.join(CHECKPOINT_POLICIES)}")
+        if not 0 < cfg.checkpoint_fraction <= 1:
+            raise UserError(f"--checkpoint_fraction must be in (0, 1], got {cfg.checkpoint_fraction}")
+        compile_blocks = info.device.type == "cuda" if cfg.compile is None else bool(cfg.compile)
+        model.configure_layers(policy, cfg.checkpoint_fraction, compile_blocks)
+        if info.is_main:
+            print("training step: " + (f"decoder blocks compiled one by one (torch.compile)" if compile_blocks else
+                  "eager decoder blocks (" + ("--compile False" if cfg.compile is False else "CPU: compiling does "
+                                              "not pay off here; --compile True to force it") + ")")
+                  + (f", activation checkpointing {policy} on {model.checkpoint_policy[1]} of {len(model.layers)} layers"
+                     if policy != "none" else ""), flush=True)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise UserError("the model has no trainable parameters")
@@ -215,7 +236,8 @@ class Trainer:
         no_decay = [p for p in self.params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+        fused = info.device.type == "cuda" and not deepspeed_config  # one kernel for all parameters
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
         n_batches = math.ceil(task.num_examples / cfg.max_batch_size)
         self.steps_per_epoch = math.ceil(n_batches / cfg.accumulation_steps)
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else self.steps_per_epoch * cfg.epochs
@@ -270,35 +292,39 @@ class Trainer:
         return indices[r * self.local_batch:(r + 1) * self.local_batch]
 
     def _optimizer_step(self, global_batches: List[List[int]]) -> dict:
-        start = time.time()
+        """One optimizer step. Nothing in it waits for the device (except fp16's overflow check and
+        DeepSpeed's own): the returned loss parts, grad norm and token count are device tensors,
+        read back only when a metrics line is written (see _flush_log)."""
+        dev = self.info.device
         micro = [self.task.micro_batch(self._rank_slice(b), self.epoch) for b in global_batches]
         parts = list(self.task.weights)
-        counts = torch.tensor([[float(m.counts[p]) for p in parts] for m in micro], device=self.info.device).sum(0)
-        n_tokens = torch.tensor(float(sum(m.n_tokens for m in micro)), device=self.info.device)
+        counts = to_device(torch.tensor([[float(m.counts[p]) for p in parts] for m in micro]).sum(0), dev)
+        n_tokens = to_device(torch.tensor(float(sum(m.n_tokens for m in micro))), dev)
         dist.all_reduce(counts, group=distributed.dp_group())
         dist.all_reduce(n_tokens, group=distributed.dp_group())
-        norm = {p: max(float(c), 1.0) for p, c in zip(parts, counts)}
-        sums = torch.zeros(len(parts), device=self.info.device)
+        norm = counts.clamp(min=1.0)
+        weights = to_device(torch.tensor([float(self.task.weights[p]) for p in parts]), dev)
+        sums = torch.zeros(len(parts), device=dev)
         scale = self.scaler.scale if self.scaler else 1.0
         ds = self.ds_engine
         for i, m in enumerate(micro):
             with self._autocast():
                 s = self.task.loss_sums(self.model, m)
-            loss = sum(self.task.weights[p] * s[p] / norm[p] for p in parts)
-            sums += torch.stack([s[p].detach().float() for p in parts])
+            stacked = torch.stack([s[p].float() for p in parts])
+            loss = (weights * stacked / norm).sum()
+            sums += stacked.detach()
             if ds is not None:  # DeepSpeed averages over replicas; our loss is already a global mean
                 ds.set_gradient_accumulation_boundary(i == len(micro) - 1)
                 ds.backward(loss * self.info.dp_size)
             else:
                 (loss * scale).backward()
         dist.all_reduce(sums, group=distributed.dp_group())
-        record = {p: float(sums[i]) / norm[p] for i, p in enumerate(parts)}
-        total = sum(self.task.weights[p] * record[p] for p in parts)
+        per_part = sums / norm
         lr = self.optimizer.param_groups[0]["lr"]
         skipped = False
         if ds is not None:
             ds.step()
-            gnorm = float(ds.get_global_grad_norm() or 0.0)
+            gnorm = torch.tensor(float(ds.get_global_grad_norm() or 0.0))
         else:
             self.kv_sync()
             if self.info.dp_size > 1:
@@ -306,27 +332,20 @@ class Trainer:
             if self.scaler is not None:
                 skipped = self.scaler.found_inf(self.params)
                 self.scaler.update(skipped)
-            gnorm = float("nan")
+            gnorm = torch.tensor(float("nan"))
             if not skipped:
                 if scale != 1.0:
-                    for p in self.params:
-                        if p.grad is not None:
-                            p.grad.div_(scale)
-                gnorm = float(grad_norm(self.params, self.copies))
-                if self.cfg.max_grad_norm > 0 and gnorm > self.cfg.max_grad_norm:
-                    for p in self.params:
-                        if p.grad is not None:
-                            p.grad.mul_(self.cfg.max_grad_norm / (gnorm + 1e-6))
+                    torch._foreach_div_([p.grad for p in self.params if p.grad is not None], scale)
+                gnorm = clip_gradients(self.params, self.copies, self.cfg.max_grad_norm)
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         if not skipped:
             self.scheduler.step()
         self.step += 1
-        elapsed = time.time() - start
-        out = {"step": self.step, "epoch": self.epoch, "loss": total, "lr": lr, "grad_norm": gnorm,
-               "tokens_per_s": float(n_tokens) / max(elapsed, 1e-9)}
+        out = {"step": self.step, "epoch": self.epoch, "loss": (weights * per_part).sum(), "lr": lr,
+               "grad_norm": gnorm, "n_tokens": n_tokens}
         if len(parts) > 1:
-            out.update({f"loss_{p}": record[p] for p in parts})
+            out.update({f"loss_{p}": per_part[i] for i, p in enumerate(parts)})
         if self.scaler is not None:
             out.update({"loss_scale": self.scaler.scale, "skipped": skipped})
         return out
@@ -353,32 +372,38 @@ class Trainer:
                        mininterval=0.2 if sys.stderr.isatty() else 10.0)
         if cfg.eval_at_start and self.step == 0 and self.evaluator:
             self._evaluate()
-        last = {}
+        self._bar, self._pending, self._last = bar, None, {}
+        self._tokens, self._flushed_at = torch.zeros((), device=info.device), time.time()
         stop = False
         while not stop and self.step < self.total_steps:
             batches = epoch_batches(self.task.lengths(self.epoch), cfg.max_batch_size, cfg.seed, self.epoch, cfg.bucket)
             while self.batch_in_epoch < len(batches):
                 group = batches[self.batch_in_epoch:self.batch_in_epoch + cfg.accumulation_steps]
-                last = self._optimizer_step(group)
+                record = self._optimizer_step(group)
                 self.batch_in_epoch += len(group)
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    self._log(last)
+                self._tokens += record.pop("n_tokens")
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    self._flush_log()  # the previous line, now that this step is queued behind it
+                    self._pending, record["n_tokens"] = record, self._tokens
+                    self._tokens = torch.zeros((), device=info.device)
                 epoch_end = self.batch_in_epoch >= len(batches)
                 if epoch_end:
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 finished = self.step >= self.total_steps
                 if self.evaluator and ((cfg.eval_every and self.step % cfg.eval_every == 0) or epoch_end or finished):
+                    self._flush_log()
                     self._evaluate()
                 if (cfg.save_every and self.step % cfg.save_every == 0) or epoch_end or finished:
+                    self._flush_log()
                     self.save_checkpoint()
                 if finished or (cfg.exit_after_steps and self.step >= cfg.exit_after_steps):
                     stop = True
                     break
                 if epoch_end:
                     break
+        self._flush_log()
         if bar is not None:
             bar.close()
         if info.is_main and cfg.plot:
@@ -388,7 +413,20 @@ class Trainer:
             plot_metrics(self.metrics_path, os.path.join(cfg.save_dir, "curves.png"))
             write_run_report(cfg.save_dir)
         distributed.barrier()
-        return last
+        return self._last
+
+    def _flush_log(self) -> None:
+        """Write the pending step's metrics line: the one place a step's numbers are read back."""
+        record, self._pending = self._pending, None
+        if record is None:
+            return
+        now = time.time()
+        values = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
+        values["tokens_per_s"] = values.pop("n_tokens") / max(now - self._flushed_at, 1e-9)
+        self._flushed_at, self._last = now, values
+        self._log(values)
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
 
     def _log(self, record: dict) -> None:
         if self.info.is_main:

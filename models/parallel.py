@@ -120,3 +120,15 @@ class VocabParallelEmbedding(fairscale_layers.VocabParallelEmbedding):
         inside = (local >= 0) & (local < self.num_embeddings_per_partition)
         h = F.embedding(local.clamp(0, self.num_embeddings_per_partition - 1), self.weight)
         return reduce_from_tp(torch.where(inside[..., None], h, torch.zeros_like(h)))
+
+
+def all_reduce_tp_(x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce over the tensor-parallel group, outside autograd (loss internals)."""
+    if get_model_parallel_world_size() > 1:
+        dist.all_reduce(x, op=op, group=get_model_parallel_group())
+    return x
+
+
+def vocab_shard_start(local_vocab: int) -> int:
+    """First vocabulary id of this rank's shard of a vocabulary split in equal parts."""
+    return get_model_parallel_rank() * local_vocab

@@ -14,6 +14,7 @@ checkpoint boundary (engine/checkpoint.py).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import List, Optional
 
@@ -24,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.args import ModelArgs
+from models.compiled import CompiledCall
 from models.parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -288,6 +290,36 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+CHECKPOINT_POLICIES = ("none", "full", "selective")
+
+# selective checkpointing keeps these results (the expensive ones) and recomputes everything else
+_KEEP_IN_SELECTIVE = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+                      torch.ops.aten._scaled_dot_product_flash_attention.default,
+                      torch.ops.aten._scaled_dot_product_efficient_attention.default,
+                      torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+                      torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in _KEEP_IN_SELECTIVE else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _checkpointed(layer: nn.Module, selective: bool):
+    """A block call that recomputes the block (all of it, or all but _KEEP_IN_SELECTIVE) in backward."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    context = functools.partial(create_selective_checkpoint_contexts, _selective_policy) if selective else None
+
+    def run(*args):
+        if context is None:
+            return checkpoint(layer, *args, use_reentrant=False)
+        return checkpoint(layer, *args, use_reentrant=False, context_fn=context)
+
+    return run
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, device=None, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -311,7 +343,33 @@ class Transformer(nn.Module):
                                                init_method=_keep)
             _materialize(self.output, device, dtype)
         self.rope = RotaryEmbedding(args)
-        self.gradient_checkpointing = False
+        self.configure_layers()
+
+    def configure_layers(self, checkpoint: str = "none", fraction: float = 1.0, compile: bool = False) -> None:
+        """How the blocks run. In training with gradients: activation checkpointing of the first
+        `fraction` of the layers ("full": keep each block's input only and recompute the block in
+        backward; "selective": also keep the outputs of matmuls and attention, recompute norms, RoPE
+        and element-wise ops); and each block compiled on its own (regional torch.compile: short
+        compile times, one graph shared by all layers, checkpointing inside the compiled region).
+        The tensor-parallel all-reduces sit inside the compiled blocks as functional collectives
+        (models/parallel.py). Calls with a KV cache (generation) always run the plain blocks."""
+        if checkpoint not in CHECKPOINT_POLICIES:
+            raise ValueError(f"checkpoint policy {checkpoint!r} is not one of {', '.join(CHECKPOINT_POLICIES)}")
+        n_checkpointed = 0 if checkpoint == "none" else round(fraction * len(self.layers))
+        self.train_calls, self.eval_calls = [], []
+        for i, layer in enumerate(self.layers):
+            call = _checkpointed(layer, checkpoint == "selective") if i < n_checkpointed else layer
+            self.train_calls.append(CompiledCall(call, "decoder block") if compile else call)
+            self.eval_calls.append(CompiledCall(layer, "decoder block") if compile else layer)
+        self.checkpoint_policy = (checkpoint, n_checkpointed)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.checkpoint_policy[1] > 0
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        self.configure_layers("full" if on else "none")
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -361,11 +419,12 @@ class Transformer(nn.Module):
             mask = None  # plain causal attention: SDPA's fused causal path
         else:
             mask = attention_mask(positions, positions, window)
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(layer, h, cos, sin, positions, mask, cache, kv_len, cache_rows, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin, positions, mask, cache, kv_len, cache_rows)
+        if cache is not None:
+            calls = self.layers
+        else:
+            calls = self.train_calls if self.training and torch.is_grad_enabled() else self.eval_calls
+        for call in calls:
+            h = call(h, cos, sin, positions, mask, cache, kv_len, cache_rows)
         return self.norm(h)
 
     def logits(self, h: torch.Tensor, gather: bool = True) -> torch.Tensor:

@@ -52,12 +52,40 @@ def decode_paths(model, prompts, stop_ids, new_tokens, slots=3):
         out[f"eager_{name}"] = g.generate(model, prompts, params, stop_ids, slots, runner=g.EagerSteps(model))
         out[f"static_{name}"] = g.generate(model, prompts, params, stop_ids, slots, runner=static())
     torch._dynamo.reset()
-    compiled = g._COMPILED_STEP
-    g._COMPILED_STEP = torch.compile(g._decode_step, fullgraph=True, backend="eager")
-    try:
-        runner = static(compile=True)
-        out["traced_greedy"] = g.generate(model, prompts, greedy, stop_ids, slots, runner=runner)
-        out["traced_without_fallback"] = runner.compile  # False when tracing failed and the step ran uncompiled
-    finally:
-        g._COMPILED_STEP = compiled
+    runner = static(compile=True, fullgraph=True, backend="eager")
+    out["traced_greedy"] = g.generate(model, prompts, greedy, stop_ids, slots, runner=runner)
+    out["traced_without_fallback"] = runner.step_call.active  # False when tracing failed and the step ran eagerly
+    return out
+
+
+def head_loss_grads(seed: int = 0, rows: int = 5, cols: int = 9, dim: int = 16, vocab: int = 48):
+    """Loss sum and gradients (hidden states, full head matrix) of the chunked head cross-entropy
+    at several chunk sizes and of the plain path (full local logits, vocabulary-parallel CE), at the
+    current tensor-parallel size. Hand-made inputs; labels include IGNORE and every vocabulary shard."""
+    import torch.nn.functional as F
+
+    from engine.data import IGNORE
+    from engine.objectives import head_cross_entropy, token_cross_entropy
+    from models.parallel import copy_to_tp, gather_from_tp, vocab_shard_start
+
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, cols, dim, generator=g)
+    weight = torch.randn(vocab, dim, generator=g) * 0.5
+    labels = torch.randint(0, vocab, (rows, cols), generator=g)
+    labels[0, :4] = IGNORE
+    labels[3, -2:] = IGNORE
+    from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
+
+    local = vocab // get_model_parallel_world_size()
+    start = vocab_shard_start(local)
+    out = {}
+    for name, chunk in (("chunk7", 7), ("chunk16", 16), ("chunk_all", rows * cols), ("plain", None)):
+        h = hidden.clone().requires_grad_()
+        w = weight[start:start + local].clone().requires_grad_()
+        if chunk is None:
+            loss = token_cross_entropy(F.linear(copy_to_tp(h), w), labels)
+        else:
+            loss = head_cross_entropy(h, w, labels, chunk_rows=chunk)
+        loss.backward()
+        out[name] = {"loss": float(loss), "grad_h": h.grad, "grad_w": gather_from_tp(w.grad.t().contiguous()).t()}
     return out

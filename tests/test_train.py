@@ -247,14 +247,61 @@ def test_activation_checkpointing_and_bf16(env, dist1):
     data = SFTData(read_records(str(root / "arith" / "train.json")), tok, 64, "none")
     x, y = pad_batch([data.example(i, 0) for i in range(4)], tok.padding_id)
     results = {}
-    for ckpt in (False, True):
+    for ckpt in (False, True, ("selective", 1.0), ("full", 0.5), ("selective", 0.5)):
         model, _ = build_model(str(one), None, -1, None, 0.0, "wq", torch.float32, dist1)
-        model.gradient_checkpointing = ckpt
+        if isinstance(ckpt, tuple):
+            model.configure_layers(*ckpt)
+            assert model.checkpoint_policy == (ckpt[0], round(ckpt[1] * len(model.layers)))
+        else:
+            model.gradient_checkpointing = ckpt
         loss = token_cross_entropy(model(x, gather=False), y)
         loss.backward()
         results[ckpt] = (float(loss), torch.cat([p.grad.flatten() for p in model.parameters()]))
-    assert abs(results[True][0] - results[False][0]) <= 1e-6
-    assert (results[True][1] - results[False][1]).abs().max() <= 1e-6
+    for ckpt in results:
+        assert abs(results[ckpt][0] - results[False][0]) <= 1e-6, ckpt
+        assert (results[ckpt][1] - results[False][1]).abs().max() <= 1e-6, ckpt
+    # what each policy recomputes in backward: full re-runs the matmuls, selective only cheap ops
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            self.ops[name] = self.ops.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    backward_ops = {}
+    for policy in ("none", "full", "selective"):
+        model, _ = build_model(str(one), None, -1, None, 0.0, "wq", torch.float32, dist1)
+        model.configure_layers(policy)
+        loss = token_cross_entropy(model(x, gather=False), y)
+        with Count() as counter:
+            loss.backward()
+        backward_ops[policy] = counter.ops
+    mm = {p: ops.get("mm", 0) for p, ops in backward_ops.items()}
+    silu = {p: ops.get("silu", 0) for p, ops in backward_ops.items()}
+    assert mm["selective"] == mm["none"] < mm["full"], mm
+    assert silu["none"] == 0 < silu["selective"] == silu["full"], silu
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss16 = token_cross_entropy(model(x, gather=False), y)
     assert abs(float(loss16) - results[False][0]) / results[False][0] < 2e-2
+
+
+def test_chunked_head_loss_equals_plain_loss_tp1_and_tp2(tmp_path, dist1):
+    """The output projection + cross-entropy computed chunk by chunk (no full logits) returns the
+    plain loss's sum and gradients, whatever the chunk size, at TP=1 and TP=2."""
+    from tests.model_checks import head_loss_grads
+
+    one = head_loss_grads()
+    torchrun("tests/workers/loss_worker.py", str(tmp_path / "tp2.pt"))
+    two = torch.load(tmp_path / "tp2.pt")
+    ref = one["plain"]
+    for results in (one, two):
+        for name, r in results.items():
+            assert abs(r["loss"] - ref["loss"]) <= 1e-4 * abs(ref["loss"]), name
+            assert (r["grad_h"] - ref["grad_h"]).abs().max() <= 1e-5, name
+            assert r["grad_w"].shape == ref["grad_w"].shape
+            assert (r["grad_w"] - ref["grad_w"]).abs().max() <= 1e-5, name
