@@ -14,3 +14,10 @@ if [ "$WHAT" = generate ] || [ "$WHAT" = all ]; then
   python3 bench/generate.py --dim 2048 --n_layers 16 --n_heads 16 --n_kv_heads 8 --dtype bf16 --new_tokens 128 \
       --batches 1,16,64,384 --device cuda --e2e True
 fi
+if [ "$WHAT" = train ] || [ "$WHAT" = all ]; then
+  python3 bench/train_step.py --dim 2048 --n_layers 16 --n_heads 16 --n_kv_heads 8 --seq_len 2048 --batch 4 \
+      --dtype bf16 --device cuda
+  # a 7B-shaped model with LoRA at batch 4 x 1024: does it fit one 80 GB GPU (ours only)
+  python3 bench/train_step.py --modes lora --dim 4096 --n_layers 32 --n_heads 32 --n_kv_heads 32 --seq_len 1024 \
+      --batch 4 --dtype bf16 --device cuda --steps 3 --sides ours
+fi

@@ -71,6 +71,12 @@ class _LoRAMixin:
     lora_dropout: nn.Module
     merged: bool = False
 
+    def _lora_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Dropout (Identity when 0: free), then fp32 for the adapter unless autocast casts anyway
+        (an explicit cast there would copy the activation twice)."""
+        x = self.lora_dropout(x)
+        return x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.dtype)
+
     def _delta_weight_local(self) -> torch.Tensor:
         """This rank's B @ A * scaling in the base weight's local shape."""
         return (self.lora_B @ self.lora_A) * self.lora_scaling
@@ -93,7 +99,7 @@ class LoRAColumnParallelLinear(_LoRAMixin, ColumnParallelLinear):
         y = super().forward(x)
         if self.merged:
             return y
-        h = F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A)
+        h = F.linear(self._lora_input(x), self.lora_A)
         delta = F.linear(copy_to_tp(h), self.lora_B)
         return y + (delta * self.lora_scaling).to(y.dtype)
 
@@ -103,7 +109,7 @@ class LoRARowParallelLinear(_LoRAMixin, RowParallelLinear):
         y = super().forward(x)
         if self.merged:
             return y
-        h = reduce_from_tp(F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A))
+        h = reduce_from_tp(F.linear(self._lora_input(x), self.lora_A))
         return y + (F.linear(h, self.lora_B) * self.lora_scaling).to(y.dtype)
 
 
