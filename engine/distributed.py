@@ -42,13 +42,12 @@ def setup(tp_size: int | None = None, device: str | None = None, own: bool = Tru
     """Initialise torch.distributed and fairscale's model-parallel groups (idempotent).
 
     tp_size: tensor-parallel size; default the whole world (pure tensor parallelism, as the seeds).
-    device: "cuda" / "cpu"; default CUDA when available. NCCL on CUDA, gloo on CPU.
+    device: "cuda" / "cpu" / None (see resolve_device). NCCL on CUDA, gloo on CPU.
     own: teardown() may destroy what this call creates (False for a long-lived host, e.g. tests).
     """
     from fairscale.nn.model_parallel import initialize as mpu
 
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     if "RANK" not in os.environ:  # single process without torchrun
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
@@ -79,6 +78,30 @@ def setup(tp_size: int | None = None, device: str | None = None, own: bool = Tru
                     tp_rank=mpu.get_model_parallel_rank(), tp_size=tp_size,
                     dp_rank=mpu.get_data_parallel_rank(), dp_size=mpu.get_data_parallel_world_size(),
                     device=dev)
+
+
+def resolve_device(requested: str | None) -> str:
+    """The device of this process: --device cpu|cuda, or by default CUDA when every process on this
+    node has a GPU of its own (CPU when the machine has none). A process group that already exists
+    (a host that set one up, e.g. a test) decides: gloo means CPU."""
+    from engine.errors import UserError
+
+    if requested not in (None, "cpu", "cuda"):
+        raise UserError(f"--device {requested!r} is not cpu or cuda")
+    if requested is None and dist.is_initialized():
+        return "cpu" if dist.get_backend() == "gloo" else "cuda"
+    if requested == "cpu":
+        return "cpu"
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus == 0:
+        if requested == "cuda":
+            raise UserError("--device cuda but this machine shows no GPU; pass --device cpu to run on the CPU")
+        return "cpu"
+    procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if procs > gpus:
+        raise UserError(f"{procs} processes on this node but only {gpus} GPU(s): start at most {gpus} per node "
+                        f"(torchrun --nproc_per_node {gpus}), or pass --device cpu to run all {procs} on the CPU")
+    return "cuda"
 
 
 _OWNED: list = []  # set when setup() created the process group (a launcher's own run)

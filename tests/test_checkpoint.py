@@ -207,3 +207,25 @@ def test_from_hf_reads_pytorch_model_bin(tmp_path, dist1):
     x = torch.randint(0, 256, (2, 20))
     with torch.no_grad():
         assert (model(x) - hf(x).logits).abs().max() <= 1e-4
+
+
+def test_device_choice_sentences(monkeypatch):
+    """--device: more processes than GPUs, CUDA without a GPU, or an unknown device end in one sentence
+    saying what to pass (checked here with the GPU count faked; tests/test_cuda.py runs it for real)."""
+    from engine.distributed import resolve_device
+
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(UserError, match="is not cpu or cuda"):
+        resolve_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="shows no GPU; pass --device cpu"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(UserError) as e:
+        resolve_device("cuda")
+    assert str(e.value) == ("2 processes on this node but only 1 GPU(s): start at most 1 per node "
+                            "(torchrun --nproc_per_node 1), or pass --device cpu to run all 2 on the CPU")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert resolve_device("cuda") == "cuda"
