@@ -92,9 +92,9 @@ def main(batches="1,64,384", dim: int = 512, n_layers: int = 4, n_heads: int = 8
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from engine import checkpoint as ck
     from engine import distributed
     from engine.generation import SamplingParams, generate, make_runner
+    from engine.lora import load_for_inference
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
@@ -107,7 +107,7 @@ def main(batches="1,64,384", dim: int = 512, n_layers: int = 4, n_heads: int = 8
     tmp = tempfile.mkdtemp()
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp)
     hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dt).to(device).eval()
-    ours = ck.load_model(tmp, dtype=dt, device=info.device).eval()
+    ours = load_for_inference(tmp, None, dt, info.device)[0].eval()  # as infer.py loads it
     bandwidth = read_bandwidth(device, 4 * 1024 ** 3 if device == "cuda" else 512 * 1024 ** 2)
     element = torch.tensor([], dtype=dt).element_size()
     # a decode step reads every weight once except the embedding table (one row per token)

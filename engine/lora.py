@@ -354,4 +354,5 @@ def load_for_inference(ckpt_dir: str, lora_dir: Optional[str], dtype, device):
     if lora_dir:
         load_lora_into(model, lora_dir)
         merge_lora(model)
+    model.fuse_projections()
     return model, ckpt_dir

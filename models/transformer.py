@@ -173,13 +173,19 @@ class Attention(nn.Module):
         self.wv = ColumnParallelLinear(args.dim, kv_out, bias=args.qkv_bias, gather_output=False, init_method=_keep)
         self.wo = RowParallelLinear(args.n_heads * args.head_dim, args.dim, bias=False, input_is_parallel=True,
                                     init_method=_keep)
+        self.fused = None  # (weight, bias) of q/k/v in one matrix, see Transformer.fuse_projections
 
     def forward(self, x, cos, sin, positions, mask, cache: Optional[KVCache], kv_len: Optional[int],
                 cache_rows: Optional[torch.Tensor] = None):
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        if self.fused is not None:
+            q, k, v = F.linear(x, *self.fused).split([self.wq.weight.shape[0], self.wk.weight.shape[0],
+                                                     self.wv.weight.shape[0]], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.unflatten(-1, (self.n_local_heads, self.head_dim))
+        k = k.unflatten(-1, (self.n_local_kv_heads, self.head_dim))
+        v = v.unflatten(-1, (self.n_local_kv_heads, self.head_dim))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             cache.write(self.layer_id, positions, k, v, cache_rows)
@@ -216,9 +222,28 @@ class FeedForward(nn.Module):
         self.w1 = ColumnParallelLinear(args.dim, args.hidden_dim, bias=False, gather_output=False, init_method=_keep)
         self.w2 = RowParallelLinear(args.hidden_dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep)
         self.w3 = ColumnParallelLinear(args.dim, args.hidden_dim, bias=False, gather_output=False, init_method=_keep)
+        self.fused = None  # (weight, None) of w1/w3 in one matrix, see Transformer.fuse_projections
 
     def forward(self, x):
+        if self.fused is not None:
+            gate, up = F.linear(x, *self.fused).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def _fuse_columns(linears) -> tuple:
+    """One matrix (and bias) stacking column-parallel layers' local weights on the output dimension;
+    the layers' parameters become views into it, so it costs no memory."""
+    weight = torch.cat([m.weight.detach() for m in linears])
+    bias = torch.cat([m.bias.detach() for m in linears]) if linears[0].bias is not None else None
+    start = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight.data = weight[start:start + n]
+        if bias is not None:
+            m.bias.data = bias[start:start + n]
+        start += n
+    return weight, bias
 
 
 class Expert(nn.Module):
@@ -362,6 +387,20 @@ class Transformer(nn.Module):
             self.train_calls.append(CompiledCall(call, "decoder block") if compile else call)
             self.eval_calls.append(CompiledCall(layer, "decoder block") if compile else layer)
         self.checkpoint_policy = (checkpoint, n_checkpointed)
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """For inference: q/k/v, and gate/up, of each layer as one matrix each, so a decode step runs
+        fewer, larger matmuls (each layer's input is read once per group). Same weights: the separate
+        parameters become views of the fused ones. Layers with an unmerged LoRA adapter stay apart."""
+        for layer in self.layers:
+            parts = [layer.attention.wq, layer.attention.wk, layer.attention.wv]
+            if not any(getattr(m, "lora_A", None) is not None and not m.merged for m in parts):
+                layer.attention.fused = _fuse_columns(parts)
+            ffn = layer.feed_forward
+            if isinstance(ffn, FeedForward) and not any(getattr(m, "lora_A", None) is not None and not m.merged
+                                                        for m in (ffn.w1, ffn.w3)):
+                ffn.fused = _fuse_columns([ffn.w1, ffn.w3])
 
     @property
     def gradient_checkpointing(self) -> bool:

@@ -96,13 +96,14 @@ def _check_decode_paths(paths, ref, family):
 def test_static_decode_step_matches_eager_and_hf_tp1(models, family, dist1, tiny_tokenizer):
     """The step a CUDA graph captures (static shapes, KV buckets, dense MoE, tokens read back every
     3 steps) gives HF's greedy tokens and the eager path's sampled tokens; Dynamo traces it whole."""
-    from engine.checkpoint import load_model
+    from engine.lora import load_for_inference
     from tests.model_checks import decode_paths
 
     root, data, refs = models
     hf_dir, ref = refs[family]
     tok = load_tokenizer(tiny_tokenizer)
-    model = load_model(hf_dir).eval()
+    model = load_for_inference(hf_dir, None, torch.float32, "cpu")[0].eval()  # q/k/v and gate/up fused, as infer.py
+    assert model.layers[0].attention.fused is not None
     _check_decode_paths(decode_paths(model, [tok.encode(q) for q in QUESTIONS], [tok.eos_id], NEW), ref, family)
 
 

@@ -6,7 +6,7 @@ import sys
 import torch
 
 from engine import distributed
-from engine.checkpoint import load_model
+from engine.lora import load_for_inference
 from tests.model_checks import decode_paths
 
 
@@ -14,7 +14,7 @@ def main(jobs_file):
     info = distributed.setup()
     torch.set_num_threads(1)
     for job in json.load(open(jobs_file)):
-        model = load_model(job["ckpt"]).eval()
+        model = load_for_inference(job["ckpt"], None, torch.float32, "cpu")[0].eval()  # fused, as infer.py
         result = decode_paths(model, job["prompts"], job["stop_ids"], job["new_tokens"])
         if info.is_main:
             json.dump(result, open(job["out"], "w"))
