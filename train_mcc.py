@@ -22,7 +22,7 @@ def main(task: str, ckpt_dir: str, save_dir: str, train_file: str, label_file: s
          eval_at_start: bool = False, max_eval_examples: int = 0, log_every: int = 1, resume: bool = False,
          checkpoint_activations: bool = False, deepspeed: str = None, tp_size: int = None, max_steps: int = 0,
          exit_after_steps: int = 0, alpha: float = 0.01, temperature: float = 1.0, num_rationales: int = 2,
-         recompute_spans: bool = False):
+         recompute_spans: bool = False, keep_wrong_rationales: bool = False):
     run_training("mcc", **locals())
 
 

@@ -316,7 +316,10 @@ class Transformer(nn.Module):
     def logits(self, h: torch.Tensor, gather: bool = True) -> torch.Tensor:
         """Project hidden states to the vocabulary. gather=False keeps this rank's vocabulary shard
         [..., vocab / tp] (for vocabulary-parallel losses)."""
-        local = F.linear(copy_to_model_parallel_region(h), self.head_weight)
+        if self.output is not None:  # called as a module, so a LoRA adapter on the head takes part
+            local = self.output(h)
+        else:
+            local = F.linear(copy_to_model_parallel_region(h), self.head_weight)
         return gather_from_model_parallel_region(local) if gather and self.tp_size > 1 else local
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, positions: Optional[torch.Tensor] = None,
