@@ -53,8 +53,8 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        elif self.done > self.start_done:
-            self._line()  # where the loop ended
+        elif self.done > self.start_done and time.time() - self.start >= self.interval:
+            self._line()  # where a long loop ended (a quick one is not worth a line)
 
 
 def progress(iterable, total: int, desc: str, unit: str, show: bool = True, leave: bool = True):
