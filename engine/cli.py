@@ -81,10 +81,14 @@ def _coerce(name: str, value, kind, default, argv):
     if kind is str:
         if isinstance(value, str):
             return value
-        raw = _raw_flag_text(name, argv)  # e.g. --stop 5, --lora_targets wq,wk
-        if raw is None or value is True:
+        if value is True:  # `--name` followed by another flag
             raise UserError(f"--{name} needs a value")
-        return raw
+        raw = _raw_flag_text(name, argv)  # e.g. --stop 5, --lora_targets wq,wk
+        if raw is not None:
+            return raw
+        if isinstance(value, (int, float)):  # given positionally
+            return str(value)
+        raise UserError(f"--{name} must be a string, not {value!r}")
     return value
 
 
