@@ -58,8 +58,10 @@ def _check_resume(output_file: str, meta_path: str, meta: dict) -> None:
                         f"({old.get('data_file')}); choose another output file to start afresh")
     for key in SETTINGS:
         if old.get(key) != meta.get(key):
-            raise UserError(f"--output_file {output_file} was written with --{key} {old.get(key)!r}, not "
-                            f"{meta.get(key)!r}; rerun with the same flags to resume it")
+            flag = "the precision (--use_float16 / --use_bfloat16)" if key == "dtype" else f"--{key}"
+            raise UserError(f"--output_file {output_file} was written with {flag} {old.get(key)!r}, not "
+                            f"{meta.get(key)!r}; rerun with the same flags to resume it, or choose another "
+                            f"output file")
 
 
 def _resolve_template(template, ckpt_dir: str, lora_dir: str) -> str:

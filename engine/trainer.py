@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -261,10 +260,7 @@ class Trainer:
         group; the learning-rate schedule stays on our torch optimizer, whose param_groups ZeRO uses."""
         if self.info.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        try:
-            import deepspeed
-        except ImportError:
-            raise UserError(f"--deepspeed {config_path} needs the deepspeed package (pip install deepspeed)") from None
+        import deepspeed  # present: run_training checked before loading anything
         from fairscale.nn.model_parallel import initialize as mpu
 
         if self.kv_sync.params:

@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 import checkpoint_split as cks
 import infer
@@ -267,8 +266,8 @@ def test_infer_resume_compares_every_flag_that_changes_a_line(env, tmp_path, dis
                template="none", max_new_tokens=4, progress=False)
     infer.generate(**job)
     before = (tmp_path / "o.jsonl").read_text()
-    for change, flag in [({"task": "ARITH"}, "--task"), ({"use_bfloat16": True}, "--dtype"),
-                         ({"output_tokens": True}, "--output_tokens")]:
+    for change, flag in [({"task": "ARITH"}, "--task"), ({"output_tokens": True}, "--output_tokens"),
+                         ({"use_bfloat16": True}, "the precision (--use_float16 / --use_bfloat16)")]:
         assert _error(infer.generate, **job, **change).startswith(f"--output_file {tmp_path / 'o.jsonl'} was written with {flag} ")
     assert (tmp_path / "o.jsonl").read_text() == before
     infer.generate(**job, batch_size=1)  # a flag that changes no line resumes
