@@ -144,7 +144,7 @@ def run_training(kind: str, **flags) -> None:
     dtype = dtype_from_flags(f["use_float16"], f["use_bfloat16"])
     format_prompt("", f["template"])
     if kind == "mcc":  # flag checks that need no model
-        MCCTask.check(f["alpha"], f["temperature"])
+        MCCTask.check(f["alpha"], f["temperature"], f["num_rationales"])
     for name in ("eval_batch_size", "max_new_tokens"):
         if f[name] < 1:
             raise UserError(f"--{name} must be >= 1, got {f[name]}")

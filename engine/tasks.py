@@ -56,9 +56,11 @@ class MCCTask:
         self.pad_id = data.tok.padding_id
 
     @staticmethod
-    def check(alpha: float, temperature: float) -> None:
+    def check(alpha: float, temperature: float, num_rationales: int = 2) -> None:
         from engine.errors import UserError
 
+        if num_rationales < 2:
+            raise UserError(f"--num_rationales must be >= 2, got {num_rationales}")
         if alpha < 0:
             raise UserError(f"--alpha must be >= 0, got {alpha}")
         if temperature <= 0:
