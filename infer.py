@@ -16,8 +16,9 @@ import time
 
 from engine.cli import run_cli
 
-SETTINGS = ("ckpt_dir", "lora_dir", "template", "max_new_tokens", "temperature", "top_p", "top_k", "num_samples",
-            "seed", "stop", "long_prompts")
+# Every flag that changes what an output line holds: a resumed file must have been written with the same.
+SETTINGS = ("ckpt_dir", "lora_dir", "template", "task", "dtype", "max_new_tokens", "temperature", "top_p", "top_k",
+            "num_samples", "seed", "stop", "long_prompts", "output_tokens")
 
 
 def _sha256(path: str) -> str:
@@ -57,13 +58,33 @@ def _check_resume(output_file: str, meta_path: str, meta: dict) -> None:
                         f"({old.get('data_file')}); choose another output file to start afresh")
     for key in SETTINGS:
         if old.get(key) != meta.get(key):
-            raise UserError(f"--output_file {output_file} was written with --{key} {old.get(key)!r}, not "
-                            f"{meta.get(key)!r}; rerun with the same flags to resume it")
+            flag = "the precision (--use_float16 / --use_bfloat16)" if key == "dtype" else f"--{key}"
+            raise UserError(f"--output_file {output_file} was written with {flag} {old.get(key)!r}, not "
+                            f"{meta.get(key)!r}; rerun with the same flags to resume it, or choose another "
+                            f"output file")
+
+
+def _resolve_template(template, ckpt_dir: str, lora_dir: str) -> str:
+    """--template when given, else the one recorded with the checkpoint (or its LoRA adapter) by
+    training, else "default"."""
+    from engine.data import format_prompt, recorded_template
+
+    recorded, where = recorded_template(lora_dir, ckpt_dir)
+    main = os.environ.get("RANK", "0") == "0"
+    if template is None:
+        template = recorded or "default"
+        if recorded and main:
+            print(f"using the prompt template {template!r} recorded with {where}", flush=True)
+    elif recorded and template != recorded and main:
+        print(f"warning: --template {template} differs from the template {recorded!r} that {where} was "
+              f"trained with", flush=True)
+    format_prompt("", template)  # an unknown name ends here, before anything loads
+    return template
 
 
 def generate(ckpt_dir: str, data_file: str, output_file: str, task: str = None, batch_size: int = 32,
              max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-             num_samples: int = 1, template: str = "default", seed: int = 0, use_float16: bool = False,
+             num_samples: int = 1, template: str = None, seed: int = 0, use_float16: bool = False,
              use_bfloat16: bool = False, lora_dir: str = None, stop: str = None, long_prompts: str = "skip",
              prefill_tokens: int = 16384, progress: bool = True, output_tokens: bool = False, compile: bool = True):
     """Generate responses for every record of data_file; one JSON line per record in output_file.
@@ -79,7 +100,7 @@ def generate(ckpt_dir: str, data_file: str, output_file: str, task: str = None, 
         top_p: nucleus sampling mass in (0, 1].
         top_k: sample from the k most likely tokens only (0: off).
         num_samples: responses per record, sampled independently (seeded by --seed and the record).
-        template: prompt template: default (instruction / response) or none (the instruction verbatim after BOS).
+        template: prompt template: default (instruction / response) or none (verbatim after BOS); default: the checkpoint's.
         seed: sampling seed.
         use_float16: run in fp16.
         use_bfloat16: run in bf16.
@@ -96,155 +117,171 @@ def generate(ckpt_dir: str, data_file: str, output_file: str, task: str = None, 
     from engine import distributed
     from engine.data import format_prompt, read_records
     from engine.errors import UserError
-    from engine.evaluation import Accuracy, check_task, extract_answer, is_correct
+    from engine.evaluation import Accuracy, check_task, extract_answer, is_correct, parse_label
+    from engine.fileio import atomic_open, atomic_write_text, disk_errors
     from engine.generation import Request, SamplingParams, StopStrings, fit_prompt, generate_stream, request_seed
+    from engine.lock import own_output
     from engine.lora import load_for_inference
     from engine.precision import dtype_from_flags
-    from engine.tokenizer import load_tokenizer
+    from engine.tokenizer import check_tokenizer_fits, load_tokenizer
 
     if temperature < 0:
         raise UserError(f"--temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise UserError(f"--top_p must be in (0, 1], got {top_p}")
-    if num_samples < 1 or batch_size < 1 or max_new_tokens < 1:
-        raise UserError("--num_samples, --batch_size and --max_new_tokens must be >= 1")
+    if top_k < 0:
+        raise UserError(f"--top_k must be >= 0 (0: off), got {top_k}")
+    for name, value in (("num_samples", num_samples), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens),
+                        ("prefill_tokens", prefill_tokens)):
+        if value < 1:
+            raise UserError(f"--{name} must be >= 1, got {value}")
     if long_prompts not in ("skip", "truncate"):
         raise UserError(f"--long_prompts must be skip or truncate, got {long_prompts!r}")
+    if os.path.isdir(output_file):
+        raise UserError(f"--output_file {output_file} is a directory")
     task = check_task(task) if task else None
     stops = [s for s in (stop.split(",") if isinstance(stop, str) else list(stop or [])) if s]
     dtype = dtype_from_flags(use_float16, use_bfloat16)
     records = read_records(data_file)
-    meta_path = output_file + ".meta.json"
-    meta = {"data_file": os.path.abspath(data_file), "data_sha256": _sha256(data_file), "ckpt_dir": ckpt_dir,
-            "lora_dir": lora_dir, "template": template, "max_new_tokens": max_new_tokens,
-            "temperature": temperature, "top_p": top_p, "top_k": top_k, "num_samples": num_samples, "seed": seed,
-            "stop": stops, "long_prompts": long_prompts}
-    resuming = os.path.exists(output_file)
-    if resuming:
-        _check_resume(output_file, meta_path, meta)
+    template = _resolve_template(template, ckpt_dir, lora_dir)
     info = distributed.setup()
-    model, base_dir = load_for_inference(ckpt_dir, lora_dir, dtype, info.device)
-    model.eval()
-    tok = load_tokenizer(base_dir)
-    done = {}
-    if info.is_main:
+    lock = own_output(output_file + ".lock", f"--output_file {output_file}", info)
+    try:
+        meta_path = output_file + ".meta.json"
+        meta = {"data_file": os.path.abspath(data_file), "data_sha256": _sha256(data_file), "ckpt_dir": ckpt_dir,
+                "lora_dir": lora_dir, "template": template, "task": task, "dtype": str(dtype).replace("torch.", ""),
+                "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+                "num_samples": num_samples, "seed": seed, "stop": stops, "long_prompts": long_prompts,
+                "output_tokens": output_tokens}
+        resuming = os.path.exists(output_file)  # decided while this job owns the file
         if resuming:
-            done = _read_done(output_file)
+            _check_resume(output_file, meta_path, meta)
+        if task and info.is_main:
+            from engine.evaluation import label_warning, unreadable_labels
+
+            bad = unreadable_labels(records, task)
+            if bad:
+                print(label_warning(bad, len(records), task, data_file), flush=True)
+        model, base_dir = load_for_inference(ckpt_dir, lora_dir, dtype, info.device)
+        model.eval()
+        tok = load_tokenizer(base_dir)
+        check_tokenizer_fits(tok, model.args.vocab_size, base_dir)
+        done = {}
+        if info.is_main:
+            with disk_errors(output_file):
+                if resuming:
+                    done = _read_done(output_file)
+                else:
+                    atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+                    open(output_file, "w").close()
+        if info.world_size > 1:  # every rank generates the same remaining records
+            box = [sorted(done)]
+            torch.distributed.broadcast_object_list(box, src=0)
+            todo_skip = set(box[0])
         else:
-            from engine.fileio import atomic_write_text
+            todo_skip = set(done)
 
-            atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
-            open(output_file, "w").close()
-    if info.world_size > 1:  # every rank generates the same remaining records
-        box = [sorted(done)]
-        torch.distributed.broadcast_object_list(box, src=0)
-        todo_skip = set(box[0])
-    else:
-        todo_skip = set(done)
+        limit = max(1, model.args.max_seq_len - max_new_tokens)
+        stop_strings = StopStrings(tok, stops) if stops else None
+        stop_ids = [tok.eos_id] if tok.eos_id is not None else []
+        out_f = open(output_file, "a", encoding="utf-8") if info.is_main else None
+        prompts, requests, skipped, truncated = {}, [], 0, 0
 
-    limit = max(1, model.args.max_seq_len - max_new_tokens)
-    stop_strings = StopStrings(tok, stops) if stops else None
-    stop_ids = [tok.eos_id] if tok.eos_id is not None else []
-    out_f = open(output_file, "a", encoding="utf-8") if info.is_main else None
-    prompts, requests, skipped, truncated = {}, [], 0, 0
+        def line_for(i: int, texts, finishes, error=None, token_ids=None) -> dict:
+            rec = records[i]
+            one = num_samples == 1
+            line = {"id": rec.get("id", i), "index": i, "instruction": rec["instruction"], "prompt": prompts[i],
+                    "output": texts[0] if one else texts, "finish": finishes[0] if one else finishes}
+            if output_tokens:
+                token_ids = token_ids or [[] for _ in texts]
+                line["tokens"] = token_ids[0] if one else token_ids
+            if error:
+                line["error"] = error
+            if "label" in rec:
+                line["label"] = rec["label"]
+            if task:
+                preds = [extract_answer(t, task) for t in texts]
+                oks = [is_correct(p, rec.get("label"), task) for p in preds]
+                line["prediction"], line["correct"] = (preds[0], oks[0]) if num_samples == 1 else (preds, oks)
+            return line
 
-    def line_for(i: int, texts, finishes, error=None, token_ids=None) -> dict:
-        rec = records[i]
-        one = num_samples == 1
-        line = {"id": rec.get("id", i), "index": i, "instruction": rec["instruction"], "prompt": prompts[i],
-                "output": texts[0] if one else texts, "finish": finishes[0] if one else finishes}
-        if output_tokens:
-            token_ids = token_ids or [[] for _ in texts]
-            line["tokens"] = token_ids[0] if one else token_ids
-        if error:
-            line["error"] = error
-        if "label" in rec:
-            line["label"] = rec["label"]
-        if task:
-            preds = [extract_answer(t, task) for t in texts]
-            oks = [is_correct(p, rec.get("label"), task) for p in preds]
-            line["prediction"], line["correct"] = (preds[0], oks[0]) if num_samples == 1 else (preds, oks)
-        return line
+        def write(line: dict) -> None:
+            if out_f:
+                with disk_errors(output_file):
+                    out_f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                    out_f.flush()
 
-    def write(line: dict) -> None:
-        if out_f:
-            out_f.write(json.dumps(line, ensure_ascii=False) + "\n")
-            out_f.flush()
-
-    for i, rec in enumerate(records):
-        if i in todo_skip:
-            continue
-        prompts[i] = format_prompt(rec["instruction"], template)
-        ids = tok.encode(prompts[i])
-        if len(ids) > limit:
-            if long_prompts == "skip":
-                skipped += 1
-                write(line_for(i, [""] * num_samples, ["skipped"] * num_samples,
-                               error=f"prompt of {len(ids)} tokens exceeds {limit} (max_seq_len "
-                                     f"{model.args.max_seq_len} - max_new_tokens {max_new_tokens})"))
+        for i, rec in enumerate(records):
+            if i in todo_skip:
                 continue
-            truncated += 1
-            ids = fit_prompt(ids, limit, tok.bos_id)
-        for k in range(num_samples):
-            requests.append(Request((i, k), ids, request_seed(seed, i, k)))
+            prompts[i] = format_prompt(rec["instruction"], template)
+            ids = tok.encode(prompts[i])
+            if len(ids) > limit:
+                if long_prompts == "skip":
+                    skipped += 1
+                    write(line_for(i, [""] * num_samples, ["skipped"] * num_samples,
+                                   error=f"prompt of {len(ids)} tokens exceeds {limit} (max_seq_len "
+                                         f"{model.args.max_seq_len} - max_new_tokens {max_new_tokens})"))
+                    continue
+                truncated += 1
+                ids = fit_prompt(ids, limit, tok.bos_id)
+            for k in range(num_samples):
+                requests.append(Request((i, k), ids, request_seed(seed, i, k)))
 
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                            seed=seed)
-    pending = {}
-    n_new_tokens, start = 0, time.time()
-    bar = None
-    if info.is_main and progress:
-        from tqdm import tqdm
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                seed=seed)
+        pending = {}
+        n_new_tokens, start = 0, time.time()
+        bar = None
+        if info.is_main and progress:
+            from engine.progress import Progress
 
-        bar = tqdm(total=len(requests), desc="generating", unit="seq", dynamic_ncols=True,
-                   mininterval=0.5 if sys.stderr.isatty() else 10.0)
-    for c in generate_stream(model, requests, params, batch_size, stop_ids, stop_strings, prefill_tokens,
-                             compile=None if compile else False):
-        i, k = c.key
-        n_new_tokens += len(c.tokens)
-        text = tok.decode([t for t in c.tokens if t not in stop_ids])
-        if stop_strings:
-            text = stop_strings.cut(text)
-        pending.setdefault(i, {})[k] = (text, c.finish, c.tokens)
-        if len(pending[i]) == num_samples:
-            samples = [pending[i][k] for k in range(num_samples)]
-            del pending[i]
-            write(line_for(i, [s[0] for s in samples], [s[1] for s in samples], token_ids=[s[2] for s in samples]))
+            bar = Progress(len(requests), "generating", "seq")
+        for c in generate_stream(model, requests, params, batch_size, stop_ids, stop_strings, prefill_tokens,
+                                 compile=None if compile else False):
+            i, k = c.key
+            n_new_tokens += len(c.tokens)
+            text = tok.decode([t for t in c.tokens if t not in stop_ids])
+            if stop_strings:
+                text = stop_strings.cut(text)
+            pending.setdefault(i, {})[k] = (text, c.finish, c.tokens)
+            if len(pending[i]) == num_samples:
+                samples = [pending[i][k] for k in range(num_samples)]
+                del pending[i]
+                write(line_for(i, [s[0] for s in samples], [s[1] for s in samples], token_ids=[s[2] for s in samples]))
+            if bar is not None:
+                bar.update(1)
         if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    wall = time.time() - start
-    if out_f:
-        out_f.close()
-        lines = sorted(_read_done(output_file).values(), key=lambda r: r["index"])
-        from engine.fileio import atomic_open
-
-        with atomic_open(output_file, "w") as f:  # the finished file is in input order
-            for line in lines:
-                f.write(json.dumps(line, ensure_ascii=False) + "\n")
-        summary = {"records": len(lines), "generated_this_run": len(records) - len(todo_skip) - skipped,
-                   "skipped_long_prompts": sum(1 for r in lines if r.get("error")),
-                   "truncated_prompts": truncated, "new_tokens": n_new_tokens,
-                   "tokens_per_s": round(n_new_tokens / max(wall, 1e-9), 1), "wall_s": round(wall, 2)}
-        if task:
-            acc = Accuracy()
-            for r in lines:
-                for p, ok in zip(*(([r["prediction"]], [r["correct"]]) if num_samples == 1 else (r["prediction"], r["correct"]))):
-                    acc.total += 1
-                    acc.correct += bool(ok)
-                    acc.unparsable += p is None
-            summary.update(acc.as_dict())
-        meta.update(complete=len(lines) == len(records), summary=summary)
-        from engine.fileio import atomic_write_text
-
-        atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
-        print(json.dumps(summary), flush=True)
+            bar.close()
+        wall = time.time() - start
+        if out_f:
+            out_f.close()
+            lines = sorted(_read_done(output_file).values(), key=lambda r: r["index"])
+            with atomic_open(output_file, "w") as f:  # the finished file is in input order
+                for line in lines:
+                    f.write(json.dumps(line, ensure_ascii=False) + "\n")
+            summary = {"records": len(lines), "generated_this_run": len(records) - len(todo_skip) - skipped,
+                       "skipped_long_prompts": sum(1 for r in lines if r.get("error")),
+                       "truncated_prompts": truncated, "new_tokens": n_new_tokens,
+                       "tokens_per_s": round(n_new_tokens / max(wall, 1e-9), 1), "wall_s": round(wall, 2)}
+            if task:
+                acc = Accuracy()
+                for r in lines:
+                    readable = parse_label(records[r["index"]].get("label"), task) is not None
+                    for p, ok in zip(*(([r["prediction"]], [r["correct"]]) if num_samples == 1 else (r["prediction"], r["correct"]))):
+                        acc.count(p, ok, readable)
+                summary.update(acc.as_dict())
+            meta.update(complete=len(lines) == len(records), summary=summary)
+            atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+            print(json.dumps(summary), flush=True)
+    finally:
+        if lock is not None:
+            lock.release()
     distributed.barrier()
     distributed.teardown()
 
 
-def score(ckpt_dir: str, data_file: str, output_file: str, batch_size: int = 16, template: str = "default",
+def score(ckpt_dir: str, data_file: str, output_file: str, batch_size: int = 16, template: str = None,
           lora_dir: str = None, use_float16: bool = False, use_bfloat16: bool = False, include_eos: bool = True):
     """Per-record log-likelihood of `output` given `instruction`: sum and mean over the output tokens.
 
@@ -253,7 +290,7 @@ def score(ckpt_dir: str, data_file: str, output_file: str, batch_size: int = 16,
         data_file: records with 'instruction' and 'output' (a string, or a list: one score each).
         output_file: JSON lines in input order: id, index, sum_logprob, mean_logprob, n_tokens (lists for list outputs).
         batch_size: sequences per forward pass.
-        template: prompt template: default or none.
+        template: prompt template: default or none; default: the one recorded with the checkpoint.
         lora_dir: a LoRA adapter merged into the weights.
         use_float16: run in fp16.
         use_bfloat16: run in bf16.
@@ -266,16 +303,23 @@ def score(ckpt_dir: str, data_file: str, output_file: str, batch_size: int = 16,
     from engine.fileio import atomic_open
     from engine.lora import load_for_inference
     from engine.objectives import token_cross_entropy
+    from engine.errors import UserError
     from engine.precision import dtype_from_flags
-    from engine.tokenizer import load_tokenizer
+    from engine.tokenizer import check_tokenizer_fits, load_tokenizer
 
+    if batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1, got {batch_size}")
+    if os.path.isdir(output_file):
+        raise UserError(f"--output_file {output_file} is a directory")
     dtype = dtype_from_flags(use_float16, use_bfloat16)
     records = read_records(data_file)
     validate_training_records(records, data_file)
+    template = _resolve_template(template, ckpt_dir, lora_dir)
     info = distributed.setup()
     model, base_dir = load_for_inference(ckpt_dir, lora_dir, dtype, info.device)
     model.eval()
     tok = load_tokenizer(base_dir)
+    check_tokenizer_fits(tok, model.args.vocab_size, base_dir)
     items = []  # (record index, output index, input ids, labels)
     truncated = 0
     for i, rec in enumerate(records):

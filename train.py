@@ -17,7 +17,7 @@ def main(task: str, ckpt_dir: str, save_dir: str, train_file: str, label_file: s
          accumulation_steps: int = 1, max_seq_len: int = 1024, max_new_tokens: int = 256, template: str = "default",
          seed: int = 0, save_every: int = 0, keep_checkpoints: int = 2, eval_every: int = 0,
          eval_at_start: bool = False, max_eval_examples: int = 0, log_every: int = 1, resume: bool = False,
-         checkpoint_activations: bool = False, deepspeed: str = None, tp_size: int = None, max_steps: int = 0,
+         checkpoint_activations=False, deepspeed: str = None, tp_size: int = None, max_steps: int = 0,
          exit_after_steps: int = 0, compile: bool = None, checkpoint_fraction: float = 1.0):
     run_training("sft", **locals())
 

@@ -20,9 +20,10 @@ def main(task: str, ckpt_dir: str, save_dir: str, train_file: str, label_file: s
          accumulation_steps: int = 1, max_seq_len: int = 1024, max_new_tokens: int = 256, template: str = "default",
          seed: int = 0, save_every: int = 0, keep_checkpoints: int = 2, eval_every: int = 0,
          eval_at_start: bool = False, max_eval_examples: int = 0, log_every: int = 1, resume: bool = False,
-         checkpoint_activations: bool = False, deepspeed: str = None, tp_size: int = None, max_steps: int = 0,
+         checkpoint_activations=False, deepspeed: str = None, tp_size: int = None, max_steps: int = 0,
          exit_after_steps: int = 0, compile: bool = None, checkpoint_fraction: float = 1.0, alpha: float = 0.01,
-         temperature: float = 1.0, num_rationales: int = 2, recompute_spans: bool = False):
+         temperature: float = 1.0, num_rationales: int = 2, recompute_spans: bool = False,
+         keep_wrong_rationales: bool = False):
     run_training("mcc", **locals())
 
 

@@ -5,11 +5,12 @@
 RAW: the seed's format (a JSON list of {"instruction", "output": [rationales], "label"}, e.g.
 shared/data/mcc/SVAMP/train.json) or the JSON lines of `infer.py --num_samples K`. For every
 question: keep the rationales whose extracted answer equals the label, drop duplicates, find the
-answer span of each with the student's tokenizer, keep the largest set whose spans have the same
-token length, and choose the `num_rationales` most diverse of them (lowest pairwise word n-gram
+answer span of each with the student's tokenizer, keep the largest set whose spans are the same
+tokens, and choose the `num_rationales` most diverse of them (lowest pairwise word n-gram
 Jaccard similarity). Writes {"instruction", "output": [...], "label", "indices": [[s, e], ...]}
 (indices: [start, end) of the answer tokens within each rationale's own tokens) and prints how
-many questions and rationales were kept and why the others were dropped.
+many questions and rationales were kept and why the others were dropped. An existing output file
+is never replaced unless --overwrite True, and never when it is the input file.
 """
 from __future__ import annotations
 
@@ -60,10 +61,14 @@ def prepare(records: List[dict], tokenizer, num_rationales: int, task: str, n: i
             raise DataError(f"{path} record {i} lacks the key 'instruction'")
         raw = rec.get("output")
         raw = raw if isinstance(raw, list) else [raw] if isinstance(raw, str) else []
+        for j, text in enumerate(raw):
+            if not isinstance(text, str):
+                raise DataError(f"{path} record {i}: 'output' item {j} is {type(text).__name__ if text is not None else 'null'}, "
+                                f"not a rationale (a string)")
         r_stats["in"] += len(raw)
         seen, correct = set(), []
         for text in raw:
-            text = (text or "").strip()
+            text = text.strip()
             if not is_correct(extract_answer(text, task), rec["label"], task):
                 r_stats["wrong answer"] += 1
             elif text in seen:
@@ -71,22 +76,22 @@ def prepare(records: List[dict], tokenizer, num_rationales: int, task: str, n: i
             else:
                 seen.add(text)
                 correct.append(text)
-        spans = {}
+        spans, ids_of = {}, {}
         for text in correct:
-            ids = tokenizer.encode(text, bos=False, eos=True)
-            span = find_answer_span(tokenizer, ids, text, rec["label"])
+            ids_of[text] = tokenizer.encode(text, bos=False, eos=True)
+            span = find_answer_span(tokenizer, ids_of[text], text, rec["label"])
             if span is None:
                 r_stats["no answer span"] += 1
             else:
                 spans[text] = span
-        by_len = {}
+        by_tokens = {}  # rationales are paired only when their answer spans are the same tokens
         for text, (s, e) in spans.items():
-            by_len.setdefault(e - s, []).append(text)
-        group = max(by_len.values(), key=len, default=[])
-        r_stats["span length differs"] += len(spans) - len(group)
+            by_tokens.setdefault(tuple(ids_of[text][s:e]), []).append(text)
+        group = max(by_tokens.values(), key=len, default=[])
+        r_stats["answer spelt with other tokens"] += len(spans) - len(group)
         if len(group) < 2:
             reason = ("no correct rationale" if not correct else "one correct rationale" if len(correct) == 1
-                      else "fewer than 2 rationales with equal answer spans")
+                      else "fewer than 2 rationales with the same answer tokens")
             q_stats[reason] += 1
             r_stats["question dropped"] += len(group)
             continue
@@ -100,7 +105,7 @@ def prepare(records: List[dict], tokenizer, num_rationales: int, task: str, n: i
 
 
 def main(input_file: str, output_file: str, tokenizer: str, num_rationales: int = 3, task: str = "GSM8K",
-         ngram: int = 3):
+         ngram: int = 3, overwrite: bool = False):
     """Filter, diversify and span-annotate raw teacher rationales into an MCC-KD training file.
 
     Args:
@@ -110,6 +115,7 @@ def main(input_file: str, output_file: str, tokenizer: str, num_rationales: int 
         num_rationales: rationales kept per question (the most diverse ones).
         task: GSM8K / SVAMP / ASDiv / CSQA / ARITH: how answers are read to check them against the label.
         ngram: word n-gram size of the Jaccard diversity measure.
+        overwrite: replace an existing output_file (never the input_file itself).
     """
     from engine.data import DataError, read_records
     from engine.evaluation import check_task
@@ -118,6 +124,13 @@ def main(input_file: str, output_file: str, tokenizer: str, num_rationales: int 
 
     if num_rationales < 2:
         raise DataError(f"--num_rationales must be >= 2, got {num_rationales}")
+    if os.path.exists(output_file):
+        if os.path.exists(input_file) and os.path.samefile(input_file, output_file):
+            raise DataError(f"--output_file {output_file} is the --input_file; write the training file elsewhere")
+        if os.path.isdir(output_file):
+            raise DataError(f"--output_file {output_file} is a directory")
+        if not overwrite:
+            raise DataError(f"--output_file {output_file} already exists; pass --overwrite True to replace it")
     task = check_task(task)
     tok = load_tokenizer(tokenizer)
     records = read_records(input_file, required=())

@@ -22,12 +22,16 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from engine.data import TEMPLATE_FILE
 from engine.errors import UserError
 from engine.fileio import SafetensorsWriter, atomic_torch_save, atomic_write_text, staged_directory
 from models.args import ConfigError, ModelArgs
 
 NATIVE_FORMAT = "cot-engine"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Files that travel with the weights through every conversion: the tokenizer, and the prompt template
+# a trained checkpoint records (engine.data.TEMPLATE_FILE).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   TEMPLATE_FILE)
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -515,11 +519,9 @@ def _check_save_dir(save_dir: str, overwrite: bool) -> None:
 
 
 def _progress(iterable, total, desc, show):
-    if not show:
-        return iterable
-    from tqdm import tqdm
+    from engine.progress import progress
 
-    return tqdm(iterable, total=total, desc=desc, unit="tensor", leave=False)
+    return progress(iterable, total, desc, "tensor", show, leave=False)
 
 
 def tokenizer_files_for(path: str) -> List[str]:
@@ -640,9 +642,11 @@ def write_hf(src: Source, save_dir: str, dtype: Optional[torch.dtype] = None, ov
         current.append(sp)
         size += nbytes
     files.append(current)
+    from engine.progress import Progress
+
     with staged_directory(save_dir, overwrite) as stage:
         weight_map = {}
-        bar = _progress(None, len(specs), "writing HF weights", progress)
+        bar = Progress(len(specs), "writing HF weights", "tensor", leave=False) if progress else None
         for i, group in enumerate(files):
             fname = "model.safetensors" if len(files) == 1 else f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
             layout = [(names[sp.key][0], dtypes[sp.key], sp.shape) for sp in group]
@@ -657,6 +661,8 @@ def write_hf(src: Source, save_dir: str, dtype: Optional[torch.dtype] = None, ov
             except BaseException:
                 w.abort()
                 raise
+        if bar is not None:
+            bar.close()
         if len(files) > 1:
             total = sum(torch.Size(sp.shape).numel() * torch.tensor([], dtype=dtypes[sp.key]).element_size()
                         for sp in specs)

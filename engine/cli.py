@@ -1,17 +1,28 @@
 """Shared launcher plumbing: fire, strict flags, and one-sentence errors for user mistakes."""
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import sys
+import time
+import typing
 
 from engine.errors import UserError
 
+# Under torchrun, a rank other than 0 waits this long before printing its error and exiting: rank 0,
+# which usually fails with the same sentence, prints first and its exit ends the job (torchrun kills
+# the others), so the user reads the sentence once; an error only rank k sees still gets printed.
+RANK_GRACE_S = 3.0
+
 
 def fail(message: str, code: int = 2) -> None:
-    """Print one error sentence (rank 0 only under torchrun) and exit non-zero."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"error: {message}", file=sys.stderr)
+    """Print one error sentence and exit non-zero. torchrun kills every rank as soon as one exits, so
+    each failing rank prints the sentence itself (rank 0 at once, the others after RANK_GRACE_S)
+    instead of counting on rank 0 to still be alive."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        time.sleep(RANK_GRACE_S)
+    print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 
@@ -37,12 +48,80 @@ def unknown_flags(component, argv) -> list:
     return bad
 
 
+def _raw_flag_text(name: str, argv) -> typing.Optional[str]:
+    """The text the user typed after --name (fire has already turned '5' into 5 and 'a,b' into a tuple)."""
+    value = None
+    for i, a in enumerate(argv):
+        for spelling in ("--" + name, "--" + name.replace("_", "-")):
+            if a == spelling and i + 1 < len(argv):
+                value = argv[i + 1]
+            elif a.startswith(spelling + "="):
+                value = a[len(spelling) + 1:]
+    return value
+
+
+def _coerce(name: str, value, kind, default, argv):
+    """`value` as fire parsed it, checked against the flag's annotated type; raises UserError."""
+    if value is None and default is None:
+        return None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise UserError(f"--{name} must be True or False, not {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"--{name} must be a whole number, not {value!r}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"--{name} must be a number, not {value!r}")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        if value is True:  # `--name` followed by another flag
+            raise UserError(f"--{name} needs a value")
+        raw = _raw_flag_text(name, argv)  # e.g. --stop 5, --lora_targets wq,wk
+        if raw is not None:
+            return raw
+        if isinstance(value, (int, float)):  # given positionally
+            return str(value)
+        raise UserError(f"--{name} must be a string, not {value!r}")
+    return value
+
+
+def checked_flags(fn):
+    """Wrap a launcher so every flag is checked against its annotation (int, float, bool, str) before
+    the job runs: `--lr abc` ends in one sentence instead of a TypeError deep inside."""
+    hints = typing.get_type_hints(fn)
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        for name, value in list(bound.arguments.items()):
+            kind = hints.get(name)
+            kind = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # Optional[X] -> X
+            default = sig.parameters[name].default
+            bound.arguments[name] = _coerce(name, value, kind, None if default is inspect.Parameter.empty
+                                            else default, sys.argv)
+        return fn(*bound.args, **bound.kwargs)
+
+    return wrapper
+
+
 def run_cli(component) -> None:
     import fire
 
     bad = unknown_flags(component, sys.argv[1:])
     if bad:
         fail(f"unknown flag {', '.join(bad)}; see --help for the flags this command takes")
+    if isinstance(component, dict):
+        component = {k: checked_flags(v) for k, v in component.items()}
+    else:
+        component = checked_flags(component)
     try:
         fire.Fire(component)
     except UserError as e:

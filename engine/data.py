@@ -24,11 +24,16 @@ def format_prompt(instruction: str, template: str = "default") -> str:
 
 
 def read_records(path: str, required: Sequence[str] = ("instruction",)) -> List[dict]:
-    """A JSON list of objects or JSON lines; every record must hold the `required` string keys."""
+    """A JSON list of objects or JSON lines; every record must hold the `required` keys as non-empty strings."""
     if not os.path.isfile(path):
         raise DataError(f"{path} does not exist")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path} line {line} is not UTF-8 text (byte 0x{raw[e.start]:02x}); save it as UTF-8") from None
     if not text.strip():
         raise DataError(f"{path} is empty")
     records = None
@@ -56,7 +61,37 @@ def read_records(path: str, required: Sequence[str] = ("instruction",)) -> List[
                 raise DataError(f"{path} record {i} lacks the key '{key}'")
             if not isinstance(rec[key], str):
                 raise DataError(f"{path} record {i}: '{key}' must be a string, not {type(rec[key]).__name__}")
+            if not rec[key].strip():
+                raise DataError(f"{path} record {i}: '{key}' is empty")
     return records
+
+
+# The prompt template a model was trained with travels with its checkpoints (best/, checkpoint-N/,
+# and conversions of them), so infer.py formats prompts the same way unless told otherwise.
+TEMPLATE_FILE = "prompt_template.json"
+
+
+def save_template(directory: str, template: str) -> None:
+    from engine.fileio import atomic_write_text
+
+    format_prompt("", template)  # validates the name
+    atomic_write_text(os.path.join(directory, TEMPLATE_FILE),
+                      json.dumps({"template": template, "format": PROMPT_TEMPLATES[template]}) + "\n")
+
+
+def recorded_template(*directories) -> tuple:
+    """(template name, directory) recorded in the first of `directories` that has one, else (None, None)."""
+    for d in directories:
+        path = os.path.join(d, TEMPLATE_FILE) if d and os.path.isdir(d) else None
+        if path and os.path.exists(path):
+            try:
+                name = json.load(open(path))["template"]
+            except (OSError, ValueError, KeyError, TypeError):
+                raise DataError(f"{path} is not a valid prompt template record") from None
+            if name not in PROMPT_TEMPLATES:
+                raise DataError(f"{path} names the template {name!r}, which this version does not know")
+            return name, d
+    return None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,9 +115,14 @@ def validate_training_records(records: List[dict], path: str, need_label: bool =
         if isinstance(out, list):
             if not out or not all(isinstance(o, str) for o in out):
                 raise DataError(f"{path} record {i}: 'output' must be a string or a non-empty list of strings")
+            empty = [j for j, o in enumerate(out) if not o.strip()]
+            if empty:
+                raise DataError(f"{path} record {i}: 'output' item {empty[0]} is empty")
         elif not isinstance(out, str):
             raise DataError(f"{path} record {i}: 'output' must be a string or a list of strings, "
                             f"not {type(out).__name__}")
+        elif not out.strip():
+            raise DataError(f"{path} record {i}: 'output' is empty")
         if need_label and "label" not in rec:
             raise DataError(f"{path} record {i} lacks the key 'label'")
 
@@ -179,26 +219,26 @@ def answer_char_span(text: str, answer: str):
     ("1,234" for 1234). None when the answer does not appear."""
     import re
 
-    from engine.evaluation import _NUMBER, _to_number
+    from engine.evaluation import _to_number, number_mentions
 
     answer = str(answer).strip()
     if not answer:
         return None
     target = _to_number(answer)
-    if target is not None:
-        hits = [m for m in _NUMBER.finditer(text) if _to_number(m.group()) is not None
-                and abs(_to_number(m.group()) - target) <= 1e-6 * max(1.0, abs(target))]
-        hits = [m for m in hits if not (m.end() < len(text) and text[m.end()] == "." and text[m.end() + 1:m.end() + 2].isdigit())]
+    if target is not None:  # digits or words ("twelve"), but not the 18 of "18.5"
+        hits = [(s, e) for s, e, v in number_mentions(text, words=True)
+                if abs(v - target) <= 1e-6 * max(1.0, abs(target))
+                and not (text[e:e + 1] == "." and text[e + 1:e + 2].isdigit())]
     else:
-        hits = list(re.finditer(r"(?<![\w])" + re.escape(answer) + r"(?![\w])", text))
+        hits = [m.span() for m in re.finditer(r"(?<![\w])" + re.escape(answer) + r"(?![\w])", text)]
     if not hits:
         return None
     phrase = list(re.finditer(r"answer\s*(?:is|:|=)", text, re.IGNORECASE))
     if phrase:
-        after = [m for m in hits if m.start() >= phrase[-1].end()]
+        after = [h for h in hits if h[0] >= phrase[-1].end()]
         if after:
-            return after[0].span()
-    return hits[-1].span()
+            return after[0]
+    return hits[-1]
 
 
 def find_answer_span(tokenizer, response_ids: Sequence[int], text: str, answer: str):
@@ -234,38 +274,50 @@ def span_spells(tokenizer, ids: Sequence[int], s: int, e: int, answer: str) -> b
 class MultiRationaleData:
     """Questions with several teacher rationales each (MCC-KD). Per epoch each question contributes
     `num_rationales` of its rationales (a seeded draw by (seed, epoch, question)) whose answer spans
-    have the same token length, so every pair among them can be compared token for token.
+    are the same tokens, so every pair among them can be compared token for token (an answer spelt
+    `▁C` in one rationale and `C` in another is never paired).
 
-    Spans come from the record's `indices` when present (validated: the tokens there must spell the
-    answer) or are found automatically. Questions with fewer than 2 usable rationales are dropped
-    and counted, never failing mid-epoch."""
+    With a `task`, rationales whose extracted answer differs from the label are dropped and counted
+    (their "span" would be some intermediate number), unless `keep_wrong`. Spans come from the
+    record's `indices` when present (validated: the tokens there must spell the answer) or are found
+    automatically. Questions with fewer than 2 usable rationales are dropped and counted, never
+    failing mid-epoch."""
 
     def __init__(self, records: List[dict], tokenizer, max_seq_len: int, template: str = "default",
-                 seed: int = 0, path: str = "train_file", num_rationales: int = 2, use_file_indices: bool = True):
+                 seed: int = 0, path: str = "train_file", num_rationales: int = 2, use_file_indices: bool = True,
+                 task: str = None, keep_wrong: bool = False):
+        from engine.evaluation import extract_answer, is_correct
+
         if num_rationales < 2:
             raise DataError(f"--num_rationales must be >= 2, got {num_rationales}")
         validate_training_records(records, path, need_label=True)
         self.tok, self.max_seq_len, self.seed, self.k = tokenizer, max_seq_len, seed, num_rationales
-        self.records = records
+        self.records, self.filter_answers = records, bool(task) and not keep_wrong
         self.prompts, self.responses, self.spans, self.groups = [], [], [], []
-        self.stats = {"questions": len(records), "rationales": 0, "no_span": 0, "too_long": 0,
-                      "dropped_questions": 0}
+        self.stats = {"questions": len(records), "rationales": 0, "wrong_answer": 0, "no_span": 0, "too_long": 0,
+                      "other_span_tokens": 0, "dropped_questions": 0}
         for i, rec in enumerate(records):
             prompt = tokenizer.encode(format_prompt(rec["instruction"], template), bos=True)
             outs = rec["output"] if isinstance(rec["output"], list) else [rec["output"]]
             resp = [tokenizer.encode(o, bos=False, eos=True) for o in outs]
-            spans = [self._span(i, j, prompt, r, o, rec, path) if use_file_indices else
-                     find_answer_span(tokenizer, r, o, rec["label"]) for j, (r, o) in enumerate(zip(resp, outs))]
             self.stats["rationales"] += len(outs)
-            by_len = {}
-            for j, sp in enumerate(spans):
+            spans, by_tokens = [], {}
+            for j, (r, o) in enumerate(zip(resp, outs)):
+                if self.filter_answers and not is_correct(extract_answer(o, task), rec["label"], task):
+                    self.stats["wrong_answer"] += 1
+                    spans.append(None)
+                    continue
+                sp = self._span(i, j, prompt, r, o, rec, path) if use_file_indices else \
+                    find_answer_span(tokenizer, r, o, rec["label"])
+                spans.append(sp)
                 if sp is None:
                     self.stats["no_span"] += 1
                 elif len(prompt) + sp[1] > max_seq_len:
                     self.stats["too_long"] += 1
                 else:
-                    by_len.setdefault(sp[1] - sp[0], []).append(j)
-            best = max(by_len.values(), key=len, default=[])
+                    by_tokens.setdefault(tuple(r[sp[0]:sp[1]]), []).append(j)
+            best = max(by_tokens.values(), key=len, default=[])
+            self.stats["other_span_tokens"] += sum(map(len, by_tokens.values())) - len(best)
             self.prompts.append(prompt)
             self.responses.append(resp)
             self.spans.append(spans)
@@ -273,12 +325,14 @@ class MultiRationaleData:
         self.keep = [i for i, g in enumerate(self.groups) if g]
         self.stats["dropped_questions"] = len(records) - len(self.keep)
         if not self.keep:
-            raise DataError(f"{path}: no question has 2 or more rationales with a findable answer span "
-                            f"of equal length ({self.stats})")
+            raise DataError(f"{path}: no question has 2 or more correct rationales whose answer spans are the "
+                            f"same tokens ({self.describe()})")
 
     def _span(self, i, j, prompt, resp, text, rec, path):
-        """The file's indices for rationale j (response-relative, or counted over BOS + prompt +
-        response as the seed's files do), validated; found automatically when the file has none."""
+        """The file's indices for rationale j, validated; found automatically when the file has none.
+        Understood: positions within the rationale's own tokens, or counted over the whole sequence as
+        the MCC-KD authors' files are (BOS + instruction + rationale, the instruction raw or in our
+        template), with an exclusive or inclusive end."""
         raw = rec.get("indices")
         if raw is None:
             return find_answer_span(self.tok, resp, text, rec["label"])
@@ -292,14 +346,16 @@ class MultiRationaleData:
                             f"(rationale {j} has none)") from None
         chars = answer_char_span(text, rec["label"])
         answer = text[chars[0]:chars[1]] if chars else str(rec["label"])
-        for off in (0, len(prompt)):  # response-relative first, then full-sequence positions
+        raw_prompt = len(self.tok.encode(rec["instruction"], bos=True))
+        for off in dict.fromkeys((0, len(prompt), raw_prompt)):  # response-relative, then whole-sequence positions
             for end in (e, e + 1):  # exclusive end, or inclusive as some files write it
                 if span_spells(self.tok, resp, s - off, end - off, answer):
                     return s - off, end - off
-        if not (0 <= s < e <= len(prompt) + len(resp)):
+        if not (0 <= s < e <= max(len(prompt), raw_prompt) + len(resp)):
             raise DataError(f"{path} record {i}: indices [{s}, {e}] of rationale {j} are out of range")
         raise DataError(f"{path} record {i}: indices [{s}, {e}] of rationale {j} do not spell the answer "
-                        f"{rec['label']!r}")
+                        f"{rec['label']!r}, counted within the rationale or over BOS + instruction + rationale; "
+                        f"pass --recompute_spans True to find the spans anew")
 
     def __len__(self) -> int:
         return len(self.keep)
@@ -322,6 +378,10 @@ class MultiRationaleData:
 
     def describe(self) -> str:
         st = self.stats
+        wrong = (f"{st['wrong_answer']} reach another answer than the label (dropped; --keep_wrong_rationales "
+                 f"True keeps them), " if self.filter_answers else "")
         return (f"{len(self.keep)} of {st['questions']} questions usable ({st['dropped_questions']} dropped with "
-                f"fewer than 2 rationales of equal answer-span length); of {st['rationales']} rationales, "
-                f"{st['no_span']} without a findable answer span, {st['too_long']} with the span cut by --max_seq_len")
+                f"fewer than 2 rationales whose answer spans are the same tokens); of {st['rationales']} "
+                f"rationales, {wrong}{st['no_span']} without a findable answer span, {st['too_long']} with the "
+                f"span cut by --max_seq_len, {st['other_span_tokens']} spelling the answer with other tokens "
+                f"than the rest")

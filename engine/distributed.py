@@ -55,7 +55,10 @@ def setup(tp_size: int | None = None, device: str | None = None, own: bool = Tru
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     tp_size = world if tp_size in (None, 0, -1) else int(tp_size)
     if tp_size < 1 or world % tp_size:
-        raise ValueError(f"--tp_size={tp_size} does not divide the world size {world}")
+        from engine.errors import UserError
+
+        raise UserError(f"--tp_size {tp_size} does not divide the {world} process(es) of this run; pass a divisor "
+                        f"of {world} (or leave --tp_size out for {world}-way tensor parallelism)")
 
     if device == "cuda":
         torch.cuda.set_device(local_rank)

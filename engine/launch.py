@@ -1,6 +1,7 @@
 """What the training launchers share: model + LoRA set-up, evaluation data, the trainer run."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -37,8 +38,11 @@ def build_model(ckpt_dir: str, model_type: Optional[str], lora_rank: int, lora_a
     return model, lora_cfg
 
 
-def read_eval_records(label_file: Optional[str], max_examples: int = 0):
+def read_eval_records(label_file: Optional[str], max_examples: int = 0, task: Optional[str] = None):
+    """The evaluation records; labels that cannot be read for `task` are counted in a warning (they
+    score wrong and appear as unparsable_labels in the evaluation lines)."""
     from engine.data import read_records
+    from engine.evaluation import label_warning, unreadable_labels
 
     if not label_file:
         return None
@@ -46,7 +50,11 @@ def read_eval_records(label_file: Optional[str], max_examples: int = 0):
     for i, r in enumerate(records):
         if "label" not in r:
             raise UserError(f"{label_file} record {i} lacks the key 'label'")
-    return records[:max_examples] if max_examples > 0 else records
+    records = records[:max_examples] if max_examples > 0 else records
+    bad = unreadable_labels(records, task) if task else []
+    if bad and os.environ.get("RANK", "0") == "0":
+        print(label_warning(bad, len(records), task, label_file), flush=True)
+    return records
 
 
 def report_data(data, path: str, info) -> None:
@@ -71,7 +79,7 @@ TRAIN_FLAG_DOCS = {
     "lora_rank": "LoRA rank (> 0 with a lora- model type); -1 for full fine-tuning.",
     "lora_alpha": "LoRA alpha (scaling alpha / rank); default: the rank.",
     "lora_dropout": "dropout on the LoRA input.",
-    "lora_targets": "comma-separated projections to adapt: wq,wk,wv,wo (attention), w1,w2,w3 (MLP).",
+    "lora_targets": "comma-separated projections to adapt: wq,wk,wv,wo (attention), w1,w2,w3 (MLP), output (head).",
     "eval_batch_size": "sequences decoded together during evaluation.",
     "epochs": "passes over the training data.",
     "use_float16": "fp16 compute with dynamic loss scaling (overflowing steps are skipped).",
@@ -85,7 +93,7 @@ TRAIN_FLAG_DOCS = {
     "accumulation_steps": "micro-batches per optimizer step.",
     "max_seq_len": "cut longer sequences (counted and reported).",
     "max_new_tokens": "generation budget during evaluation.",
-    "template": "prompt template: default or none.",
+    "template": "prompt template: default or none (recorded with every saved checkpoint for infer.py).",
     "seed": "seed of LoRA initialisation, data order and dropout.",
     "save_every": "also save a checkpoint every N steps (always at each epoch end).",
     "keep_checkpoints": "how many checkpoint-N directories to keep (0: all).",
@@ -105,6 +113,7 @@ TRAIN_FLAG_DOCS = {
     "temperature": "softening temperature T of the answer-span distributions.",
     "num_rationales": "rationales per question per step (>= 2); every pair among them is compared.",
     "recompute_spans": "ignore the file's indices and find the answer spans anew.",
+    "keep_wrong_rationales": "also train on rationales whose answer differs from the label (dropped by default).",
 }
 
 
@@ -120,41 +129,29 @@ def document(fn, summary: str):
 
 
 def run_training(kind: str, **flags) -> None:
-    """The whole run behind train.py (kind="sft") and train_mcc.py (kind="mcc")."""
+    """The whole run behind train.py (kind="sft") and train_mcc.py (kind="mcc"): every flag is
+    checked before the process group forms, the job then owns save_dir (a second job on it stops at
+    once), and only then do the model and data load."""
     from engine import distributed
-    from engine.data import MultiRationaleData, SFTData, read_records
+    from engine.data import MultiRationaleData, SFTData, format_prompt, read_records
     from engine.evaluation import GenerationEvaluator, check_task
+    from engine.lock import own_output
     from engine.precision import dtype_from_flags
     from engine.tasks import MCCTask, SFTTask
-    from engine.tokenizer import load_tokenizer
+    from engine.tokenizer import check_tokenizer_fits, load_tokenizer
     from engine.trainer import TrainConfig, Trainer
 
     f = flags
     task = check_task(f["task"])
     dtype = dtype_from_flags(f["use_float16"], f["use_bfloat16"])
+    format_prompt("", f["template"])
     if kind == "mcc":  # flag checks that need no model
-        MCCTask.check(f["alpha"], f["temperature"])
-    records = read_records(f["train_file"])
-    eval_records = read_eval_records(f["label_file"], f["max_eval_examples"])
-    info = distributed.setup(f["tp_size"])
-    tok = load_tokenizer(f["ckpt_dir"])
-    model, lora_cfg = build_model(f["ckpt_dir"], f["model_type"], f["lora_rank"], f["lora_alpha"], f["lora_dropout"],
-                                  f["lora_targets"], dtype, info, f["seed"])
-    max_len = min(f["max_seq_len"], model.args.max_seq_len)
-    if kind == "mcc":
-        data = MultiRationaleData(records, tok, max_len, f["template"], f["seed"], f["train_file"],
-                                  f["num_rationales"], not f["recompute_spans"])
-        if info.is_main:
-            print(f"{f['train_file']}: {data.describe()}", flush=True)
-        job = MCCTask(data, info.device, f["alpha"], f["temperature"])
-    else:
-        data = SFTData(records, tok, max_len, f["template"], f["seed"], f["train_file"])
-        report_data(data, f["train_file"], info)
-        job = SFTTask(data, info.device)
-    evaluator = None
-    if eval_records:
-        evaluator = GenerationEvaluator(eval_records, tok, task, info, f["eval_batch_size"], f["max_new_tokens"],
-                                        f["template"])
+        MCCTask.check(f["alpha"], f["temperature"], f["num_rationales"])
+    for name in ("eval_batch_size", "max_new_tokens"):
+        if f[name] < 1:
+            raise UserError(f"--{name} must be >= 1, got {f[name]}")
+    if f["max_seq_len"] < 2:
+        raise UserError(f"--max_seq_len must be >= 2, got {f['max_seq_len']}")
     cfg = TrainConfig(save_dir=f["save_dir"], epochs=f["epochs"], max_batch_size=f["max_batch_size"],
                       accumulation_steps=f["accumulation_steps"], lr=f["lr"], min_lr_ratio=f["min_lr_ratio"],
                       weight_decay=f["weight_decay"], warmup_steps=f["warmup_steps"], schedule=f["schedule"],
@@ -164,7 +161,41 @@ def run_training(kind: str, **flags) -> None:
                       eval_at_start=f["eval_at_start"], log_every=f["log_every"], resume=f["resume"],
                       checkpoint_activations=f["checkpoint_activations"],
                       checkpoint_fraction=f["checkpoint_fraction"], compile=f["compile"])
-    meta = {"launcher": "train_mcc.py" if kind == "mcc" else "train.py", **{k: v for k, v in f.items()}}
-    trainer = Trainer(model, job, cfg, info, tok, evaluator, lora_cfg, f["ckpt_dir"], f["deepspeed"], run_meta=meta)
-    trainer.fit()
+    if f["deepspeed"]:
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UserError(f"--deepspeed {f['deepspeed']} needs the deepspeed package (pip install deepspeed)")
+    records = read_records(f["train_file"])
+    eval_records = read_eval_records(f["label_file"], f["max_eval_examples"], task)
+    info = distributed.setup(f["tp_size"])
+    lock = own_output(os.path.join(f["save_dir"], ".lock"), f"--save_dir {f['save_dir']}", info, make_dir=True)
+    try:
+        tok = load_tokenizer(f["ckpt_dir"])
+        model, lora_cfg = build_model(f["ckpt_dir"], f["model_type"], f["lora_rank"], f["lora_alpha"],
+                                      f["lora_dropout"], f["lora_targets"], dtype, info, f["seed"])
+        check_tokenizer_fits(tok, model.args.vocab_size, f["ckpt_dir"])
+        max_len = min(f["max_seq_len"], model.args.max_seq_len)
+        if kind == "mcc":
+            data = MultiRationaleData(records, tok, max_len, f["template"], f["seed"], f["train_file"],
+                                      f["num_rationales"], not f["recompute_spans"], task,
+                                      f["keep_wrong_rationales"])
+            if info.is_main:
+                print(f"{f['train_file']}: {data.describe()}", flush=True)
+            job = MCCTask(data, info.device, f["alpha"], f["temperature"])
+        else:
+            data = SFTData(records, tok, max_len, f["template"], f["seed"], f["train_file"])
+            report_data(data, f["train_file"], info)
+            job = SFTTask(data, info.device)
+        evaluator = None
+        if eval_records:
+            evaluator = GenerationEvaluator(eval_records, tok, task, info, f["eval_batch_size"], f["max_new_tokens"],
+                                            f["template"])
+        meta = {"launcher": "train_mcc.py" if kind == "mcc" else "train.py", **{k: v for k, v in f.items()}}
+        trainer = Trainer(model, job, cfg, info, tok, evaluator, lora_cfg, f["ckpt_dir"], f["deepspeed"],
+                          run_meta=meta, template=f["template"])
+        trainer.fit()
+    finally:
+        if lock is not None:
+            lock.release()
     distributed.teardown()

@@ -5,6 +5,7 @@ Column-parallel layer (q/k/v, gate/up): A [r, in] replicated, B [out/tp, r] shar
   ranks send back through their B shards, so A's gradient is complete and equal on every rank.
 Row-parallel layer (o, down): A [r, in/tp] sharded like the base input, its output all-reduced,
   B [out, r] replicated.
+The output head (target `output`, column-parallel over the vocabulary) is adapted like q/k/v.
 Scaling alpha / r as in peft; B starts at zero, A as peft's kaiming-uniform, drawn in full from a
 seed and the weight's name and then sliced, so any tensor-parallel size starts from the same adapter.
 LoRA weights stay fp32 whatever the base precision. Merging is local on each rank.
@@ -27,9 +28,10 @@ from torch import nn
 from engine.errors import UserError
 from models.parallel import ColumnParallelLinear, RowParallelLinear, copy_to_tp, reduce_from_tp
 
-ALL_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+ALL_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # the default: every projection of every layer
+KNOWN_TARGETS = ALL_TARGETS + ("output",)  # the output head too, as the MCC-KD authors' LoRA does
 HF_TARGET_NAMES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj",
-                   "w2": "down_proj", "w3": "up_proj"}
+                   "w2": "down_proj", "w3": "up_proj", "output": "lm_head"}
 
 
 @dataclass
@@ -47,9 +49,9 @@ class LoRAConfig:
             self.alpha = float(self.rank)
         if isinstance(self.targets, str):
             self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
-        bad = [t for t in self.targets if t not in ALL_TARGETS]
+        bad = [t for t in self.targets if t not in KNOWN_TARGETS]
         if bad or not self.targets:
-            raise UserError(f"--lora_targets {','.join(bad) or '(empty)'} not among {', '.join(ALL_TARGETS)}")
+            raise UserError(f"--lora_targets {','.join(bad) or '(empty)'} not among {', '.join(KNOWN_TARGETS)}")
         if not 0 <= self.dropout < 1:
             raise UserError(f"--lora_dropout must be in [0, 1), got {self.dropout}")
         self.targets = tuple(self.targets)
@@ -124,6 +126,9 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> List[str]:
     """Freeze the model and add LoRA to the targeted projections; returns the names of LoRA layers.
     Mixture-of-experts FFNs keep their experts frozen (LoRA goes on attention there)."""
     rank = get_model_parallel_rank()
+    if "output" in cfg.targets and model.output is None:
+        raise UserError("--lora_targets output: this model ties its output head to the token embeddings; "
+                        "leave output out of --lora_targets")
     for p in model.parameters():
         p.requires_grad_(False)
     device = next(model.parameters()).device
@@ -187,6 +192,14 @@ def _module_path(target: str) -> str:
     return f"attention.{target}" if target in ("wq", "wk", "wv", "wo") else f"feed_forward.{target}"
 
 
+def _column(key: str, out_dim: int, args, cfg: "LoRAConfig", kv: bool = False):
+    """A column-parallel layer's LoRA: A replicated, B sharded on its output rows like the base."""
+    from engine.checkpoint import WeightSpec
+
+    return [WeightSpec(key + ".lora_A", (cfg.rank, args.dim), None),
+            WeightSpec(key + ".lora_B", (out_dim, cfg.rank), 0, kv=kv)]
+
+
 def lora_specs(args, cfg: LoRAConfig):
     """WeightSpecs of every LoRA tensor in full (unsharded) coordinates."""
     from engine.checkpoint import WeightSpec
@@ -199,13 +212,16 @@ def lora_specs(args, cfg: LoRAConfig):
         for t in cfg.targets:
             if args.n_experts and t in ("w1", "w2", "w3"):
                 continue  # experts stay frozen
+            if t == "output":
+                continue
             key = f"layers.{i}.{_module_path(t)}"
-            if t in out_dims:  # column-parallel: B sharded on its output rows
-                specs.append(WeightSpec(key + ".lora_A", (cfg.rank, args.dim), None))
-                specs.append(WeightSpec(key + ".lora_B", (out_dims[t], cfg.rank), 0, kv=t in ("wk", "wv")))
+            if t in out_dims:
+                specs += _column(key, out_dims[t], args, cfg, kv=t in ("wk", "wv"))
             else:  # row-parallel: A sharded on its input columns
                 specs.append(WeightSpec(key + ".lora_A", (cfg.rank, in_dims[t]), 1))
                 specs.append(WeightSpec(key + ".lora_B", (args.dim, cfg.rank), None))
+    if "output" in cfg.targets and not args.tie_embeddings:
+        specs += _column("output", args.vocab_size, args, cfg)
     return specs
 
 
@@ -257,12 +273,15 @@ def open_lora(directory: str, args=None):
     from models.args import ModelArgs
 
     cfg, base = read_lora_config(directory)
+    from engine.data import TEMPLATE_FILE
+
     files = sorted(glob.glob(os.path.join(directory, "lora.*.safetensors")))
     if not files:
         raise CheckpointError(f"{directory} holds no lora.NN.safetensors files")
     if args is None:
         args = ModelArgs.load(os.path.join(directory, "params.json"))
-    return ShardedSource(files, args, directory, specs=lora_specs(args, cfg)), cfg, base
+    template = [p for p in [os.path.join(directory, TEMPLATE_FILE)] if os.path.exists(p)]  # travels on merges
+    return ShardedSource(files, args, directory, template, specs=lora_specs(args, cfg)), cfg, base
 
 
 def load_lora_into(model: nn.Module, directory: str) -> LoRAConfig:
@@ -283,7 +302,7 @@ class MergedSource:
     def __init__(self, base, lora_src, cfg: LoRAConfig):
         self.base, self.lora, self.cfg = base, lora_src, cfg
         self.args, self.description = base.args, f"{base.description} + LoRA"
-        self.tokenizer_files = base.tokenizer_files
+        self.tokenizer_files = base.tokenizer_files + lora_src.tokenizer_files  # the adapter's prompt template
         self._lora = {sp.key: sp for sp in lora_src.specs()}
 
     def specs(self):

@@ -5,14 +5,29 @@ import json
 import os
 
 
-def read_metrics(metrics_path: str):
-    """metrics.jsonl -> (step records, evaluation records)."""
-    steps, evals = [], []
+def read_metric_lines(metrics_path: str) -> list:
+    """The records of metrics.jsonl ([] when absent). A line cut short by a killed run (only the last
+    can be) is left out instead of making the file unreadable."""
+    if not os.path.exists(metrics_path):
+        return []
+    out = []
     with open(metrics_path) as f:
         for line in f:
             if line.strip():
-                rec = json.loads(line)
-                (evals if rec.get("eval") else steps).append(rec)
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(rec, dict) and "step" in rec:
+                    out.append(rec)
+    return out
+
+
+def read_metrics(metrics_path: str):
+    """metrics.jsonl -> (step records, evaluation records)."""
+    steps, evals = [], []
+    for rec in read_metric_lines(metrics_path):
+        (evals if rec.get("eval") else steps).append(rec)
     return steps, evals
 
 
@@ -30,6 +45,25 @@ def summarize_metrics(metrics_path: str) -> dict:
         out["first_accuracy"], out["final_accuracy"] = evals[0]["accuracy"], evals[-1]["accuracy"]
         out["best_accuracy"] = max(e["accuracy"] for e in evals)
     return out
+
+
+def still_rising(evals: list, total_steps: int, margin: float = 0.02):
+    """(earlier, last) evaluation records when accuracy was still climbing at the end of a run: the
+    last evaluation beats the one closest to 90% of the steps by more than `margin`; else None."""
+    if len(evals) < 2 or not total_steps:
+        return None
+    last = evals[-1]
+    earlier = min(evals[:-1], key=lambda e: abs(e["step"] - 0.9 * total_steps))
+    return (earlier, last) if last["accuracy"] - earlier["accuracy"] > margin else None
+
+
+def rising_note(evals: list, total_steps: int) -> str:
+    rising = still_rising(evals, total_steps)
+    if not rising:
+        return ""
+    a, b = rising
+    return (f"accuracy was still rising at the end ({a['accuracy']:.3f} at step {a['step']}, {b['accuracy']:.3f} "
+            f"at step {b['step']}): more steps would likely raise it")
 
 
 def write_run_report(save_dir: str) -> str:
@@ -52,6 +86,9 @@ def write_run_report(save_dir: str) -> str:
         lines.append(f"| accuracy, first evaluation | {m['first_accuracy']:.3f} |")
         lines.append(f"| accuracy, last evaluation | {m['final_accuracy']:.3f} |")
         lines.append(f"| best accuracy (kept in best/) | {m['best_accuracy']:.3f} |")
+        note = rising_note(m["evals"], cfg.get("total_steps") or m["steps"])
+        if note:
+            lines += ["", f"**Note:** {note}."]
     lines += ["", "![training curves](curves.png)", ""]
     path = os.path.join(save_dir, "report.md")
     atomic_write_text(path, "\n".join(lines))

@@ -7,7 +7,16 @@ from typing import Dict, List
 import torch
 
 from engine.data import IGNORE, SFTData, pad_batch
-from engine.objectives import head_cross_entropy, mcc_kl_sum, to_device
+from engine.objectives import head_cross_entropy, mcc_kl_sum, to_device, token_cross_entropy
+
+
+def response_cross_entropy(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token CE of the labelled positions: chunk by chunk from the hidden states (no
+    full logits), or from the logits when the head is not one matrix (LoRA dropout on the head)."""
+    head = model.head_matrix()
+    if head is None:
+        return token_cross_entropy(model.logits(hidden, gather=False), labels)
+    return head_cross_entropy(hidden, head, labels)
 
 
 @dataclass
@@ -43,7 +52,7 @@ class SFTTask:
 
     def loss_sums(self, model, batch: Batch) -> Dict[str, torch.Tensor]:
         hidden = model.forward_hidden(batch.inputs)
-        return {"ce": head_cross_entropy(hidden, model.head_weight, batch.labels)}
+        return {"ce": response_cross_entropy(model, hidden, batch.labels)}
 
 
 class MCCTask:
@@ -57,9 +66,11 @@ class MCCTask:
         self.pad_id = data.tok.padding_id
 
     @staticmethod
-    def check(alpha: float, temperature: float) -> None:
+    def check(alpha: float, temperature: float, num_rationales: int = 2) -> None:
         from engine.errors import UserError
 
+        if num_rationales < 2:
+            raise UserError(f"--num_rationales must be >= 2, got {num_rationales}")
         if alpha < 0:
             raise UserError(f"--alpha must be >= 0, got {alpha}")
         if temperature <= 0:
@@ -93,4 +104,4 @@ class MCCTask:
         hidden = model.forward_hidden(batch.inputs)
         kl = mcc_kl_sum(lambda rows, pos: model.logits(hidden[rows, pos]), batch.extra["pairs"], self.temperature,
                         hidden.device)
-        return {"ce": head_cross_entropy(hidden, model.head_weight, batch.labels), "kl": kl}
+        return {"ce": response_cross_entropy(model, hidden, batch.labels), "kl": kl}

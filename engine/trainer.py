@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -31,6 +30,7 @@ from engine import distributed
 from engine.data import epoch_batches
 from models.transformer import CHECKPOINT_POLICIES
 from engine.errors import UserError
+from engine.fileio import atomic_torch_save, atomic_write_text
 from engine.objectives import to_device
 
 
@@ -57,12 +57,45 @@ class TrainConfig:
     eval_at_start: bool = False
     log_every: int = 1
     resume: bool = False
-    checkpoint_activations: object = False  # False / "none", True / "full", "selective"
+    checkpoint_activations: object = False  # False / "none", True / "full", "selective" (-> the policy name)
     checkpoint_fraction: float = 1.0  # of the layers, from the first
     compile: Optional[bool] = None  # regional torch.compile of the blocks; None: on CUDA
     bucket: bool = True
     progress: bool = True
     plot: bool = True
+
+    def __post_init__(self):
+        """Every setting is checked here, before any model loads: one sentence per mistake."""
+        minimum = {"max_batch_size": 1, "accumulation_steps": 1, "log_every": 1, "epochs": 0, "max_steps": 0,
+                   "exit_after_steps": 0, "warmup_steps": 0, "save_every": 0, "keep_checkpoints": 0, "eval_every": 0}
+        for name, low in minimum.items():
+            if getattr(self, name) < low:
+                raise UserError(f"--{name} must be >= {low}, got {getattr(self, name)}")
+        if self.max_steps == 0 and self.epochs == 0:
+            raise UserError("--epochs 0 trains nothing; pass --epochs >= 1 or --max_steps > 0")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise UserError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.max_grad_norm < 0:
+            raise UserError(f"--max_grad_norm must be >= 0 (0: off), got {self.max_grad_norm}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise UserError(f"--schedule {self.schedule!r} is not one of cosine, linear, constant")
+        if os.path.exists(self.save_dir) and not os.path.isdir(self.save_dir):
+            raise UserError(f"--save_dir {self.save_dir} exists and is a file, not a directory")
+        policy = {True: "full", False: "none", "True": "full", "False": "none"}.get(self.checkpoint_activations,
+                                                                                   self.checkpoint_activations)
+        if policy not in CHECKPOINT_POLICIES:
+            raise UserError(f"--checkpoint_activations {self.checkpoint_activations!r} is not one of "
+                            f"True, False, {', '.join(CHECKPOINT_POLICIES)}")
+        self.checkpoint_activations = policy
+        if not 0 < self.checkpoint_fraction <= 1:
+            raise UserError(f"--checkpoint_fraction must be in (0, 1], got {self.checkpoint_fraction}")
+
+
+# A run whose loss is not finite for more than this many optimizer steps in a row is stopped (fp16
+# overflows are skipped steps and recover within a few; NaN weights or a diverged run never do).
+MAX_NONFINITE_STEPS = 5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,8 +226,6 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
             shape = 0.5 * (1.0 + math.cos(math.pi * progress))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
 
-    if cfg.schedule not in ("cosine", "linear", "constant"):
-        raise UserError(f"--schedule {cfg.schedule!r} is not one of cosine, linear, constant")
     return f
 
 
@@ -203,9 +234,11 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
 # ----------------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, model, task, cfg: TrainConfig, info, tokenizer=None, evaluator=None, lora_cfg=None,
-                 base_ckpt: Optional[str] = None, deepspeed_config: Optional[str] = None, run_meta: dict = None):
+                 base_ckpt: Optional[str] = None, deepspeed_config: Optional[str] = None, run_meta: dict = None,
+                 template: Optional[str] = None):
         self.model, self.task, self.cfg, self.info = model, task, cfg, info
         self.tokenizer, self.evaluator, self.lora_cfg, self.base_ckpt = tokenizer, evaluator, lora_cfg, base_ckpt
+        self.template = template  # the prompt template, recorded with every saved model
         self.run_meta = run_meta or {}
         if cfg.max_batch_size % info.dp_size:
             raise UserError(f"--max_batch_size={cfg.max_batch_size} is not divisible by the {info.dp_size} "
@@ -213,12 +246,7 @@ class Trainer:
         if cfg.dtype == torch.float16 and deepspeed_config:
             raise UserError("--use_float16 with --deepspeed: set fp16 in the DeepSpeed config instead")
         self.local_batch = cfg.max_batch_size // info.dp_size
-        policy = {True: "full", False: "none"}.get(cfg.checkpoint_activations, cfg.checkpoint_activations)
-        if policy not in CHECKPOINT_POLICIES:
-            raise UserError(f"--checkpoint_activations {cfg.checkpoint_activations!r} is not one of "
-                            f"True, False, {', '.join(CHECKPOINT_POLICIES)}")
-        if not 0 < cfg.checkpoint_fraction <= 1:
-            raise UserError(f"--checkpoint_fraction must be in (0, 1], got {cfg.checkpoint_fraction}")
+        policy = cfg.checkpoint_activations
         compile_blocks = info.device.type == "cuda" if cfg.compile is None else bool(cfg.compile)
         model.configure_layers(policy, cfg.checkpoint_fraction, compile_blocks)
         if info.is_main:
@@ -256,7 +284,7 @@ class Trainer:
         group; the learning-rate schedule stays on our torch optimizer, whose param_groups ZeRO uses."""
         if self.info.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed
+        import deepspeed  # present: run_training checked before loading anything
         from fairscale.nn.model_parallel import initialize as mpu
 
         if self.kv_sync.params:
@@ -366,14 +394,15 @@ class Trainer:
         self._write_run_meta()
         bar = None
         if info.is_main and cfg.progress:
-            from tqdm import tqdm
+            from engine.progress import Progress
 
-            bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True,
-                       mininterval=0.2 if sys.stderr.isatty() else 10.0)
+            bar = Progress(self.total_steps, "training", "steps", initial=self.step)
         if cfg.eval_at_start and self.step == 0 and self.evaluator:
             self._evaluate()
         self._bar, self._pending, self._last = bar, None, {}
         self._tokens, self._flushed_at = torch.zeros((), device=info.device), time.time()
+        self._nonfinite = torch.zeros((), dtype=torch.long, device=info.device)
+        self._worst_nonfinite = torch.zeros_like(self._nonfinite)
         stop = False
         while not stop and self.step < self.total_steps:
             batches = epoch_batches(self.task.lengths(self.epoch), cfg.max_batch_size, cfg.seed, self.epoch, cfg.bucket)
@@ -384,10 +413,12 @@ class Trainer:
                 self._tokens += record.pop("n_tokens")
                 if bar is not None:
                     bar.update(1)
+                self._track_finite(record["loss"])
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     self._flush_log()  # the previous line, now that this step is queued behind it
-                    self._pending, record["n_tokens"] = record, self._tokens
-                    self._tokens = torch.zeros((), device=info.device)
+                    record.update(n_tokens=self._tokens, nonfinite_run=self._worst_nonfinite)
+                    self._pending, self._tokens = record, torch.zeros((), device=info.device)
+                    self._worst_nonfinite = torch.zeros_like(self._nonfinite)
                 epoch_end = self.batch_in_epoch >= len(batches)
                 if epoch_end:
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
@@ -407,11 +438,13 @@ class Trainer:
         if bar is not None:
             bar.close()
         if info.is_main and cfg.plot:
+            from engine.fileio import disk_errors
             from engine.plotting import plot_metrics
             from engine.report import write_run_report
 
-            plot_metrics(self.metrics_path, os.path.join(cfg.save_dir, "curves.png"))
-            write_run_report(cfg.save_dir)
+            with disk_errors(cfg.save_dir):
+                plot_metrics(self.metrics_path, os.path.join(cfg.save_dir, "curves.png"))
+                write_run_report(cfg.save_dir)
         distributed.barrier()
         return self._last
 
@@ -423,14 +456,40 @@ class Trainer:
         now = time.time()
         values = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
         values["tokens_per_s"] = values.pop("n_tokens") / max(now - self._flushed_at, 1e-9)
+        nonfinite_run = int(values.pop("nonfinite_run"))
         self._flushed_at, self._last = now, values
         self._log(values)
         if self._bar is not None:
-            self._bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
+            self._bar.update(0, loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
+        if nonfinite_run > MAX_NONFINITE_STEPS:  # the same numbers on every rank: all stop together
+            raise UserError(f"training stopped at step {values['step']}: the loss has been {values['loss']} for "
+                            f"{nonfinite_run} steps in a row (NaN/Inf weights in --ckpt_dir "
+                            f"{self.base_ckpt}, or too high a --lr {self.cfg.lr}); the checkpoints already "
+                            f"saved in {self.cfg.save_dir} are left as they were")
+
+    def _track_finite(self, loss: torch.Tensor) -> None:
+        """Count on the device the steps in a row whose loss was NaN or Inf, and the longest such run
+        since the last metrics line (checked when that line is written: no wait inside the step)."""
+        self._nonfinite = torch.where(torch.isfinite(loss), torch.zeros_like(self._nonfinite), self._nonfinite + 1)
+        self._worst_nonfinite = torch.maximum(self._worst_nonfinite, self._nonfinite)
+
+    def _weights_finite(self) -> bool:
+        """Whether every weight of the model, on every rank, is finite."""
+        bad = torch.zeros((), device=self.info.device)
+        with torch.no_grad():
+            for p in self.model.parameters():
+                if not torch.isfinite(p).all():
+                    bad.fill_(1.0)
+                    break
+        if dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return not bool(bad.item())
 
     def _log(self, record: dict) -> None:
+        from engine.fileio import disk_errors
+
         if self.info.is_main:
-            with open(self.metrics_path, "a") as f:
+            with disk_errors(self.metrics_path), open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def _evaluate(self) -> None:
@@ -443,19 +502,31 @@ class Trainer:
             print(f"\n[step {self.step}] eval accuracy {result['accuracy']:.4f} "
                   f"({result['correct']}/{result['total']}, unparsable {result['unparsable']})", flush=True)
         if result["accuracy"] > self.best_accuracy:
+            if not self._weights_finite():  # never keep a NaN model as the best one
+                if self.info.is_main:
+                    print(f"warning: not saving best/ at step {self.step}: the weights hold NaN or Inf", flush=True)
+                return
             self.best_accuracy = result["accuracy"]
             self._save_model_dir(os.path.join(self.cfg.save_dir, "best"), extra={"step": self.step, **result})
 
     # ----- saving -------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _staged(self, final: str):
-        """All ranks write into a temporary sibling of `final`; rank 0 swaps it in once all are done."""
+        """All ranks write into a temporary sibling of `final`; rank 0 swaps it in once all are done.
+        A failed write (a full disk) removes the sibling and ends in one sentence naming `final`."""
+        from engine.fileio import disk_errors
+
         stage, old = final.rstrip("/") + ".partial", final.rstrip("/") + ".old"
-        if self.info.is_main:
-            shutil.rmtree(stage, ignore_errors=True)
-            os.makedirs(stage)
-        distributed.barrier()
-        yield stage
+        with disk_errors(final):
+            if self.info.is_main:
+                shutil.rmtree(stage, ignore_errors=True)
+                os.makedirs(stage)
+            distributed.barrier()
+            try:
+                yield stage
+            except BaseException:
+                shutil.rmtree(stage, ignore_errors=True)
+                raise
         distributed.barrier()
         if self.info.is_main:
             if os.path.exists(final):
@@ -489,6 +560,10 @@ class Trainer:
                 self.model.args.save(os.path.join(directory, "params.json"))
         if info.is_main and self.tokenizer is not None:
             shutil.copyfile(self.tokenizer.path, os.path.join(directory, os.path.basename(self.tokenizer.path)))
+        if info.is_main and self.template is not None:
+            from engine.data import save_template
+
+            save_template(directory, self.template)
 
     def _save_model_dir(self, final: str, extra: dict = None) -> None:
         with self._staged(final) as stage:
@@ -499,6 +574,10 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         final = os.path.join(self.cfg.save_dir, f"checkpoint-{self.step}")
+        if not self._weights_finite():  # a NaN checkpoint would only replace good ones (keep_checkpoints)
+            if self.info.is_main:
+                print(f"warning: not saving {final}: the weights hold NaN or Inf", flush=True)
+            return
         with self._staged(final) as stage:
             self._write_model_files(stage)
             state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
@@ -508,12 +587,11 @@ class Trainer:
                      "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
             if self.ds_engine is None:
                 state["optimizer"] = self.optimizer.state_dict()
-            torch.save(state, os.path.join(stage, f"trainer_state.{self.info.rank:02d}.pt"))
+            atomic_torch_save(state, os.path.join(stage, f"trainer_state.{self.info.rank:02d}.pt"))
             if self.ds_engine is not None:
                 self.ds_engine.save_checkpoint(os.path.join(stage, "deepspeed"), tag="state")
             if self.info.is_main:
-                with open(os.path.join(stage, "run.json"), "w") as f:
-                    json.dump(self._run_signature(), f, indent=2)
+                atomic_write_text(os.path.join(stage, "run.json"), json.dumps(self._run_signature(), indent=2))
         if self.info.is_main and self.cfg.keep_checkpoints > 0:
             for old in self._checkpoints()[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -533,13 +611,31 @@ class Trainer:
         if self.info.is_main:
             meta = {**self.run_meta, **self._run_signature(), "total_steps": self.total_steps,
                     "steps_per_epoch": self.steps_per_epoch}
-            with open(os.path.join(self.cfg.save_dir, "run_config.json"), "w") as f:
-                json.dump(meta, f, indent=2, default=str)
+            atomic_write_text(os.path.join(self.cfg.save_dir, "run_config.json"), json.dumps(meta, indent=2, default=str))
 
     def _check_fresh_start(self) -> None:
         if self._checkpoints():
             raise UserError(f"{self.cfg.save_dir} already holds checkpoints; pass --resume True to continue "
                             f"that run or choose another --save_dir")
+
+    @staticmethod
+    def _checkpoint_problem(path: str) -> Optional[str]:
+        """Why `path` cannot be resumed from (a file it should hold is missing or unreadable), or None.
+        Every rank checks every rank's files, so all of them pick the same checkpoint."""
+        try:
+            saved = json.load(open(os.path.join(path, "run.json")))
+            tp, world, lora = saved["tp_size"], saved["tp_size"] * saved["dp_size"], saved["lora"]
+        except FileNotFoundError:
+            return "run.json is missing"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "run.json is not readable"
+        need = [f"trainer_state.{r:02d}.pt" for r in range(world)]
+        need += (["lora_config.json"] + [f"lora.{r:02d}.safetensors" for r in range(tp)] if lora else
+                 ["params.json"] + [f"consolidated.{r:02d}.safetensors" for r in range(tp)])
+        if saved.get("deepspeed"):
+            need.append("deepspeed")
+        missing = [n for n in need if not os.path.exists(os.path.join(path, n))]
+        return f"{missing[0]} is missing" if missing else None
 
     def _resume(self) -> None:
         from engine.checkpoint import load_state_into, open_checkpoint
@@ -548,7 +644,16 @@ class Trainer:
         ckpts = self._checkpoints()
         if not ckpts:
             raise UserError(f"--resume True but {self.cfg.save_dir} holds no checkpoint-N directory")
-        path = ckpts[-1]
+        skipped = []
+        for path in reversed(ckpts):  # the newest intact checkpoint
+            problem = self._checkpoint_problem(path)
+            if problem is None:
+                break
+            skipped.append(f"{os.path.basename(path)} ({problem})")
+        else:
+            raise UserError(f"--resume True but no checkpoint in {self.cfg.save_dir} is intact: {'; '.join(skipped)}")
+        if skipped and self.info.is_main:
+            print(f"warning: skipping {', '.join(skipped)}; resuming from the previous intact checkpoint", flush=True)
         saved = json.load(open(os.path.join(path, "run.json")))
         mine = self._run_signature()
         for key, what in (("model_args", "a different model"), ("tp_size", "a different tensor-parallel size"),
@@ -562,7 +667,12 @@ class Trainer:
             load_state_into(self.model, src, info.tp_rank, info.tp_size, only_specs=True)
         else:
             load_state_into(self.model, open_checkpoint(path), info.tp_rank, info.tp_size)
-        state = torch.load(os.path.join(path, f"trainer_state.{info.rank:02d}.pt"), weights_only=False)
+        state_path = os.path.join(path, f"trainer_state.{info.rank:02d}.pt")
+        try:
+            state = torch.load(state_path, weights_only=False)
+        except Exception as e:  # torch raises its own error types for a truncated file
+            raise UserError(f"--resume: {state_path} is truncated or corrupted ({type(e).__name__}); remove "
+                            f"{path} to resume from the checkpoint before it") from None
         if self.ds_engine is not None:
             self.ds_engine.load_checkpoint(os.path.join(path, "deepspeed"), tag="state",
                                            load_module_strict=False, load_lr_scheduler_states=False)
@@ -576,10 +686,9 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng_cuda"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch, self.best_accuracy = state["batch_in_epoch"], state["best_accuracy"]
-        if info.is_main:  # drop log lines written after this checkpoint by the interrupted run
-            kept = []
-            if os.path.exists(self.metrics_path):
-                kept = [line for line in open(self.metrics_path) if line.strip() and json.loads(line)["step"] <= self.step]
-            with open(self.metrics_path, "w") as f:
-                f.writelines(kept)
+        if info.is_main:  # drop log lines written after this checkpoint (and a line torn by the interruption)
+            from engine.report import read_metric_lines
+
+            kept = [r for r in read_metric_lines(self.metrics_path) if r["step"] <= self.step]
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
             print(f"resumed from {path} at step {self.step}", flush=True)

@@ -71,6 +71,8 @@ class ModelArgs:
     # ----- tensor-parallel layout -------------------------------------------------------------
     def check_tp(self, tp: int, where: str = "--n") -> None:
         """Raise ConfigError unless a tensor-parallel size of `tp` can shard this model."""
+        if tp < 1:
+            raise ConfigError(f"{where}={tp} must be a shard count >= 1")
         problems = []
         if self.n_heads % tp:
             problems.append(f"n_heads={self.n_heads}")

@@ -466,10 +466,26 @@ class Transformer(nn.Module):
             h = call(h, cos, sin, positions, mask, cache, kv_len, cache_rows)
         return self.norm(h)
 
+    def head_matrix(self) -> Optional[torch.Tensor]:
+        """This rank's head as one matrix [vocab / tp, dim] for the chunked loss: the weight, plus
+        scaling * B @ A when a LoRA adapter sits on the head (A enters through copy_to_tp so its
+        gradient sums over the vocabulary shards). None when no single matrix is the head (LoRA with
+        dropout on its input): then use logits()."""
+        head = self.output
+        if head is None or getattr(head, "lora_A", None) is None or head.merged:
+            return self.head_weight
+        if not isinstance(head.lora_dropout, nn.Identity):
+            return None
+        delta = head.lora_B @ copy_to_tp(head.lora_A)
+        return head.weight + (delta * head.lora_scaling).to(head.weight.dtype)
+
     def logits(self, h: torch.Tensor, gather: bool = True) -> torch.Tensor:
         """Project hidden states to the vocabulary. gather=False keeps this rank's vocabulary shard
         [..., vocab / tp] (for vocabulary-parallel losses)."""
-        local = F.linear(copy_to_tp(h), self.head_weight)
+        if self.output is not None:  # called as a module, so a LoRA adapter on the head takes part
+            local = self.output(h)
+        else:
+            local = F.linear(copy_to_tp(h), self.head_weight)
         return gather_from_tp(local) if gather else local
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, positions: Optional[torch.Tensor] = None,

@@ -6,9 +6,16 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def main(out: str = "demo_out", wall_s: float = 0.0):
+def main(out: str = "demo_out", wall_s: float = 0.0, min_accuracy: float = 0.0):
+    """Print the report and write OUT/report.md.
+
+    Args:
+        out: the demo's output directory.
+        wall_s: the demo's wall time in seconds, for the report.
+        min_accuracy: exit non-zero when the held-out accuracy is below it (CI's guard on what the shortened demo reliably reaches).
+    """
     from engine.fileio import atomic_write_text
-    from engine.report import summarize_metrics
+    from engine.report import rising_note, summarize_metrics
 
     run = os.path.join(out, "run")
     m = summarize_metrics(os.path.join(run, "metrics.jsonl"))
@@ -34,8 +41,17 @@ def main(out: str = "demo_out", wall_s: float = 0.0):
     for k, v in rows + paths:
         print(f"  {k:<{width}}  {v}")
     md = ["# MCC-KD demo report", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    run_cfg = json.load(open(os.path.join(run, "run_config.json")))
+    note = rising_note(m["evals"], run_cfg["total_steps"])
+    if note:
+        print(f"  note: {note}")
+        md += ["", f"**Note:** {note}."]
     md += ["", "![training curves](run/curves.png)", "", "Files:", ""] + [f"- {k}: `{v}`" for k, v in paths]
     atomic_write_text(os.path.join(out, "report.md"), "\n".join(md) + "\n")
+    if infer_meta["accuracy"] < min_accuracy:
+        print(f"error: held-out accuracy {infer_meta['accuracy']:.3f} is below the expected minimum {min_accuracy}",
+              file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

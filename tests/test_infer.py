@@ -297,3 +297,31 @@ def test_bad_input(models, dist1, tmp_path):
     other.write_text(json.dumps([{"instruction": "different"}]))
     assert "different data file" in err(data_file=str(other))
     assert "--max_new_tokens" in err(max_new_tokens=5)
+
+
+def test_infer_uses_the_template_the_model_was_trained_with(tmp_path, tiny_tokenizer, dist1, capsys):
+    import checkpoint_split as cks
+    import train
+    from data.arithmetic import main as make_arith
+
+    make_arith(str(tmp_path / "data"), n_train=8, n_test=3, min_value=10, style="fixed")
+    cks.init("tiny-llama", str(tmp_path / "base"), tokenizer=tiny_tokenizer, seed=1)
+    common = dict(task="ARITH", train_file=str(tmp_path / "data" / "train.json"), template="none", max_steps=1,
+                  max_batch_size=4, max_seq_len=64)
+    train.main(ckpt_dir=str(tmp_path / "base"), save_dir=str(tmp_path / "full"), **common)
+    train.main(ckpt_dir=str(tmp_path / "base"), save_dir=str(tmp_path / "lora"), model_type="lora-tiny-llama",
+               lora_rank=2, **common)
+    cks.reshard(str(tmp_path / "full" / "checkpoint-1"), str(tmp_path / "resharded"), n=1)
+    cks.merge_lora(str(tmp_path / "lora" / "checkpoint-1"), str(tmp_path / "merged"))
+    data = str(tmp_path / "data" / "test.json")
+    instructions = [r["instruction"] for r in json.load(open(data))]
+    for name, ckpt in [("full", tmp_path / "full" / "checkpoint-1"), ("adapter", tmp_path / "lora" / "checkpoint-1"),
+                       ("resharded", tmp_path / "resharded"), ("merged", tmp_path / "merged")]:
+        out = tmp_path / f"{name}.jsonl"
+        infer.generate(ckpt_dir=str(ckpt), data_file=data, output_file=str(out), max_new_tokens=2, progress=False)
+        assert [json.loads(line)["prompt"] for line in open(out)] == instructions, name
+        assert "using the prompt template 'none' recorded with" in capsys.readouterr().out
+    infer.generate(ckpt_dir=str(tmp_path / "merged"), data_file=data, output_file=str(tmp_path / "d.jsonl"),
+                   max_new_tokens=2, progress=False, template="default")  # asked for: used, with a warning
+    assert "differs from the template 'none'" in capsys.readouterr().out
+    assert json.loads(open(tmp_path / "d.jsonl").readline())["prompt"].startswith("### Instruction:")

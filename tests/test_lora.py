@@ -22,15 +22,16 @@ def _random_adapter(model, seed):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2"])
-def test_merge_and_peft_export_match(tmp_path, family, dist1):
+@pytest.mark.parametrize("family,targets", [("llama3", None), ("qwen2", None),
+                                            ("llama3", "wq,wv,output")])  # the output head too (the authors')
+def test_merge_and_peft_export_match(tmp_path, family, targets, dist1):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     hf = save_hf(family, str(tmp_path / "hf"))
     cks.from_hf(str(tmp_path / "hf"), str(tmp_path / "base"))
     model = ck.load_model(str(tmp_path / "base")).eval()
-    cfg = LoRAConfig(rank=4, alpha=8.0, seed=3)
+    cfg = LoRAConfig(rank=4, alpha=8.0, seed=3, **({"targets": targets} if targets else {}))
     apply_lora(model, cfg)
     _random_adapter(model, 1)
     os.makedirs(tmp_path / "adapter")
@@ -60,6 +61,16 @@ def test_merge_and_peft_export_match(tmp_path, family, dist1):
             assert err <= TOL, (name, err)
     conf = json.load(open(tmp_path / "peft" / "adapter_config.json"))
     assert conf["r"] == 4 and conf["lora_alpha"] == 8.0 and "q_proj" in conf["target_modules"]
+    assert ("lm_head" in conf["target_modules"]) == (targets is not None and "output" in targets)
+
+
+def test_lora_on_a_tied_output_head_is_refused(tmp_path, tiny_tokenizer, dist1):
+    from engine.errors import UserError
+
+    cks.init("tiny-qwen2", str(tmp_path / "q"), tokenizer=tiny_tokenizer)  # output head = token embeddings
+    model = ck.load_model(str(tmp_path / "q"))
+    with pytest.raises(UserError, match="ties its output head to the token embeddings"):
+        apply_lora(model, LoRAConfig(rank=2, targets="wq,output"))
 
 
 def test_adapter_trained_at_tp2_loads_at_tp1_and_in_peft(tmp_path, tiny_tokenizer, dist1):

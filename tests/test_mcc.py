@@ -170,3 +170,76 @@ def test_end_to_end_teacher_samples_to_mcc_training(tmp_path, tiny_tokenizer, di
     steps = [line for line in lines if not line.get("eval")]
     assert len(steps) == 6 and steps[-1]["loss_ce"] < steps[0]["loss_ce"]
     assert any(line.get("eval") and line["total"] == 50 for line in lines)
+
+
+# ----- the MCC-KD authors' data ------------------------------------------------------------------
+def test_authors_indices_are_read_under_the_default_template(tiny_tokenizer):
+    """The authors count indices over BOS + the raw instruction + the rationale, tokenized apart; our
+    default template makes the prompt longer, and their files must still train as they are."""
+    tok = load_tokenizer(tiny_tokenizer)
+    instruction = "What is 2 + 3 + 4 ?"
+    outs = ["2 + 3 = 5 . 5 + 4 = 9 . Therefore, the answer is 9 .", "3 + 4 = 7 . 7 + 2 = 9 . Therefore, the answer is 9 ."]
+    spans = [find_answer_span(tok, tok.encode(o, bos=False, eos=True), o, "9") for o in outs]
+    offset = len(tok.encode(instruction, bos=True))
+    rec = {"instruction": instruction, "output": outs, "label": "9",
+           "indices": [[[s + offset, e + offset]] for s, e in spans]}
+    data = MultiRationaleData([rec], tok, 128, template="default", task="ARITH")
+    assert data.spans[0] == spans and len(data) == 1
+
+
+def test_rationales_with_a_wrong_answer_are_dropped_and_counted(tiny_tokenizer, dist1, tmp_path, capsys):
+    tok = load_tokenizer(tiny_tokenizer)
+    right = ["2 + 7 = 9 . Therefore, the answer is 9 .", "7 + 2 = 9 . Therefore, the answer is 9 ."]
+    wrong = "2 + 7 = 9 . 9 + 3 = 12 . Therefore, the answer is 12 ."  # its only "9" is a step
+    rec = {"instruction": "What is 2 + 7 ?", "output": right + [wrong], "label": "9"}
+    assert find_answer_span(tok, tok.encode(wrong, bos=False, eos=True), wrong, "9") is not None
+    data = MultiRationaleData([rec], tok, 128, template="none", num_rationales=3, task="ARITH")
+    assert data.groups[0] == [0, 1] and data.stats["wrong_answer"] == 1
+    assert "1 reach another answer than the label (dropped; --keep_wrong_rationales True keeps them)" in data.describe()
+    kept = MultiRationaleData([rec], tok, 128, template="none", num_rationales=3, task="ARITH", keep_wrong=True)
+    assert kept.groups[0] == [0, 1, 2] and kept.stats["wrong_answer"] == 0
+    (tmp_path / "t.json").write_text(json.dumps([rec] * 4))
+    cks.init("tiny-llama", str(tmp_path / "m"), tokenizer=tiny_tokenizer, seed=1)
+    train_mcc.main(task="ARITH", ckpt_dir=str(tmp_path / "m"), save_dir=str(tmp_path / "run"),
+                   train_file=str(tmp_path / "t.json"), template="none", max_steps=1, max_batch_size=2)
+    assert "4 reach another answer than the label" in capsys.readouterr().out
+
+
+def test_spans_are_paired_by_their_tokens_not_their_length(tiny_tokenizer):
+    """`▁C` (after a space) and `C` (after a parenthesis) have the same length and different ids."""
+    tok = load_tokenizer(tiny_tokenizer)
+    outs = ["It is a place. Therefore, the answer is C .", "A place it is. Therefore, the answer is C .",
+            "Therefore, the answer is (C) ."]
+    ids = [tok.encode(o, bos=False, eos=True) for o in outs]
+    spans = [find_answer_span(tok, i, o, "C") for i, o in zip(ids, outs)]
+    assert ids[0][slice(*spans[0])] != ids[2][slice(*spans[2])] and len(set(e - s for s, e in spans)) == 1
+    data = MultiRationaleData([{"instruction": "Where?", "output": outs, "label": "C"}], tok, 128, template="none",
+                              num_rationales=3, task="CSQA")
+    assert data.groups[0] == [0, 1] and data.stats["other_span_tokens"] == 1
+    pair = MultiRationaleData([{"instruction": "Where?", "output": outs[1:], "label": "C"},
+                               {"instruction": "Where?", "output": outs[:2], "label": "C"}], tok, 128,
+                              template="none", task="CSQA")
+    assert pair.keep == [1] and pair.stats["dropped_questions"] == 1
+
+
+def test_answers_written_in_words(tmp_path, tiny_tokenizer, capsys):
+    from engine.evaluation import extract_answer
+
+    assert extract_answer("She has two more. So the answer is twelve.", "SVAMP") == "12"
+    assert extract_answer("Therefore, the answer is twenty-one apples", "SVAMP") == "21"
+    assert extract_answer("the answer is one hundred and five .", "GSM8K") == "105"
+    assert extract_answer("No one knows; 5 + 7 = 12 .", "SVAMP") == "12"  # digits win over "one"
+    raw = [{"instruction": "What is 5 + 7 ?", "label": "12",
+            "output": ["5 + 7 = 12 . Therefore, the answer is 12 .", "7 + 5 makes twelve. Therefore, the answer is twelve .",
+                       "5 + 5 = 10 . 10 + 2 = 12 . Therefore, the answer is 12 ."]}]
+    (tmp_path / "raw.json").write_text(json.dumps(raw))
+    prepare_main(str(tmp_path / "raw.json"), str(tmp_path / "out.json"), tiny_tokenizer, num_rationales=3, task="SVAMP")
+    tok = load_tokenizer(tiny_tokenizer)
+    word = "7 + 5 makes twelve. Therefore, the answer is twelve ."
+    s, e = find_answer_span(tok, tok.encode(word, bos=False, eos=True), word, "12")
+    assert tok.decode(tok.encode(word, bos=False, eos=True)[s:e]).strip() == "twelve"
+    out = json.load(open(tmp_path / "out.json"))[0]
+    assert len(out["output"]) == 2 and word not in out["output"]
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    dropped = {k: v for k, v in summary["rationales_dropped"].items() if v}
+    assert dropped == {"answer spelt with other tokens": 1}  # read as correct (not "wrong answer")

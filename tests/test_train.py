@@ -63,15 +63,17 @@ def _args(d):
     ("tiny-qwen2", {"accumulation_steps": 2}),  # one KV head: replicated on both ranks, biases, tied embeddings
     ("tiny-mixtral", {}),  # experts sharded, router replicated
     ("tiny-llama3", {"model_type": "lora-tiny-llama3", "lora_rank": 4, "lora_alpha": 8}),
+    ("tiny-llama3", {"model_type": "lora-tiny-llama3", "lora_rank": 4, "lora_targets": "wq,wv,output"}),  # vocab-sharded head
 ])
 def test_tp2_equals_tp1(env, name, extra, dist1):
     root, models = env
     one, two = models[name]
     base = {"task": "ARITH", "template": "none", "max_seq_len": 64, "lr": 1e-3, "max_steps": 3, "save_every": 3,
             "train_file": str(root / "arith" / "train.json"), "max_batch_size": 4, **extra}
-    train.main(ckpt_dir=str(one), save_dir=str(root / f"{name}-tp1"), **base)
-    torchrun("train.py", *_args({**base, "ckpt_dir": two, "save_dir": root / f"{name}-tp2"}))
-    assert_same_run(str(root / f"{name}-tp1"), str(root / f"{name}-tp2"), lora="lora_rank" in extra)
+    run = f"{name}-{len(extra)}-{extra.get('lora_targets', 'all')}"
+    train.main(ckpt_dir=str(one), save_dir=str(root / f"{run}-tp1"), **base)
+    torchrun("train.py", *_args({**base, "ckpt_dir": two, "save_dir": root / f"{run}-tp2"}))
+    assert_same_run(str(root / f"{run}-tp1"), str(root / f"{run}-tp2"), lora="lora_rank" in extra)
 
 
 def test_dp2_equals_one_process_with_twice_the_batch(env, dist1):
