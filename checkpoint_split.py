@@ -1,15 +1,17 @@
-"""Checkpoint conversion CLI (fire).
+"""One conversion tool for checkpoints (fire CLI): every format in, every format out, one tensor at a
+time. Its name is the seed's; its commands:
 
   python checkpoint_split.py --ckpt_file F --save_path D --n 8          # the seed's form: split one file
-  python checkpoint_split.py split|merge|reshard --ckpt_dir IN --save_dir OUT [--n N]
-  python checkpoint_split.py from_hf --hf_dir IN --save_dir OUT [--n N]
+  python checkpoint_split.py split|merge|reshard --ckpt_dir IN --save_dir OUT [--n N]   # N shards -> M
+  python checkpoint_split.py from_hf --hf_dir IN --save_dir OUT [--n N]                  # HF -> native
   python checkpoint_split.py to_hf --ckpt_dir IN --save_dir OUT [--lora_dir L] [--merge_lora True]
-  python checkpoint_split.py merge_lora --lora_dir L --save_dir OUT [--ckpt_dir BASE]
-  python checkpoint_split.py export_peft --lora_dir L --save_dir OUT
-  python checkpoint_split.py to_meta --ckpt_dir IN --save_dir OUT [--n N]
+  python checkpoint_split.py to_meta --ckpt_dir IN --save_dir OUT [--n N]                # Meta's layout
+  python checkpoint_split.py merge_lora --lora_dir L --save_dir OUT [--ckpt_dir BASE]    # adapter -> weights
+  python checkpoint_split.py export_peft --lora_dir L --save_dir OUT                     # adapter -> peft
   python checkpoint_split.py init --model_type NAME --save_dir OUT --n N --tokenizer PATH [--seed S]
   python checkpoint_split.py info --ckpt_dir IN
 """
+import math
 import sys
 
 from engine.cli import run_cli
@@ -89,27 +91,6 @@ def from_hf(hf_dir: str, save_dir: str, n: int = 1, dtype: str = None, overwrite
     print(f"wrote {n} shard(s) to {save_dir}")
 
 
-def _with_lora(ckpt_dir: str, lora_dir: str = None):
-    """The checkpoint at ckpt_dir, with a LoRA adapter folded in when one is given (or when ckpt_dir
-    is itself an adapter directory written by training, whose lora_config.json names its base)."""
-    import os
-
-    from engine.lora import LORA_CONFIG, MergedSource, open_lora
-
-    if lora_dir is None and os.path.exists(os.path.join(ckpt_dir, LORA_CONFIG)):
-        lora_dir, ckpt_dir = ckpt_dir, None
-    if lora_dir is None:
-        return ck.open_checkpoint(ckpt_dir)
-    lora_src, cfg, base = open_lora(lora_dir)
-    base = ckpt_dir or base
-    if not base:
-        raise ck.CheckpointError(f"{lora_dir}: the adapter names no base checkpoint; pass --ckpt_dir")
-    base_src = ck.open_checkpoint(base)
-    if base_src.args.to_dict() != lora_src.args.to_dict():
-        raise ck.CheckpointError(f"{lora_dir} was trained on a different model than {base}")
-    return MergedSource(base_src, lora_src, cfg)
-
-
 def to_hf(ckpt_dir: str, save_dir: str, dtype: str = None, overwrite: bool = False, lora_dir: str = None,
           merge_lora: bool = False):
     """Write a checkpoint as an HF directory that AutoModelForCausalLM.from_pretrained loads.
@@ -124,15 +105,13 @@ def to_hf(ckpt_dir: str, save_dir: str, dtype: str = None, overwrite: bool = Fal
     """
     import os
 
-    from engine.lora import LORA_CONFIG, export_peft
-
-    src = _with_lora(ckpt_dir, lora_dir)
-    adapter = lora_dir or (ckpt_dir if os.path.exists(os.path.join(ckpt_dir, LORA_CONFIG)) else None)
+    src = ck.open_with_adapter(ckpt_dir, lora_dir)
+    adapter = ck.adapter_and_base(ckpt_dir, lora_dir)[1]
     if adapter and not merge_lora:
         src = src.base
     ck.write_hf(src, save_dir, _dtype(dtype), overwrite)
     if adapter and not merge_lora:
-        export_peft(adapter, os.path.join(save_dir, "adapter"))
+        ck.export_peft(adapter, os.path.join(save_dir, "adapter"))
         print(f"wrote an HF model to {save_dir} and its peft adapter to {save_dir}/adapter")
     else:
         print(f"wrote an HF model to {save_dir}" + (" (LoRA merged)" if adapter else ""))
@@ -150,7 +129,7 @@ def merge_lora(lora_dir: str, save_dir: str, ckpt_dir: str = None, n: int = None
         dtype: convert weights to fp32 / bf16 / fp16 (default: keep the base's).
         overwrite: replace a non-empty save_dir.
     """
-    src = _with_lora(ckpt_dir, lora_dir) if ckpt_dir else _with_lora(lora_dir)
+    src = ck.open_with_adapter(ckpt_dir, lora_dir)
     n = n or src.lora.n
     ck.write_native(src, save_dir, n, _dtype(dtype), overwrite)
     print(f"wrote the merged model ({n} shard(s)) to {save_dir}")
@@ -164,9 +143,7 @@ def export_peft(lora_dir: str, save_dir: str, overwrite: bool = False):
         save_dir: output directory; load it with peft.PeftModel.from_pretrained(hf_model, save_dir).
         overwrite: replace a non-empty save_dir.
     """
-    from engine.lora import export_peft as _export
-
-    _export(lora_dir, save_dir, overwrite)
+    ck.export_peft(lora_dir, save_dir, overwrite)
     print(f"wrote a peft adapter to {save_dir}")
 
 
@@ -223,7 +200,7 @@ def info(ckpt_dir: str):
     src = ck.open_checkpoint(ckpt_dir)
     kind = type(src).__name__
     shards = getattr(src, "n", 1)
-    n_params = sum(int(__import__("math").prod(sp.shape)) for sp in src.specs())
+    n_params = sum(math.prod(sp.shape) for sp in src.specs())
     print(f"{ckpt_dir}: {kind}, {shards} shard(s), {n_params / 1e6:.2f}M parameters")
     for k, v in src.args.to_dict().items():
         print(f"  {k}: {v}")

@@ -93,8 +93,8 @@ def main(batches="1,64,384", dim: int = 512, n_layers: int = 4, n_heads: int = 8
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from engine import distributed
-    from engine.generation import SamplingParams, generate, make_runner
-    from engine.lora import load_for_inference
+    from engine.checkpoint import load_for_inference
+    from engine.generation import SamplingParams, complete_prompts, make_runner
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
@@ -127,9 +127,9 @@ def main(batches="1,64,384", dim: int = 512, n_layers: int = 4, n_heads: int = 8
         greedy = SamplingParams(max_new_tokens=new_tokens)
         try:
             if device == "cuda":  # compile / capture / cuBLAS warm-up outside the timing, for both sides
-                generate(ours, prompts, greedy, [], bsz, runner=runner)
+                complete_prompts(ours, prompts, greedy, [], bsz, runner=runner)
                 _hf_generate(hf, prompts[:1], 2, device)
-            mine, t_ours = _timed(lambda: generate(ours, prompts, greedy, [], bsz, runner=runner), device)
+            mine, t_ours = _timed(lambda: complete_prompts(ours, prompts, greedy, [], bsz, runner=runner), device)
             theirs, t_hf = _timed(lambda: _hf_generate(hf, prompts, new_tokens, device), device)
         except torch.OutOfMemoryError:
             print(f"batch {bsz}: out of memory, skipped", flush=True)

@@ -96,13 +96,15 @@ def run_side(side: str, hf_dir: str, native_dir: str, seq_len: int, batch: int, 
     if side == "ours":
         from engine import distributed
         from engine.launch import build_model
-        from engine.trainer import TrainConfig, Trainer
+        from engine.args import TrainConfig
+        from engine.trainer import Trainer
 
         info = distributed.setup(1, device=device)
         model, _ = build_model(native_dir, None, lora_rank if lora else -1, None, 0.0, TARGETS, dt, info)
         x, pairs = _batch(model.args.vocab_size, batch, seq_len, mode)
         task = _FixedTask(x, pairs, mode, info.device)
-        cfg = TrainConfig(save_dir=tempfile.mkdtemp(), max_batch_size=batch, max_steps=steps + 2, lr=1e-5, dtype=dt,
+        cfg = TrainConfig(save_dir=tempfile.mkdtemp(), max_batch_size=batch, max_steps=steps + 2, lr=1e-5,
+                          use_bfloat16=dtype == "bf16", use_float16=dtype == "fp16",
                           compile={"auto": None, "True": True, "False": False}[str(compile)], progress=False,
                           plot=False)
         trainer = Trainer(model, task, cfg, info)

@@ -62,8 +62,8 @@ def sum3_rationales(nums) -> list:
     return out
 
 
-def generate(kind: str = "add", n_train: int = 2000, n_test: int = 200, n_dev: int = 0, max_value: int = 99,
-             seed: int = 0, min_value: int = 0, style: str = "natural", multi: bool = False):
+def make_splits(kind: str = "add", n_train: int = 2000, n_test: int = 200, n_dev: int = 0, max_value: int = 99,
+              seed: int = 0, min_value: int = 0, style: str = "natural", multi: bool = False):
     rng = random.Random(seed)
     seen, splits = set(), {"train": [], "dev": [], "test": []}
     want = {"test": n_test, "dev": n_dev, "train": n_train}
@@ -111,7 +111,7 @@ def main(out_dir: str, kind: str = "add", n_train: int = 2000, n_test: int = 200
     """
     from engine.fileio import atomic_write_text
 
-    splits = generate(kind, n_train, n_test, n_dev, max_value, seed, min_value, style, multi)
+    splits = make_splits(kind, n_train, n_test, n_dev, max_value, seed, min_value, style, multi)
     os.makedirs(out_dir, exist_ok=True)
     for name, records in splits.items():
         if records:

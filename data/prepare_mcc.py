@@ -49,8 +49,8 @@ def most_diverse(texts: List[str], k: int, n: int = 3) -> List[int]:
 
 
 def prepare(records: List[dict], tokenizer, num_rationales: int, task: str, n: int = 3, path: str = "input"):
-    from engine.data import DataError, find_answer_span
-    from engine.evaluation import extract_answer, is_correct
+    from engine.answers import extract_answer, find_answer_span, is_correct
+    from engine.errors import DataError
 
     out = []
     q_stats, r_stats = Counter(), Counter()
@@ -117,8 +117,9 @@ def main(input_file: str, output_file: str, tokenizer: str, num_rationales: int 
         ngram: word n-gram size of the Jaccard diversity measure.
         overwrite: replace an existing output_file (never the input_file itself).
     """
-    from engine.data import DataError, read_records
-    from engine.evaluation import check_task
+    from engine.answers import check_task
+    from engine.data import read_records
+    from engine.errors import DataError
     from engine.fileio import atomic_write_text
     from engine.tokenizer import load_tokenizer
 

@@ -1,26 +1,17 @@
-"""Data readers, the prompt template shared by every launcher, and collators."""
+"""Data readers and training examples: records, supervised sequences, multi-rationale questions, batches."""
 from __future__ import annotations
 
 import json
 import os
+import random
+import zlib
 from typing import List, Sequence
 
-from engine.errors import UserError
+import torch
 
-PROMPT_TEMPLATES = {
-    "default": "### Instruction:\n{instruction}\n\n### Response:\n",
-    "none": "{instruction}",
-}
-
-
-class DataError(UserError):
-    pass
-
-
-def format_prompt(instruction: str, template: str = "default") -> str:
-    if template not in PROMPT_TEMPLATES:
-        raise DataError(f"--template {template!r} is unknown; choose one of {', '.join(PROMPT_TEMPLATES)}")
-    return PROMPT_TEMPLATES[template].format(instruction=instruction)
+from engine.answers import answer_char_span, extract_answer, find_answer_span, is_correct, span_spells
+from engine.errors import DataError
+from engine.prompts import format_prompt
 
 
 def read_records(path: str, required: Sequence[str] = ("instruction",)) -> List[dict]:
@@ -66,34 +57,6 @@ def read_records(path: str, required: Sequence[str] = ("instruction",)) -> List[
     return records
 
 
-# The prompt template a model was trained with travels with its checkpoints (best/, checkpoint-N/,
-# and conversions of them), so infer.py formats prompts the same way unless told otherwise.
-TEMPLATE_FILE = "prompt_template.json"
-
-
-def save_template(directory: str, template: str) -> None:
-    from engine.fileio import atomic_write_text
-
-    format_prompt("", template)  # validates the name
-    atomic_write_text(os.path.join(directory, TEMPLATE_FILE),
-                      json.dumps({"template": template, "format": PROMPT_TEMPLATES[template]}) + "\n")
-
-
-def recorded_template(*directories) -> tuple:
-    """(template name, directory) recorded in the first of `directories` that has one, else (None, None)."""
-    for d in directories:
-        path = os.path.join(d, TEMPLATE_FILE) if d and os.path.isdir(d) else None
-        if path and os.path.exists(path):
-            try:
-                name = json.load(open(path))["template"]
-            except (OSError, ValueError, KeyError, TypeError):
-                raise DataError(f"{path} is not a valid prompt template record") from None
-            if name not in PROMPT_TEMPLATES:
-                raise DataError(f"{path} names the template {name!r}, which this version does not know")
-            return name, d
-    return None, None
-
-
 # ----------------------------------------------------------------------------------------------
 # Supervised examples: prompt (no loss) + response (loss) token ids
 # ----------------------------------------------------------------------------------------------
@@ -101,9 +64,6 @@ IGNORE = -100
 
 
 def _stable_rng(*parts):
-    import random
-    import zlib
-
     return random.Random(zlib.crc32(repr(parts).encode()))
 
 
@@ -146,6 +106,14 @@ class SFTData:
         if not self.keep:
             raise DataError(f"{path}: every prompt is at least --max_seq_len={max_seq_len} tokens long")
         self.truncated = sum(self.full_length(i, 0) > max_seq_len for i in self.keep)
+
+    def describe(self) -> str:
+        msg = f"{len(self)} training examples"
+        if self.truncated:
+            msg += f", {self.truncated} truncated to --max_seq_len={self.max_seq_len}"
+        if self.dropped:
+            msg += f", {self.dropped} dropped (prompt alone reaches --max_seq_len)"
+        return msg
 
     def __len__(self) -> int:
         return len(self.keep)
@@ -199,8 +167,6 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
 
 def pad_batch(pairs, pad_id: int):
     """[(input_ids, labels)] -> LongTensors [B, T] right-padded (labels padded with IGNORE)."""
-    import torch
-
     width = max(len(x) for x, _ in pairs)
     inputs = torch.full((len(pairs), width), pad_id, dtype=torch.long)
     labels = torch.full((len(pairs), width), IGNORE, dtype=torch.long)
@@ -213,62 +179,6 @@ def pad_batch(pairs, pad_id: int):
 # ----------------------------------------------------------------------------------------------
 # Answer spans (MCC-KD): the response tokens that spell the final answer
 # ----------------------------------------------------------------------------------------------
-def answer_char_span(text: str, answer: str):
-    """(start, end) characters of the answer inside `text`: in the sentence that states the answer
-    ("... the answer is 18") when there is one, else its last occurrence; numbers match by value
-    ("1,234" for 1234). None when the answer does not appear."""
-    import re
-
-    from engine.evaluation import _to_number, number_mentions
-
-    answer = str(answer).strip()
-    if not answer:
-        return None
-    target = _to_number(answer)
-    if target is not None:  # digits or words ("twelve"), but not the 18 of "18.5"
-        hits = [(s, e) for s, e, v in number_mentions(text, words=True)
-                if abs(v - target) <= 1e-6 * max(1.0, abs(target))
-                and not (text[e:e + 1] == "." and text[e + 1:e + 2].isdigit())]
-    else:
-        hits = [m.span() for m in re.finditer(r"(?<![\w])" + re.escape(answer) + r"(?![\w])", text)]
-    if not hits:
-        return None
-    phrase = list(re.finditer(r"answer\s*(?:is|:|=)", text, re.IGNORECASE))
-    if phrase:
-        after = [h for h in hits if h[0] >= phrase[-1].end()]
-        if after:
-            return after[0]
-    return hits[-1]
-
-
-def find_answer_span(tokenizer, response_ids: Sequence[int], text: str, answer: str):
-    """[s, e) indices into response_ids of the tokens that spell `answer` in `text`, or None when the
-    answer is absent or shares a token with its neighbours (so no clean span exists).
-
-    Token i covers characters [end(i-1), end(i)) of the decoded text, end(i) = len(decode(ids[:i+1]))
-    (non-decreasing), so two binary searches find the covering tokens with O(log n) decodes."""
-    import bisect
-
-    chars = answer_char_span(text, answer)
-    if chars is None or not response_ids:
-        return None
-    cs, ce = chars
-
-    class _Ends:  # a lazy sequence of end(i) for bisect
-        def __len__(self):
-            return len(response_ids)
-
-        def __getitem__(self, i):
-            return len(tokenizer.decode(list(response_ids[: i + 1])))
-
-    ends = _Ends()
-    s = bisect.bisect_right(ends, cs)  # first token ending after the answer starts
-    e = bisect.bisect_left(ends, ce) + 1  # through the first token ending at or after its end
-    return (s, e) if span_spells(tokenizer, response_ids, s, e, text[cs:ce]) else None
-
-
-def span_spells(tokenizer, ids: Sequence[int], s: int, e: int, answer: str) -> bool:
-    return 0 <= s < e <= len(ids) and tokenizer.decode(list(ids[s:e])).strip() == str(answer).strip()
 
 
 class MultiRationaleData:
@@ -286,8 +196,6 @@ class MultiRationaleData:
     def __init__(self, records: List[dict], tokenizer, max_seq_len: int, template: str = "default",
                  seed: int = 0, path: str = "train_file", num_rationales: int = 2, use_file_indices: bool = True,
                  task: str = None, keep_wrong: bool = False):
-        from engine.evaluation import extract_answer, is_correct
-
         if num_rationales < 2:
             raise DataError(f"--num_rationales must be >= 2, got {num_rationales}")
         validate_training_records(records, path, need_label=True)

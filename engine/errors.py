@@ -1,5 +1,6 @@
 """User mistakes (bad path, malformed record, wrong flag) end as one sentence, not a traceback."""
+from models.errors import UserError  # noqa: F401  (one class for models/ and engine/)
 
 
-class UserError(ValueError):
-    """Raised for bad input; the message is one sentence naming the file, record or flag."""
+class DataError(UserError):
+    """A data file or record the engine cannot use; the message names the file and record."""

@@ -1,159 +1,17 @@
-"""Answer extraction and accuracy per task. Unparsable outputs are wrong, never dropped.
-
-GSM8K / SVAMP / ASDiv: the last number of the sentence that states the answer ("... the answer is
-18 ."), commas removed, compared numerically; without such a sentence, the last number of the text.
-Numbers written in words ("twelve", "one hundred and five") are read where no digits are.
-CSQA: the choice letter A-E of the answer sentence, else the last standalone letter.
-"""
+"""Accuracy of a model's answers: counts (unparsable outputs are wrong, never dropped), and greedy
+generation on labelled records during training."""
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
-from typing import Iterable, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Iterable, List, Optional
 
-from engine.errors import UserError
+import torch
+import torch.distributed as dist
 
-NUMERIC_TASKS = ("GSM8K", "SVAMP", "ASDIV", "ARITH", "MULT")
-CHOICE_TASKS = ("CSQA",)
-TASKS = NUMERIC_TASKS + CHOICE_TASKS
-
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
-_ANSWER_PHRASE = re.compile(r"answer\s*(?:is|:|=)", re.IGNORECASE)
-_SENTENCE_END = re.compile(r"\.(?=\s|$)|\n")
-_CHOICE = re.compile(r"\(([A-Ea-e])\)|(?<![A-Za-z'])([A-E])(?![A-Za-z'])")
-
-_UNITS = {w: i for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-    "seventeen eighteen nineteen".split())}
-_TENS = {w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), 2)}
-_SCALES = {"hundred": 100, "thousand": 1000, "million": 10 ** 6, "billion": 10 ** 9}
-
-
-def check_task(task: str) -> str:
-    t = str(task).upper()
-    if t not in TASKS:
-        raise UserError(f"--task {task!r} is unknown; known tasks: GSM8K, SVAMP, ASDiv, CSQA, ARITH, MULT")
-    return t
-
-
-def _answer_sentence(text: str) -> Optional[str]:
-    matches = list(_ANSWER_PHRASE.finditer(text))
-    if not matches:
-        return None
-    rest = text[matches[-1].end():]
-    end = _SENTENCE_END.search(rest)
-    return rest[: end.start()] if end else rest
-
-
-def _to_number(s: str) -> Optional[float]:
-    try:
-        return float(s.replace(",", ""))
-    except ValueError:
-        return None
-
-
-def word_numbers(text: str) -> List[Tuple[int, int, float]]:
-    """(start, end, value) of the numbers written in words: "twelve", "twenty-one", "one hundred and
-    five", "three thousand". A word that cannot continue a number ("one two") starts a new one."""
-    out = []
-    words = list(re.finditer(r"[A-Za-z]+", text))
-    i = 0
-    while i < len(words):
-        total = current = 0
-        last = None  # kind of the previous word: unit, teen, tens, hundred, scale
-        start, end, j = words[i].start(), None, i
-        while j < len(words):
-            w = words[j].group().lower()
-            if j > i and text[words[j - 1].end():words[j].start()].strip(" -"):
-                break  # only spaces or hyphens inside a number
-            if w == "and" and last == "hundred" and j + 1 < len(words) and words[j + 1].group().lower() in {**_UNITS, **_TENS}:
-                j += 1
-                continue
-            if w in _UNITS and last in (None, "tens", "hundred", "scale") and not (last == "tens" and _UNITS[w] >= 10):
-                if last == "tens" and _UNITS[w] == 0:
-                    break
-                current, last = current + _UNITS[w], "unit" if _UNITS[w] < 10 else "teen"
-            elif w in _TENS and last in (None, "hundred", "scale"):
-                current, last = current + _TENS[w], "tens"
-            elif w == "hundred" and last in ("unit", "teen", "tens") and current < 100:
-                current, last = current * 100, "hundred"
-            elif w in _SCALES and w != "hundred" and last in ("unit", "teen", "tens", "hundred"):
-                total, current, last = total + current * _SCALES[w], 0, "scale"
-            else:
-                break
-            end, j = words[j].end(), j + 1
-        if end is None:
-            i += 1
-            continue
-        out.append((start, end, float(total + current)))
-        i = j
-    return out
-
-
-def number_mentions(text: str, words: bool = False) -> List[Tuple[int, int, float]]:
-    """(start, end, value) of the numbers in `text`, in order: digits ("1,234", "-2.5") and, when there
-    are none (or `words`), numbers written in words; a text that states its numbers in digits never
-    has the "one" of "no one" read as an answer."""
-    digits = [(m.start(), m.end(), _to_number(m.group())) for m in _NUMBER.finditer(text)]
-    digits = [d for d in digits if d[2] is not None]
-    return sorted(digits + word_numbers(text)) if words else digits or word_numbers(text)
-
-
-def _format_number(value: float) -> str:
-    return str(int(value)) if value == int(value) else str(value)
-
-
-def extract_answer(text: str, task: str) -> Optional[str]:
-    """The answer a model's output states, normalised; None when nothing can be read."""
-    task = check_task(task)
-    text = text or ""
-    sentence = _answer_sentence(text)
-    if task in CHOICE_TASKS:
-        for segment in (sentence, text):
-            if segment:
-                letters = [(a or b).upper() for a, b in _CHOICE.findall(segment)]
-                if letters:
-                    return letters[0] if segment is sentence else letters[-1]
-        return None
-    for segment in (sentence, text):
-        if segment:
-            numbers = number_mentions(segment)
-            if numbers:
-                return _format_number(numbers[-1][2])
-    return None
-
-
-def parse_label(label, task: str) -> Optional[str]:
-    """A gold label in the form extract_answer gives (None when it cannot be read for the task)."""
-    if label is None or isinstance(label, bool):
-        return None
-    text = str(label).strip()
-    if check_task(task) in CHOICE_TASKS:
-        m = _CHOICE.search(text)
-        return (m.group(1) or m.group(2)).upper() if m else None
-    value = _to_number(text)
-    return None if value is None else _format_number(value)
-
-
-def unreadable_labels(records, task: str) -> List[int]:
-    """Indices of the records whose 'label' cannot be read as an answer of `task` (scored wrong)."""
-    return [i for i, r in enumerate(records) if parse_label(r.get("label"), task) is None]
-
-
-def label_warning(bad: List[int], n: int, task: str, path: str) -> str:
-    shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
-    return (f"warning: {path}: {len(bad)} of {n} labels cannot be read as {task} answers (records {shown}); "
-            f"they count as wrong and are reported as unparsable_labels")
-
-
-def is_correct(prediction: Optional[str], label, task: str) -> bool:
-    gold = parse_label(label, task)
-    if prediction is None or gold is None:
-        return False
-    if check_task(task) in CHOICE_TASKS:
-        return gold == prediction
-    gold, pred = float(gold), _to_number(prediction)
-    return pred is not None and abs(gold - pred) <= 1e-4 * max(1.0, abs(gold))
+from engine import distributed
+from engine.answers import check_task, extract_answer, is_correct, parse_label
+from engine.generation import SamplingParams, complete_prompts, fit_prompt
+from engine.prompts import format_prompt
 
 
 @dataclass
@@ -162,7 +20,6 @@ class Accuracy:
     total: int = 0
     unparsable: int = 0  # outputs with no readable answer
     unparsable_labels: int = 0  # gold labels that cannot be read for the task (scored wrong)
-    wrong_examples: List[int] = field(default_factory=list)
 
     @property
     def accuracy(self) -> float:
@@ -186,7 +43,7 @@ class Accuracy:
         return out
 
 
-def score(texts: Iterable[str], labels: Iterable, task: str) -> Accuracy:
+def accuracy_of(texts: Iterable[str], labels: Iterable, task: str) -> Accuracy:
     acc = Accuracy()
     for text, label in zip(texts, labels):
         acc.add(extract_answer(text, task), label, task)
@@ -199,8 +56,6 @@ class GenerationEvaluator:
 
     def __init__(self, records, tokenizer, task: str, info, batch_size: int = 64, max_new_tokens: int = 256,
                  template: str = "default"):
-        from engine.data import format_prompt
-
         self.task, self.tok, self.info = check_task(task), tokenizer, info
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         mine = records[info.dp_rank::info.dp_size]
@@ -208,22 +63,15 @@ class GenerationEvaluator:
         self.prompts = [tokenizer.encode(format_prompt(r["instruction"], template)) for r in mine]
 
     def texts(self, model) -> List[str]:
-        from engine.generation import SamplingParams, fit_prompt, generate
-
         params = SamplingParams(max_new_tokens=self.max_new_tokens)
         stop = [self.tok.eos_id] if self.tok.eos_id is not None else []
         limit = max(1, model.args.max_seq_len - self.max_new_tokens)  # long prompts lose their beginning
         prompts = [fit_prompt(p, limit, self.tok.bos_id) for p in self.prompts]
-        new = generate(model, prompts, params, stop, batch_size=self.batch_size)
+        new = complete_prompts(model, prompts, params, stop, batch_size=self.batch_size)
         return [self.tok.decode([t for t in ids if t not in stop]) for ids in new]
 
     def __call__(self, model) -> dict:
-        import torch
-        import torch.distributed as dist
-
-        from engine import distributed
-
-        acc = score(self.texts(model), self.labels, self.task)
+        acc = accuracy_of(self.texts(model), self.labels, self.task)
         counts = torch.tensor([acc.correct, acc.total, acc.unparsable, acc.unparsable_labels], dtype=torch.float64,
                               device=model.head_weight.device)
         if dist.is_initialized() and self.info.dp_size > 1:

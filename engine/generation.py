@@ -447,8 +447,8 @@ def fit_prompt(ids: List[int], limit: int, bos_id: Optional[int]) -> List[int]:
     return head + ids[len(ids) - (limit - len(head)):]
 
 
-def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, stop_ids: Sequence[int] = (),
-             batch_size: Optional[int] = None, compile: Optional[bool] = None, runner=None) -> List[List[int]]:
+def complete_prompts(model, prompts: Sequence[Sequence[int]], params: SamplingParams, stop_ids: Sequence[int] = (),
+                     batch_size: Optional[int] = None, compile: Optional[bool] = None, runner=None) -> List[List[int]]:
     """New token ids for each prompt, in prompt order (a stop id, when reached, is kept last)."""
     reqs = [Request(i, list(p), request_seed(params.seed, i)) for i, p in enumerate(prompts)]
     out: List[List[int]] = [[] for _ in prompts]

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Optional
 
-from engine.errors import UserError
+from models.errors import UserError
 
 
 class ConfigError(UserError):
@@ -93,10 +93,9 @@ class ModelArgs:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def save(self, path: str) -> None:
-        from engine.fileio import atomic_write_text
-
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+    def to_json(self) -> str:
+        """params.json (written by engine/checkpoint/writers.py)."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "params.json") -> "ModelArgs":

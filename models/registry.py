@@ -1,12 +1,11 @@
 """model_type names -> ModelArgs. A `lora-` prefix selects the LoRA variant of the same model.
 
 When a checkpoint directory carries its own params.json / config.json, that file wins over the
-registry (see `resolve_model_args`); the registry then only names the family for the user.
+registry (engine/checkpoint/sources.py reads it); the registry then only names the family for the user.
 """
 from __future__ import annotations
 
-import os
-from typing import Optional, Tuple
+from typing import Tuple
 
 from models.args import ConfigError, ModelArgs
 
@@ -121,15 +120,3 @@ def parse_model_type(model_type: str) -> Tuple[str, bool]:
 def model_args_for(model_type: str, **overrides) -> ModelArgs:
     base, _ = parse_model_type(model_type)
     return ModelArgs(**{**MODEL_TYPES[base], **overrides})
-
-
-def resolve_model_args(ckpt_dir: Optional[str], model_type: Optional[str] = None) -> ModelArgs:
-    """The checkpoint's own params.json / config.json wins; else the registry entry for model_type."""
-    if ckpt_dir:
-        for name in ("params.json", "config.json"):
-            path = os.path.join(ckpt_dir, name)
-            if os.path.exists(path):
-                return ModelArgs.load(path)
-    if model_type is None:
-        raise ConfigError(f"{ckpt_dir}: no params.json or config.json found; pass --model_type")
-    return model_args_for(model_type)

@@ -6,7 +6,7 @@ tied embeddings, sliding-window attention, and a mixture of experts in place of 
 Tensor parallelism follows Meta's reference LLaMA: q/k/v, w1/w3 and the output head are
 column-parallel; wo and w2 are row-parallel; the token embedding is split over the vocabulary.
 When the tensor-parallel size exceeds n_kv_heads, each rank holds a copy of the one KV head its
-query heads use (`replicated_kv_params` names them so the trainer can sum their gradients).
+query heads use (models/sharding.py says which weights those are, for the trainer's gradient sums).
 
 RoPE uses the rotate-half convention (HF's); Meta's interleaved q/k rows are permuted at the
 checkpoint boundary (engine/checkpoint.py).
@@ -495,17 +495,3 @@ class Transformer(nn.Module):
         if last_only:
             h = h[:, -1:]
         return self.logits(h, gather=gather)
-
-    def replicated_kv_params(self) -> List[nn.Parameter]:
-        """Parameters copied on several ranks (KV projections when tp > n_kv_heads). Their gradients
-        must be summed over the ranks that share a head; see `kv_replica_groups`."""
-        if self.tp_size <= self.args.n_kv_heads:
-            return []
-        return [p for layer in self.layers for m in (layer.attention.wk, layer.attention.wv)
-                for name, p in m.named_parameters() if name in ("weight", "bias", "lora_B")]
-
-    def kv_replica_groups(self) -> List[List[int]]:
-        """Tensor-parallel ranks holding the same KV head, e.g. tp=4, n_kv=2 -> [[0, 1], [2, 3]]."""
-        per_head = max(self.tp_size // self.args.n_kv_heads, 1)
-        return [list(range(s, s + per_head)) for s in range(0, self.tp_size, per_head)]
-

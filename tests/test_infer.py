@@ -96,7 +96,7 @@ def _check_decode_paths(paths, ref, family):
 def test_static_decode_step_matches_eager_and_hf_tp1(models, family, dist1, tiny_tokenizer):
     """The step a CUDA graph captures (static shapes, KV buckets, dense MoE, tokens read back every
     3 steps) gives HF's greedy tokens and the eager path's sampled tokens; Dynamo traces it whole."""
-    from engine.lora import load_for_inference
+    from engine.checkpoint import load_for_inference
     from tests.model_checks import decode_paths
 
     root, data, refs = models
@@ -160,7 +160,7 @@ def test_inductor_compiled_decode_step_matches_hf(models, family, dist1):
     model = load_model(hf_dir).eval()
     torch._dynamo.reset()
     runner = g.StaticSteps(model, sync_every=3, first_bucket=8, compile=True)
-    out = g.generate(model, [tok.encode(q) for q in QUESTIONS], g.SamplingParams(max_new_tokens=NEW), [tok.eos_id], 3,
+    out = g.complete_prompts(model, [tok.encode(q) for q in QUESTIONS], g.SamplingParams(max_new_tokens=NEW), [tok.eos_id], 3,
                      runner=runner)
     assert runner.step_call.active and out == ref
 

@@ -8,7 +8,8 @@ import torch
 
 import checkpoint_split as cks
 from engine import checkpoint as ck
-from engine.lora import LoRAConfig, apply_lora, load_lora_into, merge_lora, save_lora, unmerge_lora
+from engine.checkpoint import load_lora_into, save_lora
+from engine.lora import LoRAConfig, apply_lora, merge_lora, unmerge_lora
 from tests.helpers import save_hf, torchrun
 
 TOL = 1e-4

@@ -36,7 +36,7 @@ def losses(save_dir):
 
 def full_weights(path, lora=False):
     if lora:
-        from engine.lora import open_lora
+        from engine.checkpoint import open_lora
 
         src = open_lora(str(path))[0]
     else:
@@ -130,7 +130,7 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale(env, dist1, tiny_toke
         return {"ce": sums["ce"] * float("inf")} if len(calls) == 1 else sums
 
     task.loss_sums = overflow_once
-    cfg = TrainConfig(save_dir=str(root / "fp16"), max_batch_size=4, lr=1e-3, max_steps=2, dtype=torch.float16,
+    cfg = TrainConfig(save_dir=str(root / "fp16"), max_batch_size=4, lr=1e-3, max_steps=2, use_float16=True,
                       progress=False, plot=False)
     trainer = Trainer(model, task, cfg, dist1)
     before = {k: v.clone() for k, v in model.state_dict().items()}

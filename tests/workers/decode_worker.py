@@ -6,7 +6,7 @@ import sys
 import torch
 
 from engine import distributed
-from engine.lora import load_for_inference
+from engine.checkpoint import load_for_inference
 from tests.model_checks import decode_paths
 
 

@@ -1,0 +1,217 @@
+"""Every training flag, once: its name, type, default, one line of help and its checks.
+
+`TrainConfig` holds what the training loop needs (engine/trainer.py); `TrainArgs` adds what the
+launchers need (checkpoint, data, LoRA, evaluation, parallelism) and builds the objective's Task;
+an objective with flags of its own subclasses it (`MCCArgs`). `launcher(cls)` turns a class into the
+fire entry point of train.py / train_mcc.py: its signature, its --help, the strict unknown-flag
+check and the README flag test all read these fields. Adding an objective = a subclass here with
+its fields and `make_task`, and its Task in engine/tasks.py.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import ClassVar, Optional
+
+from engine.errors import UserError
+from models.transformer import CHECKPOINT_POLICIES
+
+
+
+def flag(help: str, default=MISSING):
+    """A command-line flag: a dataclass field with its one line of help."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """What the training loop needs; every setting is checked here, before any model loads."""
+
+    save_dir: str = flag("where checkpoint-N/, best/, metrics.jsonl and curves.png go.")
+    epochs: int = flag("passes over the training data.", 1)
+    max_steps: int = flag("total optimizer steps (> 0 overrides epochs).", 0)
+    exit_after_steps: int = flag("stop after N steps as if preempted, keeping the full schedule (for resume).", 0)
+    max_batch_size: int = flag("questions per micro-batch, summed over data-parallel replicas.", 4)
+    accumulation_steps: int = flag("micro-batches per optimizer step.", 1)
+    lr: float = flag("peak learning rate (AdamW).", 1e-5)
+    weight_decay: float = flag("AdamW weight decay on matrices.", 0.0)
+    warmup_steps: int = flag("linear warm-up steps.", 0)
+    schedule: str = flag("cosine, linear or constant after warm-up.", "cosine")
+    min_lr_ratio: float = flag("final learning rate as a fraction of lr.", 0.0)
+    max_grad_norm: float = flag("clip the global gradient norm (0: off).", 1.0)
+    use_float16: bool = flag("fp16 compute with dynamic loss scaling (overflowing steps are skipped).", False)
+    use_bfloat16: bool = flag("bf16 compute.", False)
+    seed: int = flag("seed of LoRA initialisation, data order and dropout.", 0)
+    save_every: int = flag("also save a checkpoint every N steps (always at each epoch end).", 0)
+    keep_checkpoints: int = flag("how many checkpoint-N directories to keep (0: all).", 2)
+    eval_every: int = flag("also evaluate every N steps (always at each epoch end).", 0)
+    eval_at_start: bool = flag("evaluate once before training.", False)
+    log_every: int = flag("write a metrics line every N steps.", 1)
+    resume: bool = flag("continue from the latest checkpoint in save_dir (weights, optimizer, schedule, RNG, "
+                        "data position).", False)
+    checkpoint_activations: typing.Any = flag(
+        "recompute activations in backward to save memory: False/none, True/full (whole blocks), selective "
+        "(keep matmul and attention outputs, recompute the rest).", False)
+    checkpoint_fraction: float = flag("checkpoint only this fraction of the layers (from the first), e.g. 0.5.", 1.0)
+    compile: Optional[bool] = flag("compile each decoder block with torch.compile (default: on a GPU; False: eager).",
+                                   None)
+    # not flags
+    betas: tuple = (0.9, 0.999)
+    bucket: bool = True  # length bucketing of batches
+    progress: bool = True
+    plot: bool = True
+
+    def __post_init__(self):
+        from engine.precision import dtype_from_flags
+
+        minimum = {"max_batch_size": 1, "accumulation_steps": 1, "log_every": 1, "epochs": 0, "max_steps": 0,
+                   "exit_after_steps": 0, "warmup_steps": 0, "save_every": 0, "keep_checkpoints": 0, "eval_every": 0}
+        for name, low in minimum.items():
+            if getattr(self, name) < low:
+                raise UserError(f"--{name} must be >= {low}, got {getattr(self, name)}")
+        if self.max_steps == 0 and self.epochs == 0:
+            raise UserError("--epochs 0 trains nothing; pass --epochs >= 1 or --max_steps > 0")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise UserError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.max_grad_norm < 0:
+            raise UserError(f"--max_grad_norm must be >= 0 (0: off), got {self.max_grad_norm}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise UserError(f"--schedule {self.schedule!r} is not one of cosine, linear, constant")
+        if os.path.exists(self.save_dir) and not os.path.isdir(self.save_dir):
+            raise UserError(f"--save_dir {self.save_dir} exists and is a file, not a directory")
+        policy = {True: "full", False: "none", "True": "full", "False": "none"}.get(self.checkpoint_activations,
+                                                                                   self.checkpoint_activations)
+        if policy not in CHECKPOINT_POLICIES:
+            raise UserError(f"--checkpoint_activations {self.checkpoint_activations!r} is not one of "
+                            f"True, False, {', '.join(CHECKPOINT_POLICIES)}")
+        self.checkpoint_activations = policy
+        if not 0 < self.checkpoint_fraction <= 1:
+            raise UserError(f"--checkpoint_fraction must be in (0, 1], got {self.checkpoint_fraction}")
+        self.dtype = dtype_from_flags(self.use_float16, self.use_bfloat16)
+
+
+@dataclass(kw_only=True)
+class TrainArgs(TrainConfig):
+    """train.py: supervised training on teacher rationales."""
+
+    LAUNCHER: ClassVar[str] = "train.py"
+    SUMMARY: ClassVar[str] = ("Train a student on teacher rationales (supervised; the loss covers the response "
+                              "tokens only).")
+
+    task: str = flag("GSM8K / SVAMP / ASDiv / CSQA / ARITH: how answers are read during evaluation.")
+    ckpt_dir: str = flag("native checkpoint with one shard per tensor-parallel rank (or an HF directory).")
+    train_file: str = flag("MCC-KD JSON list: instruction, output (a rationale or a list of them), label.")
+    label_file: Optional[str] = flag("evaluation records (instruction, label), scored by greedy generation.", None)
+    model_type: Optional[str] = flag("registry name; a lora- prefix means LoRA (the checkpoint's params.json wins "
+                                     "for shapes).", None)
+    lora_rank: int = flag("LoRA rank (> 0 with a lora- model type); -1 for full fine-tuning.", -1)
+    lora_alpha: Optional[float] = flag("LoRA alpha (scaling alpha / rank); default: the rank.", None)
+    lora_dropout: float = flag("dropout on the LoRA input.", 0.0)
+    lora_targets: str = flag("comma-separated projections to adapt: wq,wk,wv,wo (attention), w1,w2,w3 (MLP), "
+                             "output (head).", "wq,wk,wv,wo,w1,w2,w3")
+    eval_batch_size: int = flag("sequences decoded together during evaluation.", 64)
+    max_seq_len: int = flag("cut longer sequences (counted and reported).", 1024)
+    max_new_tokens: int = flag("generation budget during evaluation.", 256)
+    template: str = flag("prompt template: default or none (recorded with every saved checkpoint for infer.py).",
+                         "default")
+    max_eval_examples: int = flag("evaluate on the first N label_file records only (0: all).", 0)
+    deepspeed: Optional[str] = flag("DeepSpeed config JSON: ZeRO stage 1/2 over the data-parallel group.", None)
+    tp_size: Optional[int] = flag("tensor-parallel size (default: all processes); world size / tp_size replicas "
+                                  "train data-parallel.", None)
+    device: Optional[str] = flag("cpu or cuda (default: cuda when every process on this node has a GPU of its own, "
+                                 "cpu on a machine without one).", None)
+
+    def __post_init__(self):
+        from engine.answers import check_task
+        from engine.prompts import format_prompt
+
+        super().__post_init__()
+        self.task = check_task(self.task)
+        format_prompt("", self.template)
+        for name in ("eval_batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_seq_len < 2:
+            raise UserError(f"--max_seq_len must be >= 2, got {self.max_seq_len}")
+        if self.deepspeed:
+            import importlib.util
+
+            if importlib.util.find_spec("deepspeed") is None:
+                raise UserError(f"--deepspeed {self.deepspeed} needs the deepspeed package (pip install deepspeed)")
+
+    def make_task(self, records, tokenizer, max_len: int, info):
+        """The objective's Task over the training records (engine/tasks.py)."""
+        from engine.data import SFTData
+        from engine.tasks import SFTTask
+
+        data = SFTData(records, tokenizer, max_len, self.template, self.seed, self.train_file)
+        if info.is_main:
+            print(f"{self.train_file}: {data.describe()}", flush=True)
+        return SFTTask(data, info.device)
+
+
+@dataclass(kw_only=True)
+class MCCArgs(TrainArgs):
+    """train_mcc.py: MCC-KD."""
+
+    LAUNCHER: ClassVar[str] = "train_mcc.py"
+    SUMMARY: ClassVar[str] = ("Train a student with MCC-KD: cross-entropy on several rationales per question plus "
+                              "the consistency of their answer-span predictions.")
+
+    alpha: float = flag("weight of the consistency (symmetric KL) term.", 0.01)
+    temperature: float = flag("softening temperature T of the answer-span distributions.", 1.0)
+    num_rationales: int = flag("rationales per question per step (>= 2); every pair among them is compared.", 2)
+    recompute_spans: bool = flag("ignore the file's indices and find the answer spans anew.", False)
+    keep_wrong_rationales: bool = flag("also train on rationales whose answer differs from the label (dropped by "
+                                       "default).", False)
+
+    def __post_init__(self):
+        from engine.tasks import MCCTask
+
+        super().__post_init__()
+        MCCTask.check(self.alpha, self.temperature, self.num_rationales)
+
+    def make_task(self, records, tokenizer, max_len: int, info):
+        from engine.data import MultiRationaleData
+        from engine.tasks import MCCTask
+
+        data = MultiRationaleData(records, tokenizer, max_len, self.template, self.seed, self.train_file,
+                                  self.num_rationales, not self.recompute_spans, self.task,
+                                  self.keep_wrong_rationales)
+        if info.is_main:
+            print(f"{self.train_file}: {data.describe()}", flush=True)
+        return MCCTask(data, info.device, self.alpha, self.temperature)
+
+
+def flag_fields(cls):
+    """The command-line flags of an arguments class: required ones first, then in declaration order."""
+    found = [f for f in fields(cls) if "help" in f.metadata]
+    return [f for f in found if f.default is MISSING] + [f for f in found if f.default is not MISSING]
+
+
+def launcher(cls):
+    """The fire entry point for an arguments class: keyword-only flags with the fields' types and
+    defaults, a --help line per flag, and a body that checks them (constructing cls) and trains."""
+    hints = typing.get_type_hints(cls)
+    flags = flag_fields(cls)
+
+    def main(**given):
+        from engine.launch import run_training
+
+        run_training(cls(**given))
+
+    main.__signature__ = inspect.Signature([
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
+                          default=inspect.Parameter.empty if f.default is MISSING else f.default) for f in flags])
+    main.__annotations__ = {f.name: hints[f.name] for f in flags}
+    main.__doc__ = "\n".join([cls.SUMMARY, "", "Args:"] + [f"    {f.name}: {f.metadata['help']}" for f in flags])
+    return main
+
+
+def run_record(args) -> dict:
+    """The flags of a run, as run_config.json records them."""
+    return {"launcher": args.LAUNCHER, **{k: v for k, v in asdict(args).items() if k != "betas"}}

@@ -1,0 +1,60 @@
+"""Loading a checkpoint into the tensor-parallel model of this rank."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from engine.checkpoint.files import CheckpointError
+from engine.checkpoint.sources import ShardedSource, Source, open_checkpoint
+from models.args import ConfigError
+from models.sharding import shard_box
+
+
+def load_state_into(model: torch.nn.Module, src: Source, rank: int, n: int, only_specs: bool = False) -> None:
+    """Copy this rank's boxes of every weight into the (tensor-parallel) model, checking shapes.
+    only_specs: load just the source's tensors (a LoRA adapter) and leave the rest as they are."""
+    params = dict(model.named_parameters())
+    specs = src.specs()
+    absent = sorted({sp.key for sp in specs} - set(params))
+    if absent:
+        raise CheckpointError(f"{src.description}: the model has no parameter {', '.join(absent[:3])}")
+    lora = {k for k in params if ".lora_" in k}
+    missing = sorted(set(params) - {sp.key for sp in specs} - lora - ({"output.weight"} if src.args.tie_embeddings else set()))
+    if missing and not only_specs:
+        raise CheckpointError(f"{src.description}: the checkpoint lacks {', '.join(missing[:3])}")
+    with torch.no_grad():
+        for sp in specs:
+            t = src.read(sp, shard_box(sp, rank, n, src.args))
+            p = params[sp.key]
+            if tuple(t.shape) != tuple(p.shape):
+                raise CheckpointError(f"{src.description}: {sp.key} has shape {list(t.shape)} on rank {rank}, "
+                                      f"the model expects {list(p.shape)}")
+            p.copy_(t)
+
+
+
+def load_model(ckpt_dir: str, dtype: torch.dtype = torch.float32, device=None, model_type: Optional[str] = None):
+    """Build the tensor-parallel Transformer for this rank and load its shard of `ckpt_dir`.
+
+    A native or Meta directory must hold one shard per tensor-parallel rank; an HF directory or a
+    single full file loads at any tensor-parallel size."""
+    from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_model_parallel_world_size
+
+    from models.transformer import Transformer
+
+    tp, rank = get_model_parallel_world_size(), get_model_parallel_rank()
+    src = open_checkpoint(ckpt_dir, model_type)
+    if isinstance(src, ShardedSource) and os.path.isdir(ckpt_dir) and src.n != tp:
+        raise CheckpointError(
+            f"{ckpt_dir} holds {src.n} shard(s) but the tensor-parallel size is {tp}; reshard it with "
+            f"`python checkpoint_split.py reshard --ckpt_dir {ckpt_dir} --save_dir OUT --n {tp}`")
+    try:
+        model = Transformer(src.args, device, dtype)
+    except ConfigError as e:
+        raise CheckpointError(f"{ckpt_dir}: {e}") from None
+    load_state_into(model, src, rank, tp)
+    return model
+
+
