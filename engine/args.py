@@ -96,8 +96,9 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class TrainArgs(TrainConfig):
-    """train.py: supervised training on teacher rationales."""
+    """supervised training on teacher rationales."""
 
+    OBJECTIVE: ClassVar[str] = "sft"
     LAUNCHER: ClassVar[str] = "train.py"
     SUMMARY: ClassVar[str] = ("Train a student on teacher rationales (supervised; the loss covers the response "
                               "tokens only).")
@@ -156,8 +157,9 @@ class TrainArgs(TrainConfig):
 
 @dataclass(kw_only=True)
 class MCCArgs(TrainArgs):
-    """train_mcc.py: MCC-KD."""
+    """MCC-KD: cross-entropy on several rationales per question plus the consistency of their answer spans."""
 
+    OBJECTIVE: ClassVar[str] = "mcc"
     LAUNCHER: ClassVar[str] = "train_mcc.py"
     SUMMARY: ClassVar[str] = ("Train a student with MCC-KD: cross-entropy on several rationales per question plus "
                               "the consistency of their answer-span predictions.")
@@ -193,25 +195,49 @@ def flag_fields(cls):
     return [f for f in found if f.default is MISSING] + [f for f in found if f.default is not MISSING]
 
 
-def launcher(cls):
-    """The fire entry point for an arguments class: keyword-only flags with the fields' types and
-    defaults, a --help line per flag, and a body that checks them (constructing cls) and trains."""
-    hints = typing.get_type_hints(cls)
-    flags = flag_fields(cls)
+def launcher(*classes):
+    """The fire entry point of one or more arguments classes (several: one per --objective): keyword-only
+    flags with the fields' types and defaults, a --help line per flag, and a body that checks them
+    (constructing the chosen class) and trains. A flag that two objectives share must mean the same."""
+    fields_by_name, hints = {}, {}
+    for cls in classes:
+        hints.update(typing.get_type_hints(cls))
+        for f in flag_fields(cls):
+            seen = fields_by_name.setdefault(f.name, f)
+            if (seen.default, seen.metadata["help"]) != (f.default, f.metadata["help"]):
+                raise TypeError(f"--{f.name} means different things in {', '.join(c.__name__ for c in classes)}")
+    flags = list(fields_by_name.values())
+    by_objective = {cls.OBJECTIVE: cls for cls in classes}
+    if len(classes) > 1:
+        choose = field(default=classes[0].OBJECTIVE, metadata={"help": (
+            "the training objective: " + "; ".join(f"{c.OBJECTIVE} ({c.__doc__.strip().rstrip('.')})" for c in classes)
+            + ".")})
+        choose.name, hints["objective"] = "objective", str
+        flags.insert(sum(f.default is MISSING for f in flags), choose)
 
     def main(**given):
         from engine.launch import run_training
 
+        name = given.pop("objective", classes[0].OBJECTIVE)
+        cls = by_objective.get(name)
+        if cls is None:
+            raise UserError(f"--objective {name!r} is not one of {', '.join(by_objective)}")
+        own = {f.name for f in flag_fields(cls)}
+        foreign = [k for k in given if k not in own]
+        if foreign:
+            users = [c.OBJECTIVE for c in classes if foreign[0] in {f.name for f in flag_fields(c)}]
+            raise UserError(f"--{foreign[0]} belongs to --objective {' / '.join(users)}, not {name}")
         run_training(cls(**given))
 
     main.__signature__ = inspect.Signature([
         inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
                           default=inspect.Parameter.empty if f.default is MISSING else f.default) for f in flags])
     main.__annotations__ = {f.name: hints[f.name] for f in flags}
-    main.__doc__ = "\n".join([cls.SUMMARY, "", "Args:"] + [f"    {f.name}: {f.metadata['help']}" for f in flags])
+    main.__doc__ = "\n".join([classes[0].SUMMARY, "", "Args:"] + [f"    {f.name}: {f.metadata['help']}" for f in flags])
     return main
 
 
 def run_record(args) -> dict:
     """The flags of a run, as run_config.json records them."""
-    return {"launcher": args.LAUNCHER, **{k: v for k, v in asdict(args).items() if k != "betas"}}
+    return {"launcher": args.LAUNCHER, "objective": args.OBJECTIVE,
+            **{k: v for k, v in asdict(args).items() if k != "betas"}}

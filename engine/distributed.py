@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from fairscale.nn.model_parallel import initialize as mpu
+
+from engine.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -45,8 +48,6 @@ def setup(tp_size: int | None = None, device: str | None = None, own: bool = Tru
     device: "cuda" / "cpu" / None (see resolve_device). NCCL on CUDA, gloo on CPU.
     own: teardown() may destroy what this call creates (False for a long-lived host, e.g. tests).
     """
-    from fairscale.nn.model_parallel import initialize as mpu
-
     device = resolve_device(device)
     if "RANK" not in os.environ:  # single process without torchrun
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
@@ -55,8 +56,6 @@ def setup(tp_size: int | None = None, device: str | None = None, own: bool = Tru
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     tp_size = world if tp_size in (None, 0, -1) else int(tp_size)
     if tp_size < 1 or world % tp_size:
-        from engine.errors import UserError
-
         raise UserError(f"--tp_size {tp_size} does not divide the {world} process(es) of this run; pass a divisor "
                         f"of {world} (or leave --tp_size out for {world}-way tensor parallelism)")
 
@@ -87,8 +86,6 @@ def resolve_device(requested: str | None) -> str:
     """The device of this process: --device cpu|cuda, or by default CUDA when every process on this
     node has a GPU of its own (CPU when the machine has none). A process group that already exists
     (a host that set one up, e.g. a test) decides: gloo means CPU."""
-    from engine.errors import UserError
-
     if requested not in (None, "cpu", "cuda"):
         raise UserError(f"--device {requested!r} is not cpu or cuda")
     if requested is None and dist.is_initialized():
@@ -112,8 +109,6 @@ _OWNED: list = []  # set when setup() created the process group (a launcher's ow
 
 def teardown() -> None:
     """Destroy what setup() created; a process group made by someone else (a test) is left alone."""
-    from fairscale.nn.model_parallel import initialize as mpu
-
     if not _OWNED:
         return
     _OWNED.clear()
@@ -124,14 +119,10 @@ def teardown() -> None:
 
 
 def tp_group():
-    from fairscale.nn.model_parallel import initialize as mpu
-
     return mpu.get_model_parallel_group()
 
 
 def dp_group():
-    from fairscale.nn.model_parallel import initialize as mpu
-
     return mpu.get_data_parallel_group()
 
 

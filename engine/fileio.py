@@ -19,6 +19,7 @@ from typing import Dict, Iterator, Sequence, Tuple
 import torch
 
 from engine.errors import UserError
+from engine.lock import OwnerLock, is_held
 
 
 class DiskFull(UserError):
@@ -163,8 +164,6 @@ def staged_directory(final_dir: str, overwrite: bool = False) -> Iterator[str]:
     so a failed conversion leaves nothing half-written behind. The temporary directory
     `.NAME.XXXX.partial` has a lock file beside it held while it is written; one whose writer died
     (killed, power lost) is removed by the next run that writes NAME."""
-    from engine.lock import OwnerLock
-
     final_dir = os.path.abspath(final_dir.rstrip("/"))
     parent = os.path.dirname(final_dir)
     with disk_errors(final_dir):
@@ -196,8 +195,6 @@ def staged_directory(final_dir: str, overwrite: bool = False) -> Iterator[str]:
 def remove_stale_stages(final_dir: str) -> None:
     """Remove the `.NAME.XXXX.partial` directories of runs that died while writing `final_dir`: their
     lock file is no longer held. One without a lock file (an older version's) is only pointed out."""
-    from engine.lock import is_held
-
     parent, name = os.path.dirname(final_dir), os.path.basename(final_dir)
     for stage in glob.glob(os.path.join(parent, glob.escape("." + name + ".") + "*" + STAGE_SUFFIX)):
         lock_path = stage + ".lock"

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import os
 
+from engine.fileio import atomic_open
+from engine.report import read_metrics
+
 
 def plot_metrics(metrics_path: str, png_path: str, title: str = None) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from engine.fileio import atomic_open
-    from engine.report import read_metrics
 
     steps, evals = read_metrics(metrics_path)
     loss_keys = sorted({k for r in steps for k in r if k.startswith("loss") and k != "loss_scale"})

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 
+from engine.fileio import atomic_write_text
+
 
 def read_metric_lines(metrics_path: str) -> list:
     """The records of metrics.jsonl ([] when absent). A line cut short by a killed run (only the last
@@ -67,8 +69,6 @@ def rising_note(evals: list, total_steps: int) -> str:
 
 
 def write_run_report(save_dir: str) -> str:
-    from engine.fileio import atomic_write_text
-
     cfg_path = os.path.join(save_dir, "run_config.json")
     cfg = json.load(open(cfg_path)) if os.path.exists(cfg_path) else {}
     m = summarize_metrics(os.path.join(save_dir, "metrics.jsonl"))

@@ -7,7 +7,14 @@ from typing import Dict, List
 import torch
 
 from engine.data import IGNORE, SFTData, pad_batch
-from engine.objectives import head_cross_entropy, mcc_kl_sum, to_device, token_cross_entropy
+from engine.errors import UserError
+from engine.objectives import (
+    head_cross_entropy,
+    mcc_kl_sum,
+    span_prediction_positions,
+    to_device,
+    token_cross_entropy,
+)
 
 
 def response_cross_entropy(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -67,8 +74,6 @@ class MCCTask:
 
     @staticmethod
     def check(alpha: float, temperature: float, num_rationales: int = 2) -> None:
-        from engine.errors import UserError
-
         if num_rationales < 2:
             raise UserError(f"--num_rationales must be >= 2, got {num_rationales}")
         if alpha < 0:
@@ -84,8 +89,6 @@ class MCCTask:
         return [self.data.length(q, epoch) for q in self.data.keep]
 
     def micro_batch(self, positions: List[int], epoch: int) -> Batch:
-        from engine.objectives import span_prediction_positions
-
         seqs, pairs = [], []
         for p in positions:
             q = self.data.keep[p]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_model_parallel_world_size
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from models.args import ModelArgs
 from models.compiled import CompiledCall
@@ -326,15 +326,11 @@ _KEEP_IN_SELECTIVE = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, t
 
 
 def _selective_policy(ctx, op, *args, **kwargs):
-    from torch.utils.checkpoint import CheckpointPolicy
-
     return CheckpointPolicy.MUST_SAVE if op in _KEEP_IN_SELECTIVE else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _checkpointed(layer: nn.Module, selective: bool):
     """A block call that recomputes the block (all of it, or all but _KEEP_IN_SELECTIVE) in backward."""
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
     context = functools.partial(create_selective_checkpoint_contexts, _selective_policy) if selective else None
 
     def run(*args):

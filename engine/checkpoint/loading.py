@@ -5,11 +5,13 @@ import os
 from typing import Optional
 
 import torch
+from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_model_parallel_world_size
 
 from engine.checkpoint.files import CheckpointError
 from engine.checkpoint.sources import ShardedSource, Source, open_checkpoint
 from models.args import ConfigError
 from models.sharding import shard_box
+from models.transformer import Transformer
 
 
 def load_state_into(model: torch.nn.Module, src: Source, rank: int, n: int, only_specs: bool = False) -> None:
@@ -40,10 +42,6 @@ def load_model(ckpt_dir: str, dtype: torch.dtype = torch.float32, device=None, m
 
     A native or Meta directory must hold one shard per tensor-parallel rank; an HF directory or a
     single full file loads at any tensor-parallel size."""
-    from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_model_parallel_world_size
-
-    from models.transformer import Transformer
-
     tp, rank = get_model_parallel_world_size(), get_model_parallel_rank()
     src = open_checkpoint(ckpt_dir, model_type)
     if isinstance(src, ShardedSource) and os.path.isdir(ckpt_dir) and src.n != tp:

@@ -5,6 +5,7 @@ state-dict file, and random weights for training from scratch."""
 from __future__ import annotations
 
 import os
+import zlib
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -22,6 +23,7 @@ from engine.checkpoint.files import (
 )
 from engine.checkpoint.hf_names import hf_key_map
 from models.args import ConfigError, ModelArgs
+from models.registry import model_args_for
 from models.sharding import Box, WeightSpec, box_shape, shard_box, weight_specs
 
 
@@ -229,8 +231,6 @@ def open_checkpoint(path: str, model_type: Optional[str] = None) -> Source:
 
 
 def _args_beside(directory: str, model_type: Optional[str], what: str) -> ModelArgs:
-    from models.registry import model_args_for
-
     for name in ("params.json", "config.json"):
         p = os.path.join(directory, name)
         if os.path.exists(p):
@@ -268,8 +268,6 @@ class RandomSource(Source):
         return torch.float32
 
     def _full(self, spec: WeightSpec) -> torch.Tensor:
-        import zlib
-
         if spec.key.endswith("norm.weight"):
             t = torch.ones(spec.shape)
         elif spec.key.endswith(".bias"):

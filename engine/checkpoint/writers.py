@@ -14,6 +14,7 @@ from engine.checkpoint.sources import Source, rotate_half_to_meta
 from engine.fileio import SafetensorsWriter, atomic_torch_save, atomic_write_text, staged_directory
 from models.args import ConfigError, ModelArgs
 from engine.progress import Progress, progress
+from engine.tokenizer import load_tokenizer
 from models.sharding import box_shape, full_box, shard_box, weight_specs
 
 
@@ -181,8 +182,6 @@ def write_hf(src: Source, save_dir: str, dtype: Optional[torch.dtype] = None, ov
 
 
 def _tokenizer_ids(tokenizer_files: Sequence[str]):
-    from engine.tokenizer import load_tokenizer
-
     paths = [p for p in tokenizer_files if p.endswith(("tokenizer.model", "tokenizer.json"))]
     if not paths:
         return None, None, None
@@ -191,8 +190,6 @@ def _tokenizer_ids(tokenizer_files: Sequence[str]):
 
 
 def _sentencepiece_tokenizer_config(tokenizer_files: Sequence[str]) -> dict:
-    from engine.tokenizer import load_tokenizer
-
     path = next(p for p in tokenizer_files if p.endswith("tokenizer.model"))
     tok = load_tokenizer(path)
     piece = tok.id_to_piece
