@@ -4,9 +4,10 @@ own). Modes: full fine-tuning, LoRA, and an MCC-KD step (2 rationales per questi
 symmetric KL of their answer-span predictions; HF computes the same loss from its full logits).
 
 Ours runs the real training step (engine.trainer.Trainer._optimizer_step: chunked head loss,
-regional compile where on, fused AdamW on CUDA, TP-aware clipping). MFU counts model FLOPs per
-token, recomputation not counted: full 6N + 12·L·d·T, LoRA 4N + 12·L·d·T (frozen weights get no
-weight gradients), N the parameters in matmuls (the head included, the embedding lookup not),
+regional compile where on, fused AdamW on CUDA, TP-aware clipping). MFU counts useful model FLOPs
+per token, recomputation not counted: full 6N + 12·L·d·T, LoRA 4N + 12·L·d·T (frozen weights get no
+weight gradients), N the parameters in matmuls (the body, plus the head for the fraction of
+positions that carry a label: --prompt_fraction; the embedding lookup not),
 over --peak_tflops (default: 989 dense bf16 on an H100/H200; on other devices the rate of a
 large matmul measured in the same run).
 
@@ -61,17 +62,18 @@ def _batch(vocab: int, batch: int, seq_len: int, mode: str):
 class _FixedTask:
     """One fixed batch, run through the engine's own task losses (engine/tasks.py)."""
 
-    def __init__(self, x, pairs, mode, device):
+    def __init__(self, x, pairs, mode, device, prompt: int):
         import torch
 
         from engine.data import IGNORE
-        from engine.tasks import Batch
+        from engine.tasks import make_batch
 
         labels = torch.cat([x[:, 1:], torch.full_like(x[:, :1], IGNORE)], dim=1)  # the next token
+        labels[:, :max(prompt - 1, 0)] = IGNORE  # no loss on predicting the prompt
         self.mode, self.temperature = mode, 1.0
         self.weights = {"ce": 1.0, "kl": 0.1} if mode == "mcc" else {"ce": 1.0}
-        counts = {"ce": float(labels.numel() - labels.shape[0]), "kl": float(len(pairs))}
-        self.batch = Batch(x.to(device), labels.to(device), counts, x.numel(), {"pairs": pairs})
+        counts = {"ce": float((labels != IGNORE).sum()), "kl": float(len(pairs))}
+        self.batch = make_batch(x, labels, device, counts, x.numel(), {"pairs": pairs})
         self.num_examples = x.shape[0]
 
     def lengths(self, epoch):
@@ -87,7 +89,7 @@ class _FixedTask:
 
 
 def run_side(side: str, hf_dir: str, native_dir: str, seq_len: int, batch: int, steps: int, mode: str,
-             lora_rank: int, dtype: str, device: str, compile: str) -> dict:
+             lora_rank: int, dtype: str, device: str, compile: str, prompt: int) -> dict:
     import torch
 
     torch.manual_seed(0)
@@ -102,7 +104,7 @@ def run_side(side: str, hf_dir: str, native_dir: str, seq_len: int, batch: int, 
         info = distributed.setup(1, device=device)
         model, _ = build_model(native_dir, None, lora_rank if lora else -1, None, 0.0, TARGETS, dt, info)
         x, pairs = _batch(model.args.vocab_size, batch, seq_len, mode)
-        task = _FixedTask(x, pairs, mode, info.device)
+        task = _FixedTask(x, pairs, mode, info.device, prompt)
         cfg = TrainConfig(save_dir=tempfile.mkdtemp(), max_batch_size=batch, max_steps=steps + 2, lr=1e-5,
                           use_bfloat16=dtype == "bf16", use_float16=dtype == "fp16",
                           compile={"auto": None, "True": True, "False": False}[str(compile)], progress=False,
@@ -125,13 +127,15 @@ def run_side(side: str, hf_dir: str, native_dir: str, seq_len: int, batch: int, 
         model.train()
         x, pairs = _batch(model.config.vocab_size, batch, seq_len, mode)
         x = x.to(device)
+        hf_labels = x.clone()
+        hf_labels[:, :prompt] = -100  # HF shifts inside: no loss on predicting the prompt
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-5)
         autocast = torch.autocast(device_type=device, dtype=dt, enabled=dt != torch.float32)
 
         def step():
             with autocast:
-                out = model(input_ids=x, labels=x)
+                out = model(input_ids=x, labels=hf_labels)
                 loss = out.loss
                 if pairs:  # MCC-KD written the plain way: from the full logits
                     ra = [a for a, _, _, _ in pairs]
@@ -159,11 +163,14 @@ def run_side(side: str, hf_dir: str, native_dir: str, seq_len: int, batch: int, 
             "peak_mb": _peak_bytes(device) / 2 ** 20, "first_loss": losses[0]}
 
 
-def model_flops_per_token(dim, n_layers, n_heads, n_kv_heads, vocab, seq_len, lora: bool) -> float:
+def model_flops_per_token(dim, n_layers, n_heads, n_kv_heads, vocab, seq_len, lora: bool,
+                          labelled: float = 1.0) -> float:
+    """Useful FLOPs per token: the head counts only for the `labelled` fraction of positions (a
+    prompt position's logits feed no loss, whoever computes them)."""
     head_dim = dim // n_heads
     hidden = int(dim * 8 / 3) // 64 * 64
     per_layer = dim * n_heads * head_dim * 2 + dim * n_kv_heads * head_dim * 2 + 3 * dim * hidden
-    n_matmul = n_layers * per_layer + vocab * dim
+    n_matmul = n_layers * per_layer + vocab * dim * labelled
     return (4 if lora else 6) * n_matmul + 12 * n_layers * dim * seq_len
 
 
@@ -193,7 +200,7 @@ def peak_flops(device: str, dtype: str) -> tuple:
 def main(modes: str = "full,lora,mcc", dim: int = 512, n_layers: int = 4, n_heads: int = 8, n_kv_heads: int = 4,
          vocab: int = 32000, seq_len: int = 256, batch: int = 4, steps: int = 5, lora_rank: int = 16,
          dtype: str = "fp32", device: str = None, threads: int = 0, compile: str = "auto", peak_tflops: float = 0,
-         sides: str = "ours,hf"):
+         sides: str = "ours,hf", prompt_fraction: float = 0.0):
     """Print tokens/s, MFU and peak memory of one training step for both engines, and their ratios.
 
     Args:
@@ -208,6 +215,7 @@ def main(modes: str = "full,lora,mcc", dim: int = 512, n_layers: int = 4, n_head
         compile: ours: auto (on a GPU), True or False.
         peak_tflops: the peak for MFU (0: see the module docstring).
         sides: ours,hf or one of them (e.g. ours alone to check what fits in memory).
+        prompt_fraction: the first part of every sequence is a prompt with no loss, as in real training data.
     """
     import torch
 
@@ -233,7 +241,7 @@ def main(modes: str = "full,lora,mcc", dim: int = 512, n_layers: int = 4, n_head
                 cmd = [sys.executable, __file__, "--_side", side, "--_hf_dir", os.path.join(tmp, "hf"),
                        "--_native_dir", os.path.join(tmp, "native"), "--seq_len", str(seq_len), "--batch", str(batch),
                        "--steps", str(steps), "--mode", mode, "--lora_rank", str(lora_rank), "--dtype", dtype,
-                       "--device", device, "--compile", str(compile)]
+                       "--device", device, "--compile", str(compile), "--prompt", str(int(prompt_fraction * seq_len))]
                 paths = [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
                 env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}  # keep packages installed on a path
                 if threads:
@@ -245,9 +253,11 @@ def main(modes: str = "full,lora,mcc", dim: int = 512, n_layers: int = 4, n_head
                 if out.returncode != 0:
                     raise SystemExit(f"{mode} {side} failed:\n{out.stderr[-3000:]}")
                 results[side] = json.loads(out.stdout.strip().splitlines()[-1])
-            flops = model_flops_per_token(dim, n_layers, n_heads, n_kv_heads, vocab, seq_len, mode == "lora")
+            labelled = 1.0 - int(prompt_fraction * seq_len) / seq_len
+            flops = model_flops_per_token(dim, n_layers, n_heads, n_kv_heads, vocab, seq_len, mode == "lora", labelled)
             name = {"full": "full fine-tuning", "lora": f"LoRA r={lora_rank}", "mcc": "MCC-KD (full)"}[mode]
-            print(f"train step, {name}, {dtype}, {device}, dim={dim} layers={n_layers} batch={batch}x{seq_len}")
+            print(f"train step, {name}, {dtype}, {device}, dim={dim} layers={n_layers} batch={batch}x{seq_len}"
+                  + (f", prompt {prompt_fraction:.0%} of each sequence" if prompt_fraction else ""))
             for side, r in results.items():
                 if r.get("out_of_memory"):
                     print(f"  {side:4s}: out of memory")
@@ -270,11 +280,11 @@ if __name__ == "__main__":
         ap = argparse.ArgumentParser()
         for flag in ("_side", "_hf_dir", "_native_dir", "dtype", "device", "mode", "compile"):
             ap.add_argument("--" + flag)
-        for flag in ("seq_len", "batch", "steps", "lora_rank"):
+        for flag in ("seq_len", "batch", "steps", "lora_rank", "prompt"):
             ap.add_argument("--" + flag, type=int)
         a = ap.parse_args()
         print(json.dumps(run_side(a._side, a._hf_dir, a._native_dir, a.seq_len, a.batch, a.steps, a.mode, a.lora_rank,
-                                  a.dtype, a.device, a.compile)))
+                                  a.dtype, a.device, a.compile, a.prompt)))
     else:
         import fire
 

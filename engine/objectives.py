@@ -6,6 +6,8 @@ Logits are this rank's vocabulary shard [..., vocab / tp]; nothing gathers the f
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -30,9 +32,11 @@ class _HeadCrossEntropy(torch.autograd.Function):
     the forward, so the backward only scales them and nothing is recomputed."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_rows):
-        h = hidden.reshape(-1, hidden.shape[-1])
-        y = labels.reshape(-1)
+    def forward(ctx, hidden, weight, labels, chunk_rows, rows):
+        h_all = hidden.reshape(-1, hidden.shape[-1])
+        h, y = h_all, labels.reshape(-1)
+        if rows is not None:  # only the positions that have a label: the others add nothing
+            h, y = h.index_select(0, rows), y.index_select(0, rows)
         local_vocab = weight.shape[0]
         start = vocab_shard_start(local_vocab)
         grad_h = torch.empty_like(h) if hidden.requires_grad else None
@@ -59,6 +63,8 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 grad_h[s:s + chunk_rows] = all_reduce_tp_(probs @ weight.to(hc.dtype))
             if grad_w is not None:
                 grad_w += (probs.t() @ hc).float()
+        if grad_h is not None and rows is not None:
+            grad_h = torch.zeros_like(h_all).index_copy_(0, rows, grad_h)
         ctx.save_for_backward(grad_h if grad_h is not None else torch.empty(0),
                               grad_w if grad_w is not None else torch.empty(0))
         ctx.shapes = hidden.shape, hidden.dtype, weight.dtype
@@ -70,18 +76,24 @@ class _HeadCrossEntropy(torch.autograd.Function):
         shape, h_dtype, w_dtype = ctx.shapes
         gh = (grad_h * grad_out).to(h_dtype).view(shape) if ctx.needs_input_grad[0] else None
         gw = (grad_w * grad_out).to(w_dtype) if ctx.needs_input_grad[1] else None
-        return gh, gw, None, None
+        return gh, gw, None, None, None
 
 
 def head_cross_entropy(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor,
-                       chunk_rows: int = 0) -> torch.Tensor:
+                       chunk_rows: int = 0, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sum of next-token cross-entropy over positions whose label is not IGNORE, from final hidden
     states [B, T, dim] and this rank's head shard [vocab / tp, dim], never holding the logits of
-    more than `chunk_rows` positions (default: about 2^26 logits). Equals
+    more than `chunk_rows` positions (default: about 2^26 logits). rows: the flat indices of the
+    labelled positions (labelled_rows, known on the host), so prompt positions cost nothing. Equals
     token_cross_entropy(hidden @ head_weight.T, labels) in value and gradients."""
     if not chunk_rows:
         chunk_rows = max(64, (1 << 26) // head_weight.shape[0])
-    return _HeadCrossEntropy.apply(hidden, head_weight, labels, chunk_rows)
+    return _HeadCrossEntropy.apply(hidden, head_weight, labels, chunk_rows, rows)
+
+
+def labelled_rows(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the positions with a label, from host-side labels (no device sync)."""
+    return (labels.reshape(-1) != IGNORE).nonzero().squeeze(1)
 
 
 def symmetric_kl_pairs(logits_a: torch.Tensor, logits_b: torch.Tensor, mask: torch.Tensor,

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -10,6 +10,7 @@ from engine.data import IGNORE, SFTData, pad_batch
 from engine.errors import UserError
 from engine.objectives import (
     head_cross_entropy,
+    labelled_rows,
     mcc_kl_sum,
     span_prediction_positions,
     to_device,
@@ -17,13 +18,22 @@ from engine.objectives import (
 )
 
 
-def response_cross_entropy(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token CE of the labelled positions: chunk by chunk from the hidden states (no
-    full logits), or from the logits when the head is not one matrix (LoRA dropout on the head)."""
+def response_cross_entropy(model, hidden: torch.Tensor, labels: torch.Tensor,
+                           rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Summed next-token CE of the labelled positions: chunk by chunk from the hidden states of those
+    positions only (no full logits), or from the logits when the head is not one matrix (LoRA
+    dropout on the head)."""
     head = model.head_matrix()
     if head is None:
         return token_cross_entropy(model.logits(hidden, gather=False), labels)
-    return head_cross_entropy(hidden, head, labels)
+    return head_cross_entropy(hidden, head, labels, rows=rows)
+
+
+def make_batch(inputs: torch.Tensor, labels: torch.Tensor, device, counts: Dict[str, float], n_tokens: int,
+               extra: Optional[dict] = None) -> "Batch":
+    """A batch on the device, with the labelled positions found on the host."""
+    return Batch(to_device(inputs, device), to_device(labels, device), counts, n_tokens, extra or {},
+                 to_device(labelled_rows(labels), device))
 
 
 @dataclass
@@ -33,6 +43,7 @@ class Batch:
     counts: Dict[str, float]
     n_tokens: int
     extra: dict = field(default_factory=dict)
+    label_rows: Optional[torch.Tensor] = None  # flat indices of the labelled positions (None: all)
 
 
 class SFTTask:
@@ -54,12 +65,12 @@ class SFTTask:
     def micro_batch(self, positions: List[int], epoch: int) -> Batch:
         pairs = [self.data.example(self.data.keep[p], epoch) for p in positions]
         inputs, labels = pad_batch(pairs, self.pad_id)
-        return Batch(to_device(inputs, self.device), to_device(labels, self.device),
-                     {"ce": int((labels != IGNORE).sum())}, sum(len(x) for x, _ in pairs))
+        return make_batch(inputs, labels, self.device, {"ce": int((labels != IGNORE).sum())},
+                          sum(len(x) for x, _ in pairs))
 
     def loss_sums(self, model, batch: Batch) -> Dict[str, torch.Tensor]:
         hidden = model.forward_hidden(batch.inputs)
-        return {"ce": response_cross_entropy(model, hidden, batch.labels)}
+        return {"ce": response_cross_entropy(model, hidden, batch.labels, batch.label_rows)}
 
 
 class MCCTask:
@@ -99,12 +110,11 @@ class MCCTask:
                 seqs.append((x, y))
             pairs += [(ra, pa, rb, pb) for n, (ra, pa) in enumerate(rows) for rb, pb in rows[n + 1:]]
         inputs, labels = pad_batch(seqs, self.pad_id)
-        return Batch(to_device(inputs, self.device), to_device(labels, self.device),
-                     {"ce": int((labels != IGNORE).sum()), "kl": len(pairs)}, sum(len(x) for x, _ in seqs),
-                     {"pairs": pairs})
+        return make_batch(inputs, labels, self.device, {"ce": int((labels != IGNORE).sum()), "kl": len(pairs)},
+                          sum(len(x) for x, _ in seqs), {"pairs": pairs})
 
     def loss_sums(self, model, batch: Batch) -> Dict[str, torch.Tensor]:
         hidden = model.forward_hidden(batch.inputs)
         kl = mcc_kl_sum(lambda rows, pos: model.logits(hidden[rows, pos]), batch.extra["pairs"], self.temperature,
                         hidden.device)
-        return {"ce": response_cross_entropy(model, hidden, batch.labels), "kl": kl}
+        return {"ce": response_cross_entropy(model, hidden, batch.labels, batch.label_rows), "kl": kl}
