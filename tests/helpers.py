@@ -133,27 +133,32 @@ def hf_to_meta_files(model, path: str, n: int) -> None:
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK")
 
 
-def child_env(**extra) -> dict:
-    """The environment for a launched process: this repo on the path, one thread, and none of the
-    test process's own torch.distributed variables (the child starts its own world)."""
+def child_env(gpu: bool = False, **extra) -> dict:
+    """The environment for a launched process: this repo on the path, one thread, none of the test
+    process's own torch.distributed variables (the child starts its own world), and, unless `gpu`,
+    no visible GPU: the CPU tests (gloo, fp32) stay CPU tests on a GPU machine too."""
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    if not gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **extra}
 
 
-def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600, env=None) -> subprocess.CompletedProcess:
-    """Launch a worker under torchrun (gloo on CPU); raise with its output if it fails."""
+def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600, env=None,
+             gpu: bool = False) -> subprocess.CompletedProcess:
+    """Launch a worker under torchrun (gloo on CPU unless `gpu`); raise with its output if it fails."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(_free_port()), script, *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=child_env(**(env or {})))
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=child_env(gpu, **(env or {})))
     if proc.returncode != 0:
         raise AssertionError(f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
 
 
-def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run a launcher as a user would; returns the completed process (never raises)."""
+def run_cli(*args: str, timeout: int = 300, gpu: bool = False) -> subprocess.CompletedProcess:
+    """Run a launcher as a user would (on the CPU unless `gpu`); returns the completed process (never raises)."""
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=child_env())
+                          env=child_env(gpu))
 
 
 def _free_port() -> int:

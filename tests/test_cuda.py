@@ -62,7 +62,7 @@ def test_infer_greedy_matches_hf_generate_on_gpu(gpu_env, tmp_path):
     out = tmp_path / "out.jsonl"
     proc = run_cli("infer.py", "--ckpt_dir", str(hf_dir), "--data_file", str(data), "--output_file", str(out),
                    "--template", "none", "--max_new_tokens", "12", "--batch_size", "5", "--output_tokens", "True",
-                   "--progress", "False", "--device", "cuda")
+                   "--progress", "False", "--device", "cuda", gpu=True)
     assert proc.returncode == 0, proc.stderr
     assert "decode: CUDA graphs" in proc.stderr
     tok = load_tokenizer(str(hf_dir))
@@ -79,7 +79,7 @@ def _train(root, hf_dir, save, *extra, launcher=run_cli):
     args = ["train.py", "--task", "ARITH", "--ckpt_dir", str(hf_dir), "--save_dir", str(save), "--train_file",
             str(root / "arith" / "train.json"), "--template", "none", "--max_seq_len", "64", "--lr", "1e-3",
             "--max_batch_size", "4", "--max_steps", "4", "--save_every", "2", "--device", "cuda", *extra]
-    proc = launcher(*args) if launcher is run_cli else launcher(*args, nproc=2)
+    proc = launcher(*args, gpu=True) if launcher is run_cli else launcher(*args, nproc=2, gpu=True)
     if launcher is run_cli:
         assert proc.returncode == 0, proc.stderr
     return [json.loads(line)["loss"] for line in open(save / "metrics.jsonl") if '"eval"' not in line]
@@ -113,7 +113,7 @@ def test_more_processes_than_gpus_is_one_sentence(gpu_env, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "train.py",
                            "--task", "ARITH", "--ckpt_dir", str(hf_dir), "--save_dir", str(tmp_path / "x"),
                            "--train_file", str(root / "arith" / "train.json")], cwd=ROOT, capture_output=True,
-                          text=True, env=child_env(), timeout=300)
+                          text=True, env=child_env(gpu=True), timeout=300)
     assert proc.returncode != 0
     assert f"error: {n} processes on this node but only {GPUS} GPU(s)" in proc.stderr
     assert "--device cpu" in proc.stderr
