@@ -158,7 +158,7 @@ def main(batches="1,64,384", dim: int = 512, n_layers: int = 4, n_heads: int = 8
 
 def end_to_end(hf_dir: str, hf, device: str, dtype: str, batch: int, n_records: int, new_tokens: int,
                min_prompt: int, seed: int) -> dict:
-    """infer.py's generate (records in, JSON lines out) vs the same job written with HF."""
+    """infer.py's generate (checkpoint and records in, JSON lines out) vs the same job written with HF."""
     import random
 
     import infer
@@ -188,12 +188,15 @@ def end_to_end(hf_dir: str, hf, device: str, dtype: str, batch: int, n_records: 
     _, t_ours = _timed(lambda: infer.generate(**flags, output_file=out), device)
     ours_tokens = sum(len([t for t in json.loads(line)["tokens"] if t != tok.eos_id]) for line in open(out))
 
-    def hf_job():
+    def hf_job():  # loading the model is part of the job on both sides
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=hf.dtype).to(device).eval()
         n = 0
         with open(out + ".hf", "w") as f:
             for s in range(0, len(records), batch):
                 chunk = records[s:s + batch]
-                outs = _hf_generate(hf, [tok.encode(r["instruction"]) for r in chunk], new_tokens, device,
+                outs = _hf_generate(model, [tok.encode(r["instruction"]) for r in chunk], new_tokens, device,
                                     eos=tok.eos_id)
                 for r, ids in zip(chunk, outs):
                     ids = ids[: ids.index(tok.eos_id)] if tok.eos_id in ids else ids
