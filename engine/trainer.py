@@ -10,6 +10,8 @@ task's interface:
   task.weights                       {part: weight in the total loss}
   task.extra_modules()               (optional) modules trained beside the model (a small head), saved
                                      and resumed with the trainer state
+  task.task_prefixes                 (optional) {task: instruction prefix} of a multi-task objective,
+                                     recorded with every saved model for infer.py
 
 Loss = sum over parts of weight * (sum over the optimizer step) / (count over the optimizer step),
 with sums and counts taken across accumulation micro-batches and data-parallel replicas, so
@@ -98,6 +100,7 @@ class Trainer:
             self._init_deepspeed(deepspeed_config)
         self.checkpointer = Checkpointer(cfg.save_dir, model, info, lora_cfg, base_ckpt, tokenizer, template,
                                          cfg.keep_checkpoints)
+        self.checkpointer.task_prefixes = getattr(task, "task_prefixes", None)
         self.step, self.epoch, self.batch_in_epoch, self.best_accuracy = 0, 0, 0, -1.0
         self.metrics_path = os.path.join(cfg.save_dir, "metrics.jsonl")
         torch.manual_seed(cfg.seed * 1000 + info.dp_rank)  # same dropout masks within a TP group
