@@ -201,7 +201,6 @@ class StepByStepArgs(TrainArgs):
     """distilling step-by-step: the label and rationale tasks of each question over one model, optionally with a mutual-information term between them."""
 
     OBJECTIVE: ClassVar[str] = "step_by_step"
-    SUMMARY: ClassVar[str] = TrainArgs.SUMMARY
 
     alpha: float = flag("step_by_step: weight of the label task; the rationale task gets 1 - alpha (in [0, 1]).",
                         0.5)
@@ -225,6 +224,8 @@ class StepByStepArgs(TrainArgs):
         StepByStepTask.check(self.alpha, self.beta, self.mi_estimator or "pooled_ce")
         if self.label_type not in LABEL_TYPES:
             raise UserError(f"--label_type {self.label_type!r} is not one of {', '.join(LABEL_TYPES)}")
+        if self.eval_rationale_task and not self.label_file:
+            raise UserError("--eval_rationale_task True needs --label_file (the records evaluated)")
         if self.label_type == "llm" and "label" not in StepByStepTask.passes_for(self.alpha, self.beta):
             raise UserError("--label_type llm has no effect with --alpha 0 and --beta 0 (the label task is not "
                             "trained)")

@@ -358,7 +358,12 @@ class Trainer:
         self.checkpointer.save(self.step, state, self._signature(), self.ds_engine)
 
     def _resume(self) -> None:
-        _, state = self.checkpointer.resume(self._signature(), self.metrics_path, self.ds_engine)
+        path, state = self.checkpointer.resume(self._signature(), self.metrics_path, self.ds_engine)
+        saved_extra = state.get("extra_modules", [])
+        if len(saved_extra) != len(self.extra):  # e.g. an MI critic saved but not asked for now, or the reverse
+            raise UserError(f"--resume: {path} holds {len(saved_extra)} module(s) trained beside the model and this "
+                            f"run trains {len(self.extra)} (--beta / --mi_estimator critic differ); resume with the "
+                            f"objective flags the run started with")
         if self.ds_engine is None:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

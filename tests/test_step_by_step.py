@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint_split as cks
+import infer
 import train
 from data.arithmetic import main as make_arith
 from data.prepare_step_by_step import main as prepare_main, parse_teacher_output
@@ -173,6 +174,9 @@ def test_beta_0_is_step_by_step_exactly(sbs, dist1, tmp_path):
     assert "extra_modules" not in state  # no critic to save
     critic = torch.load(tmp_path / "critic" / "checkpoint-1" / "trainer_state.00.pt", weights_only=False)
     assert len(critic["extra_modules"]) == 1
+    with pytest.raises(UserError, match=r"holds 1 module\(s\) trained beside the model and this run trains 0"):
+        train.main(**_base(sbs, alpha=0.4, ckpt_dir=str(sbs / "m1"), max_steps=2, save_every=1, resume=True,
+                           save_dir=str(tmp_path / "critic")))
 
 
 def test_alpha_1_trains_the_label_task_only(sbs, dist1, tmp_path):
@@ -191,6 +195,13 @@ def test_alpha_1_trains_the_label_task_only(sbs, dist1, tmp_path):
     train.main(**base)
     assert_same_run(str(tmp_path / "a1"), str(tmp_path / "sft"), tol=0.0)
     assert not any(k.startswith("loss_") for line in _metrics(tmp_path / "a1") for k in line)  # one part only
+    # infer.py score reads the recorded prefixes: the label task of a1 == the prefixed prompts on the SFT model
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps([{"instruction": r["instruction"], "output": r["label"]} for r in records]))
+    infer.score(str(tmp_path / "a1" / "checkpoint-3"), str(plain), str(tmp_path / "a1.jsonl"))
+    infer.score(str(tmp_path / "sft" / "checkpoint-3"), str(sft), str(tmp_path / "sft.jsonl"))
+    scores = [[json.loads(x)["sum_logprob"] for x in open(tmp_path / f)] for f in ("a1.jsonl", "sft.jsonl")]
+    assert scores[0] == scores[1]
 
 
 # ----- the CLI end to end under torchrun ---------------------------------------------------------
@@ -367,6 +378,7 @@ def test_bad_input_is_one_sentence(sbs, dist1, tmp_path):
     assert err(train_file=str(bad), label_type="llm") == (
         f"{bad} record 1: the answer its rationale states (None) is not an answer of --task ARITH (--label_type llm)")
     assert err(objective="sft", alpha=0.5) == "--alpha belongs to --objective step_by_step, not sft"
+    assert err(eval_rationale_task=True) == "--eval_rationale_task True needs --label_file (the records evaluated)"
     proc = run_cli("train.py", "--objective", "step_by_step", "--alpha", "2", "--task", "ARITH", "--ckpt_dir", "x",
                    "--save_dir", str(tmp_path / "c"), "--train_file", str(sbs / "arith" / "train.json"))
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1] == \
