@@ -168,7 +168,7 @@ def calibration(ckpt_dir: str, data_file: str, output_file: str, task: str, batc
                 max_new_tokens: int = 256, num_bins: int = 10, plot_file: str = None, template: str = None,
                 task_prefix: str = None, lora_dir: str = None, use_float16: bool = False, use_bfloat16: bool = False,
                 device: str = None):
-    """Expected calibration error of the first answer token's probability vs correctness (greedy answers), with a reliability diagram.
+    """Calibration error (ECE) of the first answer token's probability vs correctness, with a reliability diagram.
 
     Args:
         ckpt_dir: native checkpoint, HF directory, or LoRA adapter directory.

@@ -94,12 +94,14 @@ def main(seeds="0,1,2", steps: int = 300, questions_per_step: int = 32, lr: floa
             save = os.path.join(out, f"{arm}-{seed}")
             shutil.rmtree(save, ignore_errors=True)
             start = time.time()
-            _run(["train.py", "--ckpt_dir", init, "--save_dir", save, "--seed", str(seed), *common, *arm_flags[arm]], env)
+            _run(["train.py", "--ckpt_dir", init, "--save_dir", save, "--seed", str(seed), *common, *arm_flags[arm]],
+                 env)
             train_s = time.time() - start
             evals = [json.loads(line) for line in open(os.path.join(save, "metrics.jsonl")) if '"eval"' in line]
             cal_out = os.path.join(save, "calibration.jsonl")
             _run(["infer.py", "calibration", "--ckpt_dir", os.path.join(save, f"checkpoint-{steps}"), "--data_file",
-                  test, "--output_file", cal_out, "--task", "ARITH", "--max_new_tokens", "8", "--batch_size", "200"], env)
+                  test, "--output_file", cal_out, "--task", "ARITH", "--max_new_tokens", "8", "--batch_size", "200"],
+                 env)
             cal = json.load(open(cal_out + ".summary.json"))
             results.setdefault(arm, {})[seed] = {"accuracy": evals[-1]["accuracy"], "ece": cal["ece"],
                                                  "mean_confidence": cal["mean_confidence"],

@@ -226,8 +226,9 @@ def main(output_file: str, input_file: str = None, dataset_dir: str = None, spli
         raise DataError(f"{source}: no record kept a teacher rationale with a readable answer ({dict(counts)})")
     atomic_write_text(output_file, json.dumps(out, indent=1, ensure_ascii=False) + "\n")
     dropped = {k: counts[k] for k in ("no_answer_sentence", "no_rationale", "unreadable_teacher_label") if counts[k]}
-    print(f"kept {counts['kept']} of {len(records)} records ({counts['teacher_label_differs_from_gold']} with a teacher "
-          f"label other than the gold one)" + "".join(f"\n  dropped, {k}: {v}" for k, v in dropped.items()))
+    differ = counts["teacher_label_differs_from_gold"]
+    print(f"kept {counts['kept']} of {len(records)} records ({differ} with a teacher label other than the gold one)"
+          + "".join(f"\n  dropped, {k}: {v}" for k, v in dropped.items()))
     print(json.dumps({"records": len(records), "kept": counts["kept"], "dropped": dropped,
                       "teacher_label_differs_from_gold": counts["teacher_label_differs_from_gold"], "task": task,
                       "output_file": output_file}))

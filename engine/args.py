@@ -198,7 +198,7 @@ class MCCArgs(TrainArgs):
 
 @dataclass(kw_only=True)
 class StepByStepArgs(TrainArgs):
-    """distilling step-by-step: the label and rationale tasks of each question over one model, optionally with a mutual-information term between them."""
+    """distilling step-by-step: label and rationale tasks over one model, optionally an MI term between them."""
 
     OBJECTIVE: ClassVar[str] = "step_by_step"
 
@@ -243,6 +243,10 @@ class StepByStepArgs(TrainArgs):
         if self.beta > 0 and self.mi_estimator == "critic":  # the critic reads the model's hidden states
             from engine.checkpoint import open_checkpoint
 
+            if self.max_batch_size // info.dp_size < 2:  # InfoNCE of one question against itself is always 0
+                raise UserError(f"--mi_estimator critic needs 2 or more questions per micro-batch on each of the "
+                                f"{info.dp_size} data-parallel replicas (its negatives); --max_batch_size is "
+                                f"{self.max_batch_size}")
             critic_dim = open_checkpoint(self.ckpt_dir, self.model_type).args.dim
         return StepByStepTask(data, info.device, self.alpha, self.beta, self.mi_estimator or "pooled_ce",
                               critic_dim, self.seed)

@@ -113,8 +113,8 @@ def run_calibration(job: GenerationJob, num_bins: int, plot_file: str) -> dict:
                         f.write(json.dumps(line, ensure_ascii=False) + "\n")
                 atomic_write_text(job.output_file + ".summary.json", json.dumps(summary, indent=2) + "\n")
             with disk_errors(plot_file):
-                plot_reliability(result["bins"], result["ece"], plot_file,
-                                 f"{os.path.basename(job.ckpt_dir.rstrip('/'))}: {len(lines)} records")
+                where = os.path.join(*os.path.normpath(os.path.abspath(job.ckpt_dir)).split(os.sep)[-2:])
+                plot_reliability(result["bins"], result["ece"], plot_file, f"{where}: {len(lines)} records")
             print(json.dumps({k: v for k, v in summary.items() if k != "bins"}), flush=True)
     finally:
         if lock is not None:

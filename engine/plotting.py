@@ -56,8 +56,8 @@ def plot_reliability(bins, ece: float, png_path: str, title: str = "") -> str:
     filled = [b for b in bins if b["count"]]
     top.bar([b["lo"] for b in filled], [b["accuracy"] for b in filled], width=width, align="edge",
             edgecolor="black", label="accuracy")
-    top.plot([b["confidence"] for b in filled], [b["confidence"] for b in filled], "o", color="tab:red", markersize=4,
-             label="mean confidence")
+    top.bar([b["lo"] for b in filled], [b["confidence"] for b in filled], width=width, align="edge", fill=False,
+            edgecolor="tab:red", hatch="//", label="mean confidence")
     top.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")

@@ -226,8 +226,9 @@ def test_cli_tp2_train_resume_evaluate_calibrate(sbs, tmp_path):
     assert record["task_prefixes"] == PREFIX
 
     model = tmp_path / "stopped" / "checkpoint-6"
-    proc = torchrun("infer.py", "calibration", "--ckpt_dir", str(model), "--data_file", str(sbs / "arith" / "test.json"),
-                    "--output_file", str(tmp_path / "cal.jsonl"), "--task", "ARITH", "--max_new_tokens", "8")
+    proc = torchrun("infer.py", "calibration", "--ckpt_dir", str(model), "--data_file",
+                    str(sbs / "arith" / "test.json"), "--output_file", str(tmp_path / "cal.jsonl"), "--task", "ARITH",
+                    "--max_new_tokens", "8")
     summary = json.load(open(tmp_path / "cal.jsonl.summary.json"))
     assert summary["task_prefix"] == "label" and summary["records"] == 4 and 0 <= summary["ece"] <= 1
     assert os.path.getsize(tmp_path / "cal.reliability.png") > 1000
@@ -258,7 +259,8 @@ def test_teacher_text_is_parsed_as_the_authors_meant(tmp_path):
     assert parse_teacher_output("Doors guard money. So the answer is bank", "CSQA", choices)[1] == "A"
     assert parse_teacher_output("So the answer is (a) bank.", "CSQA", choices)[2] == "no_rationale"
     assert parse_teacher_output("Banks are safe.", "CSQA", choices)[2] == "no_answer_sentence"
-    assert parse_teacher_output("It is a zoo. So the answer is (f) zoo.", "CSQA", choices)[2] == "unreadable_teacher_label"
+    zoo = "It is a zoo. So the answer is (f) zoo."
+    assert parse_teacher_output(zoo, "CSQA", choices)[2] == "unreadable_teacher_label"
     svamp = "He had 32 and ate 5.0. The answer is (32.0 - 5.0).\nQ: next"
     assert parse_teacher_output(svamp, "SVAMP") == ("He had 32 and ate 5.0. The answer is (32.0 - 5.0).",
                                                     "(32.0 - 5.0)", "")
@@ -288,7 +290,8 @@ def test_teacher_text_is_parsed_as_the_authors_meant(tmp_path):
     src.write_text(json.dumps(records))
     with pytest.raises(UserError) as e:
         prepare_main(str(tmp_path / "o2.json"), input_file=str(src), task="CSQA")
-    assert str(e.value) == f"{src} record 0: the gold label 'zoo' cannot be read as a CSQA answer (nor matched to one of its choices)"
+    assert str(e.value) == (f"{src} record 0: the gold label 'zoo' cannot be read as a CSQA answer (nor matched to "
+                            f"one of its choices)")
 
 
 def test_authors_layout_and_svamp_equations(tmp_path):
@@ -307,7 +310,8 @@ def test_authors_layout_and_svamp_equations(tmp_path):
     (d / "llm" / "train_CoT_1.json").write_text(json.dumps(["no idea"]))
     prepare_main(str(tmp_path / "out.json"), dataset_dir=str(d))
     out = json.load(open(tmp_path / "out.json"))
-    assert [(r["label"], r["llm_label"]) for r in out] == [("( 32.0 - 5.0 )", "(32 - 5)"), ("( 3.0 * 4.0 )", "(3 * 4 + 1)")]
+    assert [(r["label"], r["llm_label"]) for r in out] == [("( 32.0 - 5.0 )", "(32 - 5)"),
+                                                           ("( 3.0 * 4.0 )", "(3 * 4 + 1)")]
     assert out[0]["instruction"] == rows[0]["input"]
     assert parse_label("( 32.0 - 5.0 )", "SVAMP") == "27" and parse_label("( 32.0 - 5.0 )", "GSM8K") is None
     assert is_correct(extract_answer("( 32 - 5 )", "SVAMP"), "( 32.0 - 5.0 )", "SVAMP")
@@ -373,12 +377,16 @@ def test_bad_input_is_one_sentence(sbs, dist1, tmp_path):
     bad.write_text(json.dumps([records[0], {"instruction": "What is 1 + 2 ?", "label": "3"}]))
     assert err(train_file=str(bad)) == f"{bad} record 1 has no rationale ('output') for the rationale task"
     bad.write_text(json.dumps([records[0], {**records[1], "label": "many"}]))
-    assert err(train_file=str(bad)) == f"{bad} record 1: 'label' 'many' is not an answer of --task ARITH (--label_type gt)"
+    assert err(train_file=str(bad)) == \
+        f"{bad} record 1: 'label' 'many' is not an answer of --task ARITH (--label_type gt)"
     bad.write_text(json.dumps([records[0], {**records[1], "llm_label": None, "output": "I cannot say."}]))
     assert err(train_file=str(bad), label_type="llm") == (
         f"{bad} record 1: the answer its rationale states (None) is not an answer of --task ARITH (--label_type llm)")
     assert err(objective="sft", alpha=0.5) == "--alpha belongs to --objective step_by_step, not sft"
     assert err(eval_rationale_task=True) == "--eval_rationale_task True needs --label_file (the records evaluated)"
+    assert err(beta=0.1, mi_estimator="critic", max_batch_size=1) == (
+        "--mi_estimator critic needs 2 or more questions per micro-batch on each of the 1 data-parallel replicas "
+        "(its negatives); --max_batch_size is 1")
     proc = run_cli("train.py", "--objective", "step_by_step", "--alpha", "2", "--task", "ARITH", "--ckpt_dir", "x",
                    "--save_dir", str(tmp_path / "c"), "--train_file", str(sbs / "arith" / "train.json"))
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1] == \
