@@ -5,6 +5,9 @@
       [--template default|none] [--lora_dir L]
   python infer.py evaluate --task T --predictions_file O.jsonl [--label_file F] [--field output]
   torchrun --nproc_per_node N infer.py score --ckpt_dir C --data_file F --output_file O.jsonl
+  torchrun --nproc_per_node N infer.py calibration --ckpt_dir C --data_file F --output_file O.jsonl --task T
+  python infer.py bleu --predictions_file O.jsonl --references_file F
+(--task_prefix label|rationale picks the task of a model trained with --objective step_by_step.)
 
 The flags are checked here; the jobs are engine/offline.py's. Imports are inside the commands so
 that --help and a mistyped flag answer at once.
@@ -23,7 +26,7 @@ def generate(ckpt_dir: str, data_file: str, output_file: str, task: str = None, 
              num_samples: int = 1, template: str = None, seed: int = 0, use_float16: bool = False,
              use_bfloat16: bool = False, lora_dir: str = None, stop: str = None, long_prompts: str = "skip",
              prefill_tokens: int = 16384, progress: bool = True, output_tokens: bool = False, compile: bool = True,
-             device: str = None):
+             device: str = None, task_prefix: str = None):
     """Generate responses for every record of data_file; one JSON line per record in output_file.
 
     Args:
@@ -49,14 +52,26 @@ def generate(ckpt_dir: str, data_file: str, output_file: str, task: str = None, 
         output_tokens: also write the generated token ids ('tokens') of each response.
         compile: on a GPU, decode with CUDA graphs of a compiled step (False: eager; CPU is always eager).
         device: cpu or cuda (default: cuda when every process on this node has a GPU of its own).
+        task_prefix: a step-by-step model's task: label (the default for such a model) or rationale.
     """
+    from engine.offline import run_generation
+
+    run_generation(_generation_job(ckpt_dir, data_file, output_file, task, batch_size, max_new_tokens, temperature,
+                                   top_p, top_k, num_samples, template, seed, use_float16, use_bfloat16, lora_dir, stop,
+                                   long_prompts, prefill_tokens, progress, output_tokens, compile, device, task_prefix))
+
+
+def _generation_job(ckpt_dir, data_file, output_file, task, batch_size, max_new_tokens, temperature, top_p, top_k,
+                    num_samples, template, seed, use_float16, use_bfloat16, lora_dir, stop, long_prompts,
+                    prefill_tokens, progress, output_tokens, compile, device, task_prefix):
+    """The flags of a generation job, checked (shared by generate and calibration)."""
     from engine.answers import check_task
     from engine.data import read_records
     from engine.errors import UserError
     from engine.generation import SamplingParams
-    from engine.offline import GenerationJob, run_generation
+    from engine.offline import GenerationJob
     from engine.precision import dtype_from_flags
-    from engine.prompts import resolve_template
+    from engine.prompts import resolve_task_prefix, resolve_template
 
     if temperature < 0:
         raise UserError(f"--temperature must be >= 0, got {temperature}")
@@ -72,7 +87,8 @@ def generate(ckpt_dir: str, data_file: str, output_file: str, task: str = None, 
         raise UserError(f"--long_prompts must be skip or truncate, got {long_prompts!r}")
     if os.path.isdir(output_file):
         raise UserError(f"--output_file {output_file} is a directory")
-    job = GenerationJob(
+    task_prefix, task_prefixes = resolve_task_prefix(task_prefix, ckpt_dir, lora_dir)
+    return GenerationJob(
         ckpt_dir=ckpt_dir, data_file=data_file, output_file=output_file, records=read_records(data_file),
         template=resolve_template(template, ckpt_dir, lora_dir), dtype=dtype_from_flags(use_float16, use_bfloat16),
         params=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -80,13 +96,12 @@ def generate(ckpt_dir: str, data_file: str, output_file: str, task: str = None, 
         task=check_task(task) if task else None, num_samples=num_samples, batch_size=batch_size, lora_dir=lora_dir,
         stops=tuple(s for s in (stop.split(",") if isinstance(stop, str) else list(stop or [])) if s),
         long_prompts=long_prompts, prefill_tokens=prefill_tokens, progress=progress, output_tokens=output_tokens,
-        compile=None if compile else False, device=device)
-    run_generation(job)
+        compile=None if compile else False, device=device, task_prefix=task_prefix, task_prefixes=task_prefixes)
 
 
 def score(ckpt_dir: str, data_file: str, output_file: str, batch_size: int = 16, template: str = None,
           lora_dir: str = None, use_float16: bool = False, use_bfloat16: bool = False, include_eos: bool = True,
-          device: str = None):
+          device: str = None, task_prefix: str = None):
     """Per-record log-likelihood of `output` given `instruction`: sum and mean over the output tokens.
 
     Args:
@@ -100,12 +115,13 @@ def score(ckpt_dir: str, data_file: str, output_file: str, batch_size: int = 16,
         use_bfloat16: run in bf16.
         include_eos: score the EOS that ends each output too.
         device: cpu or cuda (default: cuda when every process on this node has a GPU of its own).
+        task_prefix: a step-by-step model's task: label (the default for such a model) or rationale.
     """
     from engine.data import read_records, validate_training_records
     from engine.errors import UserError
     from engine.offline import run_scoring
     from engine.precision import dtype_from_flags
-    from engine.prompts import resolve_template
+    from engine.prompts import resolve_task_prefix, resolve_template
 
     if batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {batch_size}")
@@ -114,8 +130,9 @@ def score(ckpt_dir: str, data_file: str, output_file: str, batch_size: int = 16,
     dtype = dtype_from_flags(use_float16, use_bfloat16)
     records = read_records(data_file)
     validate_training_records(records, data_file)
+    task_prefix, task_prefixes = resolve_task_prefix(task_prefix, ckpt_dir, lora_dir)
     run_scoring(ckpt_dir, records, output_file, resolve_template(template, ckpt_dir, lora_dir), dtype, batch_size,
-                lora_dir, include_eos, device)
+                lora_dir, include_eos, device, task_prefix, task_prefixes)
 
 
 def evaluate(task: str, predictions_file: str, label_file: str = None, field: str = "output"):
@@ -147,8 +164,81 @@ def evaluate(task: str, predictions_file: str, label_file: str = None, field: st
     print(json.dumps(acc.as_dict()))
 
 
+def calibration(ckpt_dir: str, data_file: str, output_file: str, task: str, batch_size: int = 32,
+                max_new_tokens: int = 256, num_bins: int = 10, plot_file: str = None, template: str = None,
+                task_prefix: str = None, lora_dir: str = None, use_float16: bool = False, use_bfloat16: bool = False,
+                device: str = None):
+    """Calibration error (ECE) of the first answer token's probability vs correctness, with a reliability diagram.
+
+    Args:
+        ckpt_dir: native checkpoint, HF directory, or LoRA adapter directory.
+        data_file: records with 'instruction' and 'label'.
+        output_file: JSON lines per record (output, prediction, correct, confidence); the summary goes to OUTPUT.summary.json.
+        task: GSM8K / SVAMP / ASDiv / CSQA / ARITH: how answers are read and scored.
+        batch_size: sequences decoded (and scored) together.
+        max_new_tokens: generation budget per answer.
+        num_bins: equal-width confidence bins of the calibration error.
+        plot_file: the reliability diagram (PNG); default: OUTPUT without its extension + .reliability.png.
+        template: prompt template: default or none; default: the one recorded with the checkpoint.
+        task_prefix: a step-by-step model's task: label (the default for such a model) or rationale.
+        lora_dir: a LoRA adapter merged into the weights.
+        use_float16: run in fp16.
+        use_bfloat16: run in bf16.
+        device: cpu or cuda (default: cuda when every process on this node has a GPU of its own).
+    """
+    from engine.calibration import run_calibration
+    from engine.errors import UserError
+
+    if num_bins < 1:
+        raise UserError(f"--num_bins must be >= 1, got {num_bins}")
+    job = _generation_job(ckpt_dir, data_file, output_file, task, batch_size, max_new_tokens, 0.0, 1.0, 0, 1, template,
+                          0, use_float16, use_bfloat16, lora_dir, None, "truncate", 16384, False, False, True, device,
+                          task_prefix)
+    for i, rec in enumerate(job.records):
+        if "label" not in rec:
+            raise UserError(f"{data_file} record {i} lacks the key 'label' (calibration scores answers)")
+    run_calibration(job, num_bins, plot_file or os.path.splitext(output_file)[0] + ".reliability.png")
+
+
+def bleu(predictions_file: str, references_file: str, field: str = "output", reference_field: str = "output"):
+    """Corpus BLEU (sacreBLEU's default: 13a tokens, 4-grams) of generated rationales against the teacher's.
+
+    Args:
+        predictions_file: JSON list or JSON lines holding `field` (one generated text per record).
+        references_file: records in the same order whose `reference_field` holds the teacher rationale (or a list: several references).
+        field: the generated text field.
+        reference_field: the reference text field.
+    """
+    from engine.data import read_records
+    from engine.errors import DataError
+    from engine.evaluation import corpus_bleu
+
+    preds = read_records(predictions_file, required=())
+    refs = read_records(references_file, required=())
+    if len(refs) != len(preds):
+        raise DataError(f"{references_file} has {len(refs)} records but {predictions_file} has {len(preds)}")
+    hyps, references = [], []
+    for i, (p, r) in enumerate(zip(preds, refs)):
+        if not isinstance(p.get(field), str):
+            raise DataError(f"{predictions_file} record {i}: '{field}' must be one generated text (a string)")
+        value = r.get(reference_field)
+        items = value if isinstance(value, list) else [value]
+        if not items or not all(isinstance(x, str) and x.strip() for x in items):
+            raise DataError(f"{references_file} record {i}: '{reference_field}' must be a non-empty rationale "
+                            f"or a list of them")
+        hyps.append(p[field])
+        references.append(items)
+    result = corpus_bleu(hyps, references)
+    print(json.dumps({"bleu": round(result["bleu"], 4), "records": len(hyps),
+                      "precisions": [round(x, 4) for x in result["precisions"]],
+                      "brevity_penalty": round(result["brevity_penalty"], 6), "hyp_len": result["hyp_len"],
+                      "ref_len": result["ref_len"]}))
+
+
+COMMANDS = {"generate": generate, "evaluate": evaluate, "score": score, "calibration": calibration, "bleu": bleu}
+
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] in ("generate", "evaluate", "score"):
-        run_cli({"generate": generate, "evaluate": evaluate, "score": score})
+    if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
+        run_cli(COMMANDS)
     else:
         run_cli(generate)

@@ -5,12 +5,15 @@
       --model_type lora-llama-1-7b --max_batch_size 6 --lora_rank 128 --eval_batch_size 384 \
       --epochs 24 --use_float16 True
 
-Every flag, its default and its help: engine/args.py (TrainArgs).
+  torchrun --nproc_per_node 8 train.py --objective step_by_step --alpha 0.5 [--label_type gt|llm] \
+      [--beta 0.1 --mi_estimator pooled_ce|critic] ...      # distilling step-by-step (+ the MI term)
+
+Every flag, its default and its help: engine/args.py (TrainArgs, StepByStepArgs).
 """
-from engine.args import TrainArgs, launcher
+from engine.args import StepByStepArgs, TrainArgs, launcher
 from engine.cli import run_cli
 
-main = launcher(TrainArgs)
+main = launcher(TrainArgs, StepByStepArgs)
 
 if __name__ == "__main__":
     run_cli(main)

@@ -2,6 +2,7 @@
 
 GSM8K / SVAMP / ASDiv: the last number of the sentence that states the answer ("... the answer is
 18 ."), commas removed, compared numerically; without such a sentence, the last number of the text.
+SVAMP: a label or an answer that is an equation ("( 15.0 - 4.0 )") counts as its value.
 Numbers written in words ("twelve", "one hundred and five") are read where no digits are.
 CSQA: the choice letter A-E of the answer sentence, else the last standalone letter.
 
@@ -9,7 +10,10 @@ Answer spans (MCC-KD): the response tokens that spell the final answer.
 """
 from __future__ import annotations
 
+import ast
 import bisect
+import math
+import operator
 import re
 from typing import List, Optional, Sequence, Tuple
 
@@ -18,6 +22,7 @@ from engine.errors import UserError
 NUMERIC_TASKS = ("GSM8K", "SVAMP", "ASDIV", "ARITH", "MULT")
 CHOICE_TASKS = ("CSQA",)
 TASKS = NUMERIC_TASKS + CHOICE_TASKS
+EQUATION_TASKS = ("SVAMP",)  # labels (and label-task outputs) may be equations, compared by their value
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _ANSWER_PHRASE = re.compile(r"answer\s*(?:is|:|=)", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"\.(?=\s|$)|\n")
@@ -103,11 +108,41 @@ def _format_number(value: float) -> str:
     return str(int(value)) if value == int(value) else str(value)
 
 
+def equation_value(text: str) -> Optional[float]:
+    """The value of `text` when the whole of it (a final period aside) is arithmetic on numbers:
+    + - * / and parentheses, e.g. SVAMP's "( 15.0 - 4.0 )"; None otherwise (or on division by zero).
+    Walks the parsed expression itself: nothing is ever passed to eval()."""
+    body = str(text).strip().rstrip(".").strip()
+    if not body or len(body) > 200 or not re.fullmatch(r"[\d\s.+\-*/()]+", body):
+        return None
+    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+    def value(node):
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return float(node.value)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            v = value(node.operand)
+            return -v if isinstance(node.op, ast.USub) else v
+        if isinstance(node, ast.BinOp) and type(node.op) in ops:
+            return ops[type(node.op)](value(node.left), value(node.right))
+        raise ValueError(node)
+
+    try:
+        result = value(ast.parse(body, mode="eval").body)
+    except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
+        return None
+    return result if math.isfinite(result) else None
+
+
 def extract_answer(text: str, task: str) -> Optional[str]:
     """The answer a model's output states, normalised; None when nothing can be read."""
     task = check_task(task)
     text = text or ""
     sentence = _answer_sentence(text)
+    if task in EQUATION_TASKS:  # an answer stated as an equation is its value ("The answer is (32 - 5).")
+        for segment in (sentence, text):
+            if segment and equation_value(segment) is not None:
+                return _format_number(equation_value(segment))
     if task in CHOICE_TASKS:
         for segment in (sentence, text):
             if segment:
@@ -132,6 +167,8 @@ def parse_label(label, task: str) -> Optional[str]:
         m = _CHOICE.search(text)
         return (m.group(1) or m.group(2)).upper() if m else None
     value = _to_number(text)
+    if value is None and check_task(task) in EQUATION_TASKS:
+        value = equation_value(text)
     return None if value is None else _format_number(value)
 
 

@@ -33,6 +33,8 @@ SIGNATURE_CHECKS = (("model_args", "a different model"), ("tp_size", "a differen
 
 
 class Checkpointer:
+    task_prefixes = None  # {task: instruction prefix} a multi-task model was trained with, recorded with it
+
     def __init__(self, save_dir: str, model, info, lora_cfg=None, base_ckpt: Optional[str] = None, tokenizer=None,
                  template: Optional[str] = None, keep: int = 2):
         self.save_dir, self.model, self.info = save_dir, model, info
@@ -76,7 +78,7 @@ class Checkpointer:
         if info.is_main and self.tokenizer is not None:
             shutil.copyfile(self.tokenizer.path, os.path.join(directory, os.path.basename(self.tokenizer.path)))
         if info.is_main and self.template is not None:
-            save_template(directory, self.template)
+            save_template(directory, self.template, self.task_prefixes)
 
     def weights_finite(self) -> bool:
         """Whether every weight of the model, on every rank, is finite."""

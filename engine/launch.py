@@ -14,7 +14,6 @@ from engine.args import TrainArgs, run_record
 from engine.checkpoint import load_model
 from engine.data import read_records
 from engine.errors import UserError
-from engine.evaluation import GenerationEvaluator
 from engine.lock import own_output
 from engine.lora import LoRAConfig, apply_lora
 from engine.tokenizer import check_tokenizer_fits, load_tokenizer
@@ -74,8 +73,7 @@ def run_training(args: TrainArgs) -> None:
         task = args.make_task(records, tok, min(args.max_seq_len, model.args.max_seq_len), info)
         evaluator = None
         if eval_records:
-            evaluator = GenerationEvaluator(eval_records, tok, args.task, info, args.eval_batch_size,
-                                            args.max_new_tokens, args.template)
+            evaluator = args.make_evaluator(eval_records, tok, info)
         trainer = Trainer(model, task, args, info, tok, evaluator, lora_cfg, args.ckpt_dir, args.deepspeed,
                           run_meta=run_record(args), template=args.template)
         trainer.fit()

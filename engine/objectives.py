@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from fairscale.nn.model_parallel.cross_entropy import vocab_parallel_cross_entropy
 
 from engine.data import IGNORE
-from models.parallel import all_reduce_tp_, gather_from_tp, vocab_shard_start
+from models.parallel import all_reduce_tp_, copy_to_tp, gather_from_tp, reduce_from_tp, vocab_shard_start
 
 
 def token_cross_entropy(logits_local: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -150,6 +150,75 @@ def mcc_kd_sums(logits_local: torch.Tensor, labels: torch.Tensor, pairs, tempera
     kl_sum = mcc_kl_sum(lambda rows, pos: gather_from_tp(logits_local[rows, pos]), pairs, temperature,
                         logits_local.device)
     return token_cross_entropy(logits_local, labels), kl_sum
+
+
+# ----------------------------------------------------------------------------------------------
+# The mutual-information term of CoT distillation (Chen et al. 2024) on top of distilling step-by-step
+# ----------------------------------------------------------------------------------------------
+def _sharded_log_normalizer(scores_local: torch.Tensor) -> torch.Tensor:
+    """log sum_v exp(scores[..., v]) over the whole vocabulary, from this rank's shard [..., vocab/tp];
+    replicated on every rank, differentiable. The max shift is a constant (no gradient needed)."""
+    shift = all_reduce_tp_(scores_local.detach().amax(dim=-1), dist.ReduceOp.MAX)
+    return shift + reduce_from_tp((scores_local - shift[..., None]).exp().sum(dim=-1)).log()
+
+
+def _sharded_log_softmax(scores_local: torch.Tensor) -> torch.Tensor:
+    """Log-softmax over the whole vocabulary, on this rank's shard: the replicated normaliser enters the
+    shard through copy_to_tp, so its gradient sums over every rank's part of the vocabulary."""
+    return scores_local - copy_to_tp(_sharded_log_normalizer(scores_local))[..., None]
+
+
+def pooled_log_distribution(logits_local: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The authors' pooled prediction of a sequence, done right: per position the log-probabilities
+    over the whole vocabulary, max-pooled over the REAL positions only (mask [B, W]: padding never
+    enters), then normalised to a distribution. Returns its log [B, vocab/tp] (this rank's shard).
+    log max_t p_t(v) is a max of log-probabilities, so nothing underflows."""
+    logp = _sharded_log_softmax(logits_local.float())
+    pooled = logp.masked_fill(~mask.bool()[..., None], float("-inf")).amax(dim=1)
+    return pooled - copy_to_tp(_sharded_log_normalizer(pooled))[:, None]
+
+
+def pooled_ce_mi_sum(label_logits: torch.Tensor, label_mask: torch.Tensor, rationale_logits: torch.Tensor,
+                     rationale_mask: torch.Tensor) -> torch.Tensor:
+    """The `pooled_ce` estimator of the MI term, summed over examples: the cross-entropy
+    -sum_v P(v) log Q(v) of the rationale pass's pooled distribution Q against the label pass's P
+    (pooled_log_distribution of each), P detached (the label task is the target, trained by its own CE).
+
+    label_logits [B, Wl, vocab/tp], rationale_logits [B, Wr, vocab/tp]: this rank's vocabulary shard
+    at the response positions of each example (padded; masks [B, Wl] / [B, Wr] say which are real).
+    The authors softmaxed, max-pooled over padding too, and fed those probabilities to a
+    cross-entropy that expects logits; here every step works on log-probabilities. An example
+    without a real position in either pass contributes 0. Returns a replicated scalar."""
+    valid = label_mask.bool().any(1) & rationale_mask.bool().any(1)
+    with torch.no_grad():
+        target = pooled_log_distribution(label_logits.detach(), _or_first(label_mask, valid)).exp()
+    log_q = pooled_log_distribution(rationale_logits, _or_first(rationale_mask, valid))
+    per_example = reduce_from_tp(-(target * log_q).sum(dim=-1))
+    return (per_example * valid).sum()
+
+
+def _or_first(mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The mask, with rows that are not `valid` reading their first position (finite, then weighted 0)."""
+    fallback = torch.zeros_like(mask, dtype=torch.bool)
+    fallback[:, 0] = True
+    return torch.where(valid[:, None], mask.bool(), fallback)
+
+
+def masked_mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of hidden states [B, T, D] over the positions where mask [B, T] is true; [B, D] in fp32."""
+    m = mask.to(torch.float32)[..., None]
+    return (hidden.float() * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+
+
+def infonce_sum(anchors: torch.Tensor, candidates: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE over a batch, summed: for each anchor i (a rationale-pass representation) the
+    cross-entropy of picking its own candidate i (the label-pass representation of the same question)
+    among all candidates of the batch, by cosine similarity / temperature. log B minus the mean of
+    this loss is the estimator's lower bound on the mutual information. anchors, candidates: [B, d]."""
+    a = F.normalize(anchors.float(), dim=-1)
+    c = F.normalize(candidates.float(), dim=-1)
+    scores = a @ c.t() / temperature
+    return F.cross_entropy(scores, torch.arange(len(a), device=a.device), reduction="sum")
 
 
 def to_device(t: torch.Tensor, device) -> torch.Tensor:

@@ -22,12 +22,12 @@ from engine.generation import Request, SamplingParams, StopStrings, fit_prompt, 
 from engine.lock import own_output
 from engine.objectives import token_cross_entropy
 from engine.progress import Progress
-from engine.prompts import format_prompt
+from engine.prompts import format_prompt, task_instruction
 from engine.tokenizer import check_tokenizer_fits, load_tokenizer
 
 # Every setting that changes what an output line holds: a resumed file must have been written with the same.
 SETTINGS = ("ckpt_dir", "lora_dir", "template", "task", "dtype", "max_new_tokens", "temperature", "top_p", "top_k",
-            "num_samples", "seed", "stop", "long_prompts", "output_tokens")
+            "num_samples", "seed", "stop", "long_prompts", "output_tokens", "task_prefix")
 
 
 @dataclass
@@ -50,6 +50,11 @@ class GenerationJob:
     output_tokens: bool = False
     compile: Optional[bool] = None
     device: Optional[str] = None
+    task_prefix: Optional[str] = None  # a step-by-step model's task (label / rationale), None for others
+    task_prefixes: Optional[dict] = None  # {task: instruction prefix} the model was trained with
+
+    def instruction(self, rec: dict) -> str:
+        return task_instruction(rec["instruction"], self.task_prefix, self.task_prefixes)
 
     def meta(self) -> dict:
         p = self.params
@@ -58,7 +63,7 @@ class GenerationJob:
                 "dtype": str(self.dtype).replace("torch.", ""), "max_new_tokens": p.max_new_tokens,
                 "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k, "num_samples": self.num_samples,
                 "seed": p.seed, "stop": list(self.stops), "long_prompts": self.long_prompts,
-                "output_tokens": self.output_tokens}
+                "output_tokens": self.output_tokens, "task_prefix": self.task_prefix}
 
 
 def _sha256(path: str) -> str:
@@ -175,7 +180,7 @@ def _plan(job: GenerationJob, tok, max_seq_len: int, skip: set, lines: Lines, wr
     for i, rec in enumerate(job.records):
         if i in skip:
             continue
-        lines.prompts[i] = format_prompt(rec["instruction"], job.template)
+        lines.prompts[i] = format_prompt(job.instruction(rec), job.template)
         ids = tok.encode(lines.prompts[i])
         if len(ids) > limit:
             if job.long_prompts == "skip":
@@ -266,7 +271,8 @@ def _accuracy(lines: List[dict], job: GenerationJob) -> Accuracy:
 
 
 def run_scoring(ckpt_dir: str, records: List[dict], output_file: str, template: str, dtype, batch_size: int,
-                lora_dir: Optional[str], include_eos: bool, device: Optional[str] = None) -> None:
+                lora_dir: Optional[str], include_eos: bool, device: Optional[str] = None,
+                task_prefix: Optional[str] = None, task_prefixes: Optional[dict] = None) -> None:
     """Per-record log-likelihood of `output` given `instruction` (sum, mean, token count), computed on
     vocabulary shards without gathering full logits; written in input order."""
     info = distributed.setup(device=device)
@@ -277,7 +283,7 @@ def run_scoring(ckpt_dir: str, records: List[dict], output_file: str, template: 
     items = []  # (record index, output index, input ids, labels)
     truncated = 0
     for i, rec in enumerate(records):
-        prompt = tok.encode(format_prompt(rec["instruction"], template))
+        prompt = tok.encode(format_prompt(task_instruction(rec["instruction"], task_prefix, task_prefixes), template))
         for j, text in enumerate(_outputs(rec)):
             resp = tok.encode(text, bos=False, eos=include_eos)
             seq = (prompt + resp)[: model.args.max_seq_len + 1]

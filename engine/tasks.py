@@ -10,8 +10,11 @@ from engine.data import IGNORE, SFTData, pad_batch
 from engine.errors import UserError
 from engine.objectives import (
     head_cross_entropy,
+    infonce_sum,
     labelled_rows,
+    masked_mean_pool,
     mcc_kl_sum,
+    pooled_ce_mi_sum,
     span_prediction_positions,
     to_device,
     token_cross_entropy,
@@ -118,3 +121,133 @@ class MCCTask:
         kl = mcc_kl_sum(lambda rows, pos: model.logits(hidden[rows, pos]), batch.extra["pairs"], self.temperature,
                         hidden.device)
         return {"ce": response_cross_entropy(model, hidden, batch.labels, batch.label_rows), "kl": kl}
+
+
+MI_ESTIMATORS = ("pooled_ce", "critic")
+CRITIC_TEMPERATURE = 0.1  # InfoNCE's cosine-similarity temperature (SimCLR's order of magnitude)
+
+
+class MICritic(torch.nn.Module):
+    """The learned variational critic of the `critic` MI estimator: one small projection head, shared by
+    both tasks, mapping a pooled hidden state [*, dim] to [*, proj_dim] (compared by cosine similarity).
+    Initialised from `seed` alone, so every rank starts with the same weights; kept in fp32."""
+
+    def __init__(self, dim: int, seed: int, device, proj_dim: int = 64):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.GELU(), torch.nn.Linear(dim, proj_dim))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for layer in (self.net[0], self.net[2]):
+                bound = layer.in_features ** -0.5
+                layer.weight.copy_(torch.empty_like(layer.weight).uniform_(-bound, bound, generator=g))
+                layer.bias.zero_()
+        self.to(device)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.net(pooled.float())
+
+
+def _response_positions(labels: torch.Tensor):
+    """(rows [B, W], positions [B, W], mask [B, W]) of the positions whose next token is a response
+    token (the positions the cross-entropy covers), each row padded with its last position."""
+    keep = labels != IGNORE
+    width = max(1, int(keep.sum(1).max()))
+    rows, cols, mask = [], [], []
+    for b in range(labels.shape[0]):
+        pos = keep[b].nonzero().flatten().tolist() or [0]
+        n = int(keep[b].sum())
+        cols.append(pos + [pos[-1]] * (width - len(pos)))
+        mask.append([True] * n + [False] * (width - n))
+        rows.append([b] * width)
+    return (torch.tensor(rows, device=labels.device), torch.tensor(cols, device=labels.device),
+            torch.tensor(mask, device=labels.device))
+
+
+class StepByStepTask:
+    """Distilling step-by-step (Hsieh et al. 2023) on a decoder: the label task and the rationale task
+    of each question over one model, loss alpha x CE(label) + (1 - alpha) x CE(rationale), each CE the
+    mean over its own response tokens in the optimizer step; plus beta x the MI term (Chen et al. 2024)
+    between the two tasks' passes of each question, averaged over questions:
+
+      pooled_ce  engine.objectives.pooled_ce_mi_sum on the vocabulary-sharded logits of the response
+                 positions (the label pass detached)
+      critic     InfoNCE (engine.objectives.infonce_sum) between the MICritic projections of the
+                 rationale pass's and the (detached) label pass's hidden states, mean-pooled over their
+                 response positions; the other questions of the micro-batch are the negatives, so each
+                 replica's micro-batch is its own pool of candidates
+
+    A part whose weight is 0 is not computed at all (alpha 1: the label task only; beta 0: no MI
+    term, no critic); a pass only the MI term needs runs without gradient where the term takes none."""
+
+    def __init__(self, data, device, alpha: float, beta: float = 0.0, estimator: str = "pooled_ce",
+                 hidden_dim: int = 0, seed: int = 0):
+        self.check(alpha, beta, estimator)
+        self.data, self.device, self.estimator = data, device, estimator
+        self.weights = {name: w for name, w in (("label", alpha), ("rationale", 1.0 - alpha), ("mi", beta)) if w > 0}
+        self.pad_id = data.tok.padding_id
+        self.task_prefixes = dict(data.prefixes)  # recorded with every saved model, for infer.py
+        self.critic = MICritic(hidden_dim, seed, device) if beta > 0 and estimator == "critic" else None
+
+    @staticmethod
+    def passes_for(alpha: float, beta: float) -> tuple:
+        """The tasks a run must build: those with a loss weight, and both for the MI term."""
+        if beta > 0:
+            return ("label", "rationale")
+        return tuple(name for name, w in (("label", alpha), ("rationale", 1.0 - alpha)) if w > 0)
+
+    @staticmethod
+    def check(alpha: float, beta: float, estimator: str) -> None:
+        if not 0 <= alpha <= 1:
+            raise UserError(f"--alpha must be in [0, 1] (the label task's weight), got {alpha}")
+        if beta < 0:
+            raise UserError(f"--beta must be >= 0 (0: no mutual-information term), got {beta}")
+        if estimator not in MI_ESTIMATORS:
+            raise UserError(f"--mi_estimator {estimator!r} is not one of {', '.join(MI_ESTIMATORS)}")
+
+    def extra_modules(self):
+        return [self.critic] if self.critic is not None else []
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.data)
+
+    def lengths(self, epoch: int) -> List[int]:
+        return [self.data.length(i, epoch) for i in self.data.keep]
+
+    def micro_batch(self, positions: List[int], epoch: int) -> Batch:
+        indices = [self.data.keep[p] for p in positions]
+        passes, counts, n_tokens = {}, {}, 0
+        for name in self.data.passes:
+            pairs = [self.data.example(name, i, epoch) for i in indices]
+            inputs, labels = pad_batch(pairs, self.pad_id)
+            passes[name] = (to_device(inputs, self.device), to_device(labels, self.device))
+            counts[name] = int((labels != IGNORE).sum())
+            n_tokens += sum(len(x) for x, _ in pairs)
+        counts["mi"] = len(indices)
+        first = passes[self.data.passes[0]]
+        return Batch(first[0], first[1], counts, n_tokens, {"passes": passes})
+
+    def loss_sums(self, model, batch: Batch) -> Dict[str, torch.Tensor]:
+        sums, hidden = {}, {}
+        for name, (inputs, labels) in batch.extra["passes"].items():
+            trained = name in self.weights or (name == "rationale" and "mi" in self.weights)
+            with torch.set_grad_enabled(trained and torch.is_grad_enabled()):
+                hidden[name] = model.forward_hidden(inputs)
+            if name in self.weights:
+                sums[name] = response_cross_entropy(model, hidden[name], labels)
+        if "mi" in self.weights:
+            sums["mi"] = self._mi_sum(model, hidden, batch.extra["passes"])
+        return sums
+
+    def _mi_sum(self, model, hidden, passes) -> torch.Tensor:
+        label_h, label_y = hidden["label"].detach(), passes["label"][1]
+        rationale_h, rationale_y = hidden["rationale"], passes["rationale"][1]
+        if self.estimator == "critic":
+            anchors = self.critic(masked_mean_pool(rationale_h, rationale_y != IGNORE))
+            candidates = self.critic(masked_mean_pool(label_h, label_y != IGNORE))
+            return infonce_sum(anchors, candidates, CRITIC_TEMPERATURE)
+        lr, lp, lm = _response_positions(label_y)
+        rr, rp, rm = _response_positions(rationale_y)
+        with torch.no_grad():
+            label_logits = model.logits(label_h[lr, lp], gather=False)
+        return pooled_ce_mi_sum(label_logits, lm, model.logits(rationale_h[rr, rp], gather=False), rm)

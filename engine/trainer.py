@@ -10,6 +10,8 @@ task's interface:
   task.weights                       {part: weight in the total loss}
   task.extra_modules()               (optional) modules trained beside the model (a small head), saved
                                      and resumed with the trainer state
+  task.task_prefixes                 (optional) {task: instruction prefix} of a multi-task objective,
+                                     recorded with every saved model for infer.py
 
 Loss = sum over parts of weight * (sum over the optimizer step) / (count over the optimizer step),
 with sums and counts taken across accumulation micro-batches and data-parallel replicas, so
@@ -98,6 +100,7 @@ class Trainer:
             self._init_deepspeed(deepspeed_config)
         self.checkpointer = Checkpointer(cfg.save_dir, model, info, lora_cfg, base_ckpt, tokenizer, template,
                                          cfg.keep_checkpoints)
+        self.checkpointer.task_prefixes = getattr(task, "task_prefixes", None)
         self.step, self.epoch, self.batch_in_epoch, self.best_accuracy = 0, 0, 0, -1.0
         self.metrics_path = os.path.join(cfg.save_dir, "metrics.jsonl")
         torch.manual_seed(cfg.seed * 1000 + info.dp_rank)  # same dropout masks within a TP group
@@ -355,7 +358,12 @@ class Trainer:
         self.checkpointer.save(self.step, state, self._signature(), self.ds_engine)
 
     def _resume(self) -> None:
-        _, state = self.checkpointer.resume(self._signature(), self.metrics_path, self.ds_engine)
+        path, state = self.checkpointer.resume(self._signature(), self.metrics_path, self.ds_engine)
+        saved_extra = state.get("extra_modules", [])
+        if len(saved_extra) != len(self.extra):  # e.g. an MI critic saved but not asked for now, or the reverse
+            raise UserError(f"--resume: {path} holds {len(saved_extra)} module(s) trained beside the model and this "
+                            f"run trains {len(self.extra)} (--beta / --mi_estimator critic differ); resume with the "
+                            f"objective flags the run started with")
         if self.ds_engine is None:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

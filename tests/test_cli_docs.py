@@ -25,14 +25,16 @@ def _components():
         "train.py": train.main,
         "train_mcc.py": train_mcc.main,
         "infer.py": {"generate": infer.generate, "evaluate": infer.evaluate, "score": infer.score,
-                     None: infer.generate},
+                     "calibration": infer.calibration, "bleu": infer.bleu, None: infer.generate},
         "checkpoint_split.py": {**checkpoint_split.COMMANDS, None: checkpoint_split.split_file},
         "data/prepare_mcc.py": mod("data/prepare_mcc.py").main,
+        "data/prepare_step_by_step.py": mod("data/prepare_step_by_step.py").main,
         "data/arithmetic.py": mod("data/arithmetic.py").main,
         "data/make_tokenizer.py": mod("data/make_tokenizer.py").main,
         "bench/train_step.py": mod("bench/train_step.py").main,
         "bench/generate.py": mod("bench/generate.py").main,
         "bench/mcc_experiment.py": mod("bench/mcc_experiment.py").main,
+        "bench/step_by_step_experiment.py": mod("bench/step_by_step_experiment.py").main,
     }
 
 
@@ -71,7 +73,8 @@ def test_every_readme_flag_exists():
 
 @pytest.mark.parametrize("script", ["train.py", "train_mcc.py", "infer.py", "checkpoint_split.py",
                                     "data/prepare_mcc.py", "data/arithmetic.py", "data/make_tokenizer.py",
-                                    "bench/train_step.py", "bench/generate.py", "bench/mcc_experiment.py"])
+                                    "bench/train_step.py", "bench/generate.py", "bench/mcc_experiment.py",
+                                    "data/prepare_step_by_step.py", "bench/step_by_step_experiment.py"])
 def test_help_explains_every_flag_in_one_line(script):
     for fn in _functions(_components()[script]):
         doc = inspect.getdoc(fn) or ""

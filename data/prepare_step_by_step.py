@@ -1,0 +1,240 @@
+"""From the distilling step-by-step data layout to our training format (fire CLI).
+
+  python data/prepare_step_by_step.py --input_file RAW --output_file OUT.json --task CSQA
+  python data/prepare_step_by_step.py --dataset_dir datasets/cqa --split train --output_file OUT.json
+
+RAW: a JSON list or JSON lines of records holding the question ('question', with an optional list of
+'choices', or 'input' already holding them), the gold label ('label' or 'answer'), and the teacher's
+output: raw text ('llm_output', e.g. "Banks keep money safe ... So the answer is (a) bank") or
+already split ('llm_rationale', with 'llm_label' or an answer sentence in the rationale).
+--dataset_dir reads the authors' layout instead: DIR/NAME_SPLIT.json (the source records, JSON lines
+as `datasets` writes them: cos_e's question / choices / answer for cqa, input / label for svamp) and
+the raw teacher outputs DIR/llm/SPLIT_CoT_0.json, _1.json ... (JSON lists of strings, in record order).
+
+Raw teacher text is cut where the teacher began the next few-shot question ("Q:"), and the first
+sentence stating the answer ("So the answer is ...", "The answer is ...") ends the rationale; the
+teacher's label is read from that sentence: a choice letter ("(a) bank"; the choice's text when the
+letter is missing), an equation for SVAMP ("(32.0 - 5.0)", compared by its value), a number
+otherwise. Writes {"instruction", "output": the teacher's text through its answer sentence,
+"label": the gold label, "llm_label": the teacher's label} (choice labels as letters A-E), the
+format train.py reads (--objective step_by_step, --label_type gt|llm; or plain SFT on the
+rationales). Records whose teacher text states no readable answer, or no rationale before it, are
+dropped and counted; a gold label that does not read as an answer of --task is an error naming the
+record. Never overwrites its input, nor an existing output without --overwrite True.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import sys
+from collections import Counter
+from typing import List, Optional, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+CHOICE_LETTERS = "abcde"
+DATASET_TASKS = {"cqa": "CSQA", "svamp": "SVAMP", "asdiv": "ASDIV", "gsm8k": "GSM8K"}
+_ANSWER_SENTENCE = re.compile(r"(?:(?:so|therefore|thus|hence),?\s+)?the\s+answer\s+is\b", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"\.(?=\s|$)|\n")
+_NEXT_QUESTION = re.compile(r"(?:^|\s)Q:")
+
+
+def format_question(question: str, choices: Optional[List[str]]) -> str:
+    """The question as the authors' prompts show it: the choices listed as (a) ... (e) beneath."""
+    if not choices:
+        return question
+    listed = "\n".join(f"({CHOICE_LETTERS[i]}) {c}" for i, c in enumerate(choices))
+    return f"{question}\nAnswer Choices:\n{listed}"
+
+
+def choice_letter(text: str, choices: Optional[List[str]]) -> Optional[str]:
+    """A choice answer as its letter A-E: "(a) bank", "(A)", "A", or (with the choices) "bank"."""
+    text = str(text).strip().rstrip(".").strip()
+    m = re.match(r"^\(?([A-Ea-e])\)?(?:\s|$)", text)
+    if m:
+        return m.group(1).upper()
+    for i, c in enumerate(choices or []):
+        if text.lower() == str(c).strip().lower():
+            return CHOICE_LETTERS[i].upper()
+    return None
+
+
+def teacher_label(sentence: str, task: str, choices) -> Optional[str]:
+    """The label stated by the answer sentence (what follows "the answer is"), or None."""
+    from engine.answers import CHOICE_TASKS, EQUATION_TASKS, equation_value, extract_answer
+
+    sentence = sentence.strip()
+    if task in CHOICE_TASKS:
+        m = re.search(r"\(([A-Ea-e])\)", sentence)
+        return m.group(1).upper() if m else choice_letter(sentence, choices)
+    if task in EQUATION_TASKS:
+        m = re.search(r"\(.*\)", sentence)  # the equation as the teacher wrote it, compared by its value
+        if m and equation_value(m.group(0)) is not None:
+            return m.group(0)
+    return extract_answer(sentence, task)
+
+
+def parse_teacher_output(text: str, task: str, choices=None) -> Tuple[Optional[str], Optional[str], str]:
+    """(rationale through its answer sentence, teacher label, '') or (None, None, why it is unusable)."""
+    text = _NEXT_QUESTION.split(text, maxsplit=1)[0]
+    m = _ANSWER_SENTENCE.search(text)
+    if not m:
+        return None, None, "no_answer_sentence"
+    if not text[:m.start()].strip():
+        return None, None, "no_rationale"
+    rest = text[m.end():]
+    end = _SENTENCE_END.search(rest)
+    sentence = rest[:end.start()] if end else rest
+    label = teacher_label(sentence, task, choices)
+    if label is None:
+        return None, None, "unreadable_teacher_label"
+    stop = m.end() + (end.end() if end else len(rest))
+    return text[:stop].strip(), label, ""
+
+
+def gold_label(rec: dict, index: int, path: str, task: str, choices) -> str:
+    from engine.answers import CHOICE_TASKS, parse_label
+    from engine.errors import DataError
+
+    value = rec.get("label", rec.get("answer"))
+    if value is None or isinstance(value, bool) or not str(value).strip():
+        raise DataError(f"{path} record {index} has no gold label ('label' or 'answer')")
+    label = choice_letter(value, choices) if task in CHOICE_TASKS else str(value).strip()
+    if label is None or parse_label(label, task) is None:
+        raise DataError(f"{path} record {index}: the gold label {value!r} cannot be read as a {task} answer"
+                        + (" (nor matched to one of its choices)" if task in CHOICE_TASKS else ""))
+    return label
+
+
+def convert(records: List[dict], task: str, path: str):
+    """(training records, counts) from step-by-step records (see the module's docstring)."""
+    from engine.answers import is_correct, parse_label
+    from engine.errors import DataError
+
+    out, counts = [], Counter()
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise DataError(f"{path} record {i} is not a JSON object")
+        choices = rec.get("choices")
+        if choices is not None and not (isinstance(choices, list) and 0 < len(choices) <= len(CHOICE_LETTERS)
+                                        and all(isinstance(c, str) for c in choices)):
+            raise DataError(f"{path} record {i}: 'choices' must be a list of 1 to 5 strings")
+        question = rec.get("question", rec.get("input"))
+        if not isinstance(question, str) or not question.strip():
+            raise DataError(f"{path} record {i} has no question ('question' or 'input')")
+        label = gold_label(rec, i, path, task, choices)
+        if isinstance(rec.get("llm_output"), str):
+            rationale, llm_label, why = parse_teacher_output(rec["llm_output"], task, choices)
+        elif isinstance(rec.get("llm_rationale"), str):
+            rationale, llm_label, why = rec["llm_rationale"].strip(), None, ""
+            if not rationale:
+                why = "no_rationale"
+            elif rec.get("llm_label") is not None:
+                llm_label = teacher_label(str(rec["llm_label"]), task, choices)
+                why = "" if llm_label else "unreadable_teacher_label"
+            else:
+                _, llm_label, why = parse_teacher_output(rationale, task, choices)
+        else:
+            raise DataError(f"{path} record {i} has no teacher output ('llm_output' raw text, or 'llm_rationale')")
+        if why:
+            counts[why] += 1
+            continue
+        counts["kept"] += 1
+        counts["teacher_label_differs_from_gold"] += not is_correct(parse_label(llm_label, task), label, task)
+        item = {"instruction": format_question(question.strip(), choices), "output": rationale, "label": label,
+                "llm_label": llm_label}
+        if "id" in rec:
+            item = {"id": rec["id"], **item}
+        out.append(item)
+    return out, counts
+
+
+def read_dataset_dir(dataset_dir: str, split: str):
+    """Records of the authors' layout: the source split joined, in order, with the raw teacher outputs."""
+    from engine.data import read_records
+    from engine.errors import DataError
+
+    name = os.path.basename(os.path.normpath(dataset_dir))
+    source = os.path.join(dataset_dir, f"{name}_{split}.json")
+    records = read_records(source, required=())
+    parts = glob.glob(os.path.join(dataset_dir, "llm", f"{split}_CoT_*.json"))
+    numbered = sorted((int(m.group(1)), p) for p in parts
+                      for m in [re.search(rf"{re.escape(split)}_CoT_(\d+)\.json$", p)] if m)
+    if not numbered:
+        raise DataError(f"{dataset_dir}/llm holds no {split}_CoT_N.json teacher outputs")
+    if [n for n, _ in numbered] != list(range(len(numbered))):
+        raise DataError(f"{dataset_dir}/llm: the {split}_CoT_N.json files are not numbered 0..{len(numbered) - 1} "
+                        f"(found {[n for n, _ in numbered]})")
+    outputs = []
+    for _, p in numbered:
+        try:
+            batch = json.load(open(p, encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise DataError(f"{p} is not a readable JSON file ({e})") from None
+        if not isinstance(batch, list) or not all(isinstance(o, str) for o in batch):
+            raise DataError(f"{p} must be a JSON list of the teacher's raw outputs (strings)")
+        outputs += batch
+    if len(outputs) != len(records):
+        raise DataError(f"{dataset_dir}/llm holds {len(outputs)} teacher outputs for {split}, but {source} has "
+                        f"{len(records)} records; they are paired in order")
+    return [{**r, "llm_output": o} for r, o in zip(records, outputs)], source, name
+
+
+def main(output_file: str, input_file: str = None, dataset_dir: str = None, split: str = "train", task: str = None,
+         overwrite: bool = False):
+    """Convert step-by-step records (question, choices, gold label, teacher output) into a train.py file.
+
+    Args:
+        output_file: the training JSON (instruction, output, label, llm_label).
+        input_file: records with question/input, optional choices, label/answer, and llm_output (raw) or llm_rationale.
+        dataset_dir: instead of input_file, the authors' directory (NAME_SPLIT.json and llm/SPLIT_CoT_N.json).
+        split: the split read from dataset_dir (train, test, ...).
+        task: GSM8K / SVAMP / ASDiv / CSQA / ARITH: how labels are read (default from dataset_dir's name: cqa, svamp).
+        overwrite: replace an existing output_file (never the input_file itself).
+    """
+    from engine.answers import check_task
+    from engine.data import read_records
+    from engine.errors import DataError
+    from engine.fileio import atomic_write_text
+
+    if (input_file is None) == (dataset_dir is None):
+        raise DataError("pass exactly one of --input_file (records) and --dataset_dir (the authors' layout)")
+    source = input_file
+    if dataset_dir is not None and not os.path.isdir(dataset_dir):
+        raise DataError(f"--dataset_dir {dataset_dir} is not a directory")
+    if task is None:
+        name = os.path.basename(os.path.normpath(dataset_dir)) if dataset_dir else None
+        if name not in DATASET_TASKS:
+            raise DataError("--task is needed to read the labels (GSM8K, SVAMP, ASDiv, CSQA, ARITH)")
+        task = DATASET_TASKS[name]
+    task = check_task(task)
+    if os.path.exists(output_file):
+        if input_file and os.path.exists(input_file) and os.path.samefile(input_file, output_file):
+            raise DataError(f"--output_file {output_file} is the --input_file; write the training file elsewhere")
+        if os.path.isdir(output_file):
+            raise DataError(f"--output_file {output_file} is a directory")
+        if not overwrite:
+            raise DataError(f"--output_file {output_file} already exists; pass --overwrite True to replace it")
+    if dataset_dir is not None:
+        records, source, _ = read_dataset_dir(dataset_dir, split)
+    else:
+        records = read_records(input_file, required=())
+    out, counts = convert(records, task, source)
+    if not out:
+        raise DataError(f"{source}: no record kept a teacher rationale with a readable answer ({dict(counts)})")
+    atomic_write_text(output_file, json.dumps(out, indent=1, ensure_ascii=False) + "\n")
+    dropped = {k: counts[k] for k in ("no_answer_sentence", "no_rationale", "unreadable_teacher_label") if counts[k]}
+    differ = counts["teacher_label_differs_from_gold"]
+    print(f"kept {counts['kept']} of {len(records)} records ({differ} with a teacher label other than the gold one)"
+          + "".join(f"\n  dropped, {k}: {v}" for k, v in dropped.items()))
+    print(json.dumps({"records": len(records), "kept": counts["kept"], "dropped": dropped,
+                      "teacher_label_differs_from_gold": counts["teacher_label_differs_from_gold"], "task": task,
+                      "output_file": output_file}))
+
+
+if __name__ == "__main__":
+    from engine.cli import run_cli
+
+    run_cli(main)
