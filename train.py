@@ -5,12 +5,15 @@
       --model_type lora-llama-1-7b --max_batch_size 6 --lora_rank 128 --eval_batch_size 384 \
       --epochs 24 --use_float16 True
 
-Every flag, its default and its help: engine/args.py (TrainArgs).
+  torchrun --nproc_per_node 8 train.py --objective teacher_kl --teacher_file teacher.topk.jsonl ...
+      (or --teacher_ckpt_dir T: the teacher's next-token distributions, see README)
+
+Every flag, its default and its help: engine/args.py (TrainArgs, TeacherKLArgs).
 """
-from engine.args import TrainArgs, launcher
+from engine.args import TeacherKLArgs, TrainArgs, launcher
 from engine.cli import run_cli
 
-main = launcher(TrainArgs)
+main = launcher(TrainArgs, TeacherKLArgs)
 
 if __name__ == "__main__":
     run_cli(main)
