@@ -244,6 +244,8 @@ class TeacherKLArgs(TrainArgs):
         if info.is_main:
             how = ("the same tokenizer" if teacher.same else "another tokenizer (DTW-aligned)") + (
                 ", full distribution" if teacher.dense else f", top {getattr(teacher, 'top_k', 0)} renormalised")
+            if not teacher.same:
+                how += f"; {teacher.coverage():.0%} of the first 50 records' response tokens aligned one-to-one"
             print(f"{self.train_file}: {data.describe()}; teacher {what}: {how}", flush=True)
         return TeacherKLTask(data, info.device, teacher, self.kl_weight, self.kl_temperature)
 

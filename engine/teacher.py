@@ -127,6 +127,7 @@ class TeacherFile:
             self.id_map = self.vocab.map_to(student_vocab)
         self.items = self._read(train_file)
         self._cache: Dict[Tuple[int, int], Tuple[np.ndarray, np.ndarray]] = {}
+        self._matches: Dict[Tuple[int, int], List[int]] = {}
 
     def _read(self, train_file: str) -> List[List[tuple]]:
         records, path, k = self.data.records, self.path, self.top_k
@@ -183,6 +184,14 @@ class TeacherFile:
             raise UserError(f"{where} spells {''.join(spelt)[:60]!r}..., not --train_file {train_file}'s output "
                             f"{text[:60]!r}...; score this training file with `infer.py score --top_k K`")
 
+    def coverage(self, n: int = 50) -> float:
+        """Fraction of the response tokens of the first n records aligned to a teacher token (the rest
+        learn their own token); those records' targets stay cached."""
+        for i in self.data.keep[:n]:
+            self.host_targets(i, 0)
+        matches = [self._matches[(i, 0)] for i in self.data.keep[:n]]
+        return sum(j >= 0 for m in matches for j in m) / max(1, sum(len(m) for m in matches))
+
     def host_targets(self, index: int, which: int) -> Tuple[np.ndarray, np.ndarray]:
         """(ids, probs) [response tokens, k] of one output, computed once."""
         key = (index, which)
@@ -194,6 +203,7 @@ class TeacherFile:
             else:
                 match = aligned_positions(student, [int(t) for t in tokens], self.student_vocab, self.vocab)
             self._cache[key] = _row_targets(student, match, tid, tlp, self.id_map, self.temperature)
+            self._matches[key] = match
         return self._cache[key]
 
     def batch_extra(self, items, lengths, device) -> dict:
@@ -268,6 +278,12 @@ class OnlineTeacher:
             room = len(seq) - len(prompt)  # teacher response tokens that survive the cut
             self._plans[key] = (seq[:-1], len(prompt), [j if j < room else -1 for j in match])
         return self._plans[key]
+
+    def coverage(self, n: int = 50) -> float:
+        """Fraction of the response tokens of the first n records aligned to a teacher token (the rest
+        learn their own token); the teacher's tokens missing from the student vocabulary aside."""
+        plans = [self._plan(i, 0)[2] for i in self.data.keep[:n]]
+        return sum(j >= 0 for m in plans for j in m) / max(1, sum(len(m) for m in plans))
 
     def batch_extra(self, items, lengths, device) -> dict:
         if self.same:
