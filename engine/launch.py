@@ -74,7 +74,9 @@ def run_training(args: TrainArgs) -> None:
                                       args.lora_dropout, args.lora_targets, args.dtype, info, args.seed)
         check_tokenizer_fits(tok, model.args.vocab_size, args.ckpt_dir)
         task = args.make_task(records, tok, min(args.max_seq_len, model.args.max_seq_len), info)
-        group_by_format(task, groups)
+        formats = group_by_format(task, groups)
+        if formats and info.is_main:
+            print(f"{args.train_file}: {formats}", flush=True)
         evaluator = None
         if eval_records:
             evaluator = GenerationEvaluator(eval_records, tok, args.task, info, args.eval_batch_size,

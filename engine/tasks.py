@@ -110,11 +110,17 @@ class MCCTask:
         return {"ce": response_cross_entropy(model, hidden, batch.labels), "kl": kl}
 
 
-def group_by_format(task, record_groups) -> None:
+def group_by_format(task, record_groups) -> str:
     """Give the task one group per example (its records' data format, engine.data.format_groups):
-    the trainer then forms every batch from one group and leaves out examples whose group is None."""
-    if record_groups is not None:
-        task.groups = [record_groups[i] for i in task.data.keep]
+    the trainer then forms every batch from one group and leaves out examples whose group is None.
+    Returns a line saying so ("" when the records carry no formats)."""
+    if record_groups is None:
+        return ""
+    task.groups = [record_groups[i] for i in task.data.keep]
+    counts = {g: task.groups.count(g) for g in sorted(set(task.groups) - {None})}
+    left_out = task.groups.count(None)
+    return ("one data format per batch: " + ", ".join(f"{g} {n}" for g, n in counts.items())
+            + (f" examples ({left_out} of other formats left out)" if left_out else " examples"))
 
 
 class TeacherKLTask(SFTTask):
