@@ -1,12 +1,14 @@
 """Distilling a teacher's sampled CoT text vs its next-token distributions (Fu et al. 2023, section 4 of
 METHODS.md), tiny models from scratch on CPU, same budget, several seeds.
 
-  1. A teacher (small-llama) learns two-digit addition with step-by-step rationales from scratch
-     (fixed-width steps: "7 + 8 + 0 = 15 . 4 + 3 + 1 = 08 . Therefore, the answer is 85 .").
-  2. It SAMPLES one rationale (temperature --sample_temperature) for each of the student's training
-     questions (disjoint from its own): the student's training file, mistakes included.
+  1. A teacher (tiny-llama, 1250 steps) learns two-digit addition with step-by-step rationales from scratch
+     (fixed-width steps: "7 + 8 + 0 = 15 . 4 + 3 + 1 = 08 . Therefore, the answer is 85 ."), on the
+     gold rationales of every question but the held-out ones.
+  2. It SAMPLES one rationale (temperature --sample_temperature) for each of the students' training
+     questions: the students' training file, mistakes included.
   3. `infer.py score --top_k 5` writes the teacher's top-5 next-token distributions over that file.
-  4. Students (tiny-llama, half the width and depth), for each seed, same steps / batch / lr:
+  4. Students (tiny-llama, the teacher's size, half its steps, the teacher's samples for 3,000 of its
+     questions instead of its gold rationales), for each seed, same steps / batch / lr:
        text        train.py --objective sft: token cross-entropy on the sampled text only
        dist        train.py --objective teacher_kl --kl_weight W: (1 - W) CE + W KL(teacher top-5 || student)
        text_other  as text, student with another tokenizer (numbers are not split into digits)
@@ -45,10 +47,10 @@ def _accuracy(ckpt, test_file, output, env):
     return json.load(open(output + ".meta.json"))["summary"]
 
 
-def main(seeds="0,1,2", steps: int = 500, kl_weight: float = 0.5, kl_temperature: float = 1.0, batch: int = 32,
-         lr: float = 5e-3, teacher_steps: int = 1000, teacher_questions: int = 3000, student_questions: int = 1000,
-         n_test: int = 200, sample_temperature: float = 1.0, arms: str = "text,dist,text_other,dist_other",
-         out: str = "runs/teacher_kl"):
+def main(seeds="0,1,2", steps: int = 600, kl_weight: float = 0.5, kl_temperature: float = 1.0, batch: int = 32,
+         lr: float = 5e-3, teacher_steps: int = 1250, student_questions: int = 3000, n_test: int = 200,
+         sample_temperature: float = 1.0, arms: str = "text,dist,text_other,dist_other", teacher_model: str = "tiny-llama",
+         student_model: str = "tiny-llama", out: str = "runs/teacher_kl"):
     """Train the teacher once, then every arm for every seed; print and save the held-out accuracies.
 
     Args:
@@ -58,12 +60,13 @@ def main(seeds="0,1,2", steps: int = 500, kl_weight: float = 0.5, kl_temperature
         kl_temperature: temperature of the KL term.
         batch: sequences per step (students).
         lr: peak learning rate (students).
-        teacher_steps: optimizer steps of the teacher (batch 32).
-        teacher_questions: gold-rationale questions the teacher learns from.
+        teacher_steps: optimizer steps of the teacher (batch 32, gold rationales of every non-test question).
         student_questions: questions the teacher answers by sampling: the students' training set.
-        n_test: held-out questions every model is evaluated on.
+        n_test: held-out questions every model is evaluated on (never seen by teacher or students).
         sample_temperature: the teacher's sampling temperature for the students' rationales.
         arms: comma-separated subset of text, dist, text_other, dist_other.
+        teacher_model: registry preset of the teacher.
+        student_model: registry preset of the students.
         out: output directory (data, checkpoints, runs, results.json).
     """
     seeds = [int(s) for s in str(seeds).split(",")] if not isinstance(seeds, (list, tuple)) else list(seeds)
@@ -71,30 +74,28 @@ def main(seeds="0,1,2", steps: int = 500, kl_weight: float = 0.5, kl_temperature
     os.makedirs(out, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     start = time.time()
-    data, teacher_data = os.path.join(out, "data"), os.path.join(out, "teacher_data")
-    # one generated pool split three ways, so no test or student question is one the teacher learnt
-    _run(["data/arithmetic.py", "--out_dir", teacher_data, "--n_train", str(teacher_questions + student_questions),
-          "--n_test", str(n_test), "--min_value", "10", "--style", "fixed", "--seed", "0"], env)
-    pool = json.load(open(os.path.join(teacher_data, "train.json")))
-    os.makedirs(data, exist_ok=True)
-    json.dump(pool[:teacher_questions], open(os.path.join(teacher_data, "train.json"), "w"))
-    json.dump(pool[teacher_questions:], open(os.path.join(data, "questions.json"), "w"))
-    shutil.copy(os.path.join(teacher_data, "test.json"), os.path.join(data, "test.json"))
+    data = os.path.join(out, "data")
+    # every two-digit question but the test ones: the teacher learns them all (with gold rationales);
+    # the students get the teacher's samples for some of them
+    _run(["data/arithmetic.py", "--out_dir", data, "--n_train", str(90 * 90 - n_test), "--n_test", str(n_test),
+          "--min_value", "10", "--style", "fixed", "--seed", "0"], env)
+    pool = json.load(open(os.path.join(data, "train.json")))
+    json.dump(pool[:student_questions], open(os.path.join(data, "questions.json"), "w"))
     tok, other_tok = os.path.join(out, "tokenizer.model"), os.path.join(out, "other.model")
     _run(["data/make_tokenizer.py", "--output", tok], env)
     _run(["data/make_tokenizer.py", "--output", other_tok, "--seed", "1", "--vocab_size", "400",
           "--split_digits", "False"], env)
-    common = ["--task", "ARITH", "--template", "none", "--max_seq_len", "96", "--keep_checkpoints", "1"]
+    common = ["--task", "ARITH", "--template", "none", "--max_seq_len", "64", "--keep_checkpoints", "1"]
     test_file = os.path.join(data, "test.json")
 
     teacher = os.path.join(out, "teacher")
     teacher_ckpt = os.path.join(teacher, f"checkpoint-{teacher_steps}")
     if not os.path.exists(teacher_ckpt):  # reused by a rerun with other student settings
         shutil.rmtree(teacher, ignore_errors=True)
-        _run(["checkpoint_split.py", "init", "--model_type", "small-llama", "--save_dir", os.path.join(out, "t-init"),
+        _run(["checkpoint_split.py", "init", "--model_type", teacher_model, "--save_dir", os.path.join(out, "t-init"),
               "--tokenizer", tok, "--seed", "0", "--overwrite", "True"], env)
         _run(["train.py", "--ckpt_dir", os.path.join(out, "t-init"), "--save_dir", teacher, "--train_file",
-              os.path.join(teacher_data, "train.json"), "--max_steps", str(teacher_steps), "--max_batch_size", "32",
+              os.path.join(data, "train.json"), "--max_steps", str(teacher_steps), "--max_batch_size", "32",
               "--lr", "5e-3", "--warmup_steps", "50", *common], env)
     teacher_eval = _accuracy(teacher_ckpt, test_file, os.path.join(out, "teacher-test.jsonl"), env)
     print(f"teacher held-out accuracy {teacher_eval['accuracy']:.3f} ({time.time() - start:.0f} s)", flush=True)
@@ -120,7 +121,7 @@ def main(seeds="0,1,2", steps: int = 500, kl_weight: float = 0.5, kl_temperature
         for which, tokenizer in (("", tok), ("_other", other_tok)):
             if not any(a.endswith(which) if which else not a.endswith("_other") for a in arms):
                 continue
-            _run(["checkpoint_split.py", "init", "--model_type", "tiny-llama", "--save_dir",
+            _run(["checkpoint_split.py", "init", "--model_type", student_model, "--save_dir",
                   os.path.join(out, f"s-init{which}-{seed}"), "--tokenizer", tokenizer, "--seed", str(seed),
                   "--overwrite", "True"], env)
         for arm in arms:
@@ -146,9 +147,9 @@ def main(seeds="0,1,2", steps: int = 500, kl_weight: float = 0.5, kl_temperature
                      "seconds_per_run": statistics.mean(timings[arm])}
                for arm, accs in results.items()}
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"settings": {"steps": steps, "kl_weight": kl_weight, "kl_temperature": kl_temperature,
-                                "batch": batch, "lr": lr, "teacher_steps": teacher_steps,
-                                "teacher_questions": teacher_questions, "student_questions": student_questions,
+        json.dump({"settings": {"teacher_model": teacher_model, "student_model": student_model, "steps": steps,
+                                "kl_weight": kl_weight, "kl_temperature": kl_temperature, "batch": batch, "lr": lr,
+                                "teacher_steps": teacher_steps, "student_questions": student_questions,
                                 "n_test": n_test, "sample_temperature": sample_temperature},
                    "teacher_accuracy": teacher_eval["accuracy"], "teacher_sample_accuracy": sample_accuracy,
                    "results": summary}, f, indent=2)

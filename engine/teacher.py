@@ -299,7 +299,8 @@ class OnlineTeacher:
                     aligned.append(n + i)
                     rows.append(b * width + prompt_len - 1 + j)
             n += count
-        return {"teacher_inputs": to_device(inputs, device), "teacher_rows": to_device(torch.tensor(rows), device),
+        return {"teacher_inputs": to_device(inputs, device),
+                "teacher_rows": to_device(torch.tensor(rows, dtype=torch.long), device),
                 "aligned": to_device(torch.tensor(aligned, dtype=torch.long), device)}
 
     @torch.no_grad()

@@ -358,6 +358,25 @@ def test_training_on_formats_holds_one_format_per_batch(env, tmp_path, dist1):
                formats="zs_cot,icl_answer")
     meta = json.load(open(tmp_path / "r" / "run_config.json"))
     assert meta["steps_per_epoch"] == 8  # 14 questions x 2 formats, each format in batches of 4 (the last completed)
+    # the trainer's batches: one format each, every example of the chosen formats once an epoch
+    from engine.data import SFTData, format_groups, read_records
+    from engine.launch import build_model
+    from engine.tasks import SFTTask, group_by_format
+    from engine.tokenizer import load_tokenizer
+    from engine.trainer import TrainConfig, Trainer
+
+    records = read_records(str(tmp_path / "f.json"))
+    task = SFTTask(SFTData(records, load_tokenizer(str(models["student"][0])), 256, "none"), dist1.device)
+    line = group_by_format(task, format_groups(records, "zs_cot,icl_answer", "f.json"))
+    assert line == "one data format per batch: icl_answer 14, zs_cot 14 examples (28 of other formats left out)"
+    model, _ = build_model(str(models["student"][0]), None, -1, None, 0.0, "wq", torch.float32, dist1)
+    trainer = Trainer(model, task, TrainConfig(save_dir=str(tmp_path / "t"), max_batch_size=4, max_steps=1,
+                                               progress=False, plot=False), dist1)
+    for epoch in (0, 1):
+        batches = trainer._epoch_batches(epoch)
+        assert len(batches) == 8 and all(len({records[p]["format"] for p in b}) == 1 for b in batches)
+        assert {p for b in batches for p in b} == {p for p, r in enumerate(records)
+                                                   if r["format"] in ("zs_cot", "icl_answer")}
 
 
 # ----- bad input ---------------------------------------------------------------------------------
