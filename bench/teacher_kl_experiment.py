@@ -108,13 +108,15 @@ def main(seeds="0,1,2", steps: int = 600, kl_weight: float = 0.5, kl_temperature
           "64", "--batch_size", "100", "--template", "none", "--progress", "False"], env)
     sampled = [json.loads(line) for line in open(samples)]
     train_file = os.path.join(data, "sampled.json")
+    sample_accuracy = sum(bool(s["correct"]) for s in sampled) / len(sampled)
+    sampled = [s for s in sampled if s["output"].strip()]  # a sample that is only EOS teaches no text
     json.dump([{"instruction": s["instruction"], "output": s["output"], "label": s["label"]} for s in sampled],
               open(train_file, "w"))
-    sample_accuracy = sum(bool(s["correct"]) for s in sampled) / len(sampled)
     topk = os.path.join(out, "teacher.topk.jsonl")
     _run(["infer.py", "score", "--ckpt_dir", teacher_ckpt, "--data_file", train_file,
           "--output_file", topk, "--top_k", "5", "--template", "none"], env)
-    print(f"teacher samples: {len(sampled)}, {sample_accuracy:.3f} correct ({time.time() - start:.0f} s)", flush=True)
+    print(f"teacher samples: {sample_accuracy:.3f} correct, {len(sampled)} non-empty kept ({time.time() - start:.0f} s)",
+          flush=True)
 
     results, timings = {}, {}
     for seed in seeds:
