@@ -4,7 +4,7 @@
       [--batch_size 384] [--max_new_tokens 256] [--temperature 0] [--top_p 1] [--num_samples 1]
       [--template default|none] [--lora_dir L]
   python infer.py evaluate --task T --predictions_file O.jsonl [--label_file F] [--field output]
-  torchrun --nproc_per_node N infer.py score --ckpt_dir C --data_file F --output_file O.jsonl
+  torchrun --nproc_per_node N infer.py score --ckpt_dir C --data_file F --output_file O.jsonl [--top_k 5]
   torchrun --nproc_per_node N infer.py calibration --ckpt_dir C --data_file F --output_file O.jsonl --task T
   python infer.py bleu --predictions_file O.jsonl --references_file F
 (--task_prefix label|rationale picks the task of a model trained with --objective step_by_step.)
@@ -101,7 +101,7 @@ def _generation_job(ckpt_dir, data_file, output_file, task, batch_size, max_new_
 
 def score(ckpt_dir: str, data_file: str, output_file: str, batch_size: int = 16, template: str = None,
           lora_dir: str = None, use_float16: bool = False, use_bfloat16: bool = False, include_eos: bool = True,
-          device: str = None, task_prefix: str = None):
+          device: str = None, task_prefix: str = None, top_k: int = 0):
     """Per-record log-likelihood of `output` given `instruction`: sum and mean over the output tokens.
 
     Args:
@@ -116,6 +116,7 @@ def score(ckpt_dir: str, data_file: str, output_file: str, batch_size: int = 16,
         include_eos: score the EOS that ends each output too.
         device: cpu or cuda (default: cuda when every process on this node has a GPU of its own).
         task_prefix: a step-by-step model's task: label (the default for such a model) or rationale.
+        top_k: also write each output token's k most likely tokens and log-probabilities (tokens, topk_ids, topk_logprobs; OUTPUT.meta.json): a teacher file for train.py --objective teacher_kl (e.g. 5).
     """
     from engine.data import read_records, validate_training_records
     from engine.errors import UserError
@@ -125,6 +126,8 @@ def score(ckpt_dir: str, data_file: str, output_file: str, batch_size: int = 16,
 
     if batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {batch_size}")
+    if top_k < 0:
+        raise UserError(f"--top_k must be >= 0 (0: no top-k), got {top_k}")
     if os.path.isdir(output_file):
         raise UserError(f"--output_file {output_file} is a directory")
     dtype = dtype_from_flags(use_float16, use_bfloat16)
@@ -132,7 +135,7 @@ def score(ckpt_dir: str, data_file: str, output_file: str, batch_size: int = 16,
     validate_training_records(records, data_file)
     task_prefix, task_prefixes = resolve_task_prefix(task_prefix, ckpt_dir, lora_dir)
     run_scoring(ckpt_dir, records, output_file, resolve_template(template, ckpt_dir, lora_dir), dtype, batch_size,
-                lora_dir, include_eos, device, task_prefix, task_prefixes)
+                lora_dir, include_eos, device, task_prefix, task_prefixes, top_k, data_file)
 
 
 def evaluate(task: str, predictions_file: str, label_file: str = None, field: str = "output"):

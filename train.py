@@ -8,12 +8,15 @@
   torchrun --nproc_per_node 8 train.py --objective step_by_step --alpha 0.5 [--label_type gt|llm] \
       [--beta 0.1 --mi_estimator pooled_ce|critic] ...      # distilling step-by-step (+ the MI term)
 
-Every flag, its default and its help: engine/args.py (TrainArgs, StepByStepArgs).
+  torchrun --nproc_per_node 8 train.py --objective teacher_kl --teacher_file teacher.topk.jsonl ...
+      (or --teacher_ckpt_dir T: the teacher's next-token distributions, see README)
+
+Every flag, its default and its help: engine/args.py (TrainArgs, StepByStepArgs, TeacherKLArgs).
 """
-from engine.args import StepByStepArgs, TrainArgs, launcher
+from engine.args import StepByStepArgs, TeacherKLArgs, TrainArgs, launcher
 from engine.cli import run_cli
 
-main = launcher(TrainArgs, StepByStepArgs)
+main = launcher(TrainArgs, StepByStepArgs, TeacherKLArgs)
 
 if __name__ == "__main__":
     run_cli(main)

@@ -34,7 +34,7 @@ def default_corpus(n: int = 2000, seed: int = 0):
     return lines
 
 
-def train_tokenizer(output: str, corpus_lines, vocab_size: int = 320) -> str:
+def train_tokenizer(output: str, corpus_lines, vocab_size: int = 320, split_digits: bool = True) -> str:
     import sentencepiece as spm
 
     from engine.fileio import atomic_open
@@ -42,14 +42,15 @@ def train_tokenizer(output: str, corpus_lines, vocab_size: int = 320) -> str:
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus_lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
-        split_digits=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+        split_digits=split_digits, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
         hard_vocab_limit=False, num_threads=1, minloglevel=2, add_dummy_prefix=True)
     with atomic_open(output, "wb") as f:
         f.write(buf.getvalue())
     return output
 
 
-def main(output: str = "tokenizer.model", corpus: str = None, vocab_size: int = 320, seed: int = 0):
+def main(output: str = "tokenizer.model", corpus: str = None, vocab_size: int = 320, seed: int = 0,
+         split_digits: bool = True):
     """Train the tokenizer.
 
     Args:
@@ -57,12 +58,13 @@ def main(output: str = "tokenizer.model", corpus: str = None, vocab_size: int = 
         corpus: optional text file(s), comma separated, added to the built-in arithmetic corpus.
         vocab_size: target vocabulary size (a soft limit for small corpora).
         seed: seed of the built-in corpus.
+        split_digits: one token per digit (False: numbers may merge into one token, e.g. a second, different tokenizer).
     """
     lines = default_corpus(seed=seed)
     for path in (corpus.split(",") if isinstance(corpus, str) else corpus or []):
         with open(path) as f:
             lines += [line.rstrip("\n") for line in f if line.strip()]
-    train_tokenizer(output, lines, vocab_size)
+    train_tokenizer(output, lines, vocab_size, split_digits)
     print(f"wrote {output}")
 
 

@@ -5,7 +5,7 @@ import json
 import os
 import random
 import zlib
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -383,3 +383,59 @@ class StepByStepData:
         dropped = self.n_records - len(self.keep)
         return (f"{len(self)} training questions, each in the {' and the '.join(parts)}"
                 + (f"; {dropped} dropped (a prompt alone reaches --max_seq_len)" if dropped else ""))
+# Data formats (data/make_formats.py): one format per batch
+# ----------------------------------------------------------------------------------------------
+FORMATS = ("icl_answer", "icl_cot", "zs_answer", "zs_cot")
+
+
+def parse_formats(formats) -> Optional[List[str]]:
+    """--formats "icl_cot,zs_cot" -> the names, checked; None/"" -> None (every format of the file)."""
+    if formats is None or formats == "":
+        return None
+    names = [f.strip() for f in (formats.split(",") if isinstance(formats, str) else formats)]
+    for name in names:
+        if name not in FORMATS:
+            raise DataError(f"--formats {name!r} is not one of {', '.join(FORMATS)}")
+    if not names or len(set(names)) != len(names):
+        raise DataError(f"--formats {formats!r} must name each format once")
+    return names
+
+
+def format_groups(records: List[dict], formats, path: str) -> Optional[List[Optional[str]]]:
+    """The data format of each record when the file carries them (`format`, written by
+    data/make_formats.py), None for records of formats left out by --formats; None when the file
+    carries no formats and none were asked for (batches are then formed as always)."""
+    names = parse_formats(formats)
+    marked = [i for i, r in enumerate(records) if "format" in r]
+    if not marked:
+        if names:
+            raise DataError(f"--formats {','.join(names)} needs records with a 'format' (written by "
+                            f"data/make_formats.py), but {path} record 0 has none")
+        return None
+    if len(marked) != len(records):
+        first = next(i for i, r in enumerate(records) if "format" not in r)
+        raise DataError(f"{path} record {first} has no 'format' while record {marked[0]} has one")
+    for i, r in enumerate(records):
+        if r["format"] not in FORMATS:
+            raise DataError(f"{path} record {i}: format {r['format']!r} is not one of {', '.join(FORMATS)}")
+    present = {r["format"] for r in records}
+    missing = [n for n in names or [] if n not in present]
+    if missing:
+        raise DataError(f"--formats asks for {missing[0]} but {path} holds no record of that format "
+                        f"(it has {', '.join(sorted(present))})")
+    chosen = set(names or present)
+    return [r["format"] if r["format"] in chosen else None for r in records]
+
+
+def grouped_epoch_batches(lengths: Sequence[int], groups: Sequence[Optional[str]], batch_size: int, seed: int,
+                          epoch: int, bucket: bool = True) -> List[List[int]]:
+    """epoch_batches within each group (each batch holds one data format; positions whose group is
+    None are left out), then all batches shuffled together; depends only on (seed, epoch)."""
+    batches = []
+    for g in sorted({x for x in groups if x is not None}):
+        members = [p for p, x in enumerate(groups) if x == g]
+        group_seed = zlib.crc32(repr((seed, g)).encode())
+        for b in epoch_batches([lengths[p] for p in members], batch_size, group_seed, epoch, bucket):
+            batches.append([members[i] for i in b])
+    _stable_rng("formats", seed, epoch).shuffle(batches)
+    return batches

@@ -12,10 +12,11 @@ from engine import distributed
 from engine.answers import label_warning, unreadable_labels
 from engine.args import TrainArgs, run_record
 from engine.checkpoint import load_model
-from engine.data import read_records
+from engine.data import format_groups, read_records
 from engine.errors import UserError
 from engine.lock import own_output
 from engine.lora import LoRAConfig, apply_lora
+from engine.tasks import group_by_format
 from engine.tokenizer import check_tokenizer_fits, load_tokenizer
 from engine.trainer import Trainer
 from models.registry import parse_model_type
@@ -62,6 +63,7 @@ def read_eval_records(label_file: Optional[str], max_examples: int = 0, task: Op
 
 def run_training(args: TrainArgs) -> None:
     records = read_records(args.train_file)
+    groups = format_groups(records, args.formats, args.train_file)  # one data format per batch
     eval_records = read_eval_records(args.label_file, args.max_eval_examples, args.task)
     info = distributed.setup(args.tp_size, args.device)
     lock = own_output(os.path.join(args.save_dir, ".lock"), f"--save_dir {args.save_dir}", info, make_dir=True)
@@ -71,6 +73,9 @@ def run_training(args: TrainArgs) -> None:
                                       args.lora_dropout, args.lora_targets, args.dtype, info, args.seed)
         check_tokenizer_fits(tok, model.args.vocab_size, args.ckpt_dir)
         task = args.make_task(records, tok, min(args.max_seq_len, model.args.max_seq_len), info)
+        formats = group_by_format(task, groups)
+        if formats and info.is_main:
+            print(f"{args.train_file}: {formats}", flush=True)
         evaluator = None
         if eval_records:
             evaluator = args.make_evaluator(eval_records, tok, info)

@@ -20,9 +20,10 @@ from engine.evaluation import Accuracy
 from engine.fileio import atomic_open, atomic_write_text, disk_errors
 from engine.generation import Request, SamplingParams, StopStrings, fit_prompt, generate_stream, request_seed
 from engine.lock import own_output
-from engine.objectives import token_cross_entropy
+from engine.objectives import sharded_topk, token_cross_entropy
 from engine.progress import Progress
 from engine.prompts import format_prompt, task_instruction
+from engine.teacher import meta_path as teacher_meta_path, teacher_meta
 from engine.tokenizer import check_tokenizer_fits, load_tokenizer
 
 # Every setting that changes what an output line holds: a resumed file must have been written with the same.
@@ -272,14 +273,20 @@ def _accuracy(lines: List[dict], job: GenerationJob) -> Accuracy:
 
 def run_scoring(ckpt_dir: str, records: List[dict], output_file: str, template: str, dtype, batch_size: int,
                 lora_dir: Optional[str], include_eos: bool, device: Optional[str] = None,
-                task_prefix: Optional[str] = None, task_prefixes: Optional[dict] = None) -> None:
+                task_prefix: Optional[str] = None, task_prefixes: Optional[dict] = None, top_k: int = 0,
+                data_file: Optional[str] = None) -> None:
     """Per-record log-likelihood of `output` given `instruction` (sum, mean, token count), computed on
-    vocabulary shards without gathering full logits; written in input order."""
+    vocabulary shards without gathering full logits; written in input order. top_k > 0 also writes,
+    per output token, the model's k most likely tokens and their log-probabilities (a teacher file
+    for train.py --objective teacher_kl, described by OUTPUT.meta.json)."""
     info = distributed.setup(device=device)
     model, base_dir = load_for_inference(ckpt_dir, lora_dir, dtype, info.device)
     model.eval()
     tok = load_tokenizer(base_dir)
     check_tokenizer_fits(tok, model.args.vocab_size, base_dir)
+    if top_k > model.args.vocab_size:
+        raise UserError(f"--top_k {top_k} exceeds the vocabulary of the model in {ckpt_dir} ({model.args.vocab_size})")
+    topk = {}  # (record, output) -> (tokens, top-k ids, top-k log-probabilities)
     items = []  # (record index, output index, input ids, labels)
     truncated = 0
     for i, rec in enumerate(records):
@@ -298,6 +305,16 @@ def run_scoring(ckpt_dir: str, records: List[dict], output_file: str, template: 
             x, y = pad_batch([(it[2], it[3]) for it in chunk], tok.padding_id)
             x, y = x.to(info.device), y.to(info.device)
             logits = model(x, gather=False)
+            if top_k:  # before the cross-entropy, which shifts fp32 logits in place
+                labelled = y != IGNORE
+                ids, logp = sharded_topk(logits[labelled], top_k)
+                ids, logp = ids.tolist(), logp.tolist()
+                start = 0
+                for b, it in enumerate(chunk):
+                    n = int(labelled[b].sum())
+                    topk[(it[0], it[1])] = (y[b][labelled[b]].tolist(), ids[start:start + n],
+                                            [[round(v, 6) for v in row] for row in logp[start:start + n]])
+                    start += n
             for b, it in enumerate(chunk):
                 n_tok = int((y[b] != IGNORE).sum())
                 nll = float(token_cross_entropy(logits[b:b + 1], y[b:b + 1])) if n_tok else 0.0
@@ -309,9 +326,16 @@ def run_scoring(ckpt_dir: str, records: List[dict], output_file: str, template: 
                 sums, counts = [v[0] for v in vals], [v[1] for v in vals]
                 means = [v[0] / v[1] if v[1] else 0.0 for v in vals]
                 one = not isinstance(rec["output"], list)
-                f.write(json.dumps({"id": rec.get("id", i), "index": i,
-                                    "sum_logprob": sums[0] if one else sums, "mean_logprob": means[0] if one else means,
-                                    "n_tokens": counts[0] if one else counts}) + "\n")
+                line = {"id": rec.get("id", i), "index": i, "sum_logprob": sums[0] if one else sums,
+                        "mean_logprob": means[0] if one else means, "n_tokens": counts[0] if one else counts}
+                if top_k:
+                    got = [topk[(i, j)] for j in range(len(_outputs(rec)))]
+                    for n, key in enumerate(("tokens", "topk_ids", "topk_logprobs")):
+                        line[key] = got[0][n] if one else [g[n] for g in got]
+                f.write(json.dumps(line) + "\n")
+        if top_k:
+            atomic_write_text(teacher_meta_path(output_file), json.dumps(teacher_meta(
+                top_k, base_dir, tok, model.args.vocab_size, include_eos, template, data_file)) + "\n")
         print(json.dumps({"records": len(records), "sequences": len(items), "truncated": truncated}), flush=True)
     distributed.barrier()
     distributed.teardown()

@@ -251,3 +251,54 @@ class StepByStepTask:
         with torch.no_grad():
             label_logits = model.logits(label_h[lr, lp], gather=False)
         return pooled_ce_mi_sum(label_logits, lm, model.logits(rationale_h[rr, rp], gather=False), rm)
+
+
+def group_by_format(task, record_groups) -> str:
+    """Give the task one group per example (its records' data format, engine.data.format_groups):
+    the trainer then forms every batch from one group and leaves out examples whose group is None.
+    Returns a line saying so ("" when the records carry no formats)."""
+    if record_groups is None:
+        return ""
+    task.groups = [record_groups[i] for i in task.data.keep]
+    counts = {g: task.groups.count(g) for g in sorted(set(task.groups) - {None})}
+    left_out = task.groups.count(None)
+    return ("one data format per batch: " + ", ".join(f"{g} {n}" for g, n in counts.items())
+            + (f" examples ({left_out} of other formats left out)" if left_out else " examples"))
+
+
+class TeacherKLTask(SFTTask):
+    """Distillation from the teacher's distributions: on every response token, the cross-entropy of
+    the student's token (`ce`) and T^2 KL(teacher || student) at temperature T (`kl`), weighted
+    (1 - w) and w. The teacher (engine/teacher.py) is a top-k file or a frozen checkpoint run here."""
+
+    def __init__(self, data: SFTData, device, teacher, kl_weight: float, temperature: float):
+        super().__init__(data, device)
+        self.teacher, self.temperature = teacher, temperature
+        self.weights = {"ce": 1.0 - kl_weight, "kl": kl_weight}
+
+    def micro_batch(self, positions: List[int], epoch: int) -> Batch:
+        from engine.teacher import kl_rows
+
+        items = [(self.data.keep[p], self.data.choice(self.data.keep[p], epoch)) for p in positions]
+        pairs = [self.data.example(i, epoch, w) for i, w in items]
+        inputs, labels = pad_batch(pairs, self.pad_id)
+        rows, own, counts = kl_rows(labels)
+        extra = {"rows": to_device(torch.tensor(rows, dtype=torch.long), self.device),
+                 "own": to_device(torch.tensor(own, dtype=torch.long), self.device),
+                 **self.teacher.batch_extra(items, counts, self.device)}
+        return Batch(to_device(inputs, self.device), to_device(labels, self.device),
+                     {"ce": len(rows), "kl": len(rows)}, sum(len(x) for x, _ in pairs), extra)
+
+    def loss_sums(self, model, batch: Batch) -> Dict[str, torch.Tensor]:
+        from engine.objectives import head_teacher_kl, logits_teacher_kl
+
+        target = self.teacher.target(batch)  # first: an online teacher's forward holds no student activations
+        hidden = model.forward_hidden(batch.inputs)
+        ce = response_cross_entropy(model, hidden, batch.labels)
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.extra["rows"])
+        head = model.head_matrix()
+        if head is None:
+            kl = logits_teacher_kl(model.logits(h, gather=False), target, self.temperature)
+        else:
+            kl = head_teacher_kl(h, head, target, self.temperature)
+        return {"ce": ce, "kl": kl}

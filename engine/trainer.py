@@ -12,6 +12,8 @@ task's interface:
                                      and resumed with the trainer state
   task.task_prefixes                 (optional) {task: instruction prefix} of a multi-task objective,
                                      recorded with every saved model for infer.py
+  task.groups                        (optional) a group per example (its data format; None: left out):
+                                     every batch is formed from one group
 
 Loss = sum over parts of weight * (sum over the optimizer step) / (count over the optimizer step),
 with sums and counts taken across accumulation micro-batches and data-parallel replicas, so
@@ -33,7 +35,7 @@ import torch.distributed as dist
 from engine import distributed
 from engine.args import TrainConfig
 from engine.checkpointer import Checkpointer
-from engine.data import epoch_batches
+from engine.data import epoch_batches, grouped_epoch_batches
 from engine.errors import UserError
 from engine.fileio import atomic_write_text, disk_errors
 from engine.gradients import DynamicLossScaler, KVReplicaSync, all_reduce_coalesced, clip_gradients, param_copies
@@ -91,6 +93,8 @@ class Trainer:
         fused = info.device.type == "cuda" and not deepspeed_config  # one kernel for all parameters
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
         n_batches = math.ceil(task.num_examples / cfg.max_batch_size)
+        if getattr(task, "groups", None) is not None:
+            n_batches = len(self._epoch_batches(0))
         self.steps_per_epoch = math.ceil(n_batches / cfg.accumulation_steps)
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else self.steps_per_epoch * cfg.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total_steps))
@@ -229,6 +233,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return gnorm, skipped
 
+    def _epoch_batches(self, epoch: int) -> List[List[int]]:
+        cfg, groups = self.cfg, getattr(self.task, "groups", None)
+        if groups is None:
+            return epoch_batches(self.task.lengths(epoch), cfg.max_batch_size, cfg.seed, epoch, cfg.bucket)
+        return grouped_epoch_batches(self.task.lengths(epoch), groups, cfg.max_batch_size, cfg.seed, epoch, cfg.bucket)
+
     # ----- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg, info = self.cfg, self.info
@@ -253,7 +263,7 @@ class Trainer:
         self._worst_nonfinite = torch.zeros_like(self._nonfinite)
         stop = False
         while not stop and self.step < self.total_steps:
-            batches = epoch_batches(self.task.lengths(self.epoch), cfg.max_batch_size, cfg.seed, self.epoch, cfg.bucket)
+            batches = self._epoch_batches(self.epoch)
             while self.batch_in_epoch < len(batches):
                 group = batches[self.batch_in_epoch:self.batch_in_epoch + cfg.accumulation_steps]
                 record = self._optimizer_step(group)

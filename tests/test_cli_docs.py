@@ -35,6 +35,8 @@ def _components():
         "bench/generate.py": mod("bench/generate.py").main,
         "bench/mcc_experiment.py": mod("bench/mcc_experiment.py").main,
         "bench/step_by_step_experiment.py": mod("bench/step_by_step_experiment.py").main,
+        "data/make_formats.py": mod("data/make_formats.py").main,
+        "bench/teacher_kl_experiment.py": mod("bench/teacher_kl_experiment.py").main,
     }
 
 
@@ -74,7 +76,8 @@ def test_every_readme_flag_exists():
 @pytest.mark.parametrize("script", ["train.py", "train_mcc.py", "infer.py", "checkpoint_split.py",
                                     "data/prepare_mcc.py", "data/arithmetic.py", "data/make_tokenizer.py",
                                     "bench/train_step.py", "bench/generate.py", "bench/mcc_experiment.py",
-                                    "data/prepare_step_by_step.py", "bench/step_by_step_experiment.py"])
+                                    "data/prepare_step_by_step.py", "bench/step_by_step_experiment.py",
+                                    "data/make_formats.py", "bench/teacher_kl_experiment.py"])
 def test_help_explains_every_flag_in_one_line(script):
     for fn in _functions(_components()[script]):
         doc = inspect.getdoc(fn) or ""

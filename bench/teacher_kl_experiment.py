@@ -1,0 +1,168 @@
+"""Distilling a teacher's sampled CoT text vs its next-token distributions (Fu et al. 2023, section 4 of
+METHODS.md), tiny models from scratch on CPU, same budget, several seeds.
+
+  1. A teacher (tiny-llama, 1250 steps) learns two-digit addition with step-by-step rationales from scratch
+     (fixed-width steps: "7 + 8 + 0 = 15 . 4 + 3 + 1 = 08 . Therefore, the answer is 85 ."), on the
+     gold rationales of every question but the held-out ones.
+  2. It SAMPLES one rationale (temperature --sample_temperature) for each of the students' training
+     questions: the students' training file, mistakes included.
+  3. `infer.py score --top_k 5` writes the teacher's top-5 next-token distributions over that file.
+  4. Students (tiny-llama, the teacher's size, half its steps, the teacher's samples for 3,000 of its
+     questions instead of its gold rationales), for each seed, same steps / batch / lr:
+       text        train.py --objective sft: token cross-entropy on the sampled text only
+       dist        train.py --objective teacher_kl --kl_weight W: (1 - W) CE + W KL(teacher top-5 || student)
+       text_other  as text, student with another tokenizer (numbers are not split into digits)
+       dist_other  as dist, that student: DTW-aligned to the teacher's tokens
+  Accuracy: exact-match answers on held-out questions, greedy decoding.
+
+  python bench/teacher_kl_experiment.py [--seeds 0,1,2] [--steps 300] [--kl_weight 0.5] [--out runs/teacher_kl]
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, env):
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(args[:2])} failed:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def _accuracy(ckpt, test_file, output, env):
+    """Greedy exact-match accuracy of a checkpoint on the held-out questions (one infer.py pass; the
+    trainer would evaluate at every epoch end)."""
+    if os.path.exists(output):
+        os.remove(output)
+    _run(["infer.py", "--ckpt_dir", ckpt, "--data_file", test_file, "--output_file", output, "--task", "ARITH",
+          "--max_new_tokens", "64", "--batch_size", "200", "--template", "none", "--progress", "False"], env)
+    return json.load(open(output + ".meta.json"))["summary"]
+
+
+def main(seeds="0,1,2", steps: int = 600, kl_weight: float = 0.5, kl_temperature: float = 1.0, batch: int = 32,
+         lr: float = 5e-3, teacher_steps: int = 1250, student_questions: int = 3000, n_test: int = 200,
+         sample_temperature: float = 1.0, arms: str = "text,dist,text_other,dist_other", teacher_model: str = "tiny-llama",
+         student_model: str = "tiny-llama", out: str = "runs/teacher_kl"):
+    """Train the teacher once, then every arm for every seed; print and save the held-out accuracies.
+
+    Args:
+        seeds: comma-separated student seeds (initialisation and data order).
+        steps: optimizer steps of every student run.
+        kl_weight: weight of the KL term in the dist arms (the cross-entropy gets 1 - kl_weight).
+        kl_temperature: temperature of the KL term.
+        batch: sequences per step (students).
+        lr: peak learning rate (students).
+        teacher_steps: optimizer steps of the teacher (batch 32, gold rationales of every non-test question).
+        student_questions: questions the teacher answers by sampling: the students' training set.
+        n_test: held-out questions every model is evaluated on (never seen by teacher or students).
+        sample_temperature: the teacher's sampling temperature for the students' rationales.
+        arms: comma-separated subset of text, dist, text_other, dist_other.
+        teacher_model: registry preset of the teacher.
+        student_model: registry preset of the students.
+        out: output directory (data, checkpoints, runs, results.json).
+    """
+    seeds = [int(s) for s in str(seeds).split(",")] if not isinstance(seeds, (list, tuple)) else list(seeds)
+    arms = arms.split(",") if isinstance(arms, str) else list(arms)
+    os.makedirs(out, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    start = time.time()
+    data = os.path.join(out, "data")
+    # every two-digit question but the test ones: the teacher learns them all (with gold rationales);
+    # the students get the teacher's samples for some of them
+    _run(["data/arithmetic.py", "--out_dir", data, "--n_train", str(90 * 90 - n_test), "--n_test", str(n_test),
+          "--min_value", "10", "--style", "fixed", "--seed", "0"], env)
+    pool = json.load(open(os.path.join(data, "train.json")))
+    json.dump(pool[:student_questions], open(os.path.join(data, "questions.json"), "w"))
+    tok, other_tok = os.path.join(out, "tokenizer.model"), os.path.join(out, "other.model")
+    _run(["data/make_tokenizer.py", "--output", tok], env)
+    _run(["data/make_tokenizer.py", "--output", other_tok, "--seed", "1", "--vocab_size", "400",
+          "--split_digits", "False"], env)
+    common = ["--task", "ARITH", "--template", "none", "--max_seq_len", "64", "--keep_checkpoints", "1"]
+    test_file = os.path.join(data, "test.json")
+
+    teacher = os.path.join(out, "teacher")
+    teacher_ckpt = os.path.join(teacher, f"checkpoint-{teacher_steps}")
+    if not os.path.exists(teacher_ckpt):  # reused by a rerun with other student settings
+        shutil.rmtree(teacher, ignore_errors=True)
+        _run(["checkpoint_split.py", "init", "--model_type", teacher_model, "--save_dir", os.path.join(out, "t-init"),
+              "--tokenizer", tok, "--seed", "0", "--overwrite", "True"], env)
+        _run(["train.py", "--ckpt_dir", os.path.join(out, "t-init"), "--save_dir", teacher, "--train_file",
+              os.path.join(data, "train.json"), "--max_steps", str(teacher_steps), "--max_batch_size", "32",
+              "--lr", "5e-3", "--warmup_steps", "50", *common], env)
+    teacher_eval = _accuracy(teacher_ckpt, test_file, os.path.join(out, "teacher-test.jsonl"), env)
+    print(f"teacher held-out accuracy {teacher_eval['accuracy']:.3f} ({time.time() - start:.0f} s)", flush=True)
+
+    samples = os.path.join(out, "samples.jsonl")
+    if os.path.exists(samples):
+        os.remove(samples)
+    _run(["infer.py", "--ckpt_dir", teacher_ckpt, "--data_file", os.path.join(data, "questions.json"),
+          "--output_file", samples, "--task", "ARITH", "--temperature", str(sample_temperature), "--max_new_tokens",
+          "64", "--batch_size", "100", "--template", "none", "--progress", "False"], env)
+    sampled = [json.loads(line) for line in open(samples)]
+    train_file = os.path.join(data, "sampled.json")
+    sample_accuracy = sum(bool(s["correct"]) for s in sampled) / len(sampled)
+    sampled = [s for s in sampled if s["output"].strip()]  # a sample that is only EOS teaches no text
+    json.dump([{"instruction": s["instruction"], "output": s["output"], "label": s["label"]} for s in sampled],
+              open(train_file, "w"))
+    topk = os.path.join(out, "teacher.topk.jsonl")
+    _run(["infer.py", "score", "--ckpt_dir", teacher_ckpt, "--data_file", train_file,
+          "--output_file", topk, "--top_k", "5", "--template", "none"], env)
+    print(f"teacher samples: {sample_accuracy:.3f} correct, {len(sampled)} non-empty kept ({time.time() - start:.0f} s)",
+          flush=True)
+
+    results, timings = {}, {}
+    for seed in seeds:
+        for which, tokenizer in (("", tok), ("_other", other_tok)):
+            if not any(a.endswith(which) if which else not a.endswith("_other") for a in arms):
+                continue
+            _run(["checkpoint_split.py", "init", "--model_type", student_model, "--save_dir",
+                  os.path.join(out, f"s-init{which}-{seed}"), "--tokenizer", tokenizer, "--seed", str(seed),
+                  "--overwrite", "True"], env)
+        for arm in arms:
+            which = "_other" if arm.endswith("_other") else ""
+            save = os.path.join(out, f"{arm}-{seed}")
+            shutil.rmtree(save, ignore_errors=True)
+            args = ["train.py", "--ckpt_dir", os.path.join(out, f"s-init{which}-{seed}"), "--save_dir", save,
+                    "--train_file", train_file, "--seed", str(seed),
+                    "--max_steps", str(steps), "--max_batch_size", str(batch), "--lr", str(lr), "--warmup_steps", "30",
+                    *common]
+            if arm.startswith("dist"):
+                args += ["--objective", "teacher_kl", "--teacher_file", topk, "--kl_weight", str(kl_weight),
+                         "--kl_temperature", str(kl_temperature)]
+            t0 = time.time()
+            _run(args, env)
+            timings.setdefault(arm, []).append(time.time() - t0)
+            final = _accuracy(os.path.join(save, f"checkpoint-{steps}"), test_file, save + "-test.jsonl", env)
+            results.setdefault(arm, {})[seed] = final["accuracy"]
+            print(f"seed {seed} {arm:10s} accuracy {final['accuracy']:.3f} ({final['correct']}/{final['total']}) "
+                  f"{timings[arm][-1]:.0f} s", flush=True)
+    summary = {arm: {"per_seed": accs, "mean": statistics.mean(accs.values()),
+                     "stdev": statistics.stdev(accs.values()) if len(accs) > 1 else 0.0,
+                     "seconds_per_run": statistics.mean(timings[arm])}
+               for arm, accs in results.items()}
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"settings": {"teacher_model": teacher_model, "student_model": student_model, "steps": steps,
+                                "kl_weight": kl_weight, "kl_temperature": kl_temperature, "batch": batch, "lr": lr,
+                                "teacher_steps": teacher_steps, "student_questions": student_questions,
+                                "n_test": n_test, "sample_temperature": sample_temperature},
+                   "teacher_accuracy": teacher_eval["accuracy"], "teacher_sample_accuracy": sample_accuracy,
+                   "results": summary}, f, indent=2)
+    for arm, s in summary.items():
+        print(f"{arm:10s} mean {s['mean']:.3f} +- {s['stdev']:.3f}  " +
+              " ".join(f"{v:.3f}" for v in s["per_seed"].values()))
+    print(f"total {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, ROOT)
+    import fire
+
+    fire.Fire(main)

@@ -1,0 +1,51 @@
+"""Hand-made inputs for the teacher-KL objective, evaluated at the current tensor-parallel size (in
+the test process, TP=1, or in tests/workers/kl_worker.py under torchrun, TP=2)."""
+import torch
+
+
+def kl_inputs(seed: int = 0, rows: int = 11, dim: int = 16, vocab: int = 48, k: int = 6):
+    """Student hidden states and head, a teacher's hidden states and head (another width), and a
+    sparse target: ids with unused slots (-1) and a repeated id, one row with no target at all."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, dim, generator=g)
+    weight = torch.randn(vocab, dim, generator=g) * 0.5
+    t_hidden = torch.randn(rows, dim + 4, generator=g)
+    t_weight = torch.randn(vocab, dim + 4, generator=g) * 0.5
+    ids = torch.randint(0, vocab, (rows, k), generator=g)
+    ids[0, 3:] = -1
+    ids[1, 1] = ids[1, 0]
+    ids[2] = -1
+    probs = torch.rand(rows, k, generator=g) * (ids >= 0)
+    probs = probs / probs.sum(-1, keepdim=True).clamp(min=1e-30)
+    return hidden, weight, t_hidden, t_weight, ids, probs
+
+
+def teacher_kl_grads(temperature: float = 1.7):
+    """Loss and gradients (hidden states, full head) of the teacher KL for a dense target (a teacher's
+    hidden states and head) and a sparse one, chunked (4 rows, all rows) and from logits; and the
+    teacher's top 5 from its sharded logits."""
+    import torch.nn.functional as F
+    from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
+
+    from engine.objectives import DenseTarget, SparseTarget, head_teacher_kl, logits_teacher_kl, sharded_topk
+    from models.parallel import copy_to_tp, gather_from_tp, vocab_shard_start
+
+    hidden, weight, t_hidden, t_weight, ids, probs = kl_inputs()
+    local = weight.shape[0] // get_model_parallel_world_size()
+    start = vocab_shard_start(local)
+    targets = {"dense": DenseTarget(t_hidden, t_weight[start:start + local]), "sparse": SparseTarget(ids, probs)}
+    out = {}
+    for name, target in targets.items():
+        for path in ("chunk4", "chunk_all", "logits"):
+            h = hidden.clone().requires_grad_()
+            w = weight[start:start + local].clone().requires_grad_()
+            if path == "logits":
+                loss = logits_teacher_kl(F.linear(copy_to_tp(h), w), target, temperature)
+            else:
+                loss = head_teacher_kl(h, w, target, temperature, chunk_rows=4 if path == "chunk4" else len(h))
+            loss.backward()
+            out[f"{name}-{path}"] = {"loss": float(loss), "grad_h": h.grad,
+                                     "grad_w": gather_from_tp(w.grad.t().contiguous()).t()}
+    top_ids, top_logp = sharded_topk(F.linear(t_hidden, t_weight[start:start + local]), 5)
+    out["topk"] = {"ids": top_ids, "logprobs": top_logp}
+    return out
