@@ -388,3 +388,28 @@ def test_bad_lines_end_in_one_sentence_through_the_cli(models, tmp_path):
     proc = run_cli("train_implicit.py", "mind_read", "--ckpt_dir", made["student"], "--save_dir", str(tmp_path / "m"),
                    "--train_file", str(root / "train.txt"), "--teacher_dir", str(tmp_path / "t"))
     assert proc.returncode != 0 and proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
+
+
+def test_lora_stages_continue_their_adapters(models, dist1, tmp_path):
+    """LoRA teacher, LoRA student, full emulator: the coupled stage goes on training the student's
+    adapter on its original base, and the emulator's full weights; evaluate reads both back."""
+    root, made = models
+    common = {**{k: str(v) if isinstance(v, os.PathLike) else v for k, v in _common(root).items()}, "max_steps": 1,
+              "save_every": 1, "max_eval_examples": 2}
+    lora = {"lora_rank": 4, "lora_targets": "wq,wv"}
+    train_implicit.teacher(ckpt_dir=made["teacher"], save_dir=str(tmp_path / "t"), **lora, **common)
+    train_implicit.mind_read(ckpt_dir=made["student"], save_dir=str(tmp_path / "s"), teacher_dir=str(tmp_path / "t"),
+                             **lora, **common)
+    train_implicit.emulator(ckpt_dir=made["emulator"], save_dir=str(tmp_path / "e"), teacher_dir=str(tmp_path / "t"),
+                            **common)
+    train_implicit.couple(student_dir=str(tmp_path / "s"), emulator_dir=str(tmp_path / "e"),
+                          save_dir=str(tmp_path / "c"), **common)
+    best = tmp_path / "c" / "best"
+    config = json.load(open(best / "lora_config.json"))
+    assert config["base_ckpt"] == os.path.abspath(made["student"]) and config["rank"] == 4
+    assert os.path.exists(best / "emulator" / "consolidated.00.safetensors")
+    before, after = (full_weights(p, lora=True) for p in (tmp_path / "s" / "best", best))
+    assert before.keys() == after.keys() and _worst(before, after) > 0
+    train_implicit.evaluate(data_file=str(root / "valid.txt"), model_dirs=f"{tmp_path / 't'},{tmp_path / 'c'}",
+                            max_new_tokens=40, output_file=str(tmp_path / "eval.json"))
+    assert [r["total"] for r in json.load(open(tmp_path / "eval.json"))] == [6, 6]
