@@ -1,6 +1,6 @@
 """Implicit chain of thought from scratch on generated n x m multiplication (CPU-sized by default):
 
-  python bench/implicit_experiment.py [--out_dir implicit_out] [--n 3] [--m 3] [--teacher_steps 2500] ...
+  python bench/implicit_experiment.py [--out_dir implicit_out] [--n 3] [--m 3] [--teacher_steps 3000] ...
 
 1. data/multiplication.py writes the training lines and held-out valid/test lines (no overlap);
    a word-level tokenizer (one token per digit or symbol) is trained on the training lines;
@@ -56,9 +56,9 @@ def _run(cmd, log_path: str) -> float:
     return time.time() - start
 
 
-def main(out_dir: str = "implicit_out", n: int = 3, m: int = 3, n_train: int = 20000, n_valid: int = 200,
-         n_test: int = 500, model_type: str = "small-llama", teacher_steps: int = 2500, mind_read_steps: int = 800,
-         emulator_steps: int = 800, couple_steps: int = 800, batch_size: int = 32, lr: float = 3e-3,
+def main(out_dir: str = "implicit_out", n: int = 3, m: int = 3, n_train: int = 50000, n_valid: int = 200,
+         n_test: int = 500, model_type: str = "small-llama", teacher_steps: int = 3000, mind_read_steps: int = 600,
+         emulator_steps: int = 600, couple_steps: int = 600, batch_size: int = 32, lr: float = 3e-3,
          warmup_steps: int = 50, eval_batch_size: int = 100, nproc: int = 1, seed: int = 0):
     """Train and evaluate every stage; print and write the results table.
 

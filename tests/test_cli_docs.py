@@ -16,6 +16,7 @@ def _components():
     import checkpoint_split
     import infer
     import train
+    import train_implicit
     import train_mcc
 
     def mod(path):
@@ -24,6 +25,7 @@ def _components():
     return {
         "train.py": train.main,
         "train_mcc.py": train_mcc.main,
+        "train_implicit.py": dict(train_implicit.COMMANDS),
         "infer.py": {"generate": infer.generate, "evaluate": infer.evaluate, "score": infer.score,
                      None: infer.generate},
         "checkpoint_split.py": {**checkpoint_split.COMMANDS, None: checkpoint_split.split_file},
@@ -33,6 +35,8 @@ def _components():
         "bench/train_step.py": mod("bench/train_step.py").main,
         "bench/generate.py": mod("bench/generate.py").main,
         "bench/mcc_experiment.py": mod("bench/mcc_experiment.py").main,
+        "data/multiplication.py": mod("data/multiplication.py").main,
+        "bench/implicit_experiment.py": mod("bench/implicit_experiment.py").main,
     }
 
 
@@ -71,7 +75,8 @@ def test_every_readme_flag_exists():
 
 @pytest.mark.parametrize("script", ["train.py", "train_mcc.py", "infer.py", "checkpoint_split.py",
                                     "data/prepare_mcc.py", "data/arithmetic.py", "data/make_tokenizer.py",
-                                    "bench/train_step.py", "bench/generate.py", "bench/mcc_experiment.py"])
+                                    "bench/train_step.py", "bench/generate.py", "bench/mcc_experiment.py",
+                                    "train_implicit.py", "data/multiplication.py", "bench/implicit_experiment.py"])
 def test_help_explains_every_flag_in_one_line(script):
     for fn in _functions(_components()[script]):
         doc = inspect.getdoc(fn) or ""

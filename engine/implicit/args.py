@@ -76,7 +76,7 @@ class TeacherArgs(_FreshModel):
 @dataclass(kw_only=True)
 class _ReadsTeacher(_FreshModel):
     teacher_dir: str = flag("the teacher: a model directory saved by `train_implicit.py teacher` (its best/ or a "
-                            "checkpoint-N/; its save_dir means its best/).")
+                            "checkpoint-N/; its save_dir means its best/, else its newest checkpoint-N/).")
     state_map: str = flag("how states cross between models: mlp (one Linear-ReLU-Linear per layer, any widths) "
                           "or identity (equal widths only).", "mlp")
     state_map_hidden: int = flag("hidden width of each state MLP (0: 4 x its output width).", 0)

@@ -59,11 +59,11 @@ HOW = {"teacher": "train one with `train_implicit.py teacher` first",
 # ----- prerequisite checkpoints ------------------------------------------------------------------
 def read_stage(path: Optional[str], flag: str, stages: Sequence[str]) -> Tuple[str, dict]:
     """(model directory, its implicit.json) written by one of `stages`; a stage's save_dir stands for
-    its best/."""
+    its best/ (its newest checkpoint-N/ when it was trained without held-out lines)."""
     how = HOW.get(stages[0], "pass a model directory saved by train_implicit.py")
     if not path or not os.path.isdir(path):
         raise UserError(f"{flag} {path} does not exist; {how}")
-    for directory in (path, os.path.join(path, "best")):
+    for directory in (path, os.path.join(path, "best"), *reversed(Checkpointer(path, None, None).checkpoints())):
         file = os.path.join(directory, STAGE_FILE)
         if os.path.isfile(file):
             try:
@@ -71,10 +71,11 @@ def read_stage(path: Optional[str], flag: str, stages: Sequence[str]) -> Tuple[s
             except (OSError, ValueError):
                 raise UserError(f"{file} is not readable JSON; {how}") from None
             if meta.get("stage") not in stages:
-                raise UserError(f"{flag} {path} holds a {meta.get('stage')} model, not {' or '.join(stages)}; {how}")
+                raise UserError(f"{flag} {path} holds a model of the {meta.get('stage')} stage, not of "
+                                f"{' or '.join(stages)}; {how}")
             return directory, meta
     raise UserError(f"{flag} {path} holds no {STAGE_FILE}, so no model saved by `train_implicit.py {stages[0]}` "
-                    f"(nor has it a best/ that does); {how}")
+                    f"(nor has it a best/ or checkpoint-N/ that does); {how}")
 
 
 def saved_args(directory: str) -> ModelArgs:
