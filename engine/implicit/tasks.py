@@ -153,7 +153,8 @@ class EmulatorTask(_Lines):
         t_tokens, t_diag = teacher_inputs(self.encs("teacher", positions), self.eos("teacher"),
                                           self.teacher.args.n_layers, self.device)
         count = len(positions) * self.teacher.args.n_layers * self.teacher.args.dim
-        return Batch(tokens, tokens, {"mse": count},  # labels unused: the loss is on states int(tokens.numel() + t_tokens.numel()),
+        # labels unused (the loss is on states): the inputs stand in for them
+        return Batch(tokens, tokens, {"mse": count}, int(tokens.numel() + t_tokens.numel()),
                      {"s1": s1, "t_tokens": t_tokens, "t_diag": t_diag})
 
     def loss_sums(self, model, batch: Batch) -> Dict[str, torch.Tensor]:
