@@ -131,15 +131,18 @@ def main(out_dir: str = "implicit_out", n: int = 3, m: int = 3, n_train: int = 5
     label = {"teacher": "explicit-CoT teacher", "no_cot": "no-CoT baseline",
              "mind_read": "mind-reading student (teacher states from the gold CoT)",
              "emulator": "thought emulator", "couple": "coupled implicit student (emulator states, no CoT)"}
-    rows = ["| model | optimizer steps | train s | test accuracy | decode examples/s |", "|---|---|---|---|---|"]
+    rows = ["| model | optimizer steps | train s | test accuracy | answer digits right, least significant "
+            "first | decode examples/s |", "|---|---|---|---|---|---|"]
     for r in results:
         stage = r["stage"]
         if stage == "emulator":
-            score, speed = f"state MSE {r['mse']:.4g}", "-"
+            score, digits, speed = f"state MSE {r['mse']:.4g}", "-", "-"
         else:
             score = f"{r['accuracy']:.3f} ({r['correct']}/{r['total']}, unparsable {r['unparsable']})"
+            digits = " ".join(f"{x:.2f}" for x in r["word_accuracy_by_position"])
             speed = f"{r['examples_per_s']:.1f}"
-        rows.append(f"| {label[stage]} | {steps[stage]} x {batch_size} | {seconds[stage]:.0f} | {score} | {speed} |")
+        rows.append(f"| {label[stage]} | {steps[stage]} x {batch_size} | {seconds[stage]:.0f} | {score} | {digits} | "
+                    f"{speed} |")
     by = {r["stage"]: r for r in results}
     ratio = by["couple"]["examples_per_s"] / by["teacher"]["examples_per_s"]
     report = "\n".join([f"# Implicit CoT on {n} x {m} multiplication ({model_type}, random init, {nproc} process(es))",

@@ -98,28 +98,36 @@ def implicit_answers(examples: CoTExamples, view: str, tok, max_new_tokens: int,
 
 class AnswerEvaluator:
     """Exact-match accuracy of a stage's answers on held-out lines; data-parallel replicas take
-    interleaved slices and their counts are summed. Also times the decoding (examples/s)."""
+    interleaved slices and their counts are summed. Also the accuracy of each answer word by its
+    position (a digit, in the multiplication files: it shows which digits a model gets), a word
+    missing from an output counting wrong."""
 
     def __init__(self, examples: CoTExamples, info, batch_size: int, answer: AnswerFn):
         self.examples, self.info, self.batch_size, self.answer = examples, info, batch_size, answer
         self.mine = list(range(len(examples)))[info.dp_rank::info.dp_size]
-        self.last_outputs: List[Optional[str]] = []
+        self.width = max(len(examples.answer_text(p).split()) for p in range(len(examples)))
 
     def __call__(self, model) -> dict:
         acc = Accuracy()
-        self.last_outputs = []
+        words = torch.zeros(2, self.width, dtype=torch.float64)  # [right, asked] per answer-word position
         for s in range(0, len(self.mine), self.batch_size):
             positions = self.mine[s:s + self.batch_size]
-            predicted = self.answer(model, positions)
-            self.last_outputs += predicted
-            for p, text in zip(positions, predicted):
-                acc.count(text, text is not None and same_answer(text, self.examples.answer_text(p)))
-        counts = torch.tensor([acc.correct, acc.total, acc.unparsable], dtype=torch.float64,
-                              device=model.head_weight.device)
+            for p, text in zip(positions, self.answer(model, positions)):
+                gold = self.examples.answer_text(p)
+                acc.count(text, text is not None and same_answer(text, gold))
+                said = (text or "").split()
+                for i, word in enumerate(gold.split()):
+                    words[0, i] += i < len(said) and said[i] == word
+                    words[1, i] += 1
+        counts = torch.cat([torch.tensor([acc.correct, acc.total, acc.unparsable], dtype=torch.float64),
+                            words.flatten()]).to(model.head_weight.device)
         if dist.is_initialized() and self.info.dp_size > 1:
             dist.all_reduce(counts, group=distributed.dp_group())
-        c, t, u = (int(x) for x in counts.tolist())
-        return Accuracy(correct=c, total=t, unparsable=u).as_dict()
+        c, t, u = (int(x) for x in counts[:3].tolist())
+        right, asked = counts[3:].view(2, self.width).cpu()
+        return {**Accuracy(correct=c, total=t, unparsable=u).as_dict(),
+                "word_accuracy": float(right.sum() / asked.sum().clamp(min=1)),
+                "word_accuracy_by_position": [round(float(r / max(a, 1)), 4) for r, a in zip(right, asked)]}
 
 
 class StateErrorEvaluator:
