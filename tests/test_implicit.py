@@ -413,3 +413,18 @@ def test_lora_stages_continue_their_adapters(models, dist1, tmp_path):
     train_implicit.evaluate(data_file=str(root / "valid.txt"), model_dirs=f"{tmp_path / 't'},{tmp_path / 'c'}",
                             max_new_tokens=40, output_file=str(tmp_path / "eval.json"))
     assert [r["total"] for r in json.load(open(tmp_path / "eval.json"))] == [6, 6]
+
+
+def test_flag_errors(tmp_path):
+    base = {"ckpt_dir": "unused", "teacher_dir": "unused", "train_file": "unused", "save_dir": str(tmp_path / "x")}
+    with pytest.raises(UserError, match="--state_map_hidden 8 sizes MLPs, but --state_map identity has none"):
+        train_implicit.mind_read(state_map="identity", state_map_hidden=8, **base)
+    with pytest.raises(UserError, match="--state_map 'linear' is not one of mlp, identity"):
+        train_implicit.emulator(state_map="linear", **base)
+    with pytest.raises(UserError, match="--max_new_tokens must be >= 1"):
+        train_implicit.teacher(max_new_tokens=0, **{k: v for k, v in base.items() if k != "teacher_dir"})
+    with pytest.raises(UserError, match="--max_eval_examples must be >= 0"):
+        train_implicit.couple(student_dir="s", emulator_dir="e", train_file="t", save_dir=str(tmp_path / "x"),
+                              max_eval_examples=-1)
+    with pytest.raises(UserError, match="--model_dirs names no directory"):
+        train_implicit.evaluate(data_file="unused", model_dirs=",")

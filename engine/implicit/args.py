@@ -87,6 +87,9 @@ class _ReadsTeacher(_FreshModel):
             raise UserError(f"--state_map {self.state_map!r} is not one of {', '.join(STATE_MAPS)}")
         if self.state_map_hidden < 0:
             raise UserError(f"--state_map_hidden must be >= 0, got {self.state_map_hidden}")
+        if self.state_map_hidden and self.state_map != "mlp":
+            raise UserError(f"--state_map_hidden {self.state_map_hidden} sizes MLPs, but --state_map "
+                            f"{self.state_map} has none; leave it out or use --state_map mlp")
 
 
 @dataclass(kw_only=True)
