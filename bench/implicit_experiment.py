@@ -59,7 +59,8 @@ def _run(cmd, log_path: str) -> float:
 def main(out_dir: str = "implicit_out", n: int = 3, m: int = 3, n_train: int = 50000, n_valid: int = 200,
          n_test: int = 500, model_type: str = "small-llama", teacher_steps: int = 3000, mind_read_steps: int = 600,
          emulator_steps: int = 600, couple_steps: int = 600, batch_size: int = 32, lr: float = 3e-3,
-         warmup_steps: int = 50, eval_batch_size: int = 100, nproc: int = 1, seed: int = 0):
+         warmup_steps: int = 50, eval_batch_size: int = 100, nproc: int = 1, seed: int = 0, test_file: str = None,
+         dim: int = 0, n_layers: int = 0, n_heads: int = 0, use_bfloat16: bool = False):
     """Train and evaluate every stage; print and write the results table.
 
     Args:
@@ -80,24 +81,40 @@ def main(out_dir: str = "implicit_out", n: int = 3, m: int = 3, n_train: int = 5
         eval_batch_size: lines decoded together, the same for every model (examples/s compare).
         nproc: processes per stage (tensor-parallel size; 1 runs without torchrun).
         seed: data, initialisation and order seed.
+        test_file: evaluate on these `input||cot #### answer` lines (e.g. the seed's 4x4 test file) instead of a generated test split; their questions are kept out of the training lines.
+        dim: model width, the FFN width following it (0: the preset's).
+        n_layers: model depth (0: the preset's).
+        n_heads: attention heads, also the KV heads (0: the preset's).
+        use_bfloat16: train and decode in bf16 (on a GPU).
     """
-    import checkpoint_split as cks
     from data.multiplication import main as make_mult
+    from engine import checkpoint as ck
+    from engine.tokenizer import load_tokenizer
+    from models.registry import model_args_for
 
     os.makedirs(out_dir, exist_ok=True)
     data = os.path.join(out_dir, "data")
-    make_mult(data, n=n, m=m, n_train=n_train, n_valid=n_valid, n_test=n_test, seed=seed)
+    make_mult(data, n=n, m=m, n_train=n_train, n_valid=n_valid, n_test=0 if test_file else n_test, seed=seed,
+              exclude=test_file)
+    test = test_file or os.path.join(data, "test.txt")
     tok = word_tokenizer(os.path.join(data, "train.txt"), os.path.join(out_dir, "tokenizer.model"))
+    shape = {k: v for k, v in (("dim", dim), ("n_layers", n_layers)) if v}
+    if dim:
+        shape["hidden_dim"] = None  # the FFN width follows the new width (LLaMA's 8/3 rule)
+    if n_heads:
+        shape.update(n_heads=n_heads, n_kv_heads=n_heads)
+    model_args = model_args_for(model_type, vocab_size=-(-load_tokenizer(tok).vocab_size // 64) * 64, head_dim=None, **shape)
     inits = {}
     for i, name in enumerate(("teacher", "student", "emulator", "no_cot")):
         inits[name] = os.path.join(out_dir, f"init-{name}")
-        cks.init(model_type, inits[name], n=nproc, tokenizer=tok, seed=seed * 10 + i, overwrite=True)
+        ck.write_native(ck.RandomSource(model_args, seed * 10 + i, tokenizer_files=ck.tokenizer_files_for(tok)), inits[name],
+                        nproc, overwrite=True, progress=False)
     launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1
               else [sys.executable])
     common = ["--train_file", os.path.join(data, "train.txt"), "--label_file", os.path.join(data, "valid.txt"),
               "--max_batch_size", str(batch_size), "--lr", str(lr), "--warmup_steps", str(warmup_steps),
               "--eval_batch_size", str(eval_batch_size), "--log_every", "25", "--seed", str(seed),
-              "--max_new_tokens", "96"]
+              "--max_new_tokens", "96", "--use_bfloat16", str(use_bfloat16)]
     run = os.path.join(out_dir, "runs")
     total_steps = teacher_steps + mind_read_steps + emulator_steps + couple_steps
     stages = [
@@ -122,9 +139,9 @@ def main(out_dir: str = "implicit_out", n: int = 3, m: int = 3, n_train: int = 5
         print(f"{name}: trained in {seconds[name]:.0f} s", flush=True)
     results_file = os.path.join(out_dir, "results.json")
     dirs = ",".join(os.path.join(run, s) for s in ("teacher", "no_cot", "mind_read", "emulator", "couple"))
-    _run(launch + ["train_implicit.py", "evaluate", "--data_file", os.path.join(data, "test.txt"), "--model_dirs",
-                   dirs, "--batch_size", str(eval_batch_size), "--max_new_tokens", "96", "--output_file",
-                   results_file], os.path.join(out_dir, "evaluate.log"))
+    _run(launch + ["train_implicit.py", "evaluate", "--data_file", test, "--model_dirs", dirs, "--batch_size",
+                   str(eval_batch_size), "--max_new_tokens", "96", "--output_file", results_file, "--use_bfloat16",
+                   str(use_bfloat16)], os.path.join(out_dir, "evaluate.log"))
     results = json.load(open(results_file))
     steps = {"teacher": teacher_steps, "mind_read": mind_read_steps, "emulator": emulator_steps,
              "couple": couple_steps, "no_cot": total_steps}
@@ -146,7 +163,8 @@ def main(out_dir: str = "implicit_out", n: int = 3, m: int = 3, n_train: int = 5
     by = {r["stage"]: r for r in results}
     ratio = by["couple"]["examples_per_s"] / by["teacher"]["examples_per_s"]
     report = "\n".join([f"# Implicit CoT on {n} x {m} multiplication ({model_type}, random init, {nproc} process(es))",
-                        "", f"{n_train} training lines, {n_test} held-out test lines, batch {batch_size}, lr {lr}.",
+                        "", f"{n_train} training lines, test lines: {test}, batch {batch_size}, lr {lr}, "
+                        f"model: dim {model_args.dim}, {model_args.n_layers} layers, {model_args.n_heads} heads.",
                         "", *rows, "",
                         f"Implicit (coupled) decoding runs {ratio:.1f}x the examples/s of explicit CoT on the same "
                         f"inputs, same decoding loop, batch {eval_batch_size}.", ""])

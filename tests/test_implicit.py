@@ -222,6 +222,17 @@ def test_state_injection_against_a_hand_computation(models, tiny_tokenizer, dist
     assert torch.allclose(student.forward_hidden(batch.inputs, layer_hook=hook), hidden_hand, atol=1e-5)
 
 
+def test_answers_are_read_between_the_right_eos(tiny_tokenizer):
+    from engine.implicit.decode import answer_of
+
+    tok = load_tokenizer(tiny_tokenizer)
+    eos, four, cot = tok.eos_id, tok.encode("4 2", bos=False), tok.encode("1 + 3", bos=False)
+    assert answer_of(cot + [eos] + four + [eos, 9, 9], eos, True, tok) == "4 2"
+    assert answer_of(four + [eos] + cot, eos, False, tok) == "4 2"
+    assert answer_of(cot + [eos] + four, eos, True, tok) is None  # stopped before the second EOS
+    assert answer_of(four + [tok.vocab_size + 3, eos], eos, False, tok) is None  # a padded vocabulary row
+
+
 # ----- the four stages through the CLI: TP=2 == TP=1, end to end ------------------------------------
 STEPS = 3
 

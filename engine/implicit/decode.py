@@ -57,13 +57,16 @@ def greedy_decode(model, prompts: Sequence[Sequence[int]], eos: int, n_eos: int,
 
 def answer_of(new_tokens: List[int], eos: int, cot: bool, tok) -> Optional[str]:
     """The answer text in decoded tokens: between the first and second EOS after a CoT, before the
-    first EOS without one; None when the output stops before that."""
+    first EOS without one; None when the output stops before that or holds ids the tokenizer lacks."""
     ends = [i for i, t in enumerate(new_tokens) if t == eos]
     need = 2 if cot else 1
     if len(ends) < need:
         return None
     start = ends[0] + 1 if cot else 0
-    return tok.decode(new_tokens[start:ends[need - 1]])
+    answer = new_tokens[start:ends[need - 1]]
+    if any(t >= tok.vocab_size for t in answer):  # a padding row of the embedding: no text at all
+        return None
+    return tok.decode(answer)
 
 
 AnswerFn = Callable[[object, List[int]], List[Optional[str]]]  # (model, line positions) -> answers
