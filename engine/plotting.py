@@ -31,10 +31,12 @@ def plot_metrics(metrics_path: str, png_path: str, title: str = None) -> str:
             ax.set_yscale("log")
     if evals:
         ax = axes[3]
-        ax.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], marker="o")
-        ax.set_title("eval accuracy")
+        metric = "accuracy" if "accuracy" in evals[0] else "mse"  # an implicit-CoT emulator is scored by its error
+        ax.plot([r["step"] for r in evals], [r[metric] for r in evals], marker="o")
+        ax.set_title(f"eval {metric}")
         ax.set_xlabel("step")
-        ax.set_ylim(0, 1)
+        if metric == "accuracy":
+            ax.set_ylim(0, 1)
     fig.suptitle(title or os.path.basename(os.path.dirname(os.path.abspath(metrics_path))))
     fig.tight_layout()
     with atomic_open(png_path, "wb") as f:

@@ -35,6 +35,7 @@ def read_metrics(metrics_path: str):
 
 def summarize_metrics(metrics_path: str) -> dict:
     steps, evals = read_metrics(metrics_path)
+    evals = [e for e in evals if "accuracy" in e]  # an implicit-CoT emulator's state-error lines have none
     out = {"steps": steps[-1]["step"] if steps else 0, "evals": evals}
     if steps:
         tail = steps[-max(1, len(steps) // 10):]

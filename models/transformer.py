@@ -430,7 +430,7 @@ class Transformer(nn.Module):
 
     def forward_hidden(self, tokens: torch.Tensor, start_pos: int = 0, positions: Optional[torch.Tensor] = None,
                        cache: Optional[KVCache] = None, kv_len: Optional[int] = None,
-                       cache_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       cache_rows: Optional[torch.Tensor] = None, layer_hook=None) -> torch.Tensor:
         """Final-norm hidden states [B, S, dim].
 
         positions: [B, S] absolute positions per token (default start_pos + 0..S-1 for every row);
@@ -438,6 +438,8 @@ class Transformer(nn.Module):
         cache: keys/values are written at `positions` and attention reads slots [0, kv_len).
         cache_rows: prefill these cache rows (one per input row) with sequences starting at position 0;
             attention then uses the fresh keys only (the other rows of the cache are untouched).
+        layer_hook: layer_hook(l, h) -> h runs on the input of every block l (outside compiled or
+            checkpointed blocks): it may read h, or return a tensor replacing it (implicit chain of thought).
         """
         bsz, seqlen = tokens.shape
         contiguous_from_start = positions is None and start_pos == 0
@@ -458,7 +460,9 @@ class Transformer(nn.Module):
             calls = self.layers
         else:
             calls = self.train_calls if self.training and torch.is_grad_enabled() else self.eval_calls
-        for call in calls:
+        for i, call in enumerate(calls):
+            if layer_hook is not None:
+                h = layer_hook(i, h)
             h = call(h, cos, sin, positions, mask, cache, kv_len, cache_rows)
         return self.norm(h)
 

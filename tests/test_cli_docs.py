@@ -16,6 +16,7 @@ def _components():
     import checkpoint_split
     import infer
     import train
+    import train_implicit
     import train_mcc
 
     def mod(path):
@@ -24,6 +25,7 @@ def _components():
     return {
         "train.py": train.main,
         "train_mcc.py": train_mcc.main,
+        "train_implicit.py": dict(train_implicit.COMMANDS),
         "infer.py": {"generate": infer.generate, "evaluate": infer.evaluate, "score": infer.score,
                      "calibration": infer.calibration, "bleu": infer.bleu, None: infer.generate},
         "checkpoint_split.py": {**checkpoint_split.COMMANDS, None: checkpoint_split.split_file},
@@ -37,6 +39,8 @@ def _components():
         "bench/step_by_step_experiment.py": mod("bench/step_by_step_experiment.py").main,
         "data/make_formats.py": mod("data/make_formats.py").main,
         "bench/teacher_kl_experiment.py": mod("bench/teacher_kl_experiment.py").main,
+        "data/multiplication.py": mod("data/multiplication.py").main,
+        "bench/implicit_experiment.py": mod("bench/implicit_experiment.py").main,
     }
 
 
@@ -77,7 +81,8 @@ def test_every_readme_flag_exists():
                                     "data/prepare_mcc.py", "data/arithmetic.py", "data/make_tokenizer.py",
                                     "bench/train_step.py", "bench/generate.py", "bench/mcc_experiment.py",
                                     "data/prepare_step_by_step.py", "bench/step_by_step_experiment.py",
-                                    "data/make_formats.py", "bench/teacher_kl_experiment.py"])
+                                    "data/make_formats.py", "bench/teacher_kl_experiment.py",
+                                    "train_implicit.py", "data/multiplication.py", "bench/implicit_experiment.py"])
 def test_help_explains_every_flag_in_one_line(script):
     for fn in _functions(_components()[script]):
         doc = inspect.getdoc(fn) or ""
