@@ -262,6 +262,9 @@ class StepByStepArgs(TrainArgs):
 
         return StepByStepEvaluator(records, tokenizer, self.task, info, self.eval_batch_size, self.max_new_tokens,
                                    self.template, self.eval_rationale_task)
+
+
+@dataclass(kw_only=True)
 class TeacherKLArgs(TrainArgs):
     """distillation from the teacher's next-token distributions: (1 - w) CE + w T^2 KL(teacher || student)"""
 

@@ -383,6 +383,9 @@ class StepByStepData:
         dropped = self.n_records - len(self.keep)
         return (f"{len(self)} training questions, each in the {' and the '.join(parts)}"
                 + (f"; {dropped} dropped (a prompt alone reaches --max_seq_len)" if dropped else ""))
+
+
+# ----------------------------------------------------------------------------------------------
 # Data formats (data/make_formats.py): one format per batch
 # ----------------------------------------------------------------------------------------------
 FORMATS = ("icl_answer", "icl_cot", "zs_answer", "zs_cot")

@@ -220,28 +220,28 @@ class StepByStepTask:
         for name in self.data.passes:
             pairs = [self.data.example(name, i, epoch) for i in indices]
             inputs, labels = pad_batch(pairs, self.pad_id)
-            passes[name] = (to_device(inputs, self.device), to_device(labels, self.device))
+            passes[name] = make_batch(inputs, labels, self.device, {}, 0)
             counts[name] = int((labels != IGNORE).sum())
             n_tokens += sum(len(x) for x, _ in pairs)
         counts["mi"] = len(indices)
         first = passes[self.data.passes[0]]
-        return Batch(first[0], first[1], counts, n_tokens, {"passes": passes})
+        return Batch(first.inputs, first.labels, counts, n_tokens, {"passes": passes})
 
     def loss_sums(self, model, batch: Batch) -> Dict[str, torch.Tensor]:
         sums, hidden = {}, {}
-        for name, (inputs, labels) in batch.extra["passes"].items():
+        for name, one in batch.extra["passes"].items():
             trained = name in self.weights or (name == "rationale" and "mi" in self.weights)
             with torch.set_grad_enabled(trained and torch.is_grad_enabled()):
-                hidden[name] = model.forward_hidden(inputs)
+                hidden[name] = model.forward_hidden(one.inputs)
             if name in self.weights:
-                sums[name] = response_cross_entropy(model, hidden[name], labels)
+                sums[name] = response_cross_entropy(model, hidden[name], one.labels, one.label_rows)
         if "mi" in self.weights:
             sums["mi"] = self._mi_sum(model, hidden, batch.extra["passes"])
         return sums
 
     def _mi_sum(self, model, hidden, passes) -> torch.Tensor:
-        label_h, label_y = hidden["label"].detach(), passes["label"][1]
-        rationale_h, rationale_y = hidden["rationale"], passes["rationale"][1]
+        label_h, label_y = hidden["label"].detach(), passes["label"].labels
+        rationale_h, rationale_y = hidden["rationale"], passes["rationale"].labels
         if self.estimator == "critic":
             anchors = self.critic(masked_mean_pool(rationale_h, rationale_y != IGNORE))
             candidates = self.critic(masked_mean_pool(label_h, label_y != IGNORE))
@@ -283,19 +283,19 @@ class TeacherKLTask(SFTTask):
         pairs = [self.data.example(i, epoch, w) for i, w in items]
         inputs, labels = pad_batch(pairs, self.pad_id)
         rows, own, counts = kl_rows(labels)
-        extra = {"rows": to_device(torch.tensor(rows, dtype=torch.long), self.device),
-                 "own": to_device(torch.tensor(own, dtype=torch.long), self.device),
+        label_rows = to_device(torch.tensor(rows, dtype=torch.long), self.device)  # the KL's rows too
+        extra = {"own": to_device(torch.tensor(own, dtype=torch.long), self.device),
                  **self.teacher.batch_extra(items, counts, self.device)}
         return Batch(to_device(inputs, self.device), to_device(labels, self.device),
-                     {"ce": len(rows), "kl": len(rows)}, sum(len(x) for x, _ in pairs), extra)
+                     {"ce": len(rows), "kl": len(rows)}, sum(len(x) for x, _ in pairs), extra, label_rows)
 
     def loss_sums(self, model, batch: Batch) -> Dict[str, torch.Tensor]:
         from engine.objectives import head_teacher_kl, logits_teacher_kl
 
         target = self.teacher.target(batch)  # first: an online teacher's forward holds no student activations
         hidden = model.forward_hidden(batch.inputs)
-        ce = response_cross_entropy(model, hidden, batch.labels)
-        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.extra["rows"])
+        ce = response_cross_entropy(model, hidden, batch.labels, batch.label_rows)
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.label_rows)
         head = model.head_matrix()
         if head is None:
             kl = logits_teacher_kl(model.logits(h, gather=False), target, self.temperature)

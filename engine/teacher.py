@@ -308,7 +308,7 @@ class OnlineTeacher:
         extra = batch.extra
         inputs = extra.get("teacher_inputs", batch.inputs)
         hidden = self.model.forward_hidden(inputs)
-        rows = extra.get("teacher_rows", extra["rows"])
+        rows = extra.get("teacher_rows", batch.label_rows)
         t_rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
         head = self.model.head_weight
         if self.dense:
