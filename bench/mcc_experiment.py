@@ -12,18 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _run(args, env):
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(args[:2])} failed:\n{proc.stderr[-3000:]}")
-    return proc
+sys.path.insert(0, ROOT)  # run as a script too
+from bench.runs import mean_and_spread, run_script  # noqa: E402
 
 
 def _final_accuracy(save_dir):
@@ -53,10 +46,10 @@ def main(seeds="0,1,2", steps: int = 600, alpha: float = 0.1, temperature: float
     os.makedirs(out, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     data = os.path.join(out, "data")
-    _run(["data/arithmetic.py", "--out_dir", data, "--kind", "sum3", "--n_train", str(n_train), "--n_test",
+    run_script(["data/arithmetic.py", "--out_dir", data, "--kind", "sum3", "--n_train", str(n_train), "--n_test",
           str(n_test), "--max_value", str(max_value), "--seed", "0"], env)
     tok = os.path.join(out, "tokenizer.model")
-    _run(["data/make_tokenizer.py", "--output", tok], env)
+    run_script(["data/make_tokenizer.py", "--output", tok], env)
     common = ["--task", "ARITH", "--train_file", os.path.join(data, "train.json"), "--label_file",
               os.path.join(data, "test.json"), "--max_steps", str(steps), "--lr", str(lr), "--warmup_steps", "30",
               "--template", "none", "--max_seq_len", "64", "--max_new_tokens", "32", "--eval_batch_size", "200",
@@ -64,7 +57,7 @@ def main(seeds="0,1,2", steps: int = 600, alpha: float = 0.1, temperature: float
     results = {}
     for seed in seeds:
         init = os.path.join(out, f"init-{seed}")
-        _run(["checkpoint_split.py", "init", "--model_type", model_type, "--save_dir", init, "--tokenizer", tok,
+        run_script(["checkpoint_split.py", "init", "--model_type", model_type, "--save_dir", init, "--tokenizer", tok,
               "--seed", str(seed), "--overwrite", "True"], env)
         arms = {
             "sft": ["train.py", "--max_batch_size", str(questions_per_step * k)],
@@ -79,13 +72,12 @@ def main(seeds="0,1,2", steps: int = 600, alpha: float = 0.1, temperature: float
                 import shutil
 
                 shutil.rmtree(save)
-            _run([args[0], "--ckpt_dir", init, "--save_dir", save, "--seed", str(seed), *common, *args[1:]], env)
+            run_script([args[0], "--ckpt_dir", init, "--save_dir", save, "--seed", str(seed), *common, *args[1:]], env)
             final = _final_accuracy(save)
             results.setdefault(arm, {})[seed] = final["accuracy"]
             print(f"seed {seed} {arm:7s} accuracy {final['accuracy']:.3f} ({final['correct']}/{final['total']})",
                   flush=True)
-    summary = {arm: {"per_seed": accs, "mean": statistics.mean(accs.values()),
-                     "stdev": statistics.stdev(accs.values()) if len(accs) > 1 else 0.0}
+    summary = {arm: dict(zip(("mean", "stdev"), mean_and_spread(accs.values())), per_seed=accs)
                for arm, accs in results.items()}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"settings": {"steps": steps, "alpha": alpha, "temperature": temperature, "k": k,

@@ -22,22 +22,12 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _run(args, env):
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(args[:2])} failed:\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def _spread(values):
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+sys.path.insert(0, ROOT)  # run as a script too
+from bench.runs import mean_and_spread, run_script  # noqa: E402
 
 
 def main(seeds="0,1,2", steps: int = 300, questions_per_step: int = 32, lr: float = 3e-3, alpha: float = 0.5,
@@ -62,7 +52,7 @@ def main(seeds="0,1,2", steps: int = 300, questions_per_step: int = 32, lr: floa
     os.makedirs(out, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     data = os.path.join(out, "data")
-    _run(["data/arithmetic.py", "--out_dir", data, "--kind", "sum3", "--max_value", "9", "--n_train", str(n_train),
+    run_script(["data/arithmetic.py", "--out_dir", data, "--kind", "sum3", "--max_value", "9", "--n_train", str(n_train),
           "--n_test", str(n_test), "--seed", "0"], env)
     train = json.load(open(os.path.join(data, "train.json")))
     # one teacher rationale per question, its raw text running on into the next few-shot question
@@ -71,12 +61,12 @@ def main(seeds="0,1,2", steps: int = 300, questions_per_step: int = 32, lr: floa
     with open(os.path.join(data, "teacher_raw.json"), "w") as f:
         json.dump(raw, f)
     sbs_file, labels_file = os.path.join(data, "step_by_step.json"), os.path.join(data, "labels_only.json")
-    _run(["data/prepare_step_by_step.py", "--input_file", os.path.join(data, "teacher_raw.json"), "--output_file",
+    run_script(["data/prepare_step_by_step.py", "--input_file", os.path.join(data, "teacher_raw.json"), "--output_file",
           sbs_file, "--task", "ARITH", "--overwrite", "True"], env)
     with open(labels_file, "w") as f:
         json.dump([{"instruction": r["instruction"], "output": r["label"]} for r in json.load(open(sbs_file))], f)
     tok = os.path.join(out, "tokenizer.model")
-    _run(["data/make_tokenizer.py", "--output", tok], env)
+    run_script(["data/make_tokenizer.py", "--output", tok], env)
     test = os.path.join(data, "test.json")
     common = ["--task", "ARITH", "--label_file", test, "--max_steps", str(steps), "--lr", str(lr), "--warmup_steps",
               "30", "--template", "none", "--max_seq_len", "96", "--max_new_tokens", "8", "--eval_batch_size", "200",
@@ -88,18 +78,18 @@ def main(seeds="0,1,2", steps: int = 300, questions_per_step: int = 32, lr: floa
     results = {}
     for seed in seeds:
         init = os.path.join(out, f"init-{seed}")
-        _run(["checkpoint_split.py", "init", "--model_type", model_type, "--save_dir", init, "--tokenizer", tok,
+        run_script(["checkpoint_split.py", "init", "--model_type", model_type, "--save_dir", init, "--tokenizer", tok,
               "--seed", str(seed), "--overwrite", "True"], env)
         for arm in arms:
             save = os.path.join(out, f"{arm}-{seed}")
             shutil.rmtree(save, ignore_errors=True)
             start = time.time()
-            _run(["train.py", "--ckpt_dir", init, "--save_dir", save, "--seed", str(seed), *common, *arm_flags[arm]],
+            run_script(["train.py", "--ckpt_dir", init, "--save_dir", save, "--seed", str(seed), *common, *arm_flags[arm]],
                  env)
             train_s = time.time() - start
             evals = [json.loads(line) for line in open(os.path.join(save, "metrics.jsonl")) if '"eval"' in line]
             cal_out = os.path.join(save, "calibration.jsonl")
-            _run(["infer.py", "calibration", "--ckpt_dir", os.path.join(save, f"checkpoint-{steps}"), "--data_file",
+            run_script(["infer.py", "calibration", "--ckpt_dir", os.path.join(save, f"checkpoint-{steps}"), "--data_file",
                   test, "--output_file", cal_out, "--task", "ARITH", "--max_new_tokens", "8", "--batch_size", "200"],
                  env)
             cal = json.load(open(cal_out + ".summary.json"))
@@ -111,7 +101,7 @@ def main(seeds="0,1,2", steps: int = 300, questions_per_step: int = 32, lr: floa
                   f"({train_s:.0f} s)", flush=True)
     summary = {}
     for arm, per_seed in results.items():
-        acc, ece = (_spread([v[k] for v in per_seed.values()]) for k in ("accuracy", "ece"))
+        acc, ece = (mean_and_spread([v[k] for v in per_seed.values()]) for k in ("accuracy", "ece"))
         summary[arm] = {"accuracy_mean": acc[0], "accuracy_sd": acc[1], "ece_mean": ece[0], "ece_sd": ece[1],
                         "per_seed": per_seed}
     settings = {"steps": steps, "questions_per_step": questions_per_step, "lr": lr, "alpha": alpha, "beta": beta,

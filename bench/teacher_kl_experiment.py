@@ -23,18 +23,12 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _run(args, env):
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(args[:2])} failed:\n{proc.stderr[-3000:]}")
-    return proc
+sys.path.insert(0, ROOT)  # run as a script too
+from bench.runs import mean_and_spread, run_script  # noqa: E402
 
 
 def _accuracy(ckpt, test_file, output, env):
@@ -42,7 +36,7 @@ def _accuracy(ckpt, test_file, output, env):
     trainer would evaluate at every epoch end)."""
     if os.path.exists(output):
         os.remove(output)
-    _run(["infer.py", "--ckpt_dir", ckpt, "--data_file", test_file, "--output_file", output, "--task", "ARITH",
+    run_script(["infer.py", "--ckpt_dir", ckpt, "--data_file", test_file, "--output_file", output, "--task", "ARITH",
           "--max_new_tokens", "64", "--batch_size", "200", "--template", "none", "--progress", "False"], env)
     return json.load(open(output + ".meta.json"))["summary"]
 
@@ -77,13 +71,13 @@ def main(seeds="0,1,2", steps: int = 600, kl_weight: float = 0.5, kl_temperature
     data = os.path.join(out, "data")
     # every two-digit question but the test ones: the teacher learns them all (with gold rationales);
     # the students get the teacher's samples for some of them
-    _run(["data/arithmetic.py", "--out_dir", data, "--n_train", str(90 * 90 - n_test), "--n_test", str(n_test),
+    run_script(["data/arithmetic.py", "--out_dir", data, "--n_train", str(90 * 90 - n_test), "--n_test", str(n_test),
           "--min_value", "10", "--style", "fixed", "--seed", "0"], env)
     pool = json.load(open(os.path.join(data, "train.json")))
     json.dump(pool[:student_questions], open(os.path.join(data, "questions.json"), "w"))
     tok, other_tok = os.path.join(out, "tokenizer.model"), os.path.join(out, "other.model")
-    _run(["data/make_tokenizer.py", "--output", tok], env)
-    _run(["data/make_tokenizer.py", "--output", other_tok, "--seed", "1", "--vocab_size", "400",
+    run_script(["data/make_tokenizer.py", "--output", tok], env)
+    run_script(["data/make_tokenizer.py", "--output", other_tok, "--seed", "1", "--vocab_size", "400",
           "--split_digits", "False"], env)
     common = ["--task", "ARITH", "--template", "none", "--max_seq_len", "64", "--keep_checkpoints", "1"]
     test_file = os.path.join(data, "test.json")
@@ -92,9 +86,9 @@ def main(seeds="0,1,2", steps: int = 600, kl_weight: float = 0.5, kl_temperature
     teacher_ckpt = os.path.join(teacher, f"checkpoint-{teacher_steps}")
     if not os.path.exists(teacher_ckpt):  # reused by a rerun with other student settings
         shutil.rmtree(teacher, ignore_errors=True)
-        _run(["checkpoint_split.py", "init", "--model_type", teacher_model, "--save_dir", os.path.join(out, "t-init"),
+        run_script(["checkpoint_split.py", "init", "--model_type", teacher_model, "--save_dir", os.path.join(out, "t-init"),
               "--tokenizer", tok, "--seed", "0", "--overwrite", "True"], env)
-        _run(["train.py", "--ckpt_dir", os.path.join(out, "t-init"), "--save_dir", teacher, "--train_file",
+        run_script(["train.py", "--ckpt_dir", os.path.join(out, "t-init"), "--save_dir", teacher, "--train_file",
               os.path.join(data, "train.json"), "--max_steps", str(teacher_steps), "--max_batch_size", "32",
               "--lr", "5e-3", "--warmup_steps", "50", *common], env)
     teacher_eval = _accuracy(teacher_ckpt, test_file, os.path.join(out, "teacher-test.jsonl"), env)
@@ -103,7 +97,7 @@ def main(seeds="0,1,2", steps: int = 600, kl_weight: float = 0.5, kl_temperature
     samples = os.path.join(out, "samples.jsonl")
     if os.path.exists(samples):
         os.remove(samples)
-    _run(["infer.py", "--ckpt_dir", teacher_ckpt, "--data_file", os.path.join(data, "questions.json"),
+    run_script(["infer.py", "--ckpt_dir", teacher_ckpt, "--data_file", os.path.join(data, "questions.json"),
           "--output_file", samples, "--task", "ARITH", "--temperature", str(sample_temperature), "--max_new_tokens",
           "64", "--batch_size", "100", "--template", "none", "--progress", "False"], env)
     sampled = [json.loads(line) for line in open(samples)]
@@ -113,7 +107,7 @@ def main(seeds="0,1,2", steps: int = 600, kl_weight: float = 0.5, kl_temperature
     json.dump([{"instruction": s["instruction"], "output": s["output"], "label": s["label"]} for s in sampled],
               open(train_file, "w"))
     topk = os.path.join(out, "teacher.topk.jsonl")
-    _run(["infer.py", "score", "--ckpt_dir", teacher_ckpt, "--data_file", train_file,
+    run_script(["infer.py", "score", "--ckpt_dir", teacher_ckpt, "--data_file", train_file,
           "--output_file", topk, "--top_k", "5", "--template", "none"], env)
     print(f"teacher samples: {sample_accuracy:.3f} correct, {len(sampled)} non-empty kept ({time.time() - start:.0f} s)",
           flush=True)
@@ -123,7 +117,7 @@ def main(seeds="0,1,2", steps: int = 600, kl_weight: float = 0.5, kl_temperature
         for which, tokenizer in (("", tok), ("_other", other_tok)):
             if not any(a.endswith(which) if which else not a.endswith("_other") for a in arms):
                 continue
-            _run(["checkpoint_split.py", "init", "--model_type", student_model, "--save_dir",
+            run_script(["checkpoint_split.py", "init", "--model_type", student_model, "--save_dir",
                   os.path.join(out, f"s-init{which}-{seed}"), "--tokenizer", tokenizer, "--seed", str(seed),
                   "--overwrite", "True"], env)
         for arm in arms:
@@ -138,15 +132,14 @@ def main(seeds="0,1,2", steps: int = 600, kl_weight: float = 0.5, kl_temperature
                 args += ["--objective", "teacher_kl", "--teacher_file", topk, "--kl_weight", str(kl_weight),
                          "--kl_temperature", str(kl_temperature)]
             t0 = time.time()
-            _run(args, env)
+            run_script(args, env)
             timings.setdefault(arm, []).append(time.time() - t0)
             final = _accuracy(os.path.join(save, f"checkpoint-{steps}"), test_file, save + "-test.jsonl", env)
             results.setdefault(arm, {})[seed] = final["accuracy"]
             print(f"seed {seed} {arm:10s} accuracy {final['accuracy']:.3f} ({final['correct']}/{final['total']}) "
                   f"{timings[arm][-1]:.0f} s", flush=True)
-    summary = {arm: {"per_seed": accs, "mean": statistics.mean(accs.values()),
-                     "stdev": statistics.stdev(accs.values()) if len(accs) > 1 else 0.0,
-                     "seconds_per_run": statistics.mean(timings[arm])}
+    summary = {arm: dict(zip(("mean", "stdev"), mean_and_spread(accs.values())), per_seed=accs,
+                         seconds_per_run=statistics.mean(timings[arm]))
                for arm, accs in results.items()}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"settings": {"teacher_model": teacher_model, "student_model": student_model, "steps": steps,

@@ -80,11 +80,15 @@ class Checkpointer:
         if info.is_main and self.template is not None:
             save_template(directory, self.template, self.task_prefixes)
 
+    def checked_parameters(self):
+        """The weights a save must find finite: the model's."""
+        return self.model.parameters()
+
     def weights_finite(self) -> bool:
-        """Whether every weight of the model, on every rank, is finite."""
+        """Whether every checked weight, on every rank, is finite."""
         bad = torch.zeros((), device=self.info.device)
         with torch.no_grad():
-            for p in self.model.parameters():
+            for p in self.checked_parameters():
                 if not torch.isfinite(p).all():
                     bad.fill_(1.0)
                     break

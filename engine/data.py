@@ -14,17 +14,23 @@ from engine.errors import DataError
 from engine.prompts import format_prompt
 
 
-def read_records(path: str, required: Sequence[str] = ("instruction",)) -> List[dict]:
-    """A JSON list of objects or JSON lines; every record must hold the `required` keys as non-empty strings."""
+def read_text(path: str, what: str = "") -> str:
+    """The UTF-8 text of a data file (`what`: the flag naming it in errors); one sentence otherwise."""
+    name = f"{what} {path}" if what else path
     if not os.path.isfile(path):
-        raise DataError(f"{path} does not exist")
+        raise DataError(f"{name} does not exist")
     with open(path, "rb") as f:
         raw = f.read()
     try:
-        text = raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
-        raise DataError(f"{path} line {line} is not UTF-8 text (byte 0x{raw[e.start]:02x}); save it as UTF-8") from None
+        raise DataError(f"{name} line {line} is not UTF-8 text (byte 0x{raw[e.start]:02x}); save it as UTF-8") from None
+
+
+def read_records(path: str, required: Sequence[str] = ("instruction",)) -> List[dict]:
+    """A JSON list of objects or JSON lines; every record must hold the `required` keys as non-empty strings."""
+    text = read_text(path)
     if not text.strip():
         raise DataError(f"{path} is empty")
     records = None

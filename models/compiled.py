@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import sys
 
-import torch
-
 _SAID = set()
 
 

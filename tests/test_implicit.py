@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import checkpoint_split as cks
 import train_implicit
 from data.multiplication import main as make_mult, make_splits, multiplication_line, operands
 from engine import checkpoint as ck

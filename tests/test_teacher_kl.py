@@ -9,7 +9,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import checkpoint_split as cks
 import infer

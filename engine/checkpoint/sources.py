@@ -14,7 +14,6 @@ from engine.checkpoint.files import (
     NATIVE_FORMAT,
     CheckpointError,
     intersect,
-    one_line,
     read_json,
     shard_files,
     slices,

@@ -9,11 +9,10 @@ s1 is the position of the EOS ending x, s2 that of the EOS ending the CoT.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import List
 
-from engine.data import IGNORE
+from engine.data import IGNORE, read_text
 from engine.errors import DataError
 
 SEPARATOR, ANSWER_MARK = "||", "####"
@@ -28,15 +27,7 @@ class CoTLine:
 
 def read_cot_lines(path: str, flag: str = "--train_file") -> List[CoTLine]:
     """Every non-blank line of `path` as (input, cot, answer); one sentence naming the line otherwise."""
-    if not os.path.isfile(path):
-        raise DataError(f"{flag} {path} does not exist")
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise DataError(f"{flag} {path} line {line} is not UTF-8 text; save it as UTF-8") from None
+    text = read_text(path, flag)
     out = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():

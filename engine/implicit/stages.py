@@ -175,16 +175,8 @@ class StageCheckpointer(Checkpointer):
         if self.info.dp_rank == 0 and self.write_extra is not None:
             self.write_extra(directory)
 
-    def weights_finite(self) -> bool:
-        bad = torch.zeros((), device=self.info.device)
-        with torch.no_grad():
-            for p in itertools.chain(self.model.parameters(), *(m.parameters() for m in self.extra_modules)):
-                if not torch.isfinite(p).all():
-                    bad.fill_(1.0)
-                    break
-        if dist.is_initialized():
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return not bool(bad.item())
+    def checked_parameters(self):
+        return itertools.chain(self.model.parameters(), *(m.parameters() for m in self.extra_modules))
 
 
 class StageTrainer(Trainer):
