@@ -44,7 +44,7 @@ def teacher_kl_grads(temperature: float = 1.7):
             else:
                 loss = head_teacher_kl(h, w, target, temperature, chunk_rows=4 if path == "chunk4" else len(h))
             loss.backward()
-            out[f"{name}-{path}"] = {"loss": float(loss), "grad_h": h.grad,
+            out[f"{name}-{path}"] = {"loss": float(loss.detach()), "grad_h": h.grad,
                                      "grad_w": gather_from_tp(w.grad.t().contiguous()).t()}
     top_ids, top_logp = sharded_topk(F.linear(t_hidden, t_weight[start:start + local]), 5)
     out["topk"] = {"ids": top_ids, "logprobs": top_logp}
