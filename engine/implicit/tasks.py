@@ -18,7 +18,7 @@ from engine.data import IGNORE
 from engine.implicit.data import CoTExamples, Encoded, padded, shifted
 from engine.implicit.states import StateMaps, diagonal_positions, inject_hook, layer_inputs_at
 from engine.objectives import to_device
-from engine.tasks import Batch, response_cross_entropy
+from engine.tasks import Batch, make_batch, response_cross_entropy
 
 
 # ----- tensors of a batch of lines, in one model's tokens -----------------------------------------
@@ -35,14 +35,15 @@ def prompt_inputs(encs: Sequence[Encoded], eos: int, device):
     return to_device(tokens, device), to_device(torch.tensor([e.s1 for e in encs], dtype=torch.long), device)
 
 
-def answer_batch(encs: Sequence[Encoded], eos: int, device, cot: bool = False):
-    """(inputs, labels, EOS-of-x positions, labelled count): `BOS x EOS [cot EOS] answer EOS`,
-    labels on everything after the EOS ending x."""
+def answer_batch(encs: Sequence[Encoded], eos: int, device, cot: bool = False) -> Batch:
+    """`BOS x EOS [cot EOS] answer EOS`, labels on everything after the EOS ending x; extra["s1"]: the
+    position of that EOS per row. Counts and labelled rows are taken on the host (no device sync)."""
     pairs = [shifted(e.teacher_sequence(eos, cot), e.s1 + 1) for e in encs]
     inputs = padded([x for x, _ in pairs], eos)
     labels = padded([y for _, y in pairs], IGNORE)
     s1 = torch.tensor([e.s1 for e in encs], dtype=torch.long)
-    return to_device(inputs, device), to_device(labels, device), to_device(s1, device), int((labels != IGNORE).sum())
+    return make_batch(inputs, labels, device, {"ce": int((labels != IGNORE).sum())}, int(inputs.numel()),
+                      {"s1": to_device(s1, device)})
 
 
 # ----- where a student's states come from ----------------------------------------------------------
@@ -91,11 +92,10 @@ class CoTTeacherTask(_Lines):
         return [len(self.examples.get("model", p).teacher_sequence(eos, self.cot)) - 1 for p in range(len(self.examples))]
 
     def micro_batch(self, positions: List[int], epoch: int) -> Batch:
-        inputs, labels, _, count = answer_batch(self.encs("model", positions), self.eos("model"), self.device, self.cot)
-        return Batch(inputs, labels, {"ce": count}, int(inputs.numel()))
+        return answer_batch(self.encs("model", positions), self.eos("model"), self.device, self.cot)
 
     def loss_sums(self, model, batch: Batch) -> Dict[str, torch.Tensor]:
-        return {"ce": response_cross_entropy(model, model.forward_hidden(batch.inputs), batch.labels)}
+        return {"ce": response_cross_entropy(model, model.forward_hidden(batch.inputs), batch.labels, batch.label_rows)}
 
 
 class MindReadTask(_Lines):
@@ -114,11 +114,12 @@ class MindReadTask(_Lines):
         return [len(self.examples.get("teacher", p).teacher_sequence(0)) for p in range(len(self.examples))]
 
     def micro_batch(self, positions: List[int], epoch: int) -> Batch:
-        inputs, labels, s1, count = answer_batch(self.encs("model", positions), self.eos("model"), self.device)
+        batch = answer_batch(self.encs("model", positions), self.eos("model"), self.device)
         t_tokens, t_diag = teacher_inputs(self.encs("teacher", positions), self.eos("teacher"),
                                           self.teacher.args.n_layers, self.device)
-        return Batch(inputs, labels, {"ce": count}, int(inputs.numel() + t_tokens.numel()),
-                     {"s1": s1, "t_tokens": t_tokens, "t_diag": t_diag})
+        batch.n_tokens += int(t_tokens.numel())
+        batch.extra.update(t_tokens=t_tokens, t_diag=t_diag)
+        return batch
 
     def states(self, batch: Batch) -> torch.Tensor:
         z = teacher_states(self.teacher, batch.extra["t_tokens"], batch.extra["t_diag"], self.teacher_layers)
@@ -128,7 +129,7 @@ class MindReadTask(_Lines):
         rows = torch.arange(batch.inputs.shape[0], device=batch.inputs.device)
         hook = inject_hook(self.states(batch), rows, batch.extra["s1"])
         hidden = model.forward_hidden(batch.inputs, layer_hook=hook)
-        return {"ce": response_cross_entropy(model, hidden, batch.labels)}
+        return {"ce": response_cross_entropy(model, hidden, batch.labels, batch.label_rows)}
 
 
 class EmulatorTask(_Lines):
@@ -184,10 +185,11 @@ class CoupleTask(_Lines):
         return [len(self.examples.get("model", p).teacher_sequence(eos, False)) - 1 for p in range(len(self.examples))]
 
     def micro_batch(self, positions: List[int], epoch: int) -> Batch:
-        inputs, labels, s1, count = answer_batch(self.encs("model", positions), self.eos("model"), self.device)
+        batch = answer_batch(self.encs("model", positions), self.eos("model"), self.device)
         e_tokens, e_s1 = prompt_inputs(self.encs("emulator", positions), self.eos("emulator"), self.device)
-        return Batch(inputs, labels, {"ce": count}, int(inputs.numel() + e_tokens.numel()),
-                     {"s1": s1, "e_tokens": e_tokens, "e_s1": e_s1})
+        batch.n_tokens += int(e_tokens.numel())
+        batch.extra.update(e_tokens=e_tokens, e_s1=e_s1)
+        return batch
 
     def states(self, batch: Batch) -> torch.Tensor:
         z = emulated_states(self.emulator, self.emulator_maps, self.emulator_layers, batch.extra["e_tokens"],
@@ -197,4 +199,4 @@ class CoupleTask(_Lines):
     def loss_sums(self, model, batch: Batch) -> Dict[str, torch.Tensor]:
         rows = torch.arange(batch.inputs.shape[0], device=batch.inputs.device)
         hidden = model.forward_hidden(batch.inputs, layer_hook=inject_hook(self.states(batch), rows, batch.extra["s1"]))
-        return {"ce": response_cross_entropy(model, hidden, batch.labels)}
+        return {"ce": response_cross_entropy(model, hidden, batch.labels, batch.label_rows)}
