@@ -269,14 +269,21 @@ def build_teacher(args, plan: Plan, lines, held_lines, info) -> Built:
                  _writer(meta, info))
 
 
-def build_mind_read(args, plan: Plan, lines, held_lines, info) -> Built:
+def _beside_teacher(args, plan: Plan, lines, info):
+    """What the mind_read and emulator stages start from: their fresh model, the frozen teacher, the
+    tokenizer of each ("views") and the training lines in both."""
     model, lora_cfg, tok = _fresh_model(args, info)
     teacher = load_frozen(plan.teacher_dir, args.dtype, info)
     views = {"model": tok, "teacher": load_tokenizer(plan.teacher_dir)}
-    maps = StateMaps(model.args.n_layers, teacher.args.dim, model.args.dim, args.state_map, args.state_map_hidden,
-                     args.seed, info.device)
     max_len = min(args.max_seq_len, model.args.max_seq_len, teacher.args.max_seq_len)
     train = _describe(CoTExamples(lines, views, max_len, args.train_file), args.train_file, info)
+    return model, lora_cfg, tok, teacher, views, train
+
+
+def build_mind_read(args, plan: Plan, lines, held_lines, info) -> Built:
+    model, lora_cfg, tok, teacher, views, train = _beside_teacher(args, plan, lines, info)
+    maps = StateMaps(model.args.n_layers, teacher.args.dim, model.args.dim, args.state_map, args.state_map_hidden,
+                     args.seed, info.device)
     evaluator = None
     if held_lines:
         held = MindReadTask(CoTExamples(held_lines, views, NO_LIMIT, args.label_file), info.device, teacher, maps,
@@ -291,13 +298,9 @@ def build_mind_read(args, plan: Plan, lines, held_lines, info) -> Built:
 
 
 def build_emulator(args, plan: Plan, lines, held_lines, info) -> Built:
-    model, lora_cfg, tok = _fresh_model(args, info)
-    teacher = load_frozen(plan.teacher_dir, args.dtype, info)
-    views = {"model": tok, "teacher": load_tokenizer(plan.teacher_dir)}
+    model, lora_cfg, tok, teacher, views, train = _beside_teacher(args, plan, lines, info)
     maps = StateMaps(teacher.args.n_layers, model.args.dim, teacher.args.dim, args.state_map, args.state_map_hidden,
                      args.seed, info.device)
-    max_len = min(args.max_seq_len, model.args.max_seq_len, teacher.args.max_seq_len)
-    train = _describe(CoTExamples(lines, views, max_len, args.train_file), args.train_file, info)
     evaluator = None
     if held_lines:
         held = EmulatorTask(CoTExamples(held_lines, views, NO_LIMIT, args.label_file), info.device, teacher, maps,
