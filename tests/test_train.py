@@ -258,7 +258,7 @@ def test_activation_checkpointing_and_bf16(env, dist1):
             model.gradient_checkpointing = ckpt
         loss = token_cross_entropy(model(x, gather=False), y)
         loss.backward()
-        results[ckpt] = (float(loss), torch.cat([p.grad.flatten() for p in model.parameters()]))
+        results[ckpt] = (float(loss.detach()), torch.cat([p.grad.flatten() for p in model.parameters()]))
     for ckpt in results:
         assert abs(results[ckpt][0] - results[False][0]) <= 1e-6, ckpt
         assert (results[ckpt][1] - results[False][1]).abs().max() <= 1e-6, ckpt
