@@ -2,7 +2,6 @@
 scoring outputs by log-likelihood. The launcher checks flags; these do the work."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -17,7 +16,7 @@ from engine.checkpoint import load_for_inference
 from engine.data import IGNORE, pad_batch
 from engine.errors import UserError
 from engine.evaluation import Accuracy
-from engine.fileio import atomic_open, atomic_write_text, disk_errors
+from engine.fileio import atomic_open, atomic_write_text, disk_errors, file_sha256
 from engine.generation import Request, SamplingParams, StopStrings, fit_prompt, generate_stream, request_seed
 from engine.lock import own_output
 from engine.objectives import sharded_topk, token_cross_entropy
@@ -59,20 +58,12 @@ class GenerationJob:
 
     def meta(self) -> dict:
         p = self.params
-        return {"data_file": os.path.abspath(self.data_file), "data_sha256": _sha256(self.data_file),
+        return {"data_file": os.path.abspath(self.data_file), "data_sha256": file_sha256(self.data_file),
                 "ckpt_dir": self.ckpt_dir, "lora_dir": self.lora_dir, "template": self.template, "task": self.task,
                 "dtype": str(self.dtype).replace("torch.", ""), "max_new_tokens": p.max_new_tokens,
                 "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k, "num_samples": self.num_samples,
                 "seed": p.seed, "stop": list(self.stops), "long_prompts": self.long_prompts,
                 "output_tokens": self.output_tokens, "task_prefix": self.task_prefix}
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class OutputFile:

@@ -147,9 +147,10 @@ class MICritic(torch.nn.Module):
         return self.net(pooled.float())
 
 
-def _response_positions(labels: torch.Tensor):
+def _response_positions(labels: torch.Tensor, device):
     """(rows [B, W], positions [B, W], mask [B, W]) of the positions whose next token is a response
-    token (the positions the cross-entropy covers), each row padded with its last position."""
+    token (the positions the cross-entropy covers), each row padded with its last position; from
+    host-side labels, so the training step waits for nothing."""
     keep = labels != IGNORE
     width = max(1, int(keep.sum(1).max()))
     rows, cols, mask = [], [], []
@@ -159,8 +160,7 @@ def _response_positions(labels: torch.Tensor):
         cols.append(pos + [pos[-1]] * (width - len(pos)))
         mask.append([True] * n + [False] * (width - n))
         rows.append([b] * width)
-    return (torch.tensor(rows, device=labels.device), torch.tensor(cols, device=labels.device),
-            torch.tensor(mask, device=labels.device))
+    return tuple(to_device(torch.tensor(x), device) for x in (rows, cols, mask))
 
 
 class StepByStepTask:
@@ -220,7 +220,9 @@ class StepByStepTask:
         for name in self.data.passes:
             pairs = [self.data.example(name, i, epoch) for i in indices]
             inputs, labels = pad_batch(pairs, self.pad_id)
-            passes[name] = make_batch(inputs, labels, self.device, {}, 0)
+            pooled = "mi" in self.weights and self.estimator == "pooled_ce"
+            passes[name] = make_batch(inputs, labels, self.device, {}, 0,
+                                      {"positions": _response_positions(labels, self.device)} if pooled else None)
             counts[name] = int((labels != IGNORE).sum())
             n_tokens += sum(len(x) for x, _ in pairs)
         counts["mi"] = len(indices)
@@ -246,8 +248,8 @@ class StepByStepTask:
             anchors = self.critic(masked_mean_pool(rationale_h, rationale_y != IGNORE))
             candidates = self.critic(masked_mean_pool(label_h, label_y != IGNORE))
             return infonce_sum(anchors, candidates, CRITIC_TEMPERATURE)
-        lr, lp, lm = _response_positions(label_y)
-        rr, rp, rm = _response_positions(rationale_y)
+        lr, lp, lm = passes["label"].extra["positions"]
+        rr, rp, rm = passes["rationale"].extra["positions"]
         with torch.no_grad():
             label_logits = model.logits(label_h[lr, lp], gather=False)
         return pooled_ce_mi_sum(label_logits, lm, model.logits(rationale_h[rr, rp], gather=False), rm)

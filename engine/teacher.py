@@ -17,7 +17,6 @@ Targets and alignments are computed once per record and cached, never per step.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Dict, List, Optional, Tuple
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from engine.alignment import Vocab, aligned_positions
 from engine.data import IGNORE
 from engine.errors import DataError, UserError
+from engine.fileio import file_sha256
 from engine.objectives import DenseTarget, SparseTarget, sharded_topk, sparse_probs, to_device
 from engine.prompts import format_prompt
 
@@ -37,14 +37,6 @@ FILE_KIND = "teacher_topk"
 
 def meta_path(path: str) -> str:
     return path + ".meta.json"
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def teacher_meta(top_k: int, ckpt_dir: str, tokenizer, model_vocab: int, include_eos: bool, template: str,
