@@ -14,7 +14,7 @@ time. Its name is the seed's; its commands:
 import math
 import sys
 
-from engine.cli import run_cli
+from engine.runtime.cli import run_cli
 from engine import checkpoint as ck
 
 
@@ -173,7 +173,7 @@ def init(model_type: str, save_dir: str, n: int = 1, tokenizer: str = None, seed
         dtype: fp32 / bf16 / fp16.
         overwrite: replace a non-empty save_dir.
     """
-    from engine.tokenizer import load_tokenizer
+    from engine.text.tokenizer import load_tokenizer
     from models.registry import model_args_for, parse_model_type
 
     base, _ = parse_model_type(model_type)

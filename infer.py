@@ -9,7 +9,7 @@
   python infer.py bleu --predictions_file O.jsonl --references_file F
 (--task_prefix label|rationale picks the task of a model trained with --objective step_by_step.)
 
-The flags are checked here; the jobs are engine/offline.py's. Imports are inside the commands so
+The flags are checked here; the jobs are engine/infer/'s. Imports are inside the commands so
 that --help and a mistyped flag answer at once.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from engine.cli import run_cli
+from engine.runtime.cli import run_cli
 
 
 def generate(ckpt_dir: str, data_file: str, output_file: str, task: str = None, batch_size: int = 32,
@@ -54,7 +54,7 @@ def generate(ckpt_dir: str, data_file: str, output_file: str, task: str = None, 
         device: cpu or cuda (default: cuda when every process on this node has a GPU of its own).
         task_prefix: a step-by-step model's task: label (the default for such a model) or rationale.
     """
-    from engine.offline import run_generation
+    from engine.infer.jobs import run_generation
 
     run_generation(_generation_job(ckpt_dir, data_file, output_file, task, batch_size, max_new_tokens, temperature,
                                    top_p, top_k, num_samples, template, seed, use_float16, use_bfloat16, lora_dir, stop,
@@ -65,13 +65,13 @@ def _generation_job(ckpt_dir, data_file, output_file, task, batch_size, max_new_
                     num_samples, template, seed, use_float16, use_bfloat16, lora_dir, stop, long_prompts,
                     prefill_tokens, progress, output_tokens, compile, device, task_prefix):
     """The flags of a generation job, checked (shared by generate and calibration)."""
-    from engine.answers import check_task
-    from engine.data import read_records
-    from engine.errors import UserError
-    from engine.generation import SamplingParams
-    from engine.offline import GenerationJob
-    from engine.precision import dtype_from_flags
-    from engine.prompts import resolve_task_prefix, resolve_template
+    from engine.text.answers import check_task
+    from engine.text.records import read_records
+    from engine.runtime.errors import UserError
+    from engine.infer.generation import SamplingParams
+    from engine.infer.jobs import GenerationJob
+    from engine.runtime.precision import dtype_from_flags
+    from engine.text.prompts import resolve_task_prefix, resolve_template
 
     if temperature < 0:
         raise UserError(f"--temperature must be >= 0, got {temperature}")
@@ -118,11 +118,11 @@ def score(ckpt_dir: str, data_file: str, output_file: str, batch_size: int = 16,
         task_prefix: a step-by-step model's task: label (the default for such a model) or rationale.
         top_k: also write each output token's k most likely tokens and log-probabilities (tokens, topk_ids, topk_logprobs; OUTPUT.meta.json): a teacher file for train.py --objective teacher_kl (e.g. 5).
     """
-    from engine.data import read_records, validate_training_records
-    from engine.errors import UserError
-    from engine.offline import run_scoring
-    from engine.precision import dtype_from_flags
-    from engine.prompts import resolve_task_prefix, resolve_template
+    from engine.text.records import read_records, validate_training_records
+    from engine.runtime.errors import UserError
+    from engine.infer.jobs import run_scoring
+    from engine.runtime.precision import dtype_from_flags
+    from engine.text.prompts import resolve_task_prefix, resolve_template
 
     if batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {batch_size}")
@@ -147,10 +147,10 @@ def evaluate(task: str, predictions_file: str, label_file: str = None, field: st
         label_file: records whose 'label' is the gold answer, in the same order as the predictions.
         field: the text field to score; a list (several samples) scores each of its items.
     """
-    from engine.answers import check_task, extract_answer
-    from engine.data import read_records
-    from engine.errors import DataError
-    from engine.evaluation import Accuracy
+    from engine.text.answers import check_task, extract_answer
+    from engine.text.records import read_records
+    from engine.runtime.errors import DataError
+    from engine.infer.metrics import Accuracy
 
     task = check_task(task)
     preds = read_records(predictions_file, required=())
@@ -189,8 +189,8 @@ def calibration(ckpt_dir: str, data_file: str, output_file: str, task: str, batc
         use_bfloat16: run in bf16.
         device: cpu or cuda (default: cuda when every process on this node has a GPU of its own).
     """
-    from engine.calibration import run_calibration
-    from engine.errors import UserError
+    from engine.infer.calibration import run_calibration
+    from engine.runtime.errors import UserError
 
     if num_bins < 1:
         raise UserError(f"--num_bins must be >= 1, got {num_bins}")
@@ -212,9 +212,9 @@ def bleu(predictions_file: str, references_file: str, field: str = "output", ref
         field: the generated text field.
         reference_field: the reference text field.
     """
-    from engine.data import read_records
-    from engine.errors import DataError
-    from engine.evaluation import corpus_bleu
+    from engine.text.records import read_records
+    from engine.runtime.errors import DataError
+    from engine.infer.metrics import corpus_bleu
 
     preds = read_records(predictions_file, required=())
     refs = read_records(references_file, required=())

@@ -11,12 +11,22 @@
   torchrun --nproc_per_node 8 train.py --objective teacher_kl --teacher_file teacher.topk.jsonl ...
       (or --teacher_ckpt_dir T: the teacher's next-token distributions, see README)
 
-Every flag, its default and its help: engine/args.py (TrainArgs, StepByStepArgs, TeacherKLArgs).
+Every flag, its default and its help: engine/train/args.py (TrainArgs, the flags every objective shares)
+and each objective's package in engine/distill/ (sft, step_by_step, teacher_kl).
 """
-from engine.args import StepByStepArgs, TeacherKLArgs, TrainArgs, launcher
-from engine.cli import run_cli
+from engine.distill.sft import SFTArgs
+from engine.distill.step_by_step.args import StepByStepArgs
+from engine.distill.teacher_kl.args import TeacherKLArgs
+from engine.runtime.cli import launcher, run_cli
 
-main = launcher(TrainArgs, StepByStepArgs, TeacherKLArgs)
+
+def train(args) -> None:
+    from engine.train.launch import run_training
+
+    run_training(args)
+
+
+main = launcher(SFTArgs, StepByStepArgs, TeacherKLArgs, run=train)
 
 if __name__ == "__main__":
     run_cli(main)

@@ -10,13 +10,13 @@
   torchrun --nproc_per_node N train_implicit.py evaluate  --data_file test.txt \
       --model_dirs runs/teacher/best,runs/coupled/best
 
-Lines are `input||cot #### answer`. Every stage's flags, defaults and help: engine/implicit/args.py;
-the stages themselves: engine/implicit/.
+Lines are `input||cot #### answer`. Every stage's flags, defaults and help: engine/distill/implicit/args.py;
+the stages themselves: engine/distill/implicit/.
 """
 from __future__ import annotations
 
-from engine.cli import run_cli
-from engine.implicit.args import CoupleArgs, EmulatorArgs, MindReadArgs, TeacherArgs, stage_launcher
+from engine.runtime.cli import run_cli
+from engine.distill.implicit.args import CoupleArgs, EmulatorArgs, MindReadArgs, TeacherArgs, stage_launcher
 
 teacher = stage_launcher(TeacherArgs)
 mind_read = stage_launcher(MindReadArgs)
@@ -41,9 +41,9 @@ def evaluate(data_file: str, model_dirs: str, batch_size: int = 64, max_new_toke
         tp_size: tensor-parallel size (default: all processes).
         device: cpu or cuda (default: cuda when every process on this node has a GPU of its own).
     """
-    from engine.errors import UserError
-    from engine.implicit.stages import run_evaluation
-    from engine.precision import dtype_from_flags
+    from engine.runtime.errors import UserError
+    from engine.distill.implicit.stages import run_evaluation
+    from engine.runtime.precision import dtype_from_flags
 
     for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
         if value < 1:

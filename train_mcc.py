@@ -7,12 +7,19 @@
 
 Loss per question: mean cross-entropy of its rationales + alpha x mean over pairs of the symmetric
 KL between the temperature-softened predictions of their answer-span tokens. Every flag, its
-default and its help: engine/args.py (MCCArgs).
+default and its help: engine/distill/mcc/args.py (MCCArgs).
 """
-from engine.args import MCCArgs, launcher
-from engine.cli import run_cli
+from engine.distill.mcc.args import MCCArgs
+from engine.runtime.cli import launcher, run_cli
 
-main = launcher(MCCArgs)
+
+def train(args) -> None:
+    from engine.train.launch import run_training
+
+    run_training(args)
+
+
+main = launcher(MCCArgs, run=train)
 
 if __name__ == "__main__":
     run_cli(main)

@@ -92,9 +92,9 @@ def main(batches="1,64,384", dim: int = 512, n_layers: int = 4, n_heads: int = 8
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from engine import distributed
+    from engine.runtime import distributed
     from engine.checkpoint import load_for_inference
-    from engine.generation import SamplingParams, complete_prompts, make_runner
+    from engine.infer.generation import SamplingParams, complete_prompts, make_runner
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
@@ -162,7 +162,7 @@ def end_to_end(hf_dir: str, hf, device: str, dtype: str, batch: int, n_records: 
     import random
 
     import infer
-    from engine.tokenizer import load_tokenizer
+    from engine.text.tokenizer import load_tokenizer
 
     tok_path = os.path.join(os.path.dirname(ROOT), "shared", "data", "tokenizers", "llama2.model")
     if not os.path.exists(tok_path):  # a tokenizer trained here; its ids fit any vocabulary >= 320

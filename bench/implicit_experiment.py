@@ -89,7 +89,7 @@ def main(out_dir: str = "implicit_out", n: int = 3, m: int = 3, n_train: int = 5
     """
     from data.multiplication import main as make_mult
     from engine import checkpoint as ck
-    from engine.tokenizer import load_tokenizer
+    from engine.text.tokenizer import load_tokenizer
     from models.registry import model_args_for
 
     os.makedirs(out_dir, exist_ok=True)
@@ -174,6 +174,6 @@ def main(out_dir: str = "implicit_out", n: int = 3, m: int = 3, n_train: int = 5
 
 
 if __name__ == "__main__":
-    from engine.cli import run_cli
+    from engine.runtime.cli import run_cli
 
     run_cli(main)

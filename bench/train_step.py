@@ -3,7 +3,7 @@ LoRA), same random model, batch and device, each side in its own process (so pea
 own). Modes: full fine-tuning, LoRA, and an MCC-KD step (2 rationales per question, CE + the
 symmetric KL of their answer-span predictions; HF computes the same loss from its full logits).
 
-Ours runs the real training step (engine.trainer.Trainer._optimizer_step: chunked head loss,
+Ours runs the real training step (engine.train.trainer.Trainer._optimizer_step: chunked head loss,
 regional compile where on, fused AdamW on CUDA, TP-aware clipping). MFU counts useful model FLOPs
 per token, recomputation not counted: full 6N + 12·L·d·T, LoRA 4N + 12·L·d·T (frozen weights get no
 weight gradients), N the parameters in matmuls (the body, plus the head for the fraction of
@@ -60,13 +60,13 @@ def _batch(vocab: int, batch: int, seq_len: int, mode: str):
 
 
 class _FixedTask:
-    """One fixed batch, run through the engine's own task losses (engine/tasks.py)."""
+    """One fixed batch, run through the engine's own task losses (engine/distill/)."""
 
     def __init__(self, x, pairs, mode, device, prompt: int):
         import torch
 
-        from engine.data import IGNORE
-        from engine.tasks import make_batch
+        from engine.text.sequences import IGNORE
+        from engine.train.task import make_batch
 
         labels = torch.cat([x[:, 1:], torch.full_like(x[:, :1], IGNORE)], dim=1)  # the next token
         labels[:, :max(prompt - 1, 0)] = IGNORE  # no loss on predicting the prompt
@@ -83,7 +83,8 @@ class _FixedTask:
         return self.batch
 
     def loss_sums(self, model, batch):
-        from engine.tasks import MCCTask, SFTTask
+        from engine.distill.mcc.task import MCCTask
+        from engine.distill.sft import SFTTask
 
         return (MCCTask if self.mode == "mcc" else SFTTask).loss_sums(self, model, batch)
 
@@ -96,10 +97,10 @@ def run_side(side: str, hf_dir: str, native_dir: str, seq_len: int, batch: int, 
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     lora = mode == "lora"
     if side == "ours":
-        from engine import distributed
-        from engine.launch import build_model
-        from engine.args import TrainConfig
-        from engine.trainer import Trainer
+        from engine.runtime import distributed
+        from engine.train.launch import build_model
+        from engine.train.config import TrainConfig
+        from engine.train.trainer import Trainer
 
         info = distributed.setup(1, device=device)
         model, _ = build_model(native_dir, None, lora_rank if lora else -1, None, 0.0, TARGETS, dt, info)

@@ -109,7 +109,7 @@ def main(out_dir: str, kind: str = "add", n_train: int = 2000, n_test: int = 200
         style: natural (digit steps as a person writes them) or fixed (fixed-width steps, kind=add).
         multi: kind=add: two rationales per training question (the operands taken in either order).
     """
-    from engine.fileio import atomic_write_text
+    from engine.runtime.fileio import atomic_write_text
 
     splits = make_splits(kind, n_train, n_test, n_dev, max_value, seed, min_value, style, multi)
     os.makedirs(out_dir, exist_ok=True)

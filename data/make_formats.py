@@ -27,7 +27,7 @@ import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.data import FORMATS  # noqa: E402  (the names train.py --formats knows)
+from engine.train.batching import FORMATS  # noqa: E402  (the names train.py --formats knows)
 
 COT_CUE = "Let's think step by step"
 
@@ -49,7 +49,7 @@ def demonstration(rec: dict, cot: bool) -> str:
 def build(records, formats=FORMATS, num_demos: int = 4, seed: int = 0, cot_prompt: str = None,
           answer_prompt: str = None, path: str = "input_file"):
     """One record per (question, format), question by question in input order."""
-    from engine.errors import DataError
+    from engine.runtime.errors import DataError
 
     if num_demos < 0:
         raise DataError(f"--num_demos must be >= 0, got {num_demos}")
@@ -93,9 +93,10 @@ def main(input_file: str, output_file: str, formats: str = ",".join(FORMATS), nu
         answer_prompt_file: a few-shot answer-only prompt used verbatim for icl_answer (e.g. shared/data/prompts/gsm8k_direct.txt).
         overwrite: replace an existing output_file.
     """
-    from engine.data import parse_formats, read_records
-    from engine.errors import DataError
-    from engine.fileio import atomic_write_text
+    from engine.train.batching import parse_formats
+    from engine.text.records import read_records
+    from engine.runtime.errors import DataError
+    from engine.runtime.fileio import atomic_write_text
 
     names = parse_formats(formats) or list(FORMATS)
     if os.path.abspath(output_file) == os.path.abspath(input_file):
@@ -119,6 +120,6 @@ def main(input_file: str, output_file: str, formats: str = ",".join(FORMATS), nu
 
 
 if __name__ == "__main__":
-    from engine.cli import run_cli
+    from engine.runtime.cli import run_cli
 
     run_cli(main)

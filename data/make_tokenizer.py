@@ -37,7 +37,7 @@ def default_corpus(n: int = 2000, seed: int = 0):
 def train_tokenizer(output: str, corpus_lines, vocab_size: int = 320, split_digits: bool = True) -> str:
     import sentencepiece as spm
 
-    from engine.fileio import atomic_open
+    from engine.runtime.fileio import atomic_open
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(

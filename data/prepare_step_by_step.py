@@ -63,7 +63,7 @@ def choice_letter(text: str, choices: Optional[List[str]]) -> Optional[str]:
 
 def teacher_label(sentence: str, task: str, choices) -> Optional[str]:
     """The label stated by the answer sentence (what follows "the answer is"), or None."""
-    from engine.answers import CHOICE_TASKS, EQUATION_TASKS, equation_value, extract_answer
+    from engine.text.answers import CHOICE_TASKS, EQUATION_TASKS, equation_value, extract_answer
 
     sentence = sentence.strip()
     if task in CHOICE_TASKS:
@@ -95,8 +95,8 @@ def parse_teacher_output(text: str, task: str, choices=None) -> Tuple[Optional[s
 
 
 def gold_label(rec: dict, index: int, path: str, task: str, choices) -> str:
-    from engine.answers import CHOICE_TASKS, parse_label
-    from engine.errors import DataError
+    from engine.text.answers import CHOICE_TASKS, parse_label
+    from engine.runtime.errors import DataError
 
     value = rec.get("label", rec.get("answer"))
     if value is None or isinstance(value, bool) or not str(value).strip():
@@ -110,8 +110,8 @@ def gold_label(rec: dict, index: int, path: str, task: str, choices) -> str:
 
 def convert(records: List[dict], task: str, path: str):
     """(training records, counts) from step-by-step records (see the module's docstring)."""
-    from engine.answers import is_correct, parse_label
-    from engine.errors import DataError
+    from engine.text.answers import is_correct, parse_label
+    from engine.runtime.errors import DataError
 
     out, counts = [], Counter()
     for i, rec in enumerate(records):
@@ -153,8 +153,8 @@ def convert(records: List[dict], task: str, path: str):
 
 def read_dataset_dir(dataset_dir: str, split: str):
     """Records of the authors' layout: the source split joined, in order, with the raw teacher outputs."""
-    from engine.data import read_records
-    from engine.errors import DataError
+    from engine.text.records import read_records
+    from engine.runtime.errors import DataError
 
     name = os.path.basename(os.path.normpath(dataset_dir))
     source = os.path.join(dataset_dir, f"{name}_{split}.json")
@@ -194,10 +194,10 @@ def main(output_file: str, input_file: str = None, dataset_dir: str = None, spli
         task: GSM8K / SVAMP / ASDiv / CSQA / ARITH: how labels are read (default from dataset_dir's name: cqa, svamp).
         overwrite: replace an existing output_file (never the input_file itself).
     """
-    from engine.answers import check_task
-    from engine.data import read_records
-    from engine.errors import DataError
-    from engine.fileio import atomic_write_text
+    from engine.text.answers import check_task
+    from engine.text.records import read_records
+    from engine.runtime.errors import DataError
+    from engine.runtime.fileio import atomic_write_text
 
     if (input_file is None) == (dataset_dir is None):
         raise DataError("pass exactly one of --input_file (records) and --dataset_dir (the authors' layout)")
@@ -235,6 +235,6 @@ def main(output_file: str, input_file: str = None, dataset_dir: str = None, spli
 
 
 if __name__ == "__main__":
-    from engine.cli import run_cli
+    from engine.runtime.cli import run_cli
 
     run_cli(main)

@@ -122,9 +122,9 @@ class ModelArgs:
         except TypeError as e:
             raise ConfigError(f"{source}: {e}") from None
 
-    @classmethod
-    def load(cls, path: str) -> "ModelArgs":
-        """Read a params.json (native or Meta) or an HF config.json."""
+    @staticmethod
+    def read_json(path: str) -> dict:
+        """The JSON object of a params.json or config.json; one sentence when it is not one."""
         try:
             with open(path) as f:
                 raw = json.load(f)
@@ -134,120 +134,9 @@ class ModelArgs:
             raise ConfigError(f"{path} is not readable JSON ({e})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} does not hold a JSON object")
-        if "architectures" in raw or "hidden_size" in raw:
-            return cls.from_hf_config(raw, source=path)
-        return cls.from_dict(raw, source=path)
-
-    # ----- HF config.json ---------------------------------------------------------------------
-    @classmethod
-    def from_hf_config(cls, cfg: dict, source: str = "config.json") -> "ModelArgs":
-        arch = (cfg.get("architectures") or [None])[0]
-        family = HF_ARCHITECTURES.get(arch)
-        if family is None:
-            raise ConfigError(f"{source}: architecture {arch!r} is not supported "
-                              f"(supported: {', '.join(sorted(HF_ARCHITECTURES))})")
-        if family == "qwen":
-            return cls._from_qwen1_config(cfg, source)
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"{source}: hidden_act={cfg['hidden_act']!r} is not supported (only silu)")
-        if cfg.get("mlp_bias") or (family != "qwen2" and cfg.get("attention_bias")):
-            raise ConfigError(f"{source}: attention_bias / mlp_bias on LLaMA-style models is not supported")
-        rope_params = dict(cfg.get("rope_parameters") or {})  # transformers >= 5
-        rope_theta = rope_params.pop("rope_theta", cfg.get("rope_theta", 10000.0))
-        rope_scaling = cfg.get("rope_scaling") or (rope_params or None)
-        sliding = cfg.get("sliding_window") if family in ("mistral", "mixtral") else None
-        if family == "qwen2" and cfg.get("use_sliding_window"):
-            raise ConfigError(f"{source}: Qwen2 use_sliding_window=true is not supported")
-        n_heads = cfg["num_attention_heads"]
-        return cls(
-            dim=cfg["hidden_size"],
-            n_layers=cfg["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
-            vocab_size=cfg["vocab_size"],
-            hidden_dim=cfg["intermediate_size"],
-            norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta),
-            rope_scaling=rope_scaling,
-            max_seq_len=cfg.get("max_position_embeddings", 2048),
-            qkv_bias=family == "qwen2",
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            sliding_window=sliding,
-            n_experts=cfg.get("num_local_experts", 0) if family == "mixtral" else 0,
-            n_experts_per_tok=cfg.get("num_experts_per_tok", 2),
-            family=family,
-        )
+        return raw
 
     @classmethod
-    def _from_qwen1_config(cls, cfg: dict, source: str) -> "ModelArgs":
-        if cfg.get("rotary_pct", 1.0) != 1.0:
-            raise ConfigError(f"{source}: Qwen-1 rotary_pct != 1 is not supported")
-        n_heads = cfg["num_attention_heads"]
-        return cls(
-            dim=cfg["hidden_size"],
-            n_layers=cfg["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=n_heads,
-            head_dim=cfg.get("kv_channels") or cfg["hidden_size"] // n_heads,
-            vocab_size=cfg["vocab_size"],
-            hidden_dim=cfg["intermediate_size"] // 2,  # Qwen-1 stores twice the per-branch width
-            norm_eps=cfg.get("layer_norm_epsilon", 1e-6),
-            rope_theta=float(cfg.get("rotary_emb_base", 10000.0)),
-            max_seq_len=cfg.get("seq_length", cfg.get("max_position_embeddings", 8192)),
-            qkv_bias=True,
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            family="qwen",
-        )
-
-    def to_hf_config(self, bos_id: Optional[int] = None, eos_id: Optional[int] = None,
-                     pad_id: Optional[int] = None, dtype: str = "float32") -> dict:
-        """An HF config.json that `AutoModelForCausalLM.from_pretrained` loads (v4 and v5 key names)."""
-        if self.n_experts:
-            arch, model_type = "MixtralForCausalLM", "mixtral"
-        elif self.qkv_bias:
-            arch, model_type = "Qwen2ForCausalLM", "qwen2"
-        elif self.sliding_window is not None:
-            arch, model_type = "MistralForCausalLM", "mistral"
-        else:
-            arch, model_type = "LlamaForCausalLM", "llama"
-        cfg = {
-            "architectures": [arch],
-            "model_type": model_type,
-            "hidden_size": self.dim,
-            "intermediate_size": self.hidden_dim,
-            "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads,
-            "head_dim": self.head_dim,
-            "vocab_size": self.vocab_size,
-            "rms_norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta,
-            "max_position_embeddings": self.max_seq_len,
-            "tie_word_embeddings": self.tie_embeddings,
-            "hidden_act": "silu",
-            "bos_token_id": bos_id,
-            "eos_token_id": eos_id,
-            "pad_token_id": pad_id,
-            "dtype": dtype,
-            "torch_dtype": dtype,
-        }
-        if self.rope_scaling:
-            cfg["rope_scaling"] = dict(self.rope_scaling)
-        if model_type in ("mistral", "mixtral"):
-            cfg["sliding_window"] = self.sliding_window
-        if model_type == "mixtral":
-            cfg["num_local_experts"] = self.n_experts
-            cfg["num_experts_per_tok"] = self.n_experts_per_tok
-        if model_type == "qwen2":
-            cfg["use_sliding_window"] = False
-        return cfg
-
-
-HF_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "MixtralForCausalLM": "mixtral",
-    "Qwen2ForCausalLM": "qwen2",
-    "QWenLMHeadModel": "qwen",
-}
+    def load(cls, path: str) -> "ModelArgs":
+        """Read a params.json (native or Meta); models/hf.py's load_model_args also reads HF config.json."""
+        return cls.from_dict(cls.read_json(path), source=path)

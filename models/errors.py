@@ -1,5 +1,5 @@
 """User mistakes (bad path, malformed record, wrong flag) end as one sentence, not a traceback.
-Defined with the models (which know nothing of the engine); engine/errors.py re-exports it."""
+Defined with the models (which know nothing of the engine); engine/runtime/errors.py re-exports it."""
 
 
 class UserError(ValueError):

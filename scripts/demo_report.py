@@ -14,8 +14,8 @@ def main(out: str = "demo_out", wall_s: float = 0.0, min_accuracy: float = 0.0):
         wall_s: the demo's wall time in seconds, for the report.
         min_accuracy: exit non-zero when the held-out accuracy is below it (CI's guard on what the shortened demo reliably reaches).
     """
-    from engine.fileio import atomic_write_text
-    from engine.report import rising_note, summarize_metrics
+    from engine.runtime.fileio import atomic_write_text
+    from engine.train.report import rising_note, summarize_metrics
 
     run = os.path.join(out, "run")
     m = summarize_metrics(os.path.join(run, "metrics.jsonl"))

@@ -12,7 +12,7 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 @pytest.fixture(scope="session")
 def dist1():
     """A one-process world (gloo) with fairscale's groups: TP=1 in the test process."""
-    from engine import distributed
+    from engine.runtime import distributed
 
     return distributed.setup(tp_size=1, device="cpu", own=False)
 

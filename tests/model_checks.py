@@ -39,7 +39,7 @@ def decode_paths(model, prompts, stop_ids, new_tokens, slots=3):
     (fullgraph: no graph break, so no host sync or data-dependent shape inside it)."""
     import torch._dynamo
 
-    from engine import generation as g
+    from engine.infer import generation as g
 
     greedy = g.SamplingParams(max_new_tokens=new_tokens)
     sample = g.SamplingParams(max_new_tokens=new_tokens, temperature=0.9, top_p=0.9, top_k=40, seed=5)
@@ -64,8 +64,8 @@ def head_loss_grads(seed: int = 0, rows: int = 5, cols: int = 9, dim: int = 16, 
     current tensor-parallel size. Hand-made inputs; labels include IGNORE and every vocabulary shard."""
     import torch.nn.functional as F
 
-    from engine.data import IGNORE
-    from engine.objectives import head_cross_entropy, token_cross_entropy
+    from engine.text.sequences import IGNORE
+    from models.vocab_parallel import head_cross_entropy, token_cross_entropy
     from models.parallel import copy_to_tp, gather_from_tp, vocab_shard_start
 
     g = torch.Generator().manual_seed(seed)
@@ -79,7 +79,7 @@ def head_loss_grads(seed: int = 0, rows: int = 5, cols: int = 9, dim: int = 16, 
     local = vocab // get_model_parallel_world_size()
     start = vocab_shard_start(local)
     out = {}
-    from engine.objectives import labelled_rows
+    from models.vocab_parallel import labelled_rows
 
     for name, chunk in (("chunk7", 7), ("chunk16", 16), ("chunk_all", rows * cols), ("labelled_rows", 5),
                         ("plain", None)):

@@ -8,7 +8,7 @@ import torch
 import checkpoint_split as cli
 import checkpoint_split as cks
 from engine import checkpoint as ck
-from engine.errors import UserError
+from engine.runtime.errors import UserError
 from tests.helpers import assert_same_tensors, build_hf, hf_to_meta_files, read_shards, run_cli, save_hf
 
 
@@ -212,7 +212,7 @@ def test_from_hf_reads_pytorch_model_bin(tmp_path, dist1):
 def test_device_choice_sentences(monkeypatch):
     """--device: more processes than GPUs, CUDA without a GPU, or an unknown device end in one sentence
     saying what to pass (checked here with the GPU count faked; tests/test_cuda.py runs it for real)."""
-    from engine.distributed import resolve_device
+    from engine.runtime.distributed import resolve_device
 
     assert resolve_device("cpu") == "cpu"
     with pytest.raises(UserError, match="is not cpu or cuda"):

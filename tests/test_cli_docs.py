@@ -8,7 +8,7 @@ import shlex
 
 import pytest
 
-from engine.cli import unknown_flags
+from engine.runtime.cli import unknown_flags
 from tests.helpers import ROOT, run_cli
 
 

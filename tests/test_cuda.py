@@ -53,7 +53,7 @@ def test_logits_match_hf_on_gpu_bf16_and_fp32(gpu_env, dist1):
 def test_infer_greedy_matches_hf_generate_on_gpu(gpu_env, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from engine.tokenizer import load_tokenizer
+    from engine.text.tokenizer import load_tokenizer
 
     root, hf_dir = gpu_env
     questions = ["What is 1 + 2 ?", "Tom has 3 apples.", "A", "What is 999 * 12 ?"] * 3

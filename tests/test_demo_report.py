@@ -2,7 +2,7 @@
 guard fails the run when the held-out accuracy falls below what the shortened demo reliably reaches."""
 import json
 
-from engine.report import still_rising
+from engine.train.report import still_rising
 from tests.helpers import run_cli
 
 

@@ -16,7 +16,7 @@ import infer
 import train
 from data.arithmetic import main as make_arith
 from data.prepare_mcc import main as prepare_main
-from engine.errors import UserError
+from engine.runtime.errors import UserError
 from tests.helpers import ROOT, child_env, run_cli, torchrun
 
 
@@ -327,7 +327,7 @@ def test_full_disk_during_a_save(env, tmp_path):
 # ----- 10. the partial output of a killed conversion is removed by the next one ------------------------
 def test_partial_output_of_a_dead_run_is_removed(env, tmp_path):
     out = tmp_path / "out"
-    hold = ("import sys, time; sys.path.insert(0, {root!r}); from engine.fileio import staged_directory\n"
+    hold = ("import sys, time; sys.path.insert(0, {root!r}); from engine.runtime.fileio import staged_directory\n"
             "with staged_directory({out!r}) as stage:\n"
             "    open(stage + '/consolidated.00.safetensors', 'wb').write(bytes(1 << 20))\n"
             "    print('ready', flush=True); time.sleep(300)\n").format(root=ROOT, out=str(out))
@@ -349,7 +349,7 @@ def test_partial_output_of_a_dead_run_is_removed(env, tmp_path):
 
 # ----- 11. outside a terminal, progress is a line every N seconds, not a redraw every step ------------
 def test_progress_in_a_log_file_is_a_line_every_few_seconds(env, tmp_path, dist1, capfd, monkeypatch):
-    from engine.progress import Progress
+    from engine.runtime.progress import Progress
 
     monkeypatch.setattr(Progress, "interval", 0.25)
     start = time.time()

@@ -13,12 +13,12 @@ import torch.nn.functional as F
 import train_implicit
 from data.multiplication import main as make_mult, make_splits, multiplication_line, operands
 from engine import checkpoint as ck
-from engine.data import IGNORE
-from engine.errors import UserError
-from engine.implicit.data import CoTExamples, CoTLine, read_cot_lines
-from engine.implicit.states import StateMaps, diagonal_positions, inject_hook, parse_layers, same_depth
-from engine.implicit.tasks import MindReadTask, teacher_states
-from engine.tokenizer import load_tokenizer
+from engine.text.sequences import IGNORE
+from engine.runtime.errors import UserError
+from engine.distill.implicit.data import CoTExamples, CoTLine, read_cot_lines
+from engine.distill.implicit.states import StateMaps, diagonal_positions, inject_hook, parse_layers, same_depth
+from engine.distill.implicit.tasks import MindReadTask, teacher_states
+from engine.text.tokenizer import load_tokenizer
 from models.args import ModelArgs
 from models.registry import model_args_for
 from tests.conftest import shared_path
@@ -222,7 +222,7 @@ def test_state_injection_against_a_hand_computation(models, tiny_tokenizer, dist
 
 
 def test_answers_are_read_between_the_right_eos(tiny_tokenizer):
-    from engine.implicit.decode import answer_of
+    from engine.distill.implicit.decode import answer_of
 
     tok = load_tokenizer(tiny_tokenizer)
     eos, four, cot = tok.eos_id, tok.encode("4 2", bos=False), tok.encode("1 + 3", bos=False)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import infer
-from engine.errors import UserError
-from engine.tokenizer import load_tokenizer
+from engine.runtime.errors import UserError
+from engine.text.tokenizer import load_tokenizer
 from tests.conftest import shared_path
 from tests.helpers import FAMILIES, ROOT, child_env, run_cli, save_hf, torchrun
 
@@ -123,7 +123,7 @@ def test_static_shapes_and_stop_strings_across_sync_windows(models, dist1, tiny_
     """Row counts and KV lengths come from a few levels; a stop string met in the middle of a window
     of 4 unread steps finishes its row exactly where the step-by-step path does."""
     from engine.checkpoint import load_model
-    from engine.generation import EagerSteps, Request, SamplingParams, StaticSteps, StopStrings, generate_stream
+    from engine.infer.generation import EagerSteps, Request, SamplingParams, StaticSteps, StopStrings, generate_stream
 
     root, data, refs = models
     hf_dir, ref = refs["llama2"]
@@ -151,7 +151,7 @@ def test_inductor_compiled_decode_step_matches_hf(models, family, dist1):
     """The step torch.compile builds for the GPU path, compiled here by inductor for the CPU."""
     import torch._dynamo
 
-    from engine import generation as g
+    from engine.infer import generation as g
     from engine.checkpoint import load_model
 
     root, data, refs = models

@@ -9,7 +9,7 @@ import torch
 import checkpoint_split as cks
 from engine import checkpoint as ck
 from engine.checkpoint import load_lora_into, save_lora
-from engine.lora import LoRAConfig, apply_lora, merge_lora, unmerge_lora
+from models.lora import LoRAConfig, apply_lora, merge_lora, unmerge_lora
 from tests.helpers import save_hf, torchrun
 
 TOL = 1e-4
@@ -66,7 +66,7 @@ def test_merge_and_peft_export_match(tmp_path, family, targets, dist1):
 
 
 def test_lora_on_a_tied_output_head_is_refused(tmp_path, tiny_tokenizer, dist1):
-    from engine.errors import UserError
+    from engine.runtime.errors import UserError
 
     cks.init("tiny-qwen2", str(tmp_path / "q"), tokenizer=tiny_tokenizer)  # output head = token embeddings
     model = ck.load_model(str(tmp_path / "q"))

@@ -13,11 +13,12 @@ import train
 import train_mcc
 from data.arithmetic import main as make_arith
 from data.prepare_mcc import main as prepare_main, most_diverse
-from engine.answers import find_answer_span
-from engine.data import IGNORE, MultiRationaleData
-from engine.errors import UserError
-from engine.objectives import mcc_kd_sums, span_prediction_positions
-from engine.tokenizer import load_tokenizer
+from engine.text.answers import find_answer_span
+from engine.text.sequences import IGNORE
+from engine.distill.mcc.data import MultiRationaleData
+from engine.runtime.errors import UserError
+from engine.distill.mcc.losses import mcc_kd_sums, span_prediction_positions
+from engine.text.tokenizer import load_tokenizer
 from tests.conftest import shared_path
 from tests.helpers import torchrun
 from tests.test_train import _args, assert_same_run
@@ -93,7 +94,7 @@ def test_svamp_pipeline_with_the_llama2_tokenizer(tmp_path):
     data = MultiRationaleData(out, tok, 2048, num_rationales=3)
     assert data.stats["no_span"] == 0 and len(data) == len(out)
     found = total = 0
-    from engine.answers import extract_answer, is_correct
+    from engine.text.answers import extract_answer, is_correct
 
     for rec in json.load(open(raw))[:150]:
         for text in rec["output"]:
@@ -224,7 +225,7 @@ def test_spans_are_paired_by_their_tokens_not_their_length(tiny_tokenizer):
 
 
 def test_answers_written_in_words(tmp_path, tiny_tokenizer, capsys):
-    from engine.answers import extract_answer
+    from engine.text.answers import extract_answer
 
     assert extract_answer("She has two more. So the answer is twelve.", "SVAMP") == "12"
     assert extract_answer("Therefore, the answer is twenty-one apples", "SVAMP") == "21"

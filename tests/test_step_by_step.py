@@ -15,10 +15,10 @@ import infer
 import train
 from data.arithmetic import main as make_arith
 from data.prepare_step_by_step import main as prepare_main, parse_teacher_output
-from engine.answers import extract_answer, is_correct, parse_label
-from engine.errors import UserError
-from engine.evaluation import calibration_bins, corpus_bleu, tokenize_13a
-from engine.objectives import infonce_sum, masked_mean_pool, pooled_ce_mi_sum
+from engine.text.answers import extract_answer, is_correct, parse_label
+from engine.runtime.errors import UserError
+from engine.infer.metrics import calibration_bins, corpus_bleu, tokenize_13a
+from engine.distill.step_by_step.mi import infonce_sum, masked_mean_pool, pooled_ce_mi_sum
 from tests.helpers import run_cli, torchrun
 from tests.test_train import _args, assert_same_run, losses
 from tests.workers.mi_worker import hand_made_mi_inputs, mi_loss_grads
@@ -105,7 +105,7 @@ def test_first_step_loss_equals_a_reference_on_the_model(sbs, tiny_tokenizer, di
     its tokens) + beta x (pooled CE, mean over questions), over 2 accumulated micro-batches, against the
     same numbers computed here from the model's full logits."""
     from engine.checkpoint import load_model
-    from engine.tokenizer import load_tokenizer
+    from engine.text.tokenizer import load_tokenizer
 
     records = json.load(open(sbs / "arith" / "train.json"))[:6]
     path = tmp_path / "six.json"

@@ -15,8 +15,9 @@ import infer
 import train
 from data.arithmetic import main as make_arith
 from data.make_tokenizer import default_corpus, train_tokenizer
-from engine.alignment import Vocab, aligned_positions, dtw_align, one_to_one
-from engine.errors import UserError
+from engine.text.vocab import Vocab
+from engine.distill.teacher_kl.alignment import aligned_positions, dtw_align, one_to_one
+from engine.runtime.errors import UserError
 from tests.conftest import shared_path
 from tests.helpers import torchrun
 from tests.test_train import _args, assert_same_run, losses
@@ -79,7 +80,7 @@ def test_kl_equals_a_direct_reference_and_tp2_equals_tp1(dist1, tmp_path):
 
 
 def test_sparse_probs_renormalise_the_kept_tokens():
-    from engine.objectives import sparse_probs
+    from engine.distill.teacher_kl.teachers import sparse_probs
 
     logp = torch.tensor([[-0.5, -1.5, -2.0, -4.0], [-1.0, -2.0, -3.0, -3.5]])
     keep = torch.tensor([[True, False, True, True], [False, False, False, False]])
@@ -121,7 +122,7 @@ def test_dtw_on_hand_made_sequences():
 def test_targets_map_the_teacher_into_the_student_vocabulary():
     """Teacher tokens the student lacks are dropped and the rest renormalised; a position aligned to
     nothing, or whose teacher tokens all lack a student id, learns its own token (one-hot)."""
-    from engine.teacher import _row_targets
+    from engine.distill.teacher_kl.teachers import _row_targets
 
     student = Vocab([None, None, None, " a", " b", "A", "A"], eos_id=2, fallback=frozenset({6}))
     teacher = Vocab([None, " b", " c", " a", "A", None], eos_id=5)
@@ -139,7 +140,7 @@ def test_targets_map_the_teacher_into_the_student_vocabulary():
 def test_vocab_texts_of_sentencepiece_and_byte_level_tokenizers(tmp_path, tiny_tokenizer):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from engine.tokenizer import load_tokenizer
+    from engine.text.tokenizer import load_tokenizer
 
     vocab = Vocab.of(load_tokenizer(tiny_tokenizer))
     assert vocab.texts[:4] == [None, None, None, None] and " Therefore" in vocab.texts and vocab.eos_id == 2
@@ -166,7 +167,7 @@ def test_dtw_on_the_llama2_tokenizer_and_one_trained_here(tmp_path):
     both tokenizers cut identically."""
     import sentencepiece as spm
 
-    from engine.tokenizer import load_tokenizer
+    from engine.text.tokenizer import load_tokenizer
 
     llama = load_tokenizer(shared_path("data", "tokenizers", "llama2.model"))
     corpus = [r["instruction"] + " " + r["output"] for r in json.load(open(shared_path("data", "mcc", "GSM8K",
@@ -282,7 +283,7 @@ def test_score_top_k_equals_the_full_log_softmax(env, other_file, dist1):
     """infer.py score --top_k: per output token, the model's top k of log_softmax(full logits), at
     TP=1 and under torchrun at TP=2; the meta file carries the teacher's vocabulary."""
     from engine.checkpoint import load_for_inference
-    from engine.tokenizer import load_tokenizer
+    from engine.text.tokenizer import load_tokenizer
 
     root, models = env
     model, _ = load_for_inference(str(models["other"][0]), None, torch.float32, "cpu")
@@ -310,7 +311,7 @@ def test_score_top_k_equals_the_full_log_softmax(env, other_file, dist1):
 # ----- data formats ------------------------------------------------------------------------------
 def test_four_formats(tmp_path):
     from data.make_formats import main as make_formats
-    from engine.data import grouped_epoch_batches
+    from engine.train.batching import grouped_epoch_batches
 
     make_arith(str(tmp_path / "a"), n_train=10, n_test=2, seed=0)
     make_formats(str(tmp_path / "a" / "train.json"), str(tmp_path / "f.json"), seed=3)
@@ -358,11 +359,14 @@ def test_training_on_formats_holds_one_format_per_batch(env, tmp_path, dist1):
     meta = json.load(open(tmp_path / "r" / "run_config.json"))
     assert meta["steps_per_epoch"] == 8  # 14 questions x 2 formats, each format in batches of 4 (the last completed)
     # the trainer's batches: one format each, every example of the chosen formats once an epoch
-    from engine.data import SFTData, format_groups, read_records
-    from engine.launch import build_model
-    from engine.tasks import SFTTask, group_by_format
-    from engine.tokenizer import load_tokenizer
-    from engine.trainer import TrainConfig, Trainer
+    from engine.distill.sft import SFTData
+    from engine.train.batching import format_groups
+    from engine.text.records import read_records
+    from engine.train.launch import build_model
+    from engine.distill.sft import SFTTask
+    from engine.train.batching import group_by_format
+    from engine.text.tokenizer import load_tokenizer
+    from engine.train.trainer import TrainConfig, Trainer
 
     records = read_records(str(tmp_path / "f.json"))
     task = SFTTask(SFTData(records, load_tokenizer(str(models["student"][0])), 256, "none"), dist1.device)

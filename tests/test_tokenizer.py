@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from engine.errors import UserError
-from engine.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
+from engine.runtime.errors import UserError
+from engine.text.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
 from tests.conftest import shared_path
 
 TEXTS = ["Hello world", "Natalia sold clips to 48 of her friends in April. Therefore, the answer is 72 .",

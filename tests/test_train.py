@@ -10,7 +10,7 @@ import checkpoint_split as cks
 import train
 from data.arithmetic import main as make_arith
 from engine import checkpoint as ck
-from engine.errors import UserError
+from engine.runtime.errors import UserError
 from tests.helpers import run_cli, torchrun
 
 COMMON = ["--task", "ARITH", "--template", "none", "--max_seq_len", "64", "--lr", "1e-3", "--max_steps", "3",
@@ -109,11 +109,12 @@ def test_resume_continues_the_loss_curve_exactly(env):
 
 
 def test_fp16_overflow_skips_the_step_and_lowers_the_scale(env, dist1, tiny_tokenizer):
-    from engine.data import SFTData, read_records
-    from engine.launch import build_model
-    from engine.tasks import SFTTask
-    from engine.tokenizer import load_tokenizer
-    from engine.trainer import TrainConfig, Trainer
+    from engine.distill.sft import SFTData
+    from engine.text.records import read_records
+    from engine.train.launch import build_model
+    from engine.distill.sft import SFTTask
+    from engine.text.tokenizer import load_tokenizer
+    from engine.train.trainer import TrainConfig, Trainer
 
     root, models = env
     one, _ = models["tiny-llama3"]
@@ -238,10 +239,12 @@ def test_deepspeed_zero_matches_the_plain_run(env, stage, tmp_path):
 
 def test_activation_checkpointing_and_bf16(env, dist1):
     """Recomputing activations changes memory, not results; bf16 autocast stays close to fp32."""
-    from engine.data import SFTData, pad_batch, read_records
-    from engine.launch import build_model
-    from engine.objectives import token_cross_entropy
-    from engine.tokenizer import load_tokenizer
+    from engine.distill.sft import SFTData
+    from engine.text.sequences import pad_batch
+    from engine.text.records import read_records
+    from engine.train.launch import build_model
+    from models.vocab_parallel import token_cross_entropy
+    from engine.text.tokenizer import load_tokenizer
 
     root, models = env
     one, _ = models["tiny-mixtral"]

@@ -32,7 +32,7 @@ from engine.checkpoint.adapters import (  # noqa: F401
     save_lora,
 )
 from engine.checkpoint.files import DTYPES, NATIVE_FORMAT, TOKENIZER_FILES, CheckpointError, tokenizer_files_for  # noqa: F401
-from engine.checkpoint.hf_names import HF_DENSE, HF_MIXTRAL, HF_QWEN1, hf_key_map, hf_table  # noqa: F401
+from models.hf import HF_DENSE, HF_MIXTRAL, HF_QWEN1, hf_key_map, hf_table  # noqa: F401
 from engine.checkpoint.loading import load_model, load_state_into  # noqa: F401
 from engine.checkpoint.sources import HFSource, RandomSource, ShardedSource, Source, open_checkpoint  # noqa: F401
 from engine.checkpoint.writers import meta_params, write_hf, write_meta, write_model_shard, write_native  # noqa: F401

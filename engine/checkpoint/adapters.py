@@ -12,13 +12,13 @@ import torch
 from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_model_parallel_world_size
 
 from engine.checkpoint.files import NATIVE_FORMAT, CheckpointError, read_json
-from engine.checkpoint.hf_names import HF_TARGET_NAMES, hf_key_map, hf_table
+from models.hf import HF_TARGET_NAMES, hf_key_map, hf_table
 from engine.checkpoint.loading import load_model, load_state_into
 from engine.checkpoint.sources import ShardedSource, open_checkpoint
 from engine.checkpoint.writers import check_save_dir
-from engine.fileio import SafetensorsWriter, atomic_write_text, staged_directory
-from engine.lora import LoRAConfig, apply_lora, lora_modules, lora_state_dict, merge_lora
-from engine.prompts import TEMPLATE_FILE
+from engine.runtime.fileio import SafetensorsWriter, atomic_write_text, staged_directory
+from models.lora import LoRAConfig, apply_lora, lora_modules, lora_state_dict, merge_lora
+from engine.text.prompts import TEMPLATE_FILE
 from models.args import ModelArgs
 from models.sharding import full_box, lora_layers, lora_specs
 

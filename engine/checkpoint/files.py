@@ -11,13 +11,13 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from engine.errors import UserError
-from engine.prompts import TEMPLATE_FILE
+from engine.runtime.errors import UserError
+from engine.text.prompts import TEMPLATE_FILE
 from models.sharding import Box
 
 NATIVE_FORMAT = "cot-engine"
 # Files that travel with the weights through every conversion: the tokenizer, and the prompt template
-# a trained checkpoint records (engine.prompts.TEMPLATE_FILE).
+# a trained checkpoint records (engine.text.prompts.TEMPLATE_FILE).
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    TEMPLATE_FILE)
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,

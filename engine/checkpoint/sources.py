@@ -20,7 +20,7 @@ from engine.checkpoint.files import (
     TensorFile,
     tokenizer_files_for,
 )
-from engine.checkpoint.hf_names import hf_key_map
+from models.hf import args_from_hf_config, hf_key_map, load_model_args
 from models.args import ConfigError, ModelArgs
 from models.registry import model_args_for
 from models.sharding import Box, WeightSpec, box_shape, shard_box, weight_specs
@@ -149,7 +149,7 @@ class HFSource(Source):
         directory's own weight files."""
         config_path = os.path.join(hf_dir, "config.json")
         self.hf_config = read_json(config_path)
-        self.args = ModelArgs.from_hf_config(self.hf_config, source=config_path)
+        self.args = args_from_hf_config(self.hf_config, source=config_path)
         self.description = weight_file.path if weight_file else hf_dir
         self.tokenizer_files = tokenizer_files_for(hf_dir)
         self.key_map = hf_key_map(self.args)
@@ -234,7 +234,7 @@ def _args_beside(directory: str, model_type: Optional[str], what: str) -> ModelA
         p = os.path.join(directory, name)
         if os.path.exists(p):
             try:
-                return ModelArgs.load(p)
+                return load_model_args(p)
             except ConfigError as e:
                 raise CheckpointError(str(e)) from None
     if model_type:

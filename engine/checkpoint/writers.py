@@ -9,12 +9,12 @@ from typing import Optional, Sequence
 import torch
 
 from engine.checkpoint.files import NATIVE_FORMAT, CheckpointError, copy_tokenizer, slices
-from engine.checkpoint.hf_names import hf_key_map, hf_table
+from models.hf import hf_config, hf_key_map, hf_table
 from engine.checkpoint.sources import Source, rotate_half_to_meta
-from engine.fileio import SafetensorsWriter, atomic_torch_save, atomic_write_text, staged_directory
+from engine.runtime.fileio import SafetensorsWriter, atomic_torch_save, atomic_write_text, staged_directory
 from models.args import ConfigError, ModelArgs
-from engine.progress import Progress, progress
-from engine.tokenizer import load_tokenizer
+from engine.runtime.progress import Progress, progress
+from engine.text.tokenizer import load_tokenizer
 from models.sharding import box_shape, full_box, shard_box, weight_specs
 
 
@@ -172,7 +172,7 @@ def write_hf(src: Source, save_dir: str, dtype: Optional[torch.dtype] = None, ov
                               json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         tok = _tokenizer_ids(src.tokenizer_files)
         any_dtype = next(iter(dtypes.values()))
-        cfg = args.to_hf_config(*tok, dtype=str(any_dtype).replace("torch.", ""))
+        cfg = hf_config(args, *tok, dtype=str(any_dtype).replace("torch.", ""))
         atomic_write_text(os.path.join(stage, "config.json"), json.dumps(cfg, indent=2) + "\n")
         copy_tokenizer(src.tokenizer_files, stage)
         if any(p.endswith("tokenizer.model") for p in src.tokenizer_files) and not any(

@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from engine import distributed
+from engine.runtime import distributed
 from engine.checkpoint import load_for_inference
 from tests.model_checks import decode_paths
 

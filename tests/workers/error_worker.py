@@ -6,9 +6,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from engine import distributed  # noqa: E402
-from engine.cli import run_cli  # noqa: E402
-from engine.errors import UserError  # noqa: E402
+from engine.runtime import distributed  # noqa: E402
+from engine.runtime.cli import run_cli  # noqa: E402
+from engine.runtime.errors import UserError  # noqa: E402
 
 
 def main(mode: str):

@@ -3,7 +3,7 @@ import json
 import sys
 
 import infer
-from engine import distributed
+from engine.runtime import distributed
 
 
 def main(jobs_file):

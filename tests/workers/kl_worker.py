@@ -4,7 +4,7 @@ import sys
 
 import torch
 
-from engine import distributed
+from engine.runtime import distributed
 from tests.kl_checks import teacher_kl_grads
 
 

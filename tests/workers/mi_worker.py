@@ -29,7 +29,7 @@ def mi_loss_grads(seed: int = 0) -> dict:
     import torch.distributed as dist
     from fairscale.nn.model_parallel.initialize import get_model_parallel_group, get_model_parallel_world_size
 
-    from engine.objectives import pooled_ce_mi_sum
+    from engine.distill.step_by_step.mi import pooled_ce_mi_sum
     from models.parallel import vocab_shard_start
 
     label, label_mask, rationale, rationale_mask = hand_made_mi_inputs(seed)
@@ -48,7 +48,7 @@ def mi_loss_grads(seed: int = 0) -> dict:
 
 
 def main(out):
-    from engine import distributed
+    from engine.runtime import distributed
 
     info = distributed.setup()
     result = mi_loss_grads()

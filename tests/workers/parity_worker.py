@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from engine import distributed
+from engine.runtime import distributed
 from engine.checkpoint import load_model
 from tests.model_checks import full_logits, ragged_cached_logits
 

@@ -1,0 +1,150 @@
+"""The flags of train_implicit.py's four stages, once each: the training loop's come from
+engine/train/config.py (TrainConfig), the model/LoRA ones repeat TrainArgs' help word for word; every check
+runs here, before anything loads (the prerequisite checkpoints and whether their shapes fit the
+mapping asked for are checked by engine/distill/implicit/stages.py, still before any model loads)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+from engine.train.args import TrainArgs
+from engine.train.config import TrainConfig
+from engine.runtime.cli import flag, launcher
+from engine.runtime.errors import UserError
+from engine.distill.implicit.states import STATE_MAPS
+
+
+def _as_train_py(name: str) -> str:
+    """TrainArgs' help of a flag both launchers share (one wording)."""
+    return TrainArgs.__dataclass_fields__[name].metadata["help"]
+
+
+@dataclass(kw_only=True)
+class ImplicitArgs(TrainConfig):
+    """What every stage reads: `input||cot #### answer` lines, held-out lines, parallelism."""
+
+    STAGE: ClassVar[str] = ""
+    LAUNCHER: ClassVar[str] = "train_implicit.py"
+
+    train_file: str = flag("`input||cot #### answer` lines, one example each (seed 003's format; "
+                           "data/multiplication.py writes them).")
+    label_file: Optional[str] = flag("held-out lines in the same format, evaluated at each epoch end (and every "
+                                     "--eval_every steps); best/ keeps the best model.", None)
+    max_seq_len: int = flag("lines whose longest sequence exceeds this many tokens are left out (counted), never "
+                            "cut.", 512)
+    max_new_tokens: int = flag("generation budget per held-out line (the teacher writes its whole chain of "
+                               "thought).", 128)
+    eval_batch_size: int = flag("held-out lines decoded together.", 64)
+    max_eval_examples: int = flag("evaluate on the first N label_file lines only (0: all).", 0)
+    tp_size: Optional[int] = flag(_as_train_py("tp_size"), None)
+    device: Optional[str] = flag(_as_train_py("device"), None)
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("eval_batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_seq_len < 4:
+            raise UserError(f"--max_seq_len must be >= 4, got {self.max_seq_len}")
+        if self.max_eval_examples < 0:
+            raise UserError(f"--max_eval_examples must be >= 0, got {self.max_eval_examples}")
+
+
+@dataclass(kw_only=True)
+class _FreshModel(ImplicitArgs):
+    """A stage that starts a model from a checkpoint (teacher, mind_read, emulator), full or LoRA."""
+
+    ckpt_dir: str = flag(_as_train_py("ckpt_dir"))
+    model_type: Optional[str] = flag(_as_train_py("model_type"), None)
+    lora_rank: int = flag(_as_train_py("lora_rank"), -1)
+    lora_alpha: Optional[float] = flag(_as_train_py("lora_alpha"), None)
+    lora_dropout: float = flag(_as_train_py("lora_dropout"), 0.0)
+    lora_targets: str = flag(_as_train_py("lora_targets"), "wq,wk,wv,wo,w1,w2,w3")
+
+
+@dataclass(kw_only=True)
+class TeacherArgs(_FreshModel):
+    """the explicit chain-of-thought teacher: BOS x EOS cot EOS answer EOS, loss on cot and answer."""
+
+    STAGE: ClassVar[str] = "teacher"
+    OBJECTIVE: ClassVar[str] = "implicit-teacher"
+    SUMMARY: ClassVar[str] = ("Train the explicit chain-of-thought teacher on `x EOS cot EOS answer EOS` (loss on "
+                              "the CoT and the answer); --cot False trains the no-CoT baseline instead.")
+
+    cot: bool = flag("False: train the no-CoT baseline on `x EOS answer EOS` (same loop, same budget) instead of "
+                     "a teacher.", True)
+
+
+@dataclass(kw_only=True)
+class _ReadsTeacher(_FreshModel):
+    teacher_dir: str = flag("the teacher: a model directory saved by `train_implicit.py teacher` (its best/ or a "
+                            "checkpoint-N/; its save_dir means its best/, else its newest checkpoint-N/).")
+    state_map: str = flag("how states cross between models: mlp (one Linear-ReLU-Linear per layer, any widths) "
+                          "or identity (equal widths only).", "mlp")
+    state_map_hidden: int = flag("hidden width of each state MLP (0: 4 x its output width).", 0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.state_map not in STATE_MAPS:
+            raise UserError(f"--state_map {self.state_map!r} is not one of {', '.join(STATE_MAPS)}")
+        if self.state_map_hidden < 0:
+            raise UserError(f"--state_map_hidden must be >= 0, got {self.state_map_hidden}")
+        if self.state_map_hidden and self.state_map != "mlp":
+            raise UserError(f"--state_map_hidden {self.state_map_hidden} sizes MLPs, but --state_map "
+                            f"{self.state_map} has none; leave it out or use --state_map mlp")
+
+
+@dataclass(kw_only=True)
+class MindReadArgs(_ReadsTeacher):
+    """the mind-reading student: answers from x EOS with the teacher's diagonal states injected."""
+
+    STAGE: ClassVar[str] = "mind_read"
+    OBJECTIVE: ClassVar[str] = "implicit-mind-read"
+    SUMMARY: ClassVar[str] = ("Train the mind-reading student: it reads `x EOS` and, before each layer l, its state "
+                              "at that EOS is replaced by MLP_l(the frozen teacher's state on the CoT diagonal); "
+                              "loss on the answer.")
+
+    teacher_layers: str = flag("comma-separated teacher layer read by each student layer (default: the one at the "
+                               "same relative depth).", "")
+
+
+@dataclass(kw_only=True)
+class EmulatorArgs(_ReadsTeacher):
+    """the thought emulator: predicts the teacher's diagonal states from x EOS alone (MSE)."""
+
+    STAGE: ClassVar[str] = "emulator"
+    OBJECTIVE: ClassVar[str] = "implicit-emulator"
+    SUMMARY: ClassVar[str] = ("Train the thought emulator: from `x EOS` alone, predict every teacher state on the CoT "
+                              "diagonal (mean squared error), teacher layer t from the emulator layer at the same "
+                              "relative depth.")
+
+
+@dataclass(kw_only=True)
+class CoupleArgs(ImplicitArgs):
+    """the coupled student: reads the emulator's states; student, emulator and maps trained on answers."""
+
+    STAGE: ClassVar[str] = "couple"
+    OBJECTIVE: ClassVar[str] = "implicit-couple"
+    SUMMARY: ClassVar[str] = ("Couple the emulator to the mind-reading student and train both (and their maps) on "
+                              "the answer alone, no CoT; each model goes on as its stage trained it (full weights "
+                              "or its LoRA adapter).")
+
+    student_dir: str = flag("the mind-reading student: a model directory saved by `train_implicit.py mind_read`.")
+    emulator_dir: str = flag("the emulator: a model directory saved by `train_implicit.py emulator` (same "
+                             "teacher as the student).")
+
+
+STAGE_ARGS = (TeacherArgs, MindReadArgs, EmulatorArgs, CoupleArgs)
+
+
+def _run_stage(args) -> None:
+    from engine.distill.implicit.stages import run_stage
+
+    run_stage(args)
+
+
+def stage_launcher(cls):
+    """launcher(cls)'s flags, --help and checks, running the stage instead of train.py's training."""
+    main = launcher(cls, run=_run_stage)
+    main.__name__ = cls.STAGE
+    return main

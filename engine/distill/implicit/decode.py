@@ -1,0 +1,155 @@
+"""Answering held-out lines: greedy decoding with a KV cache for every stage (the explicit-CoT
+teacher writes `cot EOS answer EOS`; the no-CoT baseline and the students write `answer EOS`, the
+students with their states injected during the prefill), exact-match accuracy, and the emulator's
+state error. Explicit and implicit decoding run this same loop, so their examples/s compare.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from engine.runtime import distributed
+from engine.runtime.errors import UserError
+from engine.infer.metrics import Accuracy
+from engine.distill.implicit.data import CoTExamples, Encoded, padded, same_answer
+from engine.distill.implicit.states import inject_hook
+
+SYNC_EVERY = 8  # decode steps between checks (on the host) whether every row has finished
+
+
+@torch.no_grad()
+def greedy_decode(model, prompts: Sequence[Sequence[int]], eos: int, n_eos: int, max_new_tokens: int,
+                  states: Optional[torch.Tensor] = None) -> List[List[int]]:
+    """New tokens of each prompt, greedy, up to and including its n_eos-th EOS (or max_new_tokens).
+    states [B, n_layers, dim]: injected before each layer at each prompt's last position (prefill)."""
+    device = model.head_weight.device
+    lens = [len(p) for p in prompts]
+    width = max(lens)
+    budget = min(max_new_tokens, model.args.max_seq_len - width)
+    if budget < 1:
+        raise UserError(f"a prompt of {width} tokens leaves no room to answer under the model's max_seq_len "
+                        f"{model.args.max_seq_len}")
+    rows = torch.arange(len(prompts), device=device)
+    last = torch.tensor(lens, device=device) - 1
+    cache = model.new_cache(len(prompts), width + budget)
+    hook = inject_hook(states, rows, last) if states is not None else None
+    hidden = model.forward_hidden(padded(prompts, eos).to(device), cache=cache, cache_rows=rows, layer_hook=hook)
+    token = model.logits(hidden[rows, last]).argmax(-1)
+    out = torch.empty(len(prompts), budget, dtype=torch.long, device=device)
+    seen = torch.zeros(len(prompts), dtype=torch.long, device=device)
+    pos = last + 1
+    for step in range(budget):
+        out[:, step] = token
+        seen += token == eos
+        if step + 1 == budget or ((step + 1) % SYNC_EVERY == 0 and bool((seen >= n_eos).all())):
+            break
+        # rows decode from their own positions; the host knows the longest without asking
+        token = model(token[:, None], positions=pos[:, None], cache=cache, kv_len=width + step + 1)[:, -1].argmax(-1)
+        pos = pos + 1
+    result = []
+    for ids in out[:, :step + 1].tolist():
+        ends = [i for i, t in enumerate(ids) if t == eos]
+        result.append(ids[:ends[n_eos - 1] + 1] if len(ends) >= n_eos else ids)
+    return result
+
+
+def answer_of(new_tokens: List[int], eos: int, cot: bool, tok) -> Optional[str]:
+    """The answer text in decoded tokens: between the first and second EOS after a CoT, before the
+    first EOS without one; None when the output stops before that or holds ids the tokenizer lacks."""
+    ends = [i for i, t in enumerate(new_tokens) if t == eos]
+    need = 2 if cot else 1
+    if len(ends) < need:
+        return None
+    start = ends[0] + 1 if cot else 0
+    answer = new_tokens[start:ends[need - 1]]
+    if any(t >= tok.vocab_size for t in answer):  # a padding row of the embedding: no text at all
+        return None
+    return tok.decode(answer)
+
+
+AnswerFn = Callable[[object, List[int]], List[Optional[str]]]  # (model, line positions) -> answers
+
+
+def explicit_answers(examples: CoTExamples, view: str, tok, cot: bool, max_new_tokens: int) -> AnswerFn:
+    """The teacher (cot=True) or the no-CoT baseline: decode from `BOS x EOS`."""
+    eos = examples.eos[view]
+
+    def answer(model, positions):
+        encs = [examples.get(view, p) for p in positions]
+        outs = greedy_decode(model, [e.prompt(eos) for e in encs], eos, 2 if cot else 1, max_new_tokens)
+        return [answer_of(o, eos, cot, tok) for o in outs]
+
+    return answer
+
+
+def implicit_answers(examples: CoTExamples, view: str, tok, max_new_tokens: int,
+                     states: Callable[[List[int]], torch.Tensor]) -> AnswerFn:
+    """A student: decode `answer EOS` from `BOS x EOS` with states(positions) injected."""
+    eos = examples.eos[view]
+
+    def answer(model, positions):
+        encs: List[Encoded] = [examples.get(view, p) for p in positions]
+        with torch.no_grad():
+            z = states(positions)
+        outs = greedy_decode(model, [e.prompt(eos) for e in encs], eos, 1, max_new_tokens, z)
+        return [answer_of(o, eos, False, tok) for o in outs]
+
+    return answer
+
+
+class AnswerEvaluator:
+    """Exact-match accuracy of a stage's answers on held-out lines; data-parallel replicas take
+    interleaved slices and their counts are summed. Also the accuracy of each answer word by its
+    position (a digit, in the multiplication files: it shows which digits a model gets), a word
+    missing from an output counting wrong."""
+
+    def __init__(self, examples: CoTExamples, info, batch_size: int, answer: AnswerFn):
+        self.examples, self.info, self.batch_size, self.answer = examples, info, batch_size, answer
+        self.mine = list(range(len(examples)))[info.dp_rank::info.dp_size]
+        self.width = max(len(examples.answer_text(p).split()) for p in range(len(examples)))
+
+    def __call__(self, model) -> dict:
+        acc = Accuracy()
+        words = torch.zeros(2, self.width, dtype=torch.float64)  # [right, asked] per answer-word position
+        for s in range(0, len(self.mine), self.batch_size):
+            positions = self.mine[s:s + self.batch_size]
+            for p, text in zip(positions, self.answer(model, positions)):
+                gold = self.examples.answer_text(p)
+                acc.count(text, text is not None and same_answer(text, gold))
+                said = (text or "").split()
+                for i, word in enumerate(gold.split()):
+                    words[0, i] += i < len(said) and said[i] == word
+                    words[1, i] += 1
+        counts = torch.cat([torch.tensor([acc.correct, acc.total, acc.unparsable], dtype=torch.float64),
+                            words.flatten()]).to(model.head_weight.device)
+        if dist.is_initialized() and self.info.dp_size > 1:
+            dist.all_reduce(counts, group=distributed.dp_group())
+        c, t, u = (int(x) for x in counts[:3].tolist())
+        right, asked = counts[3:].view(2, self.width).cpu()
+        return {**Accuracy(correct=c, total=t, unparsable=u).as_dict(),
+                "word_accuracy": float(right.sum() / asked.sum().clamp(min=1)),
+                "word_accuracy_by_position": [round(float(r / max(a, 1)), 4) for r, a in zip(right, asked)]}
+
+
+class StateErrorEvaluator:
+    """The emulator's mean squared error per teacher-state element on held-out lines (lower is
+    better: the emulator stage keeps its best/ by it). task: an EmulatorTask over those lines."""
+
+    lower_is_better = True
+
+    def __init__(self, task, info, batch_size: int):
+        self.task, self.info, self.batch_size = task, info, batch_size
+        self.mine = list(range(task.num_examples))[info.dp_rank::info.dp_size]
+
+    @torch.no_grad()
+    def __call__(self, model) -> dict:
+        total = torch.zeros(2, dtype=torch.float64, device=model.head_weight.device)
+        for s in range(0, len(self.mine), self.batch_size):
+            batch = self.task.micro_batch(self.mine[s:s + self.batch_size], 0)
+            total[0] += self.task.loss_sums(model, batch)["mse"].double()
+            total[1] += batch.counts["mse"]
+        if dist.is_initialized() and self.info.dp_size > 1:
+            dist.all_reduce(total, group=distributed.dp_group())
+        return {"mse": float(total[0] / total[1].clamp(min=1)), "total": self.task.num_examples}

@@ -1,0 +1,440 @@
+"""Running the stages of implicit chain of thought (train_implicit.py), and evaluating them.
+
+Order of a run: the lines are read and the prerequisite checkpoints checked (that they exist, were
+written by the stage they must come from, and fit the student with the mapping asked for) before any
+process group forms or model loads; then the job owns save_dir, the models load, and the trainer of
+engine/train/trainer.py runs the stage's Task. Every model directory a stage saves (best/, checkpoint-N/)
+holds what inference needs: the model (native shards, or a LoRA adapter naming its base), its
+tokenizer, `implicit.json` (the stage, its teacher and layer mapping), its state maps, and for
+the coupled stage the emulator (with its own maps) in `emulator/`.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from engine.runtime import distributed
+from engine.train.args import run_record
+from engine.checkpoint import (
+    is_adapter,
+    load_for_inference,
+    load_lora_into,
+    load_model,
+    open_checkpoint,
+    read_lora_config,
+    save_lora,
+    write_model_shard,
+)
+from engine.train.checkpointer import Checkpointer
+from engine.runtime.errors import UserError
+from engine.runtime.fileio import atomic_write_text
+from engine.train.gradients import KVReplicaSync, param_copies
+from engine.distill.implicit.data import CoTExamples, read_cot_lines
+from engine.distill.implicit.decode import AnswerEvaluator, StateErrorEvaluator, explicit_answers, implicit_answers
+from engine.distill.implicit.states import StateMaps, check_state_map, parse_layers, same_depth
+from engine.distill.implicit.tasks import CoTTeacherTask, CoupleTask, EmulatorTask, MindReadTask
+from engine.train.launch import build_model
+from engine.runtime.lock import own_output
+from engine.text.tokenizer import check_tokenizer_fits, load_tokenizer
+from engine.train.trainer import Trainer
+from models.args import ModelArgs
+
+STAGE_FILE = "implicit.json"
+EMULATOR_SUBDIR = "emulator"
+NO_LIMIT = 10 ** 9  # held-out lines are never left out: one that cannot be answered counts wrong
+HOW = {"teacher": "train one with `train_implicit.py teacher` first",
+       "mind_read": "train one with `train_implicit.py mind_read` first",
+       "emulator": "train one with `train_implicit.py emulator` first"}
+
+
+# ----- prerequisite checkpoints ------------------------------------------------------------------
+def read_stage(path: Optional[str], flag: str, stages: Sequence[str]) -> Tuple[str, dict]:
+    """(model directory, its implicit.json) written by one of `stages`; a stage's save_dir stands for
+    its best/ (its newest checkpoint-N/ when it was trained without held-out lines)."""
+    how = HOW.get(stages[0], "pass a model directory saved by train_implicit.py")
+    if not path or not os.path.isdir(path):
+        raise UserError(f"{flag} {path} does not exist; {how}")
+    for directory in (path, os.path.join(path, "best"), *reversed(Checkpointer(path, None, None).checkpoints())):
+        file = os.path.join(directory, STAGE_FILE)
+        if os.path.isfile(file):
+            try:
+                meta = json.load(open(file))
+            except (OSError, ValueError):
+                raise UserError(f"{file} is not readable JSON; {how}") from None
+            if meta.get("stage") not in stages:
+                raise UserError(f"{flag} {path} holds a model of the {meta.get('stage')} stage, not of "
+                                f"{' or '.join(stages)}; {how}")
+            return directory, meta
+    raise UserError(f"{flag} {path} holds no {STAGE_FILE}, so no model saved by `train_implicit.py {stages[0]}` "
+                    f"(nor has it a best/ or checkpoint-N/ that does); {how}")
+
+
+def saved_args(directory: str) -> ModelArgs:
+    """The model shape of a saved stage directory (native shards or adapter: both hold params.json)."""
+    return ModelArgs.load(os.path.join(directory, "params.json"))
+
+
+def shape(args: ModelArgs) -> dict:
+    return {"n_layers": args.n_layers, "dim": args.dim}
+
+
+@dataclass
+class Plan:
+    """What the checks found: the prerequisite directories and the layer mappings."""
+
+    teacher_dir: Optional[str] = None
+    teacher: Optional[dict] = None
+    teacher_layers: Optional[List[int]] = None  # the teacher layer each student layer reads
+    emulator_layers: Optional[List[int]] = None  # the emulator layer predicting each teacher layer
+    student_dir: Optional[str] = None
+    emulator_dir: Optional[str] = None
+    emulator_meta: dict = field(default_factory=dict)
+
+
+def check_prerequisites(args) -> Plan:
+    stage = args.STAGE
+    if stage == "teacher":
+        return Plan()
+    if stage in ("mind_read", "emulator"):
+        teacher_dir, meta = read_stage(args.teacher_dir, "--teacher_dir", ("teacher",))
+        if not meta.get("cot", True):
+            raise UserError(f"--teacher_dir {teacher_dir} was trained without a chain of thought (--cot False), "
+                            f"so it has no CoT states to read; pass a teacher trained with --cot True")
+        t = saved_args(teacher_dir)
+        own = open_checkpoint(args.ckpt_dir, args.model_type).args
+        who = "the student" if stage == "mind_read" else "the emulator"
+        check_state_map(args.state_map, t.dim, own.dim, f"the teacher in {teacher_dir} is {t.dim} wide and {who} "
+                                                        f"in {args.ckpt_dir} {own.dim}")
+        plan = Plan(teacher_dir=os.path.abspath(teacher_dir), teacher=shape(t))
+        if stage == "mind_read":
+            plan.teacher_layers = parse_layers(args.teacher_layers, own.n_layers, t.n_layers,
+                                               f"--teacher_layers (teacher {teacher_dir})")
+        else:
+            plan.emulator_layers = same_depth(t.n_layers, own.n_layers)
+        return plan
+    student_dir, s_meta = read_stage(args.student_dir, "--student_dir", ("mind_read",))
+    emulator_dir, e_meta = read_stage(args.emulator_dir, "--emulator_dir", ("emulator",))
+    if s_meta["teacher_dir"] != e_meta["teacher_dir"]:
+        raise UserError(f"--student_dir {student_dir} read the teacher {s_meta['teacher_dir']} but --emulator_dir "
+                        f"{emulator_dir} emulates {e_meta['teacher_dir']}; train both from the same teacher")
+    return Plan(teacher_dir=s_meta["teacher_dir"], teacher=s_meta["teacher"], teacher_layers=s_meta["teacher_layers"],
+                emulator_layers=e_meta["emulator_layers"], student_dir=os.path.abspath(student_dir),
+                emulator_dir=os.path.abspath(emulator_dir), emulator_meta=e_meta)
+
+
+# ----- models ---------------------------------------------------------------------------------
+def load_frozen(directory: str, dtype, info):
+    """A stage's model for reading or inference: adapter merged, projections fused, no gradients."""
+    model, _ = load_for_inference(directory, None, dtype, info.device)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def load_trainable(directory: str, dtype, info):
+    """A stage's model to train on as that stage trained it: full fp32 weights, or the frozen base in
+    `dtype` with its LoRA adapter trainable. Returns (model, LoRA config or None, base checkpoint)."""
+    if is_adapter(directory):
+        _, base = read_lora_config(directory)
+        model = load_model(base, dtype=dtype, device=info.device)
+        cfg = load_lora_into(model, directory)
+        return model.train(), cfg, base
+    return load_model(directory, dtype=torch.float32, device=info.device).train(), None, directory
+
+
+def write_model(model, lora_cfg, base: str, directory: str, tok, info) -> None:
+    """A second trained model (the coupled emulator) into `directory`, as the checkpointer writes its own."""
+    os.makedirs(directory, exist_ok=True)
+    if lora_cfg is not None:
+        save_lora(model, lora_cfg, directory, base)
+    else:
+        write_model_shard(model, directory)
+    if info.is_main:
+        shutil.copyfile(tok.path, os.path.join(directory, os.path.basename(tok.path)))
+
+
+# ----- the trainer with what a stage saves beside its model -------------------------------------
+class StageCheckpointer(Checkpointer):
+    """Also writes `write_extra(directory)` into every saved model directory, and refuses to save
+    when the state maps or a second model hold NaN/Inf, as it does for the model."""
+
+    def __init__(self, *args, extra_modules=(), write_extra: Optional[Callable[[str], None]] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.extra_modules, self.write_extra = list(extra_modules), write_extra
+
+    def _write_model_files(self, directory: str) -> None:
+        super()._write_model_files(directory)
+        if self.info.dp_rank == 0 and self.write_extra is not None:
+            self.write_extra(directory)
+
+    def checked_parameters(self):
+        return itertools.chain(self.model.parameters(), *(m.parameters() for m in self.extra_modules))
+
+
+class StageTrainer(Trainer):
+    """engine/train/trainer.py's loop for a stage. `others`: whole tensor-parallel models trained beside the
+    model as task extra modules (the coupled emulator): their split weights count once in the
+    gradient norm, their replicated KV heads sum their gradients, their blocks run like the model's.
+    An evaluator with lower_is_better (the emulator's state error) keeps best/ by the lowest value."""
+
+    def __init__(self, model, task, cfg, info, tokenizer, evaluator, lora_cfg, base_ckpt, run_meta,
+                 write_extra, others=()):
+        super().__init__(model, task, cfg, info, tokenizer, evaluator, lora_cfg, base_ckpt, None, run_meta, None)
+        syncs = [self.kv_sync]
+        compile_blocks = info.device.type == "cuda" if cfg.compile is None else bool(cfg.compile)
+        for other, other_lora in others:
+            other.configure_layers(cfg.checkpoint_activations, cfg.checkpoint_fraction, compile_blocks)
+            self.copies.update(param_copies(other, other_lora))
+            syncs.append(KVReplicaSync(other, info, other_lora))
+        self.kv_sync = lambda: [sync() for sync in syncs]
+        self.checkpointer = StageCheckpointer(cfg.save_dir, model, info, lora_cfg, base_ckpt, tokenizer, None,
+                                              cfg.keep_checkpoints, extra_modules=self.extra, write_extra=write_extra)
+        self.lower_is_better = bool(getattr(evaluator, "lower_is_better", False))
+        if self.lower_is_better:
+            self.best_accuracy = -math.inf  # holds minus the best error
+
+    def _evaluate(self) -> None:
+        if not self.lower_is_better:
+            return super()._evaluate()
+        self.model.eval()
+        result = self.evaluator(self.model)
+        self.model.train()
+        self._log({"step": self.step, "epoch": self.epoch, "eval": True, **result})
+        if self.info.is_main:
+            print(f"\n[step {self.step}] eval state mse {result['mse']:.5g} ({result['total']} lines)", flush=True)
+        if -result["mse"] > self.best_accuracy and self.checkpointer.save_model(
+                "best", extra={"step": self.step, **result}):
+            self.best_accuracy = -result["mse"]
+
+
+# ----- the stages -------------------------------------------------------------------------------
+@dataclass
+class Built:
+    model: torch.nn.Module
+    lora_cfg: object
+    base_ckpt: str
+    tokenizer: object
+    task: object
+    evaluator: object
+    write_extra: Callable[[str], None]
+    others: list = field(default_factory=list)
+
+
+def _describe(examples: CoTExamples, path: str, info) -> CoTExamples:
+    if info.is_main:
+        print(f"{path}: {examples.describe()}", flush=True)
+    return examples
+
+
+def _writer(meta: dict, info, maps: Optional[StateMaps] = None, more=None):
+    def write(directory: str) -> None:
+        if info.is_main:
+            atomic_write_text(os.path.join(directory, STAGE_FILE), json.dumps(meta, indent=2) + "\n")
+            if maps is not None:
+                maps.save(directory)
+        if more is not None:
+            more(directory)
+
+    return write
+
+
+def _fresh_model(args, info):
+    model, lora_cfg = build_model(args.ckpt_dir, args.model_type, args.lora_rank, args.lora_alpha, args.lora_dropout,
+                                  args.lora_targets, args.dtype, info, args.seed)
+    tok = load_tokenizer(args.ckpt_dir)
+    check_tokenizer_fits(tok, model.args.vocab_size, args.ckpt_dir)
+    return model, lora_cfg, tok
+
+
+def build_teacher(args, plan: Plan, lines, held_lines, info) -> Built:
+    model, lora_cfg, tok = _fresh_model(args, info)
+    cot_views = ("model",) if args.cot else ()
+    train = _describe(CoTExamples(lines, {"model": tok}, min(args.max_seq_len, model.args.max_seq_len),
+                                  args.train_file, cot_views), args.train_file, info)
+    evaluator = None
+    if held_lines:
+        held = CoTExamples(held_lines, {"model": tok}, NO_LIMIT, args.label_file, cot_views)
+        evaluator = AnswerEvaluator(held, info, args.eval_batch_size,
+                                    explicit_answers(held, "model", tok, args.cot, args.max_new_tokens))
+    meta = {"stage": "teacher", "cot": args.cot}
+    return Built(model, lora_cfg, args.ckpt_dir, tok, CoTTeacherTask(train, info.device, args.cot), evaluator,
+                 _writer(meta, info))
+
+
+def _beside_teacher(args, plan: Plan, lines, info):
+    """What the mind_read and emulator stages start from: their fresh model, the frozen teacher, the
+    tokenizer of each ("views") and the training lines in both."""
+    model, lora_cfg, tok = _fresh_model(args, info)
+    teacher = load_frozen(plan.teacher_dir, args.dtype, info)
+    views = {"model": tok, "teacher": load_tokenizer(plan.teacher_dir)}
+    max_len = min(args.max_seq_len, model.args.max_seq_len, teacher.args.max_seq_len)
+    train = _describe(CoTExamples(lines, views, max_len, args.train_file), args.train_file, info)
+    return model, lora_cfg, tok, teacher, views, train
+
+
+def build_mind_read(args, plan: Plan, lines, held_lines, info) -> Built:
+    model, lora_cfg, tok, teacher, views, train = _beside_teacher(args, plan, lines, info)
+    maps = StateMaps(model.args.n_layers, teacher.args.dim, model.args.dim, args.state_map, args.state_map_hidden,
+                     args.seed, info.device)
+    evaluator = None
+    if held_lines:
+        held = MindReadTask(CoTExamples(held_lines, views, NO_LIMIT, args.label_file), info.device, teacher, maps,
+                            plan.teacher_layers)
+        evaluator = AnswerEvaluator(held.examples, info, args.eval_batch_size, implicit_answers(
+            held.examples, "model", tok, args.max_new_tokens, lambda pos: held.states(held.micro_batch(pos, 0))))
+    meta = {"stage": "mind_read", "teacher_dir": plan.teacher_dir, "teacher": plan.teacher,
+            "teacher_layers": plan.teacher_layers, "student": shape(model.args)}
+    return Built(model, lora_cfg, args.ckpt_dir, tok, MindReadTask(train, info.device, teacher, maps,
+                                                                   plan.teacher_layers), evaluator,
+                 _writer(meta, info, maps))
+
+
+def build_emulator(args, plan: Plan, lines, held_lines, info) -> Built:
+    model, lora_cfg, tok, teacher, views, train = _beside_teacher(args, plan, lines, info)
+    maps = StateMaps(teacher.args.n_layers, model.args.dim, teacher.args.dim, args.state_map, args.state_map_hidden,
+                     args.seed, info.device)
+    evaluator = None
+    if held_lines:
+        held = EmulatorTask(CoTExamples(held_lines, views, NO_LIMIT, args.label_file), info.device, teacher, maps,
+                            plan.emulator_layers)
+        evaluator = StateErrorEvaluator(held, info, args.eval_batch_size)
+    meta = {"stage": "emulator", "teacher_dir": plan.teacher_dir, "teacher": plan.teacher,
+            "emulator_layers": plan.emulator_layers, "emulator": shape(model.args)}
+    return Built(model, lora_cfg, args.ckpt_dir, tok, EmulatorTask(train, info.device, teacher, maps,
+                                                                   plan.emulator_layers), evaluator,
+                 _writer(meta, info, maps))
+
+
+def build_couple(args, plan: Plan, lines, held_lines, info) -> Built:
+    student, s_lora, s_base = load_trainable(plan.student_dir, args.dtype, info)
+    emulator, e_lora, e_base = load_trainable(plan.emulator_dir, args.dtype, info)
+    s_maps, e_maps = StateMaps.load(plan.student_dir, info.device), StateMaps.load(plan.emulator_dir, info.device)
+    tok, e_tok = load_tokenizer(plan.student_dir), load_tokenizer(plan.emulator_dir)
+    views = {"model": tok, "emulator": e_tok}
+    max_len = min(args.max_seq_len, student.args.max_seq_len, emulator.args.max_seq_len)
+    train = _describe(CoTExamples(lines, views, max_len, args.train_file, cot_views=()), args.train_file, info)
+
+    def task_on(examples):
+        return CoupleTask(examples, info.device, emulator, e_maps, plan.emulator_layers, s_maps, plan.teacher_layers)
+
+    evaluator = None
+    if held_lines:
+        held = task_on(CoTExamples(held_lines, views, NO_LIMIT, args.label_file, cot_views=()))
+        evaluator = AnswerEvaluator(held.examples, info, args.eval_batch_size, implicit_answers(
+            held.examples, "model", tok, args.max_new_tokens, lambda pos: held.states(held.micro_batch(pos, 0))))
+    meta = {"stage": "couple", "teacher_dir": plan.teacher_dir, "teacher": plan.teacher,
+            "teacher_layers": plan.teacher_layers, "student_dir": plan.student_dir,
+            "emulator_dir": plan.emulator_dir, "emulator": EMULATOR_SUBDIR}
+    sub_meta = {**plan.emulator_meta, "emulator": shape(emulator.args)}
+
+    def emulator_files(directory: str) -> None:
+        sub = os.path.join(directory, EMULATOR_SUBDIR)
+        write_model(emulator, e_lora, e_base, sub, e_tok, info)
+        _writer(sub_meta, info, e_maps)(sub)
+
+    return Built(student, s_lora, s_base, tok, task_on(train), evaluator, _writer(meta, info, s_maps, emulator_files),
+                 [(emulator, e_lora)])
+
+
+BUILDERS = {"teacher": build_teacher, "mind_read": build_mind_read, "emulator": build_emulator,
+            "couple": build_couple}
+
+
+def run_stage(args) -> None:
+    lines = read_cot_lines(args.train_file, "--train_file")
+    held_lines = read_cot_lines(args.label_file, "--label_file") if args.label_file else None
+    if held_lines and args.max_eval_examples:
+        held_lines = held_lines[:args.max_eval_examples]
+    plan = check_prerequisites(args)
+    info = distributed.setup(args.tp_size, args.device)
+    lock = own_output(os.path.join(args.save_dir, ".lock"), f"--save_dir {args.save_dir}", info, make_dir=True)
+    try:
+        b = BUILDERS[args.STAGE](args, plan, lines, held_lines, info)
+        trainer = StageTrainer(b.model, b.task, args, info, b.tokenizer, b.evaluator, b.lora_cfg, b.base_ckpt,
+                               {**run_record(args), "stage": args.STAGE}, b.write_extra, b.others)
+        trainer.fit()
+    finally:
+        if lock is not None:
+            lock.release()
+    distributed.teardown()
+
+
+# ----- evaluation of saved stages ------------------------------------------------------------------
+def _timed(evaluator, model, info) -> dict:
+    """The evaluator's result plus the wall time of its pass (after one untimed warm-up batch)."""
+    if evaluator.mine and hasattr(evaluator, "answer"):
+        evaluator.answer(model, evaluator.mine[:evaluator.batch_size])
+    device = model.head_weight.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    result = evaluator(model)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = torch.tensor(time.perf_counter() - start, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)  # the slowest replica decides
+    return {**result, "seconds": float(seconds), "examples_per_s": result["total"] / max(float(seconds), 1e-9)}
+
+
+def evaluate_stage(directory: str, meta: dict, lines, data_file: str, batch_size: int, max_new_tokens: int,
+                   dtype, info) -> dict:
+    """Accuracy (or, for an emulator, state error) and examples/s of one saved stage on `lines`."""
+    stage = meta["stage"]
+    model = load_frozen(directory, dtype, info)
+    tok = load_tokenizer(directory)
+    out = {"model_dir": directory, "stage": stage if stage != "teacher" or meta.get("cot", True) else "no_cot"}
+    if stage == "teacher":
+        cot = meta.get("cot", True)
+        held = CoTExamples(lines, {"model": tok}, NO_LIMIT, data_file, ("model",) if cot else ())
+        evaluator = AnswerEvaluator(held, info, batch_size, explicit_answers(held, "model", tok, cot, max_new_tokens))
+        return {**out, **_timed(evaluator, model, info)}
+    if stage in ("mind_read", "emulator"):
+        teacher = load_frozen(meta["teacher_dir"], dtype, info)
+        views = {"model": tok, "teacher": load_tokenizer(meta["teacher_dir"])}
+        examples = CoTExamples(lines, views, NO_LIMIT, data_file)
+        maps = StateMaps.load(directory, info.device)
+        if stage == "emulator":
+            held = EmulatorTask(examples, info.device, teacher, maps, meta["emulator_layers"])
+            return {**out, **StateErrorEvaluator(held, info, batch_size)(model)}
+        held = MindReadTask(examples, info.device, teacher, maps, meta["teacher_layers"])
+    else:
+        sub = os.path.join(directory, meta["emulator"])
+        e_meta = json.load(open(os.path.join(sub, STAGE_FILE)))
+        emulator = load_frozen(sub, dtype, info)
+        views = {"model": tok, "emulator": load_tokenizer(sub)}
+        examples = CoTExamples(lines, views, NO_LIMIT, data_file, cot_views=())
+        held = CoupleTask(examples, info.device, emulator, StateMaps.load(sub, info.device), e_meta["emulator_layers"],
+                          StateMaps.load(directory, info.device), meta["teacher_layers"])
+    evaluator = AnswerEvaluator(held.examples, info, batch_size, implicit_answers(
+        held.examples, "model", tok, max_new_tokens, lambda pos: held.states(held.micro_batch(pos, 0))))
+    return {**out, **_timed(evaluator, model, info)}
+
+
+STAGES = ("teacher", "mind_read", "emulator", "couple")
+
+
+def run_evaluation(data_file: str, model_dirs: List[str], batch_size: int, max_new_tokens: int, max_examples: int,
+                   output_file: Optional[str], dtype, tp_size, device) -> List[dict]:
+    lines = read_cot_lines(data_file, "--data_file")
+    lines = lines[:max_examples] if max_examples else lines
+    found = [read_stage(d, "--model_dirs", STAGES) for d in model_dirs]
+    info = distributed.setup(tp_size, device)
+    results = []
+    for directory, meta in found:
+        result = evaluate_stage(directory, meta, lines, data_file, batch_size, max_new_tokens, dtype, info)
+        results.append(result)
+        if info.is_main:
+            print(json.dumps(result), flush=True)
+    if info.is_main and output_file:
+        atomic_write_text(output_file, json.dumps(results, indent=2) + "\n")
+    distributed.teardown()
+    return results

@@ -1,0 +1,156 @@
+"""The hidden states implicit chain of thought moves between models (METHODS.md section 5).
+
+Teacher state t of an example: the teacher's input to layer t (the residual stream entering the
+block) at CoT position round(s1 + t (s2 - s1) / (L - 1)), L the teacher's depth: the "diagonal",
+from the EOS ending the input (layer 0) to the EOS ending the CoT (last layer). A student layer l
+reads the teacher layer at the same relative depth, round(l (L - 1) / (L_student - 1)), unless
+--teacher_layers lists others; an emulator predicts every teacher state from the input alone, state
+t from its own layer at the same relative depth. Rounding is half to even, as torch.round in the
+authors' code, on exact fractions.
+
+States cross models through StateMaps: one small MLP per state (Linear - ReLU - Linear), from the
+source width to the destination width, or the identity when both widths are equal. The maps are
+replicated on every tensor-parallel rank (the residual stream they read and write is too).
+"""
+from __future__ import annotations
+
+import os
+from fractions import Fraction
+from typing import List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from engine.runtime.errors import UserError
+
+STATE_MAPS = ("mlp", "identity")
+MAPS_FILE = "state_maps.safetensors"
+
+
+def diagonal_positions(s1: int, s2: int, n_layers: int) -> List[int]:
+    """round(s1 + l (s2 - s1) / (n_layers - 1)) for l = 0 .. n_layers - 1 (one layer: s1)."""
+    if n_layers == 1:
+        return [s1]
+    return [s1 + round(Fraction(l * (s2 - s1), n_layers - 1)) for l in range(n_layers)]
+
+
+def same_depth(n_from: int, n_to: int) -> List[int]:
+    """For each of n_from layers, the layer of an n_to-layer model at the same relative depth."""
+    if n_from == 1:
+        return [0]
+    return [round(Fraction(l * (n_to - 1), n_from - 1)) for l in range(n_from)]
+
+
+def parse_layers(text, n_student: int, n_teacher: int, flag: str = "--teacher_layers") -> List[int]:
+    """--teacher_layers '0,2,4,5' (one teacher layer per student layer), or the same relative depth."""
+    if text in (None, "", ()):
+        return same_depth(n_student, n_teacher)
+    items = text.split(",") if isinstance(text, str) else list(text)
+    try:
+        layers = [int(str(x).strip()) for x in items]
+    except ValueError:
+        raise UserError(f"{flag} {text!r} is not a comma-separated list of layer numbers") from None
+    if len(layers) != n_student:
+        raise UserError(f"{flag} names {len(layers)} teacher layers but the student has {n_student} layers "
+                        f"(one teacher layer per student layer)")
+    bad = [x for x in layers if not 0 <= x < n_teacher]
+    if bad:
+        raise UserError(f"{flag}: layer {bad[0]} does not exist in the teacher, whose layers are 0..{n_teacher - 1}")
+    return layers
+
+
+def check_state_map(kind: str, d_in: int, d_out: int, what: str) -> None:
+    if kind not in STATE_MAPS:
+        raise UserError(f"--state_map {kind!r} is not one of {', '.join(STATE_MAPS)}")
+    if kind == "identity" and d_in != d_out:
+        raise UserError(f"--state_map identity needs equal widths, but {what} ({d_in} vs {d_out}); use "
+                        f"--state_map mlp to map between them")
+
+
+class StateMaps(nn.Module):
+    """n maps from width d_in to d_out, applied state by state: [B, n, d_in] -> [B, n, d_out]."""
+
+    def __init__(self, n: int, d_in: int, d_out: int, kind: str = "mlp", hidden: int = 0, seed: int = 0,
+                 device=None):
+        super().__init__()
+        check_state_map(kind, d_in, d_out, "the states")
+        self.n, self.d_in, self.d_out, self.kind = n, d_in, d_out, kind
+        self.hidden = hidden or 4 * d_out
+        if kind == "identity":
+            self.mlps = nn.ModuleList()
+            return
+        with torch.random.fork_rng(devices=[]):  # same weights on every rank, global RNG untouched
+            torch.manual_seed(seed)
+            self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(d_in, self.hidden), nn.ReLU(),
+                                                    nn.Linear(self.hidden, d_out)) for _ in range(n))
+        if device is not None:
+            self.to(device)
+
+    def config(self) -> dict:
+        return {"n": self.n, "d_in": self.d_in, "d_out": self.d_out, "kind": self.kind, "hidden": self.hidden}
+
+    def forward(self, states: torch.Tensor, which: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """[B, k, d_in] -> [B, k, d_out]: states[:, j] through map which[j] (default: map j)."""
+        if self.kind == "identity":
+            return states
+        which = range(states.shape[1]) if which is None else which
+        dtype = self.mlps[0][0].weight.dtype
+        return torch.stack([self.mlps[i](states[:, j].to(dtype)) for j, i in enumerate(which)], dim=1)
+
+    # ----- on disk: beside the model it feeds, for inference --------------------------------------
+    def save(self, directory: str) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, os.path.join(directory, MAPS_FILE), metadata={k: str(v) for k, v in self.config().items()})
+
+    @classmethod
+    def load(cls, directory: str, device=None) -> "StateMaps":
+        from safetensors import safe_open
+
+        path = os.path.join(directory, MAPS_FILE)
+        if not os.path.exists(path):
+            raise UserError(f"{directory} holds no {MAPS_FILE} (its state maps); was it saved by train_implicit.py?")
+        with safe_open(path, "pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        maps = cls(int(meta["n"]), int(meta["d_in"]), int(meta["d_out"]), meta["kind"], int(meta["hidden"]))
+        maps.load_state_dict(tensors)
+        return maps.to(device) if device is not None else maps
+
+
+# ----- reading and replacing layer inputs (Transformer.forward_hidden's layer_hook) --------------
+def record_hook(rows: torch.Tensor, positions: torch.Tensor, out: list, layers: Optional[set] = None):
+    """A layer_hook appending h[rows[b], positions[b, l]] ([B, dim]) for every layer l (or those in
+    `layers`); positions: [B, n_layers] or [B] (one position for every layer)."""
+
+    def hook(layer: int, h: torch.Tensor) -> torch.Tensor:
+        if layers is None or layer in layers:
+            pos = positions if positions.dim() == 1 else positions[:, layer]
+            out.append(h[rows, pos])
+        return h
+
+    return hook
+
+
+def inject_hook(states: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor):
+    """A layer_hook replacing, before layer l, the input of row b at positions[b] (its last input
+    position) by states[b, l]; every other position is left as it is. Out of place, so autograd
+    sends the gradient of the replaced entries to `states` (the maps) and none to what they replaced."""
+
+    def hook(layer: int, h: torch.Tensor) -> torch.Tensor:
+        return h.index_put((rows, positions), states[:, layer].to(h.dtype))
+
+    return hook
+
+
+def layer_inputs_at(model, tokens: torch.Tensor, positions: torch.Tensor, layers: Optional[Sequence[int]] = None):
+    """The inputs of `model`'s layers at positions [B, n_layers] (the diagonal) or [B] (one position):
+    [B, len(layers), dim] in the order of `layers` (repeats allowed), every layer's when None."""
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    wanted = list(range(model.args.n_layers)) if layers is None else list(layers)
+    found: list = []
+    hook = record_hook(rows, positions, found, set(wanted))
+    model.forward_hidden(tokens, layer_hook=hook)
+    by_layer = dict(zip(sorted(set(wanted)), found))
+    return torch.stack([by_layer[l] for l in wanted], dim=1)

@@ -1,0 +1,202 @@
+"""The four stages as trainer Tasks (interface: engine/train/task.py), and the two ways a student gets
+its states: from the teacher reading the gold CoT (mind-reading) or from the emulator (coupled).
+
+  teacher    CE on `cot EOS answer EOS` after `BOS x EOS` (or on `answer EOS` alone: the no-CoT baseline)
+  mind_read  CE on `answer EOS`; before student layer l, its input at the EOS ending x is replaced by
+             map_l(teacher state of the teacher layer it reads); the teacher is frozen
+  emulator   MSE between map_t(emulator's layer input at the EOS ending x) and teacher state t, every t
+  couple     CE on `answer EOS`, the student reading the emulator's states; student, emulator and
+             both sets of maps are trained together, no CoT anywhere
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+
+from engine.text.sequences import IGNORE
+from engine.distill.implicit.data import CoTExamples, Encoded, padded, shifted
+from engine.distill.implicit.states import StateMaps, diagonal_positions, inject_hook, layer_inputs_at
+from engine.runtime.distributed import to_device
+from engine.train.task import Batch, make_batch, response_cross_entropy
+
+
+# ----- tensors of a batch of lines, in one model's tokens -----------------------------------------
+def teacher_inputs(encs: Sequence[Encoded], eos: int, n_layers: int, device):
+    """(`BOS x EOS cot EOS` [B, T], diagonal positions [B, n_layers]) for the teacher."""
+    tokens = padded([e.x + [eos] + e.cot + [eos] for e in encs], eos)
+    diag = torch.tensor([diagonal_positions(e.s1, e.s2, n_layers) for e in encs], dtype=torch.long)
+    return to_device(tokens, device), to_device(diag, device)
+
+
+def prompt_inputs(encs: Sequence[Encoded], eos: int, device):
+    """(`BOS x EOS` [B, T] right-padded, position of each row's EOS [B])."""
+    tokens = padded([e.prompt(eos) for e in encs], eos)
+    return to_device(tokens, device), to_device(torch.tensor([e.s1 for e in encs], dtype=torch.long), device)
+
+
+def answer_batch(encs: Sequence[Encoded], eos: int, device, cot: bool = False) -> Batch:
+    """`BOS x EOS [cot EOS] answer EOS`, labels on everything after the EOS ending x; extra["s1"]: the
+    position of that EOS per row. Counts and labelled rows are taken on the host (no device sync)."""
+    pairs = [shifted(e.teacher_sequence(eos, cot), e.s1 + 1) for e in encs]
+    inputs = padded([x for x, _ in pairs], eos)
+    labels = padded([y for _, y in pairs], IGNORE)
+    s1 = torch.tensor([e.s1 for e in encs], dtype=torch.long)
+    return make_batch(inputs, labels, device, {"ce": int((labels != IGNORE).sum())}, int(inputs.numel()),
+                      {"s1": to_device(s1, device)})
+
+
+# ----- where a student's states come from ----------------------------------------------------------
+def teacher_states(teacher, tokens, diag, layers: Sequence[int]) -> torch.Tensor:
+    """The frozen teacher's inputs of `layers` at their diagonal positions: [B, len(layers), d_teacher]."""
+    with torch.no_grad():
+        return layer_inputs_at(teacher, tokens, diag, layers)
+
+
+def emulated_states(emulator, emulator_maps: StateMaps, emulator_layers: Sequence[int], tokens, s1,
+                    teacher_layers: Sequence[int]) -> torch.Tensor:
+    """The emulator's predictions of teacher states `teacher_layers`: [B, len, d_teacher]. Teacher state
+    t comes from emulator layer emulator_layers[t] at the EOS ending x, through map t."""
+    own = layer_inputs_at(emulator, tokens, s1, [emulator_layers[t] for t in teacher_layers])
+    return emulator_maps(own, which=teacher_layers)
+
+
+class _Lines:
+    """What every stage's task shares: the lines, their lengths, the device."""
+
+    def __init__(self, examples: CoTExamples, device):
+        self.examples, self.device = examples, device
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.examples)
+
+    def encs(self, view: str, positions: List[int]) -> List[Encoded]:
+        return [self.examples.get(view, p) for p in positions]
+
+    def eos(self, view: str) -> int:
+        return self.examples.eos[view]
+
+
+class CoTTeacherTask(_Lines):
+    """The explicit-CoT teacher (or, with cot=False, the no-CoT baseline)."""
+
+    weights = {"ce": 1.0}
+
+    def __init__(self, examples: CoTExamples, device, cot: bool = True):
+        super().__init__(examples, device)
+        self.cot = cot
+
+    def lengths(self, epoch: int) -> List[int]:
+        eos = self.eos("model")
+        return [len(self.examples.get("model", p).teacher_sequence(eos, self.cot)) - 1 for p in range(len(self.examples))]
+
+    def micro_batch(self, positions: List[int], epoch: int) -> Batch:
+        return answer_batch(self.encs("model", positions), self.eos("model"), self.device, self.cot)
+
+    def loss_sums(self, model, batch: Batch) -> Dict[str, torch.Tensor]:
+        return {"ce": response_cross_entropy(model, model.forward_hidden(batch.inputs), batch.labels, batch.label_rows)}
+
+
+class MindReadTask(_Lines):
+    """The student answers from `x EOS` with the teacher's diagonal states injected through its maps."""
+
+    weights = {"ce": 1.0}
+
+    def __init__(self, examples: CoTExamples, device, teacher, maps: StateMaps, teacher_layers: Sequence[int]):
+        super().__init__(examples, device)
+        self.teacher, self.maps, self.teacher_layers = teacher, maps, list(teacher_layers)
+
+    def extra_modules(self):
+        return [self.maps]
+
+    def lengths(self, epoch: int) -> List[int]:
+        return [len(self.examples.get("teacher", p).teacher_sequence(0)) for p in range(len(self.examples))]
+
+    def micro_batch(self, positions: List[int], epoch: int) -> Batch:
+        batch = answer_batch(self.encs("model", positions), self.eos("model"), self.device)
+        t_tokens, t_diag = teacher_inputs(self.encs("teacher", positions), self.eos("teacher"),
+                                          self.teacher.args.n_layers, self.device)
+        batch.n_tokens += int(t_tokens.numel())
+        batch.extra.update(t_tokens=t_tokens, t_diag=t_diag)
+        return batch
+
+    def states(self, batch: Batch) -> torch.Tensor:
+        z = teacher_states(self.teacher, batch.extra["t_tokens"], batch.extra["t_diag"], self.teacher_layers)
+        return self.maps(z)
+
+    def loss_sums(self, model, batch: Batch) -> Dict[str, torch.Tensor]:
+        rows = torch.arange(batch.inputs.shape[0], device=batch.inputs.device)
+        hook = inject_hook(self.states(batch), rows, batch.extra["s1"])
+        hidden = model.forward_hidden(batch.inputs, layer_hook=hook)
+        return {"ce": response_cross_entropy(model, hidden, batch.labels, batch.label_rows)}
+
+
+class EmulatorTask(_Lines):
+    """The emulator predicts every teacher diagonal state from `x EOS` alone: mean squared error per
+    state element (the sum is divided by lines x teacher layers x teacher width)."""
+
+    weights = {"mse": 1.0}
+
+    def __init__(self, examples: CoTExamples, device, teacher, maps: StateMaps, emulator_layers: Sequence[int]):
+        super().__init__(examples, device)
+        self.teacher, self.maps, self.emulator_layers = teacher, maps, list(emulator_layers)
+        self.all_teacher_layers = list(range(teacher.args.n_layers))
+
+    def extra_modules(self):
+        return [self.maps]
+
+    def lengths(self, epoch: int) -> List[int]:
+        return [len(self.examples.get("teacher", p).teacher_sequence(0)) for p in range(len(self.examples))]
+
+    def micro_batch(self, positions: List[int], epoch: int) -> Batch:
+        tokens, s1 = prompt_inputs(self.encs("model", positions), self.eos("model"), self.device)
+        t_tokens, t_diag = teacher_inputs(self.encs("teacher", positions), self.eos("teacher"),
+                                          self.teacher.args.n_layers, self.device)
+        count = len(positions) * self.teacher.args.n_layers * self.teacher.args.dim
+        # labels unused (the loss is on states): the inputs stand in for them
+        return Batch(tokens, tokens, {"mse": count}, int(tokens.numel() + t_tokens.numel()),
+                     {"s1": s1, "t_tokens": t_tokens, "t_diag": t_diag})
+
+    def loss_sums(self, model, batch: Batch) -> Dict[str, torch.Tensor]:
+        target = teacher_states(self.teacher, batch.extra["t_tokens"], batch.extra["t_diag"], self.all_teacher_layers)
+        pred = emulated_states(model, self.maps, self.emulator_layers, batch.inputs, batch.extra["s1"],
+                               self.all_teacher_layers)
+        return {"mse": (pred.float() - target.float()).pow(2).sum()}
+
+
+class CoupleTask(_Lines):
+    """The student answers from `x EOS` with the emulator's states; student (the trainer's model),
+    emulator and both maps learn from the answer CE alone."""
+
+    weights = {"ce": 1.0}
+
+    def __init__(self, examples: CoTExamples, device, emulator, emulator_maps: StateMaps, emulator_layers,
+                 student_maps: StateMaps, teacher_layers: Sequence[int]):
+        super().__init__(examples, device)
+        self.emulator, self.emulator_maps, self.emulator_layers = emulator, emulator_maps, list(emulator_layers)
+        self.student_maps, self.teacher_layers = student_maps, list(teacher_layers)
+
+    def extra_modules(self):
+        return [self.emulator, self.emulator_maps, self.student_maps]
+
+    def lengths(self, epoch: int) -> List[int]:
+        eos = self.eos("model")
+        return [len(self.examples.get("model", p).teacher_sequence(eos, False)) - 1 for p in range(len(self.examples))]
+
+    def micro_batch(self, positions: List[int], epoch: int) -> Batch:
+        batch = answer_batch(self.encs("model", positions), self.eos("model"), self.device)
+        e_tokens, e_s1 = prompt_inputs(self.encs("emulator", positions), self.eos("emulator"), self.device)
+        batch.n_tokens += int(e_tokens.numel())
+        batch.extra.update(e_tokens=e_tokens, e_s1=e_s1)
+        return batch
+
+    def states(self, batch: Batch) -> torch.Tensor:
+        z = emulated_states(self.emulator, self.emulator_maps, self.emulator_layers, batch.extra["e_tokens"],
+                            batch.extra["e_s1"], self.teacher_layers)
+        return self.student_maps(z)
+
+    def loss_sums(self, model, batch: Batch) -> Dict[str, torch.Tensor]:
+        rows = torch.arange(batch.inputs.shape[0], device=batch.inputs.device)
+        hidden = model.forward_hidden(batch.inputs, layer_hook=inject_hook(self.states(batch), rows, batch.extra["s1"]))
+        return {"ce": response_cross_entropy(model, hidden, batch.labels, batch.label_rows)}

@@ -1,0 +1,50 @@
+"""Evaluation of a step-by-step model: the label task's accuracy, optionally the rationale task's."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from engine.runtime import distributed
+from engine.train.evaluator import GenerationEvaluator
+from engine.infer.metrics import accuracy_of, bleu_from_statistics, bleu_statistics, references_of
+
+
+class StepByStepEvaluator:
+    """Evaluation of a distilling step-by-step model: greedy decoding of the LABEL task (its answer is
+    the accuracy, and picks best/); with `rationale_task`, the rationale task too: the answer its
+    rationales state (rationale_accuracy, rationale_unparsable) and their corpus BLEU against the
+    records' 'output' (rationale_bleu, when the records carry teacher rationales)."""
+
+    def __init__(self, records, tokenizer, task: str, info, batch_size: int = 64, max_new_tokens: int = 256,
+                 template: str = "default", rationale_task: bool = False):
+        from engine.text.prompts import task_instruction
+
+        def prefixed(name):
+            return [{**r, "instruction": task_instruction(r["instruction"], name)} for r in records]
+
+        self.info = info
+        self.label = GenerationEvaluator(prefixed("label"), tokenizer, task, info, batch_size, max_new_tokens, template)
+        self.rationale = (GenerationEvaluator(prefixed("rationale"), tokenizer, task, info, batch_size,
+                                              max_new_tokens, template) if rationale_task else None)
+        mine = records[info.dp_rank::info.dp_size]
+        self.references = [references_of(r) for r in mine]
+        self.with_bleu = rationale_task and any(self.references)
+
+    def __call__(self, model) -> dict:
+        result = self.label(model)
+        if self.rationale is None:
+            return result
+        texts = self.rationale.texts(model)
+        acc = accuracy_of(texts, self.rationale.labels, self.rationale.task)
+        stats = [acc.correct, acc.total, acc.unparsable]
+        if self.with_bleu:
+            pairs = [(t, refs) for t, refs in zip(texts, self.references) if refs]
+            stats += bleu_statistics([t for t, _ in pairs], [refs for _, refs in pairs])
+        totals = torch.tensor(stats, dtype=torch.float64, device=model.head_weight.device)
+        if dist.is_initialized() and self.info.dp_size > 1:
+            dist.all_reduce(totals, group=distributed.dp_group())
+        totals = [float(x) for x in totals.tolist()]
+        result.update(rationale_accuracy=totals[0] / max(totals[1], 1.0), rationale_correct=int(totals[0]),
+                      rationale_unparsable=int(totals[2]))
+        if self.with_bleu:
+            result["rationale_bleu"] = bleu_from_statistics(totals[3:])["bleu"]
+        return result

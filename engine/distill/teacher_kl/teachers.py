@@ -1,0 +1,354 @@
+"""Where train.py --objective teacher_kl gets the teacher's next-token distributions.
+
+  TeacherFile     offline: the top-k ids and log-probabilities per response token that
+                  `infer.py score --top_k K` wrote (a 70B teacher run once, its file reused by many
+                  students); `FILE.meta.json` holds the teacher's vocabulary, so no teacher tokenizer
+                  or model is needed to train.
+  OnlineTeacher   online: another checkpoint of ours, loaded frozen in this job under the same
+                  tensor parallelism (no gradients, no KV cache), run on each batch.
+
+Either way the student learns, at each response token, a distribution in its OWN vocabulary: with the
+same tokenizer the teacher's (top-k, or with an online teacher optionally the full distribution);
+with a different tokenizer the teacher's where the DTW alignment pairs the student token one-to-one
+with a teacher token of the same text (mapped into the student vocabulary, tokens it lacks dropped,
+renormalised), and one-hot on the student's own token elsewhere (engine/distill/teacher_kl/alignment.py). Top-k mass is
+RENORMALISED over the kept tokens (the rest of the vocabulary gets nothing; nothing is spread).
+Targets and alignments are computed once per record and cached, never per step.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.text.vocab import Vocab
+from engine.distill.teacher_kl.alignment import aligned_positions
+from engine.text.sequences import IGNORE
+from engine.runtime.errors import DataError, UserError
+from models.vocab_parallel import DenseTarget, SparseTarget, sharded_topk
+from engine.runtime.distributed import to_device
+from engine.text.prompts import format_prompt
+from engine.infer.topk_file import FILE_KIND, meta_path
+
+
+def _outputs(rec: dict) -> list:
+    return rec["output"] if isinstance(rec["output"], list) else [rec["output"]]
+
+
+def _row_targets(student_ids: List[int], match: List[int], topk_ids: np.ndarray, topk_logprobs: np.ndarray,
+                 id_map: np.ndarray, temperature: float) -> Tuple[np.ndarray, np.ndarray]:
+    """Sparse targets [n, k] for one response: the teacher's top-k (mapped, renormalised) where the
+    student token is matched to teacher token match[i]; one-hot on the student token elsewhere, and
+    where none of the teacher's tokens exists in the student vocabulary."""
+    n, k = len(student_ids), topk_ids.shape[1]
+    ids = np.full((n, k), -1, dtype=np.int64)
+    probs = np.zeros((n, k), dtype=np.float32)
+    ids[:, 0], probs[:, 0] = student_ids, 1.0
+    rows = np.array([i for i, j in enumerate(match) if j >= 0], dtype=np.int64)
+    if rows.size:
+        cols = np.array([match[i] for i in rows], dtype=np.int64)
+        t_ids = topk_ids[cols]
+        mapped = np.where((t_ids >= 0) & (t_ids < len(id_map)), id_map[np.clip(t_ids, 0, len(id_map) - 1)], -1)
+        p = sparse_probs(torch.from_numpy(topk_logprobs[cols]), torch.from_numpy(mapped >= 0), temperature).numpy()
+        ok = p.sum(axis=1) > 0
+        ids[rows[ok]] = np.where(mapped[ok] >= 0, mapped[ok], -1)
+        probs[rows[ok]] = p[ok]
+    return ids, probs
+
+
+class TeacherFile:
+    """The offline teacher: a JSON-lines file from `infer.py score --top_k K` over the SAME training
+    file (record for record, output for output), and its FILE.meta.json. Checked whole at start:
+    record count, outputs per record, token count (and ids, same tokenizer) or text (different
+    tokenizer) of every output, and that it holds at least --teacher_top_k tokens per position."""
+
+    online = False
+    dense = False
+
+    def __init__(self, path: str, data, student_vocab: Vocab, top_k: int, temperature: float,
+                 same_tokenizer: Optional[bool], train_file: str):
+        self.path, self.data, self.top_k, self.temperature = path, data, top_k, temperature
+        if not os.path.isfile(path):
+            raise UserError(f"--teacher_file {path} does not exist")
+        if not os.path.isfile(meta_path(path)):
+            raise UserError(f"--teacher_file {path} has no {os.path.basename(meta_path(path))} beside it; write the "
+                            f"file with `infer.py score --top_k K`")
+        try:
+            meta = json.load(open(meta_path(path)))
+        except (OSError, ValueError) as e:
+            raise UserError(f"{meta_path(path)} is not readable JSON ({e})") from None
+        if not isinstance(meta, dict) or meta.get("kind") != FILE_KIND:
+            raise UserError(f"{meta_path(path)} does not describe a teacher top-k file (write it with "
+                            f"`infer.py score --top_k K`)")
+        if meta["top_k"] < top_k:
+            raise UserError(f"--teacher_file {path} holds the teacher's top {meta['top_k']} tokens per position but "
+                            f"--teacher_top_k asks for {top_k}; pass --teacher_top_k {meta['top_k']} or rewrite the "
+                            f"file with `infer.py score --top_k {top_k}`")
+        if not meta.get("include_eos", True):
+            raise UserError(f"--teacher_file {path} was scored with --include_eos False, but the student also learns "
+                            f"the EOS ending each output; rewrite it with --include_eos True")
+        self.vocab = Vocab.from_dict(meta["vocab"])
+        difference = self.vocab.first_difference(student_vocab)
+        if same_tokenizer and difference:
+            raise UserError(f"--same_tokenizer True, but the vocabulary of --teacher_file {path} (tokenizer "
+                            f"{meta.get('tokenizer_file')}) differs from the student's: {difference}")
+        self.same = difference is None if same_tokenizer is None else bool(same_tokenizer)
+        self.student_vocab = student_vocab
+        if self.same:
+            self.id_map = np.where(np.arange(len(self.vocab)) < len(student_vocab), np.arange(len(self.vocab)), -1)
+        else:
+            self.id_map = self.vocab.map_to(student_vocab)
+        self.items = self._read(train_file)
+        self._cache: Dict[Tuple[int, int], Tuple[np.ndarray, np.ndarray]] = {}
+        self._matches: Dict[Tuple[int, int], List[int]] = {}
+
+    def _read(self, train_file: str) -> List[List[tuple]]:
+        records, path, k = self.data.records, self.path, self.top_k
+        lines = []
+        with open(path, encoding="utf-8") as f:
+            for n, raw in enumerate(f):
+                if raw.strip():
+                    try:
+                        lines.append(json.loads(raw))
+                    except json.JSONDecodeError as e:
+                        raise UserError(f"--teacher_file {path} line {n + 1} is not valid JSON ({e.msg})") from None
+        if len(lines) != len(records):
+            raise UserError(f"--teacher_file {path} holds {len(lines)} records but --train_file {train_file} has "
+                            f"{len(records)}; score this training file with `infer.py score --top_k K`")
+        items = []
+        for i, (line, rec) in enumerate(zip(lines, records)):
+            if not all(key in line for key in ("tokens", "topk_ids", "topk_logprobs")):
+                raise UserError(f"--teacher_file {path} record {i} has no tokens/topk_ids/topk_logprobs; write it with "
+                                f"`infer.py score --top_k K`")
+            outs, many = _outputs(rec), isinstance(rec["output"], list)
+            file_many = bool(line["tokens"]) and isinstance(line["tokens"][0], list)
+            scored = len(line["tokens"]) if file_many else 1
+            if file_many != many or scored != len(outs):
+                raise UserError(f"--teacher_file {path} record {i} scores {scored} output(s) but --train_file "
+                                f"{train_file} record {i} has {len(outs)}")
+            toks, ids, lps = (line[key] if many else [line[key]] for key in ("tokens", "topk_ids", "topk_logprobs"))
+            row = []
+            for j, (t, tid, tlp, text) in enumerate(zip(toks, ids, lps, outs)):
+                t = np.asarray(t, dtype=np.int64)
+                tid, tlp = np.asarray(tid, dtype=np.int64), np.asarray(tlp, dtype=np.float32)
+                if tid.ndim != 2 or tid.shape != tlp.shape or tid.shape[0] != len(t) or tid.shape[1] < k:
+                    raise UserError(f"--teacher_file {path} record {i} output {j}: topk_ids/topk_logprobs must be "
+                                    f"[{len(t)} tokens x >= {k}], got {list(tid.shape)} / {list(tlp.shape)}")
+                self._check_tokens(i, j, t, text, train_file)
+                row.append((t, tid[:, :k], tlp[:, :k]))
+            items.append(row)
+        return items
+
+    def _check_tokens(self, i: int, j: int, tokens: np.ndarray, text: str, train_file: str) -> None:
+        where = f"--teacher_file {self.path} record {i}" + (f" output {j}" if j else "")
+        if self.same:
+            student = self.data.response(i, j)
+            if len(student) != len(tokens) or list(tokens) != student:
+                raise UserError(f"{where} holds {len(tokens)} tokens but the student tokenizes --train_file "
+                                f"{train_file}'s output into {len(student)} (a different text, or a cut by "
+                                f"max_seq_len when scoring)" if len(student) != len(tokens) else
+                                f"{where}: its tokens differ from the student's tokens of --train_file {train_file}'s "
+                                f"output (another text with as many tokens)")
+            return
+        spelt = self.vocab.spell([int(t) for t in tokens if t != self.vocab.eos_id])
+        if any(s is None for s in spelt):
+            return  # unknown tokens hide their text: nothing to compare
+        if "".join("".join(spelt).split()) != "".join(text.split()):
+            raise UserError(f"{where} spells {''.join(spelt)[:60]!r}..., not --train_file {train_file}'s output "
+                            f"{text[:60]!r}...; score this training file with `infer.py score --top_k K`")
+
+    def coverage(self, n: int = 50) -> float:
+        """Fraction of the response tokens of the first n records aligned to a teacher token (the rest
+        learn their own token); those records' targets stay cached."""
+        for i in self.data.keep[:n]:
+            self.host_targets(i, 0)
+        matches = [self._matches[(i, 0)] for i in self.data.keep[:n]]
+        return sum(j >= 0 for m in matches for j in m) / max(1, sum(len(m) for m in matches))
+
+    def host_targets(self, index: int, which: int) -> Tuple[np.ndarray, np.ndarray]:
+        """(ids, probs) [response tokens, k] of one output, computed once."""
+        key = (index, which)
+        if key not in self._cache:
+            tokens, tid, tlp = self.items[index][which]
+            student = self.data.response(index, which)
+            if self.same:
+                match = list(range(len(student)))
+            else:
+                match = aligned_positions(student, [int(t) for t in tokens], self.student_vocab, self.vocab)
+            self._cache[key] = _row_targets(student, match, tid, tlp, self.id_map, self.temperature)
+            self._matches[key] = match
+        return self._cache[key]
+
+    def batch_extra(self, items, lengths, device) -> dict:
+        parts = [self.host_targets(i, w) for i, w in items]
+        ids = np.concatenate([p[0][:n] for p, n in zip(parts, lengths)])
+        probs = np.concatenate([p[1][:n] for p, n in zip(parts, lengths)])
+        return {"target": SparseTarget(to_device(torch.from_numpy(ids), device), to_device(torch.from_numpy(probs), device))}
+
+    def target(self, batch) -> SparseTarget:
+        return batch.extra["target"]
+
+
+class OnlineTeacher:
+    """A frozen checkpoint run in this job (same tensor parallelism, no gradients, eval mode, in the
+    run's compute precision). Same tokenizer: it reads the student's batch, and gives its full
+    distribution (top_k 0, shard by shard) or its top k. Different tokenizer: it reads its own
+    tokenisation of the same prompt and output, and its top k at the aligned positions is mapped
+    into the student's vocabulary."""
+
+    online = True
+
+    def __init__(self, ckpt_dir: str, data, student_tok, student_model_vocab: int, top_k: Optional[int],
+                 temperature: float, same_tokenizer: Optional[bool], template: str, dtype, device):
+        from engine.checkpoint import load_for_inference
+        from engine.text.tokenizer import check_tokenizer_fits, load_tokenizer
+
+        if not os.path.exists(ckpt_dir):
+            raise UserError(f"--teacher_ckpt_dir {ckpt_dir} does not exist")
+        self.model, base = load_for_inference(ckpt_dir, None, dtype, device)
+        self.model.eval().requires_grad_(False)
+        self.tok = load_tokenizer(base)
+        check_tokenizer_fits(self.tok, self.model.args.vocab_size, base)
+        self.data, self.template, self.temperature, self.device = data, template, temperature, device
+        self.student_vocab, self.vocab = Vocab.of(student_tok), Vocab.of(self.tok)
+        difference = self.vocab.first_difference(self.student_vocab)
+        if same_tokenizer and difference:
+            raise UserError(f"--same_tokenizer True, but the tokenizer of --teacher_ckpt_dir {ckpt_dir} differs from "
+                            f"the student's: {difference}")
+        self.same = difference is None if same_tokenizer is None else bool(same_tokenizer)
+        self.top_k = (0 if self.same else 5) if top_k is None else top_k
+        if self.top_k == 0:
+            if not self.same:
+                raise UserError(f"--teacher_top_k 0 (the full distribution) needs a teacher with the student's "
+                                f"tokenizer; --teacher_ckpt_dir {ckpt_dir} has another, so pass --teacher_top_k K")
+            if self.model.args.vocab_size != student_model_vocab:
+                raise UserError(f"--teacher_top_k 0 compares full distributions shard by shard, but the model in "
+                                f"--teacher_ckpt_dir {ckpt_dir} has a vocabulary of {self.model.args.vocab_size} and "
+                                f"the student {student_model_vocab}; pass --teacher_top_k K")
+        elif self.top_k > self.model.args.vocab_size:
+            raise UserError(f"--teacher_top_k {self.top_k} exceeds the vocabulary of --teacher_ckpt_dir {ckpt_dir} "
+                            f"({self.model.args.vocab_size})")
+        self.dense = self.top_k == 0
+        vocab_ids = np.arange(self.model.args.vocab_size)
+        id_map = np.where(vocab_ids < len(self.student_vocab), vocab_ids, -1) if self.same else \
+            np.concatenate([self.vocab.map_to(self.student_vocab),
+                            np.full(max(0, self.model.args.vocab_size - len(self.vocab)), -1)])
+        self.id_map = torch.from_numpy(id_map).to(device)
+        self.max_len = min(data.max_seq_len, self.model.args.max_seq_len)
+        self._plans: Dict[Tuple[int, int], tuple] = {}
+
+    def _plan(self, index: int, which: int):
+        """(teacher input ids, teacher prompt length, teacher index per student response token or -1),
+        computed once per output: the teacher's own tokens of the same prompt and output, cut like the
+        student's, and the DTW alignment of the two responses."""
+        key = (index, which)
+        if key not in self._plans:
+            rec = self.data.records[index]
+            prompt = self.tok.encode(format_prompt(rec["instruction"], self.template), bos=True)
+            resp = self.tok.encode(_outputs(rec)[which], bos=False, eos=True)
+            seq = (prompt + resp)[: self.max_len + 1]
+            match = aligned_positions(self.data.response(index, which), resp, self.student_vocab, self.vocab)
+            room = len(seq) - len(prompt)  # teacher response tokens that survive the cut
+            self._plans[key] = (seq[:-1], len(prompt), [j if j < room else -1 for j in match])
+        return self._plans[key]
+
+    def coverage(self, n: int = 50) -> float:
+        """Fraction of the response tokens of the first n records aligned to a teacher token (the rest
+        learn their own token); the teacher's tokens missing from the student vocabulary aside."""
+        plans = [self._plan(i, 0)[2] for i in self.data.keep[:n]]
+        return sum(j >= 0 for m in plans for j in m) / max(1, sum(len(m) for m in plans))
+
+    def batch_extra(self, items, lengths, device) -> dict:
+        if self.same:
+            return {}
+        plans = [self._plan(i, w) for i, w in items]
+        width = max(len(p[0]) for p in plans)
+        inputs = torch.full((len(plans), width), self.tok.padding_id, dtype=torch.long)
+        rows, aligned, n = [], [], 0
+        for b, ((ids, prompt_len, match), count) in enumerate(zip(plans, lengths)):
+            inputs[b, :len(ids)] = torch.tensor(ids)
+            for i, j in enumerate(match[:count]):
+                if j >= 0:
+                    aligned.append(n + i)
+                    rows.append(b * width + prompt_len - 1 + j)
+            n += count
+        return {"teacher_inputs": to_device(inputs, device),
+                "teacher_rows": to_device(torch.tensor(rows, dtype=torch.long), device),
+                "aligned": to_device(torch.tensor(aligned, dtype=torch.long), device)}
+
+    @torch.no_grad()
+    def target(self, batch):
+        extra = batch.extra
+        inputs = extra.get("teacher_inputs", batch.inputs)
+        hidden = self.model.forward_hidden(inputs)
+        rows = extra.get("teacher_rows", batch.label_rows)
+        t_rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+        head = self.model.head_weight
+        if self.dense:
+            return DenseTarget(t_rows, head)
+        own = extra["own"]
+        ids = torch.full((own.shape[0], self.top_k), -1, dtype=torch.long, device=own.device)
+        probs = torch.zeros((own.shape[0], self.top_k), dtype=torch.float32, device=own.device)
+        ids[:, 0], probs[:, 0] = own, 1.0  # one-hot on the student's own token unless the teacher says more
+        if t_rows.shape[0] == 0:
+            return SparseTarget(ids, probs)
+        chunk = max(64, (1 << 26) // head.shape[0])
+        t_ids, t_logp = zip(*(sharded_topk(F.linear(t_rows[s:s + chunk].to(head.dtype), head), self.top_k)
+                              for s in range(0, t_rows.shape[0], chunk)))
+        mapped = self.id_map[torch.cat(t_ids)]
+        p = sparse_probs(torch.cat(t_logp), mapped >= 0, self.temperature)
+        ok = (p.sum(dim=-1) > 0)[:, None]
+        aligned = extra.get("aligned")
+        if aligned is None:
+            aligned = torch.arange(own.shape[0], device=own.device)
+        ids[aligned] = torch.where(ok, torch.where(mapped >= 0, mapped, -1), ids[aligned])
+        probs[aligned] = torch.where(ok, p, probs[aligned])
+        return SparseTarget(ids, probs)
+
+
+def kl_rows(labels: torch.Tensor) -> Tuple[List[int], List[int], List[int]]:
+    """(flat row index, label, count per sequence) of every labelled position of a [B, T] batch, in
+    order: sequence by sequence, response token by response token."""
+    flat, own, counts = [], [], []
+    width = labels.shape[1]
+    for b, row in enumerate(labels.tolist()):
+        pos = [t for t, y in enumerate(row) if y != IGNORE]
+        flat += [b * width + t for t in pos]
+        own += [row[t] for t in pos]
+        counts.append(len(pos))
+    return flat, own, counts
+
+
+def check_teacher_flags(teacher_ckpt_dir, teacher_file, top_k, kl_weight, temperature) -> None:
+    """The teacher flags' own checks, before anything loads."""
+    if bool(teacher_ckpt_dir) == bool(teacher_file):
+        raise UserError("--objective teacher_kl needs exactly one teacher: --teacher_ckpt_dir (online) or "
+                        "--teacher_file (offline, from `infer.py score --top_k K`)")
+    if not 0 <= kl_weight <= 1:
+        raise UserError(f"--kl_weight must be in [0, 1], got {kl_weight}")
+    if not temperature > 0:
+        raise UserError(f"--kl_temperature must be > 0, got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise UserError(f"--teacher_top_k must be >= 0, got {top_k}")
+    if teacher_file and top_k == 0:
+        raise UserError(f"--teacher_top_k 0 (the full distribution) needs an online teacher; --teacher_file "
+                        f"{teacher_file} holds only the teacher's top k")
+    if teacher_file and not os.path.isfile(teacher_file):
+        raise DataError(f"--teacher_file {teacher_file} does not exist")
+    if teacher_ckpt_dir and not os.path.exists(teacher_ckpt_dir):
+        raise UserError(f"--teacher_ckpt_dir {teacher_ckpt_dir} does not exist")
+
+
+def sparse_probs(logprobs: torch.Tensor, keep: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The teacher's top-k renormalised: softmax(logprob / T) over the entries `keep`s (0 elsewhere).
+    The mass outside the kept entries (the rest of the vocabulary, tokens the student lacks) is
+    dropped, not spread: what the teacher file does not hold is not guessed. A row keeping nothing
+    is all zeros."""
+    z = torch.where(keep, logprobs.float() / temperature, float("-inf"))
+    z = z - z.max(dim=-1, keepdim=True).values.clamp(min=-1e30)
+    p = torch.where(keep, z.exp(), 0.0)
+    return p / p.sum(dim=-1, keepdim=True).clamp(min=1e-30)

@@ -1,0 +1,181 @@
+"""Shared launcher plumbing: flags as dataclass fields (`flag`), the fire entry point of an arguments
+class (`launcher(..., run=job)`), strict flag checks, and one-sentence errors for user mistakes."""
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import sys
+import time
+import typing
+
+from engine.runtime.errors import UserError
+from dataclasses import MISSING, field, fields
+# Under torchrun, a rank other than 0 waits this long before printing its error and exiting: rank 0,
+# which usually fails with the same sentence, prints first and its exit ends the job (torchrun kills
+# the others), so the user reads the sentence once; an error only rank k sees still gets printed.
+RANK_GRACE_S = 3.0
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one error sentence and exit non-zero. torchrun kills every rank as soon as one exits, so
+    each failing rank prints the sentence itself (rank 0 at once, the others after RANK_GRACE_S)
+    instead of counting on rank 0 to still be alive."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        time.sleep(RANK_GRACE_S)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def unknown_flags(component, argv) -> list:
+    """Flags in argv that the called function does not take (fire would run the job first and
+    complain only afterwards)."""
+    fn, args = component, list(argv)
+    if isinstance(component, dict):
+        if not args or args[0] not in component:
+            return []
+        fn, args = component[args[0]], args[1:]
+    params = inspect.signature(fn).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return []
+    bad = []
+    for a in args:
+        if a == "--":
+            break
+        if a.startswith("--") and len(a) > 2:
+            name = a[2:].split("=", 1)[0].replace("-", "_")
+            if name not in params and name not in ("help", "helpfull", "trace", "verbose", "interactive", "completion"):
+                bad.append("--" + name)
+    return bad
+
+
+def _raw_flag_text(name: str, argv) -> typing.Optional[str]:
+    """The text the user typed after --name (fire has already turned '5' into 5 and 'a,b' into a tuple)."""
+    value = None
+    for i, a in enumerate(argv):
+        for spelling in ("--" + name, "--" + name.replace("_", "-")):
+            if a == spelling and i + 1 < len(argv):
+                value = argv[i + 1]
+            elif a.startswith(spelling + "="):
+                value = a[len(spelling) + 1:]
+    return value
+
+
+def _coerce(name: str, value, kind, default, argv):
+    """`value` as fire parsed it, checked against the flag's annotated type; raises UserError."""
+    if value is None and default is None:
+        return None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise UserError(f"--{name} must be True or False, not {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"--{name} must be a whole number, not {value!r}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"--{name} must be a number, not {value!r}")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        if value is True:  # `--name` followed by another flag
+            raise UserError(f"--{name} needs a value")
+        raw = _raw_flag_text(name, argv)  # e.g. --stop 5, --lora_targets wq,wk
+        if raw is not None:
+            return raw
+        if isinstance(value, (int, float)):  # given positionally
+            return str(value)
+        raise UserError(f"--{name} must be a string, not {value!r}")
+    return value
+
+
+def checked_flags(fn):
+    """Wrap a launcher so every flag is checked against its annotation (int, float, bool, str) before
+    the job runs: `--lr abc` ends in one sentence instead of a TypeError deep inside."""
+    hints = typing.get_type_hints(fn)
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        for name, value in list(bound.arguments.items()):
+            kind = hints.get(name)
+            kind = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # Optional[X] -> X
+            default = sig.parameters[name].default
+            bound.arguments[name] = _coerce(name, value, kind, None if default is inspect.Parameter.empty
+                                            else default, sys.argv)
+        return fn(*bound.args, **bound.kwargs)
+
+    return wrapper
+
+
+def run_cli(component) -> None:
+    import fire
+
+    bad = unknown_flags(component, sys.argv[1:])
+    if bad:
+        fail(f"unknown flag {', '.join(bad)}; see --help for the flags this command takes")
+    if isinstance(component, dict):
+        component = {k: checked_flags(v) for k, v in component.items()}
+    else:
+        component = checked_flags(component)
+    try:
+        fire.Fire(component)
+    except UserError as e:
+        fail(str(e))
+
+
+def flag(help: str, default=MISSING):
+    """A command-line flag: a dataclass field with its one line of help."""
+    return field(default=default, metadata={"help": help})
+
+
+def flag_fields(cls):
+    """The command-line flags of an arguments class: required ones first, then in declaration order."""
+    found = [f for f in fields(cls) if "help" in f.metadata]
+    return [f for f in found if f.default is MISSING] + [f for f in found if f.default is not MISSING]
+
+
+def launcher(*classes, run):
+    """The fire entry point of one or more arguments classes (several: one per --objective): keyword-only
+    flags with the fields' types and defaults, a --help line per flag, and a body that checks them
+    (constructing the chosen class) and hands the checked arguments to `run`, the job. A flag that two
+    objectives share must mean the same."""
+    fields_by_name, hints = {}, {}
+    for cls in classes:
+        hints.update(typing.get_type_hints(cls))
+        for f in flag_fields(cls):
+            seen = fields_by_name.setdefault(f.name, f)
+            if (seen.default, seen.metadata["help"]) != (f.default, f.metadata["help"]):
+                raise TypeError(f"--{f.name} means different things in {', '.join(c.__name__ for c in classes)}")
+    flags = list(fields_by_name.values())
+    by_objective = {cls.OBJECTIVE: cls for cls in classes}
+    if len(classes) > 1:
+        choose = field(default=classes[0].OBJECTIVE, metadata={"help": (
+            "the training objective: " + "; ".join(f"{c.OBJECTIVE} ({c.__doc__.strip().rstrip('.')})" for c in classes)
+            + ".")})
+        choose.name, hints["objective"] = "objective", str
+        flags.insert(sum(f.default is MISSING for f in flags), choose)
+
+    def main(**given):
+        name = given.pop("objective", classes[0].OBJECTIVE)
+        cls = by_objective.get(name)
+        if cls is None:
+            raise UserError(f"--objective {name!r} is not one of {', '.join(by_objective)}")
+        own = {f.name for f in flag_fields(cls)}
+        foreign = [k for k in given if k not in own]
+        if foreign:
+            users = [c.OBJECTIVE for c in classes if foreign[0] in {f.name for f in flag_fields(c)}]
+            raise UserError(f"--{foreign[0]} belongs to --objective {' / '.join(users)}, not {name}")
+        run(cls(**given))
+
+    main.__signature__ = inspect.Signature([
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
+                          default=inspect.Parameter.empty if f.default is MISSING else f.default) for f in flags])
+    main.__annotations__ = {f.name: hints[f.name] for f in flags}
+    main.__doc__ = "\n".join([classes[0].SUMMARY, "", "Args:"] + [f"    {f.name}: {f.metadata['help']}" for f in flags])
+    return main

@@ -1,0 +1,245 @@
+"""Reading answers: what a model's output (or a label) says, per task, and where a rationale spells it. Unparsable outputs are wrong, never dropped.
+
+GSM8K / SVAMP / ASDiv: the last number of the sentence that states the answer ("... the answer is
+18 ."), commas removed, compared numerically; without such a sentence, the last number of the text.
+SVAMP: a label or an answer that is an equation ("( 15.0 - 4.0 )") counts as its value.
+Numbers written in words ("twelve", "one hundred and five") are read where no digits are.
+CSQA: the choice letter A-E of the answer sentence, else the last standalone letter.
+
+Answer spans (MCC-KD): the response tokens that spell the final answer.
+"""
+from __future__ import annotations
+
+import ast
+import bisect
+import math
+import operator
+import re
+from typing import List, Optional, Sequence, Tuple
+
+from engine.runtime.errors import UserError
+
+NUMERIC_TASKS = ("GSM8K", "SVAMP", "ASDIV", "ARITH", "MULT")
+CHOICE_TASKS = ("CSQA",)
+TASKS = NUMERIC_TASKS + CHOICE_TASKS
+EQUATION_TASKS = ("SVAMP",)  # labels (and label-task outputs) may be equations, compared by their value
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+_ANSWER_PHRASE = re.compile(r"answer\s*(?:is|:|=)", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"\.(?=\s|$)|\n")
+_CHOICE = re.compile(r"\(([A-Ea-e])\)|(?<![A-Za-z'])([A-E])(?![A-Za-z'])")
+_UNITS = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen".split())}
+_TENS = {w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), 2)}
+_SCALES = {"hundred": 100, "thousand": 1000, "million": 10 ** 6, "billion": 10 ** 9}
+
+
+def check_task(task: str) -> str:
+    t = str(task).upper()
+    if t not in TASKS:
+        raise UserError(f"--task {task!r} is unknown; known tasks: GSM8K, SVAMP, ASDiv, CSQA, ARITH, MULT")
+    return t
+
+
+def _answer_sentence(text: str) -> Optional[str]:
+    matches = list(_ANSWER_PHRASE.finditer(text))
+    if not matches:
+        return None
+    rest = text[matches[-1].end():]
+    end = _SENTENCE_END.search(rest)
+    return rest[: end.start()] if end else rest
+
+
+def _to_number(s: str) -> Optional[float]:
+    try:
+        return float(s.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def word_numbers(text: str) -> List[Tuple[int, int, float]]:
+    """(start, end, value) of the numbers written in words: "twelve", "twenty-one", "one hundred and
+    five", "three thousand". A word that cannot continue a number ("one two") starts a new one."""
+    out = []
+    words = list(re.finditer(r"[A-Za-z]+", text))
+    i = 0
+    while i < len(words):
+        total = current = 0
+        last = None  # kind of the previous word: unit, teen, tens, hundred, scale
+        start, end, j = words[i].start(), None, i
+        while j < len(words):
+            w = words[j].group().lower()
+            if j > i and text[words[j - 1].end():words[j].start()].strip(" -"):
+                break  # only spaces or hyphens inside a number
+            if w == "and" and last == "hundred" and j + 1 < len(words) and words[j + 1].group().lower() in {**_UNITS, **_TENS}:
+                j += 1
+                continue
+            if w in _UNITS and last in (None, "tens", "hundred", "scale") and not (last == "tens" and _UNITS[w] >= 10):
+                if last == "tens" and _UNITS[w] == 0:
+                    break
+                current, last = current + _UNITS[w], "unit" if _UNITS[w] < 10 else "teen"
+            elif w in _TENS and last in (None, "hundred", "scale"):
+                current, last = current + _TENS[w], "tens"
+            elif w == "hundred" and last in ("unit", "teen", "tens") and current < 100:
+                current, last = current * 100, "hundred"
+            elif w in _SCALES and w != "hundred" and last in ("unit", "teen", "tens", "hundred"):
+                total, current, last = total + current * _SCALES[w], 0, "scale"
+            else:
+                break
+            end, j = words[j].end(), j + 1
+        if end is None:
+            i += 1
+            continue
+        out.append((start, end, float(total + current)))
+        i = j
+    return out
+
+
+def number_mentions(text: str, words: bool = False) -> List[Tuple[int, int, float]]:
+    """(start, end, value) of the numbers in `text`, in order: digits ("1,234", "-2.5") and, when there
+    are none (or `words`), numbers written in words; a text that states its numbers in digits never
+    has the "one" of "no one" read as an answer."""
+    digits = [(m.start(), m.end(), _to_number(m.group())) for m in _NUMBER.finditer(text)]
+    digits = [d for d in digits if d[2] is not None]
+    return sorted(digits + word_numbers(text)) if words else digits or word_numbers(text)
+
+
+def _format_number(value: float) -> str:
+    return str(int(value)) if value == int(value) else str(value)
+
+
+def equation_value(text: str) -> Optional[float]:
+    """The value of `text` when the whole of it (a final period aside) is arithmetic on numbers:
+    + - * / and parentheses, e.g. SVAMP's "( 15.0 - 4.0 )"; None otherwise (or on division by zero).
+    Walks the parsed expression itself: nothing is ever passed to eval()."""
+    body = str(text).strip().rstrip(".").strip()
+    if not body or len(body) > 200 or not re.fullmatch(r"[\d\s.+\-*/()]+", body):
+        return None
+    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+    def value(node):
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return float(node.value)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            v = value(node.operand)
+            return -v if isinstance(node.op, ast.USub) else v
+        if isinstance(node, ast.BinOp) and type(node.op) in ops:
+            return ops[type(node.op)](value(node.left), value(node.right))
+        raise ValueError(node)
+
+    try:
+        result = value(ast.parse(body, mode="eval").body)
+    except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
+        return None
+    return result if math.isfinite(result) else None
+
+
+def extract_answer(text: str, task: str) -> Optional[str]:
+    """The answer a model's output states, normalised; None when nothing can be read."""
+    task = check_task(task)
+    text = text or ""
+    sentence = _answer_sentence(text)
+    if task in EQUATION_TASKS:  # an answer stated as an equation is its value ("The answer is (32 - 5).")
+        for segment in (sentence, text):
+            if segment and equation_value(segment) is not None:
+                return _format_number(equation_value(segment))
+    if task in CHOICE_TASKS:
+        for segment in (sentence, text):
+            if segment:
+                letters = [(a or b).upper() for a, b in _CHOICE.findall(segment)]
+                if letters:
+                    return letters[0] if segment is sentence else letters[-1]
+        return None
+    for segment in (sentence, text):
+        if segment:
+            numbers = number_mentions(segment)
+            if numbers:
+                return _format_number(numbers[-1][2])
+    return None
+
+
+def parse_label(label, task: str) -> Optional[str]:
+    """A gold label in the form extract_answer gives (None when it cannot be read for the task)."""
+    if label is None or isinstance(label, bool):
+        return None
+    text = str(label).strip()
+    if check_task(task) in CHOICE_TASKS:
+        m = _CHOICE.search(text)
+        return (m.group(1) or m.group(2)).upper() if m else None
+    value = _to_number(text)
+    if value is None and check_task(task) in EQUATION_TASKS:
+        value = equation_value(text)
+    return None if value is None else _format_number(value)
+
+
+def unreadable_labels(records, task: str) -> List[int]:
+    """Indices of the records whose 'label' cannot be read as an answer of `task` (scored wrong)."""
+    return [i for i, r in enumerate(records) if parse_label(r.get("label"), task) is None]
+
+
+def label_warning(bad: List[int], n: int, task: str, path: str) -> str:
+    shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+    return (f"warning: {path}: {len(bad)} of {n} labels cannot be read as {task} answers (records {shown}); "
+            f"they count as wrong and are reported as unparsable_labels")
+
+
+def is_correct(prediction: Optional[str], label, task: str) -> bool:
+    gold = parse_label(label, task)
+    if prediction is None or gold is None:
+        return False
+    if check_task(task) in CHOICE_TASKS:
+        return gold == prediction
+    gold, pred = float(gold), _to_number(prediction)
+    return pred is not None and abs(gold - pred) <= 1e-4 * max(1.0, abs(gold))
+
+
+def answer_char_span(text: str, answer: str):
+    """(start, end) characters of the answer inside `text`: in the sentence that states the answer
+    ("... the answer is 18") when there is one, else its last occurrence; numbers match by value
+    ("1,234" for 1234). None when the answer does not appear."""
+    answer = str(answer).strip()
+    if not answer:
+        return None
+    target = _to_number(answer)
+    if target is not None:  # digits or words ("twelve"), but not the 18 of "18.5"
+        hits = [(s, e) for s, e, v in number_mentions(text, words=True)
+                if abs(v - target) <= 1e-6 * max(1.0, abs(target))
+                and not (text[e:e + 1] == "." and text[e + 1:e + 2].isdigit())]
+    else:
+        hits = [m.span() for m in re.finditer(r"(?<![\w])" + re.escape(answer) + r"(?![\w])", text)]
+    if not hits:
+        return None
+    phrase = list(_ANSWER_PHRASE.finditer(text))
+    if phrase:
+        after = [h for h in hits if h[0] >= phrase[-1].end()]
+        if after:
+            return after[0]
+    return hits[-1]
+
+
+def find_answer_span(tokenizer, response_ids: Sequence[int], text: str, answer: str):
+    """[s, e) indices into response_ids of the tokens that spell `answer` in `text`, or None when the
+    answer is absent or shares a token with its neighbours (so no clean span exists).
+
+    Token i covers characters [end(i-1), end(i)) of the decoded text, end(i) = len(decode(ids[:i+1]))
+    (non-decreasing), so two binary searches find the covering tokens with O(log n) decodes."""
+    chars = answer_char_span(text, answer)
+    if chars is None or not response_ids:
+        return None
+    cs, ce = chars
+
+    class _Ends:  # a lazy sequence of end(i) for bisect
+        def __len__(self):
+            return len(response_ids)
+
+        def __getitem__(self, i):
+            return len(tokenizer.decode(list(response_ids[: i + 1])))
+
+    ends = _Ends()
+    s = bisect.bisect_right(ends, cs)  # first token ending after the answer starts
+    e = bisect.bisect_left(ends, ce) + 1  # through the first token ending at or after its end
+    return (s, e) if span_spells(tokenizer, response_ids, s, e, text[cs:ce]) else None
+
+
+def span_spells(tokenizer, ids: Sequence[int], s: int, e: int, answer: str) -> bool:
+    return 0 <= s < e <= len(ids) and tokenizer.decode(list(ids[s:e])).strip() == str(answer).strip()

@@ -1,0 +1,91 @@
+"""The flags every objective shares, once: name, type, default, one line of help and checks.
+
+`TrainConfig` (engine/train/config.py) holds what the training loop needs; `TrainArgs` adds what the
+launchers need (checkpoint, data, LoRA, evaluation, parallelism). Each objective in engine/distill/
+subclasses it with its own flags and `make_task` (and `make_evaluator` where it evaluates otherwise);
+`launcher(cls, ..., run=run_training)` (engine/runtime/cli.py) turns the classes into the fire entry
+point of train.py / train_mcc.py: its signature, its --help, the strict unknown-flag check and the
+README flag test all read these fields.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import ClassVar, Optional
+
+from engine.runtime.errors import UserError
+from engine.train.config import TrainConfig
+from engine.runtime.cli import flag
+
+
+@dataclass(kw_only=True)
+class TrainArgs(TrainConfig):
+    """The flags of every objective; a subclass names its OBJECTIVE and builds its Task (make_task)."""
+
+    OBJECTIVE: ClassVar[str] = ""
+    LAUNCHER: ClassVar[str] = "train.py"
+    SUMMARY: ClassVar[str] = ("Train a student on teacher rationales (supervised; the loss covers the response "
+                              "tokens only).")
+
+    task: str = flag("GSM8K / SVAMP / ASDiv / CSQA / ARITH: how answers are read during evaluation.")
+    ckpt_dir: str = flag("native checkpoint with one shard per tensor-parallel rank (or an HF directory).")
+    train_file: str = flag("MCC-KD JSON list: instruction, output (a rationale or a list of them), label.")
+    label_file: Optional[str] = flag("evaluation records (instruction, label), scored by greedy generation.", None)
+    model_type: Optional[str] = flag("registry name; a lora- prefix means LoRA (the checkpoint's params.json wins "
+                                     "for shapes).", None)
+    lora_rank: int = flag("LoRA rank (> 0 with a lora- model type); -1 for full fine-tuning.", -1)
+    lora_alpha: Optional[float] = flag("LoRA alpha (scaling alpha / rank); default: the rank.", None)
+    lora_dropout: float = flag("dropout on the LoRA input.", 0.0)
+    lora_targets: str = flag("comma-separated projections to adapt: wq,wk,wv,wo (attention), w1,w2,w3 (MLP), "
+                             "output (head).", "wq,wk,wv,wo,w1,w2,w3")
+    eval_batch_size: int = flag("sequences decoded together during evaluation.", 64)
+    max_seq_len: int = flag("cut longer sequences (counted and reported).", 1024)
+    max_new_tokens: int = flag("generation budget during evaluation.", 256)
+    template: str = flag("prompt template: default or none (recorded with every saved checkpoint for infer.py).",
+                         "default")
+    max_eval_examples: int = flag("evaluate on the first N label_file records only (0: all).", 0)
+    formats: Optional[str] = flag("data formats to train on, comma separated (icl_answer, icl_cot, zs_answer, zs_cot: "
+                                  "records from data/make_formats.py); each batch holds one format (default: every "
+                                  "format in the file).", None)
+    deepspeed: Optional[str] = flag("DeepSpeed config JSON: ZeRO stage 1/2 over the data-parallel group.", None)
+    tp_size: Optional[int] = flag("tensor-parallel size (default: all processes); world size / tp_size replicas "
+                                  "train data-parallel.", None)
+    device: Optional[str] = flag("cpu or cuda (default: cuda when every process on this node has a GPU of its own, "
+                                 "cpu on a machine without one).", None)
+
+    def __post_init__(self):
+        from engine.text.answers import check_task
+        from engine.text.prompts import format_prompt
+
+        super().__post_init__()
+        self.task = check_task(self.task)
+        format_prompt("", self.template)
+        for name in ("eval_batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_seq_len < 2:
+            raise UserError(f"--max_seq_len must be >= 2, got {self.max_seq_len}")
+        from engine.train.batching import parse_formats
+
+        parse_formats(self.formats)
+        if self.deepspeed:
+            import importlib.util
+
+            if importlib.util.find_spec("deepspeed") is None:
+                raise UserError(f"--deepspeed {self.deepspeed} needs the deepspeed package (pip install deepspeed)")
+
+    def make_task(self, records, tokenizer, max_len: int, info):
+        """The objective's Task over the training records."""
+        raise NotImplementedError(f"{type(self).__name__} names no Task")
+
+    def make_evaluator(self, records, tokenizer, info):
+        """What scores the model on --label_file during training (engine/train/evaluator.py)."""
+        from engine.train.evaluator import GenerationEvaluator
+
+        return GenerationEvaluator(records, tokenizer, self.task, info, self.eval_batch_size, self.max_new_tokens,
+                                   self.template)
+
+
+def run_record(args) -> dict:
+    """The flags of a run, as run_config.json records them."""
+    return {"launcher": args.LAUNCHER, "objective": args.OBJECTIVE,
+            **{k: v for k, v in asdict(args).items() if k != "betas"}}

@@ -1,0 +1,201 @@
+"""Saving and resuming a training run, beside the trainer (as torchtitan keeps one).
+
+A save is staged: every rank writes into `NAME.partial`, rank 0 swaps it in once all are done, so a
+crash never leaves a half-written checkpoint under the real name; a full disk ends in one sentence.
+`checkpoint-N/` holds the model (native shards, or the LoRA adapter naming its base), the prompt
+template and tokenizer, each rank's trainer state, and `run.json` (what must match to resume);
+`best/` holds the model only. Resume takes the newest intact checkpoint, skipping damaged ones.
+Weights holding NaN or Inf are never saved.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import shutil
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+from engine.runtime import distributed
+from engine.checkpoint import load_state_into, open_checkpoint, open_lora, save_lora, write_model_shard
+from engine.runtime.errors import UserError
+from engine.runtime.fileio import atomic_torch_save, atomic_write_text, disk_errors
+from engine.text.prompts import save_template
+from engine.runtime.log import read_metric_lines
+
+# what a resumed run must share with the run that wrote the checkpoint
+SIGNATURE_CHECKS = (("model_args", "a different model"), ("tp_size", "a different tensor-parallel size"),
+                    ("dp_size", "a different data-parallel size"), ("lora", "different LoRA settings"),
+                    ("max_batch_size", "a different --max_batch_size"), ("deepspeed", "a different --deepspeed use"))
+
+
+class Checkpointer:
+    task_prefixes = None  # {task: instruction prefix} a multi-task model was trained with, recorded with it
+
+    def __init__(self, save_dir: str, model, info, lora_cfg=None, base_ckpt: Optional[str] = None, tokenizer=None,
+                 template: Optional[str] = None, keep: int = 2):
+        self.save_dir, self.model, self.info = save_dir, model, info
+        self.lora_cfg, self.base_ckpt, self.tokenizer, self.template, self.keep = (lora_cfg, base_ckpt, tokenizer,
+                                                                                   template, keep)
+
+    # ----- writing ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _staged(self, final: str):
+        """All ranks write into a temporary sibling of `final`; rank 0 swaps it in once all are done.
+        A failed write (a full disk) removes the sibling and ends in one sentence naming `final`."""
+        stage, old = final.rstrip("/") + ".partial", final.rstrip("/") + ".old"
+        with disk_errors(final):
+            if self.info.is_main:
+                shutil.rmtree(stage, ignore_errors=True)
+                os.makedirs(stage)
+            distributed.barrier()
+            try:
+                yield stage
+            except BaseException:
+                shutil.rmtree(stage, ignore_errors=True)
+                raise
+        distributed.barrier()
+        if self.info.is_main:
+            if os.path.exists(final):
+                os.replace(final, old)
+            os.replace(stage, final)
+            shutil.rmtree(old, ignore_errors=True)
+        distributed.barrier()
+
+    def _write_model_files(self, directory: str) -> None:
+        """The model as a loadable checkpoint: LoRA adapter (+ base reference) or full native shards;
+        one data-parallel replica writes."""
+        info = self.info
+        if info.dp_rank != 0:
+            return
+        if self.lora_cfg is not None:
+            save_lora(self.model, self.lora_cfg, directory, self.base_ckpt)
+        else:
+            write_model_shard(self.model, directory)
+        if info.is_main and self.tokenizer is not None:
+            shutil.copyfile(self.tokenizer.path, os.path.join(directory, os.path.basename(self.tokenizer.path)))
+        if info.is_main and self.template is not None:
+            save_template(directory, self.template, self.task_prefixes)
+
+    def checked_parameters(self):
+        """The weights a save must find finite: the model's."""
+        return self.model.parameters()
+
+    def weights_finite(self) -> bool:
+        """Whether every checked weight, on every rank, is finite."""
+        bad = torch.zeros((), device=self.info.device)
+        with torch.no_grad():
+            for p in self.checked_parameters():
+                if not torch.isfinite(p).all():
+                    bad.fill_(1.0)
+                    break
+        if dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return not bool(bad.item())
+
+    def save_model(self, name: str, extra: Optional[dict] = None) -> bool:
+        """The model alone as save_dir/name (best/); False (and a warning) when it holds NaN or Inf."""
+        final = os.path.join(self.save_dir, name)
+        if not self.weights_finite():  # never keep a NaN model
+            if self.info.is_main:
+                print(f"warning: not saving {final}: the weights hold NaN or Inf", flush=True)
+            return False
+        with self._staged(final) as stage:
+            self._write_model_files(stage)
+            if extra and self.info.is_main:
+                atomic_write_text(os.path.join(stage, "eval.json"), json.dumps(extra))
+        return True
+
+    def save(self, step: int, trainer_state: dict, signature: dict, ds_engine=None) -> None:
+        """checkpoint-{step}: the model, this rank's trainer state, run.json; older ones beyond `keep`
+        are removed (a NaN model is not saved: it would only push good checkpoints out)."""
+        final = os.path.join(self.save_dir, f"checkpoint-{step}")
+        if not self.weights_finite():
+            if self.info.is_main:
+                print(f"warning: not saving {final}: the weights hold NaN or Inf", flush=True)
+            return
+        with self._staged(final) as stage:
+            self._write_model_files(stage)
+            atomic_torch_save(trainer_state, os.path.join(stage, f"trainer_state.{self.info.rank:02d}.pt"))
+            if ds_engine is not None:
+                ds_engine.save_checkpoint(os.path.join(stage, "deepspeed"), tag="state")
+            if self.info.is_main:
+                atomic_write_text(os.path.join(stage, "run.json"), json.dumps(signature, indent=2))
+        if self.info.is_main and self.keep > 0:
+            for old in self.checkpoints()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        distributed.barrier()
+
+    # ----- reading ------------------------------------------------------------------------------
+    def checkpoints(self) -> List[str]:
+        found = glob.glob(os.path.join(self.save_dir, "checkpoint-*"))
+        found = [p for p in found if os.path.basename(p).split("-", 1)[1].isdigit()]
+        return sorted(found, key=lambda p: int(os.path.basename(p).split("-", 1)[1]))
+
+    def check_fresh_start(self) -> None:
+        if self.checkpoints():
+            raise UserError(f"{self.save_dir} already holds checkpoints; pass --resume True to continue "
+                            f"that run or choose another --save_dir")
+
+    @staticmethod
+    def _problem(path: str) -> Optional[str]:
+        """Why `path` cannot be resumed from (a file it should hold is missing or unreadable), or None.
+        Every rank checks every rank's files, so all of them pick the same checkpoint."""
+        try:
+            saved = json.load(open(os.path.join(path, "run.json")))
+            tp, world, lora = saved["tp_size"], saved["tp_size"] * saved["dp_size"], saved["lora"]
+        except FileNotFoundError:
+            return "run.json is missing"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "run.json is not readable"
+        need = [f"trainer_state.{r:02d}.pt" for r in range(world)]
+        need += (["lora_config.json"] + [f"lora.{r:02d}.safetensors" for r in range(tp)] if lora else
+                 ["params.json"] + [f"consolidated.{r:02d}.safetensors" for r in range(tp)])
+        if saved.get("deepspeed"):
+            need.append("deepspeed")
+        missing = [n for n in need if not os.path.exists(os.path.join(path, n))]
+        return f"{missing[0]} is missing" if missing else None
+
+    def resume(self, signature: dict, metrics_path: str, ds_engine=None):
+        """Load the newest intact checkpoint into the model (and DeepSpeed); returns (path, this rank's
+        trainer state). Metrics lines written after it (and a line torn by the interruption) are dropped."""
+        ckpts = self.checkpoints()
+        if not ckpts:
+            raise UserError(f"--resume True but {self.save_dir} holds no checkpoint-N directory")
+        skipped = []
+        for path in reversed(ckpts):  # the newest intact checkpoint
+            problem = self._problem(path)
+            if problem is None:
+                break
+            skipped.append(f"{os.path.basename(path)} ({problem})")
+        else:
+            raise UserError(f"--resume True but no checkpoint in {self.save_dir} is intact: {'; '.join(skipped)}")
+        if skipped and self.info.is_main:
+            print(f"warning: skipping {', '.join(skipped)}; resuming from the previous intact checkpoint", flush=True)
+        saved = json.load(open(os.path.join(path, "run.json")))
+        for key, what in SIGNATURE_CHECKS:
+            if saved.get(key) != signature.get(key):
+                raise UserError(f"--resume: {path} was written by {what} ({key}: {saved.get(key)} vs {signature.get(key)})")
+        info = self.info
+        if self.lora_cfg is not None:
+            src, _, _ = open_lora(path, self.model.args)
+            load_state_into(self.model, src, info.tp_rank, info.tp_size, only_specs=True)
+        else:
+            load_state_into(self.model, open_checkpoint(path), info.tp_rank, info.tp_size)
+        state_path = os.path.join(path, f"trainer_state.{info.rank:02d}.pt")
+        try:
+            state = torch.load(state_path, weights_only=False)
+        except Exception as e:  # torch raises its own error types for a truncated file
+            raise UserError(f"--resume: {state_path} is truncated or corrupted ({type(e).__name__}); remove "
+                            f"{path} to resume from the checkpoint before it") from None
+        if ds_engine is not None:
+            ds_engine.load_checkpoint(os.path.join(path, "deepspeed"), tag="state", load_module_strict=False,
+                                      load_lr_scheduler_states=False)
+        if info.is_main:
+            kept = [r for r in read_metric_lines(metrics_path) if r["step"] <= state["step"]]
+            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+            print(f"resumed from {path} at step {state['step']}", flush=True)
+        return path, state

@@ -1,0 +1,41 @@
+"""What scores a model on --label_file during training: greedy generation and task accuracy."""
+from __future__ import annotations
+
+from typing import List
+import torch
+import torch.distributed as dist
+from engine.runtime import distributed
+from engine.text.answers import check_task
+from engine.infer.generation import SamplingParams, complete_prompts, fit_prompt
+from engine.text.prompts import format_prompt
+from engine.infer.metrics import Accuracy, accuracy_of
+
+
+class GenerationEvaluator:
+    """Greedy generation on labelled records and task accuracy. Data-parallel replicas take
+    interleaved slices; counts are summed over them."""
+
+    def __init__(self, records, tokenizer, task: str, info, batch_size: int = 64, max_new_tokens: int = 256,
+                 template: str = "default"):
+        self.task, self.tok, self.info = check_task(task), tokenizer, info
+        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        mine = records[info.dp_rank::info.dp_size]
+        self.labels = [r.get("label") for r in mine]
+        self.prompts = [tokenizer.encode(format_prompt(r["instruction"], template)) for r in mine]
+
+    def texts(self, model) -> List[str]:
+        params = SamplingParams(max_new_tokens=self.max_new_tokens)
+        stop = [self.tok.eos_id] if self.tok.eos_id is not None else []
+        limit = max(1, model.args.max_seq_len - self.max_new_tokens)  # long prompts lose their beginning
+        prompts = [fit_prompt(p, limit, self.tok.bos_id) for p in self.prompts]
+        new = complete_prompts(model, prompts, params, stop, batch_size=self.batch_size)
+        return [self.tok.decode([t for t in ids if t not in stop]) for ids in new]
+
+    def __call__(self, model) -> dict:
+        acc = accuracy_of(self.texts(model), self.labels, self.task)
+        counts = torch.tensor([acc.correct, acc.total, acc.unparsable, acc.unparsable_labels], dtype=torch.float64,
+                              device=model.head_weight.device)
+        if dist.is_initialized() and self.info.dp_size > 1:
+            dist.all_reduce(counts, group=distributed.dp_group())
+        c, t, u, b = (int(x) for x in counts.tolist())
+        return Accuracy(correct=c, total=t, unparsable=u, unparsable_labels=b).as_dict()

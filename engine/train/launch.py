@@ -1,0 +1,89 @@
+"""The training run behind train.py and train_mcc.py: every flag is checked before the process group
+forms (engine/train/args.py and each objective's args), the job then owns save_dir (a second job on it stops at once), and only then
+do the model and data load."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from engine.runtime import distributed
+from engine.text.answers import label_warning, unreadable_labels
+from engine.train.args import TrainArgs, run_record
+from engine.checkpoint import load_model
+from engine.train.batching import format_groups
+from engine.text.records import read_records
+from engine.runtime.errors import UserError
+from engine.runtime.lock import own_output
+from models.lora import LoRAConfig, apply_lora
+from engine.train.batching import group_by_format
+from engine.text.tokenizer import check_tokenizer_fits, load_tokenizer
+from engine.train.trainer import Trainer
+from models.registry import parse_model_type
+
+
+def build_model(ckpt_dir: str, model_type: Optional[str], lora_rank: int, lora_alpha, lora_dropout: float,
+                lora_targets, dtype: torch.dtype, info, seed: int = 0):
+    """Load the checkpoint for this rank; add LoRA when asked. Returns (model, lora_cfg or None).
+
+    LoRA: frozen base in `dtype`, adapter in fp32. Full fine-tuning: fp32 weights (autocast computes
+    in `dtype`), so optimizer updates never round to half precision."""
+    use_lora = lora_rank is not None and lora_rank > 0
+    if model_type is not None:
+        _, lora_variant = parse_model_type(model_type)
+        if lora_variant and not use_lora:
+            raise UserError(f"--model_type {model_type} is a LoRA variant: pass --lora_rank > 0")
+        if use_lora and not lora_variant:
+            raise UserError(f"--lora_rank {lora_rank} with --model_type {model_type}: use lora-{model_type} "
+                            f"for LoRA, or --lora_rank -1 for full fine-tuning")
+    model = load_model(ckpt_dir, dtype=dtype if use_lora else torch.float32, device=info.device, model_type=model_type)
+    lora_cfg = None
+    if use_lora:
+        lora_cfg = LoRAConfig(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets, seed=seed)
+        apply_lora(model, lora_cfg)
+    model.train()
+    return model, lora_cfg
+
+
+def read_eval_records(label_file: Optional[str], max_examples: int = 0, task: Optional[str] = None):
+    """The evaluation records; labels that cannot be read for `task` are counted in a warning (they
+    score wrong and appear as unparsable_labels in the evaluation lines)."""
+    if not label_file:
+        return None
+    records = read_records(label_file)
+    for i, r in enumerate(records):
+        if "label" not in r:
+            raise UserError(f"{label_file} record {i} lacks the key 'label'")
+    records = records[:max_examples] if max_examples > 0 else records
+    bad = unreadable_labels(records, task) if task else []
+    if bad and os.environ.get("RANK", "0") == "0":
+        print(label_warning(bad, len(records), task, label_file), flush=True)
+    return records
+
+
+def run_training(args: TrainArgs) -> None:
+    records = read_records(args.train_file)
+    groups = format_groups(records, args.formats, args.train_file)  # one data format per batch
+    eval_records = read_eval_records(args.label_file, args.max_eval_examples, args.task)
+    info = distributed.setup(args.tp_size, args.device)
+    lock = own_output(os.path.join(args.save_dir, ".lock"), f"--save_dir {args.save_dir}", info, make_dir=True)
+    try:
+        tok = load_tokenizer(args.ckpt_dir)
+        model, lora_cfg = build_model(args.ckpt_dir, args.model_type, args.lora_rank, args.lora_alpha,
+                                      args.lora_dropout, args.lora_targets, args.dtype, info, args.seed)
+        check_tokenizer_fits(tok, model.args.vocab_size, args.ckpt_dir)
+        task = args.make_task(records, tok, min(args.max_seq_len, model.args.max_seq_len), info)
+        formats = group_by_format(task, groups)
+        if formats and info.is_main:
+            print(f"{args.train_file}: {formats}", flush=True)
+        evaluator = None
+        if eval_records:
+            evaluator = args.make_evaluator(eval_records, tok, info)
+        trainer = Trainer(model, task, args, info, tok, evaluator, lora_cfg, args.ckpt_dir, args.deepspeed,
+                          run_meta=run_record(args), template=args.template)
+        trainer.fit()
+    finally:
+        if lock is not None:
+            lock.release()
+    distributed.teardown()

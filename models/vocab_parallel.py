@@ -1,0 +1,264 @@
+"""Losses on vocabulary shards: next-token cross-entropy and T^2 KL(teacher || student) from hidden states,
+chunk by chunk (no full logits), sharded log-softmax and sharded top-k.
+
+Each loss returns SUMS (and the trainer divides by counts taken over the whole optimizer step, across
+data-parallel ranks and accumulation), so any split of a batch gives the same loss and gradient.
+Logits are this rank's vocabulary shard [..., vocab / tp]; nothing gathers the full vocabulary.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.cross_entropy import vocab_parallel_cross_entropy
+
+from models.parallel import all_reduce_tp_, copy_to_tp, reduce_from_tp, vocab_shard_start
+
+IGNORE = -100  # the label of a position that takes no loss (PyTorch's ignore_index)
+
+
+def token_cross_entropy(logits_local: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropy over positions whose label is not IGNORE.
+    Note: consumes `logits_local` when it is already fp32 (fairscale subtracts the max in place)."""
+    mask = labels != IGNORE
+    per_token = vocab_parallel_cross_entropy(logits_local.float(), labels.clamp(min=0))
+    return (per_token * mask).sum()
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """Output projection + next-token cross-entropy, chunk by chunk over positions, on this rank's
+    vocabulary shard. Each chunk's fp32 logits live only while the chunk is processed: the loss
+    and both gradients (softmax - one-hot, times the weight / the hidden states) are computed in
+    the forward, so the backward only scales them and nothing is recomputed."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_rows, rows):
+        h_all = hidden.reshape(-1, hidden.shape[-1])
+        h, y = h_all, labels.reshape(-1)
+        if rows is not None:  # only the positions that have a label: the others add nothing
+            h, y = h.index_select(0, rows), y.index_select(0, rows)
+        local_vocab = weight.shape[0]
+        start = vocab_shard_start(local_vocab)
+        grad_h = torch.empty_like(h) if hidden.requires_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], chunk_rows):
+            hc, yc = h[s:s + chunk_rows], y[s:s + chunk_rows]
+            local = yc - start
+            here = (local >= 0) & (local < local_vocab) & (yc != IGNORE)  # this rank holds the target
+            index = local.clamp(0, local_vocab - 1)[:, None]
+            logits = F.linear(hc, weight).float()
+            logits -= all_reduce_tp_(logits.max(dim=-1).values, dist.ReduceOp.MAX)[:, None]
+            target = all_reduce_tp_(torch.where(here, logits.gather(1, index).squeeze(1), 0.0))
+            probs = logits.exp_()
+            sum_exp = all_reduce_tp_(probs.sum(dim=-1))
+            valid = (yc != IGNORE).to(probs.dtype)
+            total += ((sum_exp.log() - target) * valid).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            probs /= sum_exp[:, None]  # d loss / d logits = softmax - one-hot, 0 where there is no label
+            probs.scatter_add_(1, index, -here.to(probs.dtype)[:, None])
+            probs = (probs * valid[:, None]).to(hc.dtype)
+            if grad_h is not None:
+                grad_h[s:s + chunk_rows] = all_reduce_tp_(probs @ weight.to(hc.dtype))
+            if grad_w is not None:
+                grad_w += (probs.t() @ hc).float()
+        if grad_h is not None and rows is not None:
+            grad_h = torch.zeros_like(h_all).index_copy_(0, rows, grad_h)
+        ctx.save_for_backward(grad_h if grad_h is not None else torch.empty(0),
+                              grad_w if grad_w is not None else torch.empty(0))
+        ctx.shapes = hidden.shape, hidden.dtype, weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        shape, h_dtype, w_dtype = ctx.shapes
+        gh = (grad_h * grad_out).to(h_dtype).view(shape) if ctx.needs_input_grad[0] else None
+        gw = (grad_w * grad_out).to(w_dtype) if ctx.needs_input_grad[1] else None
+        return gh, gw, None, None, None
+
+
+def head_cross_entropy(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor,
+                       chunk_rows: int = 0, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Sum of next-token cross-entropy over positions whose label is not IGNORE, from final hidden
+    states [B, T, dim] and this rank's head shard [vocab / tp, dim], never holding the logits of
+    more than `chunk_rows` positions (default: about 2^26 logits). rows: the flat indices of the
+    labelled positions (labelled_rows, known on the host), so prompt positions cost nothing. Equals
+    token_cross_entropy(hidden @ head_weight.T, labels) in value and gradients."""
+    if not chunk_rows:
+        chunk_rows = max(64, (1 << 26) // head_weight.shape[0])
+    return _HeadCrossEntropy.apply(hidden, head_weight, labels, chunk_rows, rows)
+
+
+def labelled_rows(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the positions with a label, from host-side labels (no device sync)."""
+    return (labels.reshape(-1) != IGNORE).nonzero().squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The mutual-information term of CoT distillation (Chen et al. 2024) on top of distilling step-by-step
+# ----------------------------------------------------------------------------------------------
+def sharded_log_normalizer(scores_local: torch.Tensor) -> torch.Tensor:
+    """log sum_v exp(scores[..., v]) over the whole vocabulary, from this rank's shard [..., vocab/tp];
+    replicated on every rank, differentiable. The max shift is a constant (no gradient needed)."""
+    shift = all_reduce_tp_(scores_local.detach().amax(dim=-1), dist.ReduceOp.MAX)
+    return shift + reduce_from_tp((scores_local - shift[..., None]).exp().sum(dim=-1)).log()
+
+
+def sharded_log_softmax(scores_local: torch.Tensor) -> torch.Tensor:
+    """Log-softmax over the whole vocabulary, on this rank's shard: the replicated normaliser enters the
+    shard through copy_to_tp, so its gradient sums over every rank's part of the vocabulary."""
+    return scores_local - copy_to_tp(sharded_log_normalizer(scores_local))[..., None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Distillation from the teacher's next-token distributions (train.py --objective teacher_kl)
+# ----------------------------------------------------------------------------------------------
+class SparseTarget(NamedTuple):
+    """The teacher's distribution at each row as a few student token ids and their probabilities:
+    ids [N, k] global student ids (-1: unused slot), probs [N, k] summing to 1 per row (a row whose
+    probs sum to 0 has no target and contributes nothing). Ids may repeat (their mass adds up)."""
+
+    ids: torch.Tensor
+    probs: torch.Tensor
+
+
+class DenseTarget(NamedTuple):
+    """The teacher's full distribution at each row, from its final hidden states [N, dim_t] and its
+    head shard [vocab / tp, dim_t] (the same tokenizer and vocabulary size as the student, so the
+    shards hold the same ids). Projected chunk by chunk, like the student's."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+
+
+def _target_chunk(target, s: int, e: int, local_vocab: int, start: int, temperature: float, like: torch.Tensor):
+    """This rank's shard of the teacher's probabilities at rows s:e [rows, vocab / tp] (fp32)."""
+    if isinstance(target, DenseTarget):
+        z = F.linear(target.hidden[s:e].to(target.weight.dtype), target.weight).float() / temperature
+        z -= all_reduce_tp_(z.max(dim=-1).values, dist.ReduceOp.MAX)[:, None]
+        log_norm = all_reduce_tp_(z.exp().sum(dim=-1)).log()
+        return (z - log_norm[:, None]).exp_()
+    ids, probs = target.ids[s:e], target.probs[s:e].float()
+    local = ids - start
+    here = (ids >= 0) & (local >= 0) & (local < local_vocab)
+    p = torch.zeros_like(like)
+    return p.scatter_add_(1, local.clamp(0, local_vocab - 1), torch.where(here, probs, 0.0))
+
+
+def _kl_chunk(z: torch.Tensor, p: torch.Tensor, temperature: float, want_grad: bool):
+    """T^2 KL(p || softmax(z / T)) summed over rows, and its gradient in the student logits z
+    [rows, vocab / tp] (fp32, consumed): T (q * sum(p) - p), which is T (q - p) for a full target."""
+    z /= temperature
+    z -= all_reduce_tp_(z.max(dim=-1).values, dist.ReduceOp.MAX)[:, None]
+    sum_exp = all_reduce_tp_(z.exp().sum(dim=-1))
+    log_q = z - sum_exp.log()[:, None]
+    per_row = all_reduce_tp_((torch.xlogy(p, p) - p * log_q).sum(dim=-1))
+    loss = temperature ** 2 * per_row.sum()
+    if not want_grad:
+        return loss, None
+    mass = all_reduce_tp_(p.sum(dim=-1))
+    return loss, temperature * (log_q.exp_() * mass[:, None] - p)
+
+
+class _HeadTeacherKL(torch.autograd.Function):
+    """Output projection + T^2 KL(teacher || student), chunk by chunk over rows on this rank's
+    vocabulary shard (as _HeadCrossEntropy: loss and both gradients in the forward)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, temperature, chunk_rows):
+        local_vocab = weight.shape[0]
+        start = vocab_shard_start(local_vocab)
+        grad_h = torch.empty_like(hidden) if hidden.requires_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.shape[0], chunk_rows):
+            hc = hidden[s:s + chunk_rows]
+            z = F.linear(hc, weight).float()
+            p = _target_chunk(target, s, s + hc.shape[0], local_vocab, start, temperature, z)
+            loss, g = _kl_chunk(z, p, temperature, grad_h is not None or grad_w is not None)
+            total += loss
+            if g is None:
+                continue
+            g = g.to(hc.dtype)
+            if grad_h is not None:
+                grad_h[s:s + chunk_rows] = all_reduce_tp_(g @ weight.to(hc.dtype))
+            if grad_w is not None:
+                grad_w += (g.t() @ hc).float()
+        ctx.save_for_backward(grad_h if grad_h is not None else torch.empty(0),
+                              grad_w if grad_w is not None else torch.empty(0))
+        ctx.dtypes = hidden.dtype, weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        gh = (grad_h * grad_out).to(h_dtype) if ctx.needs_input_grad[0] else None
+        gw = (grad_w * grad_out).to(w_dtype) if ctx.needs_input_grad[1] else None
+        return gh, gw, None, None, None
+
+
+class _LogitsTeacherKL(torch.autograd.Function):
+    """T^2 KL(teacher || student) from this rank's student logits shard [N, vocab / tp]."""
+
+    @staticmethod
+    def forward(ctx, logits_local, target, temperature):
+        local_vocab = logits_local.shape[-1]
+        z = logits_local.float().clone()
+        p = _target_chunk(target, 0, z.shape[0], local_vocab, vocab_shard_start(local_vocab), temperature, z)
+        loss, g = _kl_chunk(z, p, temperature, logits_local.requires_grad)
+        ctx.save_for_backward(g if g is not None else torch.empty(0))
+        ctx.dtype = logits_local.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (g,) = ctx.saved_tensors
+        return (g * grad_out).to(ctx.dtype), None, None
+
+
+def head_teacher_kl(hidden: torch.Tensor, head_weight: torch.Tensor, target, temperature: float = 1.0,
+                    chunk_rows: int = 0) -> torch.Tensor:
+    """Sum over rows of T^2 KL(P_teacher,T || P_student,T), both distributions softened by the
+    temperature T (the T^2 keeps the gradient's scale independent of T, as in Hinton et al.).
+
+    hidden: the student's final hidden states at the rows [N, dim]; head_weight: this rank's head
+    shard [vocab / tp, dim]; target: SparseTarget or DenseTarget (already in the student's
+    vocabulary). Never holds the logits of more than `chunk_rows` rows (default: about 2^26 logits)
+    nor gathers the vocabulary: max, normaliser and the sums are all-reduced over the shards."""
+    if not chunk_rows:
+        chunk_rows = max(64, (1 << 26) // head_weight.shape[0])
+    return _HeadTeacherKL.apply(hidden, head_weight, target, float(temperature), chunk_rows)
+
+
+def logits_teacher_kl(logits_local: torch.Tensor, target, temperature: float = 1.0) -> torch.Tensor:
+    """head_teacher_kl from the student's logits shard [N, vocab / tp] (a head that is not one matrix)."""
+    return _LogitsTeacherKL.apply(logits_local, target, float(temperature))
+
+
+def sharded_topk(logits_local: torch.Tensor, k: int):
+    """The k most likely tokens of each row from vocabulary-sharded logits [N, vocab / tp]: (global
+    ids [N, k] long, log-probabilities [N, k] fp32, descending). Each rank takes its own top k, the
+    candidates (k x tp per row, never the vocabulary) are gathered and the best k kept."""
+    from fairscale.nn.model_parallel.initialize import get_model_parallel_group, get_model_parallel_world_size
+
+    z = logits_local.float()
+    local_vocab = z.shape[-1]
+    m = all_reduce_tp_(z.max(dim=-1).values.clone(), dist.ReduceOp.MAX)
+    log_norm = all_reduce_tp_((z - m[:, None]).exp().sum(dim=-1)).log() + m
+    values, ids = z.topk(min(k, local_vocab), dim=-1)
+    ids = ids + vocab_shard_start(local_vocab)
+    tp = get_model_parallel_world_size()
+    if tp > 1:
+        group = get_model_parallel_group()
+        all_v, all_i = [torch.empty_like(values) for _ in range(tp)], [torch.empty_like(ids) for _ in range(tp)]
+        dist.all_gather(all_v, values.contiguous(), group=group)
+        dist.all_gather(all_i, ids.contiguous(), group=group)
+        values, ids = torch.cat(all_v, dim=-1), torch.cat(all_i, dim=-1)
+        values, pick = values.topk(k, dim=-1)
+        ids = ids.gather(1, pick)
+    return ids, values - log_norm[:, None]
