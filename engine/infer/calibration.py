@@ -18,13 +18,12 @@ from typing import List
 
 import torch
 
-from engine.runtime import distributed
+from engine.runtime.jobs import job as runtime_job
 from engine.text.answers import extract_answer, find_answer_span, is_correct
 from engine.checkpoint import load_for_inference
 from engine.infer.metrics import calibration_bins
 from engine.runtime.fileio import atomic_open, atomic_write_text, disk_errors
 from engine.infer.generation import Request, fit_prompt, generate_stream, request_seed
-from engine.runtime.lock import own_output
 from engine.infer.jobs import GenerationJob
 from engine.runtime.plotting import plot_reliability
 from engine.text.prompts import format_prompt
@@ -65,9 +64,7 @@ def token_probabilities(model, sequences: List[List[int]], positions: List[int],
 
 
 def run_calibration(job: GenerationJob, num_bins: int, plot_file: str) -> dict:
-    info = distributed.setup(device=job.device)
-    lock = own_output(job.output_file + ".lock", f"--output_file {job.output_file}", info)
-    try:
+    with runtime_job(device=job.device, lock_file=job.output_file + ".lock", what=f"--output_file {job.output_file}") as info:
         model, base_dir = load_for_inference(job.ckpt_dir, job.lora_dir, job.dtype, info.device)
         model.eval()
         tok = load_tokenizer(base_dir)
@@ -116,9 +113,4 @@ def run_calibration(job: GenerationJob, num_bins: int, plot_file: str) -> dict:
                 where = os.path.join(*os.path.normpath(os.path.abspath(job.ckpt_dir)).split(os.sep)[-2:])
                 plot_reliability(result["bins"], result["ece"], plot_file, f"{where}: {len(lines)} records")
             print(json.dumps({k: v for k, v in summary.items() if k != "bins"}), flush=True)
-    finally:
-        if lock is not None:
-            lock.release()
-    distributed.barrier()
-    distributed.teardown()
     return summary

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from engine.runtime import distributed
+from engine.runtime.jobs import job as runtime_job
 from engine.text.answers import extract_answer, is_correct, label_warning, parse_label, unreadable_labels
 from engine.checkpoint import load_for_inference
 from engine.text.sequences import IGNORE, pad_batch
@@ -18,7 +18,6 @@ from engine.runtime.errors import UserError
 from engine.infer.metrics import Accuracy
 from engine.runtime.fileio import atomic_open, atomic_write_text, disk_errors, file_sha256
 from engine.infer.generation import Request, SamplingParams, StopStrings, fit_prompt, generate_stream, request_seed
-from engine.runtime.lock import own_output
 from models.vocab_parallel import sharded_topk, token_cross_entropy
 from engine.runtime.progress import Progress
 from engine.text.prompts import format_prompt, task_instruction
@@ -189,9 +188,7 @@ def _plan(job: GenerationJob, tok, max_seq_len: int, skip: set, lines: Lines, wr
 
 
 def run_generation(job: GenerationJob) -> None:
-    info = distributed.setup(device=job.device)
-    lock = own_output(job.output_file + ".lock", f"--output_file {job.output_file}", info)
-    try:
+    with runtime_job(device=job.device, lock_file=job.output_file + ".lock", what=f"--output_file {job.output_file}") as info:
         out = OutputFile(job.output_file, job.meta())
         out.check_resume()
         if job.task and info.is_main:
@@ -245,11 +242,6 @@ def run_generation(job: GenerationJob) -> None:
                 return summary
 
             print(json.dumps(out.finish(summary_of, len(job.records))), flush=True)
-    finally:
-        if lock is not None:
-            lock.release()
-    distributed.barrier()
-    distributed.teardown()
 
 
 def _accuracy(lines: List[dict], job: GenerationJob) -> Accuracy:
@@ -270,66 +262,64 @@ def run_scoring(ckpt_dir: str, records: List[dict], output_file: str, template: 
     vocabulary shards without gathering full logits; written in input order. top_k > 0 also writes,
     per output token, the model's k most likely tokens and their log-probabilities (a teacher file
     for train.py --objective teacher_kl, described by OUTPUT.meta.json)."""
-    info = distributed.setup(device=device)
-    model, base_dir = load_for_inference(ckpt_dir, lora_dir, dtype, info.device)
-    model.eval()
-    tok = load_tokenizer(base_dir)
-    check_tokenizer_fits(tok, model.args.vocab_size, base_dir)
-    if top_k > model.args.vocab_size:
-        raise UserError(f"--top_k {top_k} exceeds the vocabulary of the model in {ckpt_dir} ({model.args.vocab_size})")
-    topk = {}  # (record, output) -> (tokens, top-k ids, top-k log-probabilities)
-    items = []  # (record index, output index, input ids, labels)
-    truncated = 0
-    for i, rec in enumerate(records):
-        prompt = tok.encode(format_prompt(task_instruction(rec["instruction"], task_prefix, task_prefixes), template))
-        for j, text in enumerate(_outputs(rec)):
-            resp = tok.encode(text, bos=False, eos=include_eos)
-            seq = (prompt + resp)[: model.args.max_seq_len + 1]
-            truncated += len(prompt + resp) > len(seq)
-            labels = [IGNORE] * (len(prompt) - 1) + seq[len(prompt):]
-            items.append((i, j, seq[:-1], labels[: len(seq) - 1]))
-    results = {}
-    order = sorted(range(len(items)), key=lambda n: len(items[n][2]))
-    with torch.no_grad():
-        for s in range(0, len(order), batch_size):
-            chunk = [items[n] for n in order[s:s + batch_size]]
-            x, y = pad_batch([(it[2], it[3]) for it in chunk], tok.padding_id)
-            x, y = x.to(info.device), y.to(info.device)
-            logits = model(x, gather=False)
-            if top_k:  # before the cross-entropy, which shifts fp32 logits in place
-                labelled = y != IGNORE
-                ids, logp = sharded_topk(logits[labelled], top_k)
-                ids, logp = ids.tolist(), logp.tolist()
-                start = 0
+    with runtime_job(device=device, lock_file=output_file + ".lock", what=f"--output_file {output_file}") as info:
+        model, base_dir = load_for_inference(ckpt_dir, lora_dir, dtype, info.device)
+        model.eval()
+        tok = load_tokenizer(base_dir)
+        check_tokenizer_fits(tok, model.args.vocab_size, base_dir)
+        if top_k > model.args.vocab_size:
+            raise UserError(f"--top_k {top_k} exceeds the vocabulary of the model in {ckpt_dir} ({model.args.vocab_size})")
+        topk = {}  # (record, output) -> (tokens, top-k ids, top-k log-probabilities)
+        items = []  # (record index, output index, input ids, labels)
+        truncated = 0
+        for i, rec in enumerate(records):
+            prompt = tok.encode(format_prompt(task_instruction(rec["instruction"], task_prefix, task_prefixes), template))
+            for j, text in enumerate(_outputs(rec)):
+                resp = tok.encode(text, bos=False, eos=include_eos)
+                seq = (prompt + resp)[: model.args.max_seq_len + 1]
+                truncated += len(prompt + resp) > len(seq)
+                labels = [IGNORE] * (len(prompt) - 1) + seq[len(prompt):]
+                items.append((i, j, seq[:-1], labels[: len(seq) - 1]))
+        results = {}
+        order = sorted(range(len(items)), key=lambda n: len(items[n][2]))
+        with torch.no_grad():
+            for s in range(0, len(order), batch_size):
+                chunk = [items[n] for n in order[s:s + batch_size]]
+                x, y = pad_batch([(it[2], it[3]) for it in chunk], tok.padding_id)
+                x, y = x.to(info.device), y.to(info.device)
+                logits = model(x, gather=False)
+                if top_k:  # before the cross-entropy, which shifts fp32 logits in place
+                    labelled = y != IGNORE
+                    ids, logp = sharded_topk(logits[labelled], top_k)
+                    ids, logp = ids.tolist(), logp.tolist()
+                    start = 0
+                    for b, it in enumerate(chunk):
+                        n = int(labelled[b].sum())
+                        topk[(it[0], it[1])] = (y[b][labelled[b]].tolist(), ids[start:start + n],
+                                                [[round(v, 6) for v in row] for row in logp[start:start + n]])
+                        start += n
                 for b, it in enumerate(chunk):
-                    n = int(labelled[b].sum())
-                    topk[(it[0], it[1])] = (y[b][labelled[b]].tolist(), ids[start:start + n],
-                                            [[round(v, 6) for v in row] for row in logp[start:start + n]])
-                    start += n
-            for b, it in enumerate(chunk):
-                n_tok = int((y[b] != IGNORE).sum())
-                nll = float(token_cross_entropy(logits[b:b + 1], y[b:b + 1])) if n_tok else 0.0
-                results[(it[0], it[1])] = (-nll, n_tok)
-    if info.is_main:
-        with atomic_open(output_file, "w") as f:
-            for i, rec in enumerate(records):
-                vals = [results[(i, j)] for j in range(len(_outputs(rec)))]
-                sums, counts = [v[0] for v in vals], [v[1] for v in vals]
-                means = [v[0] / v[1] if v[1] else 0.0 for v in vals]
-                one = not isinstance(rec["output"], list)
-                line = {"id": rec.get("id", i), "index": i, "sum_logprob": sums[0] if one else sums,
-                        "mean_logprob": means[0] if one else means, "n_tokens": counts[0] if one else counts}
-                if top_k:
-                    got = [topk[(i, j)] for j in range(len(_outputs(rec)))]
-                    for n, key in enumerate(("tokens", "topk_ids", "topk_logprobs")):
-                        line[key] = got[0][n] if one else [g[n] for g in got]
-                f.write(json.dumps(line) + "\n")
-        if top_k:
-            atomic_write_text(teacher_meta_path(output_file), json.dumps(teacher_meta(
-                top_k, base_dir, tok, model.args.vocab_size, include_eos, template, data_file)) + "\n")
-        print(json.dumps({"records": len(records), "sequences": len(items), "truncated": truncated}), flush=True)
-    distributed.barrier()
-    distributed.teardown()
+                    n_tok = int((y[b] != IGNORE).sum())
+                    nll = float(token_cross_entropy(logits[b:b + 1], y[b:b + 1])) if n_tok else 0.0
+                    results[(it[0], it[1])] = (-nll, n_tok)
+        if info.is_main:
+            with atomic_open(output_file, "w") as f:
+                for i, rec in enumerate(records):
+                    vals = [results[(i, j)] for j in range(len(_outputs(rec)))]
+                    sums, counts = [v[0] for v in vals], [v[1] for v in vals]
+                    means = [v[0] / v[1] if v[1] else 0.0 for v in vals]
+                    one = not isinstance(rec["output"], list)
+                    line = {"id": rec.get("id", i), "index": i, "sum_logprob": sums[0] if one else sums,
+                            "mean_logprob": means[0] if one else means, "n_tokens": counts[0] if one else counts}
+                    if top_k:
+                        got = [topk[(i, j)] for j in range(len(_outputs(rec)))]
+                        for n, key in enumerate(("tokens", "topk_ids", "topk_logprobs")):
+                            line[key] = got[0][n] if one else [g[n] for g in got]
+                    f.write(json.dumps(line) + "\n")
+            if top_k:
+                atomic_write_text(teacher_meta_path(output_file), json.dumps(teacher_meta(
+                    top_k, base_dir, tok, model.args.vocab_size, include_eos, template, data_file)) + "\n")
+            print(json.dumps({"records": len(records), "sequences": len(items), "truncated": truncated}), flush=True)
 
 
 def _outputs(rec: dict) -> list:

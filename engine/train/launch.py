@@ -8,14 +8,13 @@ from typing import Optional
 
 import torch
 
-from engine.runtime import distributed
 from engine.text.answers import label_warning, unreadable_labels
 from engine.train.args import TrainArgs, run_record
 from engine.checkpoint import load_model
 from engine.train.batching import format_groups
 from engine.text.records import read_records
 from engine.runtime.errors import UserError
-from engine.runtime.lock import own_output
+from engine.runtime.jobs import job
 from models.lora import LoRAConfig, apply_lora
 from engine.train.batching import group_by_format
 from engine.text.tokenizer import check_tokenizer_fits, load_tokenizer
@@ -66,9 +65,8 @@ def run_training(args: TrainArgs) -> None:
     records = read_records(args.train_file)
     groups = format_groups(records, args.formats, args.train_file)  # one data format per batch
     eval_records = read_eval_records(args.label_file, args.max_eval_examples, args.task)
-    info = distributed.setup(args.tp_size, args.device)
-    lock = own_output(os.path.join(args.save_dir, ".lock"), f"--save_dir {args.save_dir}", info, make_dir=True)
-    try:
+    with job(args.tp_size, args.device, os.path.join(args.save_dir, ".lock"), f"--save_dir {args.save_dir}",
+             make_dir=True) as info:
         tok = load_tokenizer(args.ckpt_dir)
         model, lora_cfg = build_model(args.ckpt_dir, args.model_type, args.lora_rank, args.lora_alpha,
                                       args.lora_dropout, args.lora_targets, args.dtype, info, args.seed)
@@ -83,7 +81,3 @@ def run_training(args: TrainArgs) -> None:
         trainer = Trainer(model, task, args, info, tok, evaluator, lora_cfg, args.ckpt_dir, args.deepspeed,
                           run_meta=run_record(args), template=args.template)
         trainer.fit()
-    finally:
-        if lock is not None:
-            lock.release()
-    distributed.teardown()

@@ -22,7 +22,6 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from engine.runtime import distributed
 from engine.train.args import run_record
 from engine.checkpoint import (
     is_adapter,
@@ -36,6 +35,7 @@ from engine.checkpoint import (
 )
 from engine.train.checkpointer import Checkpointer
 from engine.runtime.errors import UserError
+from engine.runtime.jobs import job
 from engine.runtime.fileio import atomic_write_text
 from engine.train.gradients import KVReplicaSync, param_copies
 from engine.distill.implicit.data import CoTExamples, read_cot_lines
@@ -43,7 +43,6 @@ from engine.distill.implicit.decode import AnswerEvaluator, StateErrorEvaluator,
 from engine.distill.implicit.states import StateMaps, check_state_map, parse_layers, same_depth
 from engine.distill.implicit.tasks import CoTTeacherTask, CoupleTask, EmulatorTask, MindReadTask
 from engine.train.launch import build_model
-from engine.runtime.lock import own_output
 from engine.text.tokenizer import check_tokenizer_fits, load_tokenizer
 from engine.train.trainer import Trainer
 from models.args import ModelArgs
@@ -354,17 +353,12 @@ def run_stage(args) -> None:
     if held_lines and args.max_eval_examples:
         held_lines = held_lines[:args.max_eval_examples]
     plan = check_prerequisites(args)
-    info = distributed.setup(args.tp_size, args.device)
-    lock = own_output(os.path.join(args.save_dir, ".lock"), f"--save_dir {args.save_dir}", info, make_dir=True)
-    try:
+    with job(args.tp_size, args.device, os.path.join(args.save_dir, ".lock"), f"--save_dir {args.save_dir}",
+             make_dir=True) as info:
         b = BUILDERS[args.STAGE](args, plan, lines, held_lines, info)
         trainer = StageTrainer(b.model, b.task, args, info, b.tokenizer, b.evaluator, b.lora_cfg, b.base_ckpt,
                                {**run_record(args), "stage": args.STAGE}, b.write_extra, b.others)
         trainer.fit()
-    finally:
-        if lock is not None:
-            lock.release()
-    distributed.teardown()
 
 
 # ----- evaluation of saved stages ------------------------------------------------------------------
@@ -427,14 +421,13 @@ def run_evaluation(data_file: str, model_dirs: List[str], batch_size: int, max_n
     lines = read_cot_lines(data_file, "--data_file")
     lines = lines[:max_examples] if max_examples else lines
     found = [read_stage(d, "--model_dirs", STAGES) for d in model_dirs]
-    info = distributed.setup(tp_size, device)
     results = []
-    for directory, meta in found:
-        result = evaluate_stage(directory, meta, lines, data_file, batch_size, max_new_tokens, dtype, info)
-        results.append(result)
-        if info.is_main:
-            print(json.dumps(result), flush=True)
-    if info.is_main and output_file:
-        atomic_write_text(output_file, json.dumps(results, indent=2) + "\n")
-    distributed.teardown()
+    with job(tp_size, device) as info:
+        for directory, meta in found:
+            result = evaluate_stage(directory, meta, lines, data_file, batch_size, max_new_tokens, dtype, info)
+            results.append(result)
+            if info.is_main:
+                print(json.dumps(result), flush=True)
+        if info.is_main and output_file:
+            atomic_write_text(output_file, json.dumps(results, indent=2) + "\n")
     return results
