@@ -27,58 +27,89 @@ def token_cross_entropy(logits_local: torch.Tensor, labels: torch.Tensor) -> tor
     return (per_token * mask).sum()
 
 
-class _HeadCrossEntropy(torch.autograd.Function):
-    """Output projection + next-token cross-entropy, chunk by chunk over positions, on this rank's
-    vocabulary shard. Each chunk's fp32 logits live only while the chunk is processed: the loss
-    and both gradients (softmax - one-hot, times the weight / the hidden states) are computed in
-    the forward, so the backward only scales them and nothing is recomputed."""
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Output projection + a loss of the logits, chunk by chunk over rows, on this rank's vocabulary
+    shard: the one core of every loss computed from hidden states. Each chunk's fp32 logits live only
+    while the chunk is processed: `chunk_loss(logits, s, e, want_grad)` returns the chunk's loss sum
+    and its gradient in the logits (or None), so both gradients (times the weight / the hidden
+    states) are formed in the forward and the backward only scales them; nothing is recomputed.
+    hidden [N, dim], weight [vocab / tp, dim]."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_rows, rows):
-        h_all = hidden.reshape(-1, hidden.shape[-1])
-        h, y = h_all, labels.reshape(-1)
-        if rows is not None:  # only the positions that have a label: the others add nothing
-            h, y = h.index_select(0, rows), y.index_select(0, rows)
-        local_vocab = weight.shape[0]
-        start = vocab_shard_start(local_vocab)
-        grad_h = torch.empty_like(h) if hidden.requires_grad else None
+    def forward(ctx, hidden, weight, chunk_loss, chunk_rows):
+        grad_h = torch.empty_like(hidden) if hidden.requires_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for s in range(0, h.shape[0], chunk_rows):
-            hc, yc = h[s:s + chunk_rows], y[s:s + chunk_rows]
-            local = yc - start
-            here = (local >= 0) & (local < local_vocab) & (yc != IGNORE)  # this rank holds the target
-            index = local.clamp(0, local_vocab - 1)[:, None]
-            logits = F.linear(hc, weight).float()
-            logits -= all_reduce_tp_(logits.max(dim=-1).values, dist.ReduceOp.MAX)[:, None]
-            target = all_reduce_tp_(torch.where(here, logits.gather(1, index).squeeze(1), 0.0))
-            probs = logits.exp_()
-            sum_exp = all_reduce_tp_(probs.sum(dim=-1))
-            valid = (yc != IGNORE).to(probs.dtype)
-            total += ((sum_exp.log() - target) * valid).sum()
-            if grad_h is None and grad_w is None:
+        want_grad = grad_h is not None or grad_w is not None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.shape[0], chunk_rows):
+            hc = hidden[s:s + chunk_rows]
+            loss, g = chunk_loss(F.linear(hc, weight).float(), s, s + hc.shape[0], want_grad)
+            total += loss
+            if g is None:
                 continue
-            probs /= sum_exp[:, None]  # d loss / d logits = softmax - one-hot, 0 where there is no label
-            probs.scatter_add_(1, index, -here.to(probs.dtype)[:, None])
-            probs = (probs * valid[:, None]).to(hc.dtype)
+            g = g.to(hc.dtype)
             if grad_h is not None:
-                grad_h[s:s + chunk_rows] = all_reduce_tp_(probs @ weight.to(hc.dtype))
+                grad_h[s:s + chunk_rows] = all_reduce_tp_(g @ weight.to(hc.dtype))
             if grad_w is not None:
-                grad_w += (probs.t() @ hc).float()
-        if grad_h is not None and rows is not None:
-            grad_h = torch.zeros_like(h_all).index_copy_(0, rows, grad_h)
+                grad_w += (g.t() @ hc).float()
         ctx.save_for_backward(grad_h if grad_h is not None else torch.empty(0),
                               grad_w if grad_w is not None else torch.empty(0))
-        ctx.shapes = hidden.shape, hidden.dtype, weight.dtype
+        ctx.dtypes = hidden.dtype, weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        shape, h_dtype, w_dtype = ctx.shapes
-        gh = (grad_h * grad_out).to(h_dtype).view(shape) if ctx.needs_input_grad[0] else None
+        h_dtype, w_dtype = ctx.dtypes
+        gh = (grad_h * grad_out).to(h_dtype) if ctx.needs_input_grad[0] else None
         gw = (grad_w * grad_out).to(w_dtype) if ctx.needs_input_grad[1] else None
-        return gh, gw, None, None, None
+        return gh, gw, None, None
+
+
+class _LogitsLoss(torch.autograd.Function):
+    """A chunk loss (see _ChunkedHeadLoss) of logits already formed: this rank's shard [N, vocab / tp]."""
+
+    @staticmethod
+    def forward(ctx, logits_local, chunk_loss):
+        loss, g = chunk_loss(logits_local.float().clone(), 0, logits_local.shape[0], logits_local.requires_grad)
+        ctx.save_for_backward(g if g is not None else torch.empty(0))
+        ctx.dtype = logits_local.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (g,) = ctx.saved_tensors
+        return (g * grad_out).to(ctx.dtype), None
+
+
+def _default_chunk_rows(local_vocab: int) -> int:
+    return max(64, (1 << 26) // local_vocab)  # about 2^26 fp32 logits per chunk
+
+
+def cross_entropy_chunks(labels: torch.Tensor):
+    """The chunk loss of next-token cross-entropy against `labels` [N] (IGNORE: no loss there): the sum
+    of -log softmax(logits)[label] and its gradient softmax - one-hot (0 on rows without a label)."""
+
+    def chunk(logits, s, e, want_grad):
+        local_vocab = logits.shape[-1]
+        start = vocab_shard_start(local_vocab)
+        yc = labels[s:e]
+        local = yc - start
+        here = (local >= 0) & (local < local_vocab) & (yc != IGNORE)  # this rank holds the target
+        index = local.clamp(0, local_vocab - 1)[:, None]
+        logits -= all_reduce_tp_(logits.max(dim=-1).values, dist.ReduceOp.MAX)[:, None]
+        target = all_reduce_tp_(torch.where(here, logits.gather(1, index).squeeze(1), 0.0))
+        probs = logits.exp_()
+        sum_exp = all_reduce_tp_(probs.sum(dim=-1))
+        valid = (yc != IGNORE).to(probs.dtype)
+        loss = ((sum_exp.log() - target) * valid).sum()
+        if not want_grad:
+            return loss, None
+        probs /= sum_exp[:, None]
+        probs.scatter_add_(1, index, -here.to(probs.dtype)[:, None])
+        return loss, probs * valid[:, None]
+
+    return chunk
 
 
 def head_cross_entropy(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor,
@@ -88,9 +119,11 @@ def head_cross_entropy(hidden: torch.Tensor, head_weight: torch.Tensor, labels: 
     more than `chunk_rows` positions (default: about 2^26 logits). rows: the flat indices of the
     labelled positions (labelled_rows, known on the host), so prompt positions cost nothing. Equals
     token_cross_entropy(hidden @ head_weight.T, labels) in value and gradients."""
-    if not chunk_rows:
-        chunk_rows = max(64, (1 << 26) // head_weight.shape[0])
-    return _HeadCrossEntropy.apply(hidden, head_weight, labels, chunk_rows, rows)
+    h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    if rows is not None:  # only the positions that have a label: the others add nothing
+        h, y = h.index_select(0, rows), y.index_select(0, rows)
+    return _ChunkedHeadLoss.apply(h, head_weight, cross_entropy_chunks(y),
+                                  chunk_rows or _default_chunk_rows(head_weight.shape[0]))
 
 
 def labelled_rows(labels: torch.Tensor) -> torch.Tensor:
@@ -99,7 +132,7 @@ def labelled_rows(labels: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# The mutual-information term of CoT distillation (Chen et al. 2024) on top of distilling step-by-step
+# Log-softmax over the whole vocabulary from a shard (differentiable; e.g. the MI term's pooled distributions)
 # ----------------------------------------------------------------------------------------------
 def sharded_log_normalizer(scores_local: torch.Tensor) -> torch.Tensor:
     """log sum_v exp(scores[..., v]) over the whole vocabulary, from this rank's shard [..., vocab/tp];
@@ -164,61 +197,15 @@ def _kl_chunk(z: torch.Tensor, p: torch.Tensor, temperature: float, want_grad: b
     return loss, temperature * (log_q.exp_() * mass[:, None] - p)
 
 
-class _HeadTeacherKL(torch.autograd.Function):
-    """Output projection + T^2 KL(teacher || student), chunk by chunk over rows on this rank's
-    vocabulary shard (as _HeadCrossEntropy: loss and both gradients in the forward)."""
+def teacher_kl_chunks(target, temperature: float):
+    """The chunk loss of T^2 KL(teacher || student) (_kl_chunk) against a SparseTarget or DenseTarget."""
 
-    @staticmethod
-    def forward(ctx, hidden, weight, target, temperature, chunk_rows):
-        local_vocab = weight.shape[0]
-        start = vocab_shard_start(local_vocab)
-        grad_h = torch.empty_like(hidden) if hidden.requires_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for s in range(0, hidden.shape[0], chunk_rows):
-            hc = hidden[s:s + chunk_rows]
-            z = F.linear(hc, weight).float()
-            p = _target_chunk(target, s, s + hc.shape[0], local_vocab, start, temperature, z)
-            loss, g = _kl_chunk(z, p, temperature, grad_h is not None or grad_w is not None)
-            total += loss
-            if g is None:
-                continue
-            g = g.to(hc.dtype)
-            if grad_h is not None:
-                grad_h[s:s + chunk_rows] = all_reduce_tp_(g @ weight.to(hc.dtype))
-            if grad_w is not None:
-                grad_w += (g.t() @ hc).float()
-        ctx.save_for_backward(grad_h if grad_h is not None else torch.empty(0),
-                              grad_w if grad_w is not None else torch.empty(0))
-        ctx.dtypes = hidden.dtype, weight.dtype
-        return total
+    def chunk(z, s, e, want_grad):
+        local_vocab = z.shape[-1]
+        p = _target_chunk(target, s, e, local_vocab, vocab_shard_start(local_vocab), temperature, z)
+        return _kl_chunk(z, p, temperature, want_grad)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        h_dtype, w_dtype = ctx.dtypes
-        gh = (grad_h * grad_out).to(h_dtype) if ctx.needs_input_grad[0] else None
-        gw = (grad_w * grad_out).to(w_dtype) if ctx.needs_input_grad[1] else None
-        return gh, gw, None, None, None
-
-
-class _LogitsTeacherKL(torch.autograd.Function):
-    """T^2 KL(teacher || student) from this rank's student logits shard [N, vocab / tp]."""
-
-    @staticmethod
-    def forward(ctx, logits_local, target, temperature):
-        local_vocab = logits_local.shape[-1]
-        z = logits_local.float().clone()
-        p = _target_chunk(target, 0, z.shape[0], local_vocab, vocab_shard_start(local_vocab), temperature, z)
-        loss, g = _kl_chunk(z, p, temperature, logits_local.requires_grad)
-        ctx.save_for_backward(g if g is not None else torch.empty(0))
-        ctx.dtype = logits_local.dtype
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (g,) = ctx.saved_tensors
-        return (g * grad_out).to(ctx.dtype), None, None
+    return chunk
 
 
 def head_teacher_kl(hidden: torch.Tensor, head_weight: torch.Tensor, target, temperature: float = 1.0,
@@ -230,14 +217,13 @@ def head_teacher_kl(hidden: torch.Tensor, head_weight: torch.Tensor, target, tem
     shard [vocab / tp, dim]; target: SparseTarget or DenseTarget (already in the student's
     vocabulary). Never holds the logits of more than `chunk_rows` rows (default: about 2^26 logits)
     nor gathers the vocabulary: max, normaliser and the sums are all-reduced over the shards."""
-    if not chunk_rows:
-        chunk_rows = max(64, (1 << 26) // head_weight.shape[0])
-    return _HeadTeacherKL.apply(hidden, head_weight, target, float(temperature), chunk_rows)
+    return _ChunkedHeadLoss.apply(hidden, head_weight, teacher_kl_chunks(target, float(temperature)),
+                                  chunk_rows or _default_chunk_rows(head_weight.shape[0]))
 
 
 def logits_teacher_kl(logits_local: torch.Tensor, target, temperature: float = 1.0) -> torch.Tensor:
     """head_teacher_kl from the student's logits shard [N, vocab / tp] (a head that is not one matrix)."""
-    return _LogitsTeacherKL.apply(logits_local, target, float(temperature))
+    return _LogitsLoss.apply(logits_local, teacher_kl_chunks(target, float(temperature)))
 
 
 def sharded_topk(logits_local: torch.Tensor, k: int):
