@@ -1,7 +1,10 @@
 """Reading answers: what a model's output (or a label) says, per task, and where a rationale spells it. Unparsable outputs are wrong, never dropped.
 
 GSM8K / SVAMP / ASDiv: the last number of the sentence that states the answer ("... the answer is
-18 ."), commas removed, compared numerically; without such a sentence, the last number of the text.
+18 ."), commas removed, compared by exact value (integers exactly, decimals by their exact decimal
+value: 57505 is not 57500, 0.1 is 0.10); without such a sentence, the last number of the text.
+Values are exact rationals (fractions.Fraction): no float rounding, any number of digits; a text that
+is not a finite number ("nan", "inf") is unreadable, never a crash.
 SVAMP: a label or an answer that is an equation ("( 15.0 - 4.0 )") counts as its value.
 Numbers written in words ("twelve", "one hundred and five") are read where no digits are.
 CSQA: the choice letter A-E of the answer sentence, else the last standalone letter.
@@ -12,9 +15,9 @@ from __future__ import annotations
 
 import ast
 import bisect
-import math
 import operator
 import re
+from fractions import Fraction
 from typing import List, Optional, Sequence, Tuple
 
 from engine.runtime.errors import UserError
@@ -50,14 +53,25 @@ def _answer_sentence(text: str) -> Optional[str]:
     return rest[: end.start()] if end else rest
 
 
-def _to_number(s: str) -> Optional[float]:
+MAX_NUMBER_CHARS = 1000  # longer "numbers" (or exponents) are not read: no answer is a 10^1000000
+
+
+def _to_number(s: str) -> Optional[Fraction]:
+    """The exact value of a number written with digits ("1,234", "-2.5", "3e4", "10/3"); None when `s`
+    is not a finite number of reasonable size."""
+    s = str(s).replace(",", "").strip()
+    if not s or len(s) > MAX_NUMBER_CHARS:
+        return None
+    exponent = re.search(r"[eE]([+-]?\d+)$", s)
+    if exponent and abs(int(exponent.group(1))) > MAX_NUMBER_CHARS:
+        return None
     try:
-        return float(s.replace(",", ""))
-    except ValueError:
+        return Fraction(s)
+    except (ValueError, ZeroDivisionError):  # also "nan", "inf", and ints beyond Python's digit limit
         return None
 
 
-def word_numbers(text: str) -> List[Tuple[int, int, float]]:
+def word_numbers(text: str) -> List[Tuple[int, int, Fraction]]:
     """(start, end, value) of the numbers written in words: "twelve", "twenty-one", "one hundred and
     five", "three thousand". A word that cannot continue a number ("one two") starts a new one."""
     out = []
@@ -90,12 +104,12 @@ def word_numbers(text: str) -> List[Tuple[int, int, float]]:
         if end is None:
             i += 1
             continue
-        out.append((start, end, float(total + current)))
+        out.append((start, end, Fraction(total + current)))
         i = j
     return out
 
 
-def number_mentions(text: str, words: bool = False) -> List[Tuple[int, int, float]]:
+def number_mentions(text: str, words: bool = False) -> List[Tuple[int, int, Fraction]]:
     """(start, end, value) of the numbers in `text`, in order: digits ("1,234", "-2.5") and, when there
     are none (or `words`), numbers written in words; a text that states its numbers in digits never
     has the "one" of "no one" read as an answer."""
@@ -104,14 +118,27 @@ def number_mentions(text: str, words: bool = False) -> List[Tuple[int, int, floa
     return sorted(digits + word_numbers(text)) if words else digits or word_numbers(text)
 
 
-def _format_number(value: float) -> str:
-    return str(int(value)) if value == int(value) else str(value)
+def _format_number(value: Fraction) -> str:
+    """An exact value as text that _to_number reads back to the same value: an integer ("57505"), a
+    finite decimal ("0.125", every digit kept), or a fraction ("10/3") when no decimal is exact."""
+    if value.denominator == 1:
+        return str(value.numerator)
+    d, twos, fives = value.denominator, 0, 0
+    while d % 2 == 0:
+        d, twos = d // 2, twos + 1
+    while d % 5 == 0:
+        d, fives = d // 5, fives + 1
+    if d != 1:
+        return f"{value.numerator}/{value.denominator}"
+    places = max(twos, fives)
+    digits = str(abs(value.numerator) * 10 ** places // value.denominator).rjust(places + 1, "0")
+    return ("-" if value < 0 else "") + digits[:-places] + "." + digits[-places:]
 
 
-def equation_value(text: str) -> Optional[float]:
+def equation_value(text: str) -> Optional[Fraction]:
     """The value of `text` when the whole of it (a final period aside) is arithmetic on numbers:
     + - * / and parentheses, e.g. SVAMP's "( 15.0 - 4.0 )"; None otherwise (or on division by zero).
-    Walks the parsed expression itself: nothing is ever passed to eval()."""
+    Exact (rational arithmetic); walks the parsed expression itself: nothing is ever passed to eval()."""
     body = str(text).strip().rstrip(".").strip()
     if not body or len(body) > 200 or not re.fullmatch(r"[\d\s.+\-*/()]+", body):
         return None
@@ -119,7 +146,10 @@ def equation_value(text: str) -> Optional[float]:
 
     def value(node):
         if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return float(node.value)
+            number = _to_number(ast.get_source_segment(body, node) or "")
+            if number is None:
+                raise ValueError(node)
+            return number
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
             v = value(node.operand)
             return -v if isinstance(node.op, ast.USub) else v
@@ -128,10 +158,9 @@ def equation_value(text: str) -> Optional[float]:
         raise ValueError(node)
 
     try:
-        result = value(ast.parse(body, mode="eval").body)
-    except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
+        return value(ast.parse(body, mode="eval").body)
+    except (SyntaxError, ValueError, ZeroDivisionError, RecursionError, MemoryError):
         return None
-    return result if math.isfinite(result) else None
 
 
 def extract_answer(text: str, task: str) -> Optional[str]:
@@ -189,8 +218,8 @@ def is_correct(prediction: Optional[str], label, task: str) -> bool:
         return False
     if check_task(task) in CHOICE_TASKS:
         return gold == prediction
-    gold, pred = float(gold), _to_number(prediction)
-    return pred is not None and abs(gold - pred) <= 1e-4 * max(1.0, abs(gold))
+    pred = _to_number(prediction)
+    return pred is not None and pred == _to_number(gold)
 
 
 def answer_char_span(text: str, answer: str):
@@ -203,7 +232,7 @@ def answer_char_span(text: str, answer: str):
     target = _to_number(answer)
     if target is not None:  # digits or words ("twelve"), but not the 18 of "18.5"
         hits = [(s, e) for s, e, v in number_mentions(text, words=True)
-                if abs(v - target) <= 1e-6 * max(1.0, abs(target))
+                if v == target
                 and not (text[e:e + 1] == "." and text[e + 1:e + 2].isdigit())]
     else:
         hits = [m.span() for m in re.finditer(r"(?<![\w])" + re.escape(answer) + r"(?![\w])", text)]
