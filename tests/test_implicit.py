@@ -22,8 +22,7 @@ from engine.text.tokenizer import load_tokenizer
 from models.args import ModelArgs
 from models.registry import model_args_for
 from tests.conftest import shared_path
-from tests.helpers import run_cli, torchrun
-from tests.test_train import full_weights, losses
+from tests.helpers import full_weights, losses, run_cli, torchrun, train_args
 
 SEED_EXAMPLE = ("9 1 7 3 * 9 4 3 3||1 7 4 3 3 + 0 6 7 8 4 1 ( 1 3 2 2 8 1 ) + 0 0 7 5 1 1 1 ( 1 3 9 7 9 2 1 ) + "
                 "0 0 0 7 5 1 1 1 #### 1 3 9 4 5 4 2 1")
@@ -236,10 +235,6 @@ def test_answers_are_read_between_the_right_eos(tiny_tokenizer):
 STEPS = 3
 
 
-def _flags(d):
-    return [a for k, v in d.items() for a in (f"--{k}", str(v))]
-
-
 def _common(root):
     return {"train_file": root / "train.txt", "label_file": root / "valid.txt", "max_steps": STEPS,
             "save_every": STEPS, "max_batch_size": 4, "lr": 1e-3, "max_new_tokens": 40, "eval_batch_size": 3}
@@ -258,7 +253,7 @@ def _run_pipeline(root, made, tp):
         if tp == 1:
             getattr(train_implicit, stage)(**{k: str(v) if isinstance(v, os.PathLike) else v for k, v in flags.items()})
         else:
-            torchrun("train_implicit.py", stage, *_flags(flags))
+            torchrun("train_implicit.py", stage, *train_args(flags))
     dirs = ",".join(str(out / s) for s, _ in stages)
     eval_flags = ["--data_file", str(root / "valid.txt"), "--model_dirs", dirs, "--batch_size", "3",
                   "--max_new_tokens", "40", "--output_file", str(out / "eval.json")]

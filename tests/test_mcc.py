@@ -20,8 +20,7 @@ from engine.runtime.errors import UserError
 from engine.distill.mcc.losses import mcc_kd_sums, span_prediction_positions
 from engine.text.tokenizer import load_tokenizer
 from tests.conftest import shared_path
-from tests.helpers import torchrun
-from tests.test_train import _args, assert_same_run
+from tests.helpers import assert_same_run, torchrun, train_args
 
 
 def test_loss_matches_a_direct_reference(dist1):
@@ -74,7 +73,7 @@ def test_mcc_tp2_equals_tp1(sum3, tiny_tokenizer, dist1):
             "train_file": str(root / "data" / "train.json"), "max_batch_size": 4, "alpha": 1.0, "temperature": 1.3,
             "num_rationales": 3}
     train_mcc.main(ckpt_dir=str(root / "m1"), save_dir=str(root / "tp1"), **base)
-    torchrun("train_mcc.py", *_args({**base, "ckpt_dir": root / "m2", "save_dir": root / "tp2"}))
+    torchrun("train_mcc.py", *train_args({**base, "ckpt_dir": root / "m2", "save_dir": root / "tp2"}))
     assert_same_run(str(root / "tp1"), str(root / "tp2"))
     lines = [json.loads(line) for line in open(root / "tp2" / "metrics.jsonl")]
     assert all(line["loss_kl"] > 0 for line in lines)

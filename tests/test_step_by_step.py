@@ -19,8 +19,7 @@ from engine.text.answers import extract_answer, is_correct, parse_label
 from engine.runtime.errors import UserError
 from engine.infer.metrics import calibration_bins, corpus_bleu, tokenize_13a
 from engine.distill.step_by_step.mi import infonce_sum, masked_mean_pool, pooled_ce_mi_sum
-from tests.helpers import run_cli, torchrun
-from tests.test_train import _args, assert_same_run, losses
+from tests.helpers import assert_same_run, losses, run_cli, torchrun, train_args
 from tests.workers.mi_worker import hand_made_mi_inputs, mi_loss_grads
 
 PREFIX = {"label": "predict: ", "rationale": "explain: "}  # the authors' T5 task prefixes, written out here
@@ -151,7 +150,7 @@ def test_training_tp2_equals_tp1(sbs, estimator, dist1):
     """Losses (every part) and updated weights after 3 steps, TP=2 against TP=1."""
     base = _base(sbs, alpha=0.4, beta=0.5, mi_estimator=estimator, accumulation_steps=2)
     train.main(**base, ckpt_dir=str(sbs / "m1"), save_dir=str(sbs / f"{estimator}-tp1"))
-    torchrun("train.py", *_args({**base, "ckpt_dir": sbs / "m2", "save_dir": sbs / f"{estimator}-tp2"}))
+    torchrun("train.py", *train_args({**base, "ckpt_dir": sbs / "m2", "save_dir": sbs / f"{estimator}-tp2"}))
     assert_same_run(str(sbs / f"{estimator}-tp1"), str(sbs / f"{estimator}-tp2"))
     for a, b in zip(_metrics(sbs / f"{estimator}-tp1"), _metrics(sbs / f"{estimator}-tp2")):
         assert abs(a["loss_mi"] - b["loss_mi"]) < 1e-5 and abs(a["loss_label"] - b["loss_label"]) < 1e-5
@@ -213,10 +212,10 @@ def test_cli_tp2_train_resume_evaluate_calibrate(sbs, tmp_path):
             "max_steps": 6, "save_every": 2, "train_file": sbs / "arith" / "train.json", "max_batch_size": 4,
             "label_file": sbs / "arith" / "test.json", "max_new_tokens": 24, "ckpt_dir": sbs / "m2", "alpha": 0.5,
             "beta": 0.1, "mi_estimator": "critic", "eval_rationale_task": True, "label_type": "llm"}
-    torchrun("train.py", *_args({**base, "save_dir": tmp_path / "straight"}))
-    torchrun("train.py", *_args({**base, "save_dir": tmp_path / "stopped", "exit_after_steps": 4}))
+    torchrun("train.py", *train_args({**base, "save_dir": tmp_path / "straight"}))
+    torchrun("train.py", *train_args({**base, "save_dir": tmp_path / "stopped", "exit_after_steps": 4}))
     assert len(losses(tmp_path / "stopped")) == 4
-    torchrun("train.py", *_args({**base, "save_dir": tmp_path / "stopped", "resume": True}))
+    torchrun("train.py", *train_args({**base, "save_dir": tmp_path / "stopped", "resume": True}))
     a, b = _metrics(tmp_path / "straight"), _metrics(tmp_path / "stopped")
     steps = lambda lines: [(x["loss"], x["loss_mi"]) for x in lines if not x.get("eval")]  # noqa: E731
     assert len(steps(a)) == 6 and steps(a) == steps(b)

@@ -19,8 +19,7 @@ from engine.text.vocab import Vocab
 from engine.distill.teacher_kl.alignment import aligned_positions, dtw_align, one_to_one
 from engine.runtime.errors import UserError
 from tests.conftest import shared_path
-from tests.helpers import torchrun
-from tests.test_train import _args, assert_same_run, losses
+from tests.helpers import assert_same_run, full_weights, losses, torchrun, train_args
 
 BASE = {"task": "ARITH", "template": "none", "max_seq_len": 64, "lr": 1e-3, "max_steps": 3, "save_every": 3,
         "max_batch_size": 4, "objective": "teacher_kl", "kl_weight": 0.7, "kl_temperature": 1.5}
@@ -246,13 +245,12 @@ def test_tp2_equals_tp1(env, other_file, teacher, dist1):
         if tp == 1:
             train.main(**{k: str(v) if isinstance(v, os.PathLike) else v for k, v in args.items()})
         else:
-            torchrun("train.py", *_args(args))
+            torchrun("train.py", *train_args(args))
         runs[tp] = str(args["save_dir"])
     assert_same_run(runs[1], runs[2])
     lines = metrics(runs[2])
     assert all(line["loss_kl"] > 0 for line in lines)
     assert all(abs(line["loss"] - 0.3 * line["loss_ce"] - 0.7 * line["loss_kl"]) < 1e-5 for line in lines)
-    from tests.test_train import full_weights
 
     worst = max(abs(a - b) for a, b in zip(losses(runs[1]), losses(runs[2])))
     wa, wb = (full_weights(os.path.join(runs[tp], "checkpoint-3")) for tp in (1, 2))

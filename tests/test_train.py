@@ -9,12 +9,8 @@ import torch
 import checkpoint_split as cks
 import train
 from data.arithmetic import main as make_arith
-from engine import checkpoint as ck
 from engine.runtime.errors import UserError
-from tests.helpers import run_cli, torchrun
-
-COMMON = ["--task", "ARITH", "--template", "none", "--max_seq_len", "64", "--lr", "1e-3", "--max_steps", "3",
-          "--save_every", "3"]
+from tests.helpers import assert_same_run, losses, run_cli, torchrun, train_args
 
 
 @pytest.fixture(scope="module")
@@ -27,36 +23,6 @@ def env(tmp_path_factory, tiny_tokenizer):
         cks.split(str(root / f"{name}-1"), str(root / f"{name}-2"), n=2)
         models[name] = root / f"{name}-1", root / f"{name}-2"
     return root, models
-
-
-def losses(save_dir):
-    return [json.loads(line)["loss"] for line in open(os.path.join(save_dir, "metrics.jsonl"))
-            if not json.loads(line).get("eval")]
-
-
-def full_weights(path, lora=False):
-    if lora:
-        from engine.checkpoint import open_lora
-
-        src = open_lora(str(path))[0]
-    else:
-        src = ck.open_checkpoint(str(path))
-    return {sp.key: src.read(sp, tuple((0, s) for s in sp.shape)) for sp in src.specs()}
-
-
-def assert_same_run(a, b, lora=False, tol=1e-5):
-    la, lb = losses(a), losses(b)
-    assert len(la) == len(lb) == 3
-    assert max(abs(x - y) for x, y in zip(la, lb)) <= tol, (la, lb)
-    wa, wb = full_weights(os.path.join(a, "checkpoint-3"), lora), full_weights(os.path.join(b, "checkpoint-3"), lora)
-    assert wa.keys() == wb.keys()
-    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
-    assert worst <= tol, worst
-
-
-
-def _args(d):
-    return [a for k, v in d.items() for a in (f"--{k}", str(v))]
 
 
 @pytest.mark.parametrize("name,extra", [
@@ -72,7 +38,7 @@ def test_tp2_equals_tp1(env, name, extra, dist1):
             "train_file": str(root / "arith" / "train.json"), "max_batch_size": 4, **extra}
     run = f"{name}-{len(extra)}-{extra.get('lora_targets', 'all')}"
     train.main(ckpt_dir=str(one), save_dir=str(root / f"{run}-tp1"), **base)
-    torchrun("train.py", *_args({**base, "ckpt_dir": two, "save_dir": root / f"{run}-tp2"}))
+    torchrun("train.py", *train_args({**base, "ckpt_dir": two, "save_dir": root / f"{run}-tp2"}))
     assert_same_run(str(root / f"{run}-tp1"), str(root / f"{run}-tp2"), lora="lora_rank" in extra)
 
 
@@ -83,7 +49,7 @@ def test_dp2_equals_one_process_with_twice_the_batch(env, dist1):
             "train_file": str(root / "arith" / "train.json"), "ckpt_dir": str(one), "accumulation_steps": 2}
     base["label_file"] = str(root / "arith" / "test.json")  # 4 records, evaluated in 2 slices under DP
     train.main(save_dir=str(root / "dp1"), max_batch_size=4, **base)
-    torchrun("train.py", *_args({**base, "save_dir": root / "dp2", "max_batch_size": 4, "tp_size": 1}))
+    torchrun("train.py", *train_args({**base, "save_dir": root / "dp2", "max_batch_size": 4, "tp_size": 1}))
     assert_same_run(str(root / "dp1"), str(root / "dp2"))
     evals = [[json.loads(line) for line in open(root / d / "metrics.jsonl") if '"eval"' in line] for d in ("dp1", "dp2")]
     assert [(e["total"], e["correct"]) for e in evals[0]] == [(e["total"], e["correct"]) for e in evals[1]]
@@ -99,10 +65,10 @@ def test_resume_continues_the_loss_curve_exactly(env):
             "train_file": root / "arith" / "train.json", "ckpt_dir": two, "max_batch_size": 4,
             "model_type": "lora-tiny-llama3", "lora_rank": 4, "lora_dropout": 0.2, "save_every": 2,
             "warmup_steps": 2}
-    torchrun("train.py", *_args({**base, "save_dir": root / "straight"}))
-    torchrun("train.py", *_args({**base, "save_dir": root / "stopped", "exit_after_steps": 4}))
+    torchrun("train.py", *train_args({**base, "save_dir": root / "straight"}))
+    torchrun("train.py", *train_args({**base, "save_dir": root / "stopped", "exit_after_steps": 4}))
     assert len(losses(root / "stopped")) == 4
-    torchrun("train.py", *_args({**base, "save_dir": root / "stopped", "resume": True}))
+    torchrun("train.py", *train_args({**base, "save_dir": root / "stopped", "resume": True}))
     a, b = losses(root / "straight"), losses(root / "stopped")
     assert len(a) == len(b) == 7
     assert a == b, (a, b)
@@ -230,8 +196,8 @@ def test_deepspeed_zero_matches_the_plain_run(env, stage, tmp_path):
     base = {"task": "ARITH", "template": "none", "max_seq_len": 64, "lr": 1e-3, "max_steps": 3, "save_every": 3,
             "train_file": root / "arith" / "train.json", "ckpt_dir": one, "accumulation_steps": 2,
             "max_batch_size": 4, "tp_size": 1}
-    torchrun("train.py", *_args({**base, "save_dir": tmp_path / "plain"}))
-    torchrun("train.py", *_args({**base, "save_dir": tmp_path / "zero", "deepspeed": cfg}),
+    torchrun("train.py", *train_args({**base, "save_dir": tmp_path / "plain"}))
+    torchrun("train.py", *train_args({**base, "save_dir": tmp_path / "zero", "deepspeed": cfg}),
              env={"DS_ACCELERATOR": "cpu"})
     assert os.path.isdir(tmp_path / "zero" / "checkpoint-3" / "deepspeed")
     assert_same_run(str(tmp_path / "plain"), str(tmp_path / "zero"))
@@ -333,7 +299,7 @@ def test_compiled_blocks_equal_eager(env, tp, dist1, capfd):
             out = capfd.readouterr()
             runs[compile_] = out.out + out.err
         else:
-            out = torchrun("train.py", *_args({**base, "ckpt_dir": two, "save_dir": save, "compile": compile_}))
+            out = torchrun("train.py", *train_args({**base, "ckpt_dir": two, "save_dir": save, "compile": compile_}))
             runs[compile_] = out.stdout + out.stderr
     assert_same_run(str(root / f"compile-False-tp{tp}"), str(root / f"compile-True-tp{tp}"), lora=tp == 2)
     assert "decoder blocks compiled" in runs[True] and "eager decoder blocks (--compile False)" in runs[False]
