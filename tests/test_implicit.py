@@ -282,6 +282,7 @@ def pipelines(models, dist1):
     return _run_pipeline(root, made, 1), _run_pipeline(root, made, 2)
 
 
+@pytest.mark.processes
 def test_every_stage_tp2_equals_tp1(pipelines):
     """Losses and grad norms agree to ~1e-6; weights to 1e-4 (a step moves them by ~lr = 1e-3): Adam
     divides by sqrt(v) + 1e-8, so an element whose gradient is ~1e-9 turns float noise into ~1e-5."""
@@ -302,6 +303,7 @@ def test_every_stage_tp2_equals_tp1(pipelines):
     assert max(abs(a - b) for a, b in zip(*grad_norms)) < 1e-4  # split weights counted once at TP=2
 
 
+@pytest.mark.processes
 def test_end_to_end_outputs(pipelines, models):
     one, two = pipelines
     root, made = models
@@ -324,6 +326,7 @@ def test_end_to_end_outputs(pipelines, models):
     assert abs(a[2]["mse"] - b[2]["mse"]) < 1e-4 * a[2]["mse"] + 1e-7
 
 
+@pytest.mark.processes
 def test_couple_resumes_exactly(pipelines, models, dist1):
     one, _ = pipelines
     root, _ = models
@@ -341,6 +344,7 @@ def test_couple_resumes_exactly(pipelines, models, dist1):
 
 
 # ----- bad input: one sentence --------------------------------------------------------------------
+@pytest.mark.processes
 def test_prerequisites_and_mappings_are_refused(pipelines, models, tmp_path):
     one, _ = pipelines
     root, made = models
@@ -381,6 +385,7 @@ def test_prerequisites_and_mappings_are_refused(pipelines, models, tmp_path):
         train_implicit.evaluate(data_file=str(root / "valid.txt"), model_dirs=made["student"])
 
 
+@pytest.mark.processes
 def test_bad_lines_end_in_one_sentence_through_the_cli(models, tmp_path):
     root, made = models
     bad = tmp_path / "bad.txt"

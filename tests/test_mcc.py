@@ -65,6 +65,7 @@ def sum3(tmp_path_factory, tiny_tokenizer):
     return root
 
 
+@pytest.mark.processes
 def test_mcc_tp2_equals_tp1(sum3, tiny_tokenizer, dist1):
     root = sum3
     cks.init("tiny-qwen2", str(root / "m1"), n=1, tokenizer=tiny_tokenizer, seed=1)
@@ -143,6 +144,7 @@ def test_most_diverse_prefers_different_rationales():
     assert len(most_diverse(texts, 3)) == 3 and 2 in most_diverse(texts, 3)
 
 
+@pytest.mark.processes
 def test_end_to_end_teacher_samples_to_mcc_training(tmp_path, tiny_tokenizer, dist1):
     """A teacher trained here samples 4 rationales per question; prepare_mcc keeps the correct,
     diverse ones with spans; train_mcc trains a student on them at TP=2."""

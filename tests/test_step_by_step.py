@@ -136,6 +136,7 @@ def test_first_step_loss_equals_a_reference_on_the_model(sbs, tiny_tokenizer, di
 
 
 # ----- tensor parallelism ------------------------------------------------------------------------
+@pytest.mark.processes
 def test_mi_term_tp2_equals_tp1_on_sharded_logits(tmp_path, dist1):
     one = mi_loss_grads()
     torchrun("tests/workers/mi_worker.py", str(tmp_path / "tp2.pt"))
@@ -145,6 +146,7 @@ def test_mi_term_tp2_equals_tp1_on_sharded_logits(tmp_path, dist1):
     assert one["label_grad_is_none"] and two["label_grad_is_none"]
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("estimator", ["pooled_ce", "critic"])
 def test_training_tp2_equals_tp1(sbs, estimator, dist1):
     """Losses (every part) and updated weights after 3 steps, TP=2 against TP=1."""
@@ -204,6 +206,7 @@ def test_alpha_1_trains_the_label_task_only(sbs, dist1, tmp_path):
 
 
 # ----- the CLI end to end under torchrun ---------------------------------------------------------
+@pytest.mark.processes
 def test_cli_tp2_train_resume_evaluate_calibrate(sbs, tmp_path):
     """TP=2 with the critic: a run stopped after 4 of 6 steps and resumed continues the loss curve
     exactly (the critic head is saved and restored); evaluation decodes the label task (and the
@@ -355,6 +358,7 @@ def test_bleu_by_hand_and_against_sacrebleu():
 
 
 # ----- bad input ---------------------------------------------------------------------------------
+@pytest.mark.processes
 def test_bad_input_is_one_sentence(sbs, dist1, tmp_path):
     base = _base(sbs, ckpt_dir=str(sbs / "m1"), save_dir=str(tmp_path / "s"), max_steps=1)
 

@@ -37,6 +37,7 @@ def _reference(hidden, weight, p, temperature):
     return temperature ** 2 * (p * (log_p - log_q)).sum()
 
 
+@pytest.mark.processes
 def test_kl_equals_a_direct_reference_and_tp2_equals_tp1(dist1, tmp_path):
     """Hand-made states: the dense target (a teacher's full distribution) and a sparse one (ids with
     unused slots, a repeated id, a row without target) give the reference's value and gradients,
@@ -230,6 +231,7 @@ def other_file(env, dist1):
     return out
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("teacher", ["online-same", "online-other", "offline-other"])
 def test_tp2_equals_tp1(env, other_file, teacher, dist1):
     """Losses and updated weights after 3 steps agree at TP=1 and TP=2: an online teacher of another
@@ -277,6 +279,7 @@ def test_offline_file_equals_the_online_teacher(env, other_file, dist1):
     assert_same_run(str(root / "online"), str(root / "offline"))
 
 
+@pytest.mark.processes
 def test_score_top_k_equals_the_full_log_softmax(env, other_file, dist1):
     """infer.py score --top_k: per output token, the model's top k of log_softmax(full logits), at
     TP=1 and under torchrun at TP=2; the meta file carries the teacher's vocabulary."""
@@ -431,6 +434,7 @@ def test_bad_teacher_input(env, other_file, tmp_path, dist1):
 
 
 # ----- end to end --------------------------------------------------------------------------------
+@pytest.mark.processes
 def test_teacher_file_to_a_smaller_student_with_another_tokenizer(tmp_path, tiny_tokenizer, dist1):
     """A teacher (small-llama) trained here writes its top-5 file with infer.py under torchrun (TP=2);
     a smaller student (tiny-llama) with another tokenizer distils from it through train.py under

@@ -25,6 +25,7 @@ def env(tmp_path_factory, tiny_tokenizer):
     return root, models
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("name,extra", [
     ("tiny-qwen2", {"accumulation_steps": 2}),  # one KV head: replicated on both ranks, biases, tied embeddings
     ("tiny-mixtral", {}),  # experts sharded, router replicated
@@ -42,6 +43,7 @@ def test_tp2_equals_tp1(env, name, extra, dist1):
     assert_same_run(str(root / f"{run}-tp1"), str(root / f"{run}-tp2"), lora="lora_rank" in extra)
 
 
+@pytest.mark.processes
 def test_dp2_equals_one_process_with_twice_the_batch(env, dist1):
     root, models = env
     one, _ = models["tiny-llama3"]
@@ -56,6 +58,7 @@ def test_dp2_equals_one_process_with_twice_the_batch(env, dist1):
     assert evals[1][-1]["total"] == 4
 
 
+@pytest.mark.processes
 def test_resume_continues_the_loss_curve_exactly(env):
     """LoRA with dropout at TP=2: stopped after 4 of 7 steps (mid-epoch) and resumed, the losses
     match the uninterrupted run step for step (RNG, optimizer, schedule, data position restored)."""
@@ -111,6 +114,7 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale(env, dist1, tiny_toke
     assert trainer.scheduler.last_epoch == 1  # the skipped step did not advance the schedule
 
 
+@pytest.mark.processes
 def test_learns_arithmetic_from_scratch_at_tp2(tmp_path, tiny_tokenizer):
     """A tiny LLaMA trained from random weights through train.py under torchrun (TP=2) adds
     two-digit numbers it never saw with > 90% exact-match accuracy."""
@@ -176,6 +180,7 @@ def test_resume_refuses_another_run(env, tmp_path, dist1):
         train.main(ckpt_dir=str(one), resume=True, model_type="lora-tiny-llama3", lora_rank=2, **base)
 
 
+@pytest.mark.processes
 def test_batch_must_split_over_data_parallel_ranks(env, tmp_path):
     root, models = env
     one, _ = models["tiny-llama3"]
@@ -186,6 +191,7 @@ def test_batch_must_split_over_data_parallel_ranks(env, tmp_path):
     assert "error: --max_batch_size=3 is not divisible by the 2 data-parallel replicas" in proc.stderr
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("stage", [1])
 def test_deepspeed_zero_matches_the_plain_run(env, stage, tmp_path):
     """ZeRO over 2 data-parallel CPU processes (gloo) gives the plain data-parallel losses and weights."""
@@ -261,6 +267,7 @@ def test_activation_checkpointing_and_bf16(env, dist1):
     assert abs(float(loss16) - results[False][0]) / results[False][0] < 2e-2
 
 
+@pytest.mark.processes
 def test_chunked_head_loss_equals_plain_loss_tp1_and_tp2(tmp_path, dist1):
     """The output projection + cross-entropy computed chunk by chunk (no full logits) returns the
     plain loss's sum and gradients, whatever the chunk size, at TP=1 and TP=2."""
@@ -278,6 +285,7 @@ def test_chunked_head_loss_equals_plain_loss_tp1_and_tp2(tmp_path, dist1):
             assert (r["grad_w"] - ref["grad_w"]).abs().max() <= 1e-5, name
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("tp", [1, 2])
 def test_compiled_blocks_equal_eager(env, tp, dist1, capfd):
     """Regional torch.compile (inductor; every block compiled alone, TP all-reduces inside as
