@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-import checkpoint_split as cli
 import checkpoint_split as cks
+import checkpoint_split as cli
 from engine import checkpoint as ck
 from engine.runtime.errors import UserError
 from tests.helpers import assert_same_tensors, build_hf, hf_to_meta_files, read_shards, run_cli, save_hf

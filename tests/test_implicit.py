@@ -13,11 +13,11 @@ import torch.nn.functional as F
 import train_implicit
 from data.multiplication import main as make_mult, make_splits, multiplication_line, operands
 from engine import checkpoint as ck
-from engine.text.sequences import IGNORE
-from engine.runtime.errors import UserError
 from engine.distill.implicit.data import CoTExamples, CoTLine, read_cot_lines
 from engine.distill.implicit.states import StateMaps, diagonal_positions, inject_hook, parse_layers, same_depth
 from engine.distill.implicit.tasks import MindReadTask, teacher_states
+from engine.runtime.errors import UserError
+from engine.text.sequences import IGNORE
 from engine.text.tokenizer import load_tokenizer
 from models.args import ModelArgs
 from models.registry import model_args_for

@@ -154,8 +154,8 @@ def test_inductor_compiled_decode_step_matches_hf(models, family, dist1):
     """The step torch.compile builds for the GPU path, compiled here by inductor for the CPU."""
     import torch._dynamo
 
-    from engine.infer import generation as g
     from engine.checkpoint import load_model
+    from engine.infer import generation as g
 
     root, data, refs = models
     hf_dir, ref = refs[family]

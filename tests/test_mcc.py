@@ -13,11 +13,11 @@ import train
 import train_mcc
 from data.arithmetic import main as make_arith
 from data.prepare_mcc import main as prepare_main, most_diverse
+from engine.distill.mcc.data import MultiRationaleData
+from engine.distill.mcc.losses import mcc_kd_sums, span_prediction_positions
+from engine.runtime.errors import UserError
 from engine.text.answers import find_answer_span
 from engine.text.sequences import IGNORE
-from engine.distill.mcc.data import MultiRationaleData
-from engine.runtime.errors import UserError
-from engine.distill.mcc.losses import mcc_kd_sums, span_prediction_positions
 from engine.text.tokenizer import load_tokenizer
 from tests.conftest import shared_path
 from tests.helpers import assert_same_run, torchrun, train_args

@@ -15,10 +15,10 @@ import infer
 import train
 from data.arithmetic import main as make_arith
 from data.prepare_step_by_step import main as prepare_main, parse_teacher_output
-from engine.text.answers import extract_answer, is_correct, parse_label
-from engine.runtime.errors import UserError
-from engine.infer.metrics import calibration_bins, corpus_bleu, tokenize_13a
 from engine.distill.step_by_step.mi import infonce_sum, masked_mean_pool, pooled_ce_mi_sum
+from engine.infer.metrics import calibration_bins, corpus_bleu, tokenize_13a
+from engine.runtime.errors import UserError
+from engine.text.answers import extract_answer, is_correct, parse_label
 from tests.helpers import assert_same_run, losses, run_cli, torchrun, train_args
 from tests.workers.mi_worker import hand_made_mi_inputs, mi_loss_grads
 

@@ -78,11 +78,10 @@ def test_resume_continues_the_loss_curve_exactly(env):
 
 
 def test_fp16_overflow_skips_the_step_and_lowers_the_scale(env, dist1, tiny_tokenizer):
-    from engine.distill.sft import SFTData
+    from engine.distill.sft import SFTData, SFTTask
     from engine.text.records import read_records
-    from engine.train.launch import build_model
-    from engine.distill.sft import SFTTask
     from engine.text.tokenizer import load_tokenizer
+    from engine.train.launch import build_model
     from engine.train.trainer import TrainConfig, Trainer
 
     root, models = env
@@ -212,11 +211,11 @@ def test_deepspeed_zero_matches_the_plain_run(env, stage, tmp_path):
 def test_activation_checkpointing_and_bf16(env, dist1):
     """Recomputing activations changes memory, not results; bf16 autocast stays close to fp32."""
     from engine.distill.sft import SFTData
-    from engine.text.sequences import pad_batch
     from engine.text.records import read_records
+    from engine.text.sequences import pad_batch
+    from engine.text.tokenizer import load_tokenizer
     from engine.train.launch import build_model
     from models.vocab_parallel import token_cross_entropy
-    from engine.text.tokenizer import load_tokenizer
 
     root, models = env
     one, _ = models["tiny-mixtral"]
