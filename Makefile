@@ -1,10 +1,12 @@
 # `make demo`: set up .venv if needed, then run the main job on the embedded default.
 # `make test`: set up .venv if needed, then run the test suite.
+# `make test-fast`: the tests that start no processes (no torchrun, no launcher runs): about a minute.
+# `make lint`: ruff's checks and its formatting, as pyproject.toml configures them.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-fast lint clean
 
 setup: $(STAMP)
 
@@ -20,6 +22,13 @@ demo: setup
 
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+
+test-fast: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not processes" tests
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 clean:
 	rm -rf demo_out runs

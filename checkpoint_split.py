@@ -14,8 +14,8 @@ time. Its name is the seed's; its commands:
 import math
 import sys
 
-from engine.runtime.cli import run_cli
 from engine import checkpoint as ck
+from engine.runtime.cli import run_cli
 
 
 def _dtype(dtype):

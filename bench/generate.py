@@ -71,7 +71,7 @@ def _hf_generate(hf, prompts, new_tokens, device, eos=None):
 
 def main(batches="1,64,384", dim: int = 512, n_layers: int = 4, n_heads: int = 8, n_kv_heads: int = 4,
          vocab: int = 32000, min_prompt: int = 16, max_prompt: int = 96, new_tokens: int = 32, dtype: str = "fp32",
-         device: str = None, seed: int = 0, compile: bool = None, e2e: bool = False, e2e_batch: int = 384,
+         device: str = None, seed: int = 0, compile: bool = None, e2e: bool = False, e2e_batch: int = 384,  # noqa: A002 (--compile)
          e2e_records: int = 768):
     """Print tokens/s of both engines at each batch size, their ratio, whether the tokens agree, and
     for batch 1 the fraction of the read-bandwidth limit reached.
@@ -92,9 +92,9 @@ def main(batches="1,64,384", dim: int = 512, n_layers: int = 4, n_heads: int = 8
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from engine.runtime import distributed
     from engine.checkpoint import load_for_inference
     from engine.infer.generation import SamplingParams, complete_prompts, make_runner
+    from engine.runtime import distributed
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
@@ -134,7 +134,7 @@ def main(batches="1,64,384", dim: int = 512, n_layers: int = 4, n_heads: int = 8
         except torch.OutOfMemoryError:
             print(f"batch {bsz}: out of memory, skipped", flush=True)
             continue
-        del runner
+        runner = None  # frees the captured graphs before the next batch size (a `del` hides it from the lambdas)
         same = sum(a == b for a, b in zip(mine, theirs))
         n_tok = bsz * new_tokens
         row = {"batch": bsz, "ours_tokens_per_s": n_tok / t_ours, "hf_tokens_per_s": n_tok / t_hf,

@@ -90,7 +90,7 @@ class _FixedTask:
 
 
 def run_side(side: str, hf_dir: str, native_dir: str, seq_len: int, batch: int, steps: int, mode: str,
-             lora_rank: int, dtype: str, device: str, compile: str, prompt: int) -> dict:
+             lora_rank: int, dtype: str, device: str, compile_mode: str, prompt: int) -> dict:
     import torch
 
     torch.manual_seed(0)
@@ -98,8 +98,8 @@ def run_side(side: str, hf_dir: str, native_dir: str, seq_len: int, batch: int, 
     lora = mode == "lora"
     if side == "ours":
         from engine.runtime import distributed
-        from engine.train.launch import build_model
         from engine.train.config import TrainConfig
+        from engine.train.launch import build_model
         from engine.train.trainer import Trainer
 
         info = distributed.setup(1, device=device)
@@ -108,7 +108,7 @@ def run_side(side: str, hf_dir: str, native_dir: str, seq_len: int, batch: int, 
         task = _FixedTask(x, pairs, mode, info.device, prompt)
         cfg = TrainConfig(save_dir=tempfile.mkdtemp(), max_batch_size=batch, max_steps=steps + 2, lr=1e-5,
                           use_bfloat16=dtype == "bf16", use_float16=dtype == "fp16",
-                          compile={"auto": None, "True": True, "False": False}[str(compile)], progress=False,
+                          compile={"auto": None, "True": True, "False": False}[str(compile_mode)], progress=False,
                           plot=False)
         trainer = Trainer(model, task, cfg, info)
 
@@ -200,7 +200,7 @@ def peak_flops(device: str, dtype: str) -> tuple:
 
 def main(modes: str = "full,lora,mcc", dim: int = 512, n_layers: int = 4, n_heads: int = 8, n_kv_heads: int = 4,
          vocab: int = 32000, seq_len: int = 256, batch: int = 4, steps: int = 5, lora_rank: int = 16,
-         dtype: str = "fp32", device: str = None, threads: int = 0, compile: str = "auto", peak_tflops: float = 0,
+         dtype: str = "fp32", device: str = None, threads: int = 0, compile: str = "auto", peak_tflops: float = 0,  # noqa: A002 (--compile)
          sides: str = "ours,hf", prompt_fraction: float = 0.0):
     """Print tokens/s, MFU and peak memory of one training step for both engines, and their ratios.
 

@@ -93,10 +93,10 @@ def main(input_file: str, output_file: str, formats: str = ",".join(FORMATS), nu
         answer_prompt_file: a few-shot answer-only prompt used verbatim for icl_answer (e.g. shared/data/prompts/gsm8k_direct.txt).
         overwrite: replace an existing output_file.
     """
-    from engine.train.batching import parse_formats
-    from engine.text.records import read_records
     from engine.runtime.errors import DataError
     from engine.runtime.fileio import atomic_write_text
+    from engine.text.records import read_records
+    from engine.train.batching import parse_formats
 
     names = parse_formats(formats) or list(FORMATS)
     if os.path.abspath(output_file) == os.path.abspath(input_file):

@@ -88,9 +88,9 @@ def main(out_dir: str, n: int = 3, m: int = 3, n_train: int = 20000, n_valid: in
         seed: generator seed.
         exclude: comma-separated files of `input||cot #### answer` lines whose questions no split may hold (e.g. a real test file).
     """
+    from engine.distill.implicit.data import read_cot_lines
     from engine.runtime.errors import UserError
     from engine.runtime.fileio import atomic_write_text
-    from engine.distill.implicit.data import read_cot_lines
 
     if n < 1 or m < 1:
         raise UserError(f"--n and --m must be >= 1, got {n} and {m}")

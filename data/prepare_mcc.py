@@ -49,8 +49,8 @@ def most_diverse(texts: List[str], k: int, n: int = 3) -> List[int]:
 
 
 def prepare(records: List[dict], tokenizer, num_rationales: int, task: str, n: int = 3, path: str = "input"):
-    from engine.text.answers import extract_answer, find_answer_span, is_correct
     from engine.runtime.errors import DataError
+    from engine.text.answers import extract_answer, find_answer_span, is_correct
 
     out = []
     q_stats, r_stats = Counter(), Counter()
@@ -117,10 +117,10 @@ def main(input_file: str, output_file: str, tokenizer: str, num_rationales: int 
         ngram: word n-gram size of the Jaccard diversity measure.
         overwrite: replace an existing output_file (never the input_file itself).
     """
-    from engine.text.answers import check_task
-    from engine.text.records import read_records
     from engine.runtime.errors import DataError
     from engine.runtime.fileio import atomic_write_text
+    from engine.text.answers import check_task
+    from engine.text.records import read_records
     from engine.text.tokenizer import load_tokenizer
 
     if num_rationales < 2:

@@ -95,8 +95,8 @@ def parse_teacher_output(text: str, task: str, choices=None) -> Tuple[Optional[s
 
 
 def gold_label(rec: dict, index: int, path: str, task: str, choices) -> str:
-    from engine.text.answers import CHOICE_TASKS, parse_label
     from engine.runtime.errors import DataError
+    from engine.text.answers import CHOICE_TASKS, parse_label
 
     value = rec.get("label", rec.get("answer"))
     if value is None or isinstance(value, bool) or not str(value).strip():
@@ -110,8 +110,8 @@ def gold_label(rec: dict, index: int, path: str, task: str, choices) -> str:
 
 def convert(records: List[dict], task: str, path: str):
     """(training records, counts) from step-by-step records (see the module's docstring)."""
-    from engine.text.answers import is_correct, parse_label
     from engine.runtime.errors import DataError
+    from engine.text.answers import is_correct, parse_label
 
     out, counts = [], Counter()
     for i, rec in enumerate(records):
@@ -153,8 +153,8 @@ def convert(records: List[dict], task: str, path: str):
 
 def read_dataset_dir(dataset_dir: str, split: str):
     """Records of the authors' layout: the source split joined, in order, with the raw teacher outputs."""
-    from engine.text.records import read_records
     from engine.runtime.errors import DataError
+    from engine.text.records import read_records
 
     name = os.path.basename(os.path.normpath(dataset_dir))
     source = os.path.join(dataset_dir, f"{name}_{split}.json")
@@ -194,10 +194,10 @@ def main(output_file: str, input_file: str = None, dataset_dir: str = None, spli
         task: GSM8K / SVAMP / ASDiv / CSQA / ARITH: how labels are read (default from dataset_dir's name: cqa, svamp).
         overwrite: replace an existing output_file (never the input_file itself).
     """
-    from engine.text.answers import check_task
-    from engine.text.records import read_records
     from engine.runtime.errors import DataError
     from engine.runtime.fileio import atomic_write_text
+    from engine.text.answers import check_task
+    from engine.text.records import read_records
 
     if (input_file is None) == (dataset_dir is None):
         raise DataError("pass exactly one of --input_file (records) and --dataset_dir (the authors' layout)")

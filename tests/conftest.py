@@ -1,4 +1,6 @@
 import os
+import re
+import subprocess
 import sys
 
 import pytest
@@ -30,3 +32,36 @@ def shared_path(*parts):
     if not os.path.exists(path):
         pytest.skip(f"{path} is not available")
     return path
+
+
+# ----- the two lanes: `make test` runs everything, `make test-fast` the tests not marked `processes` --
+# A test that starts a Python process (torchrun, a launcher, a worker) must carry
+# @pytest.mark.processes; one that does so unmarked fails here, in either lane, so the fast lane
+# cannot quietly grow slow. Other programs (a compiler, fc-list) are not checked.
+_PYTHON = re.compile(r"(^|[\s/])(python[0-9.]*|torchrun)(\s|$)")
+_execute_child = subprocess.Popen._execute_child
+
+
+def starts_python(args) -> bool:
+    text = args if isinstance(args, (str, bytes)) else " ".join(map(os.fsdecode, args))
+    text = os.fsdecode(text)
+    return sys.executable in text or _PYTHON.search(text) is not None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if item.get_closest_marker("processes") is not None:
+        yield
+        return
+
+    def guarded(popen, args, *rest, **kw):
+        if starts_python(args):
+            pytest.fail(f"{item.nodeid} starts a process ({os.fsdecode(args if isinstance(args, (str, bytes)) else args[0])} "
+                        f"...) but is not marked: add @pytest.mark.processes", pytrace=False)
+        return _execute_child(popen, args, *rest, **kw)
+
+    subprocess.Popen._execute_child = guarded
+    try:
+        yield
+    finally:
+        subprocess.Popen._execute_child = _execute_child

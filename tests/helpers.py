@@ -1,4 +1,5 @@
-"""Reference models built with HF transformers, and launchers for multi-process tests."""
+"""Reference models built with HF transformers, launchers for multi-process tests, and the comparison
+of two training runs (their losses and saved weights)."""
 import json
 import os
 import subprocess
@@ -189,3 +190,33 @@ def assert_same_tensors(a: dict, b: dict) -> None:
         assert a[f].keys() == b[f].keys(), (f, sorted(set(a[f]) ^ set(b[f])))
         for k in a[f]:
             assert a[f][k].dtype == b[f][k].dtype and torch.equal(a[f][k], b[f][k]), (f, k)
+
+
+def train_args(flags: dict) -> list:
+    """A launcher's command line from {flag: value}: ["--flag", "value", ...]."""
+    return [a for k, v in flags.items() for a in (f"--{k}", str(v))]
+
+
+def losses(save_dir) -> list:
+    """The training losses of a run, step by step, from its metrics.jsonl (evaluation lines left out)."""
+    return [json.loads(line)["loss"] for line in open(os.path.join(save_dir, "metrics.jsonl"))
+            if not json.loads(line).get("eval")]
+
+
+def full_weights(path, lora=False) -> dict:
+    """{key: full (unsharded) tensor} of a saved checkpoint, or of its LoRA adapter with `lora`."""
+    from engine import checkpoint as ck
+
+    src = ck.open_lora(str(path))[0] if lora else ck.open_checkpoint(str(path))
+    return {sp.key: src.read(sp, tuple((0, s) for s in sp.shape)) for sp in src.specs()}
+
+
+def assert_same_run(a, b, lora=False, tol=1e-5) -> None:
+    """Two 3-step runs saved at checkpoint-3: the same losses and weights, within `tol`."""
+    la, lb = losses(a), losses(b)
+    assert len(la) == len(lb) == 3
+    assert max(abs(x - y) for x, y in zip(la, lb)) <= tol, (la, lb)
+    wa, wb = full_weights(os.path.join(a, "checkpoint-3"), lora), full_weights(os.path.join(b, "checkpoint-3"), lora)
+    assert wa.keys() == wb.keys()
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert worst <= tol, worst

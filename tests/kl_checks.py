@@ -27,8 +27,8 @@ def teacher_kl_grads(temperature: float = 1.7):
     import torch.nn.functional as F
     from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 
-    from models.vocab_parallel import DenseTarget, SparseTarget, head_teacher_kl, logits_teacher_kl, sharded_topk
     from models.parallel import copy_to_tp, gather_from_tp, vocab_shard_start
+    from models.vocab_parallel import DenseTarget, SparseTarget, head_teacher_kl, logits_teacher_kl, sharded_topk
 
     hidden, weight, t_hidden, t_weight, ids, probs = kl_inputs()
     local = weight.shape[0] // get_model_parallel_world_size()

@@ -65,8 +65,8 @@ def head_loss_grads(seed: int = 0, rows: int = 5, cols: int = 9, dim: int = 16, 
     import torch.nn.functional as F
 
     from engine.text.sequences import IGNORE
-    from models.vocab_parallel import head_cross_entropy, token_cross_entropy
     from models.parallel import copy_to_tp, gather_from_tp, vocab_shard_start
+    from models.vocab_parallel import head_cross_entropy, token_cross_entropy
 
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(rows, cols, dim, generator=g)

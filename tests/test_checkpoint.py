@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-import checkpoint_split as cli
 import checkpoint_split as cks
+import checkpoint_split as cli
 from engine import checkpoint as ck
 from engine.runtime.errors import UserError
 from tests.helpers import assert_same_tensors, build_hf, hf_to_meta_files, read_shards, run_cli, save_hf
@@ -106,6 +106,7 @@ def test_meta_pth_to_native_to_meta(tmp_path, dist1):
     assert params["n_heads"] == 4 and params["vocab_size"] == 256
 
 
+@pytest.mark.processes
 def test_seed_command_line_splits_a_file(tmp_path):
     hf = build_hf("llama2", seed=2)
     hf_to_meta_files(hf, str(tmp_path / "meta"), n=1)
@@ -188,6 +189,7 @@ def test_failed_conversion_leaves_nothing_behind(tmp_path, tiny_tokenizer, monke
     assert os.listdir(tmp_path) == ["src"]
 
 
+@pytest.mark.processes
 def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path):
     proc = run_cli("checkpoint_split.py", "reshard", "--ckpt_dir", str(tmp_path / "missing"),
                    "--save_dir", str(tmp_path / "out"), "--n", "2")

@@ -99,6 +99,7 @@ def test_help_explains_every_flag_in_one_line(script):
         assert not missing, f"{script}:{fn.__name__} does not explain {missing}"
 
 
+@pytest.mark.processes
 def test_help_runs():
     proc = run_cli("train_mcc.py", "--help")
     assert proc.returncode == 0 and "num_rationales" in proc.stdout + proc.stderr

@@ -50,6 +50,7 @@ def test_logits_match_hf_on_gpu_bf16_and_fp32(gpu_env, dist1):
             assert ((got - ref).abs().mean() / ref.abs().mean()) <= BF16_MEAN_REL_TOL
 
 
+@pytest.mark.processes
 def test_infer_greedy_matches_hf_generate_on_gpu(gpu_env, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -85,6 +86,7 @@ def _train(root, hf_dir, save, *extra, launcher=run_cli):
     return [json.loads(line)["loss"] for line in open(save / "metrics.jsonl") if '"eval"' not in line]
 
 
+@pytest.mark.processes
 def test_training_steps_bf16_fp16_and_resume_on_gpu(gpu_env, tmp_path):
     root, hf_dir = gpu_env
     fp32 = _train(root, hf_dir, tmp_path / "fp32")
@@ -99,6 +101,7 @@ def test_training_steps_bf16_fp16_and_resume_on_gpu(gpu_env, tmp_path):
     assert max(abs(a - b) / abs(b) for a, b in zip(resumed, fp32)) < 1e-4
 
 
+@pytest.mark.processes
 @pytest.mark.skipif(GPUS < 2, reason="needs two GPUs")
 def test_tp2_over_nccl_equals_tp1(gpu_env, tmp_path):
     root, hf_dir = gpu_env
@@ -107,6 +110,7 @@ def test_tp2_over_nccl_equals_tp1(gpu_env, tmp_path):
     assert max(abs(a - b) / abs(b) for a, b in zip(one, two)) < 1e-4
 
 
+@pytest.mark.processes
 def test_more_processes_than_gpus_is_one_sentence(gpu_env, tmp_path):
     root, hf_dir = gpu_env
     n = GPUS + 1

@@ -2,6 +2,8 @@
 guard fails the run when the held-out accuracy falls below what the shortened demo reliably reaches."""
 import json
 
+import pytest
+
 from engine.train.report import still_rising
 from tests.helpers import run_cli
 
@@ -28,6 +30,7 @@ def _fake_demo(out, evals, accuracy):
     (out / "predictions.jsonl.meta.json").write_text(json.dumps({"summary": summary}))
 
 
+@pytest.mark.processes
 def test_demo_report_notes_a_rising_curve_and_guards_a_minimum(tmp_path):
     _fake_demo(tmp_path / "rising", [(0, 0.0), (2232, 0.45), (2480, 0.52), (2500, 0.52)], 0.52)
     proc = run_cli("scripts/demo_report.py", "--out", str(tmp_path / "rising"), "--min_accuracy", "0.9")

@@ -60,6 +60,7 @@ def _wait_for(predicate, timeout=120.0):
 
 
 # ----- 1. prepare_mcc.py never overwrites its input or an existing output ---------------------------
+@pytest.mark.processes
 def test_prepare_mcc_never_overwrites(tmp_path, tiny_tokenizer):
     make_arith(str(tmp_path / "d"), kind="sum3", n_train=20, n_test=2, max_value=9, seed=5)
     raw = tmp_path / "d" / "train.json"
@@ -86,6 +87,7 @@ def _popen(*args):
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.processes
 def test_two_infer_jobs_on_one_output_file(env, tmp_path):
     out = tmp_path / "o.jsonl"
     args = ["infer.py", "--ckpt_dir", str(env / "m"), "--data_file", str(env / "q.jsonl"), "--template", "none",
@@ -109,6 +111,7 @@ def test_two_infer_jobs_on_one_output_file(env, tmp_path):
     assert not lock.exists()  # released at the end
 
 
+@pytest.mark.processes
 def test_two_training_jobs_on_one_save_dir(env, tmp_path):
     save = tmp_path / "run"
     args = ["train.py", "--task", "ARITH", "--ckpt_dir", str(env / "m"), "--save_dir", str(save), "--train_file",
@@ -135,6 +138,7 @@ def test_two_training_jobs_on_one_save_dir(env, tmp_path):
 
 
 # ----- 3, 5, 9. flags checked before anything runs -------------------------------------------------
+@pytest.mark.processes
 def test_negative_batch_size_stops_instead_of_hanging(env, tmp_path):
     proc = run_cli("train.py", "--task", "ARITH", "--ckpt_dir", str(env / "m"), "--save_dir", str(tmp_path / "s"),
                    "--train_file", str(env / "arith" / "train.json"), "--max_batch_size", "-4", "--max_steps", "5",
@@ -168,6 +172,7 @@ def test_training_flag_ranges(env, tmp_path, dist1):
     (["checkpoint_split.py", "reshard", "--n", "-2"], "error: --n=-2 must be a shard count >= 1"),
     (["checkpoint_split.py", "reshard", "--n", "0"], "error: --n=0 must be a shard count >= 1"),
 ])
+@pytest.mark.processes
 def test_bad_flags_end_in_one_sentence(env, tmp_path, argv, expected):
     script, rest = argv[0], argv[1:]
     sub = [rest.pop(0)] if rest and not rest[0].startswith("--") else []
@@ -184,6 +189,7 @@ def test_bad_flags_end_in_one_sentence(env, tmp_path, argv, expected):
     assert not (tmp_path / "out").exists() and not (tmp_path / "o.jsonl").exists()
 
 
+@pytest.mark.processes
 def test_stop_string_that_looks_like_a_number(env, tmp_path):
     proc = run_cli("infer.py", "--ckpt_dir", str(env / "m"), "--data_file", str(env / "arith" / "test.json"),
                    "--output_file", str(tmp_path / "o.jsonl"), "--template", "none", "--max_new_tokens", "8",
@@ -200,6 +206,7 @@ def test_deepspeed_missing_is_one_sentence(env, tmp_path, monkeypatch, dist1):
         f"--deepspeed {cfg} needs the deepspeed package (pip install deepspeed)"
 
 
+@pytest.mark.processes
 def test_bad_data_files(env, tmp_path, tiny_tokenizer, dist1):
     bad = tmp_path / "latin1.json"
     bad.write_bytes(b'[{"instruction": "q", "output": "a"},\n {"instruction": "caf\xe9", "output": "b"}]')
@@ -295,6 +302,7 @@ def test_resume_after_torn_log_line_and_damaged_checkpoints(env, tmp_path, dist1
 
 
 # ----- 8. under torchrun the sentence reaches the user whichever rank exits first --------------------
+@pytest.mark.processes
 @pytest.mark.parametrize("mode", ["rank0_slow", "rank1_only"])
 def test_error_sentence_survives_torchrun(mode):
     with pytest.raises(AssertionError) as e:
@@ -309,6 +317,7 @@ def _unshare_works() -> bool:
         ["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True).returncode == 0
 
 
+@pytest.mark.processes
 @pytest.mark.skipif(not _unshare_works(), reason="needs user namespaces to mount a small tmpfs")
 def test_full_disk_during_a_save(env, tmp_path):
     disk = tmp_path / "disk"
@@ -325,6 +334,7 @@ def test_full_disk_during_a_save(env, tmp_path):
 
 
 # ----- 10. the partial output of a killed conversion is removed by the next one ------------------------
+@pytest.mark.processes
 def test_partial_output_of_a_dead_run_is_removed(env, tmp_path):
     out = tmp_path / "out"
     hold = ("import sys, time; sys.path.insert(0, {root!r}); from engine.runtime.fileio import staged_directory\n"

@@ -13,17 +13,16 @@ import torch.nn.functional as F
 import train_implicit
 from data.multiplication import main as make_mult, make_splits, multiplication_line, operands
 from engine import checkpoint as ck
-from engine.text.sequences import IGNORE
-from engine.runtime.errors import UserError
 from engine.distill.implicit.data import CoTExamples, CoTLine, read_cot_lines
 from engine.distill.implicit.states import StateMaps, diagonal_positions, inject_hook, parse_layers, same_depth
 from engine.distill.implicit.tasks import MindReadTask, teacher_states
+from engine.runtime.errors import UserError
+from engine.text.sequences import IGNORE
 from engine.text.tokenizer import load_tokenizer
 from models.args import ModelArgs
 from models.registry import model_args_for
 from tests.conftest import shared_path
-from tests.helpers import run_cli, torchrun
-from tests.test_train import full_weights, losses
+from tests.helpers import full_weights, losses, run_cli, torchrun, train_args
 
 SEED_EXAMPLE = ("9 1 7 3 * 9 4 3 3||1 7 4 3 3 + 0 6 7 8 4 1 ( 1 3 2 2 8 1 ) + 0 0 7 5 1 1 1 ( 1 3 9 7 9 2 1 ) + "
                 "0 0 0 7 5 1 1 1 #### 1 3 9 4 5 4 2 1")
@@ -236,10 +235,6 @@ def test_answers_are_read_between_the_right_eos(tiny_tokenizer):
 STEPS = 3
 
 
-def _flags(d):
-    return [a for k, v in d.items() for a in (f"--{k}", str(v))]
-
-
 def _common(root):
     return {"train_file": root / "train.txt", "label_file": root / "valid.txt", "max_steps": STEPS,
             "save_every": STEPS, "max_batch_size": 4, "lr": 1e-3, "max_new_tokens": 40, "eval_batch_size": 3}
@@ -258,7 +253,7 @@ def _run_pipeline(root, made, tp):
         if tp == 1:
             getattr(train_implicit, stage)(**{k: str(v) if isinstance(v, os.PathLike) else v for k, v in flags.items()})
         else:
-            torchrun("train_implicit.py", stage, *_flags(flags))
+            torchrun("train_implicit.py", stage, *train_args(flags))
     dirs = ",".join(str(out / s) for s, _ in stages)
     eval_flags = ["--data_file", str(root / "valid.txt"), "--model_dirs", dirs, "--batch_size", "3",
                   "--max_new_tokens", "40", "--output_file", str(out / "eval.json")]
@@ -287,6 +282,7 @@ def pipelines(models, dist1):
     return _run_pipeline(root, made, 1), _run_pipeline(root, made, 2)
 
 
+@pytest.mark.processes
 def test_every_stage_tp2_equals_tp1(pipelines):
     """Losses and grad norms agree to ~1e-6; weights to 1e-4 (a step moves them by ~lr = 1e-3): Adam
     divides by sqrt(v) + 1e-8, so an element whose gradient is ~1e-9 turns float noise into ~1e-5."""
@@ -307,6 +303,7 @@ def test_every_stage_tp2_equals_tp1(pipelines):
     assert max(abs(a - b) for a, b in zip(*grad_norms)) < 1e-4  # split weights counted once at TP=2
 
 
+@pytest.mark.processes
 def test_end_to_end_outputs(pipelines, models):
     one, two = pipelines
     root, made = models
@@ -329,6 +326,7 @@ def test_end_to_end_outputs(pipelines, models):
     assert abs(a[2]["mse"] - b[2]["mse"]) < 1e-4 * a[2]["mse"] + 1e-7
 
 
+@pytest.mark.processes
 def test_couple_resumes_exactly(pipelines, models, dist1):
     one, _ = pipelines
     root, _ = models
@@ -346,6 +344,7 @@ def test_couple_resumes_exactly(pipelines, models, dist1):
 
 
 # ----- bad input: one sentence --------------------------------------------------------------------
+@pytest.mark.processes
 def test_prerequisites_and_mappings_are_refused(pipelines, models, tmp_path):
     one, _ = pipelines
     root, made = models
@@ -386,6 +385,7 @@ def test_prerequisites_and_mappings_are_refused(pipelines, models, tmp_path):
         train_implicit.evaluate(data_file=str(root / "valid.txt"), model_dirs=made["student"])
 
 
+@pytest.mark.processes
 def test_bad_lines_end_in_one_sentence_through_the_cli(models, tmp_path):
     root, made = models
     bad = tmp_path / "bad.txt"

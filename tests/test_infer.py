@@ -72,6 +72,7 @@ def test_greedy_matches_hf_generate_tp1(models, family, dist1):
     assert sum(len(r) for r in ref) > 3 * len(ref)  # not all stopping at once
 
 
+@pytest.mark.processes
 def test_greedy_matches_hf_generate_tp2(models):
     root, data, refs = models
     jobs = [_job(hf_dir, data, root / f"{family}-tp2.jsonl") for family, (hf_dir, _) in refs.items()]
@@ -107,6 +108,7 @@ def test_static_decode_step_matches_eager_and_hf_tp1(models, family, dist1, tiny
     _check_decode_paths(decode_paths(model, [tok.encode(q) for q in QUESTIONS], [tok.eos_id], NEW), ref, family)
 
 
+@pytest.mark.processes
 def test_static_decode_step_matches_eager_and_hf_tp2(models, tiny_tokenizer):
     root, data, refs = models
     tok = load_tokenizer(tiny_tokenizer)
@@ -146,13 +148,14 @@ def test_static_shapes_and_stop_strings_across_sync_windows(models, dist1, tiny_
     assert finish == "stop" and len(tokens) < len(ref[row]) and stop in tok.decode(tokens)
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("family", ["llama3"])
 def test_inductor_compiled_decode_step_matches_hf(models, family, dist1):
     """The step torch.compile builds for the GPU path, compiled here by inductor for the CPU."""
     import torch._dynamo
 
-    from engine.infer import generation as g
     from engine.checkpoint import load_model
+    from engine.infer import generation as g
 
     root, data, refs = models
     hf_dir, ref = refs[family]
@@ -187,6 +190,7 @@ def test_batching_and_sampling(models, dist1, tmp_path):
     assert [r["index"] for r in runs["k4"]] == list(range(len(QUESTIONS)))
 
 
+@pytest.mark.processes
 def test_killed_run_resumes_with_every_record_once(tmp_path, tiny_tokenizer):
     from checkpoint_split import init
 
@@ -246,6 +250,7 @@ def test_score_matches_hf_log_likelihood(models, dist1, tmp_path):
     assert abs(got[1]["sum_logprob"] - s2) < 1e-3 and abs(got[1]["mean_logprob"] - s2 / n2) < 1e-4
 
 
+@pytest.mark.processes
 def test_evaluate_gold_and_empty(tmp_path):
     gold = shared_path("data", "mcc", "GSM8K", "test.json")
     proc = run_cli("infer.py", "evaluate", "--task", "GSM8K", "--predictions_file", gold)

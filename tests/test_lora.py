@@ -74,6 +74,7 @@ def test_lora_on_a_tied_output_head_is_refused(tmp_path, tiny_tokenizer, dist1):
         apply_lora(model, LoRAConfig(rank=2, targets="wq,output"))
 
 
+@pytest.mark.processes
 def test_adapter_trained_at_tp2_loads_at_tp1_and_in_peft(tmp_path, tiny_tokenizer, dist1):
     """tiny-qwen2 has one KV head, replicated on both TP ranks: its LoRA B is stored twice and must
     be read once; the adapter loads into a TP=1 model and exports to peft with the same logits."""

@@ -13,15 +13,14 @@ import train
 import train_mcc
 from data.arithmetic import main as make_arith
 from data.prepare_mcc import main as prepare_main, most_diverse
+from engine.distill.mcc.data import MultiRationaleData
+from engine.distill.mcc.losses import mcc_kd_sums, span_prediction_positions
+from engine.runtime.errors import UserError
 from engine.text.answers import find_answer_span
 from engine.text.sequences import IGNORE
-from engine.distill.mcc.data import MultiRationaleData
-from engine.runtime.errors import UserError
-from engine.distill.mcc.losses import mcc_kd_sums, span_prediction_positions
 from engine.text.tokenizer import load_tokenizer
 from tests.conftest import shared_path
-from tests.helpers import torchrun
-from tests.test_train import _args, assert_same_run
+from tests.helpers import assert_same_run, torchrun, train_args
 
 
 def test_loss_matches_a_direct_reference(dist1):
@@ -66,6 +65,7 @@ def sum3(tmp_path_factory, tiny_tokenizer):
     return root
 
 
+@pytest.mark.processes
 def test_mcc_tp2_equals_tp1(sum3, tiny_tokenizer, dist1):
     root = sum3
     cks.init("tiny-qwen2", str(root / "m1"), n=1, tokenizer=tiny_tokenizer, seed=1)
@@ -74,7 +74,7 @@ def test_mcc_tp2_equals_tp1(sum3, tiny_tokenizer, dist1):
             "train_file": str(root / "data" / "train.json"), "max_batch_size": 4, "alpha": 1.0, "temperature": 1.3,
             "num_rationales": 3}
     train_mcc.main(ckpt_dir=str(root / "m1"), save_dir=str(root / "tp1"), **base)
-    torchrun("train_mcc.py", *_args({**base, "ckpt_dir": root / "m2", "save_dir": root / "tp2"}))
+    torchrun("train_mcc.py", *train_args({**base, "ckpt_dir": root / "m2", "save_dir": root / "tp2"}))
     assert_same_run(str(root / "tp1"), str(root / "tp2"))
     lines = [json.loads(line) for line in open(root / "tp2" / "metrics.jsonl")]
     assert all(line["loss_kl"] > 0 for line in lines)
@@ -144,6 +144,7 @@ def test_most_diverse_prefers_different_rationales():
     assert len(most_diverse(texts, 3)) == 3 and 2 in most_diverse(texts, 3)
 
 
+@pytest.mark.processes
 def test_end_to_end_teacher_samples_to_mcc_training(tmp_path, tiny_tokenizer, dist1):
     """A teacher trained here samples 4 rationales per question; prepare_mcc keeps the correct,
     diverse ones with spans; train_mcc trains a student on them at TP=2."""

@@ -55,6 +55,7 @@ def test_hf_dir_loads_directly(models, family, dist1):
     assert (full_logits(model, torch.load(m["tokens"])) - m["ref"]).abs().max().item() <= TOL
 
 
+@pytest.mark.processes
 def test_parity_tp2(models):
     """One torchrun launch: every family at TP=2 from 2 native shards (KV heads replicated for qwen2,
     whose single KV head is shared by both ranks), plus an HF directory loaded directly at TP=2."""

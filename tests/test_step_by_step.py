@@ -15,12 +15,11 @@ import infer
 import train
 from data.arithmetic import main as make_arith
 from data.prepare_step_by_step import main as prepare_main, parse_teacher_output
-from engine.text.answers import extract_answer, is_correct, parse_label
-from engine.runtime.errors import UserError
-from engine.infer.metrics import calibration_bins, corpus_bleu, tokenize_13a
 from engine.distill.step_by_step.mi import infonce_sum, masked_mean_pool, pooled_ce_mi_sum
-from tests.helpers import run_cli, torchrun
-from tests.test_train import _args, assert_same_run, losses
+from engine.infer.metrics import calibration_bins, corpus_bleu, tokenize_13a
+from engine.runtime.errors import UserError
+from engine.text.answers import extract_answer, is_correct, parse_label
+from tests.helpers import assert_same_run, losses, run_cli, torchrun, train_args
 from tests.workers.mi_worker import hand_made_mi_inputs, mi_loss_grads
 
 PREFIX = {"label": "predict: ", "rationale": "explain: "}  # the authors' T5 task prefixes, written out here
@@ -137,6 +136,7 @@ def test_first_step_loss_equals_a_reference_on_the_model(sbs, tiny_tokenizer, di
 
 
 # ----- tensor parallelism ------------------------------------------------------------------------
+@pytest.mark.processes
 def test_mi_term_tp2_equals_tp1_on_sharded_logits(tmp_path, dist1):
     one = mi_loss_grads()
     torchrun("tests/workers/mi_worker.py", str(tmp_path / "tp2.pt"))
@@ -146,12 +146,13 @@ def test_mi_term_tp2_equals_tp1_on_sharded_logits(tmp_path, dist1):
     assert one["label_grad_is_none"] and two["label_grad_is_none"]
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("estimator", ["pooled_ce", "critic"])
 def test_training_tp2_equals_tp1(sbs, estimator, dist1):
     """Losses (every part) and updated weights after 3 steps, TP=2 against TP=1."""
     base = _base(sbs, alpha=0.4, beta=0.5, mi_estimator=estimator, accumulation_steps=2)
     train.main(**base, ckpt_dir=str(sbs / "m1"), save_dir=str(sbs / f"{estimator}-tp1"))
-    torchrun("train.py", *_args({**base, "ckpt_dir": sbs / "m2", "save_dir": sbs / f"{estimator}-tp2"}))
+    torchrun("train.py", *train_args({**base, "ckpt_dir": sbs / "m2", "save_dir": sbs / f"{estimator}-tp2"}))
     assert_same_run(str(sbs / f"{estimator}-tp1"), str(sbs / f"{estimator}-tp2"))
     for a, b in zip(_metrics(sbs / f"{estimator}-tp1"), _metrics(sbs / f"{estimator}-tp2")):
         assert abs(a["loss_mi"] - b["loss_mi"]) < 1e-5 and abs(a["loss_label"] - b["loss_label"]) < 1e-5
@@ -205,6 +206,7 @@ def test_alpha_1_trains_the_label_task_only(sbs, dist1, tmp_path):
 
 
 # ----- the CLI end to end under torchrun ---------------------------------------------------------
+@pytest.mark.processes
 def test_cli_tp2_train_resume_evaluate_calibrate(sbs, tmp_path):
     """TP=2 with the critic: a run stopped after 4 of 6 steps and resumed continues the loss curve
     exactly (the critic head is saved and restored); evaluation decodes the label task (and the
@@ -213,10 +215,10 @@ def test_cli_tp2_train_resume_evaluate_calibrate(sbs, tmp_path):
             "max_steps": 6, "save_every": 2, "train_file": sbs / "arith" / "train.json", "max_batch_size": 4,
             "label_file": sbs / "arith" / "test.json", "max_new_tokens": 24, "ckpt_dir": sbs / "m2", "alpha": 0.5,
             "beta": 0.1, "mi_estimator": "critic", "eval_rationale_task": True, "label_type": "llm"}
-    torchrun("train.py", *_args({**base, "save_dir": tmp_path / "straight"}))
-    torchrun("train.py", *_args({**base, "save_dir": tmp_path / "stopped", "exit_after_steps": 4}))
+    torchrun("train.py", *train_args({**base, "save_dir": tmp_path / "straight"}))
+    torchrun("train.py", *train_args({**base, "save_dir": tmp_path / "stopped", "exit_after_steps": 4}))
     assert len(losses(tmp_path / "stopped")) == 4
-    torchrun("train.py", *_args({**base, "save_dir": tmp_path / "stopped", "resume": True}))
+    torchrun("train.py", *train_args({**base, "save_dir": tmp_path / "stopped", "resume": True}))
     a, b = _metrics(tmp_path / "straight"), _metrics(tmp_path / "stopped")
     steps = lambda lines: [(x["loss"], x["loss_mi"]) for x in lines if not x.get("eval")]  # noqa: E731
     assert len(steps(a)) == 6 and steps(a) == steps(b)
@@ -356,6 +358,7 @@ def test_bleu_by_hand_and_against_sacrebleu():
 
 
 # ----- bad input ---------------------------------------------------------------------------------
+@pytest.mark.processes
 def test_bad_input_is_one_sentence(sbs, dist1, tmp_path):
     base = _base(sbs, ckpt_dir=str(sbs / "m1"), save_dir=str(tmp_path / "s"), max_steps=1)
 

@@ -15,12 +15,11 @@ import infer
 import train
 from data.arithmetic import main as make_arith
 from data.make_tokenizer import default_corpus, train_tokenizer
-from engine.text.vocab import Vocab
 from engine.distill.teacher_kl.alignment import aligned_positions, dtw_align, one_to_one
 from engine.runtime.errors import UserError
+from engine.text.vocab import Vocab
 from tests.conftest import shared_path
-from tests.helpers import torchrun
-from tests.test_train import _args, assert_same_run, losses
+from tests.helpers import assert_same_run, full_weights, losses, torchrun, train_args
 
 BASE = {"task": "ARITH", "template": "none", "max_seq_len": 64, "lr": 1e-3, "max_steps": 3, "save_every": 3,
         "max_batch_size": 4, "objective": "teacher_kl", "kl_weight": 0.7, "kl_temperature": 1.5}
@@ -38,6 +37,7 @@ def _reference(hidden, weight, p, temperature):
     return temperature ** 2 * (p * (log_p - log_q)).sum()
 
 
+@pytest.mark.processes
 def test_kl_equals_a_direct_reference_and_tp2_equals_tp1(dist1, tmp_path):
     """Hand-made states: the dense target (a teacher's full distribution) and a sparse one (ids with
     unused slots, a repeated id, a row without target) give the reference's value and gradients,
@@ -231,6 +231,7 @@ def other_file(env, dist1):
     return out
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("teacher", ["online-same", "online-other", "offline-other"])
 def test_tp2_equals_tp1(env, other_file, teacher, dist1):
     """Losses and updated weights after 3 steps agree at TP=1 and TP=2: an online teacher of another
@@ -246,13 +247,12 @@ def test_tp2_equals_tp1(env, other_file, teacher, dist1):
         if tp == 1:
             train.main(**{k: str(v) if isinstance(v, os.PathLike) else v for k, v in args.items()})
         else:
-            torchrun("train.py", *_args(args))
+            torchrun("train.py", *train_args(args))
         runs[tp] = str(args["save_dir"])
     assert_same_run(runs[1], runs[2])
     lines = metrics(runs[2])
     assert all(line["loss_kl"] > 0 for line in lines)
     assert all(abs(line["loss"] - 0.3 * line["loss_ce"] - 0.7 * line["loss_kl"]) < 1e-5 for line in lines)
-    from tests.test_train import full_weights
 
     worst = max(abs(a - b) for a, b in zip(losses(runs[1]), losses(runs[2])))
     wa, wb = (full_weights(os.path.join(runs[tp], "checkpoint-3")) for tp in (1, 2))
@@ -279,6 +279,7 @@ def test_offline_file_equals_the_online_teacher(env, other_file, dist1):
     assert_same_run(str(root / "online"), str(root / "offline"))
 
 
+@pytest.mark.processes
 def test_score_top_k_equals_the_full_log_softmax(env, other_file, dist1):
     """infer.py score --top_k: per output token, the model's top k of log_softmax(full logits), at
     TP=1 and under torchrun at TP=2; the meta file carries the teacher's vocabulary."""
@@ -359,13 +360,11 @@ def test_training_on_formats_holds_one_format_per_batch(env, tmp_path, dist1):
     meta = json.load(open(tmp_path / "r" / "run_config.json"))
     assert meta["steps_per_epoch"] == 8  # 14 questions x 2 formats, each format in batches of 4 (the last completed)
     # the trainer's batches: one format each, every example of the chosen formats once an epoch
-    from engine.distill.sft import SFTData
-    from engine.train.batching import format_groups
+    from engine.distill.sft import SFTData, SFTTask
     from engine.text.records import read_records
-    from engine.train.launch import build_model
-    from engine.distill.sft import SFTTask
-    from engine.train.batching import group_by_format
     from engine.text.tokenizer import load_tokenizer
+    from engine.train.batching import format_groups, group_by_format
+    from engine.train.launch import build_model
     from engine.train.trainer import TrainConfig, Trainer
 
     records = read_records(str(tmp_path / "f.json"))
@@ -433,6 +432,7 @@ def test_bad_teacher_input(env, other_file, tmp_path, dist1):
 
 
 # ----- end to end --------------------------------------------------------------------------------
+@pytest.mark.processes
 def test_teacher_file_to_a_smaller_student_with_another_tokenizer(tmp_path, tiny_tokenizer, dist1):
     """A teacher (small-llama) trained here writes its top-5 file with infer.py under torchrun (TP=2);
     a smaller student (tiny-llama) with another tokenizer distils from it through train.py under

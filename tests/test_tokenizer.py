@@ -30,7 +30,7 @@ def test_tiny_tokenizer_splits_digits(tiny_tokenizer):
 
 
 def test_hf_tokenizer_json(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     t = Tokenizer(models.BPE(unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

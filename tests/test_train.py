@@ -9,12 +9,8 @@ import torch
 import checkpoint_split as cks
 import train
 from data.arithmetic import main as make_arith
-from engine import checkpoint as ck
 from engine.runtime.errors import UserError
-from tests.helpers import run_cli, torchrun
-
-COMMON = ["--task", "ARITH", "--template", "none", "--max_seq_len", "64", "--lr", "1e-3", "--max_steps", "3",
-          "--save_every", "3"]
+from tests.helpers import assert_same_run, losses, run_cli, torchrun, train_args
 
 
 @pytest.fixture(scope="module")
@@ -29,36 +25,7 @@ def env(tmp_path_factory, tiny_tokenizer):
     return root, models
 
 
-def losses(save_dir):
-    return [json.loads(line)["loss"] for line in open(os.path.join(save_dir, "metrics.jsonl"))
-            if not json.loads(line).get("eval")]
-
-
-def full_weights(path, lora=False):
-    if lora:
-        from engine.checkpoint import open_lora
-
-        src = open_lora(str(path))[0]
-    else:
-        src = ck.open_checkpoint(str(path))
-    return {sp.key: src.read(sp, tuple((0, s) for s in sp.shape)) for sp in src.specs()}
-
-
-def assert_same_run(a, b, lora=False, tol=1e-5):
-    la, lb = losses(a), losses(b)
-    assert len(la) == len(lb) == 3
-    assert max(abs(x - y) for x, y in zip(la, lb)) <= tol, (la, lb)
-    wa, wb = full_weights(os.path.join(a, "checkpoint-3"), lora), full_weights(os.path.join(b, "checkpoint-3"), lora)
-    assert wa.keys() == wb.keys()
-    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
-    assert worst <= tol, worst
-
-
-
-def _args(d):
-    return [a for k, v in d.items() for a in (f"--{k}", str(v))]
-
-
+@pytest.mark.processes
 @pytest.mark.parametrize("name,extra", [
     ("tiny-qwen2", {"accumulation_steps": 2}),  # one KV head: replicated on both ranks, biases, tied embeddings
     ("tiny-mixtral", {}),  # experts sharded, router replicated
@@ -72,10 +39,11 @@ def test_tp2_equals_tp1(env, name, extra, dist1):
             "train_file": str(root / "arith" / "train.json"), "max_batch_size": 4, **extra}
     run = f"{name}-{len(extra)}-{extra.get('lora_targets', 'all')}"
     train.main(ckpt_dir=str(one), save_dir=str(root / f"{run}-tp1"), **base)
-    torchrun("train.py", *_args({**base, "ckpt_dir": two, "save_dir": root / f"{run}-tp2"}))
+    torchrun("train.py", *train_args({**base, "ckpt_dir": two, "save_dir": root / f"{run}-tp2"}))
     assert_same_run(str(root / f"{run}-tp1"), str(root / f"{run}-tp2"), lora="lora_rank" in extra)
 
 
+@pytest.mark.processes
 def test_dp2_equals_one_process_with_twice_the_batch(env, dist1):
     root, models = env
     one, _ = models["tiny-llama3"]
@@ -83,13 +51,14 @@ def test_dp2_equals_one_process_with_twice_the_batch(env, dist1):
             "train_file": str(root / "arith" / "train.json"), "ckpt_dir": str(one), "accumulation_steps": 2}
     base["label_file"] = str(root / "arith" / "test.json")  # 4 records, evaluated in 2 slices under DP
     train.main(save_dir=str(root / "dp1"), max_batch_size=4, **base)
-    torchrun("train.py", *_args({**base, "save_dir": root / "dp2", "max_batch_size": 4, "tp_size": 1}))
+    torchrun("train.py", *train_args({**base, "save_dir": root / "dp2", "max_batch_size": 4, "tp_size": 1}))
     assert_same_run(str(root / "dp1"), str(root / "dp2"))
     evals = [[json.loads(line) for line in open(root / d / "metrics.jsonl") if '"eval"' in line] for d in ("dp1", "dp2")]
     assert [(e["total"], e["correct"]) for e in evals[0]] == [(e["total"], e["correct"]) for e in evals[1]]
     assert evals[1][-1]["total"] == 4
 
 
+@pytest.mark.processes
 def test_resume_continues_the_loss_curve_exactly(env):
     """LoRA with dropout at TP=2: stopped after 4 of 7 steps (mid-epoch) and resumed, the losses
     match the uninterrupted run step for step (RNG, optimizer, schedule, data position restored)."""
@@ -99,21 +68,20 @@ def test_resume_continues_the_loss_curve_exactly(env):
             "train_file": root / "arith" / "train.json", "ckpt_dir": two, "max_batch_size": 4,
             "model_type": "lora-tiny-llama3", "lora_rank": 4, "lora_dropout": 0.2, "save_every": 2,
             "warmup_steps": 2}
-    torchrun("train.py", *_args({**base, "save_dir": root / "straight"}))
-    torchrun("train.py", *_args({**base, "save_dir": root / "stopped", "exit_after_steps": 4}))
+    torchrun("train.py", *train_args({**base, "save_dir": root / "straight"}))
+    torchrun("train.py", *train_args({**base, "save_dir": root / "stopped", "exit_after_steps": 4}))
     assert len(losses(root / "stopped")) == 4
-    torchrun("train.py", *_args({**base, "save_dir": root / "stopped", "resume": True}))
+    torchrun("train.py", *train_args({**base, "save_dir": root / "stopped", "resume": True}))
     a, b = losses(root / "straight"), losses(root / "stopped")
     assert len(a) == len(b) == 7
     assert a == b, (a, b)
 
 
 def test_fp16_overflow_skips_the_step_and_lowers_the_scale(env, dist1, tiny_tokenizer):
-    from engine.distill.sft import SFTData
+    from engine.distill.sft import SFTData, SFTTask
     from engine.text.records import read_records
-    from engine.train.launch import build_model
-    from engine.distill.sft import SFTTask
     from engine.text.tokenizer import load_tokenizer
+    from engine.train.launch import build_model
     from engine.train.trainer import TrainConfig, Trainer
 
     root, models = env
@@ -145,6 +113,7 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale(env, dist1, tiny_toke
     assert trainer.scheduler.last_epoch == 1  # the skipped step did not advance the schedule
 
 
+@pytest.mark.processes
 def test_learns_arithmetic_from_scratch_at_tp2(tmp_path, tiny_tokenizer):
     """A tiny LLaMA trained from random weights through train.py under torchrun (TP=2) adds
     two-digit numbers it never saw with > 90% exact-match accuracy."""
@@ -210,6 +179,7 @@ def test_resume_refuses_another_run(env, tmp_path, dist1):
         train.main(ckpt_dir=str(one), resume=True, model_type="lora-tiny-llama3", lora_rank=2, **base)
 
 
+@pytest.mark.processes
 def test_batch_must_split_over_data_parallel_ranks(env, tmp_path):
     root, models = env
     one, _ = models["tiny-llama3"]
@@ -220,6 +190,7 @@ def test_batch_must_split_over_data_parallel_ranks(env, tmp_path):
     assert "error: --max_batch_size=3 is not divisible by the 2 data-parallel replicas" in proc.stderr
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("stage", [1])
 def test_deepspeed_zero_matches_the_plain_run(env, stage, tmp_path):
     """ZeRO over 2 data-parallel CPU processes (gloo) gives the plain data-parallel losses and weights."""
@@ -230,8 +201,8 @@ def test_deepspeed_zero_matches_the_plain_run(env, stage, tmp_path):
     base = {"task": "ARITH", "template": "none", "max_seq_len": 64, "lr": 1e-3, "max_steps": 3, "save_every": 3,
             "train_file": root / "arith" / "train.json", "ckpt_dir": one, "accumulation_steps": 2,
             "max_batch_size": 4, "tp_size": 1}
-    torchrun("train.py", *_args({**base, "save_dir": tmp_path / "plain"}))
-    torchrun("train.py", *_args({**base, "save_dir": tmp_path / "zero", "deepspeed": cfg}),
+    torchrun("train.py", *train_args({**base, "save_dir": tmp_path / "plain"}))
+    torchrun("train.py", *train_args({**base, "save_dir": tmp_path / "zero", "deepspeed": cfg}),
              env={"DS_ACCELERATOR": "cpu"})
     assert os.path.isdir(tmp_path / "zero" / "checkpoint-3" / "deepspeed")
     assert_same_run(str(tmp_path / "plain"), str(tmp_path / "zero"))
@@ -240,11 +211,11 @@ def test_deepspeed_zero_matches_the_plain_run(env, stage, tmp_path):
 def test_activation_checkpointing_and_bf16(env, dist1):
     """Recomputing activations changes memory, not results; bf16 autocast stays close to fp32."""
     from engine.distill.sft import SFTData
-    from engine.text.sequences import pad_batch
     from engine.text.records import read_records
+    from engine.text.sequences import pad_batch
+    from engine.text.tokenizer import load_tokenizer
     from engine.train.launch import build_model
     from models.vocab_parallel import token_cross_entropy
-    from engine.text.tokenizer import load_tokenizer
 
     root, models = env
     one, _ = models["tiny-mixtral"]
@@ -295,6 +266,7 @@ def test_activation_checkpointing_and_bf16(env, dist1):
     assert abs(float(loss16) - results[False][0]) / results[False][0] < 2e-2
 
 
+@pytest.mark.processes
 def test_chunked_head_loss_equals_plain_loss_tp1_and_tp2(tmp_path, dist1):
     """The output projection + cross-entropy computed chunk by chunk (no full logits) returns the
     plain loss's sum and gradients, whatever the chunk size, at TP=1 and TP=2."""
@@ -312,6 +284,7 @@ def test_chunked_head_loss_equals_plain_loss_tp1_and_tp2(tmp_path, dist1):
             assert (r["grad_w"] - ref["grad_w"]).abs().max() <= 1e-5, name
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("tp", [1, 2])
 def test_compiled_blocks_equal_eager(env, tp, dist1, capfd):
     """Regional torch.compile (inductor; every block compiled alone, TP all-reduces inside as
@@ -333,7 +306,7 @@ def test_compiled_blocks_equal_eager(env, tp, dist1, capfd):
             out = capfd.readouterr()
             runs[compile_] = out.out + out.err
         else:
-            out = torchrun("train.py", *_args({**base, "ckpt_dir": two, "save_dir": save, "compile": compile_}))
+            out = torchrun("train.py", *train_args({**base, "ckpt_dir": two, "save_dir": save, "compile": compile_}))
             runs[compile_] = out.stdout + out.stderr
     assert_same_run(str(root / f"compile-False-tp{tp}"), str(root / f"compile-True-tp{tp}"), lora=tp == 2)
     assert "decoder blocks compiled" in runs[True] and "eager decoder blocks (--compile False)" in runs[False]

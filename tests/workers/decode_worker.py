@@ -5,8 +5,8 @@ import sys
 
 import torch
 
-from engine.runtime import distributed
 from engine.checkpoint import load_for_inference
+from engine.runtime import distributed
 from tests.model_checks import decode_paths
 
 

@@ -5,8 +5,8 @@ import sys
 
 import torch
 
-from engine.runtime import distributed
 from engine.checkpoint import load_model
+from engine.runtime import distributed
 from tests.model_checks import full_logits, ragged_cached_logits
 
 
