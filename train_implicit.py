@@ -15,13 +15,20 @@ the stages themselves: engine/distill/implicit/.
 """
 from __future__ import annotations
 
-from engine.runtime.cli import run_cli
-from engine.distill.implicit.args import CoupleArgs, EmulatorArgs, MindReadArgs, TeacherArgs, stage_launcher
+from engine.distill.implicit.args import CoupleArgs, EmulatorArgs, MindReadArgs, TeacherArgs
+from engine.runtime.cli import launcher, run_cli
 
-teacher = stage_launcher(TeacherArgs)
-mind_read = stage_launcher(MindReadArgs)
-emulator = stage_launcher(EmulatorArgs)
-couple = stage_launcher(CoupleArgs)
+
+def run_stage(args) -> None:
+    from engine.distill.implicit.stages import run_stage
+
+    run_stage(args)
+
+
+teacher = launcher(TeacherArgs, run=run_stage)
+mind_read = launcher(MindReadArgs, run=run_stage)
+emulator = launcher(EmulatorArgs, run=run_stage)
+couple = launcher(CoupleArgs, run=run_stage)
 
 
 def evaluate(data_file: str, model_dirs: str, batch_size: int = 64, max_new_tokens: int = 128, max_examples: int = 0,
@@ -41,8 +48,8 @@ def evaluate(data_file: str, model_dirs: str, batch_size: int = 64, max_new_toke
         tp_size: tensor-parallel size (default: all processes).
         device: cpu or cuda (default: cuda when every process on this node has a GPU of its own).
     """
-    from engine.runtime.errors import UserError
     from engine.distill.implicit.stages import run_evaluation
+    from engine.runtime.errors import UserError
     from engine.runtime.precision import dtype_from_flags
 
     for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):

@@ -25,6 +25,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from engine.train.task import Task  # noqa: E402  (after the path: the bench runs from anywhere)
+
 TARGETS = "wq,wk,wv,wo,w1,w2,w3"
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -59,7 +61,7 @@ def _batch(vocab: int, batch: int, seq_len: int, mode: str):
     return x, pairs
 
 
-class _FixedTask:
+class _FixedTask(Task):
     """One fixed batch, run through the engine's own task losses (engine/distill/)."""
 
     def __init__(self, x, pairs, mode, device, prompt: int):
@@ -74,10 +76,14 @@ class _FixedTask:
         self.weights = {"ce": 1.0, "kl": 0.1} if mode == "mcc" else {"ce": 1.0}
         counts = {"ce": float((labels != IGNORE).sum()), "kl": float(len(pairs))}
         self.batch = make_batch(x, labels, device, counts, x.numel(), {"pairs": pairs})
-        self.num_examples = x.shape[0]
+        self.rows = x.shape[0]
+
+    @property
+    def num_examples(self):
+        return self.rows
 
     def lengths(self, epoch):
-        return [self.batch.inputs.shape[1]] * self.num_examples
+        return [self.batch.inputs.shape[1]] * self.rows
 
     def micro_batch(self, positions, epoch):
         return self.batch

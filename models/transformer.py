@@ -366,23 +366,24 @@ class Transformer(nn.Module):
         self.rope = RotaryEmbedding(args)
         self.configure_layers()
 
-    def configure_layers(self, checkpoint: str = "none", fraction: float = 1.0, compile: bool = False) -> None:
-        """How the blocks run. In training with gradients: activation checkpointing of the first
-        `fraction` of the layers ("full": keep each block's input only and recompute the block in
+    def configure_layers(self, policy: str = "none", fraction: float = 1.0, compiled: bool = False) -> None:
+        """How the blocks run. In training with gradients: activation checkpointing (`policy`) of the
+        first `fraction` of the layers ("full": keep each block's input only and recompute the block in
         backward; "selective": also keep the outputs of matmuls and attention, recompute norms, RoPE
-        and element-wise ops); and each block compiled on its own (regional torch.compile: short
-        compile times, one graph shared by all layers, checkpointing inside the compiled region).
+        and element-wise ops); and, when `compiled`, each block compiled on its own (regional
+        torch.compile: short compile times, one graph shared by all layers, checkpointing inside the
+        compiled region).
         The tensor-parallel all-reduces sit inside the compiled blocks as functional collectives
         (models/parallel.py). Calls with a KV cache (generation) always run the plain blocks."""
-        if checkpoint not in CHECKPOINT_POLICIES:
-            raise ValueError(f"checkpoint policy {checkpoint!r} is not one of {', '.join(CHECKPOINT_POLICIES)}")
-        n_checkpointed = 0 if checkpoint == "none" else round(fraction * len(self.layers))
+        if policy not in CHECKPOINT_POLICIES:
+            raise ValueError(f"checkpoint policy {policy!r} is not one of {', '.join(CHECKPOINT_POLICIES)}")
+        n_checkpointed = 0 if policy == "none" else round(fraction * len(self.layers))
         self.train_calls, self.eval_calls = [], []
         for i, layer in enumerate(self.layers):
-            call = _checkpointed(layer, checkpoint == "selective") if i < n_checkpointed else layer
-            self.train_calls.append(CompiledCall(call, "decoder block") if compile else call)
-            self.eval_calls.append(CompiledCall(layer, "decoder block") if compile else layer)
-        self.checkpoint_policy = (checkpoint, n_checkpointed)
+            call = _checkpointed(layer, policy == "selective") if i < n_checkpointed else layer
+            self.train_calls.append(CompiledCall(call, "decoder block") if compiled else call)
+            self.eval_calls.append(CompiledCall(layer, "decoder block") if compiled else layer)
+        self.checkpoint_policy = (policy, n_checkpointed)
 
     @torch.no_grad()
     def fuse_projections(self) -> None:

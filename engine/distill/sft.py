@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, List
+from typing import ClassVar, Dict, List
+
 import torch
+
 from engine.runtime.errors import DataError
 from engine.text.prompts import format_prompt
-from typing import Dict
-from engine.text.sequences import IGNORE, pad_batch
-from engine.train.task import Batch, make_batch, response_cross_entropy
-from engine.text.sequences import stable_rng
 from engine.text.records import validate_training_records
+from engine.text.sequences import IGNORE, pad_batch, stable_rng
 from engine.train.args import TrainArgs
+from engine.train.task import Batch, Task, make_batch, response_cross_entropy
 
 
 class SFTData:
@@ -71,7 +71,7 @@ class SFTData:
         return seq[:-1], labels[: len(seq) - 1]
 
 
-class SFTTask:
+class SFTTask(Task):
     """Supervised training on teacher rationales: mean next-token cross-entropy over response tokens."""
 
     weights = {"ce": 1.0}
@@ -83,6 +83,9 @@ class SFTTask:
     @property
     def num_examples(self) -> int:
         return len(self.data)
+
+    def example_records(self) -> List[int]:
+        return self.data.keep
 
     def lengths(self, epoch: int) -> List[int]:
         return [min(self.data.full_length(i, epoch), self.data.max_seq_len) for i in self.data.keep]

@@ -1,8 +1,10 @@
 """The flags every objective shares, once: name, type, default, one line of help and checks.
 
 `TrainConfig` (engine/train/config.py) holds what the training loop needs; `TrainArgs` adds what the
-launchers need (checkpoint, data, LoRA, evaluation, parallelism). Each objective in engine/distill/
-subclasses it with its own flags and `make_task` (and `make_evaluator` where it evaluates otherwise);
+launchers need (checkpoint, data, LoRA, evaluation, parallelism), those train_implicit.py's stages
+share as mixins (CheckpointFlag, ModelFlags, ParallelFlags). Each objective in engine/distill/
+subclasses TrainArgs with its own flags and `make_task` (and `make_evaluator` where it evaluates
+otherwise);
 `launcher(cls, ..., run=run_training)` (engine/runtime/cli.py) turns the classes into the fire entry
 point of train.py / train_mcc.py: its signature, its --help, the strict unknown-flag check and the
 README flag test all read these fields.
@@ -12,24 +14,23 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import ClassVar, Optional
 
+from engine.runtime.cli import flag
 from engine.runtime.errors import UserError
 from engine.train.config import TrainConfig
-from engine.runtime.cli import flag
 
 
 @dataclass(kw_only=True)
-class TrainArgs(TrainConfig):
-    """The flags of every objective; a subclass names its OBJECTIVE and builds its Task (make_task)."""
+class CheckpointFlag:
+    """The checkpoint a run starts its model from (train.py / train_mcc.py and the implicit stages that
+    start a model)."""
 
-    OBJECTIVE: ClassVar[str] = ""
-    LAUNCHER: ClassVar[str] = "train.py"
-    SUMMARY: ClassVar[str] = ("Train a student on teacher rationales (supervised; the loss covers the response "
-                              "tokens only).")
-
-    task: str = flag("GSM8K / SVAMP / ASDiv / CSQA / ARITH: how answers are read during evaluation.")
     ckpt_dir: str = flag("native checkpoint with one shard per tensor-parallel rank (or an HF directory).")
-    train_file: str = flag("MCC-KD JSON list: instruction, output (a rationale or a list of them), label.")
-    label_file: Optional[str] = flag("evaluation records (instruction, label), scored by greedy generation.", None)
+
+
+@dataclass(kw_only=True)
+class ModelFlags:
+    """How that model is fine-tuned: fully or through LoRA (engine/train/launch.py build_model)."""
+
     model_type: Optional[str] = flag("registry name; a lora- prefix means LoRA (the checkpoint's params.json wins "
                                      "for shapes).", None)
     lora_rank: int = flag("LoRA rank (> 0 with a lora- model type); -1 for full fine-tuning.", -1)
@@ -37,6 +38,33 @@ class TrainArgs(TrainConfig):
     lora_dropout: float = flag("dropout on the LoRA input.", 0.0)
     lora_targets: str = flag("comma-separated projections to adapt: wq,wk,wv,wo (attention), w1,w2,w3 (MLP), "
                              "output (head).", "wq,wk,wv,wo,w1,w2,w3")
+
+
+@dataclass(kw_only=True)
+class ParallelFlags:
+    """How the processes of a training job split: tensor-parallel size and device."""
+
+    tp_size: Optional[int] = flag("tensor-parallel size (default: all processes); world size / tp_size replicas "
+                                  "train data-parallel.", None)
+    device: Optional[str] = flag("cpu or cuda (default: cuda when every process on this node has a GPU of its own, "
+                                 "cpu on a machine without one).", None)
+
+
+# TrainArgs' own flags sit between the mixins', in links of a chain: a dataclass orders its fields
+# base by base, most distant first, and that order is the order of --help and of run_config.json.
+@dataclass(kw_only=True)
+class _TaskFlag(TrainConfig):
+    task: str = flag("GSM8K / SVAMP / ASDiv / CSQA / ARITH: how answers are read during evaluation.")
+
+
+@dataclass(kw_only=True)
+class _DataFlags(CheckpointFlag, _TaskFlag):
+    train_file: str = flag("MCC-KD JSON list: instruction, output (a rationale or a list of them), label.")
+    label_file: Optional[str] = flag("evaluation records (instruction, label), scored by greedy generation.", None)
+
+
+@dataclass(kw_only=True)
+class _EvalFlags(ModelFlags, _DataFlags):
     eval_batch_size: int = flag("sequences decoded together during evaluation.", 64)
     max_seq_len: int = flag("cut longer sequences (counted and reported).", 1024)
     max_new_tokens: int = flag("generation budget during evaluation.", 256)
@@ -47,10 +75,16 @@ class TrainArgs(TrainConfig):
                                   "records from data/make_formats.py); each batch holds one format (default: every "
                                   "format in the file).", None)
     deepspeed: Optional[str] = flag("DeepSpeed config JSON: ZeRO stage 1/2 over the data-parallel group.", None)
-    tp_size: Optional[int] = flag("tensor-parallel size (default: all processes); world size / tp_size replicas "
-                                  "train data-parallel.", None)
-    device: Optional[str] = flag("cpu or cuda (default: cuda when every process on this node has a GPU of its own, "
-                                 "cpu on a machine without one).", None)
+
+
+@dataclass(kw_only=True)
+class TrainArgs(ParallelFlags, _EvalFlags):
+    """The flags of every objective; a subclass names its OBJECTIVE and builds its Task (make_task)."""
+
+    OBJECTIVE: ClassVar[str] = ""
+    LAUNCHER: ClassVar[str] = "train.py"
+    SUMMARY: ClassVar[str] = ("Train a student on teacher rationales (supervised; the loss covers the response "
+                              "tokens only).")
 
     def __post_init__(self):
         from engine.text.answers import check_task

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import zlib
 from typing import List, Optional, Sequence
+
 from engine.runtime.errors import DataError
 from engine.text.sequences import stable_rng
 
@@ -88,12 +89,12 @@ def grouped_epoch_batches(lengths: Sequence[int], groups: Sequence[Optional[str]
 
 
 def group_by_format(task, record_groups) -> str:
-    """Give the task one group per example (its records' data format, engine.data.format_groups):
-    the trainer then forms every batch from one group and leaves out examples whose group is None.
+    """Group the task's examples by their records' data format (format_groups; Task.group_by): the
+    trainer then forms every batch from one group and leaves out examples whose group is None.
     Returns a line saying so ("" when the records carry no formats)."""
     if record_groups is None:
         return ""
-    task.groups = [record_groups[i] for i in task.data.keep]
+    task.group_by(record_groups)
     counts = {g: task.groups.count(g) for g in sorted(set(task.groups) - {None})}
     left_out = task.groups.count(None)
     return ("one data format per batch: " + ", ".join(f"{g} {n}" for g, n in counts.items())

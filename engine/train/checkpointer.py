@@ -4,13 +4,15 @@ A save is staged: every rank writes into `NAME.partial`, rank 0 swaps it in once
 crash never leaves a half-written checkpoint under the real name; a full disk ends in one sentence.
 `checkpoint-N/` holds the model (native shards, or the LoRA adapter naming its base), the prompt
 template and tokenizer, each rank's trainer state, and `run.json` (what must match to resume);
-`best/` holds the model only. Resume takes the newest intact checkpoint, skipping damaged ones.
-Weights holding NaN or Inf are never saved.
+`best/` holds the model only. Both also hold the task's own files (Task.write_files) and, with a
+template, the task's instruction prefixes. Resume takes the newest intact checkpoint, skipping damaged
+ones. Weights holding NaN or Inf (the model's or the task's extra modules') are never saved.
 """
 from __future__ import annotations
 
 import contextlib
 import glob
+import itertools
 import json
 import os
 import shutil
@@ -19,12 +21,13 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from engine.runtime import distributed
 from engine.checkpoint import load_state_into, open_checkpoint, open_lora, save_lora, write_model_shard
+from engine.runtime import distributed
 from engine.runtime.errors import UserError
 from engine.runtime.fileio import atomic_torch_save, atomic_write_text, disk_errors
-from engine.text.prompts import save_template
 from engine.runtime.log import read_metric_lines
+from engine.text.prompts import save_template
+from engine.train.task import Task
 
 # what a resumed run must share with the run that wrote the checkpoint
 SIGNATURE_CHECKS = (("model_args", "a different model"), ("tp_size", "a different tensor-parallel size"),
@@ -33,13 +36,16 @@ SIGNATURE_CHECKS = (("model_args", "a different model"), ("tp_size", "a differen
 
 
 class Checkpointer:
-    task_prefixes = None  # {task: instruction prefix} a multi-task model was trained with, recorded with it
+    """Saves and resumes the runs in save_dir. task: the objective trained (engine/train/task.py), whose
+    extra modules are checked finite with the model, whose task_prefixes go into the template file and
+    whose write_files adds its own files to every saved model directory."""
 
     def __init__(self, save_dir: str, model, info, lora_cfg=None, base_ckpt: Optional[str] = None, tokenizer=None,
-                 template: Optional[str] = None, keep: int = 2):
+                 template: Optional[str] = None, keep: int = 2, task: Optional[Task] = None):
         self.save_dir, self.model, self.info = save_dir, model, info
         self.lora_cfg, self.base_ckpt, self.tokenizer, self.template, self.keep = (lora_cfg, base_ckpt, tokenizer,
                                                                                    template, keep)
+        self.task = task if task is not None else Task()
 
     # ----- writing ------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -66,8 +72,8 @@ class Checkpointer:
         distributed.barrier()
 
     def _write_model_files(self, directory: str) -> None:
-        """The model as a loadable checkpoint: LoRA adapter (+ base reference) or full native shards;
-        one data-parallel replica writes."""
+        """The model as a loadable checkpoint: LoRA adapter (+ base reference) or full native shards,
+        then the task's own files; one data-parallel replica writes."""
         info = self.info
         if info.dp_rank != 0:
             return
@@ -78,11 +84,12 @@ class Checkpointer:
         if info.is_main and self.tokenizer is not None:
             shutil.copyfile(self.tokenizer.path, os.path.join(directory, os.path.basename(self.tokenizer.path)))
         if info.is_main and self.template is not None:
-            save_template(directory, self.template, self.task_prefixes)
+            save_template(directory, self.template, self.task.task_prefixes)
+        self.task.write_files(directory)
 
     def checked_parameters(self):
-        """The weights a save must find finite: the model's."""
-        return self.model.parameters()
+        """The weights a save must find finite: the model's and the task's extra modules'."""
+        return itertools.chain(self.model.parameters(), *(m.parameters() for m in self.task.extra_modules()))
 
     def weights_finite(self) -> bool:
         """Whether every checked weight, on every rank, is finite."""

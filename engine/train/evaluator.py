@@ -1,17 +1,37 @@
-"""What scores a model on --label_file during training: greedy generation and task accuracy."""
+"""What scores a model on --label_file during training: the Evaluator interface the trainer uses, and
+greedy generation with task accuracy."""
 from __future__ import annotations
 
 from typing import List
+
 import torch
 import torch.distributed as dist
+
+from engine.infer.generation import SamplingParams, complete_prompts, fit_prompt
+from engine.infer.metrics import Accuracy, accuracy_of
 from engine.runtime import distributed
 from engine.text.answers import check_task
-from engine.infer.generation import SamplingParams, complete_prompts, fit_prompt
 from engine.text.prompts import format_prompt
-from engine.infer.metrics import Accuracy, accuracy_of
 
 
-class GenerationEvaluator:
+class Evaluator:
+    """What the trainer asks of an evaluator: called on the model (in eval mode, on every rank) it
+    returns its results, one evaluation line of metrics.jsonl; `metric` names the result that keeps
+    best/, `higher_is_better` which way (the implicit emulator's state error: lower), and
+    summary(result) the words the trainer prints after "[step N] eval "."""
+
+    metric = "accuracy"
+    higher_is_better = True
+
+    def __call__(self, model) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} scores nothing")
+
+    def summary(self, result: dict) -> str:
+        return (f"accuracy {result['accuracy']:.4f} ({result['correct']}/{result['total']}, "
+                f"unparsable {result['unparsable']})")
+
+
+class GenerationEvaluator(Evaluator):
     """Greedy generation on labelled records and task accuracy. Data-parallel replicas take
     interleaved slices; counts are summed over them."""
 

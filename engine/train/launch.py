@@ -8,17 +8,16 @@ from typing import Optional
 
 import torch
 
-from engine.text.answers import label_warning, unreadable_labels
-from engine.train.args import TrainArgs, run_record
 from engine.checkpoint import load_model
-from engine.train.batching import format_groups
-from engine.text.records import read_records
 from engine.runtime.errors import UserError
 from engine.runtime.jobs import job
-from models.lora import LoRAConfig, apply_lora
-from engine.train.batching import group_by_format
+from engine.text.answers import label_warning, unreadable_labels
+from engine.text.records import read_records
 from engine.text.tokenizer import check_tokenizer_fits, load_tokenizer
-from engine.train.trainer import Trainer
+from engine.train.args import TrainArgs, run_record
+from engine.train.batching import format_groups, group_by_format
+from engine.train.trainer import RunSetup, Trainer
+from models.lora import LoRAConfig, apply_lora
 from models.registry import parse_model_type
 
 
@@ -45,6 +44,12 @@ def build_model(ckpt_dir: str, model_type: Optional[str], lora_rank: int, lora_a
     return model, lora_cfg
 
 
+def model_from_flags(args, info):
+    """build_model as a run's flags ask: its CheckpointFlag and ModelFlags, its precision and seed."""
+    return build_model(args.ckpt_dir, args.model_type, args.lora_rank, args.lora_alpha, args.lora_dropout,
+                       args.lora_targets, args.dtype, info, args.seed)
+
+
 def read_eval_records(label_file: Optional[str], max_examples: int = 0, task: Optional[str] = None):
     """The evaluation records; labels that cannot be read for `task` are counted in a warning (they
     score wrong and appear as unparsable_labels in the evaluation lines)."""
@@ -68,8 +73,7 @@ def run_training(args: TrainArgs) -> None:
     with job(args.tp_size, args.device, os.path.join(args.save_dir, ".lock"), f"--save_dir {args.save_dir}",
              make_dir=True) as info:
         tok = load_tokenizer(args.ckpt_dir)
-        model, lora_cfg = build_model(args.ckpt_dir, args.model_type, args.lora_rank, args.lora_alpha,
-                                      args.lora_dropout, args.lora_targets, args.dtype, info, args.seed)
+        model, lora_cfg = model_from_flags(args, info)
         check_tokenizer_fits(tok, model.args.vocab_size, args.ckpt_dir)
         task = args.make_task(records, tok, min(args.max_seq_len, model.args.max_seq_len), info)
         formats = group_by_format(task, groups)
@@ -78,6 +82,7 @@ def run_training(args: TrainArgs) -> None:
         evaluator = None
         if eval_records:
             evaluator = args.make_evaluator(eval_records, tok, info)
-        trainer = Trainer(model, task, args, info, tok, evaluator, lora_cfg, args.ckpt_dir, args.deepspeed,
-                          run_meta=run_record(args), template=args.template)
+        setup = RunSetup(base_ckpt=args.ckpt_dir, deepspeed=args.deepspeed, template=args.template,
+                         meta=run_record(args))
+        trainer = Trainer(model, task, args, info, tok, evaluator, lora_cfg, setup)
         trainer.fit()

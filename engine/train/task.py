@@ -1,13 +1,15 @@
-"""Tasks glue data to objectives for the trainer (see engine/train/trainer.py for the interface)."""
+"""Tasks glue data to objectives for the trainer: the Task base class (the interface the trainer of
+engine/train/trainer.py uses, with its defaults), the Batch it passes around, and helpers every
+objective shares."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from models.vocab_parallel import head_cross_entropy, labelled_rows, token_cross_entropy
 from engine.runtime.distributed import to_device
+from models.vocab_parallel import head_cross_entropy, labelled_rows, token_cross_entropy
 
 
 def response_cross_entropy(model, hidden: torch.Tensor, labels: torch.Tensor,
@@ -38,3 +40,45 @@ class Batch:
     label_rows: Optional[torch.Tensor] = None  # flat indices of the labelled positions (None: all)
 
 
+
+
+class Task:
+    """What the trainer asks of an objective; every objective's task subclasses it. The interface, as
+    the trainer uses it, is listed in engine/train/trainer.py: a subclass gives `weights`,
+    `num_examples`, `lengths`, `micro_batch` and `loss_sums`; the rest has defaults here (no extra
+    modules, no groups, no task prefixes, no files of its own)."""
+
+    weights: Dict[str, float]
+    groups: Optional[List[Optional[str]]] = None
+    task_prefixes: Optional[Dict[str, str]] = None
+
+    @property
+    def num_examples(self) -> int:
+        raise NotImplementedError(f"{type(self).__name__} does not say how many examples it has")
+
+    def lengths(self, epoch: int) -> List[int]:
+        raise NotImplementedError(f"{type(self).__name__} does not give its example lengths")
+
+    def micro_batch(self, positions: List[int], epoch: int) -> Batch:
+        raise NotImplementedError(f"{type(self).__name__} builds no batches")
+
+    def loss_sums(self, model, batch: Batch) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} computes no loss")
+
+    def extra_modules(self) -> List[torch.nn.Module]:
+        return []
+
+    def parallel_models(self) -> List[Tuple[torch.nn.Module, object]]:
+        return []
+
+    def write_files(self, directory: str) -> None:
+        return None
+
+    def example_records(self) -> List[int]:
+        """The training record each example is made from (default: example i is record i)."""
+        return list(range(self.num_examples))
+
+    def group_by(self, record_groups: Sequence[Optional[str]]) -> None:
+        """Form every batch from one group: record_groups[r] is the group of training record r (its
+        data format; None: left out), and each example takes its record's."""
+        self.groups = [record_groups[r] for r in self.example_records()]

@@ -1,19 +1,30 @@
 """The training loop: optimizer, schedule, precision, accumulation, clipping, evaluation and logging;
 saving and resuming are the Checkpointer's (engine/train/checkpointer.py), gradient bookkeeping under
 tensor/data parallelism engine/train/gradients.py's. It never knows which objective it runs beyond the
-task's interface:
+task's interface (the Task base class of engine/train/task.py, which gives the defaults):
 
   task.num_examples                  records available for training
   task.lengths(epoch)                sequence length of each example this epoch (for bucketing)
   task.micro_batch(indices, epoch)   a batch object with .counts: {part: normaliser}, .n_tokens
   task.loss_sums(model, batch)       {part: summed loss tensor}
   task.weights                       {part: weight in the total loss}
-  task.extra_modules()               (optional) modules trained beside the model (a small head), saved
-                                     and resumed with the trainer state
-  task.task_prefixes                 (optional) {task: instruction prefix} of a multi-task objective,
+  task.extra_modules()               (default []) modules trained beside the model (a small head, state
+                                     maps), saved and resumed with the trainer state and checked finite
+                                     before every save like the model
+  task.parallel_models()             (default []) those of extra_modules() that are whole tensor-parallel
+                                     models, as (model, LoRA config or None): their blocks run like the
+                                     model's, their split weights count once in the gradient norm, their
+                                     replicated KV heads sum their gradients
+  task.groups                        (default None) a group per example (its data format; None: left
+                                     out): every batch is formed from one group (Task.group_by)
+  task.task_prefixes                 (default None) {task: instruction prefix} of a multi-task objective,
                                      recorded with every saved model for infer.py
-  task.groups                        (optional) a group per example (its data format; None: left out):
-                                     every batch is formed from one group
+  task.write_files(directory)        (default: nothing) the objective's own files in every saved model
+                                     directory, after the model's (every rank of the first replica)
+
+Of an evaluator (the Evaluator base class of engine/train/evaluator.py) it asks: evaluator(model), its
+results (one evaluation line of metrics.jsonl); evaluator.metric and evaluator.higher_is_better, which
+result keeps best/ and which way; evaluator.summary(result), the words it prints.
 
 Loss = sum over parts of weight * (sum over the optimizer step) / (count over the optimizer step),
 with sums and counts taken across accumulation micro-batches and data-parallel replicas, so
@@ -27,22 +38,25 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 
 from engine.runtime import distributed
-from engine.train.config import TrainConfig
-from engine.train.checkpointer import Checkpointer
-from engine.train.batching import epoch_batches, grouped_epoch_batches
+from engine.runtime.distributed import to_device
 from engine.runtime.errors import UserError
 from engine.runtime.fileio import atomic_write_text, disk_errors
-from engine.train.gradients import DynamicLossScaler, KVReplicaSync, all_reduce_coalesced, clip_gradients, param_copies
-from engine.runtime.distributed import to_device
 from engine.runtime.plotting import plot_metrics
 from engine.runtime.progress import Progress
+from engine.train.batching import epoch_batches, grouped_epoch_batches
+from engine.train.checkpointer import Checkpointer
+from engine.train.config import TrainConfig
+from engine.train.evaluator import Evaluator
+from engine.train.gradients import DynamicLossScaler, KVReplicaSync, all_reduce_coalesced, clip_gradients, param_copies
 from engine.train.report import write_run_report
+from engine.train.task import Task
 
 # A run whose loss is not finite for more than this many optimizer steps in a row is stopped (fp16
 # overflows are skipped steps and recover within a few; NaN weights or a diverged run never do).
@@ -65,35 +79,67 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
     return f
 
 
+@dataclass
+class RunSetup:
+    """What a launcher adds to the loop's settings (a bare TrainConfig trains without any of it)."""
+
+    base_ckpt: Optional[str] = None  # the checkpoint trained from: a saved LoRA adapter names it as its base
+    deepspeed: Optional[str] = None  # DeepSpeed config JSON: ZeRO-1/2 over the data-parallel group
+    template: Optional[str] = None  # the prompt template recorded with every saved model (None: not recorded)
+    meta: dict = field(default_factory=dict)  # what run_config.json records of the run besides the trainer's
+
+
 class Trainer:
-    def __init__(self, model, task, cfg: TrainConfig, info, tokenizer=None, evaluator=None, lora_cfg=None,
-                 base_ckpt: Optional[str] = None, deepspeed_config: Optional[str] = None, run_meta: dict = None,
-                 template: Optional[str] = None):
+    def __init__(self, model, task: Task, cfg: TrainConfig, info, tokenizer=None, evaluator: Optional[Evaluator] = None,
+                 lora_cfg=None, setup: Optional[RunSetup] = None):
+        setup = setup or RunSetup()
         self.model, self.task, self.cfg, self.info = model, task, cfg, info
-        self.evaluator, self.lora_cfg, self.base_ckpt = evaluator, lora_cfg, base_ckpt
-        self.run_meta = run_meta or {}
+        self.evaluator, self.lora_cfg, self.base_ckpt, self.run_meta = evaluator, lora_cfg, setup.base_ckpt, setup.meta
         if cfg.max_batch_size % info.dp_size:
             raise UserError(f"--max_batch_size={cfg.max_batch_size} is not divisible by the {info.dp_size} "
                             f"data-parallel replicas")
-        if cfg.dtype == torch.float16 and deepspeed_config:
+        if cfg.dtype == torch.float16 and setup.deepspeed:
             raise UserError("--use_float16 with --deepspeed: set fp16 in the DeepSpeed config instead")
         self.local_batch = cfg.max_batch_size // info.dp_size
         self._configure_layers()
-        self.extra = list(task.extra_modules()) if hasattr(task, "extra_modules") else []
+        self.extra = list(task.extra_modules())
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.params += [p for m in self.extra for p in m.parameters() if p.requires_grad]
         if not self.params:
             raise UserError("the model has no trainable parameters")
-        self.copies = {**param_copies(model, lora_cfg), **{id(p): info.tp_size for m in self.extra for p in m.parameters()}}
-        self.kv_sync = KVReplicaSync(model, info, lora_cfg)
+        self._gradient_bookkeeping()
+        self._build_optimizer(setup.deepspeed)
+        self.checkpointer = Checkpointer(cfg.save_dir, model, info, lora_cfg, setup.base_ckpt, tokenizer,
+                                         setup.template, cfg.keep_checkpoints, task)
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        # the best evaluation so far, signed so that higher is better (the trainer state's best_accuracy)
+        self.best_score = -math.inf if evaluator is not None and not evaluator.higher_is_better else -1.0
+        self.metrics_path = os.path.join(cfg.save_dir, "metrics.jsonl")
+        torch.manual_seed(cfg.seed * 1000 + info.dp_rank)  # same dropout masks within a TP group
+
+    def _gradient_bookkeeping(self) -> None:
+        """Which parameters are copies on several tensor-parallel ranks (extra modules are replicated,
+        a tensor-parallel model beside the model is split like it), and the KV-replica gradient sums."""
+        info = self.info
+        self.copies = {**param_copies(self.model, self.lora_cfg),
+                       **{id(p): info.tp_size for m in self.extra for p in m.parameters()}}
+        self.kv_syncs = [KVReplicaSync(self.model, info, self.lora_cfg)]
+        for other, other_lora in self.task.parallel_models():
+            self.copies.update(param_copies(other, other_lora))
+            self.kv_syncs.append(KVReplicaSync(other, info, other_lora))
+
+    def _build_optimizer(self, deepspeed_config: Optional[str]) -> None:
+        """AdamW (decay on matrices only), the learning-rate schedule over the run's steps, fp16's loss
+        scaler, and DeepSpeed around them when asked."""
+        cfg, task = self.cfg, self.task
         decay = [p for p in self.params if p.dim() >= 2]
         no_decay = [p for p in self.params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
-        fused = info.device.type == "cuda" and not deepspeed_config  # one kernel for all parameters
+        fused = self.info.device.type == "cuda" and not deepspeed_config  # one kernel for all parameters
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
         n_batches = math.ceil(task.num_examples / cfg.max_batch_size)
-        if getattr(task, "groups", None) is not None:
+        if task.groups is not None:
             n_batches = len(self._epoch_batches(0))
         self.steps_per_epoch = math.ceil(n_batches / cfg.accumulation_steps)
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else self.steps_per_epoch * cfg.epochs
@@ -102,18 +148,13 @@ class Trainer:
         self.ds_engine = None
         if deepspeed_config:
             self._init_deepspeed(deepspeed_config)
-        self.checkpointer = Checkpointer(cfg.save_dir, model, info, lora_cfg, base_ckpt, tokenizer, template,
-                                         cfg.keep_checkpoints)
-        self.checkpointer.task_prefixes = getattr(task, "task_prefixes", None)
-        self.step, self.epoch, self.batch_in_epoch, self.best_accuracy = 0, 0, 0, -1.0
-        self.metrics_path = os.path.join(cfg.save_dir, "metrics.jsonl")
-        torch.manual_seed(cfg.seed * 1000 + info.dp_rank)  # same dropout masks within a TP group
 
     def _configure_layers(self) -> None:
         """Regional compile (default on CUDA) and activation checkpointing, said in one line."""
         cfg, model = self.cfg, self.model
         compile_blocks = self.info.device.type == "cuda" if cfg.compile is None else bool(cfg.compile)
-        model.configure_layers(cfg.checkpoint_activations, cfg.checkpoint_fraction, compile_blocks)
+        for m in [model] + [other for other, _ in self.task.parallel_models()]:
+            m.configure_layers(cfg.checkpoint_activations, cfg.checkpoint_fraction, compile_blocks)
         if self.info.is_main:
             how = ("decoder blocks compiled one by one (torch.compile)" if compile_blocks else "eager decoder blocks ("
                    + ("--compile False" if cfg.compile is False else
@@ -132,7 +173,7 @@ class Trainer:
         import deepspeed  # present: TrainArgs checked before loading anything
         from fairscale.nn.model_parallel import initialize as mpu
 
-        if self.kv_sync.params:
+        if any(sync.params for sync in self.kv_syncs):
             raise UserError("--deepspeed with tensor parallelism above n_kv_heads (replicated KV heads) is not supported")
         try:
             ds_cfg = json.load(open(config_path))
@@ -216,7 +257,8 @@ class Trainer:
         if self.ds_engine is not None:
             self.ds_engine.step()
             return torch.tensor(float(self.ds_engine.get_global_grad_norm() or 0.0)), False
-        self.kv_sync()
+        for sync in self.kv_syncs:
+            sync()
         grads = [p.grad for p in self.params if p.grad is not None]
         if self.info.dp_size > 1:
             all_reduce_coalesced(grads, distributed.dp_group())
@@ -234,13 +276,30 @@ class Trainer:
         return gnorm, skipped
 
     def _epoch_batches(self, epoch: int) -> List[List[int]]:
-        cfg, groups = self.cfg, getattr(self.task, "groups", None)
+        cfg, groups = self.cfg, self.task.groups
         if groups is None:
             return epoch_batches(self.task.lengths(epoch), cfg.max_batch_size, cfg.seed, epoch, cfg.bucket)
         return grouped_epoch_batches(self.task.lengths(epoch), groups, cfg.max_batch_size, cfg.seed, epoch, cfg.bucket)
 
     # ----- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict:
+        """Train to the last step (or --exit_after_steps), evaluating and saving on the way; returns the
+        last metrics line written."""
+        self._begin()
+        shown = self.info.is_main and self.cfg.progress
+        bar = Progress(self.total_steps, "training", "steps", initial=self.step) if shown else None
+        if self.cfg.eval_at_start and self.step == 0 and self.evaluator:
+            self._evaluate()
+        self._open_metrics(bar)
+        stop = False
+        while not stop and self.step < self.total_steps:
+            stop = self._train_epoch()
+        self._end()
+        return self._last
+
+    def _begin(self) -> None:
+        """save_dir ready on every rank: resumed from its newest intact checkpoint, or checked free of
+        checkpoints with an empty metrics file; then run_config.json."""
         cfg, info = self.cfg, self.info
         if info.is_main:
             os.makedirs(cfg.save_dir, exist_ok=True)
@@ -253,61 +312,78 @@ class Trainer:
                 open(self.metrics_path, "w").close()
         distributed.barrier()
         self._write_run_meta()
-        bar = Progress(self.total_steps, "training", "steps", initial=self.step) if info.is_main and cfg.progress else None
-        if cfg.eval_at_start and self.step == 0 and self.evaluator:
+
+    def _train_epoch(self) -> bool:
+        """The optimizer steps left in this epoch, each followed by its metrics and, when due, an
+        evaluation and a save. Returns whether the run stops (its last step, or --exit_after_steps)."""
+        cfg = self.cfg
+        batches = self._epoch_batches(self.epoch)
+        while self.batch_in_epoch < len(batches):
+            group = batches[self.batch_in_epoch:self.batch_in_epoch + cfg.accumulation_steps]
+            record = self._optimizer_step(group)
+            self.batch_in_epoch += len(group)
+            self._count_step(record)
+            epoch_end = self.batch_in_epoch >= len(batches)
+            if epoch_end:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            finished = self.step >= self.total_steps
+            self._evaluate_and_save(epoch_end or finished)
+            if finished or (cfg.exit_after_steps and self.step >= cfg.exit_after_steps):
+                return True
+            if epoch_end:
+                return False
+        return False
+
+    def _evaluate_and_save(self, boundary: bool) -> None:
+        """Evaluate, then save a checkpoint, when due: every --eval_every / --save_every steps, and at
+        an epoch end or the last step (`boundary`). The time taken is not training time."""
+        cfg, paused = self.cfg, time.time()
+        if self.evaluator and ((cfg.eval_every and self.step % cfg.eval_every == 0) or boundary):
+            self._flush_log()
             self._evaluate()
-        self._bar, self._pending, self._last = bar, None, {}
-        self._tokens = torch.zeros((), device=info.device)
-        self._window_start, self._paused = time.time(), 0.0  # training time of a metrics line's steps
-        self._nonfinite = torch.zeros((), dtype=torch.long, device=info.device)
-        self._worst_nonfinite = torch.zeros_like(self._nonfinite)
-        stop = False
-        while not stop and self.step < self.total_steps:
-            batches = self._epoch_batches(self.epoch)
-            while self.batch_in_epoch < len(batches):
-                group = batches[self.batch_in_epoch:self.batch_in_epoch + cfg.accumulation_steps]
-                record = self._optimizer_step(group)
-                self.batch_in_epoch += len(group)
-                self._tokens += record.pop("n_tokens")
-                if bar is not None:
-                    bar.update(1)
-                self._track_finite(record["loss"])
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    self._flush_log()  # the previous line, now that this step is queued behind it
-                    now = time.time()
-                    record.update(n_tokens=self._tokens, nonfinite_run=self._worst_nonfinite,
-                                  window_s=now - self._window_start - self._paused)
-                    self._pending, self._tokens = record, torch.zeros((), device=info.device)
-                    self._worst_nonfinite = torch.zeros_like(self._nonfinite)
-                    self._window_start, self._paused = now, 0.0
-                epoch_end = self.batch_in_epoch >= len(batches)
-                if epoch_end:
-                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                finished = self.step >= self.total_steps
-                paused = time.time()
-                if self.evaluator and ((cfg.eval_every and self.step % cfg.eval_every == 0) or epoch_end or finished):
-                    self._flush_log()
-                    self._evaluate()
-                if (cfg.save_every and self.step % cfg.save_every == 0) or epoch_end or finished:
-                    self._flush_log()
-                    self.save_checkpoint()
-                self._paused += time.time() - paused  # evaluation and saving are not training time
-                if finished or (cfg.exit_after_steps and self.step >= cfg.exit_after_steps):
-                    stop = True
-                    break
-                if epoch_end:
-                    break
+        if (cfg.save_every and self.step % cfg.save_every == 0) or boundary:
+            self._flush_log()
+            self.save_checkpoint()
+        self._paused += time.time() - paused
+
+    def _end(self) -> None:
+        """The last metrics line, the progress bar closed, the curves and the report written."""
+        cfg = self.cfg
         self._flush_log()
-        if bar is not None:
-            bar.close()
-        if info.is_main and cfg.plot:
+        if self._bar is not None:
+            self._bar.close()
+        if self.info.is_main and cfg.plot:
             with disk_errors(cfg.save_dir):
                 plot_metrics(self.metrics_path, os.path.join(cfg.save_dir, "curves.png"))
                 write_run_report(cfg.save_dir)
         distributed.barrier()
-        return self._last
 
     # ----- metrics ------------------------------------------------------------------------------
+    def _open_metrics(self, bar) -> None:
+        """A fresh metrics window: nothing pending, no tokens or non-finite steps counted yet."""
+        device = self.info.device
+        self._bar, self._pending, self._last = bar, None, {}
+        self._tokens = torch.zeros((), device=device)
+        self._window_start, self._paused = time.time(), 0.0  # training time of a metrics line's steps
+        self._nonfinite = torch.zeros((), dtype=torch.long, device=device)
+        self._worst_nonfinite = torch.zeros_like(self._nonfinite)
+
+    def _count_step(self, record: dict) -> None:
+        """Add an optimizer step to the metrics window; every --log_every steps (and at the last) its
+        line is queued, to be written once the next one is (_flush_log)."""
+        self._tokens += record.pop("n_tokens")
+        if self._bar is not None:
+            self._bar.update(1)
+        self._track_finite(record["loss"])
+        if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+            self._flush_log()  # the previous line, now that this step is queued behind it
+            now = time.time()
+            record.update(n_tokens=self._tokens, nonfinite_run=self._worst_nonfinite,
+                          window_s=now - self._window_start - self._paused)
+            self._pending, self._tokens = record, torch.zeros((), device=self.info.device)
+            self._worst_nonfinite = torch.zeros_like(self._nonfinite)
+            self._window_start, self._paused = now, 0.0
+
     def _flush_log(self) -> None:
         """Write the pending step's metrics line: the one place a step's numbers are read back."""
         record, self._pending = self._pending, None
@@ -338,16 +414,17 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def _evaluate(self) -> None:
+        """One evaluation line; best/ saved when the evaluator's metric beats the best so far."""
+        evaluator = self.evaluator
         self.model.eval()
-        result = self.evaluator(self.model)
+        result = evaluator(self.model)
         self.model.train()
         self._log({"step": self.step, "epoch": self.epoch, "eval": True, **result})
         if self.info.is_main:
-            print(f"\n[step {self.step}] eval accuracy {result['accuracy']:.4f} "
-                  f"({result['correct']}/{result['total']}, unparsable {result['unparsable']})", flush=True)
-        if result["accuracy"] > self.best_accuracy and self.checkpointer.save_model(
-                "best", extra={"step": self.step, **result}):
-            self.best_accuracy = result["accuracy"]
+            print(f"\n[step {self.step}] eval {evaluator.summary(result)}", flush=True)
+        score = result[evaluator.metric] if evaluator.higher_is_better else -result[evaluator.metric]
+        if score > self.best_score and self.checkpointer.save_model("best", extra={"step": self.step, **result}):
+            self.best_score = score
 
     # ----- saving and resuming ------------------------------------------------------------------
     def _signature(self) -> dict:
@@ -358,7 +435,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                 "best_accuracy": self.best_accuracy, "scheduler": self.scheduler.state_dict(),
+                 "best_accuracy": self.best_score, "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict() if self.scaler else None, "rng_cpu": torch.get_rng_state(),
                  "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
         if self.ds_engine is None:
@@ -385,7 +462,7 @@ class Trainer:
         if state["rng_cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["rng_cuda"])
         self.step, self.epoch = state["step"], state["epoch"]
-        self.batch_in_epoch, self.best_accuracy = state["batch_in_epoch"], state["best_accuracy"]
+        self.batch_in_epoch, self.best_score = state["batch_in_epoch"], state["best_accuracy"]
 
     def _write_run_meta(self) -> None:
         if self.info.is_main:

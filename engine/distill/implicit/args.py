@@ -1,31 +1,24 @@
 """The flags of train_implicit.py's four stages, once each: the training loop's come from
-engine/train/config.py (TrainConfig), the model/LoRA ones repeat TrainArgs' help word for word; every check
-runs here, before anything loads (the prerequisite checkpoints and whether their shapes fit the
-mapping asked for are checked by engine/distill/implicit/stages.py, still before any model loads)."""
+engine/train/config.py (TrainConfig), the checkpoint, LoRA and parallelism ones are train.py's own
+(the CheckpointFlag, ModelFlags and ParallelFlags mixins of engine/train/args.py); every check runs
+here, before anything loads (the prerequisite checkpoints and whether their shapes fit the mapping
+asked for are checked by engine/distill/implicit/stages.py, still before any model loads)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
-from engine.train.args import TrainArgs
-from engine.train.config import TrainConfig
-from engine.runtime.cli import flag, launcher
-from engine.runtime.errors import UserError
 from engine.distill.implicit.states import STATE_MAPS
+from engine.runtime.cli import flag
+from engine.runtime.errors import UserError
+from engine.train.args import CheckpointFlag, ModelFlags, ParallelFlags
+from engine.train.config import TrainConfig
 
 
-def _as_train_py(name: str) -> str:
-    """TrainArgs' help of a flag both launchers share (one wording)."""
-    return TrainArgs.__dataclass_fields__[name].metadata["help"]
-
-
+# ImplicitArgs' own flags, in a base of their own so that --help (field order, bases first) lists them
+# before the ParallelFlags they share with train.py.
 @dataclass(kw_only=True)
-class ImplicitArgs(TrainConfig):
-    """What every stage reads: `input||cot #### answer` lines, held-out lines, parallelism."""
-
-    STAGE: ClassVar[str] = ""
-    LAUNCHER: ClassVar[str] = "train_implicit.py"
-
+class _LineFlags(TrainConfig):
     train_file: str = flag("`input||cot #### answer` lines, one example each (seed 003's format; "
                            "data/multiplication.py writes them).")
     label_file: Optional[str] = flag("held-out lines in the same format, evaluated at each epoch end (and every "
@@ -36,8 +29,14 @@ class ImplicitArgs(TrainConfig):
                                "thought).", 128)
     eval_batch_size: int = flag("held-out lines decoded together.", 64)
     max_eval_examples: int = flag("evaluate on the first N label_file lines only (0: all).", 0)
-    tp_size: Optional[int] = flag(_as_train_py("tp_size"), None)
-    device: Optional[str] = flag(_as_train_py("device"), None)
+
+
+@dataclass(kw_only=True)
+class ImplicitArgs(ParallelFlags, _LineFlags):
+    """What every stage reads: `input||cot #### answer` lines, held-out lines, parallelism."""
+
+    STAGE: ClassVar[str] = ""
+    LAUNCHER: ClassVar[str] = "train_implicit.py"
 
     def __post_init__(self):
         super().__post_init__()
@@ -51,15 +50,8 @@ class ImplicitArgs(TrainConfig):
 
 
 @dataclass(kw_only=True)
-class _FreshModel(ImplicitArgs):
+class _FreshModel(ModelFlags, CheckpointFlag, ImplicitArgs):
     """A stage that starts a model from a checkpoint (teacher, mind_read, emulator), full or LoRA."""
-
-    ckpt_dir: str = flag(_as_train_py("ckpt_dir"))
-    model_type: Optional[str] = flag(_as_train_py("model_type"), None)
-    lora_rank: int = flag(_as_train_py("lora_rank"), -1)
-    lora_alpha: Optional[float] = flag(_as_train_py("lora_alpha"), None)
-    lora_dropout: float = flag(_as_train_py("lora_dropout"), 0.0)
-    lora_targets: str = flag(_as_train_py("lora_targets"), "wq,wk,wv,wo,w1,w2,w3")
 
 
 @dataclass(kw_only=True)
@@ -136,15 +128,3 @@ class CoupleArgs(ImplicitArgs):
 
 STAGE_ARGS = (TeacherArgs, MindReadArgs, EmulatorArgs, CoupleArgs)
 
-
-def _run_stage(args) -> None:
-    from engine.distill.implicit.stages import run_stage
-
-    run_stage(args)
-
-
-def stage_launcher(cls):
-    """launcher(cls)'s flags, --help and checks, running the stage instead of train.py's training."""
-    main = launcher(cls, run=_run_stage)
-    main.__name__ = cls.STAGE
-    return main

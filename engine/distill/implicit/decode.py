@@ -10,11 +10,12 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from engine.runtime import distributed
-from engine.runtime.errors import UserError
-from engine.infer.metrics import Accuracy
 from engine.distill.implicit.data import CoTExamples, Encoded, padded, same_answer
 from engine.distill.implicit.states import inject_hook
+from engine.infer.metrics import Accuracy
+from engine.runtime import distributed
+from engine.runtime.errors import UserError
+from engine.train.evaluator import Evaluator
 
 SYNC_EVERY = 8  # decode steps between checks (on the host) whether every row has finished
 
@@ -99,7 +100,7 @@ def implicit_answers(examples: CoTExamples, view: str, tok, max_new_tokens: int,
     return answer
 
 
-class AnswerEvaluator:
+class AnswerEvaluator(Evaluator):
     """Exact-match accuracy of a stage's answers on held-out lines; data-parallel replicas take
     interleaved slices and their counts are summed. Also the accuracy of each answer word by its
     position (a digit, in the multiplication files: it shows which digits a model gets), a word
@@ -133,11 +134,15 @@ class AnswerEvaluator:
                 "word_accuracy_by_position": [round(float(r / max(a, 1)), 4) for r, a in zip(right, asked)]}
 
 
-class StateErrorEvaluator:
+class StateErrorEvaluator(Evaluator):
     """The emulator's mean squared error per teacher-state element on held-out lines (lower is
     better: the emulator stage keeps its best/ by it). task: an EmulatorTask over those lines."""
 
-    lower_is_better = True
+    metric = "mse"
+    higher_is_better = False
+
+    def summary(self, result: dict) -> str:
+        return f"state mse {result['mse']:.5g} ({result['total']} lines)"
 
     def __init__(self, task, info, batch_size: int):
         self.task, self.info, self.batch_size = task, info, batch_size

@@ -10,19 +10,16 @@ the coupled stage the emulator (with its own maps) in `emulator/`.
 """
 from __future__ import annotations
 
-import itertools
 import json
-import math
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
-from engine.train.args import run_record
 from engine.checkpoint import (
     is_adapter,
     load_for_inference,
@@ -33,18 +30,18 @@ from engine.checkpoint import (
     save_lora,
     write_model_shard,
 )
-from engine.train.checkpointer import Checkpointer
-from engine.runtime.errors import UserError
-from engine.runtime.jobs import job
-from engine.runtime.fileio import atomic_write_text
-from engine.train.gradients import KVReplicaSync, param_copies
 from engine.distill.implicit.data import CoTExamples, read_cot_lines
 from engine.distill.implicit.decode import AnswerEvaluator, StateErrorEvaluator, explicit_answers, implicit_answers
 from engine.distill.implicit.states import StateMaps, check_state_map, parse_layers, same_depth
 from engine.distill.implicit.tasks import CoTTeacherTask, CoupleTask, EmulatorTask, MindReadTask
-from engine.train.launch import build_model
+from engine.runtime.errors import UserError
+from engine.runtime.fileio import atomic_write_text
+from engine.runtime.jobs import job
 from engine.text.tokenizer import check_tokenizer_fits, load_tokenizer
-from engine.train.trainer import Trainer
+from engine.train.args import run_record
+from engine.train.checkpointer import Checkpointer
+from engine.train.launch import model_from_flags
+from engine.train.trainer import RunSetup, Trainer
 from models.args import ModelArgs
 
 STAGE_FILE = "implicit.json"
@@ -160,60 +157,6 @@ def write_model(model, lora_cfg, base: str, directory: str, tok, info) -> None:
         shutil.copyfile(tok.path, os.path.join(directory, os.path.basename(tok.path)))
 
 
-# ----- the trainer with what a stage saves beside its model -------------------------------------
-class StageCheckpointer(Checkpointer):
-    """Also writes `write_extra(directory)` into every saved model directory, and refuses to save
-    when the state maps or a second model hold NaN/Inf, as it does for the model."""
-
-    def __init__(self, *args, extra_modules=(), write_extra: Optional[Callable[[str], None]] = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.extra_modules, self.write_extra = list(extra_modules), write_extra
-
-    def _write_model_files(self, directory: str) -> None:
-        super()._write_model_files(directory)
-        if self.info.dp_rank == 0 and self.write_extra is not None:
-            self.write_extra(directory)
-
-    def checked_parameters(self):
-        return itertools.chain(self.model.parameters(), *(m.parameters() for m in self.extra_modules))
-
-
-class StageTrainer(Trainer):
-    """engine/train/trainer.py's loop for a stage. `others`: whole tensor-parallel models trained beside the
-    model as task extra modules (the coupled emulator): their split weights count once in the
-    gradient norm, their replicated KV heads sum their gradients, their blocks run like the model's.
-    An evaluator with lower_is_better (the emulator's state error) keeps best/ by the lowest value."""
-
-    def __init__(self, model, task, cfg, info, tokenizer, evaluator, lora_cfg, base_ckpt, run_meta,
-                 write_extra, others=()):
-        super().__init__(model, task, cfg, info, tokenizer, evaluator, lora_cfg, base_ckpt, None, run_meta, None)
-        syncs = [self.kv_sync]
-        compile_blocks = info.device.type == "cuda" if cfg.compile is None else bool(cfg.compile)
-        for other, other_lora in others:
-            other.configure_layers(cfg.checkpoint_activations, cfg.checkpoint_fraction, compile_blocks)
-            self.copies.update(param_copies(other, other_lora))
-            syncs.append(KVReplicaSync(other, info, other_lora))
-        self.kv_sync = lambda: [sync() for sync in syncs]
-        self.checkpointer = StageCheckpointer(cfg.save_dir, model, info, lora_cfg, base_ckpt, tokenizer, None,
-                                              cfg.keep_checkpoints, extra_modules=self.extra, write_extra=write_extra)
-        self.lower_is_better = bool(getattr(evaluator, "lower_is_better", False))
-        if self.lower_is_better:
-            self.best_accuracy = -math.inf  # holds minus the best error
-
-    def _evaluate(self) -> None:
-        if not self.lower_is_better:
-            return super()._evaluate()
-        self.model.eval()
-        result = self.evaluator(self.model)
-        self.model.train()
-        self._log({"step": self.step, "epoch": self.epoch, "eval": True, **result})
-        if self.info.is_main:
-            print(f"\n[step {self.step}] eval state mse {result['mse']:.5g} ({result['total']} lines)", flush=True)
-        if -result["mse"] > self.best_accuracy and self.checkpointer.save_model(
-                "best", extra={"step": self.step, **result}):
-            self.best_accuracy = -result["mse"]
-
-
 # ----- the stages -------------------------------------------------------------------------------
 @dataclass
 class Built:
@@ -221,10 +164,8 @@ class Built:
     lora_cfg: object
     base_ckpt: str
     tokenizer: object
-    task: object
+    task: object  # a Task whose write_files writes the stage's files into every saved model directory
     evaluator: object
-    write_extra: Callable[[str], None]
-    others: list = field(default_factory=list)
 
 
 def _describe(examples: CoTExamples, path: str, info) -> CoTExamples:
@@ -246,8 +187,7 @@ def _writer(meta: dict, info, maps: Optional[StateMaps] = None, more=None):
 
 
 def _fresh_model(args, info):
-    model, lora_cfg = build_model(args.ckpt_dir, args.model_type, args.lora_rank, args.lora_alpha, args.lora_dropout,
-                                  args.lora_targets, args.dtype, info, args.seed)
+    model, lora_cfg = model_from_flags(args, info)
     tok = load_tokenizer(args.ckpt_dir)
     check_tokenizer_fits(tok, model.args.vocab_size, args.ckpt_dir)
     return model, lora_cfg, tok
@@ -264,8 +204,8 @@ def build_teacher(args, plan: Plan, lines, held_lines, info) -> Built:
         evaluator = AnswerEvaluator(held, info, args.eval_batch_size,
                                     explicit_answers(held, "model", tok, args.cot, args.max_new_tokens))
     meta = {"stage": "teacher", "cot": args.cot}
-    return Built(model, lora_cfg, args.ckpt_dir, tok, CoTTeacherTask(train, info.device, args.cot), evaluator,
-                 _writer(meta, info))
+    task = CoTTeacherTask(train, info.device, args.cot, files=_writer(meta, info))
+    return Built(model, lora_cfg, args.ckpt_dir, tok, task, evaluator)
 
 
 def _beside_teacher(args, plan: Plan, lines, info):
@@ -291,9 +231,8 @@ def build_mind_read(args, plan: Plan, lines, held_lines, info) -> Built:
             held.examples, "model", tok, args.max_new_tokens, lambda pos: held.states(held.micro_batch(pos, 0))))
     meta = {"stage": "mind_read", "teacher_dir": plan.teacher_dir, "teacher": plan.teacher,
             "teacher_layers": plan.teacher_layers, "student": shape(model.args)}
-    return Built(model, lora_cfg, args.ckpt_dir, tok, MindReadTask(train, info.device, teacher, maps,
-                                                                   plan.teacher_layers), evaluator,
-                 _writer(meta, info, maps))
+    task = MindReadTask(train, info.device, teacher, maps, plan.teacher_layers, files=_writer(meta, info, maps))
+    return Built(model, lora_cfg, args.ckpt_dir, tok, task, evaluator)
 
 
 def build_emulator(args, plan: Plan, lines, held_lines, info) -> Built:
@@ -307,9 +246,8 @@ def build_emulator(args, plan: Plan, lines, held_lines, info) -> Built:
         evaluator = StateErrorEvaluator(held, info, args.eval_batch_size)
     meta = {"stage": "emulator", "teacher_dir": plan.teacher_dir, "teacher": plan.teacher,
             "emulator_layers": plan.emulator_layers, "emulator": shape(model.args)}
-    return Built(model, lora_cfg, args.ckpt_dir, tok, EmulatorTask(train, info.device, teacher, maps,
-                                                                   plan.emulator_layers), evaluator,
-                 _writer(meta, info, maps))
+    task = EmulatorTask(train, info.device, teacher, maps, plan.emulator_layers, files=_writer(meta, info, maps))
+    return Built(model, lora_cfg, args.ckpt_dir, tok, task, evaluator)
 
 
 def build_couple(args, plan: Plan, lines, held_lines, info) -> Built:
@@ -321,8 +259,9 @@ def build_couple(args, plan: Plan, lines, held_lines, info) -> Built:
     max_len = min(args.max_seq_len, student.args.max_seq_len, emulator.args.max_seq_len)
     train = _describe(CoTExamples(lines, views, max_len, args.train_file, cot_views=()), args.train_file, info)
 
-    def task_on(examples):
-        return CoupleTask(examples, info.device, emulator, e_maps, plan.emulator_layers, s_maps, plan.teacher_layers)
+    def task_on(examples, files=None):
+        return CoupleTask(examples, info.device, emulator, e_maps, plan.emulator_layers, s_maps, plan.teacher_layers,
+                          emulator_lora=e_lora, files=files)
 
     evaluator = None
     if held_lines:
@@ -339,8 +278,7 @@ def build_couple(args, plan: Plan, lines, held_lines, info) -> Built:
         write_model(emulator, e_lora, e_base, sub, e_tok, info)
         _writer(sub_meta, info, e_maps)(sub)
 
-    return Built(student, s_lora, s_base, tok, task_on(train), evaluator, _writer(meta, info, s_maps, emulator_files),
-                 [(emulator, e_lora)])
+    return Built(student, s_lora, s_base, tok, task_on(train, _writer(meta, info, s_maps, emulator_files)), evaluator)
 
 
 BUILDERS = {"teacher": build_teacher, "mind_read": build_mind_read, "emulator": build_emulator,
@@ -356,9 +294,8 @@ def run_stage(args) -> None:
     with job(args.tp_size, args.device, os.path.join(args.save_dir, ".lock"), f"--save_dir {args.save_dir}",
              make_dir=True) as info:
         b = BUILDERS[args.STAGE](args, plan, lines, held_lines, info)
-        trainer = StageTrainer(b.model, b.task, args, info, b.tokenizer, b.evaluator, b.lora_cfg, b.base_ckpt,
-                               {**run_record(args), "stage": args.STAGE}, b.write_extra, b.others)
-        trainer.fit()
+        setup = RunSetup(base_ckpt=b.base_ckpt, meta={**run_record(args), "stage": args.STAGE})
+        Trainer(b.model, b.task, args, info, b.tokenizer, b.evaluator, b.lora_cfg, setup).fit()
 
 
 # ----- evaluation of saved stages ------------------------------------------------------------------

@@ -10,15 +10,15 @@ its states: from the teacher reading the gold CoT (mind-reading) or from the emu
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from engine.text.sequences import IGNORE
 from engine.distill.implicit.data import CoTExamples, Encoded, padded, shifted
 from engine.distill.implicit.states import StateMaps, diagonal_positions, inject_hook, layer_inputs_at
 from engine.runtime.distributed import to_device
-from engine.train.task import Batch, make_batch, response_cross_entropy
+from engine.text.sequences import IGNORE
+from engine.train.task import Batch, Task, make_batch, response_cross_entropy
 
 
 # ----- tensors of a batch of lines, in one model's tokens -----------------------------------------
@@ -61,11 +61,17 @@ def emulated_states(emulator, emulator_maps: StateMaps, emulator_layers: Sequenc
     return emulator_maps(own, which=teacher_layers)
 
 
-class _Lines:
-    """What every stage's task shares: the lines, their lengths, the device."""
+class _Lines(Task):
+    """What every stage's task shares: the lines, their lengths, the device, and `files`, which writes
+    the stage's own files (implicit.json, its state maps: engine/distill/implicit/stages.py) into every
+    model directory the trainer saves (None: a task on held-out lines, never saved)."""
 
-    def __init__(self, examples: CoTExamples, device):
-        self.examples, self.device = examples, device
+    def __init__(self, examples: CoTExamples, device, files: Optional[Callable[[str], None]] = None):
+        self.examples, self.device, self.files = examples, device, files
+
+    def write_files(self, directory: str) -> None:
+        if self.files is not None:
+            self.files(directory)
 
     @property
     def num_examples(self) -> int:
@@ -83,8 +89,8 @@ class CoTTeacherTask(_Lines):
 
     weights = {"ce": 1.0}
 
-    def __init__(self, examples: CoTExamples, device, cot: bool = True):
-        super().__init__(examples, device)
+    def __init__(self, examples: CoTExamples, device, cot: bool = True, files=None):
+        super().__init__(examples, device, files)
         self.cot = cot
 
     def lengths(self, epoch: int) -> List[int]:
@@ -103,8 +109,9 @@ class MindReadTask(_Lines):
 
     weights = {"ce": 1.0}
 
-    def __init__(self, examples: CoTExamples, device, teacher, maps: StateMaps, teacher_layers: Sequence[int]):
-        super().__init__(examples, device)
+    def __init__(self, examples: CoTExamples, device, teacher, maps: StateMaps, teacher_layers: Sequence[int],
+                 files=None):
+        super().__init__(examples, device, files)
         self.teacher, self.maps, self.teacher_layers = teacher, maps, list(teacher_layers)
 
     def extra_modules(self):
@@ -138,8 +145,9 @@ class EmulatorTask(_Lines):
 
     weights = {"mse": 1.0}
 
-    def __init__(self, examples: CoTExamples, device, teacher, maps: StateMaps, emulator_layers: Sequence[int]):
-        super().__init__(examples, device)
+    def __init__(self, examples: CoTExamples, device, teacher, maps: StateMaps, emulator_layers: Sequence[int],
+                 files=None):
+        super().__init__(examples, device, files)
         self.teacher, self.maps, self.emulator_layers = teacher, maps, list(emulator_layers)
         self.all_teacher_layers = list(range(teacher.args.n_layers))
 
@@ -167,18 +175,22 @@ class EmulatorTask(_Lines):
 
 class CoupleTask(_Lines):
     """The student answers from `x EOS` with the emulator's states; student (the trainer's model),
-    emulator and both maps learn from the answer CE alone."""
+    emulator and both maps learn from the answer CE alone. emulator_lora: the emulator's LoRA config
+    (None: full weights), for the trainer to treat it as the tensor-parallel model it is."""
 
     weights = {"ce": 1.0}
 
     def __init__(self, examples: CoTExamples, device, emulator, emulator_maps: StateMaps, emulator_layers,
-                 student_maps: StateMaps, teacher_layers: Sequence[int]):
-        super().__init__(examples, device)
+                 student_maps: StateMaps, teacher_layers: Sequence[int], emulator_lora=None, files=None):
+        super().__init__(examples, device, files)
         self.emulator, self.emulator_maps, self.emulator_layers = emulator, emulator_maps, list(emulator_layers)
-        self.student_maps, self.teacher_layers = student_maps, list(teacher_layers)
+        self.student_maps, self.teacher_layers, self.emulator_lora = student_maps, list(teacher_layers), emulator_lora
 
     def extra_modules(self):
         return [self.emulator, self.emulator_maps, self.student_maps]
+
+    def parallel_models(self):
+        return [(self.emulator, self.emulator_lora)]
 
     def lengths(self, epoch: int) -> List[int]:
         eos = self.eos("model")

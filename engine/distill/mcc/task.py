@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 from typing import Dict, List
+
 import torch
-from engine.text.sequences import IGNORE, pad_batch
-from engine.runtime.errors import UserError
+
 from engine.distill.mcc.losses import mcc_kl_sum, span_prediction_positions
-from engine.train.task import Batch, make_batch, response_cross_entropy
+from engine.runtime.errors import UserError
+from engine.text.sequences import IGNORE, pad_batch
+from engine.train.task import Batch, Task, make_batch, response_cross_entropy
 
 
-class MCCTask:
+class MCCTask(Task):
     """MCC-KD: cross-entropy on every rationale + alpha x symmetric KL between the answer-span
     predictions of each pair of rationales of the same question (engine.objectives.mcc_kd_sums)."""
 
@@ -31,6 +33,9 @@ class MCCTask:
     @property
     def num_examples(self) -> int:
         return len(self.data)
+
+    def example_records(self) -> List[int]:
+        return self.data.keep
 
     def lengths(self, epoch: int) -> List[int]:
         return [self.data.length(q, epoch) for q in self.data.keep]

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from engine.runtime import distributed
-from engine.train.evaluator import GenerationEvaluator
+
 from engine.infer.metrics import accuracy_of, bleu_from_statistics, bleu_statistics, references_of
+from engine.runtime import distributed
+from engine.train.evaluator import Evaluator, GenerationEvaluator
 
 
-class StepByStepEvaluator:
+class StepByStepEvaluator(Evaluator):
     """Evaluation of a distilling step-by-step model: greedy decoding of the LABEL task (its answer is
     the accuracy, and picks best/); with `rationale_task`, the rationale task too: the answer its
     rationales state (rationale_accuracy, rationale_unparsable) and their corpus BLEU against the

@@ -2,15 +2,24 @@
 from __future__ import annotations
 
 from typing import Dict, List
+
 import torch
-from engine.text.sequences import IGNORE, pad_batch
+
+from engine.distill.step_by_step.mi import (
+    CRITIC_TEMPERATURE,
+    MI_ESTIMATORS,
+    MICritic,
+    infonce_sum,
+    masked_mean_pool,
+    pooled_ce_mi_sum,
+    response_positions,
+)
 from engine.runtime.errors import UserError
-from engine.distill.step_by_step.mi import infonce_sum, masked_mean_pool, pooled_ce_mi_sum
-from engine.train.task import Batch, make_batch, response_cross_entropy
-from engine.distill.step_by_step.mi import CRITIC_TEMPERATURE, MICritic, MI_ESTIMATORS, response_positions
+from engine.text.sequences import IGNORE, pad_batch
+from engine.train.task import Batch, Task, make_batch, response_cross_entropy
 
 
-class StepByStepTask:
+class StepByStepTask(Task):
     """Distilling step-by-step (Hsieh et al. 2023) on a decoder: the label task and the rationale task
     of each question over one model, loss alpha x CE(label) + (1 - alpha) x CE(rationale), each CE the
     mean over its own response tokens in the optimizer step; plus beta x the MI term (Chen et al. 2024)
@@ -57,6 +66,9 @@ class StepByStepTask:
     @property
     def num_examples(self) -> int:
         return len(self.data)
+
+    def example_records(self) -> List[int]:
+        return self.data.keep
 
     def lengths(self, epoch: int) -> List[int]:
         return [self.data.length(i, epoch) for i in self.data.keep]
