@@ -27,7 +27,6 @@ from engine.infer.generation import Request, fit_prompt, generate_stream, reques
 from engine.infer.jobs import GenerationJob
 from engine.runtime.plotting import plot_reliability
 from engine.text.prompts import format_prompt
-from engine.text.tokenizer import check_tokenizer_fits, load_tokenizer
 
 
 def answer_token_index(tokenizer, tokens: List[int], text: str, prediction) -> tuple:
@@ -65,10 +64,8 @@ def token_probabilities(model, sequences: List[List[int]], positions: List[int],
 
 def run_calibration(job: GenerationJob, num_bins: int, plot_file: str) -> dict:
     with runtime_job(device=job.device, lock_file=job.output_file + ".lock", what=f"--output_file {job.output_file}") as info:
-        model, base_dir = load_for_inference(job.ckpt_dir, job.lora_dir, job.dtype, info.device)
+        model, tok, _ = load_for_inference(job.ckpt_dir, job.lora_dir, job.dtype, info.device)
         model.eval()
-        tok = load_tokenizer(base_dir)
-        check_tokenizer_fits(tok, model.args.vocab_size, base_dir)
         limit = max(1, model.args.max_seq_len - job.params.max_new_tokens)
         prompts, truncated = [], 0
         for rec in job.records:

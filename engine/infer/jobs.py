@@ -22,7 +22,6 @@ from models.vocab_parallel import sharded_topk, token_cross_entropy
 from engine.runtime.progress import Progress
 from engine.text.prompts import format_prompt, task_instruction
 from engine.infer.topk_file import meta_path as teacher_meta_path, teacher_meta
-from engine.text.tokenizer import check_tokenizer_fits, load_tokenizer
 
 # Every setting that changes what an output line holds: a resumed file must have been written with the same.
 SETTINGS = ("ckpt_dir", "lora_dir", "template", "task", "dtype", "max_new_tokens", "temperature", "top_p", "top_k",
@@ -195,10 +194,8 @@ def run_generation(job: GenerationJob) -> None:
             bad = unreadable_labels(job.records, job.task)
             if bad:
                 print(label_warning(bad, len(job.records), job.task, job.data_file), flush=True)
-        model, base_dir = load_for_inference(job.ckpt_dir, job.lora_dir, job.dtype, info.device)
+        model, tok, _ = load_for_inference(job.ckpt_dir, job.lora_dir, job.dtype, info.device)
         model.eval()
-        tok = load_tokenizer(base_dir)
-        check_tokenizer_fits(tok, model.args.vocab_size, base_dir)
         done = out.open() if info.is_main else {}
         if info.world_size > 1:  # every rank generates the same remaining records
             box = [sorted(done)]
@@ -263,10 +260,8 @@ def run_scoring(ckpt_dir: str, records: List[dict], output_file: str, template: 
     per output token, the model's k most likely tokens and their log-probabilities (a teacher file
     for train.py --objective teacher_kl, described by OUTPUT.meta.json)."""
     with runtime_job(device=device, lock_file=output_file + ".lock", what=f"--output_file {output_file}") as info:
-        model, base_dir = load_for_inference(ckpt_dir, lora_dir, dtype, info.device)
+        model, tok, base_dir = load_for_inference(ckpt_dir, lora_dir, dtype, info.device)
         model.eval()
-        tok = load_tokenizer(base_dir)
-        check_tokenizer_fits(tok, model.args.vocab_size, base_dir)
         if top_k > model.args.vocab_size:
             raise UserError(f"--top_k {top_k} exceeds the vocabulary of the model in {ckpt_dir} ({model.args.vocab_size})")
         topk = {}  # (record, output) -> (tokens, top-k ids, top-k log-probabilities)
