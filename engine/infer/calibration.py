@@ -75,7 +75,7 @@ def run_calibration(job: GenerationJob, num_bins: int, plot_file: str) -> dict:
         stop_ids = [tok.eos_id] if tok.eos_id is not None else []
         requests = [Request(i, p, request_seed(job.params.seed, i)) for i, p in enumerate(prompts)]
         generated = {c.key: c.tokens for c in generate_stream(model, requests, job.params, job.batch_size, stop_ids,
-                                                              compile=job.compile)}
+                                                              compiled=job.compile)}
         lines, sequences, positions = [], [], []
         for i, rec in enumerate(job.records):
             tokens = generated[i]

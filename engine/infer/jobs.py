@@ -212,7 +212,7 @@ def run_generation(job: GenerationJob) -> None:
         n_new_tokens, start = 0, time.time()
         bar = Progress(len(requests), "generating", "seq") if info.is_main and job.progress else None
         for c in generate_stream(model, requests, job.params, job.batch_size, stop_ids, stop_strings,
-                                 job.prefill_tokens, compile=job.compile):
+                                 job.prefill_tokens, compiled=job.compile):
             i, k = c.key
             n_new_tokens += len(c.tokens)
             text = tok.decode([t for t in c.tokens if t not in stop_ids])
