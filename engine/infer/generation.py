@@ -484,14 +484,6 @@ def generate_stream(model, requests: Sequence[Request], params: SamplingParams, 
     yield from batcher.run(requests)
 
 
-def fit_prompt(ids: List[int], limit: int, bos_id: Optional[int]) -> List[int]:
-    """Cut a prompt from the left to at most `limit` tokens, keeping a leading BOS."""
-    if len(ids) <= limit:
-        return ids
-    head = ids[:1] if bos_id is not None and ids[:1] == [bos_id] else []
-    return head + ids[len(ids) - (limit - len(head)):]
-
-
 def complete_prompts(model, prompts: Sequence[Sequence[int]], params: SamplingParams, stop_ids: Sequence[int] = (),
                      batch_size: Optional[int] = None, compiled: Optional[bool] = None,
                      runner=None) -> List[List[int]]:
