@@ -107,7 +107,7 @@ def main(batches="1,64,384", dim: int = 512, n_layers: int = 4, n_heads: int = 8
     tmp = tempfile.mkdtemp()
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp)
     hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dt).to(device).eval()
-    ours = load_for_inference(tmp, None, dt, info.device)[0].eval()  # as infer.py loads it
+    ours = load_for_inference(tmp, None, dt, info.device, tokenizer=False).model.eval()  # as infer.py loads it
     bandwidth = read_bandwidth(device, 4 * 1024 ** 3 if device == "cuda" else 512 * 1024 ** 2)
     element = torch.tensor([], dtype=dt).element_size()
     # a decode step reads every weight once except the embedding table (one row per token)

@@ -52,7 +52,7 @@ def decode_paths(model, prompts, stop_ids, new_tokens, slots=3):
         out[f"eager_{name}"] = g.complete_prompts(model, prompts, params, stop_ids, slots, runner=g.EagerSteps(model))
         out[f"static_{name}"] = g.complete_prompts(model, prompts, params, stop_ids, slots, runner=static())
     torch._dynamo.reset()
-    runner = static(compile=True, fullgraph=True, backend="eager")
+    runner = static(compiled=True, fullgraph=True, backend="eager")
     out["traced_greedy"] = g.complete_prompts(model, prompts, greedy, stop_ids, slots, runner=runner)
     out["traced_without_fallback"] = runner.step_call.active  # False when tracing failed and the step ran eagerly
     return out

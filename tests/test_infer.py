@@ -148,6 +148,24 @@ def test_static_shapes_and_stop_strings_across_sync_windows(models, dist1, tiny_
     assert finish == "stop" and len(tokens) < len(ref[row]) and stop in tok.decode(tokens)
 
 
+def test_cuda_graph_runner_says_what_it_is_without_a_gpu(capsys):
+    """The line make_runner prints for a model on a GPU names CUDA graphs of the compiled step (the
+    runner's description was only set once its buffers were rebuilt, from the builtin `compile`);
+    built here on the CPU, nothing captured."""
+    from types import SimpleNamespace
+
+    from engine.infer import generation as g
+
+    on_gpu = SimpleNamespace(head_weight=SimpleNamespace(device=torch.device("cuda")))
+    runner = g.make_runner(on_gpu)
+    assert isinstance(runner, g.CUDAGraphSteps) and runner.graphs == {} and runner.pool is None
+    assert runner.description == "CUDA graphs of a torch.compile'd static-shape decode step"
+    assert "decode: CUDA graphs of a torch.compile'd static-shape decode step" in capsys.readouterr().err
+    runner.forget()
+    assert runner.description == "CUDA graphs of a torch.compile'd static-shape decode step"
+    assert g.CUDAGraphSteps(on_gpu, compiled=False).description == "CUDA graphs of a static-shape decode step"
+
+
 @pytest.mark.processes
 @pytest.mark.parametrize("family", ["llama3"])
 def test_inductor_compiled_decode_step_matches_hf(models, family, dist1):
@@ -162,7 +180,7 @@ def test_inductor_compiled_decode_step_matches_hf(models, family, dist1):
     tok = load_tokenizer(hf_dir)
     model = load_model(hf_dir).eval()
     torch._dynamo.reset()
-    runner = g.StaticSteps(model, sync_every=3, first_bucket=8, compile=True)
+    runner = g.StaticSteps(model, sync_every=3, first_bucket=8, compiled=True)
     out = g.complete_prompts(model, [tok.encode(q) for q in QUESTIONS], g.SamplingParams(max_new_tokens=NEW), [tok.eos_id], 3,
                      runner=runner)
     assert runner.step_call.active and out == ref

@@ -287,7 +287,7 @@ def test_score_top_k_equals_the_full_log_softmax(env, other_file, dist1):
     from engine.text.tokenizer import load_tokenizer
 
     root, models = env
-    model, _ = load_for_inference(str(models["other"][0]), None, torch.float32, "cpu")
+    model = load_for_inference(str(models["other"][0]), None, torch.float32, "cpu").model
     tok = load_tokenizer(str(models["other"][0]))
     rec = json.load(open(root / "arith" / "train.json"))[3]
     prompt, resp = tok.encode(rec["instruction"]), tok.encode(rec["output"], bos=False, eos=True)

@@ -20,6 +20,7 @@ same key names, interleaved RoPE rows and an embedding split on the hidden dimen
 """
 from engine.checkpoint.adapters import (  # noqa: F401
     LORA_CONFIG,
+    InferenceModel,
     MergedSource,
     adapter_and_base,
     export_peft,
@@ -31,9 +32,15 @@ from engine.checkpoint.adapters import (  # noqa: F401
     read_lora_config,
     save_lora,
 )
-from engine.checkpoint.files import DTYPES, NATIVE_FORMAT, TOKENIZER_FILES, CheckpointError, tokenizer_files_for  # noqa: F401
-from models.hf import HF_DENSE, HF_MIXTRAL, HF_QWEN1, hf_key_map, hf_table  # noqa: F401
+from engine.checkpoint.files import (  # noqa: F401
+    DTYPES,
+    NATIVE_FORMAT,
+    TOKENIZER_FILES,
+    CheckpointError,
+    tokenizer_files_for,
+)
 from engine.checkpoint.loading import load_model, load_state_into  # noqa: F401
 from engine.checkpoint.sources import HFSource, RandomSource, ShardedSource, Source, open_checkpoint  # noqa: F401
 from engine.checkpoint.writers import meta_params, write_hf, write_meta, write_model_shard, write_native  # noqa: F401
+from models.hf import HF_DENSE, HF_MIXTRAL, HF_QWEN1, hf_key_map, hf_table  # noqa: F401
 from models.sharding import WeightSpec, box_shape, shard_box, weight_specs  # noqa: F401

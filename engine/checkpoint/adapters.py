@@ -6,20 +6,21 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 import torch
 from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_model_parallel_world_size
 
 from engine.checkpoint.files import NATIVE_FORMAT, CheckpointError, read_json
-from models.hf import HF_TARGET_NAMES, hf_key_map, hf_table
 from engine.checkpoint.loading import load_model, load_state_into
 from engine.checkpoint.sources import ShardedSource, open_checkpoint
 from engine.checkpoint.writers import check_save_dir
 from engine.runtime.fileio import SafetensorsWriter, atomic_write_text, staged_directory
-from models.lora import LoRAConfig, apply_lora, lora_modules, lora_state_dict, merge_lora
 from engine.text.prompts import TEMPLATE_FILE
+from engine.text.tokenizer import check_tokenizer_fits, load_tokenizer
 from models.args import ModelArgs
+from models.hf import HF_TARGET_NAMES, hf_key_map, hf_table
+from models.lora import LoRAConfig, apply_lora, lora_modules, lora_state_dict, merge_lora
 from models.sharding import full_box, lora_layers, lora_specs
 
 LORA_CONFIG = "lora_config.json"
@@ -159,13 +160,27 @@ def export_peft(lora_dir: str, save_dir: str, overwrite: bool = False) -> None:
         atomic_write_text(os.path.join(stage, "adapter_config.json"), json.dumps(adapter_config, indent=2) + "\n")
 
 
-def load_for_inference(ckpt_dir: str, lora_dir: Optional[str], dtype, device):
+class InferenceModel(NamedTuple):
+    """What load_for_inference returns: the model, its tokenizer (checked to fit its vocabulary; None
+    when not asked for) and the base checkpoint directory they were read from."""
+
+    model: Any
+    tokenizer: Any
+    base_dir: str
+
+
+def load_for_inference(ckpt_dir: str, lora_dir: Optional[str], dtype, device, *, tokenizer: bool = True):
     """The model for generation/scoring: the base checkpoint with the adapter (if any) merged into its
-    weights and q/k/v, gate/up fused. Returns (model, base checkpoint directory)."""
+    weights and q/k/v, gate/up fused, and the base's tokenizer, refused when its ids reach past the
+    model's vocabulary. tokenizer=False: the model alone (a synthetic checkpoint without a tokenizer)."""
     base, lora_dir = adapter_and_base(ckpt_dir, lora_dir)
     model = load_model(base, dtype=dtype, device=device)
     if lora_dir:
         load_lora_into(model, lora_dir)
         merge_lora(model)
     model.fuse_projections()
-    return model, base
+    tok = None
+    if tokenizer:
+        tok = load_tokenizer(base)
+        check_tokenizer_fits(tok, model.args.vocab_size, base)
+    return InferenceModel(model, tok, base)

@@ -18,16 +18,17 @@ from typing import List
 
 import torch
 
-from engine.runtime.jobs import job as runtime_job
-from engine.text.answers import extract_answer, find_answer_span, is_correct
 from engine.checkpoint import load_for_inference
-from engine.infer.metrics import calibration_bins
-from engine.runtime.fileio import atomic_open, atomic_write_text, disk_errors
-from engine.infer.generation import Request, fit_prompt, generate_stream, request_seed
+from engine.infer.args import CalibrationArgs
+from engine.infer.generation import Request, generate_stream, request_seed
 from engine.infer.jobs import GenerationJob
+from engine.infer.metrics import calibration_bins
+from engine.infer.prompting import encode_prompt, prompt_room
+from engine.runtime.errors import UserError
+from engine.runtime.fileio import atomic_open, atomic_write_text, disk_errors
+from engine.runtime.jobs import job as runtime_job
 from engine.runtime.plotting import plot_reliability
-from engine.text.prompts import format_prompt
-from engine.text.tokenizer import check_tokenizer_fits, load_tokenizer
+from engine.text.answers import extract_answer, find_answer_span, is_correct
 
 
 def answer_token_index(tokenizer, tokens: List[int], text: str, prediction) -> tuple:
@@ -63,54 +64,70 @@ def token_probabilities(model, sequences: List[List[int]], positions: List[int],
     return out
 
 
-def run_calibration(job: GenerationJob, num_bins: int, plot_file: str) -> dict:
-    with runtime_job(device=job.device, lock_file=job.output_file + ".lock", what=f"--output_file {job.output_file}") as info:
-        model, base_dir = load_for_inference(job.ckpt_dir, job.lora_dir, job.dtype, info.device)
+def calibration_job(flags: CalibrationArgs) -> GenerationJob:
+    """The generation job of a calibration run; every record must carry a label."""
+    job = GenerationJob.of(flags)
+    for i, rec in enumerate(job.records):
+        if "label" not in rec:
+            raise UserError(f"{flags.data_file} record {i} lacks the key 'label' (calibration scores answers)")
+    return job
+
+
+def run_calibration(job: GenerationJob) -> dict:
+    f = job.flags
+    with runtime_job(device=f.device, lock_file=f.output_file + ".lock", what=f"--output_file {f.output_file}") as info:
+        model, tok, _ = load_for_inference(f.ckpt_dir, f.lora_dir, f.dtype, info.device)
         model.eval()
-        tok = load_tokenizer(base_dir)
-        check_tokenizer_fits(tok, model.args.vocab_size, base_dir)
-        limit = max(1, model.args.max_seq_len - job.params.max_new_tokens)
-        prompts, truncated = [], 0
-        for rec in job.records:
-            ids = tok.encode(format_prompt(job.instruction(rec), job.template))
-            truncated += len(ids) > limit
-            prompts.append(fit_prompt(ids, limit, tok.bos_id))
+        room = prompt_room(model.args.max_seq_len, f.max_new_tokens)
+        encoded = [encode_prompt(tok, job.instruction(rec), job.template, room) for rec in job.records]
+        prompts, truncated = [p.ids for p in encoded], sum(p.cut for p in encoded)
         stop_ids = [tok.eos_id] if tok.eos_id is not None else []
-        requests = [Request(i, p, request_seed(job.params.seed, i)) for i, p in enumerate(prompts)]
-        generated = {c.key: c.tokens for c in generate_stream(model, requests, job.params, job.batch_size, stop_ids,
-                                                              compile=job.compile)}
+        requests = [Request(i, p, request_seed(f.seed, i)) for i, p in enumerate(prompts)]
+        generated = {c.key: c.tokens for c in generate_stream(model, requests, job.params, f.batch_size, stop_ids,
+                                                              compiled=f.compiled)}
         lines, sequences, positions = [], [], []
         for i, rec in enumerate(job.records):
             tokens = generated[i]
             answer_tokens = [t for t in tokens if t not in stop_ids]
             text = tok.decode(answer_tokens)
-            prediction = extract_answer(text, job.task)
+            prediction = extract_answer(text, f.task)
             index, found = answer_token_index(tok, answer_tokens, text, prediction)
             if not tokens:  # nothing generated at all (no room): the token the model would start with
                 tokens = [tok.eos_id if tok.eos_id is not None else 0]
             sequences.append(prompts[i] + tokens)
             positions.append(len(prompts[i]) + index)
             lines.append({"id": rec.get("id", i), "index": i, "output": text, "label": rec.get("label"),
-                          "prediction": prediction, "correct": is_correct(prediction, rec.get("label"), job.task),
+                          "prediction": prediction, "correct": is_correct(prediction, rec.get("label"), f.task),
                           "answer_token": tok.decode([tokens[index]]), "answer_token_found": found})
-        confidences = token_probabilities(model, sequences, positions, tok.padding_id, job.batch_size)
+        confidences = token_probabilities(model, sequences, positions, tok.padding_id, f.batch_size)
         for line, conf in zip(lines, confidences):
             line["confidence"] = conf
-        result = calibration_bins(confidences, [ln["correct"] for ln in lines], num_bins)
-        summary = {"records": len(lines), "accuracy": sum(ln["correct"] for ln in lines) / len(lines),
-                   "correct": sum(ln["correct"] for ln in lines), "ece": result["ece"], "num_bins": num_bins,
-                   "mean_confidence": sum(confidences) / len(confidences),
-                   "confidence_from_first_token": sum(not ln["answer_token_found"] for ln in lines),
-                   "unparsable": sum(ln["prediction"] is None for ln in lines), "truncated_prompts": truncated,
-                   "task_prefix": job.task_prefix, "reliability_diagram": plot_file, "bins": result["bins"]}
+        summary = _summary(job, lines, confidences, truncated)
         if info.is_main:
-            with disk_errors(job.output_file):
-                with atomic_open(job.output_file, "w") as f:
-                    for line in lines:
-                        f.write(json.dumps(line, ensure_ascii=False) + "\n")
-                atomic_write_text(job.output_file + ".summary.json", json.dumps(summary, indent=2) + "\n")
-            with disk_errors(plot_file):
-                where = os.path.join(*os.path.normpath(os.path.abspath(job.ckpt_dir)).split(os.sep)[-2:])
-                plot_reliability(result["bins"], result["ece"], plot_file, f"{where}: {len(lines)} records")
+            _write(job, lines, summary)
             print(json.dumps({k: v for k, v in summary.items() if k != "bins"}), flush=True)
     return summary
+
+
+def _summary(job: GenerationJob, lines: List[dict], confidences: List[float], truncated: int) -> dict:
+    f = job.flags
+    result = calibration_bins(confidences, [ln["correct"] for ln in lines], f.num_bins)
+    return {"records": len(lines), "accuracy": sum(ln["correct"] for ln in lines) / len(lines),
+            "correct": sum(ln["correct"] for ln in lines), "ece": result["ece"], "num_bins": f.num_bins,
+            "mean_confidence": sum(confidences) / len(confidences),
+            "confidence_from_first_token": sum(not ln["answer_token_found"] for ln in lines),
+            "unparsable": sum(ln["prediction"] is None for ln in lines), "truncated_prompts": truncated,
+            "task_prefix": job.task_prefix, "reliability_diagram": f.plot_path, "bins": result["bins"]}
+
+
+def _write(job: GenerationJob, lines: List[dict], summary: dict) -> None:
+    """The lines, the summary beside them and the reliability diagram."""
+    f = job.flags
+    with disk_errors(f.output_file):
+        with atomic_open(f.output_file, "w") as out:
+            for line in lines:
+                out.write(json.dumps(line, ensure_ascii=False) + "\n")
+        atomic_write_text(f.output_file + ".summary.json", json.dumps(summary, indent=2) + "\n")
+    with disk_errors(f.plot_path):
+        where = os.path.join(*os.path.normpath(os.path.abspath(f.ckpt_dir)).split(os.sep)[-2:])
+        plot_reliability(summary["bins"], summary["ece"], f.plot_path, f"{where}: {len(lines)} records")

@@ -16,7 +16,8 @@ What lives where:
 - Every `sync_every` steps the host reads back the tokens chosen since the last read (one copy),
   applies stop ids, stop strings and length limits exactly as if it had looked after every step
   (a row that stopped early decoded a few throw-away tokens meanwhile), frees finished rows and
-  refills them.
+  refills them. `Batcher` is that loop, one named step per part (drain, refill / prefill, compact,
+  decode_block); `generate_stream` sizes it for a call.
 
 Sampling uses a counter-based generator: the u of draw j of a request is a hash of (its seed, j),
 so results do not depend on which slot or batch a request lands in, nor on the device. All
@@ -236,14 +237,15 @@ class EagerSteps:
 class StaticSteps(EagerSteps):
     """A few fixed shapes: row counts n, n/2, n/4 ...; KV lengths 64, 128, ... 1024, then multiples
     of 1024 (short sequences do not read the whole cache); MoE routed densely (no host sync). On
-    CPU this runs the step a CUDA graph captures, uncaptured (compile: through torch.compile)."""
+    CPU this runs the step a CUDA graph captures, uncaptured (compiled: through torch.compile)."""
 
     description = "static-shape decode step"
 
-    def __init__(self, model, sync_every: int = 8, first_bucket: int = 64, compile: bool = False, **compile_options):
+    def __init__(self, model, sync_every: int = 8, first_bucket: int = 64, compiled: bool = False,
+                 **compile_options):
         super().__init__(model)
         self.sync_every, self.first_bucket = sync_every, first_bucket
-        if compile:
+        if compiled:
             self.step_call = CompiledCall(_decode_step, "decode step", **compile_options)
 
     def rows_for(self, count: int, n: int) -> int:
@@ -270,17 +272,18 @@ class CUDAGraphSteps(StaticSteps):
     step mutates (KV cache, slot tensors) is allocated once by the caller and updated in place, the
     tokens are copied out of a static buffer before the next replay, and a failed capture falls back
     to eager with one line; cudagraph trees would copy inputs and own outputs instead. The step is
-    first run for real (which also warms up cuBLAS and, with `compile`, builds the fused kernels of
+    first run for real (which also warms up cuBLAS and, with `compiled`, builds the fused kernels of
     torch.compile, inductor without its own graphs), then captured. Under tensor parallelism the
-    all-reduces are captured with the rest (NCCL)."""
+    all-reduces are captured with the rest (NCCL). Constructing one touches no GPU (the graph memory
+    pool is taken at the first capture)."""
 
-    def __init__(self, model, sync_every: int = 8, first_bucket: int = 64, compile: bool = True):
-        super().__init__(model, sync_every, first_bucket, compile, dynamic=None)
-        self.graphs, self.pool, self.capture = {}, torch.cuda.graph_pool_handle(), True
+    def __init__(self, model, sync_every: int = 8, first_bucket: int = 64, compiled: bool = True):
+        super().__init__(model, sync_every, first_bucket, compiled, dynamic=None)
+        self.graphs, self.pool, self.capture = {}, None, True
+        self.description = "CUDA graphs of a " + ("torch.compile'd " if compiled else "") + "static-shape decode step"
 
     def forget(self) -> None:
         self.graphs.clear()
-        self.description = "CUDA graphs of a " + ("torch.compile'd " if compile else "") + "static-shape decode step"
 
     def run(self, step, m: int, kv_len: int) -> None:
         graph = self.graphs.get((m, kv_len))
@@ -296,6 +299,8 @@ class CUDAGraphSteps(StaticSteps):
             with torch.cuda.stream(side):  # the real step of this token, and the warm-up of the capture
                 step(m, kv_len)
             torch.cuda.current_stream().wait_stream(side)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
@@ -308,11 +313,11 @@ class CUDAGraphSteps(StaticSteps):
             self.graphs[(m, kv_len)] = graph
 
 
-def make_runner(model, compile: Optional[bool] = None):
+def make_runner(model, compiled: Optional[bool] = None):
     """The fastest step runner this device allows: CUDA graphs (over a torch.compile'd step) on a
-    GPU, eager on CPU or with compile=False."""
+    GPU, eager on CPU or with compiled=False."""
     device = model.head_weight.device
-    if compile is False:
+    if compiled is False:
         runner, why = EagerSteps(model), "--compile False"
     elif device.type != "cuda":
         runner, why = EagerSteps(model), "CUDA graphs need a GPU"
@@ -325,49 +330,48 @@ def make_runner(model, compile: Optional[bool] = None):
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
-@torch.no_grad()
-def generate_stream(model, requests: Sequence[Request], params: SamplingParams, batch_size: int,
-                    stop_ids: Sequence[int] = (), stop_strings: Optional[StopStrings] = None,
-                    prefill_tokens: int = 16384, refill_min: Optional[int] = None,
-                    compile: Optional[bool] = None, runner=None) -> Iterator[Completion]:
-    """Yield a Completion per request, in completion order (continuous batching).
+class Batcher:
+    """One generate_stream call: `n` slots decoding together over a KV cache of max_len positions.
 
-    batch_size: decoding slots. prefill_tokens: token budget of one prefill forward (more prompts
-    are prefilled in several passes). refill_min: refill free slots once at least this many are free
-    (default batch_size / 8), so prefills run in groups rather than one prompt at a time.
-    compile: None picks the fastest path for the device (see make_runner); runner: an explicit one
-    (pass the same runner to several calls of the same shape to reuse its buffers and graphs)."""
-    if not requests:
-        return
-    device = model.head_weight.device
-    budget = params.max_new_tokens
-    longest = max(len(r.prompt) for r in requests)
-    max_len = min(longest + budget, model.args.max_seq_len)
-    if longest >= max_len:
-        raise ValueError(f"a prompt of {longest} tokens leaves no room under max_seq_len={model.args.max_seq_len}")
-    n = max(1, min(batch_size, len(requests)))
-    refill_min = max(1, refill_min or n // 8)
-    runner = runner or make_runner(model, compile)
-    queue = sorted(requests, key=lambda r: len(r.prompt))  # pop() takes the longest first
-    cache, state = runner.buffers(n, max_len, params)
-    host = _HostSlots(n)
-    stops = set(stop_ids)
-    pending = []  # (rows or None for "the first m rows", tokens tensor) not yet read back
-    m = n  # slots in use: rows [0, m) of the cache
+    A round (`run`) reads back the tokens chosen since the last one and finishes the rows that stop
+    (`drain`), prefills waiting prompts into free slots (`refill`), moves the live rows to the front
+    of the cache once nothing waits and half the rows are idle (`compact`), and decodes up to
+    runner.sync_every steps without looking at the tokens (`decode_block`)."""
 
-    def step(rows: int, kv_len: int) -> None:
-        (runner.step_call or _decode_step)(model, cache, state, params, rows, kv_len, max_len)
+    def __init__(self, model, runner, params: SamplingParams, n: int, max_len: int, stop_ids: Sequence[int] = (),
+                 stop_strings: Optional[StopStrings] = None, prefill_tokens: int = 16384, refill_min: int = 1):
+        self.model, self.runner, self.params, self.n, self.max_len = model, runner, params, n, max_len
+        self.stops, self.stop_strings = set(stop_ids), stop_strings
+        self.prefill_tokens, self.refill_min = prefill_tokens, refill_min
+        self.device = model.head_weight.device
+        self.cache, self.state = runner.buffers(n, max_len, params)
+        self.host = _HostSlots(n)
+        self.pending = []  # (rows, or None for "the first m rows", tokens tensor) not read back yet
+        self.m = n  # slots in use: rows [0, m) of the cache
 
-    def length_done(row: int, produced: int) -> bool:
-        return produced >= budget or len(host.req[row].prompt) + produced >= max_len
+    def run(self, requests: Sequence[Request]) -> Iterator[Completion]:
+        """A Completion per request, in completion order."""
+        queue = sorted(requests, key=lambda r: len(r.prompt))  # pop() takes the longest first
+        while True:
+            yield from self.drain()
+            live = self.host.live(self.m)
+            if not queue and not live:
+                return
+            live = self.refill(queue, live)
+            if not queue and len(live) <= self.m // 2:  # the tail: keep the live rows at the front of the cache
+                live = self.compact(live)
+            self.decode_block(live)
 
-    def drain() -> Iterator[Completion]:
+    def length_done(self, row: int, produced: int) -> bool:
+        return produced >= self.params.max_new_tokens or len(self.host.req[row].prompt) + produced >= self.max_len
+
+    def drain(self) -> Iterator[Completion]:
         """Read back every token chosen since the last sync and finish the rows that stop."""
-        if not pending:
+        if not self.pending:
             return
-        values = torch.cat([t for _, t in pending]).tolist()
+        host, values = self.host, torch.cat([t for _, t in self.pending]).tolist()
         start, finished = 0, []
-        for rows, t in pending:
+        for rows, t in self.pending:
             chunk = values[start:start + t.numel()]
             start += t.numel()
             for row, token in zip(rows if rows is not None else range(t.numel()), chunk):
@@ -376,25 +380,37 @@ def generate_stream(model, requests: Sequence[Request], params: SamplingParams, 
                 out = host.out[row]
                 out.append(token)
                 finish = None
-                if token in stops or (stop_strings and stop_strings.hit(out)):
+                if token in self.stops or (self.stop_strings and self.stop_strings.hit(out)):
                     finish = "stop"
-                elif length_done(row, len(out)):
+                elif self.length_done(row, len(out)):
                     finish = "length"
                 if finish:
                     host.done[row] = True
                     finished.append(row)
                     yield Completion(host.req[row].key, out, finish)
-        pending.clear()
+        self.pending.clear()
         if finished:
-            state.stop(torch.tensor(finished, device=device))
+            self.state.stop(torch.tensor(finished, device=self.device))
             for row in finished:
                 host.req[row], host.out[row], host.produced[row], host.done[row] = None, [], 0, False
 
-    def prefill(rows: List[int], reqs: List[Request]) -> None:
-        start = 0
+    def refill(self, queue: List[Request], live: List[int]) -> List[int]:
+        """Prefill waiting prompts into the free slots, once enough are free (or nothing is live);
+        returns the live rows."""
+        free = [i for i in range(self.m) if self.host.req[i] is None]
+        if queue and free and (len(free) >= min(self.refill_min, len(queue)) or not live):
+            take = [queue.pop() for _ in range(min(len(free), len(queue)))]
+            self.prefill(free[: len(take)], take)
+            live = self.host.live(self.m)
+        return live
+
+    def prefill(self, rows: List[int], reqs: List[Request]) -> None:
+        """Prompts into the KV cache rows `rows`, in groups within the prefill token budget; each row's
+        first token is drawn (draw 0) and left for the next drain."""
+        device, start = self.device, 0
         while start < len(reqs):  # split by the prefill token budget
             width = len(reqs[start].prompt)
-            end = start + max(1, min(len(reqs) - start, prefill_tokens // max(width, 1)))
+            end = start + max(1, min(len(reqs) - start, self.prefill_tokens // max(width, 1)))
             group, group_rows = reqs[start:end], rows[start:end]
             width = max(len(r.prompt) for r in group)
             tokens = torch.zeros(len(group), width, dtype=torch.long)
@@ -403,56 +419,78 @@ def generate_stream(model, requests: Sequence[Request], params: SamplingParams, 
             lens = torch.tensor([len(r.prompt) for r in group], device=device)
             idx = torch.tensor(group_rows, device=device)
             seeds = torch.tensor([r.seed for r in group], device=device)
-            hidden = model.forward_hidden(tokens.to(device), cache=cache, cache_rows=idx)
-            logits = model.logits(hidden[torch.arange(len(group), device=device), lens - 1])
-            first = choose_tokens(logits, params, seeds, torch.zeros_like(seeds))
-            state.start(idx, first, lens, seeds)
-            pending.append((group_rows, first))
+            hidden = self.model.forward_hidden(tokens.to(device), cache=self.cache, cache_rows=idx)
+            logits = self.model.logits(hidden[torch.arange(len(group), device=device), lens - 1])
+            first = choose_tokens(logits, self.params, seeds, torch.zeros_like(seeds))
+            self.state.start(idx, first, lens, seeds)
+            self.pending.append((group_rows, first))
             for row, r in zip(group_rows, group):
-                host.req[row], host.out[row], host.produced[row], host.done[row] = r, [], 1, False
+                self.host.req[row], self.host.out[row], self.host.produced[row], self.host.done[row] = r, [], 1, False
             start = end
 
-    while True:
-        yield from drain()
-        live = host.live(m)
-        free = [i for i in range(m) if host.req[i] is None]
-        if not queue and not live:
-            break
-        if queue and free and (len(free) >= min(refill_min, len(queue)) or not live):
-            take = [queue.pop() for _ in range(min(len(free), len(queue)))]
-            prefill(free[: len(take)], take)
-            live = host.live(m)
-        if not queue and len(live) <= m // 2:  # the tail: keep the live rows at the front of the cache
-            idx = torch.tensor(live, device=device)
-            cache.keep_rows(idx)
-            state.keep_rows(idx)
-            host.keep(live)
-            live = list(range(len(live)))
-            m = runner.rows_for(len(live), n)
-        for _ in range(runner.sync_every):
+    def compact(self, live: List[int]) -> List[int]:
+        """Move the live rows to the front of the cache, device state and host slots, and decode only
+        as many rows as the runner's shapes need from now on; returns the live rows (0, 1, ...).
+        Tokens still pending from this round's prefill name rows that do not move: the prefilled
+        rows were the lowest free ones, so every row below them is live."""
+        idx = torch.tensor(live, device=self.device)
+        self.cache.keep_rows(idx)
+        self.state.keep_rows(idx)
+        self.host.keep(live)
+        self.m = self.runner.rows_for(len(live), self.n)
+        return list(range(len(live)))
+
+    def decode_block(self, live: List[int]) -> None:
+        """Up to runner.sync_every decode steps of the first m rows, their tokens left for the next
+        drain; stops early once every live row has reached its length limit."""
+        host, max_len = self.host, self.max_len
+        for _ in range(self.runner.sync_every):
             need = max(min(len(host.req[r].prompt) - 1 + host.produced[r], max_len - 1) for r in live) + 1
-            runner.run(step, m, runner.kv_len(need, max_len))
-            pending.append((None, state.chosen[:m].clone()))
+            self.runner.run(self.step, self.m, self.runner.kv_len(need, max_len))
+            self.pending.append((None, self.state.chosen[: self.m].clone()))
             for r in live:
                 host.produced[r] += 1
-            if all(length_done(r, host.produced[r]) for r in live):
+            if all(self.length_done(r, host.produced[r]) for r in live):
                 break
 
+    def step(self, rows: int, kv_len: int) -> None:
+        """One decode step of the first `rows` slots (what the runner runs, compiles or captures)."""
+        (self.runner.step_call or _decode_step)(self.model, self.cache, self.state, self.params, rows, kv_len,
+                                                self.max_len)
 
-def fit_prompt(ids: List[int], limit: int, bos_id: Optional[int]) -> List[int]:
-    """Cut a prompt from the left to at most `limit` tokens, keeping a leading BOS."""
-    if len(ids) <= limit:
-        return ids
-    head = ids[:1] if bos_id is not None and ids[:1] == [bos_id] else []
-    return head + ids[len(ids) - (limit - len(head)):]
+
+@torch.no_grad()
+def generate_stream(model, requests: Sequence[Request], params: SamplingParams, batch_size: int,
+                    stop_ids: Sequence[int] = (), stop_strings: Optional[StopStrings] = None,
+                    prefill_tokens: int = 16384, refill_min: Optional[int] = None,
+                    compiled: Optional[bool] = None, runner=None) -> Iterator[Completion]:
+    """Yield a Completion per request, in completion order (continuous batching).
+
+    batch_size: decoding slots. prefill_tokens: token budget of one prefill forward (more prompts
+    are prefilled in several passes). refill_min: refill free slots once at least this many are free
+    (default batch_size / 8), so prefills run in groups rather than one prompt at a time.
+    compiled: None picks the fastest path for the device (see make_runner); runner: an explicit one
+    (pass the same runner to several calls of the same shape to reuse its buffers and graphs)."""
+    if not requests:
+        return
+    longest = max(len(r.prompt) for r in requests)
+    max_len = min(longest + params.max_new_tokens, model.args.max_seq_len)
+    if longest >= max_len:
+        raise ValueError(f"a prompt of {longest} tokens leaves no room under max_seq_len={model.args.max_seq_len}")
+    n = max(1, min(batch_size, len(requests)))
+    runner = runner or make_runner(model, compiled)
+    batcher = Batcher(model, runner, params, n, max_len, stop_ids, stop_strings, prefill_tokens,
+                      max(1, refill_min or n // 8))
+    yield from batcher.run(requests)
 
 
 def complete_prompts(model, prompts: Sequence[Sequence[int]], params: SamplingParams, stop_ids: Sequence[int] = (),
-                     batch_size: Optional[int] = None, compile: Optional[bool] = None, runner=None) -> List[List[int]]:
+                     batch_size: Optional[int] = None, compiled: Optional[bool] = None,
+                     runner=None) -> List[List[int]]:
     """New token ids for each prompt, in prompt order (a stop id, when reached, is kept last)."""
     reqs = [Request(i, list(p), request_seed(params.seed, i)) for i, p in enumerate(prompts)]
     out: List[List[int]] = [[] for _ in prompts]
-    for c in generate_stream(model, reqs, params, batch_size or len(prompts), stop_ids, compile=compile,
+    for c in generate_stream(model, reqs, params, batch_size or len(prompts), stop_ids, compiled=compiled,
                              runner=runner):
         out[c.key] = c.tokens
     return out

@@ -8,8 +8,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, List, Optional
 
-
+from engine.runtime.errors import DataError
 from engine.text.answers import extract_answer, is_correct, parse_label
+from engine.text.records import read_records
 
 
 @dataclass
@@ -158,3 +159,51 @@ def calibration_bins(confidences: List[float], correct: List[bool], num_bins: in
         if b["count"]:
             ece += b["count"] / n * abs(b["accuracy"] - b["confidence"])
     return {"ece": ece, "count": n, "bins": bins}
+
+
+# ----------------------------------------------------------------------------------------------
+# The bodies of `infer.py evaluate` and `infer.py bleu` (flags: engine/infer/args.py)
+# ----------------------------------------------------------------------------------------------
+def file_accuracy(args) -> dict:
+    """Accuracy of args.field of every record of args.predictions_file against the labels (its own, or
+    args.label_file's in the same order); a list field scores each of its items."""
+    preds = read_records(args.predictions_file, required=())
+    labels_src = read_records(args.label_file, required=()) if args.label_file else preds
+    if len(labels_src) != len(preds):
+        raise DataError(f"{args.label_file} has {len(labels_src)} records but {args.predictions_file} has "
+                        f"{len(preds)}")
+    acc = Accuracy()
+    for i, (p, label) in enumerate(zip(preds, labels_src)):
+        if "label" not in label:
+            raise DataError(f"{args.label_file or args.predictions_file} record {i} lacks the key 'label'")
+        value = p.get(args.field, "")
+        for text in (value if isinstance(value, list) else [value]) or [""]:
+            acc.add(extract_answer(text if isinstance(text, str) else "", args.task), label["label"], args.task)
+    return acc.as_dict()
+
+
+def file_bleu(args) -> dict:
+    """Corpus BLEU of args.field of args.predictions_file against args.reference_field of
+    args.references_file (a string, or a list: several references), record by record."""
+    preds = read_records(args.predictions_file, required=())
+    refs = read_records(args.references_file, required=())
+    if len(refs) != len(preds):
+        raise DataError(f"{args.references_file} has {len(refs)} records but {args.predictions_file} has "
+                        f"{len(preds)}")
+    hyps, references = [], []
+    for i, (p, r) in enumerate(zip(preds, refs)):
+        if not isinstance(p.get(args.field), str):
+            raise DataError(f"{args.predictions_file} record {i}: '{args.field}' must be one generated text "
+                            f"(a string)")
+        value = r.get(args.reference_field)
+        items = value if isinstance(value, list) else [value]
+        if not items or not all(isinstance(x, str) and x.strip() for x in items):
+            raise DataError(f"{args.references_file} record {i}: '{args.reference_field}' must be a non-empty "
+                            f"rationale or a list of them")
+        hyps.append(p[args.field])
+        references.append(items)
+    result = corpus_bleu(hyps, references)
+    return {"bleu": round(result["bleu"], 4), "records": len(hyps),
+            "precisions": [round(x, 4) for x in result["precisions"]],
+            "brevity_penalty": round(result["brevity_penalty"], 6), "hyp_len": result["hyp_len"],
+            "ref_len": result["ref_len"]}

@@ -1,5 +1,7 @@
 """Shared launcher plumbing: flags as dataclass fields (`flag`), the fire entry point of an arguments
-class (`launcher(..., run=job)`), strict flag checks, and one-sentence errors for user mistakes."""
+class (`launcher(..., run=job)`; `command(cls, run=job)` for a sub-command whose required flags may
+also be given by position, as infer.py's), strict flag checks, and one-sentence errors for user
+mistakes."""
 from __future__ import annotations
 
 import functools
@@ -8,9 +10,10 @@ import os
 import sys
 import time
 import typing
+from dataclasses import MISSING, field, fields
 
 from engine.runtime.errors import UserError
-from dataclasses import MISSING, field, fields
+
 # Under torchrun, a rank other than 0 waits this long before printing its error and exiting: rank 0,
 # which usually fails with the same sentence, prints first and its exit ends the job (torchrun kills
 # the others), so the user reads the sentence once; an error only rank k sees still gets printed.
@@ -178,4 +181,36 @@ def launcher(*classes, run):
                           default=inspect.Parameter.empty if f.default is MISSING else f.default) for f in flags])
     main.__annotations__ = {f.name: hints[f.name] for f in flags}
     main.__doc__ = "\n".join([classes[0].SUMMARY, "", "Args:"] + [f"    {f.name}: {f.metadata['help']}" for f in flags])
+    return main
+
+
+def _type_name(hint) -> str:
+    """'str' for str and Optional[str]: the annotation a hand-written `name: str = None` gives fire."""
+    inner = [t for t in typing.get_args(hint) if t is not type(None)]
+    return (inner[0] if inner else hint).__name__
+
+
+def command(cls, *, run):
+    """The fire entry point of one sub-command's arguments class (infer.py's): like `launcher`, but the
+    required flags are positional-or-keyword (fire lists them as POSITIONAL ARGUMENTS; `infer.py C D O`
+    works) and each type is annotated by its name, as the hand-written commands were. `cls.FLAGS`,
+    when set, names the flags in --help order; the class's other fields are settings the command fixes."""
+    hints = typing.get_type_hints(cls)
+    by_name = {f.name: f for f in flag_fields(cls)}
+    names = list(getattr(cls, "FLAGS", ()) or by_name)
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise TypeError(f"{cls.__name__}.FLAGS names {', '.join(unknown)}, which are not flag fields")
+    chosen = [by_name[n] for n in names]
+    flags = [f for f in chosen if f.default is MISSING] + [f for f in chosen if f.default is not MISSING]
+    signature = inspect.Signature([
+        inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=_type_name(hints[f.name]),
+                          default=inspect.Parameter.empty if f.default is MISSING else f.default) for f in flags])
+
+    def main(*args, **kwargs):
+        run(cls(**signature.bind(*args, **kwargs).arguments))
+
+    main.__signature__ = signature
+    main.__annotations__ = {f.name: _type_name(hints[f.name]) for f in flags}
+    main.__doc__ = "\n".join([cls.SUMMARY, "", "Args:"] + [f"    {f.name}: {f.metadata['help']}" for f in flags])
     return main

@@ -2,16 +2,16 @@
 greedy generation with task accuracy."""
 from __future__ import annotations
 
-from typing import List
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
 
-from engine.infer.generation import SamplingParams, complete_prompts, fit_prompt
+from engine.infer.generation import SamplingParams, complete_prompts
 from engine.infer.metrics import Accuracy, accuracy_of
+from engine.infer.prompting import encode_prompt, prompt_room
 from engine.runtime import distributed
 from engine.text.answers import check_task
-from engine.text.prompts import format_prompt
 
 
 class Evaluator:
@@ -38,17 +38,23 @@ class GenerationEvaluator(Evaluator):
     def __init__(self, records, tokenizer, task: str, info, batch_size: int = 64, max_new_tokens: int = 256,
                  template: str = "default"):
         self.task, self.tok, self.info = check_task(task), tokenizer, info
-        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        self.batch_size, self.max_new_tokens, self.template = batch_size, max_new_tokens, template
         mine = records[info.dp_rank::info.dp_size]
         self.labels = [r.get("label") for r in mine]
-        self.prompts = [tokenizer.encode(format_prompt(r["instruction"], template)) for r in mine]
+        self.instructions = [r["instruction"] for r in mine]
+        self._prompts: Dict[int, List[List[int]]] = {}  # room -> encoded prompts, encoded once
+
+    def prompts(self, max_seq_len: int) -> List[List[int]]:
+        """The prompts, encoded once; long ones lose their beginning."""
+        room = prompt_room(max_seq_len, self.max_new_tokens)
+        if room not in self._prompts:
+            self._prompts[room] = [encode_prompt(self.tok, ins, self.template, room).ids for ins in self.instructions]
+        return self._prompts[room]
 
     def texts(self, model) -> List[str]:
         params = SamplingParams(max_new_tokens=self.max_new_tokens)
         stop = [self.tok.eos_id] if self.tok.eos_id is not None else []
-        limit = max(1, model.args.max_seq_len - self.max_new_tokens)  # long prompts lose their beginning
-        prompts = [fit_prompt(p, limit, self.tok.bos_id) for p in self.prompts]
-        new = complete_prompts(model, prompts, params, stop, batch_size=self.batch_size)
+        new = complete_prompts(model, self.prompts(model.args.max_seq_len), params, stop, batch_size=self.batch_size)
         return [self.tok.decode([t for t in ids if t not in stop]) for ids in new]
 
     def __call__(self, model) -> dict:

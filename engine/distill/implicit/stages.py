@@ -129,10 +129,11 @@ def check_prerequisites(args) -> Plan:
 
 # ----- models ---------------------------------------------------------------------------------
 def load_frozen(directory: str, dtype, info):
-    """A stage's model for reading or inference: adapter merged, projections fused, no gradients."""
-    model, _ = load_for_inference(directory, None, dtype, info.device)
+    """A stage's model for reading or inference: adapter merged, projections fused, no gradients;
+    returned with its tokenizer (checked to fit it)."""
+    model, tok, _ = load_for_inference(directory, None, dtype, info.device)
     model.eval().requires_grad_(False)
-    return model
+    return model, tok
 
 
 def load_trainable(directory: str, dtype, info):
@@ -212,8 +213,8 @@ def _beside_teacher(args, plan: Plan, lines, info):
     """What the mind_read and emulator stages start from: their fresh model, the frozen teacher, the
     tokenizer of each ("views") and the training lines in both."""
     model, lora_cfg, tok = _fresh_model(args, info)
-    teacher = load_frozen(plan.teacher_dir, args.dtype, info)
-    views = {"model": tok, "teacher": load_tokenizer(plan.teacher_dir)}
+    teacher, teacher_tok = load_frozen(plan.teacher_dir, args.dtype, info)
+    views = {"model": tok, "teacher": teacher_tok}
     max_len = min(args.max_seq_len, model.args.max_seq_len, teacher.args.max_seq_len)
     train = _describe(CoTExamples(lines, views, max_len, args.train_file), args.train_file, info)
     return model, lora_cfg, tok, teacher, views, train
@@ -320,8 +321,7 @@ def evaluate_stage(directory: str, meta: dict, lines, data_file: str, batch_size
                    dtype, info) -> dict:
     """Accuracy (or, for an emulator, state error) and examples/s of one saved stage on `lines`."""
     stage = meta["stage"]
-    model = load_frozen(directory, dtype, info)
-    tok = load_tokenizer(directory)
+    model, tok = load_frozen(directory, dtype, info)
     out = {"model_dir": directory, "stage": stage if stage != "teacher" or meta.get("cot", True) else "no_cot"}
     if stage == "teacher":
         cot = meta.get("cot", True)
@@ -329,8 +329,8 @@ def evaluate_stage(directory: str, meta: dict, lines, data_file: str, batch_size
         evaluator = AnswerEvaluator(held, info, batch_size, explicit_answers(held, "model", tok, cot, max_new_tokens))
         return {**out, **_timed(evaluator, model, info)}
     if stage in ("mind_read", "emulator"):
-        teacher = load_frozen(meta["teacher_dir"], dtype, info)
-        views = {"model": tok, "teacher": load_tokenizer(meta["teacher_dir"])}
+        teacher, teacher_tok = load_frozen(meta["teacher_dir"], dtype, info)
+        views = {"model": tok, "teacher": teacher_tok}
         examples = CoTExamples(lines, views, NO_LIMIT, data_file)
         maps = StateMaps.load(directory, info.device)
         if stage == "emulator":
@@ -340,8 +340,8 @@ def evaluate_stage(directory: str, meta: dict, lines, data_file: str, batch_size
     else:
         sub = os.path.join(directory, meta["emulator"])
         e_meta = json.load(open(os.path.join(sub, STAGE_FILE)))
-        emulator = load_frozen(sub, dtype, info)
-        views = {"model": tok, "emulator": load_tokenizer(sub)}
+        emulator, emulator_tok = load_frozen(sub, dtype, info)
+        views = {"model": tok, "emulator": emulator_tok}
         examples = CoTExamples(lines, views, NO_LIMIT, data_file, cot_views=())
         held = CoupleTask(examples, info.device, emulator, StateMaps.load(sub, info.device), e_meta["emulator_layers"],
                           StateMaps.load(directory, info.device), meta["teacher_layers"])

@@ -25,14 +25,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.text.vocab import Vocab
 from engine.distill.teacher_kl.alignment import aligned_positions
-from engine.text.sequences import IGNORE
-from engine.runtime.errors import DataError, UserError
-from models.vocab_parallel import DenseTarget, SparseTarget, sharded_topk
-from engine.runtime.distributed import to_device
-from engine.text.prompts import format_prompt
 from engine.infer.topk_file import FILE_KIND, meta_path
+from engine.runtime.distributed import to_device
+from engine.runtime.errors import DataError, UserError
+from engine.text.prompts import format_prompt
+from engine.text.sequences import IGNORE
+from engine.text.vocab import Vocab
+from models.vocab_parallel import DenseTarget, SparseTarget, sharded_topk
 
 
 def _outputs(rec: dict) -> list:
@@ -205,14 +205,11 @@ class OnlineTeacher:
     def __init__(self, ckpt_dir: str, data, student_tok, student_model_vocab: int, top_k: Optional[int],
                  temperature: float, same_tokenizer: Optional[bool], template: str, dtype, device):
         from engine.checkpoint import load_for_inference
-        from engine.text.tokenizer import check_tokenizer_fits, load_tokenizer
 
         if not os.path.exists(ckpt_dir):
             raise UserError(f"--teacher_ckpt_dir {ckpt_dir} does not exist")
-        self.model, base = load_for_inference(ckpt_dir, None, dtype, device)
+        self.model, self.tok, _ = load_for_inference(ckpt_dir, None, dtype, device)
         self.model.eval().requires_grad_(False)
-        self.tok = load_tokenizer(base)
-        check_tokenizer_fits(self.tok, self.model.args.vocab_size, base)
         self.data, self.template, self.temperature, self.device = data, template, temperature, device
         self.student_vocab, self.vocab = Vocab.of(student_tok), Vocab.of(self.tok)
         difference = self.vocab.first_difference(self.student_vocab)
