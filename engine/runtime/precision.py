@@ -1,4 +1,5 @@
 """Precision flags shared by the launchers."""
+
 import torch
 
 from engine.runtime.errors import UserError

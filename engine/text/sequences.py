@@ -1,4 +1,5 @@
 """Token sequences for training and scoring: the label convention, padding, seeded draws."""
+
 from __future__ import annotations
 
 import random

@@ -1,4 +1,5 @@
 """torchrun worker: run infer.generate for several jobs in one launch.  Usage: infer_worker.py JOBS.json"""
+
 import json
 import sys
 
