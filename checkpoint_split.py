@@ -11,7 +11,6 @@ time. Its name is the seed's; its commands:
   python checkpoint_split.py init --model_type NAME --save_dir OUT --n N --tokenizer PATH [--seed S]
   python checkpoint_split.py info --ckpt_dir IN
 """
-
 import math
 import sys
 
@@ -27,9 +26,8 @@ def _dtype(dtype):
     return ck.DTYPES[dtype]
 
 
-def split_file(
-    ckpt_file: str, save_path: str, n: int = 8, model_type: str = None, dtype: str = None, overwrite: bool = False
-):
+def split_file(ckpt_file: str, save_path: str, n: int = 8, model_type: str = None, dtype: str = None,
+               overwrite: bool = False):
     """Split one state-dict file (.pth / .bin / .safetensors; native, Meta or HF names) into n native shards.
 
     Args:
@@ -44,7 +42,8 @@ def split_file(
     print(f"wrote {n} shard(s) to {save_path}")
 
 
-def reshard(ckpt_dir: str, save_dir: str, n: int, dtype: str = None, overwrite: bool = False, model_type: str = None):
+def reshard(ckpt_dir: str, save_dir: str, n: int, dtype: str = None, overwrite: bool = False,
+            model_type: str = None):
     """Rewrite a native / Meta / HF checkpoint as n native tensor-parallel shards.
 
     Args:
@@ -92,14 +91,8 @@ def from_hf(hf_dir: str, save_dir: str, n: int = 1, dtype: str = None, overwrite
     print(f"wrote {n} shard(s) to {save_dir}")
 
 
-def to_hf(
-    ckpt_dir: str,
-    save_dir: str,
-    dtype: str = None,
-    overwrite: bool = False,
-    lora_dir: str = None,
-    merge_lora: bool = False,
-):
+def to_hf(ckpt_dir: str, save_dir: str, dtype: str = None, overwrite: bool = False, lora_dir: str = None,
+          merge_lora: bool = False):
     """Write a checkpoint as an HF directory that AutoModelForCausalLM.from_pretrained loads.
 
     Args:
@@ -124,9 +117,8 @@ def to_hf(
         print(f"wrote an HF model to {save_dir}" + (" (LoRA merged)" if adapter else ""))
 
 
-def merge_lora(
-    lora_dir: str, save_dir: str, ckpt_dir: str = None, n: int = None, dtype: str = None, overwrite: bool = False
-):
+def merge_lora(lora_dir: str, save_dir: str, ckpt_dir: str = None, n: int = None, dtype: str = None,
+               overwrite: bool = False):
     """Fold a LoRA adapter into its base weights and write native shards.
 
     Args:
@@ -168,15 +160,8 @@ def to_meta(ckpt_dir: str, save_dir: str, n: int = 1, overwrite: bool = False):
     print(f"wrote {n} Meta shard(s) to {save_dir}")
 
 
-def init(
-    model_type: str,
-    save_dir: str,
-    n: int = 1,
-    tokenizer: str = None,
-    seed: int = 0,
-    dtype: str = "fp32",
-    overwrite: bool = False,
-):
+def init(model_type: str, save_dir: str, n: int = 1, tokenizer: str = None, seed: int = 0, dtype: str = "fp32",
+         overwrite: bool = False):
     """Write a randomly initialised checkpoint (training from scratch, tests, the demo).
 
     Args:
@@ -200,10 +185,8 @@ def init(
         if base.startswith(("tiny-", "small-")):
             args.vocab_size = -(-tok.vocab_size // 64) * 64
         elif tok.vocab_size > args.vocab_size:
-            raise ck.CheckpointError(
-                f"--tokenizer {tokenizer} has {tok.vocab_size} tokens, more than "
-                f"{model_type}'s vocabulary of {args.vocab_size}"
-            )
+            raise ck.CheckpointError(f"--tokenizer {tokenizer} has {tok.vocab_size} tokens, more than "
+                                     f"{model_type}'s vocabulary of {args.vocab_size}")
     ck.write_native(ck.RandomSource(args, seed, tokenizer_files=files), save_dir, n, _dtype(dtype), overwrite)
     print(f"wrote a random {base} ({n} shard(s)) to {save_dir}")
 
@@ -223,18 +206,8 @@ def info(ckpt_dir: str):
         print(f"  {k}: {v}")
 
 
-COMMANDS = {
-    "split": split,
-    "merge": merge,
-    "reshard": reshard,
-    "from_hf": from_hf,
-    "to_hf": to_hf,
-    "to_meta": to_meta,
-    "init": init,
-    "info": info,
-    "merge_lora": merge_lora,
-    "export_peft": export_peft,
-}
+COMMANDS = {"split": split, "merge": merge, "reshard": reshard, "from_hf": from_hf, "to_hf": to_hf,
+            "to_meta": to_meta, "init": init, "info": info, "merge_lora": merge_lora, "export_peft": export_peft}
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] in COMMANDS or "--ckpt_file" not in " ".join(sys.argv[1:]):

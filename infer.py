@@ -12,7 +12,6 @@
 The flags and their checks are engine/infer/args.py's, the jobs engine/infer/'s. The jobs are
 imported inside the commands so that --help and a mistyped flag answer at once.
 """
-
 from __future__ import annotations
 
 import json

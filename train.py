@@ -14,7 +14,6 @@
 Every flag, its default and its help: engine/train/args.py (TrainArgs, the flags every objective shares)
 and each objective's package in engine/distill/ (sft, step_by_step, teacher_kl).
 """
-
 from engine.distill.sft import SFTArgs
 from engine.distill.step_by_step.args import StepByStepArgs
 from engine.distill.teacher_kl.args import TeacherKLArgs

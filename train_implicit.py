@@ -13,7 +13,6 @@
 Lines are `input||cot #### answer`. Every stage's flags, defaults and help: engine/distill/implicit/args.py;
 the stages themselves: engine/distill/implicit/.
 """
-
 from __future__ import annotations
 
 from engine.distill.implicit.args import CoupleArgs, EmulatorArgs, MindReadArgs, TeacherArgs
@@ -32,18 +31,9 @@ emulator = launcher(EmulatorArgs, run=run_stage)
 couple = launcher(CoupleArgs, run=run_stage)
 
 
-def evaluate(
-    data_file: str,
-    model_dirs: str,
-    batch_size: int = 64,
-    max_new_tokens: int = 128,
-    max_examples: int = 0,
-    output_file: str = None,
-    use_float16: bool = False,
-    use_bfloat16: bool = False,
-    tp_size: int = None,
-    device: str = None,
-):
+def evaluate(data_file: str, model_dirs: str, batch_size: int = 64, max_new_tokens: int = 128, max_examples: int = 0,
+             output_file: str = None, use_float16: bool = False, use_bfloat16: bool = False, tp_size: int = None,
+             device: str = None):
     """Accuracy and examples/s of saved stages on the same lines: the teacher decoding its CoT, the no-CoT baseline, the mind-reading student (states from the teacher on the gold CoT), the coupled student (states from its emulator); an emulator's state error.
 
     Args:
@@ -70,17 +60,8 @@ def evaluate(
     dirs = [d for d in (model_dirs.split(",") if isinstance(model_dirs, str) else list(model_dirs)) if d]
     if not dirs:
         raise UserError("--model_dirs names no directory")
-    run_evaluation(
-        data_file,
-        dirs,
-        batch_size,
-        max_new_tokens,
-        max_examples,
-        output_file,
-        dtype_from_flags(use_float16, use_bfloat16),
-        tp_size,
-        device,
-    )
+    run_evaluation(data_file, dirs, batch_size, max_new_tokens, max_examples, output_file,
+                   dtype_from_flags(use_float16, use_bfloat16), tp_size, device)
 
 
 COMMANDS = {"teacher": teacher, "mind_read": mind_read, "emulator": emulator, "couple": couple, "evaluate": evaluate}

@@ -9,7 +9,6 @@ Loss per question: mean cross-entropy of its rationales + alpha x mean over pair
 KL between the temperature-softened predictions of their answer-span tokens. Every flag, its
 default and its help: engine/distill/mcc/args.py (MCCArgs).
 """
-
 from engine.distill.mcc.args import MCCArgs
 from engine.runtime.cli import launcher, run_cli
 

@@ -9,7 +9,6 @@ decoding, writing) on the same prompts.
   python bench/generate.py --dim 2048 --n_layers 16 --n_heads 16 --n_kv_heads 8 --dtype bf16 \
       --new_tokens 128 --device cuda --e2e True                         # the GPU numbers in BENCHMARKS.md
 """
-
 from __future__ import annotations
 
 import json
@@ -61,39 +60,19 @@ def _hf_generate(hf, prompts, new_tokens, device, eos=None):
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for b, p in enumerate(prompts):
-        ids[b, width - len(p) :] = torch.tensor(p)
-        mask[b, width - len(p) :] = 1
+        ids[b, width - len(p):] = torch.tensor(p)
+        mask[b, width - len(p):] = 1
     with torch.no_grad():
-        out = hf.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens if eos is None else 0,
-            do_sample=False,
-            pad_token_id=0,
-            eos_token_id=eos,
-        )
+        out = hf.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens if eos is None else 0, do_sample=False, pad_token_id=0,
+                          eos_token_id=eos)
     return out[:, width:].tolist()
 
 
-def main(
-    batches="1,64,384",
-    dim: int = 512,
-    n_layers: int = 4,
-    n_heads: int = 8,
-    n_kv_heads: int = 4,
-    vocab: int = 32000,
-    min_prompt: int = 16,
-    max_prompt: int = 96,
-    new_tokens: int = 32,
-    dtype: str = "fp32",
-    device: str = None,
-    seed: int = 0,
-    compile: bool = None,  # noqa: A002 (the --compile flag)
-    e2e: bool = False,
-    e2e_batch: int = 384,
-    e2e_records: int = 768,
-):
+def main(batches="1,64,384", dim: int = 512, n_layers: int = 4, n_heads: int = 8, n_kv_heads: int = 4,
+         vocab: int = 32000, min_prompt: int = 16, max_prompt: int = 96, new_tokens: int = 32, dtype: str = "fp32",
+         device: str = None, seed: int = 0, compile: bool = None, e2e: bool = False, e2e_batch: int = 384,  # noqa: A002 (--compile)
+         e2e_records: int = 768):
     """Print tokens/s of both engines at each batch size, their ratio, whether the tokens agree, and
     for batch 1 the fraction of the read-bandwidth limit reached.
 
@@ -122,31 +101,23 @@ def main(
     sizes = [int(b) for b in str(batches).split(",")] if not isinstance(batches, (list, tuple)) else list(batches)
     info = distributed.setup(1, device=device)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=dim,
-        intermediate_size=int(dim * 8 / 3) // 64 * 64,
-        num_hidden_layers=n_layers,
-        num_attention_heads=n_heads,
-        num_key_value_heads=n_kv_heads,
-        vocab_size=vocab,
-        max_position_embeddings=max_prompt + new_tokens + 8,
-    )
+    cfg = LlamaConfig(hidden_size=dim, intermediate_size=int(dim * 8 / 3) // 64 * 64, num_hidden_layers=n_layers,
+                      num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, vocab_size=vocab,
+                      max_position_embeddings=max_prompt + new_tokens + 8)
     tmp = tempfile.mkdtemp()
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp)
     hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dt).to(device).eval()
     ours = load_for_inference(tmp, None, dt, info.device, tokenizer=False).model.eval()  # as infer.py loads it
-    bandwidth = read_bandwidth(device, 4 * 1024**3 if device == "cuda" else 512 * 1024**2)
+    bandwidth = read_bandwidth(device, 4 * 1024 ** 3 if device == "cuda" else 512 * 1024 ** 2)
     element = torch.tensor([], dtype=dt).element_size()
     # a decode step reads every weight once except the embedding table (one row per token)
     weight_bytes = sum(p.numel() for p in ours.parameters()) * element
     if ours.output is not None:
         weight_bytes -= ours.tok_embeddings.weight.numel() * element
     kv_per_token = 2 * n_layers * n_kv_heads * (dim // n_heads) * element
-    print(
-        f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}, "
-        f"{dtype}; read bandwidth {bandwidth / 1e9:.1f} GB/s; weights read per step {weight_bytes / 1e9:.3f} GB",
-        flush=True,
-    )
+    print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}, "
+          f"{dtype}; read bandwidth {bandwidth / 1e9:.1f} GB/s; weights read per step {weight_bytes / 1e9:.3f} GB",
+          flush=True)
     g = torch.Generator().manual_seed(seed)
     results = []
     for bsz in sizes:
@@ -166,17 +137,10 @@ def main(
         runner = None  # frees the captured graphs before the next batch size (a `del` hides it from the lambdas)
         same = sum(a == b for a, b in zip(mine, theirs))
         n_tok = bsz * new_tokens
-        row = {
-            "batch": bsz,
-            "ours_tokens_per_s": n_tok / t_ours,
-            "hf_tokens_per_s": n_tok / t_hf,
-            "ratio": t_hf / t_ours,
-            "identical_sequences": f"{same}/{bsz}",
-        }
-        line = (
-            f"batch {bsz:4d}: ours {row['ours_tokens_per_s']:9.1f} tok/s  HF {row['hf_tokens_per_s']:9.1f} tok/s  "
-            f"ratio x{row['ratio']:.2f}  identical {row['identical_sequences']}"
-        )
+        row = {"batch": bsz, "ours_tokens_per_s": n_tok / t_ours, "hf_tokens_per_s": n_tok / t_hf,
+               "ratio": t_hf / t_ours, "identical_sequences": f"{same}/{bsz}"}
+        line = (f"batch {bsz:4d}: ours {row['ours_tokens_per_s']:9.1f} tok/s  HF {row['hf_tokens_per_s']:9.1f} tok/s  "
+                f"ratio x{row['ratio']:.2f}  identical {row['identical_sequences']}")
         if bsz == 1:  # bytes a step must read / step time / measured bandwidth
             step_s = t_ours / new_tokens
             kv_bytes = kv_per_token * (lens[0] + new_tokens / 2)
@@ -184,26 +148,16 @@ def main(
             line += f"  step {step_s * 1e3:.2f} ms = {row['bandwidth_fraction']:.1%} of the bandwidth limit"
         results.append(row)
         print(line, flush=True)
-    summary = {
-        "device": device,
-        "dtype": dtype,
-        "dim": dim,
-        "n_layers": n_layers,
-        "n_heads": n_heads,
-        "n_kv_heads": n_kv_heads,
-        "vocab": vocab,
-        "new_tokens": new_tokens,
-        "read_bandwidth_gb_s": bandwidth / 1e9,
-        "results": results,
-    }
+    summary = {"device": device, "dtype": dtype, "dim": dim, "n_layers": n_layers, "n_heads": n_heads,
+               "n_kv_heads": n_kv_heads, "vocab": vocab, "new_tokens": new_tokens,
+               "read_bandwidth_gb_s": bandwidth / 1e9, "results": results}
     if e2e:
         summary["e2e"] = end_to_end(tmp, hf, device, dtype, e2e_batch, e2e_records, new_tokens, min_prompt, seed)
     print(json.dumps(summary))
 
 
-def end_to_end(
-    hf_dir: str, hf, device: str, dtype: str, batch: int, n_records: int, new_tokens: int, min_prompt: int, seed: int
-) -> dict:
+def end_to_end(hf_dir: str, hf, device: str, dtype: str, batch: int, n_records: int, new_tokens: int,
+               min_prompt: int, seed: int) -> dict:
     """infer.py's generate (checkpoint and records in, JSON lines out) vs the same job written with HF."""
     import random
 
@@ -221,25 +175,14 @@ def end_to_end(
     tok = load_tokenizer(hf_dir)
     rng = random.Random(seed)
     words = "the a of to and in is was for on that with as by at from are this be or it an which".split()
-    records = [
-        {"instruction": " ".join(rng.choice(words) for _ in range(rng.randint(min_prompt, 3 * min_prompt)))}
-        for _ in range(n_records)
-    ]
+    records = [{"instruction": " ".join(rng.choice(words) for _ in range(rng.randint(min_prompt, 3 * min_prompt)))}
+               for _ in range(n_records)]
     data = os.path.join(hf_dir, "e2e.jsonl")
     with open(data, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     out = os.path.join(hf_dir, "e2e-out.jsonl")
-    flags = dict(
-        ckpt_dir=hf_dir,
-        data_file=data,
-        batch_size=batch,
-        max_new_tokens=new_tokens,
-        template="none",
-        progress=False,
-        use_bfloat16=dtype == "bf16",
-        use_float16=dtype == "fp16",
-        output_tokens=True,
-    )
+    flags = dict(ckpt_dir=hf_dir, data_file=data, batch_size=batch, max_new_tokens=new_tokens, template="none",
+                 progress=False, use_bfloat16=dtype == "bf16", use_float16=dtype == "fp16", output_tokens=True)
     if device == "cuda":  # warm-up (compile) outside the timing
         infer.generate(**{**flags, "output_file": out + ".warm", "max_new_tokens": 4})
     _, t_ours = _timed(lambda: infer.generate(**flags, output_file=out), device)
@@ -252,10 +195,9 @@ def end_to_end(
         n = 0
         with open(out + ".hf", "w") as f:
             for s in range(0, len(records), batch):
-                chunk = records[s : s + batch]
-                outs = _hf_generate(
-                    model, [tok.encode(r["instruction"]) for r in chunk], new_tokens, device, eos=tok.eos_id
-                )
+                chunk = records[s:s + batch]
+                outs = _hf_generate(model, [tok.encode(r["instruction"]) for r in chunk], new_tokens, device,
+                                    eos=tok.eos_id)
                 for r, ids in zip(chunk, outs):
                     ids = ids[: ids.index(tok.eos_id)] if tok.eos_id in ids else ids
                     n += len(ids)
@@ -263,20 +205,12 @@ def end_to_end(
         return n
 
     hf_tokens, t_hf = _timed(hf_job, device)
-    row = {
-        "records": n_records,
-        "batch": batch,
-        "ours_tokens_per_s": ours_tokens / t_ours,
-        "hf_tokens_per_s": hf_tokens / t_hf,
-        "ours_wall_s": t_ours,
-        "hf_wall_s": t_hf,
-    }
+    row = {"records": n_records, "batch": batch, "ours_tokens_per_s": ours_tokens / t_ours,
+           "hf_tokens_per_s": hf_tokens / t_hf, "ours_wall_s": t_ours, "hf_wall_s": t_hf}
     row["ratio"] = row["ours_tokens_per_s"] / row["hf_tokens_per_s"]
-    print(
-        f"end to end, {n_records} records at batch {batch}: infer.py {row['ours_tokens_per_s']:.1f} tok/s "
-        f"({t_ours:.1f} s)  HF {row['hf_tokens_per_s']:.1f} tok/s ({t_hf:.1f} s)  ratio x{row['ratio']:.2f}",
-        flush=True,
-    )
+    print(f"end to end, {n_records} records at batch {batch}: infer.py {row['ours_tokens_per_s']:.1f} tok/s "
+          f"({t_ours:.1f} s)  HF {row['hf_tokens_per_s']:.1f} tok/s ({t_hf:.1f} s)  ratio x{row['ratio']:.2f}",
+          flush=True)
     return row
 
 

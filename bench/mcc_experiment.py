@@ -8,7 +8,6 @@ Arms (same optimizer steps and the same number of training sequences per step):
 
   python bench/mcc_experiment.py [--seeds 0,1,2] [--steps 600] [--alpha 0.1] [--out runs/mcc_experiment]
 """
-
 from __future__ import annotations
 
 import json
@@ -25,20 +24,9 @@ def _final_accuracy(save_dir):
     return evals[-1]
 
 
-def main(
-    seeds="0,1,2",
-    steps: int = 600,
-    alpha: float = 0.1,
-    temperature: float = 1.0,
-    k: int = 3,
-    questions_per_step: int = 16,
-    lr: float = 5e-3,
-    max_value: int = 9,
-    n_train: int = 600,
-    n_test: int = 200,
-    model_type: str = "tiny-llama",
-    out: str = "runs/mcc_experiment",
-):
+def main(seeds="0,1,2", steps: int = 600, alpha: float = 0.1, temperature: float = 1.0, k: int = 3,
+         questions_per_step: int = 16, lr: float = 5e-3, max_value: int = 9, n_train: int = 600, n_test: int = 200,
+         model_type: str = "tiny-llama", out: str = "runs/mcc_experiment"):
     """Run every arm for every seed and print the held-out accuracies.
 
     Args:
@@ -58,92 +46,25 @@ def main(
     os.makedirs(out, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     data = os.path.join(out, "data")
-    run_script(
-        [
-            "data/arithmetic.py",
-            "--out_dir",
-            data,
-            "--kind",
-            "sum3",
-            "--n_train",
-            str(n_train),
-            "--n_test",
-            str(n_test),
-            "--max_value",
-            str(max_value),
-            "--seed",
-            "0",
-        ],
-        env,
-    )
+    run_script(["data/arithmetic.py", "--out_dir", data, "--kind", "sum3", "--n_train", str(n_train), "--n_test",
+          str(n_test), "--max_value", str(max_value), "--seed", "0"], env)
     tok = os.path.join(out, "tokenizer.model")
     run_script(["data/make_tokenizer.py", "--output", tok], env)
-    common = [
-        "--task",
-        "ARITH",
-        "--train_file",
-        os.path.join(data, "train.json"),
-        "--label_file",
-        os.path.join(data, "test.json"),
-        "--max_steps",
-        str(steps),
-        "--lr",
-        str(lr),
-        "--warmup_steps",
-        "30",
-        "--template",
-        "none",
-        "--max_seq_len",
-        "64",
-        "--max_new_tokens",
-        "32",
-        "--eval_batch_size",
-        "200",
-        "--keep_checkpoints",
-        "1",
-    ]
+    common = ["--task", "ARITH", "--train_file", os.path.join(data, "train.json"), "--label_file",
+              os.path.join(data, "test.json"), "--max_steps", str(steps), "--lr", str(lr), "--warmup_steps", "30",
+              "--template", "none", "--max_seq_len", "64", "--max_new_tokens", "32", "--eval_batch_size", "200",
+              "--keep_checkpoints", "1"]
     results = {}
     for seed in seeds:
         init = os.path.join(out, f"init-{seed}")
-        run_script(
-            [
-                "checkpoint_split.py",
-                "init",
-                "--model_type",
-                model_type,
-                "--save_dir",
-                init,
-                "--tokenizer",
-                tok,
-                "--seed",
-                str(seed),
-                "--overwrite",
-                "True",
-            ],
-            env,
-        )
+        run_script(["checkpoint_split.py", "init", "--model_type", model_type, "--save_dir", init, "--tokenizer", tok,
+              "--seed", str(seed), "--overwrite", "True"], env)
         arms = {
             "sft": ["train.py", "--max_batch_size", str(questions_per_step * k)],
-            "mcc_a0": [
-                "train_mcc.py",
-                "--max_batch_size",
-                str(questions_per_step),
-                "--alpha",
-                "0",
-                "--num_rationales",
-                str(k),
-            ],
-            "mcc": [
-                "train_mcc.py",
-                "--max_batch_size",
-                str(questions_per_step),
-                "--alpha",
-                str(alpha),
-                "--temperature",
-                str(temperature),
-                "--num_rationales",
-                str(k),
-            ],
+            "mcc_a0": ["train_mcc.py", "--max_batch_size", str(questions_per_step), "--alpha", "0",
+                       "--num_rationales", str(k)],
+            "mcc": ["train_mcc.py", "--max_batch_size", str(questions_per_step), "--alpha", str(alpha),
+                    "--temperature", str(temperature), "--num_rationales", str(k)],
         }
         for arm, args in arms.items():
             save = os.path.join(out, f"{arm}-{seed}")
@@ -154,39 +75,18 @@ def main(
             run_script([args[0], "--ckpt_dir", init, "--save_dir", save, "--seed", str(seed), *common, *args[1:]], env)
             final = _final_accuracy(save)
             results.setdefault(arm, {})[seed] = final["accuracy"]
-            print(
-                f"seed {seed} {arm:7s} accuracy {final['accuracy']:.3f} ({final['correct']}/{final['total']})",
-                flush=True,
-            )
-    summary = {
-        arm: dict(zip(("mean", "stdev"), mean_and_spread(accs.values())), per_seed=accs)
-        for arm, accs in results.items()
-    }
+            print(f"seed {seed} {arm:7s} accuracy {final['accuracy']:.3f} ({final['correct']}/{final['total']})",
+                  flush=True)
+    summary = {arm: dict(zip(("mean", "stdev"), mean_and_spread(accs.values())), per_seed=accs)
+               for arm, accs in results.items()}
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(
-            {
-                "settings": {
-                    "steps": steps,
-                    "alpha": alpha,
-                    "temperature": temperature,
-                    "k": k,
-                    "questions_per_step": questions_per_step,
-                    "lr": lr,
-                    "max_value": max_value,
-                    "n_train": n_train,
-                    "n_test": n_test,
-                    "model_type": model_type,
-                },
-                "results": summary,
-            },
-            f,
-            indent=2,
-        )
+        json.dump({"settings": {"steps": steps, "alpha": alpha, "temperature": temperature, "k": k,
+                                "questions_per_step": questions_per_step, "lr": lr, "max_value": max_value,
+                                "n_train": n_train, "n_test": n_test, "model_type": model_type},
+                   "results": summary}, f, indent=2)
     for arm, s in summary.items():
-        print(
-            f"{arm:7s} mean {s['mean']:.3f} +- {s['stdev']:.3f}  "
-            + " ".join(f"{v:.3f}" for v in s["per_seed"].values())
-        )
+        print(f"{arm:7s} mean {s['mean']:.3f} +- {s['stdev']:.3f}  " +
+              " ".join(f"{v:.3f}" for v in s["per_seed"].values()))
 
 
 if __name__ == "__main__":

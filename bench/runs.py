@@ -1,6 +1,5 @@
 """What the experiment scripts share: running one of our launchers as a user would, and a mean with
 its spread over seeds."""
-
 from __future__ import annotations
 
 import os

@@ -17,7 +17,6 @@ METHODS.md), tiny models from scratch on CPU, same budget, several seeds.
 
   python bench/teacher_kl_experiment.py [--seeds 0,1,2] [--steps 300] [--kl_weight 0.5] [--out runs/teacher_kl]
 """
-
 from __future__ import annotations
 
 import json
@@ -37,47 +36,15 @@ def _accuracy(ckpt, test_file, output, env):
     trainer would evaluate at every epoch end)."""
     if os.path.exists(output):
         os.remove(output)
-    run_script(
-        [
-            "infer.py",
-            "--ckpt_dir",
-            ckpt,
-            "--data_file",
-            test_file,
-            "--output_file",
-            output,
-            "--task",
-            "ARITH",
-            "--max_new_tokens",
-            "64",
-            "--batch_size",
-            "200",
-            "--template",
-            "none",
-            "--progress",
-            "False",
-        ],
-        env,
-    )
+    run_script(["infer.py", "--ckpt_dir", ckpt, "--data_file", test_file, "--output_file", output, "--task", "ARITH",
+          "--max_new_tokens", "64", "--batch_size", "200", "--template", "none", "--progress", "False"], env)
     return json.load(open(output + ".meta.json"))["summary"]
 
 
-def main(
-    seeds="0,1,2",
-    steps: int = 600,
-    kl_weight: float = 0.5,
-    kl_temperature: float = 1.0,
-    batch: int = 32,
-    lr: float = 5e-3,
-    teacher_steps: int = 1250,
-    student_questions: int = 3000,
-    n_test: int = 200,
-    sample_temperature: float = 1.0,
-    arms: str = "text,dist,text_other,dist_other",
-    teacher_model: str = "tiny-llama",
-    student_model: str = "tiny-llama",
-    out: str = "runs/teacher_kl",
-):
+def main(seeds="0,1,2", steps: int = 600, kl_weight: float = 0.5, kl_temperature: float = 1.0, batch: int = 32,
+         lr: float = 5e-3, teacher_steps: int = 1250, student_questions: int = 3000, n_test: int = 200,
+         sample_temperature: float = 1.0, arms: str = "text,dist,text_other,dist_other", teacher_model: str = "tiny-llama",
+         student_model: str = "tiny-llama", out: str = "runs/teacher_kl"):
     """Train the teacher once, then every arm for every seed; print and save the held-out accuracies.
 
     Args:
@@ -104,42 +71,14 @@ def main(
     data = os.path.join(out, "data")
     # every two-digit question but the test ones: the teacher learns them all (with gold rationales);
     # the students get the teacher's samples for some of them
-    run_script(
-        [
-            "data/arithmetic.py",
-            "--out_dir",
-            data,
-            "--n_train",
-            str(90 * 90 - n_test),
-            "--n_test",
-            str(n_test),
-            "--min_value",
-            "10",
-            "--style",
-            "fixed",
-            "--seed",
-            "0",
-        ],
-        env,
-    )
+    run_script(["data/arithmetic.py", "--out_dir", data, "--n_train", str(90 * 90 - n_test), "--n_test", str(n_test),
+          "--min_value", "10", "--style", "fixed", "--seed", "0"], env)
     pool = json.load(open(os.path.join(data, "train.json")))
     json.dump(pool[:student_questions], open(os.path.join(data, "questions.json"), "w"))
     tok, other_tok = os.path.join(out, "tokenizer.model"), os.path.join(out, "other.model")
     run_script(["data/make_tokenizer.py", "--output", tok], env)
-    run_script(
-        [
-            "data/make_tokenizer.py",
-            "--output",
-            other_tok,
-            "--seed",
-            "1",
-            "--vocab_size",
-            "400",
-            "--split_digits",
-            "False",
-        ],
-        env,
-    )
+    run_script(["data/make_tokenizer.py", "--output", other_tok, "--seed", "1", "--vocab_size", "400",
+          "--split_digits", "False"], env)
     common = ["--task", "ARITH", "--template", "none", "--max_seq_len", "64", "--keep_checkpoints", "1"]
     test_file = os.path.join(data, "test.json")
 
@@ -147,208 +86,71 @@ def main(
     teacher_ckpt = os.path.join(teacher, f"checkpoint-{teacher_steps}")
     if not os.path.exists(teacher_ckpt):  # reused by a rerun with other student settings
         shutil.rmtree(teacher, ignore_errors=True)
-        run_script(
-            [
-                "checkpoint_split.py",
-                "init",
-                "--model_type",
-                teacher_model,
-                "--save_dir",
-                os.path.join(out, "t-init"),
-                "--tokenizer",
-                tok,
-                "--seed",
-                "0",
-                "--overwrite",
-                "True",
-            ],
-            env,
-        )
-        run_script(
-            [
-                "train.py",
-                "--ckpt_dir",
-                os.path.join(out, "t-init"),
-                "--save_dir",
-                teacher,
-                "--train_file",
-                os.path.join(data, "train.json"),
-                "--max_steps",
-                str(teacher_steps),
-                "--max_batch_size",
-                "32",
-                "--lr",
-                "5e-3",
-                "--warmup_steps",
-                "50",
-                *common,
-            ],
-            env,
-        )
+        run_script(["checkpoint_split.py", "init", "--model_type", teacher_model, "--save_dir", os.path.join(out, "t-init"),
+              "--tokenizer", tok, "--seed", "0", "--overwrite", "True"], env)
+        run_script(["train.py", "--ckpt_dir", os.path.join(out, "t-init"), "--save_dir", teacher, "--train_file",
+              os.path.join(data, "train.json"), "--max_steps", str(teacher_steps), "--max_batch_size", "32",
+              "--lr", "5e-3", "--warmup_steps", "50", *common], env)
     teacher_eval = _accuracy(teacher_ckpt, test_file, os.path.join(out, "teacher-test.jsonl"), env)
     print(f"teacher held-out accuracy {teacher_eval['accuracy']:.3f} ({time.time() - start:.0f} s)", flush=True)
 
     samples = os.path.join(out, "samples.jsonl")
     if os.path.exists(samples):
         os.remove(samples)
-    run_script(
-        [
-            "infer.py",
-            "--ckpt_dir",
-            teacher_ckpt,
-            "--data_file",
-            os.path.join(data, "questions.json"),
-            "--output_file",
-            samples,
-            "--task",
-            "ARITH",
-            "--temperature",
-            str(sample_temperature),
-            "--max_new_tokens",
-            "64",
-            "--batch_size",
-            "100",
-            "--template",
-            "none",
-            "--progress",
-            "False",
-        ],
-        env,
-    )
+    run_script(["infer.py", "--ckpt_dir", teacher_ckpt, "--data_file", os.path.join(data, "questions.json"),
+          "--output_file", samples, "--task", "ARITH", "--temperature", str(sample_temperature), "--max_new_tokens",
+          "64", "--batch_size", "100", "--template", "none", "--progress", "False"], env)
     sampled = [json.loads(line) for line in open(samples)]
     train_file = os.path.join(data, "sampled.json")
     sample_accuracy = sum(bool(s["correct"]) for s in sampled) / len(sampled)
     sampled = [s for s in sampled if s["output"].strip()]  # a sample that is only EOS teaches no text
-    json.dump(
-        [{"instruction": s["instruction"], "output": s["output"], "label": s["label"]} for s in sampled],
-        open(train_file, "w"),
-    )
+    json.dump([{"instruction": s["instruction"], "output": s["output"], "label": s["label"]} for s in sampled],
+              open(train_file, "w"))
     topk = os.path.join(out, "teacher.topk.jsonl")
-    run_script(
-        [
-            "infer.py",
-            "score",
-            "--ckpt_dir",
-            teacher_ckpt,
-            "--data_file",
-            train_file,
-            "--output_file",
-            topk,
-            "--top_k",
-            "5",
-            "--template",
-            "none",
-        ],
-        env,
-    )
-    print(
-        f"teacher samples: {sample_accuracy:.3f} correct, {len(sampled)} non-empty kept ({time.time() - start:.0f} s)",
-        flush=True,
-    )
+    run_script(["infer.py", "score", "--ckpt_dir", teacher_ckpt, "--data_file", train_file,
+          "--output_file", topk, "--top_k", "5", "--template", "none"], env)
+    print(f"teacher samples: {sample_accuracy:.3f} correct, {len(sampled)} non-empty kept ({time.time() - start:.0f} s)",
+          flush=True)
 
     results, timings = {}, {}
     for seed in seeds:
         for which, tokenizer in (("", tok), ("_other", other_tok)):
             if not any(a.endswith(which) if which else not a.endswith("_other") for a in arms):
                 continue
-            run_script(
-                [
-                    "checkpoint_split.py",
-                    "init",
-                    "--model_type",
-                    student_model,
-                    "--save_dir",
-                    os.path.join(out, f"s-init{which}-{seed}"),
-                    "--tokenizer",
-                    tokenizer,
-                    "--seed",
-                    str(seed),
-                    "--overwrite",
-                    "True",
-                ],
-                env,
-            )
+            run_script(["checkpoint_split.py", "init", "--model_type", student_model, "--save_dir",
+                  os.path.join(out, f"s-init{which}-{seed}"), "--tokenizer", tokenizer, "--seed", str(seed),
+                  "--overwrite", "True"], env)
         for arm in arms:
             which = "_other" if arm.endswith("_other") else ""
             save = os.path.join(out, f"{arm}-{seed}")
             shutil.rmtree(save, ignore_errors=True)
-            args = [
-                "train.py",
-                "--ckpt_dir",
-                os.path.join(out, f"s-init{which}-{seed}"),
-                "--save_dir",
-                save,
-                "--train_file",
-                train_file,
-                "--seed",
-                str(seed),
-                "--max_steps",
-                str(steps),
-                "--max_batch_size",
-                str(batch),
-                "--lr",
-                str(lr),
-                "--warmup_steps",
-                "30",
-                *common,
-            ]
+            args = ["train.py", "--ckpt_dir", os.path.join(out, f"s-init{which}-{seed}"), "--save_dir", save,
+                    "--train_file", train_file, "--seed", str(seed),
+                    "--max_steps", str(steps), "--max_batch_size", str(batch), "--lr", str(lr), "--warmup_steps", "30",
+                    *common]
             if arm.startswith("dist"):
-                args += [
-                    "--objective",
-                    "teacher_kl",
-                    "--teacher_file",
-                    topk,
-                    "--kl_weight",
-                    str(kl_weight),
-                    "--kl_temperature",
-                    str(kl_temperature),
-                ]
+                args += ["--objective", "teacher_kl", "--teacher_file", topk, "--kl_weight", str(kl_weight),
+                         "--kl_temperature", str(kl_temperature)]
             t0 = time.time()
             run_script(args, env)
             timings.setdefault(arm, []).append(time.time() - t0)
             final = _accuracy(os.path.join(save, f"checkpoint-{steps}"), test_file, save + "-test.jsonl", env)
             results.setdefault(arm, {})[seed] = final["accuracy"]
-            print(
-                f"seed {seed} {arm:10s} accuracy {final['accuracy']:.3f} ({final['correct']}/{final['total']}) "
-                f"{timings[arm][-1]:.0f} s",
-                flush=True,
-            )
-    summary = {
-        arm: dict(
-            zip(("mean", "stdev"), mean_and_spread(accs.values())),
-            per_seed=accs,
-            seconds_per_run=statistics.mean(timings[arm]),
-        )
-        for arm, accs in results.items()
-    }
+            print(f"seed {seed} {arm:10s} accuracy {final['accuracy']:.3f} ({final['correct']}/{final['total']}) "
+                  f"{timings[arm][-1]:.0f} s", flush=True)
+    summary = {arm: dict(zip(("mean", "stdev"), mean_and_spread(accs.values())), per_seed=accs,
+                         seconds_per_run=statistics.mean(timings[arm]))
+               for arm, accs in results.items()}
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(
-            {
-                "settings": {
-                    "teacher_model": teacher_model,
-                    "student_model": student_model,
-                    "steps": steps,
-                    "kl_weight": kl_weight,
-                    "kl_temperature": kl_temperature,
-                    "batch": batch,
-                    "lr": lr,
-                    "teacher_steps": teacher_steps,
-                    "student_questions": student_questions,
-                    "n_test": n_test,
-                    "sample_temperature": sample_temperature,
-                },
-                "teacher_accuracy": teacher_eval["accuracy"],
-                "teacher_sample_accuracy": sample_accuracy,
-                "results": summary,
-            },
-            f,
-            indent=2,
-        )
+        json.dump({"settings": {"teacher_model": teacher_model, "student_model": student_model, "steps": steps,
+                                "kl_weight": kl_weight, "kl_temperature": kl_temperature, "batch": batch, "lr": lr,
+                                "teacher_steps": teacher_steps, "student_questions": student_questions,
+                                "n_test": n_test, "sample_temperature": sample_temperature},
+                   "teacher_accuracy": teacher_eval["accuracy"], "teacher_sample_accuracy": sample_accuracy,
+                   "results": summary}, f, indent=2)
     for arm, s in summary.items():
-        print(
-            f"{arm:10s} mean {s['mean']:.3f} +- {s['stdev']:.3f}  "
-            + " ".join(f"{v:.3f}" for v in s["per_seed"].values())
-        )
+        print(f"{arm:10s} mean {s['mean']:.3f} +- {s['stdev']:.3f}  " +
+              " ".join(f"{v:.3f}" for v in s["per_seed"].values()))
     print(f"total {time.time() - start:.0f} s")
 
 

@@ -14,7 +14,6 @@ large matmul measured in the same run).
   python bench/train_step.py [--modes full,lora,mcc] [--dim 512] [--n_layers 4] [--seq_len 256] [--batch 4]
                              [--lora_rank 16] [--dtype fp32|bf16] [--device cpu|cuda] [--steps 5]
 """
-
 from __future__ import annotations
 
 import json
@@ -35,15 +34,9 @@ HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 def _hf_config(dim, n_layers, n_heads, n_kv_heads, vocab, seq_len):
     from transformers import LlamaConfig
 
-    return LlamaConfig(
-        hidden_size=dim,
-        intermediate_size=int(dim * 8 / 3) // 64 * 64,
-        num_hidden_layers=n_layers,
-        num_attention_heads=n_heads,
-        num_key_value_heads=n_kv_heads,
-        vocab_size=vocab,
-        max_position_embeddings=max(seq_len, 2048),
-    )
+    return LlamaConfig(hidden_size=dim, intermediate_size=int(dim * 8 / 3) // 64 * 64, num_hidden_layers=n_layers,
+                       num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, vocab_size=vocab,
+                       max_position_embeddings=max(seq_len, 2048))
 
 
 def _peak_bytes(device):
@@ -63,14 +56,8 @@ def _batch(vocab: int, batch: int, seq_len: int, mode: str):
 
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, vocab, (batch, seq_len), generator=g)
-    pairs = (
-        [
-            (r, list(range(seq_len - 4, seq_len - 1)), r + 1, list(range(seq_len - 4, seq_len - 1)))
-            for r in range(0, batch - 1, 2)
-        ]
-        if mode == "mcc"
-        else []
-    )
+    pairs = [(r, list(range(seq_len - 4, seq_len - 1)), r + 1, list(range(seq_len - 4, seq_len - 1)))
+             for r in range(0, batch - 1, 2)] if mode == "mcc" else []
     return x, pairs
 
 
@@ -84,7 +71,7 @@ class _FixedTask(Task):
         from engine.train.task import make_batch
 
         labels = torch.cat([x[:, 1:], torch.full_like(x[:, :1], IGNORE)], dim=1)  # the next token
-        labels[:, : max(prompt - 1, 0)] = IGNORE  # no loss on predicting the prompt
+        labels[:, :max(prompt - 1, 0)] = IGNORE  # no loss on predicting the prompt
         self.mode, self.temperature = mode, 1.0
         self.weights = {"ce": 1.0, "kl": 0.1} if mode == "mcc" else {"ce": 1.0}
         counts = {"ce": float((labels != IGNORE).sum()), "kl": float(len(pairs))}
@@ -108,20 +95,8 @@ class _FixedTask(Task):
         return (MCCTask if self.mode == "mcc" else SFTTask).loss_sums(self, model, batch)
 
 
-def run_side(
-    side: str,
-    hf_dir: str,
-    native_dir: str,
-    seq_len: int,
-    batch: int,
-    steps: int,
-    mode: str,
-    lora_rank: int,
-    dtype: str,
-    device: str,
-    compile_mode: str,
-    prompt: int,
-) -> dict:
+def run_side(side: str, hf_dir: str, native_dir: str, seq_len: int, batch: int, steps: int, mode: str,
+             lora_rank: int, dtype: str, device: str, compile_mode: str, prompt: int) -> dict:
     import torch
 
     torch.manual_seed(0)
@@ -137,17 +112,10 @@ def run_side(
         model, _ = build_model(native_dir, None, lora_rank if lora else -1, None, 0.0, TARGETS, dt, info)
         x, pairs = _batch(model.args.vocab_size, batch, seq_len, mode)
         task = _FixedTask(x, pairs, mode, info.device, prompt)
-        cfg = TrainConfig(
-            save_dir=tempfile.mkdtemp(),
-            max_batch_size=batch,
-            max_steps=steps + 2,
-            lr=1e-5,
-            use_bfloat16=dtype == "bf16",
-            use_float16=dtype == "fp16",
-            compile={"auto": None, "True": True, "False": False}[str(compile_mode)],
-            progress=False,
-            plot=False,
-        )
+        cfg = TrainConfig(save_dir=tempfile.mkdtemp(), max_batch_size=batch, max_steps=steps + 2, lr=1e-5,
+                          use_bfloat16=dtype == "bf16", use_float16=dtype == "fp16",
+                          compile={"auto": None, "True": True, "False": False}[str(compile_mode)], progress=False,
+                          plot=False)
         trainer = Trainer(model, task, cfg, info)
 
         def step():
@@ -189,7 +157,6 @@ def run_side(
             opt.step()
             opt.zero_grad(set_to_none=True)
             return loss
-
     losses = [float(step()), float(step())]  # warm-up (compilation, allocator, cuBLAS)
     if device == "cuda":
         torch.cuda.synchronize()
@@ -199,18 +166,12 @@ def run_side(
         last = step()
     losses.append(float(last))  # reading it waits for the device
     elapsed = time.perf_counter() - start
-    return {
-        "side": side,
-        "tokens_per_s": batch * seq_len * steps / elapsed,
-        "step_s": elapsed / steps,
-        "peak_mb": _peak_bytes(device) / 2**20,
-        "first_loss": losses[0],
-    }
+    return {"side": side, "tokens_per_s": batch * seq_len * steps / elapsed, "step_s": elapsed / steps,
+            "peak_mb": _peak_bytes(device) / 2 ** 20, "first_loss": losses[0]}
 
 
-def model_flops_per_token(
-    dim, n_layers, n_heads, n_kv_heads, vocab, seq_len, lora: bool, labelled: float = 1.0
-) -> float:
+def model_flops_per_token(dim, n_layers, n_heads, n_kv_heads, vocab, seq_len, lora: bool,
+                          labelled: float = 1.0) -> float:
     """Useful FLOPs per token: the head counts only for the `labelled` fraction of positions (a
     prompt position's logits feed no loss, whoever computes them)."""
     head_dim = dim // n_heads
@@ -239,29 +200,14 @@ def peak_flops(device: str, dtype: str) -> tuple:
         a @ a
     if device == "cuda":
         torch.cuda.synchronize()
-    rate = 2 * n**3 * reps / (time.perf_counter() - t0)
+    rate = 2 * n ** 3 * reps / (time.perf_counter() - t0)
     return rate, f"measured {n}x{n} {str(dt).replace('torch.', '')} matmul rate, {rate / 1e12:.3f} TFLOP/s"
 
 
-def main(
-    modes: str = "full,lora,mcc",
-    dim: int = 512,
-    n_layers: int = 4,
-    n_heads: int = 8,
-    n_kv_heads: int = 4,
-    vocab: int = 32000,
-    seq_len: int = 256,
-    batch: int = 4,
-    steps: int = 5,
-    lora_rank: int = 16,
-    dtype: str = "fp32",
-    device: str = None,
-    threads: int = 0,
-    compile: str = "auto",  # noqa: A002 (the --compile flag)
-    peak_tflops: float = 0,
-    sides: str = "ours,hf",
-    prompt_fraction: float = 0.0,
-):
+def main(modes: str = "full,lora,mcc", dim: int = 512, n_layers: int = 4, n_heads: int = 8, n_kv_heads: int = 4,
+         vocab: int = 32000, seq_len: int = 256, batch: int = 4, steps: int = 5, lora_rank: int = 16,
+         dtype: str = "fp32", device: str = None, threads: int = 0, compile: str = "auto", peak_tflops: float = 0,  # noqa: A002 (--compile)
+         sides: str = "ours,hf", prompt_fraction: float = 0.0):
     """Print tokens/s, MFU and peak memory of one training step for both engines, and their ratios.
 
     Args:
@@ -283,61 +229,26 @@ def main(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     peak, peak_how = (peak_tflops * 1e12, f"given, {peak_tflops} TFLOP/s") if peak_tflops else peak_flops(device, dtype)
     print(f"MFU = tokens/s x model FLOPs per token / peak; peak: {peak_how}", flush=True)
-    summary = {
-        "device": device,
-        "dtype": dtype,
-        "dim": dim,
-        "n_layers": n_layers,
-        "seq_len": seq_len,
-        "batch": batch,
-        "peak_flops": peak,
-        "peak": peak_how,
-        "modes": {},
-    }
+    summary = {"device": device, "dtype": dtype, "dim": dim, "n_layers": n_layers, "seq_len": seq_len, "batch": batch,
+               "peak_flops": peak, "peak": peak_how, "modes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         from transformers import AutoModelForCausalLM
 
         from engine import checkpoint as ck
 
         torch.manual_seed(0)
-        hf = AutoModelForCausalLM.from_config(
-            _hf_config(dim, n_layers, n_heads, n_kv_heads, vocab, seq_len),
-            dtype=torch.float32 if dtype == "fp32" else torch.bfloat16,
-        )
+        hf = AutoModelForCausalLM.from_config(_hf_config(dim, n_layers, n_heads, n_kv_heads, vocab, seq_len),
+                                              dtype=torch.float32 if dtype == "fp32" else torch.bfloat16)
         hf.save_pretrained(os.path.join(tmp, "hf"))
         del hf
         ck.write_native(ck.open_checkpoint(os.path.join(tmp, "hf")), os.path.join(tmp, "native"), 1, progress=False)
         for mode in modes.split(",") if isinstance(modes, str) else modes:
             results = {}
             for side in sides.split(",") if isinstance(sides, str) else sides:
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "--_side",
-                    side,
-                    "--_hf_dir",
-                    os.path.join(tmp, "hf"),
-                    "--_native_dir",
-                    os.path.join(tmp, "native"),
-                    "--seq_len",
-                    str(seq_len),
-                    "--batch",
-                    str(batch),
-                    "--steps",
-                    str(steps),
-                    "--mode",
-                    mode,
-                    "--lora_rank",
-                    str(lora_rank),
-                    "--dtype",
-                    dtype,
-                    "--device",
-                    device,
-                    "--compile",
-                    str(compile),
-                    "--prompt",
-                    str(int(prompt_fraction * seq_len)),
-                ]
+                cmd = [sys.executable, __file__, "--_side", side, "--_hf_dir", os.path.join(tmp, "hf"),
+                       "--_native_dir", os.path.join(tmp, "native"), "--seq_len", str(seq_len), "--batch", str(batch),
+                       "--steps", str(steps), "--mode", mode, "--lora_rank", str(lora_rank), "--dtype", dtype,
+                       "--device", device, "--compile", str(compile), "--prompt", str(int(prompt_fraction * seq_len))]
                 paths = [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
                 env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}  # keep packages installed on a path
                 if threads:
@@ -352,26 +263,19 @@ def main(
             labelled = 1.0 - int(prompt_fraction * seq_len) / seq_len
             flops = model_flops_per_token(dim, n_layers, n_heads, n_kv_heads, vocab, seq_len, mode == "lora", labelled)
             name = {"full": "full fine-tuning", "lora": f"LoRA r={lora_rank}", "mcc": "MCC-KD (full)"}[mode]
-            print(
-                f"train step, {name}, {dtype}, {device}, dim={dim} layers={n_layers} batch={batch}x{seq_len}"
-                + (f", prompt {prompt_fraction:.0%} of each sequence" if prompt_fraction else "")
-            )
+            print(f"train step, {name}, {dtype}, {device}, dim={dim} layers={n_layers} batch={batch}x{seq_len}"
+                  + (f", prompt {prompt_fraction:.0%} of each sequence" if prompt_fraction else ""))
             for side, r in results.items():
                 if r.get("out_of_memory"):
                     print(f"  {side:4s}: out of memory")
                     continue
                 r["mfu"] = r["tokens_per_s"] * flops / peak
-                print(
-                    f"  {side:4s}: {r['tokens_per_s']:9.0f} tokens/s  MFU {r['mfu']:6.1%}  "
-                    f"peak {r['peak_mb']:8.0f} MB  (first loss {r['first_loss']:.4f})"
-                )
+                print(f"  {side:4s}: {r['tokens_per_s']:9.0f} tokens/s  MFU {r['mfu']:6.1%}  "
+                      f"peak {r['peak_mb']:8.0f} MB  (first loss {r['first_loss']:.4f})")
             o, h = results.get("ours", {}), results.get("hf", {})
             if "tokens_per_s" in o and "tokens_per_s" in h:
-                print(
-                    f"  ratio ours/HF: speed x{o['tokens_per_s'] / h['tokens_per_s']:.2f}, "
-                    f"peak memory x{o['peak_mb'] / h['peak_mb']:.2f}",
-                    flush=True,
-                )
+                print(f"  ratio ours/HF: speed x{o['tokens_per_s'] / h['tokens_per_s']:.2f}, "
+                      f"peak memory x{o['peak_mb'] / h['peak_mb']:.2f}", flush=True)
             summary["modes"][mode] = {**results, "flops_per_token": flops}
     print(json.dumps(summary))
 
@@ -386,24 +290,8 @@ if __name__ == "__main__":
         for flag in ("seq_len", "batch", "steps", "lora_rank", "prompt"):
             ap.add_argument("--" + flag, type=int)
         a = ap.parse_args()
-        print(
-            json.dumps(
-                run_side(
-                    a._side,
-                    a._hf_dir,
-                    a._native_dir,
-                    a.seq_len,
-                    a.batch,
-                    a.steps,
-                    a.mode,
-                    a.lora_rank,
-                    a.dtype,
-                    a.device,
-                    a.compile,
-                    a.prompt,
-                )
-            )
-        )
+        print(json.dumps(run_side(a._side, a._hf_dir, a._native_dir, a.seq_len, a.batch, a.steps, a.mode, a.lora_rank,
+                                  a.dtype, a.device, a.compile, a.prompt)))
     else:
         import fire
 

@@ -10,7 +10,6 @@ kind=sum3: "What is 12 + 7 + 30 ?" -> several valid rationales that add the same
            kept in `output` as a list (the multi-rationale input of MCC-KD).
 Test questions never appear in the training split. Writes train.json, test.json (and dev.json).
 """
-
 from __future__ import annotations
 
 import itertools
@@ -56,26 +55,15 @@ def sum3_rationales(nums) -> list:
         if x > y:
             continue  # a + b and b + a are the same first step
         first = nums[x] + nums[y]
-        text = (
-            f"{nums[x]} + {nums[y]} = {first} . {first} + {nums[z]} = {first + nums[z]} . "
-            f"Therefore, the answer is {sum(nums)} ."
-        )
+        text = f"{nums[x]} + {nums[y]} = {first} . {first} + {nums[z]} = {first + nums[z]} . " \
+               f"Therefore, the answer is {sum(nums)} ."
         if text not in out:
             out.append(text)
     return out
 
 
-def make_splits(
-    kind: str = "add",
-    n_train: int = 2000,
-    n_test: int = 200,
-    n_dev: int = 0,
-    max_value: int = 99,
-    seed: int = 0,
-    min_value: int = 0,
-    style: str = "natural",
-    multi: bool = False,
-):
+def make_splits(kind: str = "add", n_train: int = 2000, n_test: int = 200, n_dev: int = 0, max_value: int = 99,
+              seed: int = 0, min_value: int = 0, style: str = "natural", multi: bool = False):
     rng = random.Random(seed)
     seen, splits = set(), {"train": [], "dev": [], "test": []}
     want = {"test": n_test, "dev": n_dev, "train": n_train}
@@ -105,18 +93,8 @@ def make_splits(
     return splits
 
 
-def main(
-    out_dir: str,
-    kind: str = "add",
-    n_train: int = 2000,
-    n_test: int = 200,
-    n_dev: int = 0,
-    max_value: int = 99,
-    seed: int = 0,
-    min_value: int = 0,
-    style: str = "natural",
-    multi: bool = False,
-):
+def main(out_dir: str, kind: str = "add", n_train: int = 2000, n_test: int = 200, n_dev: int = 0,
+         max_value: int = 99, seed: int = 0, min_value: int = 0, style: str = "natural", multi: bool = False):
     """Write train.json / test.json (and dev.json when n_dev > 0) under out_dir.
 
     Args:

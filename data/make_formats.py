@@ -17,7 +17,6 @@ targets). In-context demonstrations are drawn at random (seeded per question and
 OTHER questions of the file, or taken verbatim from a few-shot prompt file (the real GSM8K prompts in
 shared/data/prompts/ are in this layout: "Question: ...\\nLet's think step by step\\n...\\nThe answer is N").
 """
-
 from __future__ import annotations
 
 import json
@@ -47,15 +46,8 @@ def demonstration(rec: dict, cot: bool) -> str:
     return question_block(rec["instruction"], cot) + "\n" + (out.strip() if cot else answer_only(rec["label"]))
 
 
-def build(
-    records,
-    formats=FORMATS,
-    num_demos: int = 4,
-    seed: int = 0,
-    cot_prompt: str = None,
-    answer_prompt: str = None,
-    path: str = "input_file",
-):
+def build(records, formats=FORMATS, num_demos: int = 4, seed: int = 0, cot_prompt: str = None,
+          answer_prompt: str = None, path: str = "input_file"):
     """One record per (question, format), question by question in input order."""
     from engine.runtime.errors import DataError
 
@@ -63,10 +55,8 @@ def build(
         raise DataError(f"--num_demos must be >= 0, got {num_demos}")
     wants_icl = any(f.startswith("icl") for f in formats)
     if wants_icl and not (cot_prompt and answer_prompt) and len(records) <= num_demos:
-        raise DataError(
-            f"{path} has {len(records)} questions: in-context formats draw {num_demos} demonstrations "
-            f"from the other questions; pass fewer --num_demos or prompt files"
-        )
+        raise DataError(f"{path} has {len(records)} questions: in-context formats draw {num_demos} demonstrations "
+                        f"from the other questions; pass fewer --num_demos or prompt files")
     out = []
     for i, rec in enumerate(records):
         if "label" not in rec:
@@ -83,29 +73,14 @@ def build(
                     others = rng.sample([j for j in range(len(records)) if j != i], num_demos)
                     demos = "\n\n".join(demonstration(records[j], cot) for j in others)
                 prompt = demos + "\n\n" + prompt
-            out.append(
-                {
-                    "id": f"{rec.get('id', i)}-{fmt}",
-                    "instruction": prompt,
-                    "output": rec["output"] if cot else answer_only(rec["label"]),
-                    "label": rec["label"],
-                    "format": fmt,
-                    "question": i,
-                }
-            )
+            out.append({"id": f"{rec.get('id', i)}-{fmt}", "instruction": prompt,
+                        "output": rec["output"] if cot else answer_only(rec["label"]), "label": rec["label"],
+                        "format": fmt, "question": i})
     return out
 
 
-def main(
-    input_file: str,
-    output_file: str,
-    formats: str = ",".join(FORMATS),
-    num_demos: int = 4,
-    seed: int = 0,
-    cot_prompt_file: str = None,
-    answer_prompt_file: str = None,
-    overwrite: bool = False,
-):
+def main(input_file: str, output_file: str, formats: str = ",".join(FORMATS), num_demos: int = 4, seed: int = 0,
+         cot_prompt_file: str = None, answer_prompt_file: str = None, overwrite: bool = False):
     """Write the chosen formats of every question.
 
     Args:
@@ -137,9 +112,8 @@ def main(
             if not prompts[flag].strip():
                 raise DataError(f"--{flag} {path} is empty")
     records = read_records(input_file)
-    out = build(
-        records, names, num_demos, seed, prompts.get("cot_prompt_file"), prompts.get("answer_prompt_file"), input_file
-    )
+    out = build(records, names, num_demos, seed, prompts.get("cot_prompt_file"), prompts.get("answer_prompt_file"),
+                input_file)
     atomic_write_text(output_file, json.dumps(out, indent=1, ensure_ascii=False) + "\n")
     counts = {f: sum(r["format"] == f for r in out) for f in names}
     print(json.dumps({"questions": len(records), "records": len(out), "formats": counts}))

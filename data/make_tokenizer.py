@@ -3,7 +3,6 @@ token, so arithmetic is learnable by a small model.
 
   python data/make_tokenizer.py --output tokenizer.model [--corpus FILE ...] [--vocab_size 320]
 """
-
 from __future__ import annotations
 
 import io
@@ -42,29 +41,16 @@ def train_tokenizer(output: str, corpus_lines, vocab_size: int = 320, split_digi
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus_lines),
-        model_writer=buf,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        split_digits=split_digits,
-        character_coverage=1.0,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=3,
-        hard_vocab_limit=False,
-        num_threads=1,
-        minloglevel=2,
-        add_dummy_prefix=True,
-    )
+        sentence_iterator=iter(corpus_lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+        split_digits=split_digits, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+        hard_vocab_limit=False, num_threads=1, minloglevel=2, add_dummy_prefix=True)
     with atomic_open(output, "wb") as f:
         f.write(buf.getvalue())
     return output
 
 
-def main(
-    output: str = "tokenizer.model", corpus: str = None, vocab_size: int = 320, seed: int = 0, split_digits: bool = True
-):
+def main(output: str = "tokenizer.model", corpus: str = None, vocab_size: int = 320, seed: int = 0,
+         split_digits: bool = True):
     """Train the tokenizer.
 
     Args:
@@ -75,7 +61,7 @@ def main(
         split_digits: one token per digit (False: numbers may merge into one token, e.g. a second, different tokenizer).
     """
     lines = default_corpus(seed=seed)
-    for path in corpus.split(",") if isinstance(corpus, str) else corpus or []:
+    for path in (corpus.split(",") if isinstance(corpus, str) else corpus or []):
         with open(path) as f:
             lines += [line.rstrip("\n") for line in f if line.strip()]
     train_tokenizer(output, lines, vocab_size, split_digits)

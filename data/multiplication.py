@@ -14,7 +14,6 @@ Operands have no leading zero (a in [10^(n-1), 10^n), likewise b), as in the see
 Writes train.txt, valid.txt, test.txt (empty splits are not written); no question appears in two
 splits, nor in any --exclude file.
 """
-
 from __future__ import annotations
 
 import os
@@ -34,7 +33,7 @@ def multiplication_line(a: int, b: int, n: int, m: int) -> str:
     b_digits = str(b).zfill(m)[::-1]
     steps, total = [], 0
     for i in range(m):
-        partial = a * int(b_digits[i]) * 10**i
+        partial = a * int(b_digits[i]) * 10 ** i
         total += partial
         width = n + 1 + i
         if i == 0:
@@ -64,7 +63,7 @@ def make_splits(n: int, m: int, sizes: dict, seed: int = 0, exclude=()):
     for split, count in sizes.items():
         lines = []
         while len(lines) < count:
-            a, b = rng.randrange(10 ** (n - 1), 10**n), rng.randrange(10 ** (m - 1), 10**m)
+            a, b = rng.randrange(10 ** (n - 1), 10 ** n), rng.randrange(10 ** (m - 1), 10 ** m)
             line = multiplication_line(a, b, n, m)
             question = line.split("||", 1)[0]
             if question in taken:
@@ -75,16 +74,8 @@ def make_splits(n: int, m: int, sizes: dict, seed: int = 0, exclude=()):
     return out
 
 
-def main(
-    out_dir: str,
-    n: int = 3,
-    m: int = 3,
-    n_train: int = 20000,
-    n_valid: int = 500,
-    n_test: int = 500,
-    seed: int = 0,
-    exclude: str = None,
-):
+def main(out_dir: str, n: int = 3, m: int = 3, n_train: int = 20000, n_valid: int = 500, n_test: int = 500,
+         seed: int = 0, exclude: str = None):
     """Write train.txt / valid.txt / test.txt of n x m multiplication under out_dir.
 
     Args:
@@ -107,7 +98,7 @@ def main(
         if value < 0:
             raise UserError(f"--{name} must be >= 0, got {value}")
     held_out = []
-    for path in exclude.split(",") if isinstance(exclude, str) else list(exclude or []):
+    for path in (exclude.split(",") if isinstance(exclude, str) else list(exclude or [])):
         held_out += [" ".join(line.input.split()) for line in read_cot_lines(path, "--exclude")]
     try:
         splits = make_splits(n, m, {"train": n_train, "valid": n_valid, "test": n_test}, seed, held_out)
@@ -117,10 +108,8 @@ def main(
     for name, lines in splits.items():
         if lines:
             atomic_write_text(os.path.join(out_dir, f"{name}.txt"), "\n".join(lines) + "\n")
-    print(
-        f"wrote {', '.join(f'{len(v)} {k}' for k, v in splits.items() if v)} {n} x {m} multiplications to "
-        f"{out_dir}" + (f" ({len(held_out)} excluded questions)" if held_out else "")
-    )
+    print(f"wrote {', '.join(f'{len(v)} {k}' for k, v in splits.items() if v)} {n} x {m} multiplications to "
+          f"{out_dir}" + (f" ({len(held_out)} excluded questions)" if held_out else ""))
 
 
 if __name__ == "__main__":

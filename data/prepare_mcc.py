@@ -12,7 +12,6 @@ Jaccard similarity). Writes {"instruction", "output": [...], "label", "indices":
 many questions and rationales were kept and why the others were dropped. An existing output file
 is never replaced unless --overwrite True, and never when it is the input file.
 """
-
 from __future__ import annotations
 
 import json
@@ -26,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def ngrams(text: str, n: int) -> set:
     words = text.lower().split()
-    return {tuple(words[i : i + n]) for i in range(max(1, len(words) - n + 1))}
+    return {tuple(words[i:i + n]) for i in range(max(1, len(words) - n + 1))}
 
 
 def jaccard(a: set, b: set) -> float:
@@ -64,10 +63,8 @@ def prepare(records: List[dict], tokenizer, num_rationales: int, task: str, n: i
         raw = raw if isinstance(raw, list) else [raw] if isinstance(raw, str) else []
         for j, text in enumerate(raw):
             if not isinstance(text, str):
-                raise DataError(
-                    f"{path} record {i}: 'output' item {j} is {type(text).__name__ if text is not None else 'null'}, "
-                    f"not a rationale (a string)"
-                )
+                raise DataError(f"{path} record {i}: 'output' item {j} is {type(text).__name__ if text is not None else 'null'}, "
+                                f"not a rationale (a string)")
         r_stats["in"] += len(raw)
         seen, correct = set(), []
         for text in raw:
@@ -93,13 +90,8 @@ def prepare(records: List[dict], tokenizer, num_rationales: int, task: str, n: i
         group = max(by_tokens.values(), key=len, default=[])
         r_stats["answer spelt with other tokens"] += len(spans) - len(group)
         if len(group) < 2:
-            reason = (
-                "no correct rationale"
-                if not correct
-                else "one correct rationale"
-                if len(correct) == 1
-                else "fewer than 2 rationales with the same answer tokens"
-            )
+            reason = ("no correct rationale" if not correct else "one correct rationale" if len(correct) == 1
+                      else "fewer than 2 rationales with the same answer tokens")
             q_stats[reason] += 1
             r_stats["question dropped"] += len(group)
             continue
@@ -107,26 +99,13 @@ def prepare(records: List[dict], tokenizer, num_rationales: int, task: str, n: i
         r_stats["not among the most diverse"] += len(group) - len(picked)
         r_stats["kept"] += len(picked)
         q_stats["kept"] += 1
-        out.append(
-            {
-                "instruction": rec["instruction"],
-                "output": picked,
-                "label": rec["label"],
-                "indices": [list(spans[t]) for t in picked],
-            }
-        )
+        out.append({"instruction": rec["instruction"], "output": picked, "label": rec["label"],
+                    "indices": [list(spans[t]) for t in picked]})
     return out, q_stats, r_stats
 
 
-def main(
-    input_file: str,
-    output_file: str,
-    tokenizer: str,
-    num_rationales: int = 3,
-    task: str = "GSM8K",
-    ngram: int = 3,
-    overwrite: bool = False,
-):
+def main(input_file: str, output_file: str, tokenizer: str, num_rationales: int = 3, task: str = "GSM8K",
+         ngram: int = 3, overwrite: bool = False):
     """Filter, diversify and span-annotate raw teacher rationales into an MCC-KD training file.
 
     Args:
@@ -162,15 +141,9 @@ def main(
     atomic_write_text(output_file, json.dumps(out, indent=1, ensure_ascii=False) + "\n")
     dropped_q = {k: v for k, v in q.items() if k != "kept"}
     dropped_r = {k: v for k, v in r.items() if k not in ("in", "kept")}
-    summary = {
-        "questions": len(records),
-        "questions_kept": q["kept"],
-        "questions_dropped": dropped_q,
-        "rationales": r["in"],
-        "rationales_kept": r["kept"],
-        "rationales_dropped": dropped_r,
-        "output_file": output_file,
-    }
+    summary = {"questions": len(records), "questions_kept": q["kept"], "questions_dropped": dropped_q,
+               "rationales": r["in"], "rationales_kept": r["kept"], "rationales_dropped": dropped_r,
+               "output_file": output_file}
     print(f"kept {q['kept']} of {len(records)} questions and {r['kept']} of {r['in']} rationales")
     for k, v in sorted(dropped_q.items()):
         print(f"  questions dropped, {k}: {v}")

@@ -22,7 +22,6 @@ rationales). Records whose teacher text states no readable answer, or no rationa
 dropped and counted; a gold label that does not read as an answer of --task is an error naming the
 record. Never overwrites its input, nor an existing output without --overwrite True.
 """
-
 from __future__ import annotations
 
 import glob
@@ -83,11 +82,11 @@ def parse_teacher_output(text: str, task: str, choices=None) -> Tuple[Optional[s
     m = _ANSWER_SENTENCE.search(text)
     if not m:
         return None, None, "no_answer_sentence"
-    if not text[: m.start()].strip():
+    if not text[:m.start()].strip():
         return None, None, "no_rationale"
-    rest = text[m.end() :]
+    rest = text[m.end():]
     end = _SENTENCE_END.search(rest)
-    sentence = rest[: end.start()] if end else rest
+    sentence = rest[:end.start()] if end else rest
     label = teacher_label(sentence, task, choices)
     if label is None:
         return None, None, "unreadable_teacher_label"
@@ -104,10 +103,8 @@ def gold_label(rec: dict, index: int, path: str, task: str, choices) -> str:
         raise DataError(f"{path} record {index} has no gold label ('label' or 'answer')")
     label = choice_letter(value, choices) if task in CHOICE_TASKS else str(value).strip()
     if label is None or parse_label(label, task) is None:
-        raise DataError(
-            f"{path} record {index}: the gold label {value!r} cannot be read as a {task} answer"
-            + (" (nor matched to one of its choices)" if task in CHOICE_TASKS else "")
-        )
+        raise DataError(f"{path} record {index}: the gold label {value!r} cannot be read as a {task} answer"
+                        + (" (nor matched to one of its choices)" if task in CHOICE_TASKS else ""))
     return label
 
 
@@ -121,11 +118,8 @@ def convert(records: List[dict], task: str, path: str):
         if not isinstance(rec, dict):
             raise DataError(f"{path} record {i} is not a JSON object")
         choices = rec.get("choices")
-        if choices is not None and not (
-            isinstance(choices, list)
-            and 0 < len(choices) <= len(CHOICE_LETTERS)
-            and all(isinstance(c, str) for c in choices)
-        ):
+        if choices is not None and not (isinstance(choices, list) and 0 < len(choices) <= len(CHOICE_LETTERS)
+                                        and all(isinstance(c, str) for c in choices)):
             raise DataError(f"{path} record {i}: 'choices' must be a list of 1 to 5 strings")
         question = rec.get("question", rec.get("input"))
         if not isinstance(question, str) or not question.strip():
@@ -149,12 +143,8 @@ def convert(records: List[dict], task: str, path: str):
             continue
         counts["kept"] += 1
         counts["teacher_label_differs_from_gold"] += not is_correct(parse_label(llm_label, task), label, task)
-        item = {
-            "instruction": format_question(question.strip(), choices),
-            "output": rationale,
-            "label": label,
-            "llm_label": llm_label,
-        }
+        item = {"instruction": format_question(question.strip(), choices), "output": rationale, "label": label,
+                "llm_label": llm_label}
         if "id" in rec:
             item = {"id": rec["id"], **item}
         out.append(item)
@@ -170,16 +160,13 @@ def read_dataset_dir(dataset_dir: str, split: str):
     source = os.path.join(dataset_dir, f"{name}_{split}.json")
     records = read_records(source, required=())
     parts = glob.glob(os.path.join(dataset_dir, "llm", f"{split}_CoT_*.json"))
-    numbered = sorted(
-        (int(m.group(1)), p) for p in parts for m in [re.search(rf"{re.escape(split)}_CoT_(\d+)\.json$", p)] if m
-    )
+    numbered = sorted((int(m.group(1)), p) for p in parts
+                      for m in [re.search(rf"{re.escape(split)}_CoT_(\d+)\.json$", p)] if m)
     if not numbered:
         raise DataError(f"{dataset_dir}/llm holds no {split}_CoT_N.json teacher outputs")
     if [n for n, _ in numbered] != list(range(len(numbered))):
-        raise DataError(
-            f"{dataset_dir}/llm: the {split}_CoT_N.json files are not numbered 0..{len(numbered) - 1} "
-            f"(found {[n for n, _ in numbered]})"
-        )
+        raise DataError(f"{dataset_dir}/llm: the {split}_CoT_N.json files are not numbered 0..{len(numbered) - 1} "
+                        f"(found {[n for n, _ in numbered]})")
     outputs = []
     for _, p in numbered:
         try:
@@ -190,21 +177,13 @@ def read_dataset_dir(dataset_dir: str, split: str):
             raise DataError(f"{p} must be a JSON list of the teacher's raw outputs (strings)")
         outputs += batch
     if len(outputs) != len(records):
-        raise DataError(
-            f"{dataset_dir}/llm holds {len(outputs)} teacher outputs for {split}, but {source} has "
-            f"{len(records)} records; they are paired in order"
-        )
+        raise DataError(f"{dataset_dir}/llm holds {len(outputs)} teacher outputs for {split}, but {source} has "
+                        f"{len(records)} records; they are paired in order")
     return [{**r, "llm_output": o} for r, o in zip(records, outputs)], source, name
 
 
-def main(
-    output_file: str,
-    input_file: str = None,
-    dataset_dir: str = None,
-    split: str = "train",
-    task: str = None,
-    overwrite: bool = False,
-):
+def main(output_file: str, input_file: str = None, dataset_dir: str = None, split: str = "train", task: str = None,
+         overwrite: bool = False):
     """Convert step-by-step records (question, choices, gold label, teacher output) into a train.py file.
 
     Args:
@@ -248,22 +227,11 @@ def main(
     atomic_write_text(output_file, json.dumps(out, indent=1, ensure_ascii=False) + "\n")
     dropped = {k: counts[k] for k in ("no_answer_sentence", "no_rationale", "unreadable_teacher_label") if counts[k]}
     differ = counts["teacher_label_differs_from_gold"]
-    print(
-        f"kept {counts['kept']} of {len(records)} records ({differ} with a teacher label other than the gold one)"
-        + "".join(f"\n  dropped, {k}: {v}" for k, v in dropped.items())
-    )
-    print(
-        json.dumps(
-            {
-                "records": len(records),
-                "kept": counts["kept"],
-                "dropped": dropped,
-                "teacher_label_differs_from_gold": counts["teacher_label_differs_from_gold"],
-                "task": task,
-                "output_file": output_file,
-            }
-        )
-    )
+    print(f"kept {counts['kept']} of {len(records)} records ({differ} with a teacher label other than the gold one)"
+          + "".join(f"\n  dropped, {k}: {v}" for k, v in dropped.items()))
+    print(json.dumps({"records": len(records), "kept": counts["kept"], "dropped": dropped,
+                      "teacher_label_differs_from_gold": counts["teacher_label_differs_from_gold"], "task": task,
+                      "output_file": output_file}))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ Three on-disk descriptions are understood:
 - an HF `config.json` (LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM,
   and Qwen-1's QWenLMHeadModel).
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -63,9 +62,7 @@ class ModelArgs:
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if kind not in SUPPORTED_ROPE_TYPES:
-                raise ConfigError(
-                    f"rope_scaling type {kind!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
-                )
+                raise ConfigError(f"rope_scaling type {kind!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
             self.rope_scaling = {**self.rope_scaling, "rope_type": kind}
             self.rope_scaling.pop("type", None)
             if kind == "default":
@@ -106,13 +103,8 @@ class ModelArgs:
         raw = dict(raw)
         # Meta / Mistral aliases and runtime-only keys
         if raw.pop("use_scaled_rope", False):  # LLaMA-3.1 Meta params.json
-            raw["rope_scaling"] = {
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192,
-            }
+            raw["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
         moe = raw.pop("moe", None)  # Mistral reference Mixtral params.json
         if moe:
             raw["n_experts"] = moe["num_experts"]

@@ -5,7 +5,6 @@ inductor cannot handle on this machine), it says so in one line and runs fn eage
 Errors of the computation itself (a shape mismatch, out of memory) are never hidden: only
 compiler exceptions switch to eager.
 """
-
 from __future__ import annotations
 
 import os

@@ -1,6 +1,5 @@
 """HF transformers checkpoints as data: config.json in and out, and the HF names of native weights (one table
 per family, and the one choice of table)."""
-
 from __future__ import annotations
 
 import re
@@ -65,16 +64,8 @@ def hf_table(args: ModelArgs, for_export: bool = False) -> dict:
 
 
 # LoRA target -> the module name peft adapts in the HF model
-HF_TARGET_NAMES = {
-    "wq": "q_proj",
-    "wk": "k_proj",
-    "wv": "v_proj",
-    "wo": "o_proj",
-    "w1": "gate_proj",
-    "w2": "down_proj",
-    "w3": "up_proj",
-    "output": "lm_head",
-}
+HF_TARGET_NAMES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj",
+                   "w2": "down_proj", "w3": "up_proj", "output": "lm_head"}
 
 
 def hf_key_map(args: ModelArgs, table: Optional[dict] = None) -> Dict[str, Tuple[str, Optional[int]]]:
@@ -112,9 +103,8 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
     arch = (cfg.get("architectures") or [None])[0]
     family = HF_ARCHITECTURES.get(arch)
     if family is None:
-        raise ConfigError(
-            f"{source}: architecture {arch!r} is not supported (supported: {', '.join(sorted(HF_ARCHITECTURES))})"
-        )
+        raise ConfigError(f"{source}: architecture {arch!r} is not supported "
+                          f"(supported: {', '.join(sorted(HF_ARCHITECTURES))})")
     if family == "qwen":
         return _from_qwen1_config(cfg, source)
     if cfg.get("hidden_act", "silu") != "silu":
@@ -148,7 +138,6 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
         family=family,
     )
 
-
 def _from_qwen1_config(cfg: dict, source: str) -> ModelArgs:
     if cfg.get("rotary_pct", 1.0) != 1.0:
         raise ConfigError(f"{source}: Qwen-1 rotary_pct != 1 is not supported")
@@ -169,14 +158,8 @@ def _from_qwen1_config(cfg: dict, source: str) -> ModelArgs:
         family="qwen",
     )
 
-
-def hf_config(
-    self: ModelArgs,
-    bos_id: Optional[int] = None,
-    eos_id: Optional[int] = None,
-    pad_id: Optional[int] = None,
-    dtype: str = "float32",
-) -> dict:
+def hf_config(self: ModelArgs, bos_id: Optional[int] = None, eos_id: Optional[int] = None,
+                 pad_id: Optional[int] = None, dtype: str = "float32") -> dict:
     """An HF config.json that `AutoModelForCausalLM.from_pretrained` loads (v4 and v5 key names)."""
     if self.n_experts:
         arch, model_type = "MixtralForCausalLM", "mixtral"

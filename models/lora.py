@@ -13,7 +13,6 @@ Layers get LoRA by class swap (`LoRAColumnParallelLinear` / `LoRARowParallelLine
 parallel layers), so the base weights keep their names and checkpoints load unchanged. Adapters on
 disk: engine/checkpoint/adapters.py.
 """
-
 from __future__ import annotations
 
 import math
@@ -123,10 +122,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> List[str]:
     """Freeze the model and add LoRA to the layers models.sharding.lora_layers names for these
     targets (MoE experts stay frozen); returns their names."""
     if "output" in cfg.targets and model.output is None:
-        raise UserError(
-            "--lora_targets output: this model ties its output head to the token embeddings; "
-            "leave output out of --lora_targets"
-        )
+        raise UserError("--lora_targets output: this model ties its output head to the token embeddings; "
+                        "leave output out of --lora_targets")
     for p in model.parameters():
         p.requires_grad_(False)
     device = next(model.parameters()).device
@@ -135,9 +132,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> List[str]:
     names = sorted({key.rsplit(".", 1)[0] for key in specs})
     for name in names:
         module = model.get_submodule(name)
-        module.__class__ = (
-            LoRAColumnParallelLinear if isinstance(module, ColumnParallelLinear) else LoRARowParallelLinear
-        )
+        module.__class__ = LoRAColumnParallelLinear if isinstance(module, ColumnParallelLinear) else LoRARowParallelLinear
         a, b = specs[name + ".lora_A"], specs[name + ".lora_B"]
         A = _init_A(name, a.shape, cfg.seed)[tuple(slice(s, e) for s, e in shard_box(a, rank, tp, model.args))]
         module.lora_A = nn.Parameter(A.contiguous().to(device))

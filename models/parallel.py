@@ -10,7 +10,6 @@ subclass fairscale's, so parameters, names, shapes and `isinstance` checks are u
   reduce_from_tp  all-reduce forward (partial sums of a row-parallel product), identity backward
   gather_from_tp  concatenate the ranks' last-dimension shards forward, keep this rank's slice backward
 """
-
 from __future__ import annotations
 
 import torch
@@ -50,7 +49,7 @@ def _all_gather_last(x: torch.Tensor) -> torch.Tensor:
 def _local_slice(x: torch.Tensor) -> torch.Tensor:
     width = x.shape[-1] // get_model_parallel_world_size()
     start = get_model_parallel_rank() * width
-    return x[..., start : start + width].contiguous()
+    return x[..., start:start + width].contiguous()
 
 
 class _CopyToTP(torch.autograd.Function):

@@ -12,7 +12,6 @@ split their output rows (column-parallel); wo and w2 split their input columns (
 token embedding splits the vocabulary; norms and the MoE router are replicated. The layer classes
 in models/transformer.py are built to match (loading checks every shape against these boxes).
 """
-
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -49,11 +48,8 @@ def weight_specs(args) -> List[WeightSpec]:
         if args.n_experts:
             specs.append(WeightSpec(p + "feed_forward.gate.weight", (args.n_experts, d), None))
         for q in ffns:
-            specs += [
-                WeightSpec(p + q + "w1.weight", (f, d), 0),
-                WeightSpec(p + q + "w2.weight", (d, f), 1),
-                WeightSpec(p + q + "w3.weight", (f, d), 0),
-            ]
+            specs += [WeightSpec(p + q + "w1.weight", (f, d), 0), WeightSpec(p + q + "w2.weight", (d, f), 1),
+                      WeightSpec(p + q + "w3.weight", (f, d), 0)]
         specs += [WeightSpec(p + "attention_norm.weight", (d,), None), WeightSpec(p + "ffn_norm.weight", (d,), None)]
     specs.append(WeightSpec("norm.weight", (d,), None))
     if not args.tie_embeddings:
@@ -114,15 +110,10 @@ def lora_layers(args, targets: Sequence[str]) -> Dict[str, Tuple[bool, int, int]
     """Module name -> (column-parallel?, in_features, out_features) of every layer LoRA adapts.
     MoE experts stay frozen (their w1/w2/w3 are skipped); a tied head cannot carry an adapter."""
     hd = args.head_dim
-    shapes = {
-        "wq": (True, args.dim, args.n_heads * hd),
-        "wk": (True, args.dim, args.n_kv_heads * hd),
-        "wv": (True, args.dim, args.n_kv_heads * hd),
-        "wo": (False, args.n_heads * hd, args.dim),
-        "w1": (True, args.dim, args.hidden_dim),
-        "w3": (True, args.dim, args.hidden_dim),
-        "w2": (False, args.hidden_dim, args.dim),
-    }
+    shapes = {"wq": (True, args.dim, args.n_heads * hd), "wk": (True, args.dim, args.n_kv_heads * hd),
+              "wv": (True, args.dim, args.n_kv_heads * hd), "wo": (False, args.n_heads * hd, args.dim),
+              "w1": (True, args.dim, args.hidden_dim), "w3": (True, args.dim, args.hidden_dim),
+              "w2": (False, args.hidden_dim, args.dim)}
     out = {}
     for i in range(args.n_layers):
         for t in targets:
@@ -141,10 +132,8 @@ def lora_specs(args, rank: int, targets: Sequence[str]) -> List[WeightSpec]:
     specs = []
     for name, (column, n_in, n_out) in lora_layers(args, targets).items():
         kv = name.endswith((".wk", ".wv"))
-        specs += [
-            WeightSpec(name + ".lora_A", (rank, n_in), None if column else 1),
-            WeightSpec(name + ".lora_B", (n_out, rank), 0 if column else None, kv=kv),
-        ]
+        specs += [WeightSpec(name + ".lora_A", (rank, n_in), None if column else 1),
+                  WeightSpec(name + ".lora_B", (n_out, rank), 0 if column else None, kv=kv)]
     return specs
 
 

@@ -11,7 +11,6 @@ query heads use (models/sharding.py says which weights those are, for the traine
 RoPE uses the rotate-half convention (HF's); Meta's interleaved q/k rows are permuted at the
 checkpoint boundary (engine/checkpoint.py).
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -47,9 +46,8 @@ def _materialize(module: nn.Module, device, dtype) -> None:
     for sub in module.modules():
         for name, p in list(sub._parameters.items()):
             if p is not None:
-                sub._parameters[name] = nn.Parameter(
-                    torch.empty(p.shape, device=device, dtype=dtype), requires_grad=p.requires_grad
-                )
+                sub._parameters[name] = nn.Parameter(torch.empty(p.shape, device=device, dtype=dtype),
+                                                     requires_grad=p.requires_grad)
 
 
 class RMSNorm(nn.Module):
@@ -139,9 +137,8 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.rows, self.max_len = batch_size, max_len
 
-    def write(
-        self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: Optional[torch.Tensor] = None
-    ) -> None:
+    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              rows: Optional[torch.Tensor] = None) -> None:
         """Store k/v [B, S, H, D] of input row b at (rows[b] or b, positions[b, s])."""
         if rows is None:
             rows = torch.arange(k.shape[0], device=k.device)
@@ -160,7 +157,6 @@ class KVCache:
         for t in self.k + self.v:
             t[:n] = t.index_select(0, rows)
 
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
@@ -171,32 +167,20 @@ class Attention(nn.Module):
         self.n_local_kv_heads = args.local_kv_heads(tp)
         self.window = args.sliding_window
         kv_out = self.n_local_kv_heads * tp * args.head_dim  # replicated heads count once per rank
-        self.wq = ColumnParallelLinear(
-            args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias, gather_output=False, init_method=_keep
-        )
+        self.wq = ColumnParallelLinear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias,
+                                       gather_output=False, init_method=_keep)
         self.wk = ColumnParallelLinear(args.dim, kv_out, bias=args.qkv_bias, gather_output=False, init_method=_keep)
         self.wv = ColumnParallelLinear(args.dim, kv_out, bias=args.qkv_bias, gather_output=False, init_method=_keep)
-        self.wo = RowParallelLinear(
-            args.n_heads * args.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep
-        )
+        self.wo = RowParallelLinear(args.n_heads * args.head_dim, args.dim, bias=False, input_is_parallel=True,
+                                    init_method=_keep)
         self.fused = None  # (weight, bias) of q/k/v in one matrix, see Transformer.fuse_projections
 
-    def forward(
-        self,
-        x,
-        cos,
-        sin,
-        positions,
-        mask,
-        cache: Optional[KVCache],
-        kv_len: Optional[int],
-        cache_rows: Optional[torch.Tensor] = None,
-    ):
+    def forward(self, x, cos, sin, positions, mask, cache: Optional[KVCache], kv_len: Optional[int],
+                cache_rows: Optional[torch.Tensor] = None):
         bsz, seqlen, _ = x.shape
         if self.fused is not None:
-            q, k, v = F.linear(x, *self.fused).split(
-                [self.wq.weight.shape[0], self.wk.weight.shape[0], self.wv.weight.shape[0]], dim=-1
-            )
+            q, k, v = F.linear(x, *self.fused).split([self.wq.weight.shape[0], self.wk.weight.shape[0],
+                                                     self.wv.weight.shape[0]], dim=-1)
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
         q = q.unflatten(-1, (self.n_local_heads, self.head_dim))
@@ -210,13 +194,8 @@ class Attention(nn.Module):
             out = grouped_attention(q.transpose(1, 2), keys, values, mask)
         else:  # no cache, or prefilling some rows of it from position 0: the fresh keys are all there is
             out = F.scaled_dot_product_attention(
-                q.transpose(1, 2),
-                k.transpose(1, 2),
-                v.transpose(1, 2),
-                attn_mask=mask,
-                is_causal=mask is None and seqlen > 1,
-                enable_gqa=self.n_local_heads != self.n_local_kv_heads,
-            )
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                is_causal=mask is None and seqlen > 1, enable_gqa=self.n_local_heads != self.n_local_kv_heads)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -228,7 +207,7 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     n_kv = keys.shape[1]
     group = n_heads // n_kv
     q = q.reshape(bsz, n_kv, group * seqlen, head_dim)  # query head h reads KV head h // group
-    scores = torch.matmul(q, keys.transpose(-1, -2)) * head_dim**-0.5
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * head_dim ** -0.5
     mask = mask[:, :, None].expand(bsz, 1, group, seqlen, mask.shape[-1]).reshape(bsz, 1, group * seqlen, -1)
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
@@ -260,9 +239,9 @@ def _fuse_columns(linears) -> tuple:
     start = 0
     for m in linears:
         n = m.weight.shape[0]
-        m.weight.data = weight[start : start + n]
+        m.weight.data = weight[start:start + n]
         if bias is not None:
-            m.bias.data = bias[start : start + n]
+            m.bias.data = bias[start:start + n]
         start += n
     return weight, bias
 
@@ -307,7 +286,7 @@ class MoE(nn.Module):
         if self.static_shapes:  # every expert sees every token, weighted 0 where not chosen: no host sync
             dense = torch.zeros_like(probs).scatter(1, chosen, weights)
             for e, expert in enumerate(self.experts):
-                out += (expert(x_par).float() * dense[:, e : e + 1]).to(out.dtype)
+                out += (expert(x_par).float() * dense[:, e:e + 1]).to(out.dtype)
             return reduce_from_tp(out).view(shape)
         flat = chosen.reshape(-1)
         order = flat.argsort(stable=True)
@@ -316,8 +295,8 @@ class MoE(nn.Module):
         start = 0
         for expert, count in zip(self.experts, counts):  # a loop over experts, never over tokens
             if count:
-                tokens = token_of[start : start + count]
-                y = expert(x_par[tokens]).float() * weight_of[start : start + count, None]
+                tokens = token_of[start:start + count]
+                y = expert(x_par[tokens]).float() * weight_of[start:start + count, None]
                 out.index_add_(0, tokens, y.to(out.dtype))
                 start += count
         return reduce_from_tp(out).view(shape)
@@ -339,15 +318,11 @@ class TransformerBlock(nn.Module):
 CHECKPOINT_POLICIES = ("none", "full", "selective")
 
 # selective checkpointing keeps these results (the expensive ones) and recomputes everything else
-_KEEP_IN_SELECTIVE = {
-    torch.ops.aten.mm.default,
-    torch.ops.aten.addmm.default,
-    torch.ops.aten.bmm.default,
-    torch.ops.aten._scaled_dot_product_flash_attention.default,
-    torch.ops.aten._scaled_dot_product_efficient_attention.default,
-    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
-}
+_KEEP_IN_SELECTIVE = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+                      torch.ops.aten._scaled_dot_product_flash_attention.default,
+                      torch.ops.aten._scaled_dot_product_efficient_attention.default,
+                      torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+                      torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
 
 
 def _selective_policy(ctx, op, *args, **kwargs):
@@ -385,9 +360,8 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.output = None
         else:
-            self.output = ColumnParallelLinear(
-                args.dim, args.vocab_size, bias=False, gather_output=False, init_method=_keep
-            )
+            self.output = ColumnParallelLinear(args.dim, args.vocab_size, bias=False, gather_output=False,
+                                               init_method=_keep)
             _materialize(self.output, device, dtype)
         self.rope = RotaryEmbedding(args)
         self.configure_layers()
@@ -421,9 +395,8 @@ class Transformer(nn.Module):
             if not any(getattr(m, "lora_A", None) is not None and not m.merged for m in parts):
                 layer.attention.fused = _fuse_columns(parts)
             ffn = layer.feed_forward
-            if isinstance(ffn, FeedForward) and not any(
-                getattr(m, "lora_A", None) is not None and not m.merged for m in (ffn.w1, ffn.w3)
-            ):
+            if isinstance(ffn, FeedForward) and not any(getattr(m, "lora_A", None) is not None and not m.merged
+                                                        for m in (ffn.w1, ffn.w3)):
                 ffn.fused = _fuse_columns([ffn.w1, ffn.w3])
 
     @property
@@ -456,16 +429,9 @@ class Transformer(nn.Module):
         w = self.tok_embeddings.weight
         return KVCache(self.args, batch_size, max_len, w.device, dtype or w.dtype, self.tp_size)
 
-    def forward_hidden(
-        self,
-        tokens: torch.Tensor,
-        start_pos: int = 0,
-        positions: Optional[torch.Tensor] = None,
-        cache: Optional[KVCache] = None,
-        kv_len: Optional[int] = None,
-        cache_rows: Optional[torch.Tensor] = None,
-        layer_hook=None,
-    ) -> torch.Tensor:
+    def forward_hidden(self, tokens: torch.Tensor, start_pos: int = 0, positions: Optional[torch.Tensor] = None,
+                       cache: Optional[KVCache] = None, kv_len: Optional[int] = None,
+                       cache_rows: Optional[torch.Tensor] = None, layer_hook=None) -> torch.Tensor:
         """Final-norm hidden states [B, S, dim].
 
         positions: [B, S] absolute positions per token (default start_pos + 0..S-1 for every row);
@@ -523,16 +489,9 @@ class Transformer(nn.Module):
             local = F.linear(copy_to_tp(h), self.head_weight)
         return gather_from_tp(local) if gather else local
 
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        start_pos: int = 0,
-        positions: Optional[torch.Tensor] = None,
-        cache: Optional[KVCache] = None,
-        kv_len: Optional[int] = None,
-        gather: bool = True,
-        last_only: bool = False,
-    ) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, positions: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None, kv_len: Optional[int] = None, gather: bool = True,
+                last_only: bool = False) -> torch.Tensor:
         h = self.forward_hidden(tokens, start_pos, positions, cache, kv_len)
         if last_only:
             h = h[:, -1:]

@@ -5,7 +5,6 @@ Each loss returns SUMS (and the trainer divides by counts taken over the whole o
 data-parallel ranks and accumulation), so any split of a batch gives the same loss and gradient.
 Logits are this rank's vocabulary shard [..., vocab / tp]; nothing gathers the full vocabulary.
 """
-
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -43,19 +42,18 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         want_grad = grad_h is not None or grad_w is not None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk_rows):
-            hc = hidden[s : s + chunk_rows]
+            hc = hidden[s:s + chunk_rows]
             loss, g = chunk_loss(F.linear(hc, weight).float(), s, s + hc.shape[0], want_grad)
             total += loss
             if g is None:
                 continue
             g = g.to(hc.dtype)
             if grad_h is not None:
-                grad_h[s : s + chunk_rows] = all_reduce_tp_(g @ weight.to(hc.dtype))
+                grad_h[s:s + chunk_rows] = all_reduce_tp_(g @ weight.to(hc.dtype))
             if grad_w is not None:
                 grad_w += (g.t() @ hc).float()
-        ctx.save_for_backward(
-            grad_h if grad_h is not None else torch.empty(0), grad_w if grad_w is not None else torch.empty(0)
-        )
+        ctx.save_for_backward(grad_h if grad_h is not None else torch.empty(0),
+                              grad_w if grad_w is not None else torch.empty(0))
         ctx.dtypes = hidden.dtype, weight.dtype
         return total
 
@@ -114,13 +112,8 @@ def cross_entropy_chunks(labels: torch.Tensor):
     return chunk
 
 
-def head_cross_entropy(
-    hidden: torch.Tensor,
-    head_weight: torch.Tensor,
-    labels: torch.Tensor,
-    chunk_rows: int = 0,
-    rows: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+def head_cross_entropy(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor,
+                       chunk_rows: int = 0, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sum of next-token cross-entropy over positions whose label is not IGNORE, from final hidden
     states [B, T, dim] and this rank's head shard [vocab / tp, dim], never holding the logits of
     more than `chunk_rows` positions (default: about 2^26 logits). rows: the flat indices of the
@@ -129,9 +122,8 @@ def head_cross_entropy(
     h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     if rows is not None:  # only the positions that have a label: the others add nothing
         h, y = h.index_select(0, rows), y.index_select(0, rows)
-    return _ChunkedHeadLoss.apply(
-        h, head_weight, cross_entropy_chunks(y), chunk_rows or _default_chunk_rows(head_weight.shape[0])
-    )
+    return _ChunkedHeadLoss.apply(h, head_weight, cross_entropy_chunks(y),
+                                  chunk_rows or _default_chunk_rows(head_weight.shape[0]))
 
 
 def labelled_rows(labels: torch.Tensor) -> torch.Tensor:
@@ -198,7 +190,7 @@ def _kl_chunk(z: torch.Tensor, p: torch.Tensor, temperature: float, want_grad: b
     sum_exp = all_reduce_tp_(z.exp().sum(dim=-1))
     log_q = z - sum_exp.log()[:, None]
     per_row = all_reduce_tp_((torch.xlogy(p, p) - p * log_q).sum(dim=-1))
-    loss = temperature**2 * per_row.sum()
+    loss = temperature ** 2 * per_row.sum()
     if not want_grad:
         return loss, None
     mass = all_reduce_tp_(p.sum(dim=-1))
@@ -216,9 +208,8 @@ def teacher_kl_chunks(target, temperature: float):
     return chunk
 
 
-def head_teacher_kl(
-    hidden: torch.Tensor, head_weight: torch.Tensor, target, temperature: float = 1.0, chunk_rows: int = 0
-) -> torch.Tensor:
+def head_teacher_kl(hidden: torch.Tensor, head_weight: torch.Tensor, target, temperature: float = 1.0,
+                    chunk_rows: int = 0) -> torch.Tensor:
     """Sum over rows of T^2 KL(P_teacher,T || P_student,T), both distributions softened by the
     temperature T (the T^2 keeps the gradient's scale independent of T, as in Hinton et al.).
 
@@ -226,12 +217,8 @@ def head_teacher_kl(
     shard [vocab / tp, dim]; target: SparseTarget or DenseTarget (already in the student's
     vocabulary). Never holds the logits of more than `chunk_rows` rows (default: about 2^26 logits)
     nor gathers the vocabulary: max, normaliser and the sums are all-reduced over the shards."""
-    return _ChunkedHeadLoss.apply(
-        hidden,
-        head_weight,
-        teacher_kl_chunks(target, float(temperature)),
-        chunk_rows or _default_chunk_rows(head_weight.shape[0]),
-    )
+    return _ChunkedHeadLoss.apply(hidden, head_weight, teacher_kl_chunks(target, float(temperature)),
+                                  chunk_rows or _default_chunk_rows(head_weight.shape[0]))
 
 
 def logits_teacher_kl(logits_local: torch.Tensor, target, temperature: float = 1.0) -> torch.Tensor:

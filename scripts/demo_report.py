@@ -1,5 +1,4 @@
 """Print the demo's short report and write demo_out/report.md (embedding the training curves)."""
-
 import json
 import os
 import sys
@@ -24,28 +23,19 @@ def main(out: str = "demo_out", wall_s: float = 0.0, min_accuracy: float = 0.0):
     before = m["evals"][0]
     rows = [
         ("accuracy before training", f"{before['accuracy']:.1%} ({before['correct']}/{before['total']})"),
-        (
-            "accuracy after (infer.py, held-out)",
-            f"{infer_meta['accuracy']:.1%} ({infer_meta['correct']}/"
-            f"{infer_meta['total']}, unparsable {infer_meta['unparsable']})",
-        ),
+        ("accuracy after (infer.py, held-out)", f"{infer_meta['accuracy']:.1%} ({infer_meta['correct']}/"
+                                                f"{infer_meta['total']}, unparsable {infer_meta['unparsable']})"),
         ("training steps", str(m["steps"])),
         ("training tokens/s (TP=2, CPU)", f"{m['tokens_per_s']:.0f}"),
         ("generation tokens/s (TP=2, CPU)", f"{infer_meta['tokens_per_s']:.0f}"),
-        (
-            "loss: cross-entropy / consistency KL at the end",
-            f"{m.get('final_loss_ce', float('nan')):.4f} / {m.get('final_loss_kl', float('nan')):.2e}",
-        ),
+        ("loss: cross-entropy / consistency KL at the end",
+         f"{m.get('final_loss_ce', float('nan')):.4f} / {m.get('final_loss_kl', float('nan')):.2e}"),
         ("wall time", f"{wall_s:.0f} s"),
     ]
-    paths = [
-        ("best checkpoint (2 tensor-parallel shards)", os.path.join(run, "best")),
-        ("predictions", os.path.join(out, "predictions.jsonl")),
-        ("metrics", os.path.join(run, "metrics.jsonl")),
-        ("curves", os.path.join(run, "curves.png")),
-        ("run report", os.path.join(run, "report.md")),
-        ("this report", os.path.join(out, "report.md")),
-    ]
+    paths = [("best checkpoint (2 tensor-parallel shards)", os.path.join(run, "best")),
+             ("predictions", os.path.join(out, "predictions.jsonl")),
+             ("metrics", os.path.join(run, "metrics.jsonl")), ("curves", os.path.join(run, "curves.png")),
+             ("run report", os.path.join(run, "report.md")), ("this report", os.path.join(out, "report.md"))]
     width = max(len(k) for k, _ in rows + paths)
     print("\n=== MCC-KD demo: a tiny student distilled from multi-rationale arithmetic ===")
     for k, v in rows + paths:
@@ -59,10 +49,8 @@ def main(out: str = "demo_out", wall_s: float = 0.0, min_accuracy: float = 0.0):
     md += ["", "![training curves](run/curves.png)", "", "Files:", ""] + [f"- {k}: `{v}`" for k, v in paths]
     atomic_write_text(os.path.join(out, "report.md"), "\n".join(md) + "\n")
     if infer_meta["accuracy"] < min_accuracy:
-        print(
-            f"error: held-out accuracy {infer_meta['accuracy']:.3f} is below the expected minimum {min_accuracy}",
-            file=sys.stderr,
-        )
+        print(f"error: held-out accuracy {infer_meta['accuracy']:.3f} is below the expected minimum {min_accuracy}",
+              file=sys.stderr)
         sys.exit(1)
 
 

@@ -56,11 +56,8 @@ def pytest_runtest_protocol(item, nextitem):
 
     def guarded(popen, args, *rest, **kw):
         if starts_python(args):
-            pytest.fail(
-                f"{item.nodeid} starts a process ({os.fsdecode(args if isinstance(args, (str, bytes)) else args[0])} "
-                f"...) but is not marked: add @pytest.mark.processes",
-                pytrace=False,
-            )
+            pytest.fail(f"{item.nodeid} starts a process ({os.fsdecode(args if isinstance(args, (str, bytes)) else args[0])} "
+                        f"...) but is not marked: add @pytest.mark.processes", pytrace=False)
         return _execute_child(popen, args, *rest, **kw)
 
     subprocess.Popen._execute_child = guarded

@@ -1,6 +1,5 @@
 """Reference models built with HF transformers, launchers for multi-process tests, and the comparison
 of two training runs (their losses and saved weights)."""
-
 import json
 import os
 import subprocess
@@ -9,39 +8,19 @@ import sys
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMON = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    vocab_size=256,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-5,
-)
+COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
+              max_position_embeddings=256, rms_norm_eps=1e-5)
 
 # every family, in the shapes the issue asks for; seq length 24 exceeds the Mistral window (8) and
 # LLaMA-3's original context (16), so the window and the rope scaling both matter
 FAMILIES = {
     "llama2": ("LlamaConfig", dict(num_key_value_heads=4)),
-    "llama3": (
-        "LlamaConfig",
-        dict(
-            num_key_value_heads=2,
-            rope_theta=500000.0,
-            rope_scaling={
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 16,
-            },
-        ),
-    ),
+    "llama3": ("LlamaConfig", dict(num_key_value_heads=2, rope_theta=500000.0,
+                                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
     "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=8)),
-    "mixtral": (
-        "MixtralConfig",
-        dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, intermediate_size=48),
-    ),
+    "mixtral": ("MixtralConfig", dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                                      intermediate_size=48)),
     "qwen2": ("Qwen2Config", dict(num_key_value_heads=1, tie_word_embeddings=True)),  # KV replicated at TP=2
     "qwen1": ("Qwen2Config", dict(num_key_value_heads=4)),  # written with Qwen-1's names, see save_qwen1
 }
@@ -103,22 +82,12 @@ def save_qwen1(model, path: str) -> None:
         out[h + "mlp.c_proj.weight"] = sd[a + "mlp.down_proj.weight"]
     os.makedirs(path, exist_ok=True)
     save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(path, "model.safetensors"))
-    qcfg = {
-        "architectures": ["QWenLMHeadModel"],
-        "model_type": "qwen",
-        "hidden_size": cfg.hidden_size,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "kv_channels": cfg.hidden_size // cfg.num_attention_heads,
-        "intermediate_size": 2 * cfg.intermediate_size,
-        "layer_norm_epsilon": cfg.rms_norm_eps,
-        "rotary_emb_base": cfg.rope_parameters["rope_theta"],
-        "rotary_pct": 1.0,
-        "vocab_size": cfg.vocab_size,
-        "seq_length": cfg.max_position_embeddings,
-        "no_bias": True,
-        "tie_word_embeddings": False,
-    }
+    qcfg = {"architectures": ["QWenLMHeadModel"], "model_type": "qwen", "hidden_size": cfg.hidden_size,
+            "num_attention_heads": cfg.num_attention_heads, "num_hidden_layers": cfg.num_hidden_layers,
+            "kv_channels": cfg.hidden_size // cfg.num_attention_heads, "intermediate_size": 2 * cfg.intermediate_size,
+            "layer_norm_epsilon": cfg.rms_norm_eps, "rotary_emb_base": cfg.rope_parameters["rope_theta"],
+            "rotary_pct": 1.0, "vocab_size": cfg.vocab_size, "seq_length": cfg.max_position_embeddings,
+            "no_bias": True, "tie_word_embeddings": False}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(qcfg, f)
 
@@ -133,11 +102,8 @@ def hf_to_meta_files(model, path: str, n: int) -> None:
         return w.view(h, 2, w.shape[0] // h // 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
 
     sd = model.state_dict()
-    full = {
-        "tok_embeddings.weight": sd["model.embed_tokens.weight"],
-        "norm.weight": sd["model.norm.weight"],
-        "output.weight": sd["lm_head.weight"],
-    }
+    full = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
+            "output.weight": sd["lm_head.weight"]}
     for i in range(cfg.num_hidden_layers):
         a, m = f"model.layers.{i}.", f"layers.{i}."
         full[m + "attention.wq.weight"] = unpermute(sd[a + "self_attn.q_proj.weight"], heads)
@@ -149,31 +115,18 @@ def hf_to_meta_files(model, path: str, n: int) -> None:
         full[m + "feed_forward.w3.weight"] = sd[a + "mlp.up_proj.weight"]
         full[m + "attention_norm.weight"] = sd[a + "input_layernorm.weight"]
         full[m + "ffn_norm.weight"] = sd[a + "post_attention_layernorm.weight"]
-
-    def split_dim(k):
-        if k == "tok_embeddings.weight":
-            return 1
-        if k.endswith(("wq.weight", "wk.weight", "wv.weight", "w1.weight", "w3.weight", "output.weight")):
-            return 0
-        return 1 if k.endswith(("wo.weight", "w2.weight")) else None
-
+    split_dim = lambda k: (1 if k == "tok_embeddings.weight" else  # noqa: E731
+                           0 if k.endswith(("wq.weight", "wk.weight", "wv.weight", "w1.weight", "w3.weight",
+                                            "output.weight")) else
+                           1 if k.endswith(("wo.weight", "w2.weight")) else None)
     os.makedirs(path, exist_ok=True)
     for r in range(n):
         shard = {k: (v if split_dim(k) is None else v.chunk(n, split_dim(k))[r]).clone() for k, v in full.items()}
         shard["rope.freqs"] = torch.zeros(dim // heads // 2)  # LLaMA-1 checkpoints carry this buffer
         torch.save(shard, os.path.join(path, f"consolidated.{r:02d}.pth"))
-    params = {
-        "dim": dim,
-        "n_layers": cfg.num_hidden_layers,
-        "n_heads": heads,
-        "n_kv_heads": kv_heads,
-        "vocab_size": -1,
-        "multiple_of": 32,
-        "ffn_dim_multiplier": None,
-        "norm_eps": cfg.rms_norm_eps,
-        "hidden_dim": cfg.intermediate_size,
-        "rope_theta": cfg.rope_parameters["rope_theta"],
-    }
+    params = {"dim": dim, "n_layers": cfg.num_hidden_layers, "n_heads": heads, "n_kv_heads": kv_heads,
+              "vocab_size": -1, "multiple_of": 32, "ffn_dim_multiplier": None, "norm_eps": cfg.rms_norm_eps,
+              "hidden_dim": cfg.intermediate_size, "rope_theta": cfg.rope_parameters["rope_theta"]}
     with open(os.path.join(path, "params.json"), "w") as f:
         json.dump(params, f)
 
@@ -191,36 +144,22 @@ def child_env(gpu: bool = False, **extra) -> dict:
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **extra}
 
 
-def torchrun(
-    script: str, *args: str, nproc: int = 2, timeout: int = 600, env=None, gpu: bool = False
-) -> subprocess.CompletedProcess:
+def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600, env=None,
+             gpu: bool = False) -> subprocess.CompletedProcess:
     """Launch a worker under torchrun (gloo on CPU unless `gpu`); raise with its output if it fails."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_port",
-        str(_free_port()),
-        script,
-        *args,
-    ]
-    proc = subprocess.run(
-        cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=child_env(gpu, **(env or {}))
-    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(_free_port()), script, *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=child_env(gpu, **(env or {})))
     if proc.returncode != 0:
-        raise AssertionError(
-            f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-        )
+        raise AssertionError(f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
 
 
 def run_cli(*args: str, timeout: int = 300, gpu: bool = False) -> subprocess.CompletedProcess:
     """Run a launcher as a user would (on the CPU unless `gpu`); returns the completed process (never raises)."""
-    return subprocess.run(
-        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=child_env(gpu)
-    )
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=child_env(gpu))
 
 
 def _free_port() -> int:
@@ -260,11 +199,8 @@ def train_args(flags: dict) -> list:
 
 def losses(save_dir) -> list:
     """The training losses of a run, step by step, from its metrics.jsonl (evaluation lines left out)."""
-    return [
-        json.loads(line)["loss"]
-        for line in open(os.path.join(save_dir, "metrics.jsonl"))
-        if not json.loads(line).get("eval")
-    ]
+    return [json.loads(line)["loss"] for line in open(os.path.join(save_dir, "metrics.jsonl"))
+            if not json.loads(line).get("eval")]
 
 
 def full_weights(path, lora=False) -> dict:

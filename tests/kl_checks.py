@@ -1,6 +1,5 @@
 """Hand-made inputs for the teacher-KL objective, evaluated at the current tensor-parallel size (in
 the test process, TP=1, or in tests/workers/kl_worker.py under torchrun, TP=2)."""
-
 import torch
 
 
@@ -34,22 +33,19 @@ def teacher_kl_grads(temperature: float = 1.7):
     hidden, weight, t_hidden, t_weight, ids, probs = kl_inputs()
     local = weight.shape[0] // get_model_parallel_world_size()
     start = vocab_shard_start(local)
-    targets = {"dense": DenseTarget(t_hidden, t_weight[start : start + local]), "sparse": SparseTarget(ids, probs)}
+    targets = {"dense": DenseTarget(t_hidden, t_weight[start:start + local]), "sparse": SparseTarget(ids, probs)}
     out = {}
     for name, target in targets.items():
         for path in ("chunk4", "chunk_all", "logits"):
             h = hidden.clone().requires_grad_()
-            w = weight[start : start + local].clone().requires_grad_()
+            w = weight[start:start + local].clone().requires_grad_()
             if path == "logits":
                 loss = logits_teacher_kl(F.linear(copy_to_tp(h), w), target, temperature)
             else:
                 loss = head_teacher_kl(h, w, target, temperature, chunk_rows=4 if path == "chunk4" else len(h))
             loss.backward()
-            out[f"{name}-{path}"] = {
-                "loss": float(loss.detach()),
-                "grad_h": h.grad,
-                "grad_w": gather_from_tp(w.grad.t().contiguous()).t(),
-            }
-    top_ids, top_logp = sharded_topk(F.linear(t_hidden, t_weight[start : start + local]), 5)
+            out[f"{name}-{path}"] = {"loss": float(loss.detach()), "grad_h": h.grad,
+                                     "grad_w": gather_from_tp(w.grad.t().contiguous()).t()}
+    top_ids, top_logp = sharded_topk(F.linear(t_hidden, t_weight[start:start + local]), 5)
     out["topk"] = {"ids": top_ids, "logprobs": top_logp}
     return out

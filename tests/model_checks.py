@@ -1,5 +1,4 @@
 """Computations shared by in-process (TP=1) tests and torchrun workers (TP=2)."""
-
 import torch
 
 
@@ -82,21 +81,15 @@ def head_loss_grads(seed: int = 0, rows: int = 5, cols: int = 9, dim: int = 16, 
     out = {}
     from models.vocab_parallel import labelled_rows
 
-    for name, chunk in (
-        ("chunk7", 7),
-        ("chunk16", 16),
-        ("chunk_all", rows * cols),
-        ("labelled_rows", 5),
-        ("plain", None),
-    ):
+    for name, chunk in (("chunk7", 7), ("chunk16", 16), ("chunk_all", rows * cols), ("labelled_rows", 5),
+                        ("plain", None)):
         h = hidden.clone().requires_grad_()
-        w = weight[start : start + local].clone().requires_grad_()
+        w = weight[start:start + local].clone().requires_grad_()
         if chunk is None:
             loss = token_cross_entropy(F.linear(copy_to_tp(h), w), labels)
         else:
-            loss = head_cross_entropy(
-                h, w, labels, chunk_rows=chunk, rows=labelled_rows(labels) if name == "labelled_rows" else None
-            )
+            loss = head_cross_entropy(h, w, labels, chunk_rows=chunk,
+                                      rows=labelled_rows(labels) if name == "labelled_rows" else None)
         loss.backward()
         out[name] = {"loss": float(loss), "grad_h": h.grad, "grad_w": gather_from_tp(w.grad.t().contiguous()).t()}
     return out

@@ -1,5 +1,4 @@
 """Reading and scoring answers (engine/text/answers.py): exact values, never a crash on what a model writes."""
-
 from __future__ import annotations
 
 import pytest
@@ -7,24 +6,17 @@ import pytest
 from engine.text.answers import equation_value, extract_answer, is_correct, parse_label, unreadable_labels
 
 
-@pytest.mark.parametrize(
-    "prediction,label,correct",
-    [
-        (
-            "57505",
-            "57500",
-            False,
-        ),  # a relative tolerance of 1e-4 would call this right (23 GSM8K test labels are > 10^4)
-        ("57500", "57,500", True),
-        ("72", "72.0", True),
-        ("0.10", "0.1", True),
-        ("0.1000001", "0.1", False),
-        ("-3", "3", False),
-        ("1" * 400, "1" * 400, True),  # beyond float range: compared digit for digit
-        ("1" * 399 + "2", "1" * 400, False),
-        ("12345678901234567890", "12345678901234567891", False),  # beyond float precision
-    ],
-)
+@pytest.mark.parametrize("prediction,label,correct", [
+    ("57505", "57500", False),  # a relative tolerance of 1e-4 would call this right (23 GSM8K test labels are > 10^4)
+    ("57500", "57,500", True),
+    ("72", "72.0", True),
+    ("0.10", "0.1", True),
+    ("0.1000001", "0.1", False),
+    ("-3", "3", False),
+    ("1" * 400, "1" * 400, True),  # beyond float range: compared digit for digit
+    ("1" * 399 + "2", "1" * 400, False),
+    ("12345678901234567890", "12345678901234567891", False),  # beyond float precision
+])
 def test_numbers_compare_by_exact_value(prediction, label, correct):
     assert is_correct(prediction, label, "GSM8K") is correct
 
@@ -38,17 +30,8 @@ def test_answers_are_read_from_the_answer_sentence():
     assert extract_answer("So the answer is (b) bank.", "CSQA") == "B"
 
 
-@pytest.mark.parametrize(
-    "text",
-    [
-        "The answer is " + "9" * 400 + " .",
-        "The answer is 1e999999.",
-        "The answer is nan.",
-        "The answer is inf.",
-        "The answer is " + "7" * 5000 + ".",
-        "(" * 500 + "1" + ")" * 500,
-    ],
-)
+@pytest.mark.parametrize("text", ["The answer is " + "9" * 400 + " .", "The answer is 1e999999.", "The answer is nan.",
+                                  "The answer is inf.", "The answer is " + "7" * 5000 + ".", "(" * 500 + "1" + ")" * 500])
 def test_what_a_model_writes_never_crashes_scoring(text):
     prediction = extract_answer(text, "GSM8K")
     assert is_correct(prediction, "5", "GSM8K") is False
@@ -76,6 +59,4 @@ def test_svamp_equations_are_exact_rationals():
     assert is_correct(extract_answer("The answer is ( 0.1 + 0.2 ).", "SVAMP"), "0.3", "SVAMP")
     assert is_correct(extract_answer("The answer is (10.0 / 3.0).", "SVAMP"), "( 20.0 / 6.0 )", "SVAMP")
     assert not is_correct("3.333333", "( 10.0 / 3.0 )", "SVAMP")
-    assert (
-        equation_value("1 / 0") is None and equation_value("2 ** 1000") is None and equation_value("__import__") is None
-    )
+    assert equation_value("1 / 0") is None and equation_value("2 ** 1000") is None and equation_value("__import__") is None

@@ -1,5 +1,4 @@
 """Checkpoint conversions: bit-identical round trips, Meta's layout, and one-sentence errors."""
-
 import json
 import os
 
@@ -18,12 +17,8 @@ def test_split_merge_bit_identical(tmp_path, tiny_tokenizer):
     cli.split(str(tmp_path / "one"), str(tmp_path / "two"), n=2)
     cli.merge(str(tmp_path / "two"), str(tmp_path / "back"))
     assert_same_tensors(read_shards(str(tmp_path / "one")), read_shards(str(tmp_path / "back")))
-    assert sorted(os.listdir(tmp_path / "two")) == [
-        "consolidated.00.safetensors",
-        "consolidated.01.safetensors",
-        "params.json",
-        "tokenizer.model",
-    ]
+    assert sorted(os.listdir(tmp_path / "two")) == ["consolidated.00.safetensors", "consolidated.01.safetensors",
+                                                  "params.json", "tokenizer.model"]
 
 
 def test_reshard_1_2_4_1_bit_identical_with_kv_replication(tmp_path, tiny_tokenizer):
@@ -115,15 +110,8 @@ def test_meta_pth_to_native_to_meta(tmp_path, dist1):
 def test_seed_command_line_splits_a_file(tmp_path):
     hf = build_hf("llama2", seed=2)
     hf_to_meta_files(hf, str(tmp_path / "meta"), n=1)
-    proc = run_cli(
-        "checkpoint_split.py",
-        "--ckpt_file",
-        str(tmp_path / "meta" / "consolidated.00.pth"),
-        "--save_path",
-        str(tmp_path / "split"),
-        "--n",
-        "2",
-    )
+    proc = run_cli("checkpoint_split.py", "--ckpt_file", str(tmp_path / "meta" / "consolidated.00.pth"),
+                   "--save_path", str(tmp_path / "split"), "--n", "2")
     assert proc.returncode == 0, proc.stderr
     assert sorted(os.listdir(tmp_path / "split"))[:2] == ["consolidated.00.safetensors", "consolidated.01.safetensors"]
 
@@ -203,16 +191,8 @@ def test_failed_conversion_leaves_nothing_behind(tmp_path, tiny_tokenizer, monke
 
 @pytest.mark.processes
 def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path):
-    proc = run_cli(
-        "checkpoint_split.py",
-        "reshard",
-        "--ckpt_dir",
-        str(tmp_path / "missing"),
-        "--save_dir",
-        str(tmp_path / "out"),
-        "--n",
-        "2",
-    )
+    proc = run_cli("checkpoint_split.py", "reshard", "--ckpt_dir", str(tmp_path / "missing"),
+                   "--save_dir", str(tmp_path / "out"), "--n", "2")
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'} does not exist"]
     assert not os.path.exists(tmp_path / "out")
@@ -247,9 +227,7 @@ def test_device_choice_sentences(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     with pytest.raises(UserError) as e:
         resolve_device("cuda")
-    assert str(e.value) == (
-        "2 processes on this node but only 1 GPU(s): start at most 1 per node "
-        "(torchrun --nproc_per_node 1), or pass --device cpu to run all 2 on the CPU"
-    )
+    assert str(e.value) == ("2 processes on this node but only 1 GPU(s): start at most 1 per node "
+                            "(torchrun --nproc_per_node 1), or pass --device cpu to run all 2 on the CPU")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert resolve_device("cuda") == "cuda"

@@ -1,6 +1,5 @@
 """Every flag the README shows exists on its launcher, and every launcher's --help explains every
 flag in one line."""
-
 import importlib
 import inspect
 import os
@@ -27,14 +26,8 @@ def _components():
         "train.py": train.main,
         "train_mcc.py": train_mcc.main,
         "train_implicit.py": dict(train_implicit.COMMANDS),
-        "infer.py": {
-            "generate": infer.generate,
-            "evaluate": infer.evaluate,
-            "score": infer.score,
-            "calibration": infer.calibration,
-            "bleu": infer.bleu,
-            None: infer.generate,
-        },
+        "infer.py": {"generate": infer.generate, "evaluate": infer.evaluate, "score": infer.score,
+                     "calibration": infer.calibration, "bleu": infer.bleu, None: infer.generate},
         "checkpoint_split.py": {**checkpoint_split.COMMANDS, None: checkpoint_split.split_file},
         "data/prepare_mcc.py": mod("data/prepare_mcc.py").main,
         "data/prepare_step_by_step.py": mod("data/prepare_step_by_step.py").main,
@@ -72,7 +65,7 @@ def test_every_readme_flag_exists():
         for i, tok in enumerate(tokens):
             if tok not in comps:
                 continue
-            comp, args = comps[tok], tokens[i + 1 :]
+            comp, args = comps[tok], tokens[i + 1:]
             if isinstance(comp, dict):
                 fn = comp.get(args[0]) if args and args[0] in comp else comp[None]
                 args = args[1:] if args and args[0] in comp else args
@@ -84,28 +77,12 @@ def test_every_readme_flag_exists():
     assert checked >= 25  # the README shows every launcher
 
 
-@pytest.mark.parametrize(
-    "script",
-    [
-        "train.py",
-        "train_mcc.py",
-        "infer.py",
-        "checkpoint_split.py",
-        "data/prepare_mcc.py",
-        "data/arithmetic.py",
-        "data/make_tokenizer.py",
-        "bench/train_step.py",
-        "bench/generate.py",
-        "bench/mcc_experiment.py",
-        "data/prepare_step_by_step.py",
-        "bench/step_by_step_experiment.py",
-        "data/make_formats.py",
-        "bench/teacher_kl_experiment.py",
-        "train_implicit.py",
-        "data/multiplication.py",
-        "bench/implicit_experiment.py",
-    ],
-)
+@pytest.mark.parametrize("script", ["train.py", "train_mcc.py", "infer.py", "checkpoint_split.py",
+                                    "data/prepare_mcc.py", "data/arithmetic.py", "data/make_tokenizer.py",
+                                    "bench/train_step.py", "bench/generate.py", "bench/mcc_experiment.py",
+                                    "data/prepare_step_by_step.py", "bench/step_by_step_experiment.py",
+                                    "data/make_formats.py", "bench/teacher_kl_experiment.py",
+                                    "train_implicit.py", "data/multiplication.py", "bench/implicit_experiment.py"])
 def test_help_explains_every_flag_in_one_line(script):
     for fn in _functions(_components()[script]):
         doc = inspect.getdoc(fn) or ""

@@ -2,7 +2,6 @@
 GPU, greedy generation through infer.py (CUDA graphs of the compiled decode step) equal to HF
 generate() in fp32, training steps with bf16 autocast and fp16 loss scaling, resume on the GPU, and
 TP=2 over NCCL equal to TP=1 when two GPUs exist. Launchers run as users run them, with --device cuda."""
-
 import json
 import shutil
 import subprocess
@@ -62,28 +61,9 @@ def test_infer_greedy_matches_hf_generate_on_gpu(gpu_env, tmp_path):
     data = tmp_path / "q.json"
     data.write_text(json.dumps([{"instruction": q} for q in questions]))
     out = tmp_path / "out.jsonl"
-    proc = run_cli(
-        "infer.py",
-        "--ckpt_dir",
-        str(hf_dir),
-        "--data_file",
-        str(data),
-        "--output_file",
-        str(out),
-        "--template",
-        "none",
-        "--max_new_tokens",
-        "12",
-        "--batch_size",
-        "5",
-        "--output_tokens",
-        "True",
-        "--progress",
-        "False",
-        "--device",
-        "cuda",
-        gpu=True,
-    )
+    proc = run_cli("infer.py", "--ckpt_dir", str(hf_dir), "--data_file", str(data), "--output_file", str(out),
+                   "--template", "none", "--max_new_tokens", "12", "--batch_size", "5", "--output_tokens", "True",
+                   "--progress", "False", "--device", "cuda", gpu=True)
     assert proc.returncode == 0, proc.stderr
     assert "decode: CUDA graphs" in proc.stderr
     tok = load_tokenizer(str(hf_dir))
@@ -91,39 +71,15 @@ def test_infer_greedy_matches_hf_generate_on_gpu(gpu_env, tmp_path):
     for line, q in zip(open(out), questions):
         ids = torch.tensor([tok.encode(q)]).cuda()
         with torch.no_grad():
-            gen = hf.generate(
-                input_ids=ids, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_id, pad_token_id=3
-            )[0, ids.shape[1] :].tolist()
+            gen = hf.generate(input_ids=ids, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_id,
+                              pad_token_id=3)[0, ids.shape[1]:].tolist()
         assert json.loads(line)["tokens"] == gen, q
 
 
 def _train(root, hf_dir, save, *extra, launcher=run_cli):
-    args = [
-        "train.py",
-        "--task",
-        "ARITH",
-        "--ckpt_dir",
-        str(hf_dir),
-        "--save_dir",
-        str(save),
-        "--train_file",
-        str(root / "arith" / "train.json"),
-        "--template",
-        "none",
-        "--max_seq_len",
-        "64",
-        "--lr",
-        "1e-3",
-        "--max_batch_size",
-        "4",
-        "--max_steps",
-        "4",
-        "--save_every",
-        "2",
-        "--device",
-        "cuda",
-        *extra,
-    ]
+    args = ["train.py", "--task", "ARITH", "--ckpt_dir", str(hf_dir), "--save_dir", str(save), "--train_file",
+            str(root / "arith" / "train.json"), "--template", "none", "--max_seq_len", "64", "--lr", "1e-3",
+            "--max_batch_size", "4", "--max_steps", "4", "--save_every", "2", "--device", "cuda", *extra]
     proc = launcher(*args, gpu=True) if launcher is run_cli else launcher(*args, nproc=2, gpu=True)
     if launcher is run_cli:
         assert proc.returncode == 0, proc.stderr
@@ -158,29 +114,10 @@ def test_tp2_over_nccl_equals_tp1(gpu_env, tmp_path):
 def test_more_processes_than_gpus_is_one_sentence(gpu_env, tmp_path):
     root, hf_dir = gpu_env
     n = GPUS + 1
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(n),
-            "train.py",
-            "--task",
-            "ARITH",
-            "--ckpt_dir",
-            str(hf_dir),
-            "--save_dir",
-            str(tmp_path / "x"),
-            "--train_file",
-            str(root / "arith" / "train.json"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=child_env(gpu=True),
-        timeout=300,
-    )
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "train.py",
+                           "--task", "ARITH", "--ckpt_dir", str(hf_dir), "--save_dir", str(tmp_path / "x"),
+                           "--train_file", str(root / "arith" / "train.json")], cwd=ROOT, capture_output=True,
+                          text=True, env=child_env(gpu=True), timeout=300)
     assert proc.returncode != 0
     assert f"error: {n} processes on this node but only {GPUS} GPU(s)" in proc.stderr
     assert "--device cpu" in proc.stderr

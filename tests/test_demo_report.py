@@ -1,6 +1,5 @@
 """The demo's report: it says when accuracy was still rising at the end, and CI's --min_accuracy
 guard fails the run when the held-out accuracy falls below what the shortened demo reliably reaches."""
-
 import json
 
 import pytest
@@ -21,26 +20,11 @@ def test_still_rising_compares_the_end_with_ninety_percent_of_the_run():
 
 def _fake_demo(out, evals, accuracy):
     (out / "run").mkdir(parents=True)
-    lines = [
-        {
-            "step": s,
-            "epoch": 0,
-            "loss": 1.0 / (s + 1),
-            "lr": 1e-3,
-            "grad_norm": 1.0,
-            "tokens_per_s": 1000.0,
-            "loss_ce": 1.0,
-            "loss_kl": 0.0,
-        }
-        for s in range(1, 2501)
-    ]
-    lines += [
-        {"step": s, "epoch": 0, "eval": True, "accuracy": a, "correct": int(200 * a), "total": 200, "unparsable": 0}
-        for s, a in evals
-    ]
-    (out / "run" / "metrics.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in sorted(lines, key=lambda r: r["step"]))
-    )
+    lines = [{"step": s, "epoch": 0, "loss": 1.0 / (s + 1), "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1000.0,
+              "loss_ce": 1.0, "loss_kl": 0.0} for s in range(1, 2501)]
+    lines += [{"step": s, "epoch": 0, "eval": True, "accuracy": a, "correct": int(200 * a), "total": 200,
+               "unparsable": 0} for s, a in evals]
+    (out / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sorted(lines, key=lambda r: r["step"])))
     (out / "run" / "run_config.json").write_text(json.dumps({"total_steps": 2500}))
     summary = {"accuracy": accuracy, "correct": int(200 * accuracy), "total": 200, "unparsable": 0, "tokens_per_s": 1.0}
     (out / "predictions.jsonl.meta.json").write_text(json.dumps({"summary": summary}))

@@ -1,7 +1,6 @@
 """Nothing lost, nothing silent: outputs never overwritten, a job owns its output (two real
 processes), flags checked before anything runs, non-finite runs stopped, resume around damage, the
 error sentence under torchrun, a full disk, partial outputs of dead runs, progress in log files."""
-
 import json
 import os
 import shutil
@@ -27,27 +26,14 @@ def env(tmp_path_factory, tiny_tokenizer):
     make_arith(str(root / "arith"), n_train=14, n_test=4, min_value=10, style="fixed", seed=1)
     make_arith(str(root / "long"), n_train=4000, n_test=1, min_value=10, style="fixed", seed=2)  # a long epoch
     cks.init("tiny-llama", str(root / "m"), n=1, tokenizer=tiny_tokenizer, seed=4)
-    (root / "q.jsonl").write_text(
-        "".join(
-            json.dumps({"instruction": f"What is {i} + {i * 7 % 13} ?", "label": str(i)}) + "\n" for i in range(300)
-        )
-    )
+    (root / "q.jsonl").write_text("".join(json.dumps({"instruction": f"What is {i} + {i * 7 % 13} ?", "label": str(i)})
+                                          + "\n" for i in range(300)))
     return root
 
 
 def _train_kw(root, save_dir, **kw):
-    return dict(
-        task="ARITH",
-        ckpt_dir=str(root / "m"),
-        save_dir=str(save_dir),
-        train_file=str(root / "arith" / "train.json"),
-        template="none",
-        max_seq_len=64,
-        max_batch_size=4,
-        lr=1e-3,
-        max_steps=2,
-        **kw,
-    )
+    return dict(task="ARITH", ckpt_dir=str(root / "m"), save_dir=str(save_dir), train_file=str(root / "arith" / "train.json"),
+                template="none", max_seq_len=64, max_batch_size=4, lr=1e-3, max_steps=2, **kw)
 
 
 def _error(fn, **kw) -> str:
@@ -79,17 +65,8 @@ def test_prepare_mcc_never_overwrites(tmp_path, tiny_tokenizer):
     make_arith(str(tmp_path / "d"), kind="sum3", n_train=20, n_test=2, max_value=9, seed=5)
     raw = tmp_path / "d" / "train.json"
     before = raw.read_bytes()
-    proc = run_cli(
-        "data/prepare_mcc.py",
-        "--input_file",
-        str(raw),
-        "--output_file",
-        str(raw),
-        "--tokenizer",
-        tiny_tokenizer,
-        "--task",
-        "ARITH",
-    )
+    proc = run_cli("data/prepare_mcc.py", "--input_file", str(raw), "--output_file", str(raw), "--tokenizer",
+                   tiny_tokenizer, "--task", "ARITH")
     assert "is the --input_file" in _one_error_line(proc)
     with pytest.raises(UserError, match="is the --input_file"):  # even when asked to overwrite
         prepare_main(str(raw), str(raw), tiny_tokenizer, task="ARITH", overwrite=True)
@@ -106,29 +83,15 @@ def test_prepare_mcc_never_overwrites(tmp_path, tiny_tokenizer):
 
 # ----- 2. a job owns its output: a second job stops at once; a dead holder's lock is taken over -----
 def _popen(*args):
-    return subprocess.Popen(
-        [sys.executable, *args], cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.processes
 def test_two_infer_jobs_on_one_output_file(env, tmp_path):
     out = tmp_path / "o.jsonl"
-    args = [
-        "infer.py",
-        "--ckpt_dir",
-        str(env / "m"),
-        "--data_file",
-        str(env / "q.jsonl"),
-        "--template",
-        "none",
-        "--max_new_tokens",
-        "48",
-        "--output_file",
-        str(out),
-        "--progress",
-        "False",
-    ]
+    args = ["infer.py", "--ckpt_dir", str(env / "m"), "--data_file", str(env / "q.jsonl"), "--template", "none",
+            "--max_new_tokens", "48", "--output_file", str(out), "--progress", "False"]
     first = _popen(*args, "--batch_size", "1")
     lock = tmp_path / "o.jsonl.lock"
     _wait_for(lambda: out.exists() and out.stat().st_size > 0)  # generating, the lock held
@@ -151,23 +114,8 @@ def test_two_infer_jobs_on_one_output_file(env, tmp_path):
 @pytest.mark.processes
 def test_two_training_jobs_on_one_save_dir(env, tmp_path):
     save = tmp_path / "run"
-    args = [
-        "train.py",
-        "--task",
-        "ARITH",
-        "--ckpt_dir",
-        str(env / "m"),
-        "--save_dir",
-        str(save),
-        "--train_file",
-        str(env / "long" / "train.json"),
-        "--template",
-        "none",
-        "--max_seq_len",
-        "64",
-        "--max_batch_size",
-        "4",
-    ]
+    args = ["train.py", "--task", "ARITH", "--ckpt_dir", str(env / "m"), "--save_dir", str(save), "--train_file",
+            str(env / "long" / "train.json"), "--template", "none", "--max_seq_len", "64", "--max_batch_size", "4"]
     first = _popen(*args, "--max_steps", "100000")  # no checkpoint before the epoch ends (step 1000)
     metrics = save / "metrics.jsonl"
 
@@ -192,34 +140,19 @@ def test_two_training_jobs_on_one_save_dir(env, tmp_path):
 # ----- 3, 5, 9. flags checked before anything runs -------------------------------------------------
 @pytest.mark.processes
 def test_negative_batch_size_stops_instead_of_hanging(env, tmp_path):
-    proc = run_cli(
-        "train.py",
-        "--task",
-        "ARITH",
-        "--ckpt_dir",
-        str(env / "m"),
-        "--save_dir",
-        str(tmp_path / "s"),
-        "--train_file",
-        str(env / "arith" / "train.json"),
-        "--max_batch_size",
-        "-4",
-        "--max_steps",
-        "5",
-        timeout=120,
-    )
+    proc = run_cli("train.py", "--task", "ARITH", "--ckpt_dir", str(env / "m"), "--save_dir", str(tmp_path / "s"),
+                   "--train_file", str(env / "arith" / "train.json"), "--max_batch_size", "-4", "--max_steps", "5",
+                   timeout=120)
     assert _one_error_line(proc) == "error: --max_batch_size must be >= 1, got -4"
 
 
 def test_training_flag_ranges(env, tmp_path, dist1):
     kw = _train_kw(env, tmp_path / "s")
-    for flag, value, message in [
-        ("max_batch_size", 0, "--max_batch_size must be >= 1, got 0"),
-        ("accumulation_steps", 0, "--accumulation_steps must be >= 1, got 0"),
-        ("log_every", 0, "--log_every must be >= 1, got 0"),
-        ("eval_batch_size", 0, "--eval_batch_size must be >= 1, got 0"),
-        ("lr", -1.0, "--lr must be > 0, got -1.0"),
-    ]:
+    for flag, value, message in [("max_batch_size", 0, "--max_batch_size must be >= 1, got 0"),
+                                 ("accumulation_steps", 0, "--accumulation_steps must be >= 1, got 0"),
+                                 ("log_every", 0, "--log_every must be >= 1, got 0"),
+                                 ("eval_batch_size", 0, "--eval_batch_size must be >= 1, got 0"),
+                                 ("lr", -1.0, "--lr must be > 0, got -1.0")]:
         assert _error(train.main, **{**kw, flag: value}) == message
     assert "--epochs 0 trains nothing" in _error(train.main, **{**kw, "max_steps": 0, "epochs": 0})
     assert not (tmp_path / "s").exists()  # nothing ran
@@ -228,44 +161,27 @@ def test_training_flag_ranges(env, tmp_path, dist1):
     assert _error(train.main, **_train_kw(env, a_file)) == f"--save_dir {a_file} exists and is a file, not a directory"
 
 
-@pytest.mark.parametrize(
-    "argv,expected",
-    [
-        (["train.py", "--lr", "abc"], "error: --lr must be a number, not 'abc'"),
-        (["train.py", "--max_batch_size", "4.5"], "error: --max_batch_size must be a whole number, not 4.5"),
-        (["train.py", "--tp_size", "3"], "error: --tp_size 3 does not divide the 1 process(es) of this run"),
-        (["infer.py", "--temperature", "hot"], "error: --temperature must be a number, not 'hot'"),
-        (["infer.py", "--batch_size", "many"], "error: --batch_size must be a whole number, not 'many'"),
-        (["infer.py", "--top_k", "-5"], "error: --top_k must be >= 0 (0: off), got -5"),
-        (["infer.py", "score", "--batch_size", "0"], "error: --batch_size must be >= 1, got 0"),
-        (["checkpoint_split.py", "reshard", "--n", "-2"], "error: --n=-2 must be a shard count >= 1"),
-        (["checkpoint_split.py", "reshard", "--n", "0"], "error: --n=0 must be a shard count >= 1"),
-    ],
-)
+@pytest.mark.parametrize("argv,expected", [
+    (["train.py", "--lr", "abc"], "error: --lr must be a number, not 'abc'"),
+    (["train.py", "--max_batch_size", "4.5"], "error: --max_batch_size must be a whole number, not 4.5"),
+    (["train.py", "--tp_size", "3"], "error: --tp_size 3 does not divide the 1 process(es) of this run"),
+    (["infer.py", "--temperature", "hot"], "error: --temperature must be a number, not 'hot'"),
+    (["infer.py", "--batch_size", "many"], "error: --batch_size must be a whole number, not 'many'"),
+    (["infer.py", "--top_k", "-5"], "error: --top_k must be >= 0 (0: off), got -5"),
+    (["infer.py", "score", "--batch_size", "0"], "error: --batch_size must be >= 1, got 0"),
+    (["checkpoint_split.py", "reshard", "--n", "-2"], "error: --n=-2 must be a shard count >= 1"),
+    (["checkpoint_split.py", "reshard", "--n", "0"], "error: --n=0 must be a shard count >= 1"),
+])
 @pytest.mark.processes
 def test_bad_flags_end_in_one_sentence(env, tmp_path, argv, expected):
     script, rest = argv[0], argv[1:]
     sub = [rest.pop(0)] if rest and not rest[0].startswith("--") else []
     if script == "train.py":
-        base = [
-            "--task",
-            "ARITH",
-            "--ckpt_dir",
-            str(env / "m"),
-            "--save_dir",
-            str(tmp_path / "s"),
-            "--train_file",
-            str(env / "arith" / "train.json"),
-        ]
+        base = ["--task", "ARITH", "--ckpt_dir", str(env / "m"), "--save_dir", str(tmp_path / "s"),
+                "--train_file", str(env / "arith" / "train.json")]
     elif script == "infer.py":
-        base = [
-            "--ckpt_dir",
-            str(env / "m"),
-            "--data_file",
-            str(env / "q.jsonl"),
-            "--output_file",
-            str(tmp_path / "o.jsonl"),
-        ]
+        base = ["--ckpt_dir", str(env / "m"), "--data_file", str(env / "q.jsonl"), "--output_file",
+                str(tmp_path / "o.jsonl")]
     else:
         base = ["--ckpt_dir", str(env / "m"), "--save_dir", str(tmp_path / "out")]
     line = _one_error_line(run_cli(script, *sub, *base, *rest))
@@ -275,21 +191,9 @@ def test_bad_flags_end_in_one_sentence(env, tmp_path, argv, expected):
 
 @pytest.mark.processes
 def test_stop_string_that_looks_like_a_number(env, tmp_path):
-    proc = run_cli(
-        "infer.py",
-        "--ckpt_dir",
-        str(env / "m"),
-        "--data_file",
-        str(env / "arith" / "test.json"),
-        "--output_file",
-        str(tmp_path / "o.jsonl"),
-        "--template",
-        "none",
-        "--max_new_tokens",
-        "8",
-        "--stop",
-        "5",
-    )
+    proc = run_cli("infer.py", "--ckpt_dir", str(env / "m"), "--data_file", str(env / "arith" / "test.json"),
+                   "--output_file", str(tmp_path / "o.jsonl"), "--template", "none", "--max_new_tokens", "8",
+                   "--stop", "5")
     assert proc.returncode == 0, proc.stderr
     assert json.load(open(tmp_path / "o.jsonl.meta.json"))["stop"] == ["5"]
 
@@ -298,42 +202,25 @@ def test_deepspeed_missing_is_one_sentence(env, tmp_path, monkeypatch, dist1):
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # as if not installed
     cfg = tmp_path / "ds.json"
     cfg.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
-    assert (
-        _error(train.main, **_train_kw(env, tmp_path / "s"), deepspeed=str(cfg))
-        == f"--deepspeed {cfg} needs the deepspeed package (pip install deepspeed)"
-    )
+    assert _error(train.main, **_train_kw(env, tmp_path / "s"), deepspeed=str(cfg)) == \
+        f"--deepspeed {cfg} needs the deepspeed package (pip install deepspeed)"
 
 
 @pytest.mark.processes
 def test_bad_data_files(env, tmp_path, tiny_tokenizer, dist1):
     bad = tmp_path / "latin1.json"
     bad.write_bytes(b'[{"instruction": "q", "output": "a"},\n {"instruction": "caf\xe9", "output": "b"}]')
-    assert (
-        _error(train.main, **{**_train_kw(env, tmp_path / "s"), "train_file": str(bad)})
-        == f"{bad} line 2 is not UTF-8 text (byte 0xe9); save it as UTF-8"
-    )
-    for records, message in [
-        ([{"instruction": " ", "output": "a"}], "record 0: 'instruction' is empty"),
-        ([{"instruction": "q", "output": ""}], "record 0: 'output' is empty"),
-        ([{"instruction": "q", "output": ["a", " "]}], "record 0: 'output' item 1 is empty"),
-    ]:
+    assert _error(train.main, **{**_train_kw(env, tmp_path / "s"), "train_file": str(bad)}) == \
+        f"{bad} line 2 is not UTF-8 text (byte 0xe9); save it as UTF-8"
+    for records, message in [([{"instruction": " ", "output": "a"}], "record 0: 'instruction' is empty"),
+                             ([{"instruction": "q", "output": ""}], "record 0: 'output' is empty"),
+                             ([{"instruction": "q", "output": ["a", " "]}], "record 0: 'output' item 1 is empty")]:
         bad.write_text(json.dumps(records))
         assert _error(train.main, **{**_train_kw(env, tmp_path / "s"), "train_file": str(bad)}) == f"{bad} {message}"
     for item, name in [(None, "null"), (7, "int")]:
-        bad.write_text(
-            json.dumps([{"instruction": "q", "output": ["1 + 1 = 2 . the answer is 2", item], "label": "2"}])
-        )
-        proc = run_cli(
-            "data/prepare_mcc.py",
-            "--input_file",
-            str(bad),
-            "--output_file",
-            str(tmp_path / "o.json"),
-            "--tokenizer",
-            tiny_tokenizer,
-            "--task",
-            "ARITH",
-        )
+        bad.write_text(json.dumps([{"instruction": "q", "output": ["1 + 1 = 2 . the answer is 2", item], "label": "2"}]))
+        proc = run_cli("data/prepare_mcc.py", "--input_file", str(bad), "--output_file", str(tmp_path / "o.json"),
+                       "--tokenizer", tiny_tokenizer, "--task", "ARITH")
         assert _one_error_line(proc) == f"error: {bad} record 0: 'output' item 1 is {name}, not a rationale (a string)"
     assert not (tmp_path / "o.json").exists()
 
@@ -346,13 +233,8 @@ def test_tokenizer_larger_than_the_model_vocabulary(env, tmp_path, dist1):
     train_tokenizer(str(tmp_path / "m" / "tokenizer.model"), default_corpus(500), vocab_size=600)
     want = "tokens but the model in"
     assert want in _error(train.main, **{**_train_kw(env, tmp_path / "s"), "ckpt_dir": str(tmp_path / "m")})
-    assert want in _error(
-        infer.generate,
-        ckpt_dir=str(tmp_path / "m"),
-        data_file=str(env / "arith" / "test.json"),
-        output_file=str(tmp_path / "o.jsonl"),
-        progress=False,
-    )
+    assert want in _error(infer.generate, ckpt_dir=str(tmp_path / "m"), data_file=str(env / "arith" / "test.json"),
+                          output_file=str(tmp_path / "o.jsonl"), progress=False)
 
 
 def test_nan_weights_stop_the_run_and_are_never_best(env, tmp_path, dist1):
@@ -363,15 +245,8 @@ def test_nan_weights_stop_the_run_and_are_never_best(env, tmp_path, dist1):
     weights = load_file(str(path))
     weights["layers.0.attention.wq.weight"][0, 0] = float("nan")
     save_file(weights, str(path), metadata={"format": "cot-engine", "rank": "0", "world_size": "1"})
-    kw = {
-        **_train_kw(env, tmp_path / "s"),
-        "ckpt_dir": str(tmp_path / "nan"),
-        "max_steps": 50,
-        "save_every": 2,
-        "label_file": str(env / "arith" / "test.json"),
-        "eval_at_start": True,
-        "max_new_tokens": 8,
-    }
+    kw = {**_train_kw(env, tmp_path / "s"), "ckpt_dir": str(tmp_path / "nan"), "max_steps": 50, "save_every": 2,
+          "label_file": str(env / "arith" / "test.json"), "eval_at_start": True, "max_new_tokens": 8}
     msg = _error(train.main, **kw)
     assert msg.startswith("training stopped at step 6: the loss has been nan for 6 steps in a row")
     assert not (tmp_path / "s" / "best").exists()
@@ -382,24 +257,11 @@ def test_nan_weights_stop_the_run_and_are_never_best(env, tmp_path, dist1):
 # ----- 5. labels that cannot be read are counted -----------------------------------------------------
 def test_unreadable_labels_are_counted(env, tmp_path, dist1, capsys):
     data = tmp_path / "d.json"
-    data.write_text(
-        json.dumps(
-            [
-                {"instruction": "What is 1 + 1 ?", "label": "2"},
-                {"instruction": "What is 2 + 2 ?", "label": None},
-                {"instruction": "What is 3 + 3 ?", "label": "abc"},
-            ]
-        )
-    )
-    infer.generate(
-        ckpt_dir=str(env / "m"),
-        data_file=str(data),
-        output_file=str(tmp_path / "o.jsonl"),
-        task="ARITH",
-        template="none",
-        max_new_tokens=4,
-        progress=False,
-    )
+    data.write_text(json.dumps([{"instruction": "What is 1 + 1 ?", "label": "2"},
+                                {"instruction": "What is 2 + 2 ?", "label": None},
+                                {"instruction": "What is 3 + 3 ?", "label": "abc"}]))
+    infer.generate(ckpt_dir=str(env / "m"), data_file=str(data), output_file=str(tmp_path / "o.jsonl"), task="ARITH",
+                   template="none", max_new_tokens=4, progress=False)
     summary = json.load(open(tmp_path / "o.jsonl.meta.json"))["summary"]
     assert summary["total"] == 3 and summary["unparsable_labels"] == 2
     assert f"warning: {data}: 2 of 3 labels cannot be read as ARITH answers (records 1, 2)" in capsys.readouterr().out
@@ -407,24 +269,13 @@ def test_unreadable_labels_are_counted(env, tmp_path, dist1, capsys):
 
 # ----- 6. resuming infer.py compares every flag that changes a line -----------------------------------
 def test_infer_resume_compares_every_flag_that_changes_a_line(env, tmp_path, dist1):
-    job = dict(
-        ckpt_dir=str(env / "m"),
-        data_file=str(env / "arith" / "test.json"),
-        output_file=str(tmp_path / "o.jsonl"),
-        template="none",
-        max_new_tokens=4,
-        progress=False,
-    )
+    job = dict(ckpt_dir=str(env / "m"), data_file=str(env / "arith" / "test.json"), output_file=str(tmp_path / "o.jsonl"),
+               template="none", max_new_tokens=4, progress=False)
     infer.generate(**job)
     before = (tmp_path / "o.jsonl").read_text()
-    for change, flag in [
-        ({"task": "ARITH"}, "--task"),
-        ({"output_tokens": True}, "--output_tokens"),
-        ({"use_bfloat16": True}, "the precision (--use_float16 / --use_bfloat16)"),
-    ]:
-        assert _error(infer.generate, **job, **change).startswith(
-            f"--output_file {tmp_path / 'o.jsonl'} was written with {flag} "
-        )
+    for change, flag in [({"task": "ARITH"}, "--task"), ({"output_tokens": True}, "--output_tokens"),
+                         ({"use_bfloat16": True}, "the precision (--use_float16 / --use_bfloat16)")]:
+        assert _error(infer.generate, **job, **change).startswith(f"--output_file {tmp_path / 'o.jsonl'} was written with {flag} ")
     assert (tmp_path / "o.jsonl").read_text() == before
     infer.generate(**job, batch_size=1)  # a flag that changes no line resumes
     assert (tmp_path / "o.jsonl").read_text() == before
@@ -462,11 +313,8 @@ def test_error_sentence_survives_torchrun(mode):
 
 # ----- 9. a full disk during a save names the path and leaves nothing half-written ---------------------
 def _unshare_works() -> bool:
-    return (
-        shutil.which("unshare") is not None
-        and subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True).returncode
-        == 0
-    )
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True).returncode == 0
 
 
 @pytest.mark.processes
@@ -475,46 +323,12 @@ def test_full_disk_during_a_save(env, tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
     save = disk / "run"
-    train_cmd = " ".join(
-        [
-            sys.executable,
-            "train.py",
-            "--task",
-            "ARITH",
-            "--ckpt_dir",
-            str(env / "m"),
-            "--save_dir",
-            str(save),
-            "--train_file",
-            str(env / "arith" / "train.json"),
-            "--template",
-            "none",
-            "--max_seq_len",
-            "64",
-            "--max_batch_size",
-            "4",
-            "--max_steps",
-            "4",
-            "--save_every",
-            "2",
-        ]
-    )
-    proc = subprocess.run(
-        [
-            "unshare",
-            "--user",
-            "--map-root-user",
-            "--mount",
-            "sh",
-            "-c",
-            f"mount -t tmpfs -o size=200k tmpfs {disk} && {train_cmd} && ls -a {save}",
-        ],
-        cwd=ROOT,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    train_cmd = " ".join([sys.executable, "train.py", "--task", "ARITH", "--ckpt_dir", str(env / "m"), "--save_dir",
+                          str(save), "--train_file", str(env / "arith" / "train.json"), "--template", "none",
+                          "--max_seq_len", "64", "--max_batch_size", "4", "--max_steps", "4", "--save_every", "2"])
+    proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                           f"mount -t tmpfs -o size=200k tmpfs {disk} && {train_cmd} && ls -a {save}"],
+                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
     line = _one_error_line(proc)
     assert line.startswith(f"error: the disk is full: writing {save / 'checkpoint-2'}"), line
 
@@ -523,21 +337,17 @@ def test_full_disk_during_a_save(env, tmp_path):
 @pytest.mark.processes
 def test_partial_output_of_a_dead_run_is_removed(env, tmp_path):
     out = tmp_path / "out"
-    hold = (
-        "import sys, time; sys.path.insert(0, {root!r}); from engine.runtime.fileio import staged_directory\n"
-        "with staged_directory({out!r}) as stage:\n"
-        "    open(stage + '/consolidated.00.safetensors', 'wb').write(bytes(1 << 20))\n"
-        "    print('ready', flush=True); time.sleep(300)\n"
-    ).format(root=ROOT, out=str(out))
+    hold = ("import sys, time; sys.path.insert(0, {root!r}); from engine.runtime.fileio import staged_directory\n"
+            "with staged_directory({out!r}) as stage:\n"
+            "    open(stage + '/consolidated.00.safetensors', 'wb').write(bytes(1 << 20))\n"
+            "    print('ready', flush=True); time.sleep(300)\n").format(root=ROOT, out=str(out))
     dead, alive = (subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True) for _ in range(2))
     try:
         assert dead.stdout.readline().strip() == "ready" and alive.stdout.readline().strip() == "ready"
         dead.send_signal(signal.SIGKILL)
         dead.wait()
         assert len([p for p in os.listdir(tmp_path) if p.endswith(".partial")]) == 2
-        proc = run_cli(
-            "checkpoint_split.py", "reshard", "--ckpt_dir", str(env / "m"), "--save_dir", str(out), "--n", "1"
-        )
+        proc = run_cli("checkpoint_split.py", "reshard", "--ckpt_dir", str(env / "m"), "--save_dir", str(out), "--n", "1")
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.count("the partial output of a run that died") == 1
         left = [p for p in os.listdir(tmp_path) if p.endswith(".partial")]

@@ -2,7 +2,6 @@
 the CoT diagonal and the state injection against hand computations, every stage at TP=2 against
 TP=1 through the CLI (teacher, student and emulator of different families, depths and widths),
 exact resume of the coupled stage, and one-sentence errors for bad input."""
-
 import json
 import os
 import shutil
@@ -25,29 +24,21 @@ from models.registry import model_args_for
 from tests.conftest import shared_path
 from tests.helpers import full_weights, losses, run_cli, torchrun, train_args
 
-SEED_EXAMPLE = (
-    "9 1 7 3 * 9 4 3 3||1 7 4 3 3 + 0 6 7 8 4 1 ( 1 3 2 2 8 1 ) + 0 0 7 5 1 1 1 ( 1 3 9 7 9 2 1 ) + "
-    "0 0 0 7 5 1 1 1 #### 1 3 9 4 5 4 2 1"
-)
+SEED_EXAMPLE = ("9 1 7 3 * 9 4 3 3||1 7 4 3 3 + 0 6 7 8 4 1 ( 1 3 2 2 8 1 ) + 0 0 7 5 1 1 1 ( 1 3 9 7 9 2 1 ) + "
+                "0 0 0 7 5 1 1 1 #### 1 3 9 4 5 4 2 1")
 
 
 # ----- data ----------------------------------------------------------------------------------------
 def test_lines_are_read_and_bad_ones_named(tmp_path):
     good = tmp_path / "good.txt"
     good.write_text("1 2 * 3 4||3 6 + 0 4 #### 3 0 4 0\n\nwhat is 2+2?||<<2+2=4>> #### 4\nx|| #### 5\n")
-    assert read_cot_lines(str(good)) == [
-        CoTLine("1 2 * 3 4", "3 6 + 0 4", "3 0 4 0"),
-        CoTLine("what is 2+2?", "<<2+2=4>>", "4"),
-        CoTLine("x", "", "5"),
-    ]
-    cases = [
-        ("1 2 * 3 4 #### 3 0 4 0\n", "line 1 has no '||' between the input and the chain of thought"),
-        ("a||b #### c\n1 2 * 3 4||3 6 + 0 4\n", "line 2 has no '####' before the answer"),
-        ("a #### c||b\n", "line 1 has no '####' before the answer after its '||'"),
-        ("||b #### c\n", "line 1 has an empty input"),
-        ("a||b ####  \n", "line 1 has an empty answer"),
-        ("\n\n", "holds no `input||cot #### answer` line"),
-    ]
+    assert read_cot_lines(str(good)) == [CoTLine("1 2 * 3 4", "3 6 + 0 4", "3 0 4 0"),
+                                         CoTLine("what is 2+2?", "<<2+2=4>>", "4"), CoTLine("x", "", "5")]
+    cases = [("1 2 * 3 4 #### 3 0 4 0\n", "line 1 has no '||' between the input and the chain of thought"),
+             ("a||b #### c\n1 2 * 3 4||3 6 + 0 4\n", "line 2 has no '####' before the answer"),
+             ("a #### c||b\n", "line 1 has no '####' before the answer after its '||'"),
+             ("||b #### c\n", "line 1 has an empty input"), ("a||b ####  \n", "line 1 has an empty answer"),
+             ("\n\n", "holds no `input||cot #### answer` line")]
     for i, (text, message) in enumerate(cases):
         path = tmp_path / f"bad{i}.txt"
         path.write_text(text)
@@ -98,11 +89,8 @@ def test_diagonal_and_layer_mapping_by_hand():
     assert diagonal_positions(4, 9, 1) == [4]
     g = torch.Generator().manual_seed(0)
     for _ in range(200):  # the authors' formula: first_sep + round(l * delta), delta = (s2 - s1) / (L - 1)
-        s1, span, n = (
-            int(torch.randint(1, 30, (1,), generator=g)),
-            int(torch.randint(0, 60, (1,), generator=g)),
-            int(torch.randint(2, 13, (1,), generator=g)),
-        )
+        s1, span, n = int(torch.randint(1, 30, (1,), generator=g)), int(torch.randint(0, 60, (1,), generator=g)), \
+            int(torch.randint(2, 13, (1,), generator=g))
         ref = s1 + torch.round(torch.arange(n) * torch.tensor(span / (n - 1), dtype=torch.float64)).long()
         assert diagonal_positions(s1, s1 + span, n) == ref.tolist()
     assert same_depth(4, 2) == [0, 0, 1, 1] and same_depth(2, 4) == [0, 3] and same_depth(3, 3) == [0, 1, 2]
@@ -130,11 +118,9 @@ def models(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("implicit")
     vocab = -(-load_tokenizer(tiny_tokenizer).vocab_size // 64) * 64
     made = {}
-    for name, args, seed in (
-        ("teacher", ModelArgs(vocab_size=vocab, **TEACHER_ARGS), 1),
-        ("student", model_args_for("tiny-qwen2", vocab_size=vocab), 2),
-        ("emulator", model_args_for("tiny-mixtral", vocab_size=vocab), 3),
-    ):
+    for name, args, seed in (("teacher", ModelArgs(vocab_size=vocab, **TEACHER_ARGS), 1),
+                             ("student", model_args_for("tiny-qwen2", vocab_size=vocab), 2),
+                             ("emulator", model_args_for("tiny-mixtral", vocab_size=vocab), 3)):
         made[name] = _random_model(args, root / f"{name}-1", tiny_tokenizer, seed)
         made[name + "2"] = _random_model(args, root / f"{name}-2", tiny_tokenizer, seed, n=2)
     splits = make_splits(2, 2, {"train": 24, "valid": 6}, seed=5)
@@ -199,9 +185,8 @@ def test_state_injection_against_a_hand_computation(models, tiny_tokenizer, dist
 
     hidden_hand, s_inputs = _hand_forward(student, batch.inputs, replace)
     logits = student.logits(hidden_hand)
-    ce_hand = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), batch.labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
+    ce_hand = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.labels.reshape(-1), ignore_index=IGNORE,
+                              reduction="sum")
     ce = task.loss_sums(student, batch)["ce"]
     assert torch.allclose(ce, ce_hand, rtol=1e-5), (ce, ce_hand)
 
@@ -211,7 +196,7 @@ def test_state_injection_against_a_hand_computation(models, tiny_tokenizer, dist
     for l in range(2):
         assert torch.equal(s_inputs[l][rows, s1], injected[:, l])
         for b in range(3):
-            assert torch.equal(s_inputs[l][b, : s1[b]], plain[l][b, : s1[b]])
+            assert torch.equal(s_inputs[l][b, :s1[b]], plain[l][b, :s1[b]])
     changed = (s_inputs[0] != plain[0]).any(-1)
     assert changed.sum() == 3 and changed[rows, s1].all()
     assert not torch.allclose(s_inputs[1][:, -1], plain[1][:, -1])  # later positions read the injected state
@@ -251,28 +236,18 @@ STEPS = 3
 
 
 def _common(root):
-    return {
-        "train_file": root / "train.txt",
-        "label_file": root / "valid.txt",
-        "max_steps": STEPS,
-        "save_every": STEPS,
-        "max_batch_size": 4,
-        "lr": 1e-3,
-        "max_new_tokens": 40,
-        "eval_batch_size": 3,
-    }
+    return {"train_file": root / "train.txt", "label_file": root / "valid.txt", "max_steps": STEPS,
+            "save_every": STEPS, "max_batch_size": 4, "lr": 1e-3, "max_new_tokens": 40, "eval_batch_size": 3}
 
 
 def _run_pipeline(root, made, tp):
     """teacher -> mind_read, emulator -> couple -> evaluate, in-process at TP=1 or via torchrun at TP=2."""
     out = root / f"tp{tp}"
     sfx = "" if tp == 1 else "2"
-    stages = [
-        ("teacher", {"ckpt_dir": made["teacher" + sfx]}),
-        ("mind_read", {"ckpt_dir": made["student" + sfx], "teacher_dir": out / "teacher"}),
-        ("emulator", {"ckpt_dir": made["emulator" + sfx], "teacher_dir": out / "teacher"}),
-        ("couple", {"student_dir": out / "mind_read", "emulator_dir": out / "emulator"}),
-    ]
+    stages = [("teacher", {"ckpt_dir": made["teacher" + sfx]}),
+              ("mind_read", {"ckpt_dir": made["student" + sfx], "teacher_dir": out / "teacher"}),
+              ("emulator", {"ckpt_dir": made["emulator" + sfx], "teacher_dir": out / "teacher"}),
+              ("couple", {"student_dir": out / "mind_read", "emulator_dir": out / "emulator"})]
     for stage, own in stages:
         flags = {**_common(root), **own, "save_dir": out / stage}
         if tp == 1:
@@ -280,26 +255,11 @@ def _run_pipeline(root, made, tp):
         else:
             torchrun("train_implicit.py", stage, *train_args(flags))
     dirs = ",".join(str(out / s) for s, _ in stages)
-    eval_flags = [
-        "--data_file",
-        str(root / "valid.txt"),
-        "--model_dirs",
-        dirs,
-        "--batch_size",
-        "3",
-        "--max_new_tokens",
-        "40",
-        "--output_file",
-        str(out / "eval.json"),
-    ]
+    eval_flags = ["--data_file", str(root / "valid.txt"), "--model_dirs", dirs, "--batch_size", "3",
+                  "--max_new_tokens", "40", "--output_file", str(out / "eval.json")]
     if tp == 1:
-        train_implicit.evaluate(
-            data_file=str(root / "valid.txt"),
-            model_dirs=dirs,
-            batch_size=3,
-            max_new_tokens=40,
-            output_file=str(out / "eval.json"),
-        )
+        train_implicit.evaluate(data_file=str(root / "valid.txt"), model_dirs=dirs, batch_size=3, max_new_tokens=40,
+                                output_file=str(out / "eval.json"))
     else:
         torchrun("train_implicit.py", "evaluate", *eval_flags)
     return out
@@ -338,10 +298,8 @@ def test_every_stage_tp2_equals_tp1(pipelines):
     assert _worst(full_weights(one / "couple" / sub), full_weights(two / "couple" / sub)) < 1e-4
     assert _worst(_maps(one / "couple" / sub), _maps(two / "couple" / sub)) < 1e-4
     assert _worst(full_weights(one / "emulator" / f"checkpoint-{STEPS}"), full_weights(one / "couple" / sub)) > 1e-4
-    grad_norms = [
-        [json.loads(l)["grad_norm"] for l in open(p / "couple" / "metrics.jsonl") if "grad_norm" in l]
-        for p in (one, two)
-    ]
+    grad_norms = [[json.loads(l)["grad_norm"] for l in open(p / "couple" / "metrics.jsonl") if "grad_norm" in l]
+                  for p in (one, two)]
     assert max(abs(a - b) for a, b in zip(*grad_norms)) < 1e-4  # split weights counted once at TP=2
 
 
@@ -372,14 +330,9 @@ def test_end_to_end_outputs(pipelines, models):
 def test_couple_resumes_exactly(pipelines, models, dist1):
     one, _ = pipelines
     root, _ = models
-    flags = {
-        **{k: str(v) if isinstance(v, os.PathLike) else v for k, v in _common(root).items()},
-        "student_dir": str(one / "mind_read"),
-        "emulator_dir": str(one / "emulator"),
-        "max_steps": 4,
-        "save_every": 2,
-        "label_file": None,
-    }
+    flags = {**{k: str(v) if isinstance(v, os.PathLike) else v for k, v in _common(root).items()},
+             "student_dir": str(one / "mind_read"), "emulator_dir": str(one / "emulator"), "max_steps": 4,
+             "save_every": 2, "label_file": None}
     train_implicit.couple(save_dir=str(root / "straight"), **flags)
     train_implicit.couple(save_dir=str(root / "resumed"), exit_after_steps=2, **flags)
     train_implicit.couple(save_dir=str(root / "resumed"), resume=True, **flags)
@@ -397,46 +350,30 @@ def test_prerequisites_and_mappings_are_refused(pipelines, models, tmp_path):
     root, made = models
     base = {"train_file": str(root / "train.txt"), "save_dir": str(tmp_path / "x")}
     teacher = str(one / "teacher")
-    with pytest.raises(
-        UserError,
-        match=r"--teacher_dir .*nowhere does not exist; train one with `train_implicit.py "
-        r"teacher` first",
-    ):
+    with pytest.raises(UserError, match=r"--teacher_dir .*nowhere does not exist; train one with `train_implicit.py "
+                                        r"teacher` first"):
         train_implicit.mind_read(ckpt_dir=made["student"], teacher_dir=str(tmp_path / "nowhere"), **base)
-    with pytest.raises(
-        UserError,
-        match=r"--teacher_dir .*teacher-1 holds no implicit.json, so no model saved by "
-        r"`train_implicit.py teacher`",
-    ):
+    with pytest.raises(UserError, match=r"--teacher_dir .*teacher-1 holds no implicit.json, so no model saved by "
+                                        r"`train_implicit.py teacher`"):
         train_implicit.mind_read(ckpt_dir=made["student"], teacher_dir=made["teacher"], **base)
-    with pytest.raises(
-        UserError, match=r"--teacher_dir .*mind_read holds a model of the mind_read stage, not of teacher"
-    ):
+    with pytest.raises(UserError, match=r"--teacher_dir .*mind_read holds a model of the mind_read stage, not of teacher"):
         train_implicit.emulator(ckpt_dir=made["emulator"], teacher_dir=str(one / "mind_read"), **base)
     no_cot = tmp_path / "no_cot"
     shutil.copytree(one / "teacher" / "best", no_cot)
     (no_cot / "implicit.json").write_text(json.dumps({"stage": "teacher", "cot": False}))
     with pytest.raises(UserError, match="was trained without a chain of thought"):
         train_implicit.mind_read(ckpt_dir=made["student"], teacher_dir=str(no_cot), **base)
-    with pytest.raises(
-        UserError,
-        match=r"--state_map identity needs equal widths, but the teacher in .* is 96 wide "
-        r"and the student in .* 64",
-    ):
+    with pytest.raises(UserError, match=r"--state_map identity needs equal widths, but the teacher in .* is 96 wide "
+                                        r"and the student in .* 64"):
         train_implicit.mind_read(ckpt_dir=made["student"], teacher_dir=teacher, state_map="identity", **base)
     with pytest.raises(UserError, match="names 3 teacher layers but the student has 2 layers"):
         train_implicit.mind_read(ckpt_dir=made["student"], teacher_dir=teacher, teacher_layers="0,1,2", **base)
     with pytest.raises(UserError, match="layer 3 does not exist in the teacher"):
         train_implicit.mind_read(ckpt_dir=made["student"], teacher_dir=teacher, teacher_layers="0,3", **base)
-    with pytest.raises(
-        UserError,
-        match=r"--student_dir .*emulator holds a model of the emulator stage, not of mind_read; "
-        r"train one with `train_implicit.py mind_read` first",
-    ):
+    with pytest.raises(UserError, match=r"--student_dir .*emulator holds a model of the emulator stage, not of mind_read; "
+                                        r"train one with `train_implicit.py mind_read` first"):
         train_implicit.couple(student_dir=str(one / "emulator"), emulator_dir=str(one / "emulator"), **base)
-    with pytest.raises(
-        UserError, match=r"--emulator_dir .* does not exist; train one with `train_implicit.py emulator`"
-    ):
+    with pytest.raises(UserError, match=r"--emulator_dir .* does not exist; train one with `train_implicit.py emulator`"):
         train_implicit.couple(student_dir=str(one / "mind_read"), emulator_dir=str(tmp_path / "none"), **base)
     other = tmp_path / "other_emulator"
     shutil.copytree(one / "emulator" / "best", other)
@@ -453,33 +390,13 @@ def test_bad_lines_end_in_one_sentence_through_the_cli(models, tmp_path):
     root, made = models
     bad = tmp_path / "bad.txt"
     bad.write_text("1 2 * 3 4||3 6 + 0 4 #### 3 0 4 0\n1 2 * 3 4 #### 3 0 4 0\n")
-    proc = run_cli(
-        "train_implicit.py",
-        "teacher",
-        "--ckpt_dir",
-        made["teacher"],
-        "--save_dir",
-        str(tmp_path / "t"),
-        "--train_file",
-        str(bad),
-    )
+    proc = run_cli("train_implicit.py", "teacher", "--ckpt_dir", made["teacher"], "--save_dir", str(tmp_path / "t"),
+                   "--train_file", str(bad))
     assert proc.returncode != 0
-    assert proc.stderr.strip() == (
-        f"error: --train_file {bad} line 2 has no '||' between the input and the chain of "
-        f"thought (expected `input||cot #### answer`)"
-    )
-    proc = run_cli(
-        "train_implicit.py",
-        "mind_read",
-        "--ckpt_dir",
-        made["student"],
-        "--save_dir",
-        str(tmp_path / "m"),
-        "--train_file",
-        str(root / "train.txt"),
-        "--teacher_dir",
-        str(tmp_path / "t"),
-    )
+    assert proc.stderr.strip() == (f"error: --train_file {bad} line 2 has no '||' between the input and the chain of "
+                                   f"thought (expected `input||cot #### answer`)")
+    proc = run_cli("train_implicit.py", "mind_read", "--ckpt_dir", made["student"], "--save_dir", str(tmp_path / "m"),
+                   "--train_file", str(root / "train.txt"), "--teacher_dir", str(tmp_path / "t"))
     assert proc.returncode != 0 and proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
 
 
@@ -487,35 +404,24 @@ def test_lora_stages_continue_their_adapters(models, dist1, tmp_path):
     """LoRA teacher, LoRA student, full emulator: the coupled stage goes on training the student's
     adapter on its original base, and the emulator's full weights; evaluate reads both back."""
     root, made = models
-    common = {
-        **{k: str(v) if isinstance(v, os.PathLike) else v for k, v in _common(root).items()},
-        "max_steps": 1,
-        "save_every": 1,
-        "max_eval_examples": 2,
-    }
+    common = {**{k: str(v) if isinstance(v, os.PathLike) else v for k, v in _common(root).items()}, "max_steps": 1,
+              "save_every": 1, "max_eval_examples": 2}
     lora = {"lora_rank": 4, "lora_targets": "wq,wv"}
     train_implicit.teacher(ckpt_dir=made["teacher"], save_dir=str(tmp_path / "t"), **lora, **common)
-    train_implicit.mind_read(
-        ckpt_dir=made["student"], save_dir=str(tmp_path / "s"), teacher_dir=str(tmp_path / "t"), **lora, **common
-    )
-    train_implicit.emulator(
-        ckpt_dir=made["emulator"], save_dir=str(tmp_path / "e"), teacher_dir=str(tmp_path / "t"), **common
-    )
-    train_implicit.couple(
-        student_dir=str(tmp_path / "s"), emulator_dir=str(tmp_path / "e"), save_dir=str(tmp_path / "c"), **common
-    )
+    train_implicit.mind_read(ckpt_dir=made["student"], save_dir=str(tmp_path / "s"), teacher_dir=str(tmp_path / "t"),
+                             **lora, **common)
+    train_implicit.emulator(ckpt_dir=made["emulator"], save_dir=str(tmp_path / "e"), teacher_dir=str(tmp_path / "t"),
+                            **common)
+    train_implicit.couple(student_dir=str(tmp_path / "s"), emulator_dir=str(tmp_path / "e"),
+                          save_dir=str(tmp_path / "c"), **common)
     best = tmp_path / "c" / "best"
     config = json.load(open(best / "lora_config.json"))
     assert config["base_ckpt"] == os.path.abspath(made["student"]) and config["rank"] == 4
     assert os.path.exists(best / "emulator" / "consolidated.00.safetensors")
     before, after = (full_weights(p, lora=True) for p in (tmp_path / "s" / "best", best))
     assert before.keys() == after.keys() and _worst(before, after) > 0
-    train_implicit.evaluate(
-        data_file=str(root / "valid.txt"),
-        model_dirs=f"{tmp_path / 't'},{tmp_path / 'c'}",
-        max_new_tokens=40,
-        output_file=str(tmp_path / "eval.json"),
-    )
+    train_implicit.evaluate(data_file=str(root / "valid.txt"), model_dirs=f"{tmp_path / 't'},{tmp_path / 'c'}",
+                            max_new_tokens=40, output_file=str(tmp_path / "eval.json"))
     assert [r["total"] for r in json.load(open(tmp_path / "eval.json"))] == [6, 6]
 
 
@@ -528,8 +434,7 @@ def test_flag_errors(tmp_path):
     with pytest.raises(UserError, match="--max_new_tokens must be >= 1"):
         train_implicit.teacher(max_new_tokens=0, **{k: v for k, v in base.items() if k != "teacher_dir"})
     with pytest.raises(UserError, match="--max_eval_examples must be >= 0"):
-        train_implicit.couple(
-            student_dir="s", emulator_dir="e", train_file="t", save_dir=str(tmp_path / "x"), max_eval_examples=-1
-        )
+        train_implicit.couple(student_dir="s", emulator_dir="e", train_file="t", save_dir=str(tmp_path / "x"),
+                              max_eval_examples=-1)
     with pytest.raises(UserError, match="--model_dirs names no directory"):
         train_implicit.evaluate(data_file="unused", model_dirs=",")

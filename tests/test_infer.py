@@ -1,6 +1,5 @@
 """infer.py: greedy output token-identical to HF generate() for every family at TP=1 and TP=2,
 batch-independence, seeded sampling, resume after a kill, scoring, evaluation, bad input."""
-
 import json
 import shutil
 import signal
@@ -17,15 +16,9 @@ from engine.text.tokenizer import load_tokenizer
 from tests.conftest import shared_path
 from tests.helpers import FAMILIES, ROOT, child_env, run_cli, save_hf, torchrun
 
-QUESTIONS = [
-    "What is 1 + 2 ?",
-    "Tom has 3 apples.",
-    "What is 48 + 17 ? Let's think step by step, first add the ones",
-    "A",
-    "Mary buys 12 books and sells 5 . How many books are left ?",
-    "What is 999 * 12 ?",
-    "The answer is (A) bank",
-]
+QUESTIONS = ["What is 1 + 2 ?", "Tom has 3 apples.", "What is 48 + 17 ? Let's think step by step, first add the ones",
+             "A", "Mary buys 12 books and sells 5 . How many books are left ?", "What is 999 * 12 ?",
+             "The answer is (A) bank"]
 NEW = 12
 
 
@@ -47,17 +40,11 @@ def models(tmp_path_factory, tiny_tokenizer):
         ids = torch.full((len(prompts), width), 3)
         mask = torch.zeros_like(ids)
         for b, p in enumerate(prompts):
-            ids[b, width - len(p) :] = torch.tensor(p)
-            mask[b, width - len(p) :] = 1
+            ids[b, width - len(p):] = torch.tensor(p)
+            mask[b, width - len(p):] = 1
         with torch.no_grad():
-            gen = hf.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=NEW,
-                do_sample=False,
-                eos_token_id=tok.eos_id,
-                pad_token_id=3,
-            )
+            gen = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                              eos_token_id=tok.eos_id, pad_token_id=3)
         ref = []
         for b in range(len(prompts)):
             row = gen[b, width:].tolist()
@@ -71,17 +58,8 @@ def _tokens(path):
 
 
 def _job(ckpt, data, out, **kw):
-    return {
-        "ckpt_dir": ckpt,
-        "data_file": str(data),
-        "output_file": str(out),
-        "template": "none",
-        "max_new_tokens": NEW,
-        "batch_size": 3,
-        "output_tokens": True,
-        "progress": False,
-        **kw,
-    }
+    return {"ckpt_dir": ckpt, "data_file": str(data), "output_file": str(out), "template": "none",
+            "max_new_tokens": NEW, "batch_size": 3, "output_tokens": True, "progress": False, **kw}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -135,16 +113,8 @@ def test_static_decode_step_matches_eager_and_hf_tp2(models, tiny_tokenizer):
     root, data, refs = models
     tok = load_tokenizer(tiny_tokenizer)
     prompts = [tok.encode(q) for q in QUESTIONS]
-    jobs = [
-        {
-            "ckpt": refs[f][0],
-            "prompts": prompts,
-            "stop_ids": [tok.eos_id],
-            "new_tokens": NEW,
-            "out": str(root / f"{f}-paths-tp2.json"),
-        }
-        for f in DECODE_FAMILIES
-    ]
+    jobs = [{"ckpt": refs[f][0], "prompts": prompts, "stop_ids": [tok.eos_id], "new_tokens": NEW,
+             "out": str(root / f"{f}-paths-tp2.json")} for f in DECODE_FAMILIES]
     (root / "decode_jobs.json").write_text(json.dumps(jobs))
     torchrun("tests/workers/decode_worker.py", str(root / "decode_jobs.json"))
     for f, job in zip(DECODE_FAMILIES, jobs):
@@ -165,14 +135,13 @@ def test_static_shapes_and_stop_strings_across_sync_windows(models, dist1, tiny_
     assert [static.kv_len(n, 5000) for n in (1, 64, 65, 1000, 1025, 4097, 4999)] == [4, 64, 128, 1024, 2048, 5000, 5000]
     tok = load_tokenizer(hf_dir)
     row = max(range(len(ref)), key=lambda i: len(ref[i]))
-    text = tok.decode(ref[row][: NEW // 2])
+    text = tok.decode(ref[row][:NEW // 2])
     stop = text[-3:]  # met after about half of the row's tokens
     reqs = [Request(i, tok.encode(q), 0) for i, q in enumerate(QUESTIONS)]
     runs = []
     for runner in (EagerSteps(model), static):
-        done = generate_stream(
-            model, reqs, SamplingParams(max_new_tokens=NEW), 3, [tok.eos_id], StopStrings(tok, [stop]), runner=runner
-        )
+        done = generate_stream(model, reqs, SamplingParams(max_new_tokens=NEW), 3, [tok.eos_id],
+                               StopStrings(tok, [stop]), runner=runner)
         runs.append(sorted((c.key, c.tokens, c.finish) for c in done))
     assert runs[0] == runs[1]
     key, tokens, finish = runs[0][row]
@@ -212,9 +181,8 @@ def test_inductor_compiled_decode_step_matches_hf(models, family, dist1):
     model = load_model(hf_dir).eval()
     torch._dynamo.reset()
     runner = g.StaticSteps(model, sync_every=3, first_bucket=8, compiled=True)
-    out = g.complete_prompts(
-        model, [tok.encode(q) for q in QUESTIONS], g.SamplingParams(max_new_tokens=NEW), [tok.eos_id], 3, runner=runner
-    )
+    out = g.complete_prompts(model, [tok.encode(q) for q in QUESTIONS], g.SamplingParams(max_new_tokens=NEW), [tok.eos_id], 3,
+                     runner=runner)
     assert runner.step_call.active and out == ref
 
 
@@ -223,14 +191,11 @@ def test_batching_and_sampling(models, dist1, tmp_path):
     root, data, refs = models
     hf_dir = refs["llama3"][0]
     runs = {}
-    for name, kw in {
-        "greedy-b7": dict(batch_size=7),
-        "greedy-b1": dict(batch_size=1),
-        "sample-b7": dict(batch_size=7, temperature=0.9, top_p=0.9, seed=1),
-        "sample-b2": dict(batch_size=2, temperature=0.9, top_p=0.9, seed=1),
-        "sample-seed2": dict(batch_size=7, temperature=0.9, top_p=0.9, seed=2),
-        "k4": dict(batch_size=5, temperature=1.0, top_k=50, num_samples=4, seed=3),
-    }.items():
+    for name, kw in {"greedy-b7": dict(batch_size=7), "greedy-b1": dict(batch_size=1),
+                     "sample-b7": dict(batch_size=7, temperature=0.9, top_p=0.9, seed=1),
+                     "sample-b2": dict(batch_size=2, temperature=0.9, top_p=0.9, seed=1),
+                     "sample-seed2": dict(batch_size=7, temperature=0.9, top_p=0.9, seed=2),
+                     "k4": dict(batch_size=5, temperature=1.0, top_k=50, num_samples=4, seed=3)}.items():
         infer.generate(**_job(hf_dir, data, tmp_path / f"{name}.jsonl", **kw))
         runs[name] = [json.loads(line) for line in open(tmp_path / f"{name}.jsonl")]
     tokens = {k: [r["tokens"] for r in v] for k, v in runs.items()}
@@ -249,32 +214,15 @@ def test_killed_run_resumes_with_every_record_once(tmp_path, tiny_tokenizer):
 
     init("tiny-llama", str(tmp_path / "m"), tokenizer=tiny_tokenizer, seed=9)
     data = tmp_path / "data.jsonl"
-    data.write_text(
-        "".join(json.dumps({"id": f"q{i}", "instruction": f"What is {i} + {i * 7 % 13} ?"}) + "\n" for i in range(300))
-    )
-    args = [
-        "infer.py",
-        "--ckpt_dir",
-        str(tmp_path / "m"),
-        "--data_file",
-        str(data),
-        "--template",
-        "none",
-        "--max_new_tokens",
-        "48",
-        "--batch_size",
-        "4",
-    ]
+    data.write_text("".join(json.dumps({"id": f"q{i}", "instruction": f"What is {i} + {i * 7 % 13} ?"}) + "\n"
+                            for i in range(300)))
+    args = ["infer.py", "--ckpt_dir", str(tmp_path / "m"), "--data_file", str(data), "--template", "none",
+            "--max_new_tokens", "48", "--batch_size", "4"]
     straight = run_cli(*args, "--output_file", str(tmp_path / "straight.jsonl"))
     assert straight.returncode == 0, straight.stderr
     out = tmp_path / "killed.jsonl"
-    proc = subprocess.Popen(
-        [sys.executable, *args, "--output_file", str(out)],
-        cwd=ROOT,
-        env=child_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = subprocess.Popen([sys.executable, *args, "--output_file", str(out)], cwd=ROOT, env=child_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and (not out.exists() or sum(1 for _ in open(out)) < 40):
         time.sleep(0.05)
@@ -336,11 +284,8 @@ def test_long_prompts_skip_or_truncate(models, dist1, tmp_path):
     root, _, refs = models
     hf_dir = refs["llama2"][0]  # max_position_embeddings 256
     data = tmp_path / "long.json"
-    data.write_text(
-        json.dumps(
-            [{"instruction": "What is 1 + 1 ?", "label": "2"}, {"instruction": "1 2 3 4 5 6 7 8 9 " * 40, "label": "2"}]
-        )
-    )
+    data.write_text(json.dumps([{"instruction": "What is 1 + 1 ?", "label": "2"},
+                                {"instruction": "1 2 3 4 5 6 7 8 9 " * 40, "label": "2"}]))
     infer.generate(**_job(hf_dir, data, tmp_path / "skip.jsonl", task="ARITH"))
     lines = [json.loads(line) for line in open(tmp_path / "skip.jsonl")]
     assert "error" in lines[1] and lines[1]["correct"] is False and "error" not in lines[0]
@@ -384,43 +329,22 @@ def test_infer_uses_the_template_the_model_was_trained_with(tmp_path, tiny_token
 
     make_arith(str(tmp_path / "data"), n_train=8, n_test=3, min_value=10, style="fixed")
     cks.init("tiny-llama", str(tmp_path / "base"), tokenizer=tiny_tokenizer, seed=1)
-    common = dict(
-        task="ARITH",
-        train_file=str(tmp_path / "data" / "train.json"),
-        template="none",
-        max_steps=1,
-        max_batch_size=4,
-        max_seq_len=64,
-    )
+    common = dict(task="ARITH", train_file=str(tmp_path / "data" / "train.json"), template="none", max_steps=1,
+                  max_batch_size=4, max_seq_len=64)
     train.main(ckpt_dir=str(tmp_path / "base"), save_dir=str(tmp_path / "full"), **common)
-    train.main(
-        ckpt_dir=str(tmp_path / "base"),
-        save_dir=str(tmp_path / "lora"),
-        model_type="lora-tiny-llama",
-        lora_rank=2,
-        **common,
-    )
+    train.main(ckpt_dir=str(tmp_path / "base"), save_dir=str(tmp_path / "lora"), model_type="lora-tiny-llama",
+               lora_rank=2, **common)
     cks.reshard(str(tmp_path / "full" / "checkpoint-1"), str(tmp_path / "resharded"), n=1)
     cks.merge_lora(str(tmp_path / "lora" / "checkpoint-1"), str(tmp_path / "merged"))
     data = str(tmp_path / "data" / "test.json")
     instructions = [r["instruction"] for r in json.load(open(data))]
-    for name, ckpt in [
-        ("full", tmp_path / "full" / "checkpoint-1"),
-        ("adapter", tmp_path / "lora" / "checkpoint-1"),
-        ("resharded", tmp_path / "resharded"),
-        ("merged", tmp_path / "merged"),
-    ]:
+    for name, ckpt in [("full", tmp_path / "full" / "checkpoint-1"), ("adapter", tmp_path / "lora" / "checkpoint-1"),
+                       ("resharded", tmp_path / "resharded"), ("merged", tmp_path / "merged")]:
         out = tmp_path / f"{name}.jsonl"
         infer.generate(ckpt_dir=str(ckpt), data_file=data, output_file=str(out), max_new_tokens=2, progress=False)
         assert [json.loads(line)["prompt"] for line in open(out)] == instructions, name
         assert "using the prompt template 'none' recorded with" in capsys.readouterr().out
-    infer.generate(
-        ckpt_dir=str(tmp_path / "merged"),
-        data_file=data,
-        output_file=str(tmp_path / "d.jsonl"),
-        max_new_tokens=2,
-        progress=False,
-        template="default",
-    )  # asked for: used, with a warning
+    infer.generate(ckpt_dir=str(tmp_path / "merged"), data_file=data, output_file=str(tmp_path / "d.jsonl"),
+                   max_new_tokens=2, progress=False, template="default")  # asked for: used, with a warning
     assert "differs from the template 'none'" in capsys.readouterr().out
     assert json.loads(open(tmp_path / "d.jsonl").readline())["prompt"].startswith("### Instruction:")

@@ -2,7 +2,6 @@
 the packages above it in LAYERS (or its own), models/ nothing of engine/, a method package in
 engine/distill/ no other method (only the shared base, sft), and no module imports itself back
 through others: function-level imports count as much as module-level ones."""
-
 from __future__ import annotations
 
 import ast
@@ -12,15 +11,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-LAYERS = [
-    "models",
-    "engine.runtime",
-    "engine.text",
-    "engine.checkpoint",
-    "engine.infer",
-    "engine.train",
-    "engine.distill",
-]
+LAYERS = ["models", "engine.runtime", "engine.text", "engine.checkpoint", "engine.infer", "engine.train",
+          "engine.distill"]
 SHARED_METHODS = ("engine.distill.sft",)  # what every method package may build on
 
 
@@ -83,13 +75,8 @@ def test_layers_import_only_layers_above():
 
 
 def test_models_import_nothing_from_engine():
-    wrong = [
-        f"{mod} imports {dep}"
-        for mod, path in MODULES.items()
-        if mod.startswith("models")
-        for dep in imports_of(path)
-        if dep.startswith("engine")
-    ]
+    wrong = [f"{mod} imports {dep}" for mod, path in MODULES.items() if mod.startswith("models")
+             for dep in imports_of(path) if dep.startswith("engine")]
     assert not wrong, "\n".join(wrong)
 
 
@@ -113,7 +100,7 @@ def find_cycle(graph: dict):
         stack.append(node)
         for dep in sorted(graph.get(node, ())):
             if state.get(dep) == "open":
-                return stack[stack.index(dep) :] + [dep]
+                return stack[stack.index(dep):] + [dep]
             if dep not in state:
                 found = visit(dep)
                 if found:
@@ -131,16 +118,14 @@ def find_cycle(graph: dict):
 
 
 def test_no_import_cycle():
-    graph = {
-        mod: {d for d in imports_of(path) if d != mod and not mod.startswith(d + ".")} for mod, path in MODULES.items()
-    }
+    graph = {mod: {d for d in imports_of(path) if d != mod and not mod.startswith(d + ".")}
+             for mod, path in MODULES.items()}
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-@pytest.mark.parametrize(
-    "graph,expected", [({"a": {"b"}, "b": {"c"}, "c": {"a"}}, True), ({"a": {"b"}, "b": {"c"}, "c": set()}, False)]
-)
+@pytest.mark.parametrize("graph,expected", [({"a": {"b"}, "b": {"c"}, "c": {"a"}}, True),
+                                            ({"a": {"b"}, "b": {"c"}, "c": set()}, False)])
 def test_the_cycle_finder_finds_cycles(graph, expected):
     assert (find_cycle(graph) is not None) == expected
 

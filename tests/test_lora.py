@@ -1,6 +1,5 @@
 """LoRA: merged weights give base + adapter logits; the exported peft adapter on the HF model
 gives our logits; adapters trained at TP=2 (with a replicated KV head) load anywhere."""
-
 import json
 import os
 
@@ -24,9 +23,8 @@ def _random_adapter(model, seed):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
-@pytest.mark.parametrize(
-    "family,targets", [("llama3", None), ("qwen2", None), ("llama3", "wq,wv,output")]
-)  # the output head too (the authors')
+@pytest.mark.parametrize("family,targets", [("llama3", None), ("qwen2", None),
+                                            ("llama3", "wq,wv,output")])  # the output head too (the authors')
 def test_merge_and_peft_export_match(tmp_path, family, targets, dist1):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -88,36 +86,12 @@ def test_adapter_trained_at_tp2_loads_at_tp1_and_in_peft(tmp_path, tiny_tokenize
     make_arith(str(tmp_path / "data"), n_train=8, n_test=2, style="fixed", min_value=10)
     cks.init("tiny-qwen2", str(tmp_path / "base"), n=1, tokenizer=tiny_tokenizer, seed=2)
     cks.split(str(tmp_path / "base"), str(tmp_path / "base2"), n=2)
-    torchrun(
-        "train.py",
-        "--task",
-        "ARITH",
-        "--ckpt_dir",
-        str(tmp_path / "base2"),
-        "--save_dir",
-        str(tmp_path / "run"),
-        "--train_file",
-        str(tmp_path / "data" / "train.json"),
-        "--max_batch_size",
-        "4",
-        "--model_type",
-        "lora-tiny-qwen2",
-        "--lora_rank",
-        "4",
-        "--lr",
-        "5e-2",
-        "--max_steps",
-        "2",
-        "--template",
-        "none",
-        "--max_seq_len",
-        "64",
-    )
+    torchrun("train.py", "--task", "ARITH", "--ckpt_dir", str(tmp_path / "base2"), "--save_dir",
+             str(tmp_path / "run"), "--train_file", str(tmp_path / "data" / "train.json"), "--max_batch_size", "4",
+             "--model_type", "lora-tiny-qwen2", "--lora_rank", "4", "--lr", "5e-2", "--max_steps", "2",
+             "--template", "none", "--max_seq_len", "64")
     adapter = tmp_path / "run" / "checkpoint-2"
-    assert sorted(p for p in os.listdir(adapter) if p.startswith("lora.")) == [
-        "lora.00.safetensors",
-        "lora.01.safetensors",
-    ]
+    assert sorted(p for p in os.listdir(adapter) if p.startswith("lora.")) == ["lora.00.safetensors", "lora.01.safetensors"]
     model = ck.load_model(str(tmp_path / "base")).eval()
     load_lora_into(model, str(adapter))
     x = torch.randint(0, 320, (2, 16))
@@ -135,18 +109,9 @@ def test_adapter_trained_at_tp2_loads_at_tp1_and_in_peft(tmp_path, tiny_tokenize
 
     cks.merge_lora(str(adapter), str(tmp_path / "merged"), n=1)
     outs = []
-    for name, kw in (
-        ("adapter", dict(ckpt_dir=str(tmp_path / "base"), lora_dir=str(adapter))),
-        ("merged", dict(ckpt_dir=str(tmp_path / "merged"))),
-    ):
-        infer.generate(
-            data_file=str(tmp_path / "data" / "test.json"),
-            output_file=str(tmp_path / f"{name}.jsonl"),
-            template="none",
-            max_new_tokens=8,
-            output_tokens=True,
-            progress=False,
-            **kw,
-        )
+    for name, kw in (("adapter", dict(ckpt_dir=str(tmp_path / "base"), lora_dir=str(adapter))),
+                     ("merged", dict(ckpt_dir=str(tmp_path / "merged")))):
+        infer.generate(data_file=str(tmp_path / "data" / "test.json"), output_file=str(tmp_path / f"{name}.jsonl"),
+                       template="none", max_new_tokens=8, output_tokens=True, progress=False, **kw)
         outs.append([json.loads(line)["tokens"] for line in open(tmp_path / f"{name}.jsonl")])
     assert outs[0] == outs[1]

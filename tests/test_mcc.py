@@ -1,6 +1,5 @@
 """MCC-KD: the objective against a direct reference, TP=2 == TP=1, answer spans and the rationale
 pipeline on real data, the end-to-end path teacher -> samples -> training file -> train_mcc."""
-
 import json
 import os
 
@@ -71,19 +70,9 @@ def test_mcc_tp2_equals_tp1(sum3, tiny_tokenizer, dist1):
     root = sum3
     cks.init("tiny-qwen2", str(root / "m1"), n=1, tokenizer=tiny_tokenizer, seed=1)
     cks.split(str(root / "m1"), str(root / "m2"), n=2)
-    base = {
-        "task": "ARITH",
-        "template": "none",
-        "max_seq_len": 64,
-        "lr": 2e-3,
-        "max_steps": 3,
-        "save_every": 3,
-        "train_file": str(root / "data" / "train.json"),
-        "max_batch_size": 4,
-        "alpha": 1.0,
-        "temperature": 1.3,
-        "num_rationales": 3,
-    }
+    base = {"task": "ARITH", "template": "none", "max_seq_len": 64, "lr": 2e-3, "max_steps": 3, "save_every": 3,
+            "train_file": str(root / "data" / "train.json"), "max_batch_size": 4, "alpha": 1.0, "temperature": 1.3,
+            "num_rationales": 3}
     train_mcc.main(ckpt_dir=str(root / "m1"), save_dir=str(root / "tp1"), **base)
     torchrun("train_mcc.py", *train_args({**base, "ckpt_dir": root / "m2", "save_dir": root / "tp2"}))
     assert_same_run(str(root / "tp1"), str(root / "tp2"))
@@ -120,18 +109,14 @@ def test_indices_are_validated(sum3, tiny_tokenizer):
     text = "2 + 3 = 5 . 5 + 4 = 9 . Therefore, the answer is 9 ."
     ids = tok.encode(text, bos=False, eos=True)
     s, e = find_answer_span(tok, ids, text, "9")
-    rec = {
-        "instruction": "What is 2 + 3 + 4 ?",
-        "output": [text, text.replace("2 + 3 = 5 . 5", "3 + 4 = 7 . 7")],
-        "label": "9",
-    }
+    rec = {"instruction": "What is 2 + 3 + 4 ?", "output": [text, text.replace("2 + 3 = 5 . 5", "3 + 4 = 7 . 7")],
+           "label": "9"}
     other = find_answer_span(tok, tok.encode(rec["output"][1], bos=False, eos=True), rec["output"][1], "9")
     ok = MultiRationaleData([{**rec, "indices": [[s, e], [list(other)]]}], tok, 128, template="none")
     assert ok.spans[0] == [(s, e), other]
     prompt_len = len(tok.encode("What is 2 + 3 + 4 ?"))
-    full = MultiRationaleData(
-        [{**rec, "indices": [[s + prompt_len, e + prompt_len], list(other)]}], tok, 128, template="none"
-    )  # positions counted over the whole sequence, as the seed's files
+    full = MultiRationaleData([{**rec, "indices": [[s + prompt_len, e + prompt_len], list(other)]}], tok, 128,
+                              template="none")  # positions counted over the whole sequence, as the seed's files
     assert full.spans[0][0] == (s, e)
     with pytest.raises(UserError, match=r"train_file record 0: indices \[1, 2\] of rationale 0 do not spell"):
         MultiRationaleData([{**rec, "indices": [[1, 2], list(other)]}], tok, 128, template="none")
@@ -145,9 +130,8 @@ def test_indices_are_validated(sum3, tiny_tokenizer):
 
 
 def test_flag_errors(sum3, tiny_tokenizer, tmp_path, dist1):
-    base = dict(
-        task="ARITH", ckpt_dir="unused", save_dir=str(tmp_path / "x"), train_file=str(sum3 / "data" / "train.json")
-    )
+    base = dict(task="ARITH", ckpt_dir="unused", save_dir=str(tmp_path / "x"),
+                train_file=str(sum3 / "data" / "train.json"))
     with pytest.raises(UserError, match="--alpha must be >= 0"):
         train_mcc.main(alpha=-0.1, **base)
     with pytest.raises(UserError, match="--temperature must be > 0"):
@@ -166,68 +150,25 @@ def test_end_to_end_teacher_samples_to_mcc_training(tmp_path, tiny_tokenizer, di
     diverse ones with spans; train_mcc trains a student on them at TP=2."""
     make_arith(str(tmp_path / "data"), kind="sum3", n_train=600, n_test=50, max_value=9, seed=0)
     cks.init("tiny-llama", str(tmp_path / "init"), tokenizer=tiny_tokenizer, seed=0)
-    train.main(
-        task="ARITH",
-        ckpt_dir=str(tmp_path / "init"),
-        save_dir=str(tmp_path / "teacher"),
-        train_file=str(tmp_path / "data" / "train.json"),
-        max_batch_size=32,
-        max_steps=400,
-        lr=5e-3,
-        warmup_steps=30,
-        template="none",
-        max_seq_len=64,
-    )
-    infer.generate(
-        ckpt_dir=str(tmp_path / "teacher" / "checkpoint-400"),
-        data_file=str(tmp_path / "data" / "train.json"),
-        output_file=str(tmp_path / "raw.jsonl"),
-        num_samples=4,
-        temperature=0.8,
-        template="none",
-        max_new_tokens=32,
-        batch_size=64,
-        task="ARITH",
-        progress=False,
-    )
+    train.main(task="ARITH", ckpt_dir=str(tmp_path / "init"), save_dir=str(tmp_path / "teacher"),
+               train_file=str(tmp_path / "data" / "train.json"), max_batch_size=32, max_steps=400, lr=5e-3,
+               warmup_steps=30, template="none", max_seq_len=64)
+    infer.generate(ckpt_dir=str(tmp_path / "teacher" / "checkpoint-400"), data_file=str(tmp_path / "data" / "train.json"),
+                   output_file=str(tmp_path / "raw.jsonl"), num_samples=4, temperature=0.8, template="none",
+                   max_new_tokens=32, batch_size=64, task="ARITH", progress=False)
     raw = [json.loads(line) for line in open(tmp_path / "raw.jsonl")]
     assert len(raw) == 600 and all(len(r["output"]) == 4 for r in raw)
-    prepare_main(
-        str(tmp_path / "raw.jsonl"), str(tmp_path / "mcc.json"), tiny_tokenizer, num_rationales=3, task="ARITH"
-    )
+    prepare_main(str(tmp_path / "raw.jsonl"), str(tmp_path / "mcc.json"), tiny_tokenizer, num_rationales=3,
+                 task="ARITH")
     prepared = json.load(open(tmp_path / "mcc.json"))
     assert len(prepared) >= 10
     assert all(len(set(r["output"])) == len(r["output"]) >= 2 for r in prepared)
     cks.split(str(tmp_path / "init"), str(tmp_path / "student"), n=2)
-    torchrun(
-        "train_mcc.py",
-        "--task",
-        "ARITH",
-        "--ckpt_dir",
-        str(tmp_path / "student"),
-        "--save_dir",
-        str(tmp_path / "run"),
-        "--train_file",
-        str(tmp_path / "mcc.json"),
-        "--label_file",
-        str(tmp_path / "data" / "test.json"),
-        "--max_batch_size",
-        "8",
-        "--max_steps",
-        "6",
-        "--lr",
-        "3e-3",
-        "--template",
-        "none",
-        "--max_seq_len",
-        "64",
-        "--max_new_tokens",
-        "32",
-        "--alpha",
-        "0.1",
-        "--num_rationales",
-        "3",
-    )
+    torchrun("train_mcc.py", "--task", "ARITH", "--ckpt_dir", str(tmp_path / "student"), "--save_dir",
+             str(tmp_path / "run"), "--train_file", str(tmp_path / "mcc.json"), "--label_file",
+             str(tmp_path / "data" / "test.json"), "--max_batch_size", "8", "--max_steps", "6", "--lr", "3e-3",
+             "--template", "none", "--max_seq_len", "64", "--max_new_tokens", "32", "--alpha", "0.1",
+             "--num_rationales", "3")
     lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     steps = [line for line in lines if not line.get("eval")]
     assert len(steps) == 6 and steps[-1]["loss_ce"] < steps[0]["loss_ce"]
@@ -240,18 +181,11 @@ def test_authors_indices_are_read_under_the_default_template(tiny_tokenizer):
     default template makes the prompt longer, and their files must still train as they are."""
     tok = load_tokenizer(tiny_tokenizer)
     instruction = "What is 2 + 3 + 4 ?"
-    outs = [
-        "2 + 3 = 5 . 5 + 4 = 9 . Therefore, the answer is 9 .",
-        "3 + 4 = 7 . 7 + 2 = 9 . Therefore, the answer is 9 .",
-    ]
+    outs = ["2 + 3 = 5 . 5 + 4 = 9 . Therefore, the answer is 9 .", "3 + 4 = 7 . 7 + 2 = 9 . Therefore, the answer is 9 ."]
     spans = [find_answer_span(tok, tok.encode(o, bos=False, eos=True), o, "9") for o in outs]
     offset = len(tok.encode(instruction, bos=True))
-    rec = {
-        "instruction": instruction,
-        "output": outs,
-        "label": "9",
-        "indices": [[[s + offset, e + offset]] for s, e in spans],
-    }
+    rec = {"instruction": instruction, "output": outs, "label": "9",
+           "indices": [[[s + offset, e + offset]] for s, e in spans]}
     data = MultiRationaleData([rec], tok, 128, template="default", task="ARITH")
     assert data.spans[0] == spans and len(data) == 1
 
@@ -269,48 +203,25 @@ def test_rationales_with_a_wrong_answer_are_dropped_and_counted(tiny_tokenizer, 
     assert kept.groups[0] == [0, 1, 2] and kept.stats["wrong_answer"] == 0
     (tmp_path / "t.json").write_text(json.dumps([rec] * 4))
     cks.init("tiny-llama", str(tmp_path / "m"), tokenizer=tiny_tokenizer, seed=1)
-    train_mcc.main(
-        task="ARITH",
-        ckpt_dir=str(tmp_path / "m"),
-        save_dir=str(tmp_path / "run"),
-        train_file=str(tmp_path / "t.json"),
-        template="none",
-        max_steps=1,
-        max_batch_size=2,
-    )
+    train_mcc.main(task="ARITH", ckpt_dir=str(tmp_path / "m"), save_dir=str(tmp_path / "run"),
+                   train_file=str(tmp_path / "t.json"), template="none", max_steps=1, max_batch_size=2)
     assert "4 reach another answer than the label" in capsys.readouterr().out
 
 
 def test_spans_are_paired_by_their_tokens_not_their_length(tiny_tokenizer):
     """`▁C` (after a space) and `C` (after a parenthesis) have the same length and different ids."""
     tok = load_tokenizer(tiny_tokenizer)
-    outs = [
-        "It is a place. Therefore, the answer is C .",
-        "A place it is. Therefore, the answer is C .",
-        "Therefore, the answer is (C) .",
-    ]
+    outs = ["It is a place. Therefore, the answer is C .", "A place it is. Therefore, the answer is C .",
+            "Therefore, the answer is (C) ."]
     ids = [tok.encode(o, bos=False, eos=True) for o in outs]
     spans = [find_answer_span(tok, i, o, "C") for i, o in zip(ids, outs)]
     assert ids[0][slice(*spans[0])] != ids[2][slice(*spans[2])] and len(set(e - s for s, e in spans)) == 1
-    data = MultiRationaleData(
-        [{"instruction": "Where?", "output": outs, "label": "C"}],
-        tok,
-        128,
-        template="none",
-        num_rationales=3,
-        task="CSQA",
-    )
+    data = MultiRationaleData([{"instruction": "Where?", "output": outs, "label": "C"}], tok, 128, template="none",
+                              num_rationales=3, task="CSQA")
     assert data.groups[0] == [0, 1] and data.stats["other_span_tokens"] == 1
-    pair = MultiRationaleData(
-        [
-            {"instruction": "Where?", "output": outs[1:], "label": "C"},
-            {"instruction": "Where?", "output": outs[:2], "label": "C"},
-        ],
-        tok,
-        128,
-        template="none",
-        task="CSQA",
-    )
+    pair = MultiRationaleData([{"instruction": "Where?", "output": outs[1:], "label": "C"},
+                               {"instruction": "Where?", "output": outs[:2], "label": "C"}], tok, 128,
+                              template="none", task="CSQA")
     assert pair.keep == [1] and pair.stats["dropped_questions"] == 1
 
 
@@ -321,17 +232,9 @@ def test_answers_written_in_words(tmp_path, tiny_tokenizer, capsys):
     assert extract_answer("Therefore, the answer is twenty-one apples", "SVAMP") == "21"
     assert extract_answer("the answer is one hundred and five .", "GSM8K") == "105"
     assert extract_answer("No one knows; 5 + 7 = 12 .", "SVAMP") == "12"  # digits win over "one"
-    raw = [
-        {
-            "instruction": "What is 5 + 7 ?",
-            "label": "12",
-            "output": [
-                "5 + 7 = 12 . Therefore, the answer is 12 .",
-                "7 + 5 makes twelve. Therefore, the answer is twelve .",
-                "5 + 5 = 10 . 10 + 2 = 12 . Therefore, the answer is 12 .",
-            ],
-        }
-    ]
+    raw = [{"instruction": "What is 5 + 7 ?", "label": "12",
+            "output": ["5 + 7 = 12 . Therefore, the answer is 12 .", "7 + 5 makes twelve. Therefore, the answer is twelve .",
+                       "5 + 5 = 10 . 10 + 2 = 12 . Therefore, the answer is 12 ."]}]
     (tmp_path / "raw.json").write_text(json.dumps(raw))
     prepare_main(str(tmp_path / "raw.json"), str(tmp_path / "out.json"), tiny_tokenizer, num_rationales=3, task="SVAMP")
     tok = load_tokenizer(tiny_tokenizer)

@@ -1,6 +1,5 @@
 """Logits parity with HF transformers for every family, at TP=1 (in process) and TP=2 (torchrun),
 through our own checkpoint conversion; KV-cache decoding equals the full forward."""
-
 import json
 import os
 
@@ -31,14 +30,8 @@ def models(tmp_path_factory):
         src = ck.open_checkpoint(hf_dir)
         for n in (1, 2):
             ck.write_native(src, str(root / f"{family}-n{n}"), n, progress=False)
-        out[family] = dict(
-            hf_dir=hf_dir,
-            native1=str(root / f"{family}-n1"),
-            native2=str(root / f"{family}-n2"),
-            tokens=str(root / "tokens.pt"),
-            ref=ref,
-            root=root,
-        )
+        out[family] = dict(hf_dir=hf_dir, native1=str(root / f"{family}-n1"), native2=str(root / f"{family}-n2"),
+                           tokens=str(root / "tokens.pt"), ref=ref, root=root)
     return out
 
 
@@ -69,24 +62,10 @@ def test_parity_tp2(models):
     root = models["llama2"]["root"]
     jobs = []
     for family, m in models.items():
-        jobs.append(
-            dict(
-                ckpt=m["native2"],
-                tokens=m["tokens"],
-                prompt_lens=PROMPT_LENS,
-                out=str(root / f"{family}-tp2.pt"),
-                family=family,
-            )
-        )
-    jobs.append(
-        dict(
-            ckpt=models["mixtral"]["hf_dir"],
-            tokens=models["mixtral"]["tokens"],
-            prompt_lens=PROMPT_LENS,
-            out=str(root / "mixtral-hfdir-tp2.pt"),
-            family="mixtral",
-        )
-    )
+        jobs.append(dict(ckpt=m["native2"], tokens=m["tokens"], prompt_lens=PROMPT_LENS,
+                         out=str(root / f"{family}-tp2.pt"), family=family))
+    jobs.append(dict(ckpt=models["mixtral"]["hf_dir"], tokens=models["mixtral"]["tokens"], prompt_lens=PROMPT_LENS,
+                     out=str(root / "mixtral-hfdir-tp2.pt"), family="mixtral"))
     with open(root / "jobs.json", "w") as f:
         json.dump(jobs, f)
     torchrun("tests/workers/parity_worker.py", str(root / "jobs.json"))

@@ -2,7 +2,6 @@
 here, TP=2 == TP=1, --beta 0 / --alpha 1, the CLI end to end under torchrun (train, resume,
 evaluate, calibration, BLEU), the step-by-step data converter, SVAMP equations, ECE and BLEU
 against hand computations, and one-sentence errors for bad input."""
-
 import json
 import math
 import os
@@ -36,18 +35,9 @@ def sbs(tmp_path_factory, tiny_tokenizer):
 
 
 def _base(root, **kw):
-    return {
-        "objective": "step_by_step",
-        "task": "ARITH",
-        "template": "none",
-        "max_seq_len": 64,
-        "lr": 1e-3,
-        "max_steps": 3,
-        "save_every": 3,
-        "train_file": str(root / "arith" / "train.json"),
-        "max_batch_size": 4,
-        **kw,
-    }
+    return {"objective": "step_by_step", "task": "ARITH", "template": "none", "max_seq_len": 64, "lr": 1e-3,
+            "max_steps": 3, "save_every": 3, "train_file": str(root / "arith" / "train.json"), "max_batch_size": 4,
+            **kw}
 
 
 def _metrics(save_dir):
@@ -85,13 +75,8 @@ def test_pooled_ce_matches_a_reference_and_ignores_padding(dist1):
     noisy[1, 4:] = 50.0  # padding positions hold garbage: nothing changes
     assert pooled_ce_mi_sum(label, label_mask, noisy, rationale_mask).item() == pytest.approx(got.item(), abs=1e-6)
     # the authors' version (max over every position of the probabilities, fed to a CE as logits) differs
-    authors = sum(
-        F.cross_entropy(
-            torch.softmax(rationale[b], -1).max(0).values[None],
-            torch.softmax(label[b], -1).max(0).values[None].detach(),
-        )
-        for b in range(3)
-    )
+    authors = sum(F.cross_entropy(torch.softmax(rationale[b], -1).max(0).values[None],
+                                  torch.softmax(label[b], -1).max(0).values[None].detach()) for b in range(3))
     assert abs(authors.item() - got.item()) > 0.1
 
 
@@ -125,20 +110,9 @@ def test_first_step_loss_equals_a_reference_on_the_model(sbs, tiny_tokenizer, di
     path = tmp_path / "six.json"
     path.write_text(json.dumps(records))
     alpha, beta = 0.3, 0.5
-    train.main(
-        **_base(
-            sbs,
-            train_file=str(path),
-            ckpt_dir=str(sbs / "m1"),
-            save_dir=str(tmp_path / "run"),
-            max_steps=1,
-            max_batch_size=3,
-            accumulation_steps=2,
-            alpha=alpha,
-            beta=beta,
-            mi_estimator="pooled_ce",
-        )
-    )
+    train.main(**_base(sbs, train_file=str(path), ckpt_dir=str(sbs / "m1"), save_dir=str(tmp_path / "run"),
+                       max_steps=1, max_batch_size=3, accumulation_steps=2, alpha=alpha, beta=beta,
+                       mi_estimator="pooled_ce"))
     logged = _metrics(tmp_path / "run")[0]
     tok, model = load_tokenizer(tiny_tokenizer), load_model(str(sbs / "m1"))
     sums, counts, mi = {"label": 0.0, "rationale": 0.0}, {"label": 0, "rationale": 0}, 0.0
@@ -148,16 +122,13 @@ def test_first_step_loss_equals_a_reference_on_the_model(sbs, tiny_tokenizer, di
             for task, target in (("label", rec["label"]), ("rationale", rec["output"])):
                 prompt = tok.encode(PREFIX[task] + rec["instruction"], bos=True)
                 response = tok.encode(target, bos=False, eos=True)
-                logits = model(torch.tensor([prompt + response[:-1]]))[0, len(prompt) - 1 :]
+                logits = model(torch.tensor([prompt + response[:-1]]))[0, len(prompt) - 1:]
                 sums[task] += float(F.cross_entropy(logits, torch.tensor(response), reduction="sum"))
                 counts[task] += len(response)
                 pooled[task] = _reference_pooled(logits, torch.ones(len(logits), dtype=torch.bool))
             mi += float(-(pooled["label"] * pooled["rationale"].log()).sum())
-    ref = {
-        "label": sums["label"] / counts["label"],
-        "rationale": sums["rationale"] / counts["rationale"],
-        "mi": mi / len(records),
-    }
+    ref = {"label": sums["label"] / counts["label"], "rationale": sums["rationale"] / counts["rationale"],
+           "mi": mi / len(records)}
     for part in ref:
         assert abs(logged[f"loss_{part}"] - ref[part]) < 1e-5, (part, logged, ref)
     total = alpha * ref["label"] + (1 - alpha) * ref["rationale"] + beta * ref["mi"]
@@ -192,18 +163,8 @@ def test_beta_0_is_step_by_step_exactly(sbs, dist1, tmp_path):
     """--beta 0: no MI part, no critic, nothing of it saved; the CE parts are the ones the MI runs
     compute at the same weights, and the loss is exactly alpha x label + (1 - alpha) x rationale."""
     train.main(**_base(sbs, alpha=0.4, beta=0.0, ckpt_dir=str(sbs / "m1"), save_dir=str(tmp_path / "b0")))
-    train.main(
-        **_base(
-            sbs,
-            alpha=0.4,
-            beta=0.5,
-            mi_estimator="critic",
-            ckpt_dir=str(sbs / "m1"),
-            max_steps=1,
-            save_every=1,
-            save_dir=str(tmp_path / "critic"),
-        )
-    )
+    train.main(**_base(sbs, alpha=0.4, beta=0.5, mi_estimator="critic", ckpt_dir=str(sbs / "m1"), max_steps=1,
+                       save_every=1, save_dir=str(tmp_path / "critic")))
     plain, with_mi = _metrics(tmp_path / "b0"), _metrics(tmp_path / "critic")
     assert all("loss_mi" not in line for line in plain)
     assert plain[0]["loss_label"] == with_mi[0]["loss_label"]
@@ -215,17 +176,8 @@ def test_beta_0_is_step_by_step_exactly(sbs, dist1, tmp_path):
     critic = torch.load(tmp_path / "critic" / "checkpoint-1" / "trainer_state.00.pt", weights_only=False)
     assert len(critic["extra_modules"]) == 1
     with pytest.raises(UserError, match=r"holds 1 module\(s\) trained beside the model and this run trains 0"):
-        train.main(
-            **_base(
-                sbs,
-                alpha=0.4,
-                ckpt_dir=str(sbs / "m1"),
-                max_steps=2,
-                save_every=1,
-                resume=True,
-                save_dir=str(tmp_path / "critic"),
-            )
-        )
+        train.main(**_base(sbs, alpha=0.4, ckpt_dir=str(sbs / "m1"), max_steps=2, save_every=1, resume=True,
+                           save_dir=str(tmp_path / "critic")))
 
 
 def test_alpha_1_trains_the_label_task_only(sbs, dist1, tmp_path):
@@ -236,9 +188,8 @@ def test_alpha_1_trains_the_label_task_only(sbs, dist1, tmp_path):
     dss = tmp_path / "dss.json"
     dss.write_text(json.dumps(records))
     sft = tmp_path / "sft.json"
-    sft.write_text(
-        json.dumps([{"instruction": PREFIX["label"] + r["instruction"], "output": r["label"]} for r in records])
-    )
+    sft.write_text(json.dumps([{"instruction": PREFIX["label"] + r["instruction"], "output": r["label"]}
+                               for r in records]))
     train.main(**_base(sbs, train_file=str(dss), alpha=1.0, ckpt_dir=str(sbs / "m1"), save_dir=str(tmp_path / "a1")))
     base = _base(sbs, train_file=str(sft), ckpt_dir=str(sbs / "m1"), save_dir=str(tmp_path / "sft"))
     base.pop("objective")
@@ -260,25 +211,10 @@ def test_cli_tp2_train_resume_evaluate_calibrate(sbs, tmp_path):
     """TP=2 with the critic: a run stopped after 4 of 6 steps and resumed continues the loss curve
     exactly (the critic head is saved and restored); evaluation decodes the label task (and the
     rationale task on request); infer.py reads the task prefixes recorded with the model."""
-    base = {
-        "objective": "step_by_step",
-        "task": "ARITH",
-        "template": "none",
-        "max_seq_len": 64,
-        "lr": 3e-3,
-        "max_steps": 6,
-        "save_every": 2,
-        "train_file": sbs / "arith" / "train.json",
-        "max_batch_size": 4,
-        "label_file": sbs / "arith" / "test.json",
-        "max_new_tokens": 24,
-        "ckpt_dir": sbs / "m2",
-        "alpha": 0.5,
-        "beta": 0.1,
-        "mi_estimator": "critic",
-        "eval_rationale_task": True,
-        "label_type": "llm",
-    }
+    base = {"objective": "step_by_step", "task": "ARITH", "template": "none", "max_seq_len": 64, "lr": 3e-3,
+            "max_steps": 6, "save_every": 2, "train_file": sbs / "arith" / "train.json", "max_batch_size": 4,
+            "label_file": sbs / "arith" / "test.json", "max_new_tokens": 24, "ckpt_dir": sbs / "m2", "alpha": 0.5,
+            "beta": 0.1, "mi_estimator": "critic", "eval_rationale_task": True, "label_type": "llm"}
     torchrun("train.py", *train_args({**base, "save_dir": tmp_path / "straight"}))
     torchrun("train.py", *train_args({**base, "save_dir": tmp_path / "stopped", "exit_after_steps": 4}))
     assert len(losses(tmp_path / "stopped")) == 4
@@ -292,20 +228,9 @@ def test_cli_tp2_train_resume_evaluate_calibrate(sbs, tmp_path):
     assert record["task_prefixes"] == PREFIX
 
     model = tmp_path / "stopped" / "checkpoint-6"
-    proc = torchrun(
-        "infer.py",
-        "calibration",
-        "--ckpt_dir",
-        str(model),
-        "--data_file",
-        str(sbs / "arith" / "test.json"),
-        "--output_file",
-        str(tmp_path / "cal.jsonl"),
-        "--task",
-        "ARITH",
-        "--max_new_tokens",
-        "8",
-    )
+    proc = torchrun("infer.py", "calibration", "--ckpt_dir", str(model), "--data_file",
+                    str(sbs / "arith" / "test.json"), "--output_file", str(tmp_path / "cal.jsonl"), "--task", "ARITH",
+                    "--max_new_tokens", "8")
     summary = json.load(open(tmp_path / "cal.jsonl.summary.json"))
     assert summary["task_prefix"] == "label" and summary["records"] == 4 and 0 <= summary["ece"] <= 1
     assert os.path.getsize(tmp_path / "cal.reliability.png") > 1000
@@ -313,48 +238,17 @@ def test_cli_tp2_train_resume_evaluate_calibrate(sbs, tmp_path):
     assert all(0 < x["confidence"] <= 1 for x in lines)
     assert "decoding the label task" in proc.stdout
 
-    torchrun(
-        "infer.py",
-        "--ckpt_dir",
-        str(model),
-        "--data_file",
-        str(sbs / "arith" / "test.json"),
-        "--output_file",
-        str(tmp_path / "rat.jsonl"),
-        "--task_prefix",
-        "rationale",
-        "--max_new_tokens",
-        "24",
-        "--task",
-        "ARITH",
-    )
+    torchrun("infer.py", "--ckpt_dir", str(model), "--data_file", str(sbs / "arith" / "test.json"), "--output_file",
+             str(tmp_path / "rat.jsonl"), "--task_prefix", "rationale", "--max_new_tokens", "24", "--task", "ARITH")
     meta = json.load(open(tmp_path / "rat.jsonl.meta.json"))
     assert meta["task_prefix"] == "rationale"
     assert json.loads(open(tmp_path / "rat.jsonl").readline())["prompt"].startswith(PREFIX["rationale"])
-    proc = run_cli(
-        "infer.py",
-        "bleu",
-        "--predictions_file",
-        str(tmp_path / "rat.jsonl"),
-        "--references_file",
-        str(sbs / "arith" / "test.json"),
-    )
+    proc = run_cli("infer.py", "bleu", "--predictions_file", str(tmp_path / "rat.jsonl"), "--references_file",
+                   str(sbs / "arith" / "test.json"))
     assert proc.returncode == 0 and 0 <= json.loads(proc.stdout)["bleu"] <= 100
-    proc = run_cli(
-        "infer.py",
-        "--ckpt_dir",
-        str(model),
-        "--data_file",
-        str(sbs / "arith" / "test.json"),
-        "--output_file",
-        str(tmp_path / "rat.jsonl"),
-        "--task_prefix",
-        "label",
-        "--max_new_tokens",
-        "24",
-        "--task",
-        "ARITH",
-    )
+    proc = run_cli("infer.py", "--ckpt_dir", str(model), "--data_file", str(sbs / "arith" / "test.json"),
+                   "--output_file", str(tmp_path / "rat.jsonl"), "--task_prefix", "label", "--max_new_tokens", "24",
+                   "--task", "ARITH")
     assert proc.returncode != 0 and "--task_prefix 'rationale', not 'label'" in proc.stderr
 
 
@@ -363,57 +257,34 @@ def test_teacher_text_is_parsed_as_the_authors_meant(tmp_path):
     choices = ["bank", "library", "department store", "mall", "new york"]
     raw = "Banks keep money safe behind doors. So the answer is (a) bank.\n\nQ: Where do you keep a book?"
     assert parse_teacher_output(raw, "CSQA", choices) == (
-        "Banks keep money safe behind doors. So the answer is (a) bank.",
-        "A",
-        "",
-    )
+        "Banks keep money safe behind doors. So the answer is (a) bank.", "A", "")
     assert parse_teacher_output("Doors guard money. So the answer is bank", "CSQA", choices)[1] == "A"
     assert parse_teacher_output("So the answer is (a) bank.", "CSQA", choices)[2] == "no_rationale"
     assert parse_teacher_output("Banks are safe.", "CSQA", choices)[2] == "no_answer_sentence"
     zoo = "It is a zoo. So the answer is (f) zoo."
     assert parse_teacher_output(zoo, "CSQA", choices)[2] == "unreadable_teacher_label"
     svamp = "He had 32 and ate 5.0. The answer is (32.0 - 5.0).\nQ: next"
-    assert parse_teacher_output(svamp, "SVAMP") == (
-        "He had 32 and ate 5.0. The answer is (32.0 - 5.0).",
-        "(32.0 - 5.0)",
-        "",
-    )
+    assert parse_teacher_output(svamp, "SVAMP") == ("He had 32 and ate 5.0. The answer is (32.0 - 5.0).",
+                                                    "(32.0 - 5.0)", "")
 
     records = [
-        {
-            "id": "q1",
-            "question": "A revolving door is a security measure at a what?",
-            "choices": choices,
-            "answer": "bank",
-            "llm_output": raw,
-        },
-        {
-            "question": "Where are books?",
-            "choices": choices,
-            "answer": "library",
-            "llm_output": "Books sit on shelves. So the answer is (c) department store.",
-        },
+        {"id": "q1", "question": "A revolving door is a security measure at a what?", "choices": choices,
+         "answer": "bank", "llm_output": raw},
+        {"question": "Where are books?", "choices": choices, "answer": "library",
+         "llm_output": "Books sit on shelves. So the answer is (c) department store."},
         {"question": "Where?", "choices": choices, "answer": "mall", "llm_output": "I do not know."},
-        {
-            "input": "Pick one.\nAnswer Choices:\n(a) x\n(b) y",
-            "label": "B",
-            "llm_rationale": "y fits best.",
-            "llm_label": "(b) y",
-        },
+        {"input": "Pick one.\nAnswer Choices:\n(a) x\n(b) y", "label": "B", "llm_rationale": "y fits best.",
+         "llm_label": "(b) y"},
     ]
     src = tmp_path / "raw.json"
     src.write_text(json.dumps(records))
     prepare_main(str(tmp_path / "out.json"), input_file=str(src), task="CSQA")
     out = json.load(open(tmp_path / "out.json"))
     assert len(out) == 3
-    assert out[0] == {
-        "id": "q1",
-        "instruction": "A revolving door is a security measure at a what?\nAnswer Choices:\n"
-        "(a) bank\n(b) library\n(c) department store\n(d) mall\n(e) new york",
-        "output": "Banks keep money safe behind doors. So the answer is (a) bank.",
-        "label": "A",
-        "llm_label": "A",
-    }
+    assert out[0] == {"id": "q1", "instruction": "A revolving door is a security measure at a what?\nAnswer Choices:\n"
+                      "(a) bank\n(b) library\n(c) department store\n(d) mall\n(e) new york",
+                      "output": "Banks keep money safe behind doors. So the answer is (a) bank.", "label": "A",
+                      "llm_label": "A"}
     assert (out[1]["label"], out[1]["llm_label"]) == ("B", "C") and out[2]["llm_label"] == "B"
     with pytest.raises(UserError, match="already exists"):
         prepare_main(str(tmp_path / "out.json"), input_file=str(src), task="CSQA")
@@ -421,9 +292,8 @@ def test_teacher_text_is_parsed_as_the_authors_meant(tmp_path):
     src.write_text(json.dumps(records))
     with pytest.raises(UserError) as e:
         prepare_main(str(tmp_path / "o2.json"), input_file=str(src), task="CSQA")
-    assert str(e.value) == (
-        f"{src} record 0: the gold label 'zoo' cannot be read as a CSQA answer (nor matched to one of its choices)"
-    )
+    assert str(e.value) == (f"{src} record 0: the gold label 'zoo' cannot be read as a CSQA answer (nor matched to "
+                            f"one of its choices)")
 
 
 def test_authors_layout_and_svamp_equations(tmp_path):
@@ -432,27 +302,18 @@ def test_authors_layout_and_svamp_equations(tmp_path):
     right about 27."""
     d = tmp_path / "svamp"
     (d / "llm").mkdir(parents=True)
-    rows = [
-        {"input": "Tom had 32 apples\nHe ate 5. How many are left?", "label": "( 32.0 - 5.0 )"},
-        {"input": "Ann has 3 bags of 4\nHow many?", "label": "( 3.0 * 4.0 )"},
-        {"input": "x\ny", "label": "( 1.0 + 1.0 )"},
-    ]
+    rows = [{"input": "Tom had 32 apples\nHe ate 5. How many are left?", "label": "( 32.0 - 5.0 )"},
+            {"input": "Ann has 3 bags of 4\nHow many?", "label": "( 3.0 * 4.0 )"},
+            {"input": "x\ny", "label": "( 1.0 + 1.0 )"}]
     (d / "svamp_train.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    (d / "llm" / "train_CoT_0.json").write_text(
-        json.dumps(
-            [
-                "Tom had 32 apples and ate 5, so 32 - 5 = 27. The answer is (32 - 5).\n\nQ: more",
-                "3 bags of 4 is 3 * 4 = 13. The answer is (3 * 4 + 1).",
-            ]
-        )
-    )
+    (d / "llm" / "train_CoT_0.json").write_text(json.dumps([
+        "Tom had 32 apples and ate 5, so 32 - 5 = 27. The answer is (32 - 5).\n\nQ: more",
+        "3 bags of 4 is 3 * 4 = 13. The answer is (3 * 4 + 1)."]))
     (d / "llm" / "train_CoT_1.json").write_text(json.dumps(["no idea"]))
     prepare_main(str(tmp_path / "out.json"), dataset_dir=str(d))
     out = json.load(open(tmp_path / "out.json"))
-    assert [(r["label"], r["llm_label"]) for r in out] == [
-        ("( 32.0 - 5.0 )", "(32 - 5)"),
-        ("( 3.0 * 4.0 )", "(3 * 4 + 1)"),
-    ]
+    assert [(r["label"], r["llm_label"]) for r in out] == [("( 32.0 - 5.0 )", "(32 - 5)"),
+                                                           ("( 3.0 * 4.0 )", "(3 * 4 + 1)")]
     assert out[0]["instruction"] == rows[0]["input"]
     assert parse_label("( 32.0 - 5.0 )", "SVAMP") == "27" and parse_label("( 32.0 - 5.0 )", "GSM8K") is None
     assert is_correct(extract_answer("( 32 - 5 )", "SVAMP"), "( 32.0 - 5.0 )", "SVAMP")
@@ -488,23 +349,8 @@ def test_bleu_by_hand_and_against_sacrebleu():
     # a shorter hypothesis: BP = exp(1 - 6/4); the closest of two references is the 6-token one
     short = corpus_bleu(["the cat on mat"], [["the cat is on the mat", "a cat is sitting on the red mat"]])
     assert short["ref_len"] == 6 and short["brevity_penalty"] == pytest.approx(math.exp(1 - 6 / 4))
-    assert tokenize_13a("So 7-2=5, the answer is (a) bank.") == [
-        "So",
-        "7",
-        "-",
-        "2",
-        "=",
-        "5",
-        ",",
-        "the",
-        "answer",
-        "is",
-        "(",
-        "a",
-        ")",
-        "bank",
-        ".",
-    ]
+    assert tokenize_13a("So 7-2=5, the answer is (a) bank.") == \
+        ["So", "7", "-", "2", "=", "5", ",", "the", "answer", "is", "(", "a", ")", "bank", "."]
     # numbers sacrebleu 2.5.1 printed for the same corpus: corpus_bleu(hyps, [refs]).score
     hyps = ["So 47 + 38 = 85 . So the answer is 85 .", "the cat is on the mat"]
     refs = [["So 7 + 8 = 15 , carry 1 . So the answer is 85 ."], ["there is a cat on the mat"]]
@@ -534,48 +380,20 @@ def test_bad_input_is_one_sentence(sbs, dist1, tmp_path):
     bad.write_text(json.dumps([records[0], {"instruction": "What is 1 + 2 ?", "label": "3"}]))
     assert err(train_file=str(bad)) == f"{bad} record 1 has no rationale ('output') for the rationale task"
     bad.write_text(json.dumps([records[0], {**records[1], "label": "many"}]))
-    assert (
-        err(train_file=str(bad)) == f"{bad} record 1: 'label' 'many' is not an answer of --task ARITH (--label_type gt)"
-    )
+    assert err(train_file=str(bad)) == \
+        f"{bad} record 1: 'label' 'many' is not an answer of --task ARITH (--label_type gt)"
     bad.write_text(json.dumps([records[0], {**records[1], "llm_label": None, "output": "I cannot say."}]))
     assert err(train_file=str(bad), label_type="llm") == (
-        f"{bad} record 1: the answer its rationale states (None) is not an answer of --task ARITH (--label_type llm)"
-    )
+        f"{bad} record 1: the answer its rationale states (None) is not an answer of --task ARITH (--label_type llm)")
     assert err(objective="sft", alpha=0.5) == "--alpha belongs to --objective step_by_step, not sft"
     assert err(eval_rationale_task=True) == "--eval_rationale_task True needs --label_file (the records evaluated)"
     assert err(beta=0.1, mi_estimator="critic", max_batch_size=1) == (
         "--mi_estimator critic needs 2 or more questions per micro-batch on each of the 1 data-parallel replicas "
-        "(its negatives); --max_batch_size is 1"
-    )
-    proc = run_cli(
-        "train.py",
-        "--objective",
-        "step_by_step",
-        "--alpha",
-        "2",
-        "--task",
-        "ARITH",
-        "--ckpt_dir",
-        "x",
-        "--save_dir",
-        str(tmp_path / "c"),
-        "--train_file",
-        str(sbs / "arith" / "train.json"),
-    )
-    assert (
-        proc.returncode != 0
-        and proc.stderr.strip().splitlines()[-1]
-        == "error: --alpha must be in [0, 1] (the label task's weight), got 2.0"
-    )
-    proc = run_cli(
-        "infer.py",
-        "--ckpt_dir",
-        str(sbs / "m1"),
-        "--data_file",
-        str(sbs / "arith" / "test.json"),
-        "--output_file",
-        str(tmp_path / "o.jsonl"),
-        "--task_prefix",
-        "answer",
-    )
+        "(its negatives); --max_batch_size is 1")
+    proc = run_cli("train.py", "--objective", "step_by_step", "--alpha", "2", "--task", "ARITH", "--ckpt_dir", "x",
+                   "--save_dir", str(tmp_path / "c"), "--train_file", str(sbs / "arith" / "train.json"))
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1] == \
+        "error: --alpha must be in [0, 1] (the label task's weight), got 2.0"
+    proc = run_cli("infer.py", "--ckpt_dir", str(sbs / "m1"), "--data_file", str(sbs / "arith" / "test.json"),
+                   "--output_file", str(tmp_path / "o.jsonl"), "--task_prefix", "answer")
     assert proc.returncode != 0 and "--task_prefix 'answer' is unknown; choose one of label, rationale" in proc.stderr

@@ -2,7 +2,6 @@
 and CLI, online and offline teachers), KL 0 against itself, the DTW alignment (hand-made sequences
 and the real LLaMA-2 tokenizer), infer.py score --top_k, the data formats, every bad input, and the
 path teacher -> top-k file -> student with another tokenizer under torchrun."""
-
 import json
 import os
 import shutil
@@ -22,18 +21,8 @@ from engine.text.vocab import Vocab
 from tests.conftest import shared_path
 from tests.helpers import assert_same_run, full_weights, losses, torchrun, train_args
 
-BASE = {
-    "task": "ARITH",
-    "template": "none",
-    "max_seq_len": 64,
-    "lr": 1e-3,
-    "max_steps": 3,
-    "save_every": 3,
-    "max_batch_size": 4,
-    "objective": "teacher_kl",
-    "kl_weight": 0.7,
-    "kl_temperature": 1.5,
-}
+BASE = {"task": "ARITH", "template": "none", "max_seq_len": 64, "lr": 1e-3, "max_steps": 3, "save_every": 3,
+        "max_batch_size": 4, "objective": "teacher_kl", "kl_weight": 0.7, "kl_temperature": 1.5}
 
 
 def metrics(save_dir):
@@ -45,7 +34,7 @@ def _reference(hidden, weight, p, temperature):
     """T^2 sum_rows KL(p || softmax(hidden @ weight.T / T)), with 0 log 0 = 0, written out directly."""
     log_q = torch.log_softmax(hidden @ weight.t() / temperature, dim=-1)
     log_p = torch.where(p > 0, p.clamp(min=1e-30).log(), torch.zeros_like(p))
-    return temperature**2 * (p * (log_p - log_q)).sum()
+    return temperature ** 2 * (p * (log_p - log_q)).sum()
 
 
 @pytest.mark.processes
@@ -80,11 +69,8 @@ def test_kl_equals_a_direct_reference_and_tp2_equals_tp1(dist1, tmp_path):
                 continue
             ref = refs[name.split("-")[0]]
             worst["loss"] = max(worst["loss"], abs(r["loss"] - ref["loss"]) / ref["loss"])
-            worst["grad"] = max(
-                worst["grad"],
-                (r["grad_h"] - ref["grad_h"]).abs().max().item(),
-                (r["grad_w"] - ref["grad_w"]).abs().max().item(),
-            )
+            worst["grad"] = max(worst["grad"], (r["grad_h"] - ref["grad_h"]).abs().max().item(),
+                                (r["grad_w"] - ref["grad_w"]).abs().max().item())
     print(f"teacher KL vs reference, TP=1 and TP=2: loss rel. error {worst['loss']:.1e}, grads {worst['grad']:.1e}")
     assert worst["loss"] <= 1e-5 and worst["grad"] <= 1e-5, worst
     ref_lp, ref_ids = torch.log_softmax(t_hidden @ t_weight.t(), dim=-1).topk(5, dim=-1)
@@ -161,12 +147,8 @@ def test_vocab_texts_of_sentencepiece_and_byte_level_tokenizers(tmp_path, tiny_t
     hf = Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
-    hf.train_from_iterator(
-        ["the answer is 12 \u20ac\n"] * 20,
-        trainers.BpeTrainer(
-            vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        ),
-    )
+    hf.train_from_iterator(["the answer is 12 \u20ac\n"] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     (tmp_path / "hf").mkdir()
     hf.save(str(tmp_path / "hf" / "tokenizer.json"))
     (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
@@ -188,29 +170,17 @@ def test_dtw_on_the_llama2_tokenizer_and_one_trained_here(tmp_path):
     from engine.text.tokenizer import load_tokenizer
 
     llama = load_tokenizer(shared_path("data", "tokenizers", "llama2.model"))
-    corpus = [
-        r["instruction"] + " " + r["output"] for r in json.load(open(shared_path("data", "mcc", "GSM8K", "test.json")))
-    ]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus),
-        model_prefix=str(tmp_path / "other"),
-        vocab_size=2000,
-        model_type="bpe",
-        split_digits=False,
-        byte_fallback=True,
-        character_coverage=1.0,
-        num_threads=1,
-        minloglevel=2,
-        bos_id=1,
-        eos_id=2,
-        unk_id=0,
-        pad_id=3,
-    )
+    corpus = [r["instruction"] + " " + r["output"] for r in json.load(open(shared_path("data", "mcc", "GSM8K",
+                                                                                       "test.json")))]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=str(tmp_path / "other"),
+                                   vocab_size=2000, model_type="bpe", split_digits=False, byte_fallback=True,
+                                   character_coverage=1.0, num_threads=1, minloglevel=2, bos_id=1, eos_id=2,
+                                   unk_id=0, pad_id=3)
     other = load_tokenizer(str(tmp_path / "other.model"))
     va, vb = Vocab.of(other), Vocab.of(llama)
 
     def spans(tok, ids):
-        ends = [len(tok.decode(ids[: n + 1])) for n in range(len(ids))]
+        ends = [len(tok.decode(ids[:n + 1])) for n in range(len(ids))]
         return list(zip([0] + ends[:-1], ends))
 
     matched = right = cut_alike = found = total = 0
@@ -228,10 +198,8 @@ def test_dtw_on_the_llama2_tokenizer_and_one_trained_here(tmp_path):
             if (s, va.texts[t]) in by_span and va.texts[t]:
                 cut_alike += 1
                 found += match[i] == by_span[(s, va.texts[t])]
-    print(
-        f"LLaMA-2 vs a GSM8K tokenizer: {matched}/{total} student tokens matched one-to-one, {right} at the "
-        f"same characters; {found}/{cut_alike} identically cut tokens found"
-    )
+    print(f"LLaMA-2 vs a GSM8K tokenizer: {matched}/{total} student tokens matched one-to-one, {right} at the "
+          f"same characters; {found}/{cut_alike} identically cut tokens found")
     assert matched >= 0.4 * total and right / matched >= 0.99 and found / cut_alike >= 0.95
 
 
@@ -243,15 +211,11 @@ def env(tmp_path_factory, tiny_tokenizer):
     1 and 2 shards; a top-5 file of the latter over the training file."""
     root = tmp_path_factory.mktemp("kl")
     make_arith(str(root / "arith"), n_train=14, n_test=4, min_value=10, style="fixed", seed=1)
-    other_tok = train_tokenizer(
-        str(root / "other.model"), default_corpus(500, seed=1), vocab_size=400, split_digits=False
-    )
+    other_tok = train_tokenizer(str(root / "other.model"), default_corpus(500, seed=1), vocab_size=400,
+                                split_digits=False)
     models = {}
-    for name, model_type, tok in (
-        ("student", "tiny-llama", tiny_tokenizer),
-        ("same", "tiny-qwen2", tiny_tokenizer),
-        ("other", "tiny-llama3", other_tok),
-    ):
+    for name, model_type, tok in (("student", "tiny-llama", tiny_tokenizer), ("same", "tiny-qwen2", tiny_tokenizer),
+                                  ("other", "tiny-llama3", other_tok)):
         cks.init(model_type, str(root / f"{name}-1"), n=1, tokenizer=tok, seed=len(name))
         cks.split(str(root / f"{name}-1"), str(root / f"{name}-2"), n=2)
         models[name] = root / f"{name}-1", root / f"{name}-2"
@@ -262,13 +226,8 @@ def env(tmp_path_factory, tiny_tokenizer):
 def other_file(env, dist1):
     root, models = env
     out = root / "other.topk.jsonl"
-    infer.score(
-        ckpt_dir=str(models["other"][0]),
-        data_file=str(root / "arith" / "train.json"),
-        output_file=str(out),
-        top_k=5,
-        template="none",
-    )
+    infer.score(ckpt_dir=str(models["other"][0]), data_file=str(root / "arith" / "train.json"),
+                output_file=str(out), top_k=5, template="none")
     return out
 
 
@@ -297,23 +256,14 @@ def test_tp2_equals_tp1(env, other_file, teacher, dist1):
 
     worst = max(abs(a - b) for a, b in zip(losses(runs[1]), losses(runs[2])))
     wa, wb = (full_weights(os.path.join(runs[tp], "checkpoint-3")) for tp in (1, 2))
-    print(
-        f"{teacher}: TP=2 vs TP=1 loss difference {worst:.1e}, "
-        f"weights after 3 steps {max((wa[k] - wb[k]).abs().max().item() for k in wa):.1e}"
-    )
+    print(f"{teacher}: TP=2 vs TP=1 loss difference {worst:.1e}, "
+          f"weights after 3 steps {max((wa[k] - wb[k]).abs().max().item() for k in wa):.1e}")
 
 
 def test_teacher_equal_to_the_student_starts_at_zero_kl(env, dist1):
     root, models = env
-    train.main(
-        **{
-            **BASE,
-            "train_file": str(root / "arith" / "train.json"),
-            "ckpt_dir": str(models["student"][0]),
-            "teacher_ckpt_dir": str(models["student"][0]),
-            "save_dir": str(root / "self"),
-        }
-    )
+    train.main(**{**BASE, "train_file": str(root / "arith" / "train.json"), "ckpt_dir": str(models["student"][0]),
+                  "teacher_ckpt_dir": str(models["student"][0]), "save_dir": str(root / "self")})
     lines = metrics(root / "self")
     assert lines[0]["loss_kl"] <= 1e-6 and lines[0]["loss_ce"] > 1
     assert lines[-1]["loss_kl"] > 1e-6  # the student has moved away from its frozen copy
@@ -322,12 +272,8 @@ def test_teacher_equal_to_the_student_starts_at_zero_kl(env, dist1):
 def test_offline_file_equals_the_online_teacher(env, other_file, dist1):
     """The same teacher, run in the job or read from its top-5 file, trains the same student."""
     root, models = env
-    base = {
-        **BASE,
-        "train_file": str(root / "arith" / "train.json"),
-        "ckpt_dir": str(models["student"][0]),
-        "teacher_top_k": 5,
-    }
+    base = {**BASE, "train_file": str(root / "arith" / "train.json"), "ckpt_dir": str(models["student"][0]),
+            "teacher_top_k": 5}
     train.main(**base, teacher_ckpt_dir=str(models["other"][0]), save_dir=str(root / "online"))
     train.main(**base, teacher_file=str(other_file), save_dir=str(root / "offline"))
     assert_same_run(str(root / "online"), str(root / "offline"))
@@ -346,7 +292,7 @@ def test_score_top_k_equals_the_full_log_softmax(env, other_file, dist1):
     rec = json.load(open(root / "arith" / "train.json"))[3]
     prompt, resp = tok.encode(rec["instruction"]), tok.encode(rec["output"], bos=False, eos=True)
     with torch.no_grad():
-        logits = model(torch.tensor([prompt + resp[:-1]]))[0, len(prompt) - 1 :]
+        logits = model(torch.tensor([prompt + resp[:-1]]))[0, len(prompt) - 1:]
     ref_lp, ref_ids = torch.log_softmax(logits.float(), dim=-1).topk(5, dim=-1)
     lines = [json.loads(line) for line in open(other_file)]
     assert lines[3]["tokens"] == resp
@@ -354,31 +300,13 @@ def test_score_top_k_equals_the_full_log_softmax(env, other_file, dist1):
     assert np.abs(np.array(lines[3]["topk_logprobs"]) - ref_lp.numpy()).max() <= 1e-5
     meta = json.load(open(str(other_file) + ".meta.json"))
     assert meta["top_k"] == 5 and Vocab.from_dict(meta["vocab"]).texts == Vocab.of(tok).texts
-    torchrun(
-        "infer.py",
-        "score",
-        "--ckpt_dir",
-        str(models["other"][1]),
-        "--data_file",
-        str(root / "arith" / "train.json"),
-        "--output_file",
-        str(root / "tp2.topk.jsonl"),
-        "--top_k",
-        "5",
-        "--template",
-        "none",
-    )
+    torchrun("infer.py", "score", "--ckpt_dir", str(models["other"][1]), "--data_file",
+             str(root / "arith" / "train.json"), "--output_file", str(root / "tp2.topk.jsonl"), "--top_k", "5",
+             "--template", "none")
     two = [json.loads(line) for line in open(root / "tp2.topk.jsonl")]
     assert [t["topk_ids"] for t in two] == [t["topk_ids"] for t in lines]
-    assert (
-        max(
-            abs(x - y)
-            for t, o in zip(two, lines)
-            for rt, ro in zip(t["topk_logprobs"], o["topk_logprobs"])
-            for x, y in zip(rt, ro)
-        )
-        <= 1e-5
-    )
+    assert max(abs(x - y) for t, o in zip(two, lines) for rt, ro in zip(t["topk_logprobs"], o["topk_logprobs"])
+               for x, y in zip(rt, ro)) <= 1e-5
 
 
 # ----- data formats ------------------------------------------------------------------------------
@@ -392,14 +320,10 @@ def test_four_formats(tmp_path):
     records = json.load(open(tmp_path / "a" / "train.json"))
     assert len(out) == 40 and [r["format"] for r in out[:4]] == ["icl_answer", "icl_cot", "zs_answer", "zs_cot"]
     q = records[0]["instruction"]
-    zs_answer, zs_cot, icl_answer, icl_cot = (
-        next(r for r in out if r["question"] == 0 and r["format"] == f)
-        for f in ("zs_answer", "zs_cot", "icl_answer", "icl_cot")
-    )
+    zs_answer, zs_cot, icl_answer, icl_cot = (next(r for r in out if r["question"] == 0 and r["format"] == f)
+                                              for f in ("zs_answer", "zs_cot", "icl_answer", "icl_cot"))
     assert zs_answer == {**zs_answer, "instruction": f"Question: {q}", "output": f"The answer is {records[0]['label']}"}
-    assert (
-        zs_cot["instruction"] == f"Question: {q}\nLet's think step by step" and zs_cot["output"] == records[0]["output"]
-    )
+    assert zs_cot["instruction"] == f"Question: {q}\nLet's think step by step" and zs_cot["output"] == records[0]["output"]
     for r, cue in ((icl_answer, "The answer is "), (icl_cot, "Therefore, the answer is ")):
         demos = r["instruction"].split("\n\n")
         assert len(demos) == 5 and demos[-1].startswith(f"Question: {q}") and q not in "".join(demos[:-1])
@@ -416,13 +340,8 @@ def test_formats_from_the_real_prompt_files(tmp_path):
 
     cot = shared_path("data", "prompts", "gsm8k_complex_cot.txt")
     direct = shared_path("data", "prompts", "gsm8k_direct.txt")
-    make_formats(
-        shared_path("data", "mcc", "GSM8K", "dev.json"),
-        str(tmp_path / "f.json"),
-        formats="icl_cot,icl_answer",
-        cot_prompt_file=cot,
-        answer_prompt_file=direct,
-    )
+    make_formats(shared_path("data", "mcc", "GSM8K", "dev.json"), str(tmp_path / "f.json"), formats="icl_cot,icl_answer",
+                 cot_prompt_file=cot, answer_prompt_file=direct)
     out = json.load(open(tmp_path / "f.json"))
     assert len(out) == 2 * 660
     first = json.load(open(shared_path("data", "mcc", "GSM8K", "dev.json")))[0]["instruction"].strip()
@@ -435,18 +354,9 @@ def test_training_on_formats_holds_one_format_per_batch(env, tmp_path, dist1):
 
     root, models = env
     make_formats(str(root / "arith" / "train.json"), str(tmp_path / "f.json"), num_demos=2)
-    train.main(
-        task="ARITH",
-        template="none",
-        max_seq_len=256,
-        lr=1e-3,
-        max_steps=4,
-        max_batch_size=4,
-        train_file=str(tmp_path / "f.json"),
-        ckpt_dir=str(models["student"][0]),
-        save_dir=str(tmp_path / "r"),
-        formats="zs_cot,icl_answer",
-    )
+    train.main(task="ARITH", template="none", max_seq_len=256, lr=1e-3, max_steps=4, max_batch_size=4,
+               train_file=str(tmp_path / "f.json"), ckpt_dir=str(models["student"][0]), save_dir=str(tmp_path / "r"),
+               formats="zs_cot,icl_answer")
     meta = json.load(open(tmp_path / "r" / "run_config.json"))
     assert meta["steps_per_epoch"] == 8  # 14 questions x 2 formats, each format in batches of 4 (the last completed)
     # the trainer's batches: one format each, every example of the chosen formats once an epoch
@@ -462,31 +372,21 @@ def test_training_on_formats_holds_one_format_per_batch(env, tmp_path, dist1):
     line = group_by_format(task, format_groups(records, "zs_cot,icl_answer", "f.json"))
     assert line == "one data format per batch: icl_answer 14, zs_cot 14 examples (28 of other formats left out)"
     model, _ = build_model(str(models["student"][0]), None, -1, None, 0.0, "wq", torch.float32, dist1)
-    trainer = Trainer(
-        model,
-        task,
-        TrainConfig(save_dir=str(tmp_path / "t"), max_batch_size=4, max_steps=1, progress=False, plot=False),
-        dist1,
-    )
+    trainer = Trainer(model, task, TrainConfig(save_dir=str(tmp_path / "t"), max_batch_size=4, max_steps=1,
+                                               progress=False, plot=False), dist1)
     for epoch in (0, 1):
         batches = trainer._epoch_batches(epoch)
         assert len(batches) == 8 and all(len({records[p]["format"] for p in b}) == 1 for b in batches)
-        assert {p for b in batches for p in b} == {
-            p for p, r in enumerate(records) if r["format"] in ("zs_cot", "icl_answer")
-        }
+        assert {p for b in batches for p in b} == {p for p, r in enumerate(records)
+                                                   if r["format"] in ("zs_cot", "icl_answer")}
 
 
 # ----- bad input ---------------------------------------------------------------------------------
 def test_bad_teacher_input(env, other_file, tmp_path, dist1):
     root, models = env
     good = str(root / "arith" / "train.json")
-    base = {
-        **BASE,
-        "train_file": good,
-        "ckpt_dir": str(models["student"][0]),
-        "save_dir": str(tmp_path / "s"),
-        "max_steps": 1,
-    }
+    base = {**BASE, "train_file": good, "ckpt_dir": str(models["student"][0]), "save_dir": str(tmp_path / "s"),
+            "max_steps": 1}
 
     def err(**kw):
         with pytest.raises(UserError) as e:
@@ -499,40 +399,28 @@ def test_bad_teacher_input(env, other_file, tmp_path, dist1):
     assert "--kl_weight must be in [0, 1]" in err(teacher_file=str(other_file), kl_weight=1.5)
     assert "--kl_temperature must be > 0" in err(teacher_file=str(other_file), kl_temperature=0.0)
     assert "needs an online teacher" in err(teacher_file=str(other_file), teacher_top_k=0)
-    assert "needs a teacher with the student's tokenizer" in err(
-        teacher_ckpt_dir=str(models["other"][0]), teacher_top_k=0
-    )
+    assert "needs a teacher with the student's tokenizer" in err(teacher_ckpt_dir=str(models["other"][0]),
+                                                                 teacher_top_k=0)
     msg = err(teacher_file=str(other_file), teacher_top_k=8)
-    assert msg.startswith(
-        f"--teacher_file {other_file} holds the teacher's top 5 tokens per position but --teacher_top_k asks for 8"
-    ), msg
-    assert "--same_tokenizer True, but the vocabulary of --teacher_file" in err(
-        teacher_file=str(other_file), same_tokenizer=True
-    )
+    assert msg.startswith(f"--teacher_file {other_file} holds the teacher's top 5 tokens per position but "
+                          f"--teacher_top_k asks for 8"), msg
+    assert "--same_tokenizer True, but the vocabulary of --teacher_file" in err(teacher_file=str(other_file),
+                                                                              same_tokenizer=True)
     assert "--same_tokenizer True, but the tokenizer of --teacher_ckpt_dir" in err(
-        teacher_ckpt_dir=str(models["other"][0]), same_tokenizer=True
-    )
+        teacher_ckpt_dir=str(models["other"][0]), same_tokenizer=True)
     # a file of another training file: fewer records, another text
     records = json.load(open(good))
     (tmp_path / "short.json").write_text(json.dumps(records[:-1]))
     msg = err(teacher_file=str(other_file), train_file=str(tmp_path / "short.json"))
-    assert msg == (
-        f"--teacher_file {other_file} holds 14 records but --train_file {tmp_path / 'short.json'} has 13; "
-        f"score this training file with `infer.py score --top_k K`"
-    )
+    assert msg == (f"--teacher_file {other_file} holds 14 records but --train_file {tmp_path / 'short.json'} has 13; "
+                   f"score this training file with `infer.py score --top_k K`")
     changed = [dict(r) for r in records]
     changed[5]["output"] = changed[5]["output"].replace("Therefore, the answer", "So the answer")
     (tmp_path / "changed.json").write_text(json.dumps(changed))
-    assert f"--teacher_file {other_file} record 5 spells" in err(
-        teacher_file=str(other_file), train_file=str(tmp_path / "changed.json")
-    )
-    infer.score(
-        ckpt_dir=str(models["same"][0]),
-        data_file=good,
-        output_file=str(tmp_path / "same.jsonl"),
-        top_k=5,
-        template="none",
-    )
+    assert f"--teacher_file {other_file} record 5 spells" in err(teacher_file=str(other_file),
+                                                                train_file=str(tmp_path / "changed.json"))
+    infer.score(ckpt_dir=str(models["same"][0]), data_file=good, output_file=str(tmp_path / "same.jsonl"), top_k=5,
+                template="none")
     msg = err(teacher_file=str(tmp_path / "same.jsonl"), train_file=str(tmp_path / "changed.json"))
     assert msg.startswith(f"--teacher_file {tmp_path / 'same.jsonl'} record 5 holds ") and "tokens but" in msg, msg
     shutil.copy(good, tmp_path / "no-meta.jsonl")
@@ -550,69 +438,22 @@ def test_teacher_file_to_a_smaller_student_with_another_tokenizer(tmp_path, tiny
     a smaller student (tiny-llama) with another tokenizer distils from it through train.py under
     torchrun (TP=2) and is evaluated."""
     make_arith(str(tmp_path / "data"), n_train=300, n_test=20, min_value=10, style="fixed", seed=2)
-    teacher_tok = train_tokenizer(
-        str(tmp_path / "teacher.model"), default_corpus(500, seed=1), vocab_size=400, split_digits=False
-    )
+    teacher_tok = train_tokenizer(str(tmp_path / "teacher.model"), default_corpus(500, seed=1), vocab_size=400,
+                                  split_digits=False)
     cks.init("small-llama", str(tmp_path / "t-init"), tokenizer=teacher_tok, seed=0)
-    train.main(
-        task="ARITH",
-        template="none",
-        max_seq_len=64,
-        lr=3e-3,
-        max_steps=60,
-        warmup_steps=10,
-        max_batch_size=16,
-        train_file=str(tmp_path / "data" / "train.json"),
-        ckpt_dir=str(tmp_path / "t-init"),
-        save_dir=str(tmp_path / "teacher"),
-    )
+    train.main(task="ARITH", template="none", max_seq_len=64, lr=3e-3, max_steps=60, warmup_steps=10,
+               max_batch_size=16, train_file=str(tmp_path / "data" / "train.json"), ckpt_dir=str(tmp_path / "t-init"),
+               save_dir=str(tmp_path / "teacher"))
     cks.split(str(tmp_path / "teacher" / "checkpoint-60"), str(tmp_path / "teacher-tp2"), n=2)
-    torchrun(
-        "infer.py",
-        "score",
-        "--ckpt_dir",
-        str(tmp_path / "teacher-tp2"),
-        "--data_file",
-        str(tmp_path / "data" / "train.json"),
-        "--output_file",
-        str(tmp_path / "teacher.topk.jsonl"),
-        "--top_k",
-        "5",
-        "--template",
-        "none",
-    )
+    torchrun("infer.py", "score", "--ckpt_dir", str(tmp_path / "teacher-tp2"), "--data_file",
+             str(tmp_path / "data" / "train.json"), "--output_file", str(tmp_path / "teacher.topk.jsonl"),
+             "--top_k", "5", "--template", "none")
     cks.init("tiny-llama", str(tmp_path / "student"), n=2, tokenizer=tiny_tokenizer, seed=1)
-    proc = torchrun(
-        "train.py",
-        "--objective",
-        "teacher_kl",
-        "--teacher_file",
-        str(tmp_path / "teacher.topk.jsonl"),
-        "--task",
-        "ARITH",
-        "--ckpt_dir",
-        str(tmp_path / "student"),
-        "--save_dir",
-        str(tmp_path / "run"),
-        "--train_file",
-        str(tmp_path / "data" / "train.json"),
-        "--label_file",
-        str(tmp_path / "data" / "test.json"),
-        "--max_batch_size",
-        "16",
-        "--max_steps",
-        "12",
-        "--lr",
-        "5e-3",
-        "--template",
-        "none",
-        "--max_seq_len",
-        "64",
-        "--max_new_tokens",
-        "40",
-        "--kl_weight",
-        "1.0",
-    )
+    proc = torchrun("train.py", "--objective", "teacher_kl", "--teacher_file", str(tmp_path / "teacher.topk.jsonl"),
+                    "--task", "ARITH", "--ckpt_dir", str(tmp_path / "student"), "--save_dir", str(tmp_path / "run"),
+                    "--train_file", str(tmp_path / "data" / "train.json"), "--label_file",
+                    str(tmp_path / "data" / "test.json"), "--max_batch_size", "16", "--max_steps", "12", "--lr", "5e-3",
+                    "--template", "none", "--max_seq_len", "64", "--max_new_tokens", "40", "--kl_weight", "1.0")
     assert "another tokenizer (DTW-aligned), top 5 renormalised" in proc.stdout
     lines = metrics(tmp_path / "run")
     assert len(lines) == 12 and lines[-1]["loss_kl"] < lines[0]["loss_kl"] and lines[0]["loss_kl"] > 0

@@ -6,13 +6,8 @@ from engine.runtime.errors import UserError
 from engine.text.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
 from tests.conftest import shared_path
 
-TEXTS = [
-    "Hello world",
-    "Natalia sold clips to 48 of her friends in April. Therefore, the answer is 72 .",
-    "  leading spaces and ümlauts, emoji 🙂 and 中文",
-    "a\nmulti-line\n\ttext",
-    "1,234.56 + (7 * 8) = ?",
-]
+TEXTS = ["Hello world", "Natalia sold clips to 48 of her friends in April. Therefore, the answer is 72 .",
+         "  leading spaces and ümlauts, emoji 🙂 and 中文", "a\nmulti-line\n\ttext", "1,234.56 + (7 * 8) = ?"]
 
 
 def test_llama2_tokenizer_round_trips():
@@ -40,14 +35,8 @@ def test_hf_tokenizer_json(tmp_path):
     t = Tokenizer(models.BPE(unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     t.decoder = decoders.ByteLevel()
-    t.train_from_iterator(
-        TEXTS * 20,
-        trainers.BpeTrainer(
-            vocab_size=300,
-            special_tokens=["<unk>", "<s>", "</s>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
+    t.train_from_iterator(TEXTS * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     t.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": {"content": "</s>"}}))
     tok = load_tokenizer(str(tmp_path))

@@ -1,6 +1,5 @@
 """train.py: tensor/data-parallel equivalence, LoRA, exact resume, fp16 loss scaling, learning
 an arithmetic task from scratch, DeepSpeed ZeRO, and one-sentence errors for bad input."""
-
 import json
 import os
 
@@ -27,32 +26,17 @@ def env(tmp_path_factory, tiny_tokenizer):
 
 
 @pytest.mark.processes
-@pytest.mark.parametrize(
-    "name,extra",
-    [
-        ("tiny-qwen2", {"accumulation_steps": 2}),  # one KV head: replicated on both ranks, biases, tied embeddings
-        ("tiny-mixtral", {}),  # experts sharded, router replicated
-        ("tiny-llama3", {"model_type": "lora-tiny-llama3", "lora_rank": 4, "lora_alpha": 8}),
-        (
-            "tiny-llama3",
-            {"model_type": "lora-tiny-llama3", "lora_rank": 4, "lora_targets": "wq,wv,output"},
-        ),  # vocab-sharded head
-    ],
-)
+@pytest.mark.parametrize("name,extra", [
+    ("tiny-qwen2", {"accumulation_steps": 2}),  # one KV head: replicated on both ranks, biases, tied embeddings
+    ("tiny-mixtral", {}),  # experts sharded, router replicated
+    ("tiny-llama3", {"model_type": "lora-tiny-llama3", "lora_rank": 4, "lora_alpha": 8}),
+    ("tiny-llama3", {"model_type": "lora-tiny-llama3", "lora_rank": 4, "lora_targets": "wq,wv,output"}),  # vocab-sharded head
+])
 def test_tp2_equals_tp1(env, name, extra, dist1):
     root, models = env
     one, two = models[name]
-    base = {
-        "task": "ARITH",
-        "template": "none",
-        "max_seq_len": 64,
-        "lr": 1e-3,
-        "max_steps": 3,
-        "save_every": 3,
-        "train_file": str(root / "arith" / "train.json"),
-        "max_batch_size": 4,
-        **extra,
-    }
+    base = {"task": "ARITH", "template": "none", "max_seq_len": 64, "lr": 1e-3, "max_steps": 3, "save_every": 3,
+            "train_file": str(root / "arith" / "train.json"), "max_batch_size": 4, **extra}
     run = f"{name}-{len(extra)}-{extra.get('lora_targets', 'all')}"
     train.main(ckpt_dir=str(one), save_dir=str(root / f"{run}-tp1"), **base)
     torchrun("train.py", *train_args({**base, "ckpt_dir": two, "save_dir": root / f"{run}-tp2"}))
@@ -63,24 +47,13 @@ def test_tp2_equals_tp1(env, name, extra, dist1):
 def test_dp2_equals_one_process_with_twice_the_batch(env, dist1):
     root, models = env
     one, _ = models["tiny-llama3"]
-    base = {
-        "task": "ARITH",
-        "template": "none",
-        "max_seq_len": 64,
-        "lr": 1e-3,
-        "max_steps": 3,
-        "save_every": 3,
-        "train_file": str(root / "arith" / "train.json"),
-        "ckpt_dir": str(one),
-        "accumulation_steps": 2,
-    }
+    base = {"task": "ARITH", "template": "none", "max_seq_len": 64, "lr": 1e-3, "max_steps": 3, "save_every": 3,
+            "train_file": str(root / "arith" / "train.json"), "ckpt_dir": str(one), "accumulation_steps": 2}
     base["label_file"] = str(root / "arith" / "test.json")  # 4 records, evaluated in 2 slices under DP
     train.main(save_dir=str(root / "dp1"), max_batch_size=4, **base)
     torchrun("train.py", *train_args({**base, "save_dir": root / "dp2", "max_batch_size": 4, "tp_size": 1}))
     assert_same_run(str(root / "dp1"), str(root / "dp2"))
-    evals = [
-        [json.loads(line) for line in open(root / d / "metrics.jsonl") if '"eval"' in line] for d in ("dp1", "dp2")
-    ]
+    evals = [[json.loads(line) for line in open(root / d / "metrics.jsonl") if '"eval"' in line] for d in ("dp1", "dp2")]
     assert [(e["total"], e["correct"]) for e in evals[0]] == [(e["total"], e["correct"]) for e in evals[1]]
     assert evals[1][-1]["total"] == 4
 
@@ -91,21 +64,10 @@ def test_resume_continues_the_loss_curve_exactly(env):
     match the uninterrupted run step for step (RNG, optimizer, schedule, data position restored)."""
     root, models = env
     _, two = models["tiny-llama3"]
-    base = {
-        "task": "ARITH",
-        "template": "none",
-        "max_seq_len": 64,
-        "lr": 2e-3,
-        "max_steps": 7,
-        "train_file": root / "arith" / "train.json",
-        "ckpt_dir": two,
-        "max_batch_size": 4,
-        "model_type": "lora-tiny-llama3",
-        "lora_rank": 4,
-        "lora_dropout": 0.2,
-        "save_every": 2,
-        "warmup_steps": 2,
-    }
+    base = {"task": "ARITH", "template": "none", "max_seq_len": 64, "lr": 2e-3, "max_steps": 7,
+            "train_file": root / "arith" / "train.json", "ckpt_dir": two, "max_batch_size": 4,
+            "model_type": "lora-tiny-llama3", "lora_rank": 4, "lora_dropout": 0.2, "save_every": 2,
+            "warmup_steps": 2}
     torchrun("train.py", *train_args({**base, "save_dir": root / "straight"}))
     torchrun("train.py", *train_args({**base, "save_dir": root / "stopped", "exit_after_steps": 4}))
     assert len(losses(root / "stopped")) == 4
@@ -137,15 +99,8 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale(env, dist1, tiny_toke
         return {"ce": sums["ce"] * float("inf")} if len(calls) == 1 else sums
 
     task.loss_sums = overflow_once
-    cfg = TrainConfig(
-        save_dir=str(root / "fp16"),
-        max_batch_size=4,
-        lr=1e-3,
-        max_steps=2,
-        use_float16=True,
-        progress=False,
-        plot=False,
-    )
+    cfg = TrainConfig(save_dir=str(root / "fp16"), max_batch_size=4, lr=1e-3, max_steps=2, use_float16=True,
+                      progress=False, plot=False)
     trainer = Trainer(model, task, cfg, dist1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     scale0 = trainer.scaler.scale
@@ -164,38 +119,11 @@ def test_learns_arithmetic_from_scratch_at_tp2(tmp_path, tiny_tokenizer):
     two-digit numbers it never saw with > 90% exact-match accuracy."""
     make_arith(str(tmp_path / "data"), n_train=4000, n_test=200, min_value=10, style="fixed", seed=0)
     cks.init("tiny-llama", str(tmp_path / "init"), n=2, tokenizer=tiny_tokenizer, seed=0)
-    torchrun(
-        "train.py",
-        "--task",
-        "ARITH",
-        "--ckpt_dir",
-        str(tmp_path / "init"),
-        "--save_dir",
-        str(tmp_path / "run"),
-        "--train_file",
-        str(tmp_path / "data" / "train.json"),
-        "--label_file",
-        str(tmp_path / "data" / "test.json"),
-        "--max_batch_size",
-        "32",
-        "--max_steps",
-        "1250",
-        "--lr",
-        "5e-3",
-        "--warmup_steps",
-        "50",
-        "--template",
-        "none",
-        "--max_seq_len",
-        "64",
-        "--max_new_tokens",
-        "40",
-        "--eval_batch_size",
-        "200",
-        "--log_every",
-        "25",
-        timeout=900,
-    )
+    torchrun("train.py", "--task", "ARITH", "--ckpt_dir", str(tmp_path / "init"), "--save_dir", str(tmp_path / "run"),
+             "--train_file", str(tmp_path / "data" / "train.json"), "--label_file", str(tmp_path / "data" / "test.json"),
+             "--max_batch_size", "32", "--max_steps", "1250", "--lr", "5e-3", "--warmup_steps", "50",
+             "--template", "none", "--max_seq_len", "64", "--max_new_tokens", "40", "--eval_batch_size", "200",
+             "--log_every", "25", timeout=900)
     evals = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"eval"' in line]
     final = evals[-1]
     print(f"ARITH accuracy after {final['step']} steps: {final['accuracy']:.3f} ({final['correct']}/{final['total']})")
@@ -210,15 +138,8 @@ def test_bad_training_input(env, tmp_path, dist1):
     root, models = env
     one, two = models["tiny-llama3"]
     good = str(root / "arith" / "train.json")
-    base = dict(
-        task="ARITH",
-        ckpt_dir=str(one),
-        save_dir=str(tmp_path / "s"),
-        train_file=good,
-        template="none",
-        max_steps=1,
-        max_seq_len=64,
-    )
+    base = dict(task="ARITH", ckpt_dir=str(one), save_dir=str(tmp_path / "s"), train_file=good, template="none",
+                max_steps=1, max_seq_len=64)
 
     def err(**kw):
         with pytest.raises(UserError) as e:
@@ -247,15 +168,8 @@ def test_resume_refuses_another_run(env, tmp_path, dist1):
     root, models = env
     one, _ = models["tiny-llama3"]
     q_one, _ = models["tiny-qwen2"]
-    base = dict(
-        task="ARITH",
-        save_dir=str(tmp_path / "r"),
-        train_file=str(root / "arith" / "train.json"),
-        template="none",
-        max_steps=1,
-        max_seq_len=64,
-        max_batch_size=2,
-    )
+    base = dict(task="ARITH", save_dir=str(tmp_path / "r"), train_file=str(root / "arith" / "train.json"),
+                template="none", max_steps=1, max_seq_len=64, max_batch_size=2)
     train.main(ckpt_dir=str(one), **base)
     with pytest.raises(UserError, match="already holds checkpoints"):
         train.main(ckpt_dir=str(one), **base)
@@ -269,25 +183,9 @@ def test_resume_refuses_another_run(env, tmp_path, dist1):
 def test_batch_must_split_over_data_parallel_ranks(env, tmp_path):
     root, models = env
     one, _ = models["tiny-llama3"]
-    proc = run_cli(
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "train.py",
-        "--task",
-        "ARITH",
-        "--ckpt_dir",
-        str(one),
-        "--save_dir",
-        str(tmp_path / "x"),
-        "--train_file",
-        str(root / "arith" / "train.json"),
-        "--max_batch_size",
-        "3",
-        "--tp_size",
-        "1",
-    )
+    proc = run_cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py", "--task", "ARITH",
+                   "--ckpt_dir", str(one), "--save_dir", str(tmp_path / "x"), "--train_file",
+                   str(root / "arith" / "train.json"), "--max_batch_size", "3", "--tp_size", "1")
     assert proc.returncode != 0
     assert "error: --max_batch_size=3 is not divisible by the 2 data-parallel replicas" in proc.stderr
 
@@ -300,25 +198,12 @@ def test_deepspeed_zero_matches_the_plain_run(env, stage, tmp_path):
     one, _ = models["tiny-llama3"]
     cfg = tmp_path / "ds.json"
     cfg.write_text(json.dumps({"zero_optimization": {"stage": stage}}))
-    base = {
-        "task": "ARITH",
-        "template": "none",
-        "max_seq_len": 64,
-        "lr": 1e-3,
-        "max_steps": 3,
-        "save_every": 3,
-        "train_file": root / "arith" / "train.json",
-        "ckpt_dir": one,
-        "accumulation_steps": 2,
-        "max_batch_size": 4,
-        "tp_size": 1,
-    }
+    base = {"task": "ARITH", "template": "none", "max_seq_len": 64, "lr": 1e-3, "max_steps": 3, "save_every": 3,
+            "train_file": root / "arith" / "train.json", "ckpt_dir": one, "accumulation_steps": 2,
+            "max_batch_size": 4, "tp_size": 1}
     torchrun("train.py", *train_args({**base, "save_dir": tmp_path / "plain"}))
-    torchrun(
-        "train.py",
-        *train_args({**base, "save_dir": tmp_path / "zero", "deepspeed": cfg}),
-        env={"DS_ACCELERATOR": "cpu"},
-    )
+    torchrun("train.py", *train_args({**base, "save_dir": tmp_path / "zero", "deepspeed": cfg}),
+             env={"DS_ACCELERATOR": "cpu"})
     assert os.path.isdir(tmp_path / "zero" / "checkpoint-3" / "deepspeed")
     assert_same_run(str(tmp_path / "plain"), str(tmp_path / "zero"))
 
@@ -407,16 +292,8 @@ def test_compiled_blocks_equal_eager(env, tp, dist1, capfd):
     activation checkpointing at TP=1, LoRA at TP=2."""
     root, models = env
     one, two = models["tiny-llama3"]
-    base = {
-        "task": "ARITH",
-        "template": "none",
-        "max_seq_len": 64,
-        "lr": 1e-3,
-        "max_steps": 3,
-        "save_every": 3,
-        "train_file": str(root / "arith" / "train.json"),
-        "max_batch_size": 4,
-    }
+    base = {"task": "ARITH", "template": "none", "max_seq_len": 64, "lr": 1e-3, "max_steps": 3, "save_every": 3,
+            "train_file": str(root / "arith" / "train.json"), "max_batch_size": 4}
     if tp == 2:
         base.update(model_type="lora-tiny-llama3", lora_rank=4, lora_alpha=8)
     else:

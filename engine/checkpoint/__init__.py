@@ -18,7 +18,6 @@ same key names, interleaved RoPE rows and an embedding split on the hidden dimen
   loading.py   load_state_into, load_model
   adapters.py  LoRA adapters on disk, merged sources, peft export, the model for inference
 """
-
 from engine.checkpoint.adapters import (  # noqa: F401
     LORA_CONFIG,
     InferenceModel,

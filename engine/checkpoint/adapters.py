@@ -1,7 +1,6 @@
 """LoRA adapters on disk: `lora.NN.safetensors` per tensor-parallel rank + `lora_config.json` (which
 names the base checkpoint it was trained on), merged views of base + adapter, peft export, and
 the model for inference (base + adapter merged)."""
-
 from __future__ import annotations
 
 import glob
@@ -40,9 +39,8 @@ def adapter_and_base(ckpt_dir: Optional[str], lora_dir: Optional[str]) -> Tuple[
         return ckpt_dir, None
     base = ckpt_dir or read_lora_config(lora_dir)[1]
     if not base:
-        raise CheckpointError(
-            f"{lora_dir}: the adapter names no base checkpoint; pass --ckpt_dir BASE --lora_dir {lora_dir}"
-        )
+        raise CheckpointError(f"{lora_dir}: the adapter names no base checkpoint; pass --ckpt_dir BASE "
+                              f"--lora_dir {lora_dir}")
     return base, lora_dir
 
 
@@ -51,11 +49,8 @@ def save_lora(model, cfg: LoRAConfig, directory: str, base_ckpt: Optional[str] =
     tp, rank = get_model_parallel_world_size(), get_model_parallel_rank()
     sd = lora_state_dict(model)
     layout = [(k, v.dtype, tuple(v.shape)) for k, v in sd.items()]
-    w = SafetensorsWriter(
-        os.path.join(directory, f"lora.{rank:02d}.safetensors"),
-        layout,
-        {"format": NATIVE_FORMAT, "rank": str(rank), "world_size": str(tp)},
-    )
+    w = SafetensorsWriter(os.path.join(directory, f"lora.{rank:02d}.safetensors"), layout,
+                          {"format": NATIVE_FORMAT, "rank": str(rank), "world_size": str(tp)})
     for k, v in sd.items():
         w.write(k, v.float())
     w.close()
@@ -153,21 +148,10 @@ def export_peft(lora_dir: str, save_dir: str, overwrite: bool = False) -> None:
         keys.append(f"base_model.model.{hf}.{part}.weight")
         layout.append((keys[-1], torch.float32, sp.shape))
     targets = sorted({HF_TARGET_NAMES[name.rsplit(".", 1)[-1]] for name in lora_layers(args, cfg.targets)})
-    adapter_config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": cfg.rank,
-        "lora_alpha": cfg.alpha,
-        "lora_dropout": cfg.dropout,
-        "target_modules": targets,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "base_model_name_or_path": base,
-        "init_lora_weights": True,
-        "use_rslora": False,
-        "use_dora": False,
-    }
+    adapter_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank, "lora_alpha": cfg.alpha,
+                      "lora_dropout": cfg.dropout, "target_modules": targets, "bias": "none",
+                      "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": base,
+                      "init_lora_weights": True, "use_rslora": False, "use_dora": False}
     with staged_directory(save_dir, overwrite) as stage:
         w = SafetensorsWriter(os.path.join(stage, "adapter_model.safetensors"), layout, {"format": "pt"})
         for key, sp in zip(keys, specs):

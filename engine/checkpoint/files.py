@@ -1,6 +1,5 @@
 """Checkpoint files: lazy access to .safetensors / .pth / .bin tensors (any box of them), the
 files that travel with the weights (tokenizer, prompt template), and small JSON/directory helpers."""
-
 from __future__ import annotations
 
 import glob
@@ -19,21 +18,10 @@ from models.sharding import Box
 NATIVE_FORMAT = "cot-engine"
 # Files that travel with the weights through every conversion: the tokenizer, and the prompt template
 # a trained checkpoint records (engine.text.prompts.TEMPLATE_FILE).
-TOKENIZER_FILES = (
-    "tokenizer.model",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    TEMPLATE_FILE,
-)
-DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   TEMPLATE_FILE)
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
 
 
 class CheckpointError(UserError):
@@ -102,21 +90,13 @@ class TensorFile:
         return _ST_DTYPES[self._st.get_slice(name).get_dtype()]
 
 
-_ST_DTYPES = {
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F64": torch.float64,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "BOOL": torch.bool,
-}
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "I8": torch.int8, "BOOL": torch.bool}
 
 
 def one_line(e: Exception) -> str:
     return " ".join(str(e).split())[:300] or type(e).__name__
+
 
 
 def read_json(path: str) -> dict:
@@ -142,16 +122,14 @@ def shard_files(ckpt_dir: str) -> List[str]:
     return files
 
 
+
 def tokenizer_files_for(path: str) -> List[str]:
     """The files that make up the tokenizer at `path` (a .model / tokenizer.json file or a directory)."""
     directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     files = [] if os.path.isdir(path) else [path]
     if os.path.isdir(path) or path.endswith(".json"):
-        files += [
-            os.path.join(directory, n)
-            for n in TOKENIZER_FILES
-            if os.path.exists(os.path.join(directory, n)) and os.path.join(directory, n) not in files
-        ]
+        files += [os.path.join(directory, n) for n in TOKENIZER_FILES
+                  if os.path.exists(os.path.join(directory, n)) and os.path.join(directory, n) not in files]
     return files
 
 
@@ -162,3 +140,5 @@ def copy_tokenizer(files: Iterable[str], out_dir: str) -> None:
         if name not in TOKENIZER_FILES:
             name = "tokenizer.model" if name.endswith(".model") else "tokenizer.json"
         shutil.copyfile(p, os.path.join(out_dir, name))
+
+

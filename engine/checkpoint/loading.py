@@ -1,5 +1,4 @@
 """Loading a checkpoint into the tensor-parallel model of this rank."""
-
 from __future__ import annotations
 
 import os
@@ -24,9 +23,7 @@ def load_state_into(model: torch.nn.Module, src: Source, rank: int, n: int, only
     if absent:
         raise CheckpointError(f"{src.description}: the model has no parameter {', '.join(absent[:3])}")
     lora = {k for k in params if ".lora_" in k}
-    missing = sorted(
-        set(params) - {sp.key for sp in specs} - lora - ({"output.weight"} if src.args.tie_embeddings else set())
-    )
+    missing = sorted(set(params) - {sp.key for sp in specs} - lora - ({"output.weight"} if src.args.tie_embeddings else set()))
     if missing and not only_specs:
         raise CheckpointError(f"{src.description}: the checkpoint lacks {', '.join(missing[:3])}")
     with torch.no_grad():
@@ -34,11 +31,10 @@ def load_state_into(model: torch.nn.Module, src: Source, rank: int, n: int, only
             t = src.read(sp, shard_box(sp, rank, n, src.args))
             p = params[sp.key]
             if tuple(t.shape) != tuple(p.shape):
-                raise CheckpointError(
-                    f"{src.description}: {sp.key} has shape {list(t.shape)} on rank {rank}, "
-                    f"the model expects {list(p.shape)}"
-                )
+                raise CheckpointError(f"{src.description}: {sp.key} has shape {list(t.shape)} on rank {rank}, "
+                                      f"the model expects {list(p.shape)}")
             p.copy_(t)
+
 
 
 def load_model(ckpt_dir: str, dtype: torch.dtype = torch.float32, device=None, model_type: Optional[str] = None):
@@ -51,11 +47,12 @@ def load_model(ckpt_dir: str, dtype: torch.dtype = torch.float32, device=None, m
     if isinstance(src, ShardedSource) and os.path.isdir(ckpt_dir) and src.n != tp:
         raise CheckpointError(
             f"{ckpt_dir} holds {src.n} shard(s) but the tensor-parallel size is {tp}; reshard it with "
-            f"`python checkpoint_split.py reshard --ckpt_dir {ckpt_dir} --save_dir OUT --n {tp}`"
-        )
+            f"`python checkpoint_split.py reshard --ckpt_dir {ckpt_dir} --save_dir OUT --n {tp}`")
     try:
         model = Transformer(src.args, device, dtype)
     except ConfigError as e:
         raise CheckpointError(f"{ckpt_dir}: {e}") from None
     load_state_into(model, src, rank, tp)
     return model
+
+

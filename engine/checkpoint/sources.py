@@ -2,7 +2,6 @@
 native key, in the full (unsharded) tensor's coordinates. Native shards and Meta's reference layout
 (interleaved RoPE rows, embedding split on the hidden dimension), HF directories, a single
 state-dict file, and random weights for training from scratch."""
-
 from __future__ import annotations
 
 import os
@@ -14,15 +13,15 @@ import torch
 from engine.checkpoint.files import (
     NATIVE_FORMAT,
     CheckpointError,
-    TensorFile,
     intersect,
     read_json,
     shard_files,
     slices,
+    TensorFile,
     tokenizer_files_for,
 )
-from models.args import ConfigError, ModelArgs
 from models.hf import args_from_hf_config, hf_key_map, load_model_args
+from models.args import ConfigError, ModelArgs
 from models.registry import model_args_for
 from models.sharding import Box, WeightSpec, box_shape, shard_box, weight_specs
 
@@ -36,6 +35,7 @@ def meta_to_rotate_half(t: torch.Tensor, heads: int) -> torch.Tensor:
 def rotate_half_to_meta(t: torch.Tensor, heads: int) -> torch.Tensor:
     rest = t.shape[1:]
     return t.reshape(heads, 2, -1, *rest).transpose(1, 2).reshape(t.shape)
+
 
 
 class Source:
@@ -58,14 +58,8 @@ class Source:
 class ShardedSource(Source):
     """Native shards (rotate-half RoPE) or Meta's reference layout (interleaved RoPE), any shard count."""
 
-    def __init__(
-        self,
-        files: Sequence[str],
-        args: ModelArgs,
-        description: str,
-        tokenizer_files=(),
-        specs: Optional[List[WeightSpec]] = None,
-    ):
+    def __init__(self, files: Sequence[str], args: ModelArgs, description: str, tokenizer_files=(),
+                 specs: Optional[List[WeightSpec]] = None):
         self.files = [TensorFile(p) for p in files]
         self._specs = specs
         self.description = description
@@ -94,9 +88,8 @@ class ShardedSource(Source):
 
     def _check(self) -> None:
         if not self.native and self.n > 1 and self.n > self.args.n_kv_heads:
-            raise CheckpointError(
-                f"{self.description}: {self.n} Meta-layout shards but only {self.args.n_kv_heads} KV heads"
-            )
+            raise CheckpointError(f"{self.description}: {self.n} Meta-layout shards but only "
+                                  f"{self.args.n_kv_heads} KV heads")
         if self.n > 1:
             try:
                 self.args.check_tp(self.n, where=f"{self.description}: the shard count")
@@ -109,24 +102,16 @@ class ShardedSource(Source):
                 want = box_shape(self._file_box(sp, s))
                 got = f.shapes.get(sp.key)
                 if got is None:
-                    raise CheckpointError(
-                        f"{f.path}: weight {sp.key} is missing ({self._described_by} describes "
-                        f"{self.args.n_layers} layers, dim {self.args.dim})"
-                    )
+                    raise CheckpointError(f"{f.path}: weight {sp.key} is missing ({self._described_by} describes "
+                                          f"{self.args.n_layers} layers, dim {self.args.dim})")
                 if got != want:
-                    raise CheckpointError(
-                        f"{f.path}: {sp.key} has shape {list(got)} but {self._described_by} "
-                        f"implies {list(want)} for shard {s} of {self.n}"
-                    )
-            extra = sorted(
-                k
-                for k in f.shapes
-                if k not in expected and k != "rope.freqs" and not (self.args.tie_embeddings and k == "output.weight")
-            )
+                    raise CheckpointError(f"{f.path}: {sp.key} has shape {list(got)} but {self._described_by} "
+                                          f"implies {list(want)} for shard {s} of {self.n}")
+            extra = sorted(k for k in f.shapes if k not in expected and k != "rope.freqs"
+                           and not (self.args.tie_embeddings and k == "output.weight"))
             if extra:
-                raise CheckpointError(
-                    f"{f.path}: unexpected weight(s) {', '.join(extra[:3])} not described by {self._described_by}"
-                )
+                raise CheckpointError(f"{f.path}: unexpected weight(s) {', '.join(extra[:3])} not described "
+                                      f"by {self._described_by}")
 
     @property
     def _described_by(self) -> str:
@@ -194,16 +179,13 @@ class HFSource(Source):
             if shape is None:
                 raise CheckpointError(f"{self._where[hf_key]}: weight {hf_key} is missing")
             if shape != want:
-                raise CheckpointError(
-                    f"{self._where[hf_key]}: {hf_key} has shape {list(shape)} but config.json implies {list(want)}"
-                )
+                raise CheckpointError(f"{self._where[hf_key]}: {hf_key} has shape {list(shape)} but config.json "
+                                      f"implies {list(want)}")
         ignorable = ("rotary_emb.inv_freq", "lm_head.weight") if self.args.tie_embeddings else ("rotary_emb.inv_freq",)
         extra = sorted(k for k in self._where if k not in used and not k.endswith(ignorable))
         if extra:
-            raise CheckpointError(
-                f"{self.description}: weights {', '.join(extra[:3])} are not part of a supported "
-                f"{self.args.family} model"
-            )
+            raise CheckpointError(f"{self.description}: weights {', '.join(extra[:3])} are not part of a supported "
+                                  f"{self.args.family} model")
 
     def dtype(self, spec: WeightSpec) -> torch.dtype:
         return self._file(self.key_map[spec.key][0]).dtype(self.key_map[spec.key][0])
@@ -229,6 +211,7 @@ def hf_weight_files(hf_dir: str) -> Dict[str, str]:
         if os.path.exists(path):
             return {k: path for k in TensorFile(path).shapes}
     raise CheckpointError(f"{hf_dir} holds no model.safetensors, pytorch_model.bin or their index")
+
 
 
 def open_checkpoint(path: str, model_type: Optional[str] = None) -> Source:
@@ -270,6 +253,7 @@ def _open_single_file(path: str, model_type: Optional[str]) -> Source:
     return ShardedSource([path], args, path, tokenizer_files_for(directory))
 
 
+
 class RandomSource(Source):
     """Fresh weights for training from scratch: N(0, std) matrices, unit norms, zero biases.
     Each tensor depends only on (seed, key), so any shard count gives the same model."""
@@ -297,3 +281,4 @@ class RandomSource(Source):
 
     def read(self, spec: WeightSpec, box: Box) -> torch.Tensor:
         return self._full(spec)[slices(box)]
+

@@ -1,6 +1,5 @@
 """Writers: native shards, Meta's reference layout, HF directories. Each reads one tensor at a
 time from a source and builds its output under a temporary name (nothing half-written is left)."""
-
 from __future__ import annotations
 
 import json
@@ -10,12 +9,12 @@ from typing import Optional, Sequence
 import torch
 
 from engine.checkpoint.files import NATIVE_FORMAT, CheckpointError, copy_tokenizer, slices
+from models.hf import hf_config, hf_key_map, hf_table
 from engine.checkpoint.sources import Source, rotate_half_to_meta
 from engine.runtime.fileio import SafetensorsWriter, atomic_torch_save, atomic_write_text, staged_directory
+from models.args import ConfigError, ModelArgs
 from engine.runtime.progress import Progress, progress
 from engine.text.tokenizer import load_tokenizer
-from models.args import ConfigError, ModelArgs
-from models.hf import hf_config, hf_key_map, hf_table
 from models.sharding import box_shape, full_box, shard_box, weight_specs
 
 
@@ -33,11 +32,8 @@ def _progress(iterable, total, desc, show):
 def native_shard_writer(directory: str, rank: int, n: int, args: ModelArgs, specs, dtypes: dict) -> SafetensorsWriter:
     """The streaming writer of native shard `rank` of `n` (dtypes: key -> dtype)."""
     layout = [(sp.key, dtypes[sp.key], box_shape(shard_box(sp, rank, n, args))) for sp in specs]
-    return SafetensorsWriter(
-        os.path.join(directory, f"consolidated.{rank:02d}.safetensors"),
-        layout,
-        {"format": NATIVE_FORMAT, "rank": str(rank), "world_size": str(n)},
-    )
+    return SafetensorsWriter(os.path.join(directory, f"consolidated.{rank:02d}.safetensors"), layout,
+                             {"format": NATIVE_FORMAT, "rank": str(rank), "world_size": str(n)})
 
 
 def write_model_shard(model, directory: str) -> None:
@@ -45,9 +41,8 @@ def write_model_shard(model, directory: str) -> None:
     from the first rank): the checkpoints training saves."""
     params = dict(model.named_parameters())
     specs = weight_specs(model.args)
-    w = native_shard_writer(
-        directory, model.tp_rank, model.tp_size, model.args, specs, {sp.key: params[sp.key].dtype for sp in specs}
-    )
+    w = native_shard_writer(directory, model.tp_rank, model.tp_size, model.args, specs,
+                            {sp.key: params[sp.key].dtype for sp in specs})
     for sp in specs:
         w.write(sp.key, params[sp.key].detach())
     w.close()
@@ -55,15 +50,8 @@ def write_model_shard(model, directory: str) -> None:
         atomic_write_text(os.path.join(directory, "params.json"), model.args.to_json())
 
 
-def write_native(
-    src: Source,
-    save_dir: str,
-    n: int,
-    dtype: Optional[torch.dtype] = None,
-    overwrite: bool = False,
-    tokenizer: Optional[str] = None,
-    progress: bool = True,
-) -> None:
+def write_native(src: Source, save_dir: str, n: int, dtype: Optional[torch.dtype] = None,
+                 overwrite: bool = False, tokenizer: Optional[str] = None, progress: bool = True) -> None:
     """Write `src` as n native shards: keys outer, ranks inner, one full tensor in memory at a time."""
     args = src.args
     try:
@@ -120,20 +108,11 @@ def write_meta(src: Source, save_dir: str, n: int, overwrite: bool = False, prog
 
 def meta_params(args: ModelArgs) -> dict:
     """Meta's params.json keys; hidden_dim only where Meta's formula would not reproduce it."""
-    out = {
-        "dim": args.dim,
-        "n_layers": args.n_layers,
-        "n_heads": args.n_heads,
-        "n_kv_heads": args.n_kv_heads,
-        "vocab_size": args.vocab_size,
-        "multiple_of": args.multiple_of,
-        "ffn_dim_multiplier": args.ffn_dim_multiplier,
-        "norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta,
-    }
-    probe = ModelArgs(
-        dim=args.dim, n_heads=args.n_heads, multiple_of=args.multiple_of, ffn_dim_multiplier=args.ffn_dim_multiplier
-    )
+    out = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
+           "vocab_size": args.vocab_size, "multiple_of": args.multiple_of,
+           "ffn_dim_multiplier": args.ffn_dim_multiplier, "norm_eps": args.norm_eps, "rope_theta": args.rope_theta}
+    probe = ModelArgs(dim=args.dim, n_heads=args.n_heads, multiple_of=args.multiple_of,
+                      ffn_dim_multiplier=args.ffn_dim_multiplier)
     if probe.hidden_dim != args.hidden_dim:
         out["hidden_dim"] = args.hidden_dim
     if args.head_dim != args.dim // args.n_heads:
@@ -146,17 +125,11 @@ def meta_params(args: ModelArgs) -> dict:
     return out
 
 
-HF_SHARD_BYTES = 5 * 1024**3
+HF_SHARD_BYTES = 5 * 1024 ** 3
 
 
-def write_hf(
-    src: Source,
-    save_dir: str,
-    dtype: Optional[torch.dtype] = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    shard_bytes: int = HF_SHARD_BYTES,
-) -> None:
+def write_hf(src: Source, save_dir: str, dtype: Optional[torch.dtype] = None, overwrite: bool = False,
+             progress: bool = True, shard_bytes: int = HF_SHARD_BYTES) -> None:
     """A directory that transformers' AutoModelForCausalLM.from_pretrained loads (Qwen-1 is written
     as Qwen2, the same architecture under HF's built-in names)."""
     args = src.args
@@ -193,25 +166,19 @@ def write_hf(
         if bar is not None:
             bar.close()
         if len(files) > 1:
-            total = sum(
-                torch.Size(sp.shape).numel() * torch.tensor([], dtype=dtypes[sp.key]).element_size() for sp in specs
-            )
-            atomic_write_text(
-                os.path.join(stage, "model.safetensors.index.json"),
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2),
-            )
+            total = sum(torch.Size(sp.shape).numel() * torch.tensor([], dtype=dtypes[sp.key]).element_size()
+                        for sp in specs)
+            atomic_write_text(os.path.join(stage, "model.safetensors.index.json"),
+                              json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         tok = _tokenizer_ids(src.tokenizer_files)
         any_dtype = next(iter(dtypes.values()))
         cfg = hf_config(args, *tok, dtype=str(any_dtype).replace("torch.", ""))
         atomic_write_text(os.path.join(stage, "config.json"), json.dumps(cfg, indent=2) + "\n")
         copy_tokenizer(src.tokenizer_files, stage)
         if any(p.endswith("tokenizer.model") for p in src.tokenizer_files) and not any(
-            p.endswith("tokenizer_config.json") for p in src.tokenizer_files
-        ):
-            atomic_write_text(
-                os.path.join(stage, "tokenizer_config.json"),
-                json.dumps(_sentencepiece_tokenizer_config(src.tokenizer_files), indent=2),
-            )
+                p.endswith("tokenizer_config.json") for p in src.tokenizer_files):
+            atomic_write_text(os.path.join(stage, "tokenizer_config.json"),
+                              json.dumps(_sentencepiece_tokenizer_config(src.tokenizer_files), indent=2))
 
 
 def _tokenizer_ids(tokenizer_files: Sequence[str]):
@@ -226,12 +193,8 @@ def _sentencepiece_tokenizer_config(tokenizer_files: Sequence[str]) -> dict:
     path = next(p for p in tokenizer_files if p.endswith("tokenizer.model"))
     tok = load_tokenizer(path)
     piece = tok.id_to_piece
-    return {
-        "tokenizer_class": "LlamaTokenizer",
-        "bos_token": piece(tok.bos_id),
-        "eos_token": piece(tok.eos_id),
-        "unk_token": piece(tok.unk_id) if tok.unk_id is not None else None,
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "legacy": True,
-    }
+    return {"tokenizer_class": "LlamaTokenizer", "bos_token": piece(tok.bos_id), "eos_token": piece(tok.eos_id),
+            "unk_token": piece(tok.unk_id) if tok.unk_id is not None else None, "add_bos_token": True,
+            "add_eos_token": False, "legacy": True}
+
+

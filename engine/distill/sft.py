@@ -1,5 +1,4 @@
 """Supervised distillation on teacher rationales: the data, the task and the flags of `train.py` (objective sft)."""
-
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,15 +22,8 @@ class SFTData:
     response, IGNORE elsewhere. Too-long sequences are cut at max_seq_len (counted); records whose
     prompt alone fills max_seq_len are dropped (counted)."""
 
-    def __init__(
-        self,
-        records: List[dict],
-        tokenizer,
-        max_seq_len: int,
-        template: str = "default",
-        seed: int = 0,
-        path: str = "train_file",
-    ):
+    def __init__(self, records: List[dict], tokenizer, max_seq_len: int, template: str = "default",
+                 seed: int = 0, path: str = "train_file"):
         validate_training_records(records, path)
         self.records, self.tok, self.max_seq_len, self.seed = records, tokenizer, max_seq_len, seed
         self.prompts = [tokenizer.encode(format_prompt(r["instruction"], template), bos=True) for r in records]
@@ -75,7 +67,7 @@ class SFTData:
         which = self.choice(index, epoch) if which is None else which
         prompt, resp = self.prompts[index], self.response(index, which)
         seq = (prompt + resp)[: self.max_seq_len + 1]
-        labels = [IGNORE] * (len(prompt) - 1) + seq[len(prompt) :]
+        labels = [IGNORE] * (len(prompt) - 1) + seq[len(prompt):]
         return seq[:-1], labels[: len(seq) - 1]
 
 
@@ -101,9 +93,8 @@ class SFTTask(Task):
     def micro_batch(self, positions: List[int], epoch: int) -> Batch:
         pairs = [self.data.example(self.data.keep[p], epoch) for p in positions]
         inputs, labels = pad_batch(pairs, self.pad_id)
-        return make_batch(
-            inputs, labels, self.device, {"ce": int((labels != IGNORE).sum())}, sum(len(x) for x, _ in pairs)
-        )
+        return make_batch(inputs, labels, self.device, {"ce": int((labels != IGNORE).sum())},
+                          sum(len(x) for x, _ in pairs))
 
     def loss_sums(self, model, batch: Batch) -> Dict[str, torch.Tensor]:
         hidden = model.forward_hidden(batch.inputs)

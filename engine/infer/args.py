@@ -11,7 +11,6 @@ Every check of a flag's value is in __post_init__; what needs the files (the rec
 and task prefixes recorded with the model) is read when the job is built (engine/infer/jobs.py).
 Nothing here imports torch at module level, so `infer.py --help` answers at once.
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -48,9 +47,8 @@ class ModelSource(CommandArgs):
 
     ckpt_dir: str = flag("native checkpoint, HF directory, or LoRA adapter directory.")
     lora_dir: Optional[str] = flag("a LoRA adapter merged into the weights.", None)
-    template: Optional[str] = flag(
-        "prompt template: default or none; default: the one recorded with the checkpoint.", None
-    )
+    template: Optional[str] = flag("prompt template: default or none; default: the one recorded with the "
+                                   "checkpoint.", None)
     task_prefix: Optional[str] = flag(_TASK_PREFIX, None)
     use_float16: bool = flag("run in fp16.", False)
     use_bfloat16: bool = flag("run in bf16.", False)
@@ -75,16 +73,13 @@ class GenerationFlags(CommandArgs):
     num_samples: int = flag("responses per record, sampled independently (seeded by --seed and the record).", 1)
     seed: int = flag("sampling seed.", 0)
     stop: Optional[str] = flag("stop string(s), comma separated, besides EOS; the output is cut before them.", None)
-    long_prompts: str = flag(
-        "prompts leaving < max_new_tokens of room: skip (written with an error, counted wrong) or truncate (left).",
-        "skip",
-    )
+    long_prompts: str = flag("prompts leaving < max_new_tokens of room: skip (written with an error, counted wrong) "
+                             "or truncate (left).", "skip")
     prefill_tokens: int = flag("token budget of one prefill pass.", 16384)
     progress: bool = flag("show a progress bar.", True)
     output_tokens: bool = flag("also write the generated token ids ('tokens') of each response.", False)
-    compile: bool = flag(
-        "on a GPU, decode with CUDA graphs of a compiled step (False: eager; CPU is always eager).", True
-    )
+    compile: bool = flag("on a GPU, decode with CUDA graphs of a compiled step (False: eager; CPU is always eager).",
+                         True)
 
     def check_generation(self) -> None:
         """Sets `stops` (the stop strings as a tuple)."""
@@ -110,45 +105,20 @@ class GenerationFlags(CommandArgs):
 
 @dataclass(kw_only=True)
 class GenerateArgs(ModelSource, GenerationFlags):
-    SUMMARY: ClassVar[str] = (
-        "Generate responses for every record of data_file; one JSON line per record in output_file."
-    )
+    SUMMARY: ClassVar[str] = ("Generate responses for every record of data_file; one JSON line per record in "
+                              "output_file.")
     FLAGS: ClassVar[Tuple[str, ...]] = (
-        "ckpt_dir",
-        "data_file",
-        "output_file",
-        "task",
-        "batch_size",
-        "max_new_tokens",
-        "temperature",
-        "top_p",
-        "top_k",
-        "num_samples",
-        "template",
-        "seed",
-        "use_float16",
-        "use_bfloat16",
-        "lora_dir",
-        "stop",
-        "long_prompts",
-        "prefill_tokens",
-        "progress",
-        "output_tokens",
-        "compile",
-        "device",
-        "task_prefix",
-    )
+        "ckpt_dir", "data_file", "output_file", "task", "batch_size", "max_new_tokens", "temperature", "top_p",
+        "top_k", "num_samples", "template", "seed", "use_float16", "use_bfloat16", "lora_dir", "stop",
+        "long_prompts", "prefill_tokens", "progress", "output_tokens", "compile", "device", "task_prefix")
 
-    ckpt_dir: str = flag(
-        "native checkpoint (one shard per tensor-parallel rank), an HF directory, or a LoRA adapter directory."
-    )
+    ckpt_dir: str = flag("native checkpoint (one shard per tensor-parallel rank), an HF directory, or a LoRA adapter "
+                         "directory.")
     data_file: str = flag("MCC-KD JSON list or JSON lines with 'instruction' (and optional 'label', 'id').")
     output_file: str = flag("JSON lines; rerunning with the same file resumes (finished records are kept).")
     task: Optional[str] = flag(f"{_TASKS}: extract the answers and score them against 'label'.", None)
-    template: Optional[str] = flag(
-        "prompt template: default (instruction / response) or none (verbatim after BOS); default: the checkpoint's.",
-        None,
-    )
+    template: Optional[str] = flag("prompt template: default (instruction / response) or none (verbatim after BOS); "
+                                   "default: the checkpoint's.", None)
     lora_dir: Optional[str] = flag("a LoRA adapter from training, merged into the weights.", None)
 
     def __post_init__(self):
@@ -163,37 +133,21 @@ class CalibrationArgs(ModelSource, GenerationFlags):
     """Greedy decoding, one answer per record (the generation settings left out of FLAGS keep their
     defaults), long prompts cut from the left, no progress bar."""
 
-    SUMMARY: ClassVar[str] = (
-        "Calibration error (ECE) of the first answer token's probability vs correctness, with a reliability diagram."
-    )
+    SUMMARY: ClassVar[str] = ("Calibration error (ECE) of the first answer token's probability vs correctness, "
+                              "with a reliability diagram.")
     FLAGS: ClassVar[Tuple[str, ...]] = (
-        "ckpt_dir",
-        "data_file",
-        "output_file",
-        "task",
-        "batch_size",
-        "max_new_tokens",
-        "num_bins",
-        "plot_file",
-        "template",
-        "task_prefix",
-        "lora_dir",
-        "use_float16",
-        "use_bfloat16",
-        "device",
-    )
+        "ckpt_dir", "data_file", "output_file", "task", "batch_size", "max_new_tokens", "num_bins", "plot_file",
+        "template", "task_prefix", "lora_dir", "use_float16", "use_bfloat16", "device")
 
     data_file: str = flag("records with 'instruction' and 'label'.")
-    output_file: str = flag(
-        "JSON lines per record (output, prediction, correct, confidence); the summary goes to OUTPUT.summary.json."
-    )
+    output_file: str = flag("JSON lines per record (output, prediction, correct, confidence); the summary goes to "
+                            "OUTPUT.summary.json.")
     task: str = flag(f"{_TASKS}: how answers are read and scored.")
     batch_size: int = flag("sequences decoded (and scored) together.", 32)
     max_new_tokens: int = flag("generation budget per answer.", 256)
     num_bins: int = flag("equal-width confidence bins of the calibration error.", 10)
-    plot_file: Optional[str] = flag(
-        "the reliability diagram (PNG); default: OUTPUT without its extension + .reliability.png.", None
-    )
+    plot_file: Optional[str] = flag("the reliability diagram (PNG); default: OUTPUT without its extension + "
+                                    ".reliability.png.", None)
     long_prompts: str = dataclasses.field(default="truncate", init=False)
     progress: bool = dataclasses.field(default=False, init=False)
 
@@ -212,35 +166,20 @@ class CalibrationArgs(ModelSource, GenerationFlags):
 
 @dataclass(kw_only=True)
 class ScoreArgs(ModelSource):
-    SUMMARY: ClassVar[str] = (
-        "Per-record log-likelihood of `output` given `instruction`: sum and mean over the output tokens."
-    )
+    SUMMARY: ClassVar[str] = ("Per-record log-likelihood of `output` given `instruction`: sum and mean over the "
+                              "output tokens.")
     FLAGS: ClassVar[Tuple[str, ...]] = (
-        "ckpt_dir",
-        "data_file",
-        "output_file",
-        "batch_size",
-        "template",
-        "lora_dir",
-        "use_float16",
-        "use_bfloat16",
-        "include_eos",
-        "device",
-        "task_prefix",
-        "top_k",
-    )
+        "ckpt_dir", "data_file", "output_file", "batch_size", "template", "lora_dir", "use_float16", "use_bfloat16",
+        "include_eos", "device", "task_prefix", "top_k")
 
     data_file: str = flag("records with 'instruction' and 'output' (a string, or a list: one score each).")
-    output_file: str = flag(
-        "JSON lines in input order: id, index, sum_logprob, mean_logprob, n_tokens (lists for list outputs)."
-    )
+    output_file: str = flag("JSON lines in input order: id, index, sum_logprob, mean_logprob, n_tokens (lists for "
+                            "list outputs).")
     batch_size: int = flag("sequences per forward pass.", 16)
     include_eos: bool = flag("score the EOS that ends each output too.", True)
-    top_k: int = flag(
-        "also write each output token's k most likely tokens and log-probabilities (tokens, topk_ids, "
-        "topk_logprobs; OUTPUT.meta.json): a teacher file for train.py --objective teacher_kl (e.g. 5).",
-        0,
-    )
+    top_k: int = flag("also write each output token's k most likely tokens and log-probabilities (tokens, topk_ids, "
+                      "topk_logprobs; OUTPUT.meta.json): a teacher file for train.py --objective teacher_kl (e.g. 5).",
+                      0)
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -253,15 +192,13 @@ class ScoreArgs(ModelSource):
 
 @dataclass(kw_only=True)
 class EvaluateArgs(CommandArgs):
-    SUMMARY: ClassVar[str] = (
-        "Accuracy of a predictions file (or of any text field, e.g. the gold rationales of a data file)."
-    )
+    SUMMARY: ClassVar[str] = ("Accuracy of a predictions file (or of any text field, e.g. the gold rationales of a "
+                              "data file).")
 
     task: str = flag(f"{_TASKS}.")
     predictions_file: str = flag("JSON list or JSON lines holding `field` (and 'label' unless label_file is given).")
-    label_file: Optional[str] = flag(
-        "records whose 'label' is the gold answer, in the same order as the predictions.", None
-    )
+    label_file: Optional[str] = flag("records whose 'label' is the gold answer, in the same order as the "
+                                     "predictions.", None)
     field: str = flag("the text field to score; a list (several samples) scores each of its items.", "output")
 
     def __post_init__(self):
@@ -270,13 +207,11 @@ class EvaluateArgs(CommandArgs):
 
 @dataclass(kw_only=True)
 class BleuArgs(CommandArgs):
-    SUMMARY: ClassVar[str] = (
-        "Corpus BLEU (sacreBLEU's default: 13a tokens, 4-grams) of generated rationales against the teacher's."
-    )
+    SUMMARY: ClassVar[str] = ("Corpus BLEU (sacreBLEU's default: 13a tokens, 4-grams) of generated rationales "
+                              "against the teacher's.")
 
     predictions_file: str = flag("JSON list or JSON lines holding `field` (one generated text per record).")
-    references_file: str = flag(
-        "records in the same order whose `reference_field` holds the teacher rationale (or a list: several references)."
-    )
+    references_file: str = flag("records in the same order whose `reference_field` holds the teacher rationale (or a "
+                                "list: several references).")
     field: str = flag("the generated text field.", "output")
     reference_field: str = flag("the reference text field.", "output")

@@ -10,7 +10,6 @@ counted (`confidence_from_first_token`); unparsable answers count as wrong, neve
 expected calibration error over equal-width bins, the bins themselves and a reliability diagram
 (PNG) summarise it.
 """
-
 from __future__ import annotations
 
 import json
@@ -42,20 +41,19 @@ def answer_token_index(tokenizer, tokens: List[int], text: str, prediction) -> t
 
 
 @torch.no_grad()
-def token_probabilities(
-    model, sequences: List[List[int]], positions: List[int], pad_id: int, batch_size: int
-) -> List[float]:
+def token_probabilities(model, sequences: List[List[int]], positions: List[int], pad_id: int,
+                        batch_size: int) -> List[float]:
     """p(sequences[b][positions[b]] | the tokens before it) under the model, by teacher forcing; only the
     one position per sequence is projected to the (gathered) vocabulary."""
     out = [0.0] * len(sequences)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     device = model.head_weight.device
     for s in range(0, len(order), batch_size):
-        chunk = order[s : s + batch_size]
+        chunk = order[s:s + batch_size]
         width = max(len(sequences[i]) for i in chunk)
         x = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         for row, i in enumerate(chunk):
-            x[row, : len(sequences[i])] = torch.tensor(sequences[i])
+            x[row, :len(sequences[i])] = torch.tensor(sequences[i])
         h = model.forward_hidden(x.to(device))
         rows = torch.arange(len(chunk), device=device)
         at = torch.tensor([positions[i] - 1 for i in chunk], device=device)  # the position predicting it
@@ -85,10 +83,8 @@ def run_calibration(job: GenerationJob) -> dict:
         prompts, truncated = [p.ids for p in encoded], sum(p.cut for p in encoded)
         stop_ids = [tok.eos_id] if tok.eos_id is not None else []
         requests = [Request(i, p, request_seed(f.seed, i)) for i, p in enumerate(prompts)]
-        generated = {
-            c.key: c.tokens
-            for c in generate_stream(model, requests, job.params, f.batch_size, stop_ids, compiled=f.compiled)
-        }
+        generated = {c.key: c.tokens for c in generate_stream(model, requests, job.params, f.batch_size, stop_ids,
+                                                              compiled=f.compiled)}
         lines, sequences, positions = [], [], []
         for i, rec in enumerate(job.records):
             tokens = generated[i]
@@ -100,18 +96,9 @@ def run_calibration(job: GenerationJob) -> dict:
                 tokens = [tok.eos_id if tok.eos_id is not None else 0]
             sequences.append(prompts[i] + tokens)
             positions.append(len(prompts[i]) + index)
-            lines.append(
-                {
-                    "id": rec.get("id", i),
-                    "index": i,
-                    "output": text,
-                    "label": rec.get("label"),
-                    "prediction": prediction,
-                    "correct": is_correct(prediction, rec.get("label"), f.task),
-                    "answer_token": tok.decode([tokens[index]]),
-                    "answer_token_found": found,
-                }
-            )
+            lines.append({"id": rec.get("id", i), "index": i, "output": text, "label": rec.get("label"),
+                          "prediction": prediction, "correct": is_correct(prediction, rec.get("label"), f.task),
+                          "answer_token": tok.decode([tokens[index]]), "answer_token_found": found})
         confidences = token_probabilities(model, sequences, positions, tok.padding_id, f.batch_size)
         for line, conf in zip(lines, confidences):
             line["confidence"] = conf
@@ -125,20 +112,12 @@ def run_calibration(job: GenerationJob) -> dict:
 def _summary(job: GenerationJob, lines: List[dict], confidences: List[float], truncated: int) -> dict:
     f = job.flags
     result = calibration_bins(confidences, [ln["correct"] for ln in lines], f.num_bins)
-    return {
-        "records": len(lines),
-        "accuracy": sum(ln["correct"] for ln in lines) / len(lines),
-        "correct": sum(ln["correct"] for ln in lines),
-        "ece": result["ece"],
-        "num_bins": f.num_bins,
-        "mean_confidence": sum(confidences) / len(confidences),
-        "confidence_from_first_token": sum(not ln["answer_token_found"] for ln in lines),
-        "unparsable": sum(ln["prediction"] is None for ln in lines),
-        "truncated_prompts": truncated,
-        "task_prefix": job.task_prefix,
-        "reliability_diagram": f.plot_path,
-        "bins": result["bins"],
-    }
+    return {"records": len(lines), "accuracy": sum(ln["correct"] for ln in lines) / len(lines),
+            "correct": sum(ln["correct"] for ln in lines), "ece": result["ece"], "num_bins": f.num_bins,
+            "mean_confidence": sum(confidences) / len(confidences),
+            "confidence_from_first_token": sum(not ln["answer_token_found"] for ln in lines),
+            "unparsable": sum(ln["prediction"] is None for ln in lines), "truncated_prompts": truncated,
+            "task_prefix": job.task_prefix, "reliability_diagram": f.plot_path, "bins": result["bins"]}
 
 
 def _write(job: GenerationJob, lines: List[dict], summary: dict) -> None:

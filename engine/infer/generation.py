@@ -28,7 +28,6 @@ Step runners (`make_runner`) decide how a step executes: `EagerSteps` (plain PyT
 shapes; CPU and `--compile False`), `StaticSteps` (a few fixed shapes, dense MoE routing: what a
 CUDA graph can capture) and `CUDAGraphSteps` (those shapes captured once each and replayed).
 """
-
 from __future__ import annotations
 
 import zlib
@@ -92,9 +91,8 @@ def uniform(seeds: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
     return _shift_right(z, 40).float() / float(1 << 24)
 
 
-def choose_tokens(
-    logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor, draws: torch.Tensor
-) -> torch.Tensor:
+def choose_tokens(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor,
+                  draws: torch.Tensor) -> torch.Tensor:
     """[n, V] logits -> [n] token ids on the device: greedy, or temperature / top-k / top-p sampling
     by inverse CDF over the sorted distribution with one uniform per row from (seed, draw)."""
     if params.temperature <= 0:
@@ -102,7 +100,7 @@ def choose_tokens(
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     if params.top_k:
-        sorted_probs[:, params.top_k :] = 0.0
+        sorted_probs[:, params.top_k:] = 0.0
     if params.top_p < 1.0:  # keep the smallest prefix whose mass reaches top_p
         sorted_probs = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= params.top_p, 0.0)
     cdf = sorted_probs.cumsum(-1)
@@ -122,7 +120,7 @@ class StopStrings:
         return bool(self.strings)
 
     def hit(self, tokens: List[int]) -> bool:
-        tail = self.tok.decode(tokens[-self.window :])
+        tail = self.tok.decode(tokens[-self.window:])
         return any(s in tail for s in self.strings)
 
     def cut(self, text: str) -> str:
@@ -243,7 +241,8 @@ class StaticSteps(EagerSteps):
 
     description = "static-shape decode step"
 
-    def __init__(self, model, sync_every: int = 8, first_bucket: int = 64, compiled: bool = False, **compile_options):
+    def __init__(self, model, sync_every: int = 8, first_bucket: int = 64, compiled: bool = False,
+                 **compile_options):
         super().__init__(model)
         self.sync_every, self.first_bucket = sync_every, first_bucket
         if compiled:
@@ -308,10 +307,8 @@ class CUDAGraphSteps(StaticSteps):
                     step(m, kv_len)
             except Exception as e:  # a feature that cannot be captured: keep decoding eagerly
                 self.capture = False
-                say_once(
-                    f"decode: CUDA graph capture failed ({' '.join(str(e).split())[:200]}); "
-                    f"continuing with the eager static-shape step"
-                )
+                say_once(f"decode: CUDA graph capture failed ({' '.join(str(e).split())[:200]}); "
+                          f"continuing with the eager static-shape step")
                 return
             self.graphs[(m, kv_len)] = graph
 
@@ -341,18 +338,8 @@ class Batcher:
     of the cache once nothing waits and half the rows are idle (`compact`), and decodes up to
     runner.sync_every steps without looking at the tokens (`decode_block`)."""
 
-    def __init__(
-        self,
-        model,
-        runner,
-        params: SamplingParams,
-        n: int,
-        max_len: int,
-        stop_ids: Sequence[int] = (),
-        stop_strings: Optional[StopStrings] = None,
-        prefill_tokens: int = 16384,
-        refill_min: int = 1,
-    ):
+    def __init__(self, model, runner, params: SamplingParams, n: int, max_len: int, stop_ids: Sequence[int] = (),
+                 stop_strings: Optional[StopStrings] = None, prefill_tokens: int = 16384, refill_min: int = 1):
         self.model, self.runner, self.params, self.n, self.max_len = model, runner, params, n, max_len
         self.stops, self.stop_strings = set(stop_ids), stop_strings
         self.prefill_tokens, self.refill_min = prefill_tokens, refill_min
@@ -385,7 +372,7 @@ class Batcher:
         host, values = self.host, torch.cat([t for _, t in self.pending]).tolist()
         start, finished = 0, []
         for rows, t in self.pending:
-            chunk = values[start : start + t.numel()]
+            chunk = values[start:start + t.numel()]
             start += t.numel()
             for row, token in zip(rows if rows is not None else range(t.numel()), chunk):
                 if host.req[row] is None or host.done[row]:
@@ -468,24 +455,15 @@ class Batcher:
 
     def step(self, rows: int, kv_len: int) -> None:
         """One decode step of the first `rows` slots (what the runner runs, compiles or captures)."""
-        (self.runner.step_call or _decode_step)(
-            self.model, self.cache, self.state, self.params, rows, kv_len, self.max_len
-        )
+        (self.runner.step_call or _decode_step)(self.model, self.cache, self.state, self.params, rows, kv_len,
+                                                self.max_len)
 
 
 @torch.no_grad()
-def generate_stream(
-    model,
-    requests: Sequence[Request],
-    params: SamplingParams,
-    batch_size: int,
-    stop_ids: Sequence[int] = (),
-    stop_strings: Optional[StopStrings] = None,
-    prefill_tokens: int = 16384,
-    refill_min: Optional[int] = None,
-    compiled: Optional[bool] = None,
-    runner=None,
-) -> Iterator[Completion]:
+def generate_stream(model, requests: Sequence[Request], params: SamplingParams, batch_size: int,
+                    stop_ids: Sequence[int] = (), stop_strings: Optional[StopStrings] = None,
+                    prefill_tokens: int = 16384, refill_min: Optional[int] = None,
+                    compiled: Optional[bool] = None, runner=None) -> Iterator[Completion]:
     """Yield a Completion per request, in completion order (continuous batching).
 
     batch_size: decoding slots. prefill_tokens: token budget of one prefill forward (more prompts
@@ -501,26 +479,18 @@ def generate_stream(
         raise ValueError(f"a prompt of {longest} tokens leaves no room under max_seq_len={model.args.max_seq_len}")
     n = max(1, min(batch_size, len(requests)))
     runner = runner or make_runner(model, compiled)
-    batcher = Batcher(
-        model, runner, params, n, max_len, stop_ids, stop_strings, prefill_tokens, max(1, refill_min or n // 8)
-    )
+    batcher = Batcher(model, runner, params, n, max_len, stop_ids, stop_strings, prefill_tokens,
+                      max(1, refill_min or n // 8))
     yield from batcher.run(requests)
 
 
-def complete_prompts(
-    model,
-    prompts: Sequence[Sequence[int]],
-    params: SamplingParams,
-    stop_ids: Sequence[int] = (),
-    batch_size: Optional[int] = None,
-    compiled: Optional[bool] = None,
-    runner=None,
-) -> List[List[int]]:
+def complete_prompts(model, prompts: Sequence[Sequence[int]], params: SamplingParams, stop_ids: Sequence[int] = (),
+                     batch_size: Optional[int] = None, compiled: Optional[bool] = None,
+                     runner=None) -> List[List[int]]:
     """New token ids for each prompt, in prompt order (a stop id, when reached, is kept last)."""
     reqs = [Request(i, list(p), request_seed(params.seed, i)) for i, p in enumerate(prompts)]
     out: List[List[int]] = [[] for _ in prompts]
-    for c in generate_stream(
-        model, reqs, params, batch_size or len(prompts), stop_ids, compiled=compiled, runner=runner
-    ):
+    for c in generate_stream(model, reqs, params, batch_size or len(prompts), stop_ids, compiled=compiled,
+                             runner=runner):
         out[c.key] = c.tokens
     return out

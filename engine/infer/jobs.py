@@ -1,7 +1,6 @@
 """The jobs behind infer.py: generating a response file (resumable, one JSON line per record) and
 scoring outputs by log-likelihood. A job is its checked flags (engine/infer/args.py) and what they
 resolve to once the files are read (`GenerationJob.of`, `ScoringJob.of`); these do the work."""
-
 from __future__ import annotations
 
 import json
@@ -17,7 +16,8 @@ from engine.infer.args import GenerationFlags, ScoreArgs
 from engine.infer.generation import Request, SamplingParams, StopStrings, generate_stream, request_seed
 from engine.infer.metrics import Accuracy
 from engine.infer.prompting import encode_prompt, prompt_room
-from engine.infer.topk_file import meta_path as teacher_meta_path, teacher_meta
+from engine.infer.topk_file import meta_path as teacher_meta_path
+from engine.infer.topk_file import teacher_meta
 from engine.runtime.errors import UserError
 from engine.runtime.fileio import atomic_open, atomic_write_text, disk_errors, file_sha256
 from engine.runtime.jobs import job as runtime_job
@@ -29,23 +29,8 @@ from engine.text.sequences import IGNORE, pad_batch
 from models.vocab_parallel import sharded_topk, token_cross_entropy
 
 # Every setting that changes what an output line holds: a resumed file must have been written with the same.
-SETTINGS = (
-    "ckpt_dir",
-    "lora_dir",
-    "template",
-    "task",
-    "dtype",
-    "max_new_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "num_samples",
-    "seed",
-    "stop",
-    "long_prompts",
-    "output_tokens",
-    "task_prefix",
-)
+SETTINGS = ("ckpt_dir", "lora_dir", "template", "task", "dtype", "max_new_tokens", "temperature", "top_p", "top_k",
+            "num_samples", "seed", "stop", "long_prompts", "output_tokens", "task_prefix")
 
 
 @dataclass(kw_only=True)
@@ -69,42 +54,24 @@ class GenerationJob(Job):
     @classmethod
     def of(cls, flags: GenerationFlags) -> "GenerationJob":
         task_prefix, task_prefixes = resolve_task_prefix(flags.task_prefix, flags.ckpt_dir, flags.lora_dir)
-        return cls(
-            flags=flags,
-            records=read_records(flags.data_file),
-            template=resolve_template(flags.template, flags.ckpt_dir, flags.lora_dir),
-            task_prefix=task_prefix,
-            task_prefixes=task_prefixes,
-        )
+        return cls(flags=flags, records=read_records(flags.data_file),
+                   template=resolve_template(flags.template, flags.ckpt_dir, flags.lora_dir), task_prefix=task_prefix,
+                   task_prefixes=task_prefixes)
 
     @property
     def params(self) -> SamplingParams:
         f = self.flags
-        return SamplingParams(
-            max_new_tokens=f.max_new_tokens, temperature=f.temperature, top_p=f.top_p, top_k=f.top_k, seed=f.seed
-        )
+        return SamplingParams(max_new_tokens=f.max_new_tokens, temperature=f.temperature, top_p=f.top_p, top_k=f.top_k,
+                              seed=f.seed)
 
     def meta(self) -> dict:
         f = self.flags
-        return {
-            "data_file": os.path.abspath(f.data_file),
-            "data_sha256": file_sha256(f.data_file),
-            "ckpt_dir": f.ckpt_dir,
-            "lora_dir": f.lora_dir,
-            "template": self.template,
-            "task": f.task,
-            "dtype": str(f.dtype).replace("torch.", ""),
-            "max_new_tokens": f.max_new_tokens,
-            "temperature": f.temperature,
-            "top_p": f.top_p,
-            "top_k": f.top_k,
-            "num_samples": f.num_samples,
-            "seed": f.seed,
-            "stop": list(f.stops),
-            "long_prompts": f.long_prompts,
-            "output_tokens": f.output_tokens,
-            "task_prefix": self.task_prefix,
-        }
+        return {"data_file": os.path.abspath(f.data_file), "data_sha256": file_sha256(f.data_file),
+                "ckpt_dir": f.ckpt_dir, "lora_dir": f.lora_dir, "template": self.template, "task": f.task,
+                "dtype": str(f.dtype).replace("torch.", ""), "max_new_tokens": f.max_new_tokens,
+                "temperature": f.temperature, "top_p": f.top_p, "top_k": f.top_k, "num_samples": f.num_samples,
+                "seed": f.seed, "stop": list(f.stops), "long_prompts": f.long_prompts,
+                "output_tokens": f.output_tokens, "task_prefix": self.task_prefix}
 
 
 @dataclass(kw_only=True)
@@ -116,13 +83,9 @@ class ScoringJob(Job):
         records = read_records(flags.data_file)
         validate_training_records(records, flags.data_file)
         task_prefix, task_prefixes = resolve_task_prefix(flags.task_prefix, flags.ckpt_dir, flags.lora_dir)
-        return cls(
-            flags=flags,
-            records=records,
-            template=resolve_template(flags.template, flags.ckpt_dir, flags.lora_dir),
-            task_prefix=task_prefix,
-            task_prefixes=task_prefixes,
-        )
+        return cls(flags=flags, records=records, template=resolve_template(flags.template, flags.ckpt_dir,
+                                                                           flags.lora_dir),
+                   task_prefix=task_prefix, task_prefixes=task_prefixes)
 
 
 class OutputFile:
@@ -139,24 +102,18 @@ class OutputFile:
         if not self.resuming:
             return
         if not os.path.exists(self.meta_path):
-            raise UserError(
-                f"--output_file {self.path} exists but was not written by infer.py "
-                f"(no {os.path.basename(self.meta_path)}); choose another output file"
-            )
+            raise UserError(f"--output_file {self.path} exists but was not written by infer.py "
+                            f"(no {os.path.basename(self.meta_path)}); choose another output file")
         old = json.load(open(self.meta_path))
         if old.get("data_sha256") != self.meta["data_sha256"]:
-            raise UserError(
-                f"--output_file {self.path} was written for a different data file "
-                f"({old.get('data_file')}); choose another output file to start afresh"
-            )
+            raise UserError(f"--output_file {self.path} was written for a different data file "
+                            f"({old.get('data_file')}); choose another output file to start afresh")
         for key in SETTINGS:
             if old.get(key) != self.meta.get(key):
                 flag = "the precision (--use_float16 / --use_bfloat16)" if key == "dtype" else f"--{key}"
-                raise UserError(
-                    f"--output_file {self.path} was written with {flag} {old.get(key)!r}, not "
-                    f"{self.meta.get(key)!r}; rerun with the same flags to resume it, or choose another "
-                    f"output file"
-                )
+                raise UserError(f"--output_file {self.path} was written with {flag} {old.get(key)!r}, not "
+                                f"{self.meta.get(key)!r}; rerun with the same flags to resume it, or choose another "
+                                f"output file")
 
     def read_done(self) -> Dict[int, dict]:
         """index -> line of a (possibly interrupted) output file; a torn last line is cut off."""
@@ -213,14 +170,8 @@ class Lines:
     def __call__(self, i: int, texts, finishes, error=None, token_ids=None) -> dict:
         f, rec = self.job.flags, self.job.records[i]
         one = f.num_samples == 1
-        line = {
-            "id": rec.get("id", i),
-            "index": i,
-            "instruction": rec["instruction"],
-            "prompt": self.prompts[i],
-            "output": texts[0] if one else texts,
-            "finish": finishes[0] if one else finishes,
-        }
+        line = {"id": rec.get("id", i), "index": i, "instruction": rec["instruction"], "prompt": self.prompts[i],
+                "output": texts[0] if one else texts, "finish": finishes[0] if one else finishes}
         if f.output_tokens:
             token_ids = token_ids or [[] for _ in texts]
             line["tokens"] = token_ids[0] if one else token_ids
@@ -249,15 +200,9 @@ def _plan(job: GenerationJob, tok, max_seq_len: int, skip: set, lines: Lines, wr
         if prompt.cut:
             if f.long_prompts == "skip":
                 skipped += 1
-                write(
-                    lines(
-                        i,
-                        [""] * f.num_samples,
-                        ["skipped"] * f.num_samples,
-                        error=f"prompt of {prompt.n_tokens} tokens exceeds {room} (max_seq_len {max_seq_len} - "
-                        f"max_new_tokens {f.max_new_tokens})",
-                    )
-                )
+                write(lines(i, [""] * f.num_samples, ["skipped"] * f.num_samples,
+                            error=f"prompt of {prompt.n_tokens} tokens exceeds {room} (max_seq_len {max_seq_len} - "
+                                  f"max_new_tokens {f.max_new_tokens})"))
                 continue
             truncated += 1
         for k in range(f.num_samples):
@@ -275,9 +220,8 @@ def _already_done(out: OutputFile, info) -> set:
     return set(done)
 
 
-def _write_completions(
-    job: GenerationJob, model, tok, requests: List[Request], lines: Lines, write, progress: bool
-) -> int:
+def _write_completions(job: GenerationJob, model, tok, requests: List[Request], lines: Lines, write,
+                       progress: bool) -> int:
     """Generate every request; a record's line is written once all its samples are done. Returns the
     number of tokens generated."""
     f = job.flags
@@ -286,9 +230,8 @@ def _write_completions(
     samples: Dict[int, dict] = {}
     n_new_tokens = 0
     bar = Progress(len(requests), "generating", "seq") if progress else None
-    for c in generate_stream(
-        model, requests, job.params, f.batch_size, stop_ids, stop_strings, f.prefill_tokens, compiled=f.compiled
-    ):
+    for c in generate_stream(model, requests, job.params, f.batch_size, stop_ids, stop_strings, f.prefill_tokens,
+                             compiled=f.compiled):
         i, k = c.key
         n_new_tokens += len(c.tokens)
         text = tok.decode([t for t in c.tokens if t not in stop_ids])
@@ -325,17 +268,11 @@ def run_generation(job: GenerationJob) -> None:
         n_new_tokens = _write_completions(job, model, tok, requests, lines, write, info.is_main and f.progress)
         wall = time.time() - start
         if info.is_main:
-
             def summary_of(finished):
-                summary = {
-                    "records": len(finished),
-                    "generated_this_run": len(job.records) - len(skip) - skipped,
-                    "skipped_long_prompts": sum(1 for r in finished if r.get("error")),
-                    "truncated_prompts": truncated,
-                    "new_tokens": n_new_tokens,
-                    "tokens_per_s": round(n_new_tokens / max(wall, 1e-9), 1),
-                    "wall_s": round(wall, 2),
-                }
+                summary = {"records": len(finished), "generated_this_run": len(job.records) - len(skip) - skipped,
+                           "skipped_long_prompts": sum(1 for r in finished if r.get("error")),
+                           "truncated_prompts": truncated, "new_tokens": n_new_tokens,
+                           "tokens_per_s": round(n_new_tokens / max(wall, 1e-9), 1), "wall_s": round(wall, 2)}
                 if f.task:
                     summary.update(_accuracy(finished, job).as_dict())
                 return summary
@@ -370,14 +307,10 @@ def run_scoring(job: ScoringJob) -> None:
         if info.is_main:
             _write_scores(job, results, topk)
             if f.top_k:
-                atomic_write_text(
-                    teacher_meta_path(f.output_file),
-                    json.dumps(teacher_meta(f.top_k, base_dir, tok, vocab, f.include_eos, job.template, f.data_file))
-                    + "\n",
-                )
-            print(
-                json.dumps({"records": len(job.records), "sequences": len(items), "truncated": truncated}), flush=True
-            )
+                atomic_write_text(teacher_meta_path(f.output_file), json.dumps(teacher_meta(
+                    f.top_k, base_dir, tok, vocab, f.include_eos, job.template, f.data_file)) + "\n")
+            print(json.dumps({"records": len(job.records), "sequences": len(items), "truncated": truncated}),
+                  flush=True)
 
 
 def _scoring_items(job: ScoringJob, tok, max_seq_len: int):
@@ -389,7 +322,7 @@ def _scoring_items(job: ScoringJob, tok, max_seq_len: int):
             resp = tok.encode(text, bos=False, eos=job.flags.include_eos)
             seq = (prompt + resp)[: max_seq_len + 1]
             truncated += len(prompt + resp) > len(seq)
-            labels = [IGNORE] * (len(prompt) - 1) + seq[len(prompt) :]
+            labels = [IGNORE] * (len(prompt) - 1) + seq[len(prompt):]
             items.append((i, j, seq[:-1], labels[: len(seq) - 1]))
     return items, truncated
 
@@ -401,7 +334,7 @@ def _score(model, items: list, batch_size: int, top_k: int, pad_id: int, device)
     results, topk = {}, {}
     order = sorted(range(len(items)), key=lambda n: len(items[n][2]))
     for s in range(0, len(order), batch_size):
-        chunk = [items[n] for n in order[s : s + batch_size]]
+        chunk = [items[n] for n in order[s:s + batch_size]]
         x, y = pad_batch([(it[2], it[3]) for it in chunk], pad_id)
         x, y = x.to(device), y.to(device)
         logits = model(x, gather=False)
@@ -409,7 +342,7 @@ def _score(model, items: list, batch_size: int, top_k: int, pad_id: int, device)
             topk.update(_top_k(logits, y, chunk, top_k))
         for b, it in enumerate(chunk):
             n_tok = int((y[b] != IGNORE).sum())
-            nll = float(token_cross_entropy(logits[b : b + 1], y[b : b + 1])) if n_tok else 0.0
+            nll = float(token_cross_entropy(logits[b:b + 1], y[b:b + 1])) if n_tok else 0.0
             results[(it[0], it[1])] = (-nll, n_tok)
     return results, topk
 
@@ -422,11 +355,8 @@ def _top_k(logits: torch.Tensor, y: torch.Tensor, chunk: list, top_k: int) -> di
     out, start = {}, 0
     for b, it in enumerate(chunk):
         n = int(labelled[b].sum())
-        out[(it[0], it[1])] = (
-            y[b][labelled[b]].tolist(),
-            ids[start : start + n],
-            [[round(v, 6) for v in row] for row in logp[start : start + n]],
-        )
+        out[(it[0], it[1])] = (y[b][labelled[b]].tolist(), ids[start:start + n],
+                               [[round(v, 6) for v in row] for row in logp[start:start + n]])
         start += n
     return out
 
@@ -438,13 +368,8 @@ def _write_scores(job: ScoringJob, results: dict, topk: dict) -> None:
             sums, counts = [v[0] for v in vals], [v[1] for v in vals]
             means = [v[0] / v[1] if v[1] else 0.0 for v in vals]
             one = not isinstance(rec["output"], list)
-            line = {
-                "id": rec.get("id", i),
-                "index": i,
-                "sum_logprob": sums[0] if one else sums,
-                "mean_logprob": means[0] if one else means,
-                "n_tokens": counts[0] if one else counts,
-            }
+            line = {"id": rec.get("id", i), "index": i, "sum_logprob": sums[0] if one else sums,
+                    "mean_logprob": means[0] if one else means, "n_tokens": counts[0] if one else counts}
             if job.flags.top_k:
                 got = [topk[(i, j)] for j in range(len(_outputs(rec)))]
                 for n, key in enumerate(("tokens", "topk_ids", "topk_logprobs")):

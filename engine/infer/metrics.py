@@ -1,6 +1,5 @@
 """Accuracy of a model's answers: counts (unparsable outputs are wrong, never dropped), and greedy
 generation on labelled records during training; rationale BLEU and calibration error."""
-
 from __future__ import annotations
 
 import math
@@ -84,7 +83,7 @@ def tokenize_13a(line: str) -> List[str]:
 
 
 def _ngrams(tokens: List[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
 
 
 def bleu_statistics(hypotheses: List[str], references: List[List[str]]) -> List[float]:
@@ -113,7 +112,7 @@ def bleu_from_statistics(stats: List[float]) -> dict:
     times the brevity penalty exp(1 - ref/hyp) when the hypotheses are shorter. A precision with no
     match is smoothed as 100 / (2^k x total) for its k-th such order ('exp'); no unigram match, 0."""
     sys_len, ref_len = stats[0], stats[1]
-    matches, totals = stats[2 : 2 + BLEU_ORDER], stats[2 + BLEU_ORDER :]
+    matches, totals = stats[2:2 + BLEU_ORDER], stats[2 + BLEU_ORDER:]
     precisions, smooth = [0.0] * BLEU_ORDER, 1.0
     for n in range(BLEU_ORDER):
         if totals[n] == 0:
@@ -128,13 +127,8 @@ def bleu_from_statistics(stats: List[float]) -> dict:
         score = 0.0
     else:
         score = bp * math.exp(sum(math.log(p) if p > 0 else -9999999999 for p in precisions) / BLEU_ORDER)
-    return {
-        "bleu": score,
-        "precisions": precisions,
-        "brevity_penalty": bp,
-        "hyp_len": int(sys_len),
-        "ref_len": int(ref_len),
-    }
+    return {"bleu": score, "precisions": precisions, "brevity_penalty": bp, "hyp_len": int(sys_len),
+            "ref_len": int(ref_len)}
 
 
 def corpus_bleu(hypotheses: List[str], references: List[List[str]]) -> dict:
@@ -150,10 +144,8 @@ def calibration_bins(confidences: List[float], correct: List[bool], num_bins: in
     mean confidence| in the bin, bins [0, 1/n), [1/n, 2/n) ... [(n-1)/n, 1] of equal width (a
     confidence of exactly 1 falls in the last). Returns {"ece", "bins": [{lo, hi, count, accuracy,
     confidence}], "count"}."""
-    bins = [
-        {"lo": b / num_bins, "hi": (b + 1) / num_bins, "count": 0, "correct": 0, "confidence_sum": 0.0}
-        for b in range(num_bins)
-    ]
+    bins = [{"lo": b / num_bins, "hi": (b + 1) / num_bins, "count": 0, "correct": 0, "confidence_sum": 0.0}
+            for b in range(num_bins)]
     for conf, ok in zip(confidences, correct):
         b = bins[min(int(conf * num_bins), num_bins - 1)]
         b["count"] += 1
@@ -178,7 +170,8 @@ def file_accuracy(args) -> dict:
     preds = read_records(args.predictions_file, required=())
     labels_src = read_records(args.label_file, required=()) if args.label_file else preds
     if len(labels_src) != len(preds):
-        raise DataError(f"{args.label_file} has {len(labels_src)} records but {args.predictions_file} has {len(preds)}")
+        raise DataError(f"{args.label_file} has {len(labels_src)} records but {args.predictions_file} has "
+                        f"{len(preds)}")
     acc = Accuracy()
     for i, (p, label) in enumerate(zip(preds, labels_src)):
         if "label" not in label:
@@ -195,26 +188,22 @@ def file_bleu(args) -> dict:
     preds = read_records(args.predictions_file, required=())
     refs = read_records(args.references_file, required=())
     if len(refs) != len(preds):
-        raise DataError(f"{args.references_file} has {len(refs)} records but {args.predictions_file} has {len(preds)}")
+        raise DataError(f"{args.references_file} has {len(refs)} records but {args.predictions_file} has "
+                        f"{len(preds)}")
     hyps, references = [], []
     for i, (p, r) in enumerate(zip(preds, refs)):
         if not isinstance(p.get(args.field), str):
-            raise DataError(f"{args.predictions_file} record {i}: '{args.field}' must be one generated text (a string)")
+            raise DataError(f"{args.predictions_file} record {i}: '{args.field}' must be one generated text "
+                            f"(a string)")
         value = r.get(args.reference_field)
         items = value if isinstance(value, list) else [value]
         if not items or not all(isinstance(x, str) and x.strip() for x in items):
-            raise DataError(
-                f"{args.references_file} record {i}: '{args.reference_field}' must be a non-empty "
-                f"rationale or a list of them"
-            )
+            raise DataError(f"{args.references_file} record {i}: '{args.reference_field}' must be a non-empty "
+                            f"rationale or a list of them")
         hyps.append(p[args.field])
         references.append(items)
     result = corpus_bleu(hyps, references)
-    return {
-        "bleu": round(result["bleu"], 4),
-        "records": len(hyps),
-        "precisions": [round(x, 4) for x in result["precisions"]],
-        "brevity_penalty": round(result["brevity_penalty"], 6),
-        "hyp_len": result["hyp_len"],
-        "ref_len": result["ref_len"],
-    }
+    return {"bleu": round(result["bleu"], 4), "records": len(hyps),
+            "precisions": [round(x, 4) for x in result["precisions"]],
+            "brevity_penalty": round(result["brevity_penalty"], 6), "hyp_len": result["hyp_len"],
+            "ref_len": result["ref_len"]}

@@ -1,7 +1,6 @@
 """A record's prompt as the model reads it: the instruction in the prompt template, encoded, and cut
 from the left when it leaves too little room for the response. One function, `encode_prompt`, for
 every caller: generation jobs, scoring, calibration and the evaluator of training."""
-
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ def fit_prompt(ids: List[int], limit: int, bos_id: Optional[int]) -> List[int]:
     if len(ids) <= limit:
         return ids
     head = ids[:1] if bos_id is not None and ids[:1] == [bos_id] else []
-    return head + ids[len(ids) - (limit - len(head)) :]
+    return head + ids[len(ids) - (limit - len(head)):]
 
 
 @dataclass

@@ -2,7 +2,6 @@
 class (`launcher(..., run=job)`; `command(cls, run=job)` for a sub-command whose required flags may
 also be given by position, as infer.py's), strict flag checks, and one-sentence errors for user
 mistakes."""
-
 from __future__ import annotations
 
 import functools
@@ -61,7 +60,7 @@ def _raw_flag_text(name: str, argv) -> typing.Optional[str]:
             if a == spelling and i + 1 < len(argv):
                 value = argv[i + 1]
             elif a.startswith(spelling + "="):
-                value = a[len(spelling) + 1 :]
+                value = a[len(spelling) + 1:]
     return value
 
 
@@ -110,9 +109,8 @@ def checked_flags(fn):
             kind = hints.get(name)
             kind = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # Optional[X] -> X
             default = sig.parameters[name].default
-            bound.arguments[name] = _coerce(
-                name, value, kind, None if default is inspect.Parameter.empty else default, sys.argv
-            )
+            bound.arguments[name] = _coerce(name, value, kind, None if default is inspect.Parameter.empty
+                                            else default, sys.argv)
         return fn(*bound.args, **bound.kwargs)
 
     return wrapper
@@ -134,9 +132,9 @@ def run_cli(component) -> None:
         fail(str(e))
 
 
-def flag(text: str, default=MISSING):
+def flag(help: str, default=MISSING):
     """A command-line flag: a dataclass field with its one line of help."""
-    return field(default=default, metadata={"help": text})
+    return field(default=default, metadata={"help": help})
 
 
 def flag_fields(cls):
@@ -160,16 +158,9 @@ def launcher(*classes, run):
     flags = list(fields_by_name.values())
     by_objective = {cls.OBJECTIVE: cls for cls in classes}
     if len(classes) > 1:
-        choose = field(
-            default=classes[0].OBJECTIVE,
-            metadata={
-                "help": (
-                    "the training objective: "
-                    + "; ".join(f"{c.OBJECTIVE} ({c.__doc__.strip().rstrip('.')})" for c in classes)
-                    + "."
-                )
-            },
-        )
+        choose = field(default=classes[0].OBJECTIVE, metadata={"help": (
+            "the training objective: " + "; ".join(f"{c.OBJECTIVE} ({c.__doc__.strip().rstrip('.')})" for c in classes)
+            + ".")})
         choose.name, hints["objective"] = "objective", str
         flags.insert(sum(f.default is MISSING for f in flags), choose)
 
@@ -185,17 +176,9 @@ def launcher(*classes, run):
             raise UserError(f"--{foreign[0]} belongs to --objective {' / '.join(users)}, not {name}")
         run(cls(**given))
 
-    main.__signature__ = inspect.Signature(
-        [
-            inspect.Parameter(
-                f.name,
-                inspect.Parameter.KEYWORD_ONLY,
-                annotation=hints[f.name],
-                default=inspect.Parameter.empty if f.default is MISSING else f.default,
-            )
-            for f in flags
-        ]
-    )
+    main.__signature__ = inspect.Signature([
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
+                          default=inspect.Parameter.empty if f.default is MISSING else f.default) for f in flags])
     main.__annotations__ = {f.name: hints[f.name] for f in flags}
     main.__doc__ = "\n".join([classes[0].SUMMARY, "", "Args:"] + [f"    {f.name}: {f.metadata['help']}" for f in flags])
     return main
@@ -220,17 +203,9 @@ def command(cls, *, run):
         raise TypeError(f"{cls.__name__}.FLAGS names {', '.join(unknown)}, which are not flag fields")
     chosen = [by_name[n] for n in names]
     flags = [f for f in chosen if f.default is MISSING] + [f for f in chosen if f.default is not MISSING]
-    signature = inspect.Signature(
-        [
-            inspect.Parameter(
-                f.name,
-                inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                annotation=_type_name(hints[f.name]),
-                default=inspect.Parameter.empty if f.default is MISSING else f.default,
-            )
-            for f in flags
-        ]
-    )
+    signature = inspect.Signature([
+        inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=_type_name(hints[f.name]),
+                          default=inspect.Parameter.empty if f.default is MISSING else f.default) for f in flags])
 
     def main(*args, **kwargs):
         run(cls(**signature.bind(*args, **kwargs).arguments))

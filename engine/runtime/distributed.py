@@ -4,7 +4,6 @@ Ranks are laid out as fairscale does: consecutive ranks form one tensor-parallel
 world size W and tensor-parallel size T there are W / T data-parallel replicas. A plain
 `python script.py` (no torchrun) runs as a one-process world.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -18,7 +17,6 @@ import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as mpu
 
 from engine.runtime.errors import UserError
-
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -51,17 +49,14 @@ def setup(tp_size: int | None = None, device: str | None = None, own: bool = Tru
     """
     device = resolve_device(device)
     if "RANK" not in os.environ:  # single process without torchrun
-        os.environ.update(
-            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
-        )
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     tp_size = world if tp_size in (None, 0, -1) else int(tp_size)
     if tp_size < 1 or world % tp_size:
-        raise UserError(
-            f"--tp_size {tp_size} does not divide the {world} process(es) of this run; pass a divisor "
-            f"of {world} (or leave --tp_size out for {world}-way tensor parallelism)"
-        )
+        raise UserError(f"--tp_size {tp_size} does not divide the {world} process(es) of this run; pass a divisor "
+                        f"of {world} (or leave --tp_size out for {world}-way tensor parallelism)")
 
     if device == "cuda":
         torch.cuda.set_device(local_rank)
@@ -80,16 +75,10 @@ def setup(tp_size: int | None = None, device: str | None = None, own: bool = Tru
             mpu.initialize_model_parallel(tp_size)
     elif mpu.get_model_parallel_world_size() != tp_size:
         raise RuntimeError(f"model parallel already initialised with size {mpu.get_model_parallel_world_size()}")
-    return DistInfo(
-        rank=rank,
-        world_size=world,
-        local_rank=local_rank,
-        tp_rank=mpu.get_model_parallel_rank(),
-        tp_size=tp_size,
-        dp_rank=mpu.get_data_parallel_rank(),
-        dp_size=mpu.get_data_parallel_world_size(),
-        device=dev,
-    )
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank,
+                    tp_rank=mpu.get_model_parallel_rank(), tp_size=tp_size,
+                    dp_rank=mpu.get_data_parallel_rank(), dp_size=mpu.get_data_parallel_world_size(),
+                    device=dev)
 
 
 def resolve_device(requested: str | None) -> str:
@@ -109,10 +98,8 @@ def resolve_device(requested: str | None) -> str:
         return "cpu"
     procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if procs > gpus:
-        raise UserError(
-            f"{procs} processes on this node but only {gpus} GPU(s): start at most {gpus} per node "
-            f"(torchrun --nproc_per_node {gpus}), or pass --device cpu to run all {procs} on the CPU"
-        )
+        raise UserError(f"{procs} processes on this node but only {gpus} GPU(s): start at most {gpus} per node "
+                        f"(torchrun --nproc_per_node {gpus}), or pass --device cpu to run all {procs} on the CPU")
     return "cuda"
 
 

@@ -1,5 +1,4 @@
 """User mistakes (bad path, malformed record, wrong flag) end as one sentence, not a traceback."""
-
 from models.errors import UserError  # noqa: F401  (one class for models/ and engine/)
 
 

@@ -4,7 +4,6 @@ Also a streaming safetensors writer, so a checkpoint of any size is written one 
 (memory: the largest single tensor, not the whole state dict), and a full disk reported as one
 sentence naming the path.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -38,22 +37,13 @@ def disk_errors(path: str) -> Iterator[None]:
         yield
     except OSError as e:
         if e.errno in _FULL:
-            raise DiskFull(
-                f"the disk is full: writing {path} failed ({e.strerror}); free some space and run again"
-            ) from None
+            raise DiskFull(f"the disk is full: writing {path} failed ({e.strerror}); free some space "
+                           f"and run again") from None
         raise
 
-
 _SAFETENSORS_DTYPES = {
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float64: "F64",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }
 
@@ -134,21 +124,14 @@ class SafetensorsWriter:
     """Write a safetensors file tensor by tensor. The layout (names, dtypes, shapes) is fixed up front,
     tensors must then be written in that order. The file appears under its final name only on close()."""
 
-    def __init__(
-        self,
-        path: str,
-        layout: Sequence[Tuple[str, torch.dtype, Sequence[int]]],
-        metadata: Dict[str, str] | None = None,
-    ):
+    def __init__(self, path: str, layout: Sequence[Tuple[str, torch.dtype, Sequence[int]]],
+                 metadata: Dict[str, str] | None = None):
         header, offset = {}, 0
         self._order = []
         for name, dtype, shape in layout:
             nbytes = torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
-            header[name] = {
-                "dtype": _SAFETENSORS_DTYPES[dtype],
-                "shape": list(shape),
-                "data_offsets": [offset, offset + nbytes],
-            }
+            header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
             self._order.append((name, dtype, tuple(shape)))
             offset += nbytes
         if metadata:
@@ -164,10 +147,8 @@ class SafetensorsWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         exp_name, exp_dtype, exp_shape = self._order[self._next]
         if name != exp_name or tensor.dtype != exp_dtype or tuple(tensor.shape) != exp_shape:
-            raise ValueError(
-                f"safetensors writer expected {exp_name} {exp_dtype} {exp_shape}, "
-                f"got {name} {tensor.dtype} {tuple(tensor.shape)}"
-            )
+            raise ValueError(f"safetensors writer expected {exp_name} {exp_dtype} {exp_shape}, "
+                             f"got {name} {tensor.dtype} {tuple(tensor.shape)}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         self._f.write(memoryview(data.numpy()))
         self._next += 1
@@ -228,14 +209,11 @@ def remove_stale_stages(final_dir: str) -> None:
     for stage in glob.glob(os.path.join(parent, glob.escape("." + name + ".") + "*" + STAGE_SUFFIX)):
         lock_path = stage + ".lock"
         if not os.path.exists(lock_path):
-            print(
-                f"note: {stage} looks like the leftover of an interrupted run (no lock file); remove it "
-                f"if no job is writing {final_dir}",
-                flush=True,
-            )
+            print(f"note: {stage} looks like the leftover of an interrupted run (no lock file); remove it "
+                  f"if no job is writing {final_dir}", flush=True)
         elif os.path.getsize(lock_path) and not is_held(lock_path):  # empty: its writer is starting
             size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(stage) for f in fs)
             shutil.rmtree(stage, ignore_errors=True)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(lock_path)
-            print(f"removed {stage} ({size / 2**20:.1f} MiB), the partial output of a run that died", flush=True)
+            print(f"removed {stage} ({size / 2 ** 20:.1f} MiB), the partial output of a run that died", flush=True)

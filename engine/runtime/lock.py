@@ -7,7 +7,6 @@ over and says whose it was. A live holder makes `acquire` fail at once with one 
 the file and the holder. Works across processes on one machine and, for shared filesystems whose
 client maps flock to POSIX locks (Linux NFS), across machines.
 """
-
 from __future__ import annotations
 
 import fcntl
@@ -60,10 +59,8 @@ class OwnerLock:
             except BlockingIOError:
                 holder = _read_info(fd)
                 os.close(fd)
-                raise LockHeld(
-                    f"{what} is in use by another job, {_holder_text(holder)}, which holds "
-                    f"{self.path}; wait for it to finish or choose another output"
-                ) from None
+                raise LockHeld(f"{what} is in use by another job, {_holder_text(holder)}, which holds "
+                               f"{self.path}; wait for it to finish or choose another output") from None
             # a releasing holder unlinks the file before closing it: make sure ours is still the one at path
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path))
@@ -73,12 +70,8 @@ class OwnerLock:
                 os.close(fd)
                 continue
             self.stale = _read_info(fd)
-            info = {
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "started": time.time(),
-                "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300],
-            }
+            info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+                    "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300]}
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
             os.write(fd, json.dumps(info).encode())

@@ -1,5 +1,4 @@
 """Run logs: metrics.jsonl lines read back (a line torn by a kill is dropped)."""
-
 from __future__ import annotations
 
 import json

@@ -1,6 +1,5 @@
 """Training curves from metrics.jsonl to a PNG: losses (each part), learning rate, grad norm, accuracy;
 reliability diagrams of calibration."""
-
 from __future__ import annotations
 
 import os
@@ -57,24 +56,10 @@ def plot_reliability(bins, ece: float, png_path: str, title: str = "") -> str:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     width = bins[0]["hi"] - bins[0]["lo"]
     filled = [b for b in bins if b["count"]]
-    top.bar(
-        [b["lo"] for b in filled],
-        [b["accuracy"] for b in filled],
-        width=width,
-        align="edge",
-        edgecolor="black",
-        label="accuracy",
-    )
-    top.bar(
-        [b["lo"] for b in filled],
-        [b["confidence"] for b in filled],
-        width=width,
-        align="edge",
-        fill=False,
-        edgecolor="tab:red",
-        hatch="//",
-        label="mean confidence",
-    )
+    top.bar([b["lo"] for b in filled], [b["accuracy"] for b in filled], width=width, align="edge",
+            edgecolor="black", label="accuracy")
+    top.bar([b["lo"] for b in filled], [b["confidence"] for b in filled], width=width, align="edge", fill=False,
+            edgecolor="tab:red", hatch="//", label="mean confidence")
     top.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")

@@ -1,5 +1,4 @@
 """Precision flags shared by the launchers."""
-
 import torch
 
 from engine.runtime.errors import UserError

@@ -1,7 +1,6 @@
 """Progress of long loops: a tqdm bar on a terminal; in a log file (stderr not a terminal) one plain
 line every `interval` seconds instead, since a bar redrawn every step fills a log with carriage
 returns (a 2500-step demo wrote 256 KB of them)."""
-
 from __future__ import annotations
 
 import sys
@@ -25,16 +24,8 @@ class Progress:
         if self.stream.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(
-                total=total,
-                initial=initial,
-                desc=desc,
-                unit=unit,
-                dynamic_ncols=True,
-                mininterval=0.2,
-                file=self.stream,
-                leave=leave,
-            )
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.2,
+                            file=self.stream, leave=leave)
 
     def update(self, n: int = 1, **postfix) -> None:
         self.done += n

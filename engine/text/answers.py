@@ -11,7 +11,6 @@ CSQA: the choice letter A-E of the answer sentence, else the last standalone let
 
 Answer spans (MCC-KD): the response tokens that spell the final answer.
 """
-
 from __future__ import annotations
 
 import ast
@@ -31,15 +30,11 @@ _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _ANSWER_PHRASE = re.compile(r"answer\s*(?:is|:|=)", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"\.(?=\s|$)|\n")
 _CHOICE = re.compile(r"\(([A-Ea-e])\)|(?<![A-Za-z'])([A-E])(?![A-Za-z'])")
-_UNITS = {
-    w: i
-    for i, w in enumerate(
-        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-        "seventeen eighteen nineteen".split()
-    )
-}
+_UNITS = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen".split())}
 _TENS = {w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), 2)}
-_SCALES = {"hundred": 100, "thousand": 1000, "million": 10**6, "billion": 10**9}
+_SCALES = {"hundred": 100, "thousand": 1000, "million": 10 ** 6, "billion": 10 ** 9}
 
 
 def check_task(task: str) -> str:
@@ -53,7 +48,7 @@ def _answer_sentence(text: str) -> Optional[str]:
     matches = list(_ANSWER_PHRASE.finditer(text))
     if not matches:
         return None
-    rest = text[matches[-1].end() :]
+    rest = text[matches[-1].end():]
     end = _SENTENCE_END.search(rest)
     return rest[: end.start()] if end else rest
 
@@ -88,14 +83,9 @@ def word_numbers(text: str) -> List[Tuple[int, int, Fraction]]:
         start, end, j = words[i].start(), None, i
         while j < len(words):
             w = words[j].group().lower()
-            if j > i and text[words[j - 1].end() : words[j].start()].strip(" -"):
+            if j > i and text[words[j - 1].end():words[j].start()].strip(" -"):
                 break  # only spaces or hyphens inside a number
-            if (
-                w == "and"
-                and last == "hundred"
-                and j + 1 < len(words)
-                and words[j + 1].group().lower() in {**_UNITS, **_TENS}
-            ):
+            if w == "and" and last == "hundred" and j + 1 < len(words) and words[j + 1].group().lower() in {**_UNITS, **_TENS}:
                 j += 1
                 continue
             if w in _UNITS and last in (None, "tens", "hundred", "scale") and not (last == "tens" and _UNITS[w] >= 10):
@@ -141,7 +131,7 @@ def _format_number(value: Fraction) -> str:
     if d != 1:
         return f"{value.numerator}/{value.denominator}"
     places = max(twos, fives)
-    digits = str(abs(value.numerator) * 10**places // value.denominator).rjust(places + 1, "0")
+    digits = str(abs(value.numerator) * 10 ** places // value.denominator).rjust(places + 1, "0")
     return ("-" if value < 0 else "") + digits[:-places] + "." + digits[-places:]
 
 
@@ -218,10 +208,8 @@ def unreadable_labels(records, task: str) -> List[int]:
 
 def label_warning(bad: List[int], n: int, task: str, path: str) -> str:
     shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
-    return (
-        f"warning: {path}: {len(bad)} of {n} labels cannot be read as {task} answers (records {shown}); "
-        f"they count as wrong and are reported as unparsable_labels"
-    )
+    return (f"warning: {path}: {len(bad)} of {n} labels cannot be read as {task} answers (records {shown}); "
+            f"they count as wrong and are reported as unparsable_labels")
 
 
 def is_correct(prediction: Optional[str], label, task: str) -> bool:
@@ -243,11 +231,9 @@ def answer_char_span(text: str, answer: str):
         return None
     target = _to_number(answer)
     if target is not None:  # digits or words ("twelve"), but not the 18 of "18.5"
-        hits = [
-            (s, e)
-            for s, e, v in number_mentions(text, words=True)
-            if v == target and not (text[e : e + 1] == "." and text[e + 1 : e + 2].isdigit())
-        ]
+        hits = [(s, e) for s, e, v in number_mentions(text, words=True)
+                if v == target
+                and not (text[e:e + 1] == "." and text[e + 1:e + 2].isdigit())]
     else:
         hits = [m.span() for m in re.finditer(r"(?<![\w])" + re.escape(answer) + r"(?![\w])", text)]
     if not hits:

@@ -1,6 +1,5 @@
 """Prompt templates: how an instruction becomes the model's input, the same in every launcher, and
 the record of the template a checkpoint was trained with (it travels with the checkpoint)."""
-
 from __future__ import annotations
 
 import json
@@ -8,6 +7,7 @@ import os
 
 from engine.runtime.errors import DataError
 from engine.runtime.fileio import atomic_write_text
+
 
 PROMPT_TEMPLATES = {
     "default": "### Instruction:\n{instruction}\n\n### Response:\n",
@@ -59,10 +59,8 @@ def resolve_template(template, ckpt_dir: str, lora_dir: str) -> str:
         if recorded and main:
             print(f"using the prompt template {template!r} recorded with {where}", flush=True)
     elif recorded and template != recorded and main:
-        print(
-            f"warning: --template {template} differs from the template {recorded!r} that {where} was trained with",
-            flush=True,
-        )
+        print(f"warning: --template {template} differs from the template {recorded!r} that {where} was "
+              f"trained with", flush=True)
     format_prompt("", template)  # an unknown name ends here, before anything loads
     return template
 
@@ -93,11 +91,8 @@ def recorded_task_prefixes(*directories):
                 prefixes = json.load(open(path)).get("task_prefixes")
             except (OSError, ValueError, AttributeError):
                 raise DataError(f"{path} is not a valid prompt template record") from None
-            if prefixes is not None and not (
-                isinstance(prefixes, dict)
-                and set(prefixes) == set(TASK_PREFIXES)
-                and all(isinstance(v, str) for v in prefixes.values())
-            ):
+            if prefixes is not None and not (isinstance(prefixes, dict) and set(prefixes) == set(TASK_PREFIXES)
+                                             and all(isinstance(v, str) for v in prefixes.values())):
                 raise DataError(f"{path}: 'task_prefixes' must map {' and '.join(TASK_PREFIXES)} to strings")
             return prefixes, (d if prefixes else None)
     return None, None
@@ -113,15 +108,9 @@ def resolve_task_prefix(task_prefix, ckpt_dir: str, lora_dir: str):
     if task_prefix is None and recorded:
         task_prefix = "label"
         if main:
-            print(
-                f"{where} was trained with task prefixes: decoding the label task (--task_prefix rationale "
-                f"for rationales)",
-                flush=True,
-            )
+            print(f"{where} was trained with task prefixes: decoding the label task (--task_prefix rationale "
+                  f"for rationales)", flush=True)
     elif task_prefix is not None and not recorded and main:
-        print(
-            f"warning: --task_prefix {task_prefix}: {lora_dir or ckpt_dir} records no task prefixes (it was not "
-            f"trained with --objective step_by_step); prepending {TASK_PREFIXES[task_prefix]!r} anyway",
-            flush=True,
-        )
+        print(f"warning: --task_prefix {task_prefix}: {lora_dir or ckpt_dir} records no task prefixes (it was not "
+              f"trained with --objective step_by_step); prepending {TASK_PREFIXES[task_prefix]!r} anyway", flush=True)
     return task_prefix, recorded or TASK_PREFIXES

@@ -1,10 +1,10 @@
 """Data readers and training examples: records, supervised sequences, multi-rationale questions, batches."""
-
 from __future__ import annotations
 
 import json
 import os
 from typing import List, Sequence
+
 
 from engine.runtime.errors import DataError
 
@@ -19,7 +19,7 @@ def read_text(path: str, what: str = "") -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
+        line = raw[:e.start].count(b"\n") + 1
         raise DataError(f"{name} line {line} is not UTF-8 text (byte 0x{raw[e.start]:02x}); save it as UTF-8") from None
 
 
@@ -42,9 +42,7 @@ def read_records(path: str, required: Sequence[str] = ("instruction",)) -> List[
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path} line {lineno} is not valid JSON ({e.msg}); expected a JSON list or JSON lines"
-                ) from None
+                raise DataError(f"{path} line {lineno} is not valid JSON ({e.msg}); expected a JSON list or JSON lines") from None
     if not records:
         raise DataError(f"{path} holds no records")
     for i, rec in enumerate(records):
@@ -72,9 +70,8 @@ def validate_training_records(records: List[dict], path: str, need_label: bool =
             if empty:
                 raise DataError(f"{path} record {i}: 'output' item {empty[0]} is empty")
         elif not isinstance(out, str):
-            raise DataError(
-                f"{path} record {i}: 'output' must be a string or a list of strings, not {type(out).__name__}"
-            )
+            raise DataError(f"{path} record {i}: 'output' must be a string or a list of strings, "
+                            f"not {type(out).__name__}")
         elif not out.strip():
             raise DataError(f"{path} record {i}: 'output' is empty")
         if need_label and "label" not in rec:
@@ -84,3 +81,5 @@ def validate_training_records(records: List[dict], path: str, need_label: bool =
 # ----------------------------------------------------------------------------------------------
 # Answer spans (MCC-KD): the response tokens that spell the final answer
 # ----------------------------------------------------------------------------------------------
+
+

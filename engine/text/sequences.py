@@ -1,5 +1,4 @@
 """Token sequences for training and scoring: the label convention, padding, seeded draws."""
-
 from __future__ import annotations
 
 import random

@@ -1,5 +1,4 @@
 """One tokenizer interface over a sentencepiece `.model` and an HF `tokenizer.json`."""
-
 from __future__ import annotations
 
 import json
@@ -131,10 +130,8 @@ def check_tokenizer_fits(tok: Tokenizer, vocab_size: int, ckpt_dir: str) -> None
     """A tokenizer whose ids reach past the model's vocabulary would feed it rows it never learnt
     (or crash on a GPU): refuse the pair at load."""
     if tok.vocab_size > vocab_size:
-        raise TokenizerError(
-            f"{tok.path} has {tok.vocab_size} tokens but the model in {ckpt_dir} has a vocabulary "
-            f"of {vocab_size}; use the tokenizer the model was trained with"
-        )
+        raise TokenizerError(f"{tok.path} has {tok.vocab_size} tokens but the model in {ckpt_dir} has a vocabulary "
+                             f"of {vocab_size}; use the tokenizer the model was trained with")
 
 
 def find_tokenizer_file(path: str) -> Optional[str]:

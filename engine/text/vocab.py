@@ -1,5 +1,4 @@
 """What each token id of a tokenizer spells (byte pieces and byte-level BPE decoded)."""
-
 from __future__ import annotations
 
 import functools
@@ -7,8 +6,8 @@ import json
 import re
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
-
 import numpy as np
+
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
@@ -61,8 +60,7 @@ class Vocab:
             with open(tok.path, encoding="utf-8") as f:
                 spec = json.load(f)
             byte_level = "ByteLevel" in json.dumps(spec.get("decoder")) or "ByteLevel" in json.dumps(
-                spec.get("pre_tokenizer")
-            )
+                spec.get("pre_tokenizer"))
             specials |= {a["id"] for a in spec.get("added_tokens", []) if a.get("special")}
             table = _byte_level_decoder()
             for i in range(tok.vocab_size):

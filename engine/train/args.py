@@ -9,7 +9,6 @@ otherwise);
 point of train.py / train_mcc.py: its signature, its --help, the strict unknown-flag check and the
 README flag test all read these fields.
 """
-
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -32,30 +31,23 @@ class CheckpointFlag:
 class ModelFlags:
     """How that model is fine-tuned: fully or through LoRA (engine/train/launch.py build_model)."""
 
-    model_type: Optional[str] = flag(
-        "registry name; a lora- prefix means LoRA (the checkpoint's params.json wins for shapes).", None
-    )
+    model_type: Optional[str] = flag("registry name; a lora- prefix means LoRA (the checkpoint's params.json wins "
+                                     "for shapes).", None)
     lora_rank: int = flag("LoRA rank (> 0 with a lora- model type); -1 for full fine-tuning.", -1)
     lora_alpha: Optional[float] = flag("LoRA alpha (scaling alpha / rank); default: the rank.", None)
     lora_dropout: float = flag("dropout on the LoRA input.", 0.0)
-    lora_targets: str = flag(
-        "comma-separated projections to adapt: wq,wk,wv,wo (attention), w1,w2,w3 (MLP), output (head).",
-        "wq,wk,wv,wo,w1,w2,w3",
-    )
+    lora_targets: str = flag("comma-separated projections to adapt: wq,wk,wv,wo (attention), w1,w2,w3 (MLP), "
+                             "output (head).", "wq,wk,wv,wo,w1,w2,w3")
 
 
 @dataclass(kw_only=True)
 class ParallelFlags:
     """How the processes of a training job split: tensor-parallel size and device."""
 
-    tp_size: Optional[int] = flag(
-        "tensor-parallel size (default: all processes); world size / tp_size replicas train data-parallel.", None
-    )
-    device: Optional[str] = flag(
-        "cpu or cuda (default: cuda when every process on this node has a GPU of its own, "
-        "cpu on a machine without one).",
-        None,
-    )
+    tp_size: Optional[int] = flag("tensor-parallel size (default: all processes); world size / tp_size replicas "
+                                  "train data-parallel.", None)
+    device: Optional[str] = flag("cpu or cuda (default: cuda when every process on this node has a GPU of its own, "
+                                 "cpu on a machine without one).", None)
 
 
 # TrainArgs' own flags sit between the mixins', in links of a chain: a dataclass orders its fields
@@ -76,16 +68,12 @@ class _EvalFlags(ModelFlags, _DataFlags):
     eval_batch_size: int = flag("sequences decoded together during evaluation.", 64)
     max_seq_len: int = flag("cut longer sequences (counted and reported).", 1024)
     max_new_tokens: int = flag("generation budget during evaluation.", 256)
-    template: str = flag(
-        "prompt template: default or none (recorded with every saved checkpoint for infer.py).", "default"
-    )
+    template: str = flag("prompt template: default or none (recorded with every saved checkpoint for infer.py).",
+                         "default")
     max_eval_examples: int = flag("evaluate on the first N label_file records only (0: all).", 0)
-    formats: Optional[str] = flag(
-        "data formats to train on, comma separated (icl_answer, icl_cot, zs_answer, zs_cot: "
-        "records from data/make_formats.py); each batch holds one format (default: every "
-        "format in the file).",
-        None,
-    )
+    formats: Optional[str] = flag("data formats to train on, comma separated (icl_answer, icl_cot, zs_answer, zs_cot: "
+                                  "records from data/make_formats.py); each batch holds one format (default: every "
+                                  "format in the file).", None)
     deepspeed: Optional[str] = flag("DeepSpeed config JSON: ZeRO stage 1/2 over the data-parallel group.", None)
 
 
@@ -95,9 +83,8 @@ class TrainArgs(ParallelFlags, _EvalFlags):
 
     OBJECTIVE: ClassVar[str] = ""
     LAUNCHER: ClassVar[str] = "train.py"
-    SUMMARY: ClassVar[str] = (
-        "Train a student on teacher rationales (supervised; the loss covers the response tokens only)."
-    )
+    SUMMARY: ClassVar[str] = ("Train a student on teacher rationales (supervised; the loss covers the response "
+                              "tokens only).")
 
     def __post_init__(self):
         from engine.text.answers import check_task
@@ -128,15 +115,11 @@ class TrainArgs(ParallelFlags, _EvalFlags):
         """What scores the model on --label_file during training (engine/train/evaluator.py)."""
         from engine.train.evaluator import GenerationEvaluator
 
-        return GenerationEvaluator(
-            records, tokenizer, self.task, info, self.eval_batch_size, self.max_new_tokens, self.template
-        )
+        return GenerationEvaluator(records, tokenizer, self.task, info, self.eval_batch_size, self.max_new_tokens,
+                                   self.template)
 
 
 def run_record(args) -> dict:
     """The flags of a run, as run_config.json records them."""
-    return {
-        "launcher": args.LAUNCHER,
-        "objective": args.OBJECTIVE,
-        **{k: v for k, v in asdict(args).items() if k != "betas"},
-    }
+    return {"launcher": args.LAUNCHER, "objective": args.OBJECTIVE,
+            **{k: v for k, v in asdict(args).items() if k != "betas"}}

@@ -1,5 +1,4 @@
 """Batches of an epoch: seeded order, length bucketing, one data format per batch."""
-
 from __future__ import annotations
 
 import zlib
@@ -9,9 +8,7 @@ from engine.runtime.errors import DataError
 from engine.text.sequences import stable_rng
 
 
-def epoch_batches(
-    lengths: Sequence[int], batch_size: int, seed: int, epoch: int, bucket: bool = True
-) -> List[List[int]]:
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, bucket: bool = True) -> List[List[int]]:
     """Positions 0..n-1 grouped into batches of exactly batch_size for one epoch; the order depends
     only on (seed, epoch). Bucketing sorts windows of 32 batches by length to cut padding, then
     shuffles the batches. The last batch is completed with the epoch's first positions."""
@@ -24,10 +21,9 @@ def epoch_batches(
             order += order[: batch_size - len(order) % batch_size]
     if bucket:
         window = batch_size * 32
-        order = [
-            i for s in range(0, len(order), window) for i in sorted(order[s : s + window], key=lambda i: lengths[i])
-        ]
-    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        order = [i for s in range(0, len(order), window)
+                 for i in sorted(order[s:s + window], key=lambda i: lengths[i])]
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     if bucket:
         rng.shuffle(batches)
     return batches
@@ -60,10 +56,8 @@ def format_groups(records: List[dict], formats, path: str) -> Optional[List[Opti
     marked = [i for i, r in enumerate(records) if "format" in r]
     if not marked:
         if names:
-            raise DataError(
-                f"--formats {','.join(names)} needs records with a 'format' (written by "
-                f"data/make_formats.py), but {path} record 0 has none"
-            )
+            raise DataError(f"--formats {','.join(names)} needs records with a 'format' (written by "
+                            f"data/make_formats.py), but {path} record 0 has none")
         return None
     if len(marked) != len(records):
         first = next(i for i, r in enumerate(records) if "format" not in r)
@@ -74,17 +68,14 @@ def format_groups(records: List[dict], formats, path: str) -> Optional[List[Opti
     present = {r["format"] for r in records}
     missing = [n for n in names or [] if n not in present]
     if missing:
-        raise DataError(
-            f"--formats asks for {missing[0]} but {path} holds no record of that format "
-            f"(it has {', '.join(sorted(present))})"
-        )
+        raise DataError(f"--formats asks for {missing[0]} but {path} holds no record of that format "
+                        f"(it has {', '.join(sorted(present))})")
     chosen = set(names or present)
     return [r["format"] if r["format"] in chosen else None for r in records]
 
 
-def grouped_epoch_batches(
-    lengths: Sequence[int], groups: Sequence[Optional[str]], batch_size: int, seed: int, epoch: int, bucket: bool = True
-) -> List[List[int]]:
+def grouped_epoch_batches(lengths: Sequence[int], groups: Sequence[Optional[str]], batch_size: int, seed: int,
+                          epoch: int, bucket: bool = True) -> List[List[int]]:
     """epoch_batches within each group (each batch holds one data format; positions whose group is
     None are left out), then all batches shuffled together; depends only on (seed, epoch)."""
     batches = []
@@ -106,8 +97,5 @@ def group_by_format(task, record_groups) -> str:
     task.group_by(record_groups)
     counts = {g: task.groups.count(g) for g in sorted(set(task.groups) - {None})}
     left_out = task.groups.count(None)
-    return (
-        "one data format per batch: "
-        + ", ".join(f"{g} {n}" for g, n in counts.items())
-        + (f" examples ({left_out} of other formats left out)" if left_out else " examples")
-    )
+    return ("one data format per batch: " + ", ".join(f"{g} {n}" for g, n in counts.items())
+            + (f" examples ({left_out} of other formats left out)" if left_out else " examples"))

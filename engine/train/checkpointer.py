@@ -8,7 +8,6 @@ template and tokenizer, each rank's trainer state, and `run.json` (what must mat
 template, the task's instruction prefixes. Resume takes the newest intact checkpoint, skipping damaged
 ones. Weights holding NaN or Inf (the model's or the task's extra modules') are never saved.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -31,14 +30,9 @@ from engine.text.prompts import save_template
 from engine.train.task import Task
 
 # what a resumed run must share with the run that wrote the checkpoint
-SIGNATURE_CHECKS = (
-    ("model_args", "a different model"),
-    ("tp_size", "a different tensor-parallel size"),
-    ("dp_size", "a different data-parallel size"),
-    ("lora", "different LoRA settings"),
-    ("max_batch_size", "a different --max_batch_size"),
-    ("deepspeed", "a different --deepspeed use"),
-)
+SIGNATURE_CHECKS = (("model_args", "a different model"), ("tp_size", "a different tensor-parallel size"),
+                    ("dp_size", "a different data-parallel size"), ("lora", "different LoRA settings"),
+                    ("max_batch_size", "a different --max_batch_size"), ("deepspeed", "a different --deepspeed use"))
 
 
 class Checkpointer:
@@ -46,26 +40,11 @@ class Checkpointer:
     extra modules are checked finite with the model, whose task_prefixes go into the template file and
     whose write_files adds its own files to every saved model directory."""
 
-    def __init__(
-        self,
-        save_dir: str,
-        model,
-        info,
-        lora_cfg=None,
-        base_ckpt: Optional[str] = None,
-        tokenizer=None,
-        template: Optional[str] = None,
-        keep: int = 2,
-        task: Optional[Task] = None,
-    ):
+    def __init__(self, save_dir: str, model, info, lora_cfg=None, base_ckpt: Optional[str] = None, tokenizer=None,
+                 template: Optional[str] = None, keep: int = 2, task: Optional[Task] = None):
         self.save_dir, self.model, self.info = save_dir, model, info
-        self.lora_cfg, self.base_ckpt, self.tokenizer, self.template, self.keep = (
-            lora_cfg,
-            base_ckpt,
-            tokenizer,
-            template,
-            keep,
-        )
+        self.lora_cfg, self.base_ckpt, self.tokenizer, self.template, self.keep = (lora_cfg, base_ckpt, tokenizer,
+                                                                                   template, keep)
         self.task = task if task is not None else Task()
 
     # ----- writing ------------------------------------------------------------------------------
@@ -165,10 +144,8 @@ class Checkpointer:
 
     def check_fresh_start(self) -> None:
         if self.checkpoints():
-            raise UserError(
-                f"{self.save_dir} already holds checkpoints; pass --resume True to continue "
-                f"that run or choose another --save_dir"
-            )
+            raise UserError(f"{self.save_dir} already holds checkpoints; pass --resume True to continue "
+                            f"that run or choose another --save_dir")
 
     @staticmethod
     def _problem(path: str) -> Optional[str]:
@@ -182,11 +159,8 @@ class Checkpointer:
         except (OSError, ValueError, KeyError, TypeError):
             return "run.json is not readable"
         need = [f"trainer_state.{r:02d}.pt" for r in range(world)]
-        need += (
-            ["lora_config.json"] + [f"lora.{r:02d}.safetensors" for r in range(tp)]
-            if lora
-            else ["params.json"] + [f"consolidated.{r:02d}.safetensors" for r in range(tp)]
-        )
+        need += (["lora_config.json"] + [f"lora.{r:02d}.safetensors" for r in range(tp)] if lora else
+                 ["params.json"] + [f"consolidated.{r:02d}.safetensors" for r in range(tp)])
         if saved.get("deepspeed"):
             need.append("deepspeed")
         missing = [n for n in need if not os.path.exists(os.path.join(path, n))]
@@ -211,9 +185,7 @@ class Checkpointer:
         saved = json.load(open(os.path.join(path, "run.json")))
         for key, what in SIGNATURE_CHECKS:
             if saved.get(key) != signature.get(key):
-                raise UserError(
-                    f"--resume: {path} was written by {what} ({key}: {saved.get(key)} vs {signature.get(key)})"
-                )
+                raise UserError(f"--resume: {path} was written by {what} ({key}: {saved.get(key)} vs {signature.get(key)})")
         info = self.info
         if self.lora_cfg is not None:
             src, _, _ = open_lora(path, self.model.args)
@@ -224,14 +196,11 @@ class Checkpointer:
         try:
             state = torch.load(state_path, weights_only=False)
         except Exception as e:  # torch raises its own error types for a truncated file
-            raise UserError(
-                f"--resume: {state_path} is truncated or corrupted ({type(e).__name__}); remove "
-                f"{path} to resume from the checkpoint before it"
-            ) from None
+            raise UserError(f"--resume: {state_path} is truncated or corrupted ({type(e).__name__}); remove "
+                            f"{path} to resume from the checkpoint before it") from None
         if ds_engine is not None:
-            ds_engine.load_checkpoint(
-                os.path.join(path, "deepspeed"), tag="state", load_module_strict=False, load_lr_scheduler_states=False
-            )
+            ds_engine.load_checkpoint(os.path.join(path, "deepspeed"), tag="state", load_module_strict=False,
+                                      load_lr_scheduler_states=False)
         if info.is_main:
             kept = [r for r in read_metric_lines(metrics_path) if r["step"] <= state["step"]]
             atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))

@@ -1,15 +1,13 @@
 """What the training loop needs: every setting of it, checked before any model loads."""
-
 from __future__ import annotations
 
 import os
 import typing
 from dataclasses import dataclass
 from typing import Optional
-
-from engine.runtime.cli import flag
 from engine.runtime.errors import UserError
 from models.transformer import CHECKPOINT_POLICIES
+from engine.runtime.cli import flag
 
 
 @dataclass(kw_only=True)
@@ -36,18 +34,14 @@ class TrainConfig:
     eval_every: int = flag("also evaluate every N steps (always at each epoch end).", 0)
     eval_at_start: bool = flag("evaluate once before training.", False)
     log_every: int = flag("write a metrics line every N steps.", 1)
-    resume: bool = flag(
-        "continue from the latest checkpoint in save_dir (weights, optimizer, schedule, RNG, data position).", False
-    )
+    resume: bool = flag("continue from the latest checkpoint in save_dir (weights, optimizer, schedule, RNG, "
+                        "data position).", False)
     checkpoint_activations: typing.Any = flag(
         "recompute activations in backward to save memory: False/none, True/full (whole blocks), selective "
-        "(keep matmul and attention outputs, recompute the rest).",
-        False,
-    )
+        "(keep matmul and attention outputs, recompute the rest).", False)
     checkpoint_fraction: float = flag("checkpoint only this fraction of the layers (from the first), e.g. 0.5.", 1.0)
-    compile: Optional[bool] = flag(
-        "compile each decoder block with torch.compile (default: on a GPU; False: eager).", None
-    )
+    compile: Optional[bool] = flag("compile each decoder block with torch.compile (default: on a GPU; False: eager).",
+                                   None)
     # not flags
     betas: tuple = (0.9, 0.999)
     bucket: bool = True  # length bucketing of batches
@@ -57,18 +51,8 @@ class TrainConfig:
     def __post_init__(self):
         from engine.runtime.precision import dtype_from_flags
 
-        minimum = {
-            "max_batch_size": 1,
-            "accumulation_steps": 1,
-            "log_every": 1,
-            "epochs": 0,
-            "max_steps": 0,
-            "exit_after_steps": 0,
-            "warmup_steps": 0,
-            "save_every": 0,
-            "keep_checkpoints": 0,
-            "eval_every": 0,
-        }
+        minimum = {"max_batch_size": 1, "accumulation_steps": 1, "log_every": 1, "epochs": 0, "max_steps": 0,
+                   "exit_after_steps": 0, "warmup_steps": 0, "save_every": 0, "keep_checkpoints": 0, "eval_every": 0}
         for name, low in minimum.items():
             if getattr(self, name) < low:
                 raise UserError(f"--{name} must be >= {low}, got {getattr(self, name)}")
@@ -84,14 +68,11 @@ class TrainConfig:
             raise UserError(f"--schedule {self.schedule!r} is not one of cosine, linear, constant")
         if os.path.exists(self.save_dir) and not os.path.isdir(self.save_dir):
             raise UserError(f"--save_dir {self.save_dir} exists and is a file, not a directory")
-        policy = {True: "full", False: "none", "True": "full", "False": "none"}.get(
-            self.checkpoint_activations, self.checkpoint_activations
-        )
+        policy = {True: "full", False: "none", "True": "full", "False": "none"}.get(self.checkpoint_activations,
+                                                                                   self.checkpoint_activations)
         if policy not in CHECKPOINT_POLICIES:
-            raise UserError(
-                f"--checkpoint_activations {self.checkpoint_activations!r} is not one of "
-                f"True, False, {', '.join(CHECKPOINT_POLICIES)}"
-            )
+            raise UserError(f"--checkpoint_activations {self.checkpoint_activations!r} is not one of "
+                            f"True, False, {', '.join(CHECKPOINT_POLICIES)}")
         self.checkpoint_activations = policy
         if not 0 < self.checkpoint_fraction <= 1:
             raise UserError(f"--checkpoint_fraction must be in (0, 1], got {self.checkpoint_fraction}")

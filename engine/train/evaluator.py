@@ -1,6 +1,5 @@
 """What scores a model on --label_file during training: the Evaluator interface the trainer uses, and
 greedy generation with task accuracy."""
-
 from __future__ import annotations
 
 from typing import Dict, List
@@ -28,29 +27,19 @@ class Evaluator:
         raise NotImplementedError(f"{type(self).__name__} scores nothing")
 
     def summary(self, result: dict) -> str:
-        return (
-            f"accuracy {result['accuracy']:.4f} ({result['correct']}/{result['total']}, "
-            f"unparsable {result['unparsable']})"
-        )
+        return (f"accuracy {result['accuracy']:.4f} ({result['correct']}/{result['total']}, "
+                f"unparsable {result['unparsable']})")
 
 
 class GenerationEvaluator(Evaluator):
     """Greedy generation on labelled records and task accuracy. Data-parallel replicas take
     interleaved slices; counts are summed over them."""
 
-    def __init__(
-        self,
-        records,
-        tokenizer,
-        task: str,
-        info,
-        batch_size: int = 64,
-        max_new_tokens: int = 256,
-        template: str = "default",
-    ):
+    def __init__(self, records, tokenizer, task: str, info, batch_size: int = 64, max_new_tokens: int = 256,
+                 template: str = "default"):
         self.task, self.tok, self.info = check_task(task), tokenizer, info
         self.batch_size, self.max_new_tokens, self.template = batch_size, max_new_tokens, template
-        mine = records[info.dp_rank :: info.dp_size]
+        mine = records[info.dp_rank::info.dp_size]
         self.labels = [r.get("label") for r in mine]
         self.instructions = [r["instruction"] for r in mine]
         self._prompts: Dict[int, List[List[int]]] = {}  # room -> encoded prompts, encoded once
@@ -70,11 +59,8 @@ class GenerationEvaluator(Evaluator):
 
     def __call__(self, model) -> dict:
         acc = accuracy_of(self.texts(model), self.labels, self.task)
-        counts = torch.tensor(
-            [acc.correct, acc.total, acc.unparsable, acc.unparsable_labels],
-            dtype=torch.float64,
-            device=model.head_weight.device,
-        )
+        counts = torch.tensor([acc.correct, acc.total, acc.unparsable, acc.unparsable_labels], dtype=torch.float64,
+                              device=model.head_weight.device)
         if dist.is_initialized() and self.info.dp_size > 1:
             dist.all_reduce(counts, group=distributed.dp_group())
         c, t, u, b = (int(x) for x in counts.tolist())

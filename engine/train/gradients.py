@@ -1,7 +1,6 @@
 """Gradients under tensor and data parallelism: which parameters are copies on several ranks (from
 models/sharding.py), summing the gradients of replicated KV heads, the data-parallel all-reduce,
 TP-aware norm and clipping that never wait for the device, and fp16 loss scaling."""
-
 from __future__ import annotations
 
 from typing import Dict, List
@@ -85,7 +84,7 @@ class DynamicLossScaler:
     """fp16 loss scaling: multiply the loss by `scale`; on inf/nan gradients (on any rank) skip the
     step and halve the scale; after `growth_interval` good steps double it."""
 
-    def __init__(self, init_scale: float = 2.0**16, growth_interval: int = 1000, min_scale: float = 1.0):
+    def __init__(self, init_scale: float = 2.0 ** 16, growth_interval: int = 1000, min_scale: float = 1.0):
         self.scale, self.growth_interval, self.min_scale = init_scale, growth_interval, min_scale
         self.good_steps = 0
 

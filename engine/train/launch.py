@@ -1,7 +1,6 @@
 """The training run behind train.py and train_mcc.py: every flag is checked before the process group
 forms (engine/train/args.py and each objective's args), the job then owns save_dir (a second job on it stops at once), and only then
 do the model and data load."""
-
 from __future__ import annotations
 
 import os
@@ -22,17 +21,8 @@ from models.lora import LoRAConfig, apply_lora
 from models.registry import parse_model_type
 
 
-def build_model(
-    ckpt_dir: str,
-    model_type: Optional[str],
-    lora_rank: int,
-    lora_alpha,
-    lora_dropout: float,
-    lora_targets,
-    dtype: torch.dtype,
-    info,
-    seed: int = 0,
-):
+def build_model(ckpt_dir: str, model_type: Optional[str], lora_rank: int, lora_alpha, lora_dropout: float,
+                lora_targets, dtype: torch.dtype, info, seed: int = 0):
     """Load the checkpoint for this rank; add LoRA when asked. Returns (model, lora_cfg or None).
 
     LoRA: frozen base in `dtype`, adapter in fp32. Full fine-tuning: fp32 weights (autocast computes
@@ -43,10 +33,8 @@ def build_model(
         if lora_variant and not use_lora:
             raise UserError(f"--model_type {model_type} is a LoRA variant: pass --lora_rank > 0")
         if use_lora and not lora_variant:
-            raise UserError(
-                f"--lora_rank {lora_rank} with --model_type {model_type}: use lora-{model_type} "
-                f"for LoRA, or --lora_rank -1 for full fine-tuning"
-            )
+            raise UserError(f"--lora_rank {lora_rank} with --model_type {model_type}: use lora-{model_type} "
+                            f"for LoRA, or --lora_rank -1 for full fine-tuning")
     model = load_model(ckpt_dir, dtype=dtype if use_lora else torch.float32, device=info.device, model_type=model_type)
     lora_cfg = None
     if use_lora:
@@ -58,17 +46,8 @@ def build_model(
 
 def model_from_flags(args, info):
     """build_model as a run's flags ask: its CheckpointFlag and ModelFlags, its precision and seed."""
-    return build_model(
-        args.ckpt_dir,
-        args.model_type,
-        args.lora_rank,
-        args.lora_alpha,
-        args.lora_dropout,
-        args.lora_targets,
-        args.dtype,
-        info,
-        args.seed,
-    )
+    return build_model(args.ckpt_dir, args.model_type, args.lora_rank, args.lora_alpha, args.lora_dropout,
+                       args.lora_targets, args.dtype, info, args.seed)
 
 
 def read_eval_records(label_file: Optional[str], max_examples: int = 0, task: Optional[str] = None):
@@ -91,9 +70,8 @@ def run_training(args: TrainArgs) -> None:
     records = read_records(args.train_file)
     groups = format_groups(records, args.formats, args.train_file)  # one data format per batch
     eval_records = read_eval_records(args.label_file, args.max_eval_examples, args.task)
-    with job(
-        args.tp_size, args.device, os.path.join(args.save_dir, ".lock"), f"--save_dir {args.save_dir}", make_dir=True
-    ) as info:
+    with job(args.tp_size, args.device, os.path.join(args.save_dir, ".lock"), f"--save_dir {args.save_dir}",
+             make_dir=True) as info:
         tok = load_tokenizer(args.ckpt_dir)
         model, lora_cfg = model_from_flags(args, info)
         check_tokenizer_fits(tok, model.args.vocab_size, args.ckpt_dir)
@@ -104,8 +82,7 @@ def run_training(args: TrainArgs) -> None:
         evaluator = None
         if eval_records:
             evaluator = args.make_evaluator(eval_records, tok, info)
-        setup = RunSetup(
-            base_ckpt=args.ckpt_dir, deepspeed=args.deepspeed, template=args.template, meta=run_record(args)
-        )
+        setup = RunSetup(base_ckpt=args.ckpt_dir, deepspeed=args.deepspeed, template=args.template,
+                         meta=run_record(args))
         trainer = Trainer(model, task, args, info, tok, evaluator, lora_cfg, setup)
         trainer.fit()

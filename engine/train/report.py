@@ -1,5 +1,4 @@
 """A small Markdown report per training run (save_dir/report.md) that embeds curves.png."""
-
 from __future__ import annotations
 
 import json
@@ -14,12 +13,9 @@ def summarize_metrics(metrics_path: str) -> dict:
     evals = [e for e in evals if "accuracy" in e]  # an implicit-CoT emulator's state-error lines have none
     out = {"steps": steps[-1]["step"] if steps else 0, "evals": evals}
     if steps:
-        tail = steps[-max(1, len(steps) // 10) :]
-        out.update(
-            first_loss=steps[0]["loss"],
-            final_loss=sum(r["loss"] for r in tail) / len(tail),
-            tokens_per_s=sum(r["tokens_per_s"] for r in tail) / len(tail),
-        )
+        tail = steps[-max(1, len(steps) // 10):]
+        out.update(first_loss=steps[0]["loss"], final_loss=sum(r["loss"] for r in tail) / len(tail),
+                   tokens_per_s=sum(r["tokens_per_s"] for r in tail) / len(tail))
         for k in ("loss_ce", "loss_kl"):
             if k in steps[-1]:
                 out["final_" + k] = sum(r[k] for r in tail) / len(tail)
@@ -44,44 +40,22 @@ def rising_note(evals: list, total_steps: int) -> str:
     if not rising:
         return ""
     a, b = rising
-    return (
-        f"accuracy was still rising at the end ({a['accuracy']:.3f} at step {a['step']}, {b['accuracy']:.3f} "
-        f"at step {b['step']}): more steps would likely raise it"
-    )
+    return (f"accuracy was still rising at the end ({a['accuracy']:.3f} at step {a['step']}, {b['accuracy']:.3f} "
+            f"at step {b['step']}): more steps would likely raise it")
 
 
 def write_run_report(save_dir: str) -> str:
     cfg_path = os.path.join(save_dir, "run_config.json")
     cfg = json.load(open(cfg_path)) if os.path.exists(cfg_path) else {}
     m = summarize_metrics(os.path.join(save_dir, "metrics.jsonl"))
-    keys = (
-        "launcher",
-        "task",
-        "train_file",
-        "ckpt_dir",
-        "model_type",
-        "lora_rank",
-        "tp_size",
-        "dp_size",
-        "max_batch_size",
-        "lr",
-        "epochs",
-        "max_steps",
-        "alpha",
-        "temperature",
-        "num_rationales",
-        "seed",
-    )
+    keys = ("launcher", "task", "train_file", "ckpt_dir", "model_type", "lora_rank", "tp_size", "dp_size",
+            "max_batch_size", "lr", "epochs", "max_steps", "alpha", "temperature", "num_rationales", "seed")
     lines = [f"# Training run: {os.path.basename(os.path.abspath(save_dir))}", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {cfg[k]} |" for k in keys if cfg.get(k) is not None]
     lines += ["", "| result | value |", "|---|---|", f"| optimizer steps | {m['steps']} |"]
-    for k, label in (
-        ("first_loss", "loss at the first step"),
-        ("final_loss", "loss at the end"),
-        ("final_loss_ce", "cross-entropy at the end"),
-        ("final_loss_kl", "consistency KL at the end"),
-        ("tokens_per_s", "training tokens/s (end)"),
-    ):
+    for k, label in (("first_loss", "loss at the first step"), ("final_loss", "loss at the end"),
+                     ("final_loss_ce", "cross-entropy at the end"), ("final_loss_kl", "consistency KL at the end"),
+                     ("tokens_per_s", "training tokens/s (end)")):
         if k in m:
             lines.append(f"| {label} | {m[k]:.4g} |")
     if m["evals"]:

@@ -1,7 +1,6 @@
 """Tasks glue data to objectives for the trainer: the Task base class (the interface the trainer of
 engine/train/trainer.py uses, with its defaults), the Batch it passes around, and helpers every
 objective shares."""
-
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -13,9 +12,8 @@ from engine.runtime.distributed import to_device
 from models.vocab_parallel import head_cross_entropy, labelled_rows, token_cross_entropy
 
 
-def response_cross_entropy(
-    model, hidden: torch.Tensor, labels: torch.Tensor, rows: Optional[torch.Tensor] = None
-) -> torch.Tensor:
+def response_cross_entropy(model, hidden: torch.Tensor, labels: torch.Tensor,
+                           rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Summed next-token CE of the labelled positions: chunk by chunk from the hidden states of those
     positions only (no full logits), or from the logits when the head is not one matrix (LoRA
     dropout on the head)."""
@@ -25,23 +23,11 @@ def response_cross_entropy(
     return head_cross_entropy(hidden, head, labels, rows=rows)
 
 
-def make_batch(
-    inputs: torch.Tensor,
-    labels: torch.Tensor,
-    device,
-    counts: Dict[str, float],
-    n_tokens: int,
-    extra: Optional[dict] = None,
-) -> "Batch":
+def make_batch(inputs: torch.Tensor, labels: torch.Tensor, device, counts: Dict[str, float], n_tokens: int,
+               extra: Optional[dict] = None) -> "Batch":
     """A batch on the device, with the labelled positions found on the host."""
-    return Batch(
-        to_device(inputs, device),
-        to_device(labels, device),
-        counts,
-        n_tokens,
-        extra or {},
-        to_device(labelled_rows(labels), device),
-    )
+    return Batch(to_device(inputs, device), to_device(labels, device), counts, n_tokens, extra or {},
+                 to_device(labelled_rows(labels), device))
 
 
 @dataclass
@@ -52,6 +38,8 @@ class Batch:
     n_tokens: int
     extra: dict = field(default_factory=dict)
     label_rows: Optional[torch.Tensor] = None  # flat indices of the labelled positions (None: all)
+
+
 
 
 class Task:

@@ -31,7 +31,6 @@ with sums and counts taken across accumulation micro-batches and data-parallel r
 TP=2 == TP=1 and DP=2 x b == 1 x 2b. A step never waits for the device: its numbers are read back
 when its metrics line is written, one step later (_flush_log).
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -91,24 +90,14 @@ class RunSetup:
 
 
 class Trainer:
-    def __init__(
-        self,
-        model,
-        task: Task,
-        cfg: TrainConfig,
-        info,
-        tokenizer=None,
-        evaluator: Optional[Evaluator] = None,
-        lora_cfg=None,
-        setup: Optional[RunSetup] = None,
-    ):
+    def __init__(self, model, task: Task, cfg: TrainConfig, info, tokenizer=None, evaluator: Optional[Evaluator] = None,
+                 lora_cfg=None, setup: Optional[RunSetup] = None):
         setup = setup or RunSetup()
         self.model, self.task, self.cfg, self.info = model, task, cfg, info
         self.evaluator, self.lora_cfg, self.base_ckpt, self.run_meta = evaluator, lora_cfg, setup.base_ckpt, setup.meta
         if cfg.max_batch_size % info.dp_size:
-            raise UserError(
-                f"--max_batch_size={cfg.max_batch_size} is not divisible by the {info.dp_size} data-parallel replicas"
-            )
+            raise UserError(f"--max_batch_size={cfg.max_batch_size} is not divisible by the {info.dp_size} "
+                            f"data-parallel replicas")
         if cfg.dtype == torch.float16 and setup.deepspeed:
             raise UserError("--use_float16 with --deepspeed: set fp16 in the DeepSpeed config instead")
         self.local_batch = cfg.max_batch_size // info.dp_size
@@ -120,9 +109,8 @@ class Trainer:
             raise UserError("the model has no trainable parameters")
         self._gradient_bookkeeping()
         self._build_optimizer(setup.deepspeed)
-        self.checkpointer = Checkpointer(
-            cfg.save_dir, model, info, lora_cfg, setup.base_ckpt, tokenizer, setup.template, cfg.keep_checkpoints, task
-        )
+        self.checkpointer = Checkpointer(cfg.save_dir, model, info, lora_cfg, setup.base_ckpt, tokenizer,
+                                         setup.template, cfg.keep_checkpoints, task)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         # the best evaluation so far, signed so that higher is better (the trainer state's best_accuracy)
         self.best_score = -math.inf if evaluator is not None and not evaluator.higher_is_better else -1.0
@@ -133,10 +121,8 @@ class Trainer:
         """Which parameters are copies on several tensor-parallel ranks (extra modules are replicated,
         a tensor-parallel model beside the model is split like it), and the KV-replica gradient sums."""
         info = self.info
-        self.copies = {
-            **param_copies(self.model, self.lora_cfg),
-            **{id(p): info.tp_size for m in self.extra for p in m.parameters()},
-        }
+        self.copies = {**param_copies(self.model, self.lora_cfg),
+                       **{id(p): info.tp_size for m in self.extra for p in m.parameters()}}
         self.kv_syncs = [KVReplicaSync(self.model, info, self.lora_cfg)]
         for other, other_lora in self.task.parallel_models():
             self.copies.update(param_copies(other, other_lora))
@@ -170,22 +156,12 @@ class Trainer:
         for m in [model] + [other for other, _ in self.task.parallel_models()]:
             m.configure_layers(cfg.checkpoint_activations, cfg.checkpoint_fraction, compile_blocks)
         if self.info.is_main:
-            how = (
-                "decoder blocks compiled one by one (torch.compile)"
-                if compile_blocks
-                else "eager decoder blocks ("
-                + (
-                    "--compile False"
-                    if cfg.compile is False
-                    else "CPU: compiling does not pay off here; --compile True to force it"
-                )
-                + ")"
-            )
+            how = ("decoder blocks compiled one by one (torch.compile)" if compile_blocks else "eager decoder blocks ("
+                   + ("--compile False" if cfg.compile is False else
+                      "CPU: compiling does not pay off here; --compile True to force it") + ")")
             if cfg.checkpoint_activations != "none":
-                how += (
-                    f", activation checkpointing {cfg.checkpoint_activations} on {model.checkpoint_policy[1]} of "
-                    f"{len(model.layers)} layers"
-                )
+                how += (f", activation checkpointing {cfg.checkpoint_activations} on {model.checkpoint_policy[1]} of "
+                        f"{len(model.layers)} layers")
             print(f"training step: {how}", flush=True)
 
     # ----- DeepSpeed ZeRO over the data-parallel group ----------------------------------------
@@ -198,9 +174,7 @@ class Trainer:
         from fairscale.nn.model_parallel import initialize as mpu
 
         if any(sync.params for sync in self.kv_syncs):
-            raise UserError(
-                "--deepspeed with tensor parallelism above n_kv_heads (replicated KV heads) is not supported"
-            )
+            raise UserError("--deepspeed with tensor parallelism above n_kv_heads (replicated KV heads) is not supported")
         try:
             ds_cfg = json.load(open(config_path))
         except (OSError, json.JSONDecodeError) as e:
@@ -209,20 +183,17 @@ class Trainer:
         if stage not in (0, 1, 2):
             raise UserError(f"--deepspeed {config_path}: ZeRO stage {stage} is not supported (0, 1 or 2)")
         if ds_cfg.get("fp16", {}).get("enabled") or ds_cfg.get("bf16", {}).get("enabled"):
-            raise UserError(
-                f"--deepspeed {config_path}: leave fp16/bf16 out of the config and use "
-                f"--use_bfloat16 (weights and optimizer stay fp32, compute is autocast)"
-            )
+            raise UserError(f"--deepspeed {config_path}: leave fp16/bf16 out of the config and use "
+                            f"--use_bfloat16 (weights and optimizer stay fp32, compute is autocast)")
         ds_cfg["train_micro_batch_size_per_gpu"] = self.local_batch
         ds_cfg["gradient_accumulation_steps"] = 1  # boundaries are set by hand, see _backward
         ds_cfg.pop("train_batch_size", None)
         ds_cfg["gradient_clipping"] = self.cfg.max_grad_norm
-        ds_cfg.setdefault("steps_per_print", 10**9)
+        ds_cfg.setdefault("steps_per_print", 10 ** 9)
         for p in self.params:  # DeepSpeed counts these on every TP rank in the global norm, others once
             p.tensor_model_parallel = self.copies.get(id(p), 1) == 1 and self.info.tp_size > 1
         self.ds_engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.model, optimizer=self.optimizer, config=ds_cfg, mpu=mpu, model_parameters=self.params
-        )
+            model=self.model, optimizer=self.optimizer, config=ds_cfg, mpu=mpu, model_parameters=self.params)
 
     # ----- one optimizer step -------------------------------------------------------------------
     def _autocast(self):
@@ -232,7 +203,7 @@ class Trainer:
 
     def _rank_slice(self, indices: List[int]) -> List[int]:
         r = self.info.dp_rank
-        return indices[r * self.local_batch : (r + 1) * self.local_batch]
+        return indices[r * self.local_batch:(r + 1) * self.local_batch]
 
     def _optimizer_step(self, global_batches: List[List[int]]) -> dict:
         """One optimizer step. Nothing in it waits for the device (except fp16's overflow check and
@@ -245,14 +216,8 @@ class Trainer:
             self.scheduler.step()
         self.step += 1
         parts = list(self.task.weights)
-        out = {
-            "step": self.step,
-            "epoch": self.epoch,
-            "loss": (weights * per_part).sum(),
-            "lr": lr,
-            "grad_norm": gnorm,
-            "n_tokens": n_tokens,
-        }
+        out = {"step": self.step, "epoch": self.epoch, "loss": (weights * per_part).sum(), "lr": lr,
+               "grad_norm": gnorm, "n_tokens": n_tokens}
         if len(parts) > 1:
             out.update({f"loss_{p}": per_part[i] for i, p in enumerate(parts)})
         if self.scaler is not None:
@@ -354,7 +319,7 @@ class Trainer:
         cfg = self.cfg
         batches = self._epoch_batches(self.epoch)
         while self.batch_in_epoch < len(batches):
-            group = batches[self.batch_in_epoch : self.batch_in_epoch + cfg.accumulation_steps]
+            group = batches[self.batch_in_epoch:self.batch_in_epoch + cfg.accumulation_steps]
             record = self._optimizer_step(group)
             self.batch_in_epoch += len(group)
             self._count_step(record)
@@ -413,11 +378,8 @@ class Trainer:
         if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
             self._flush_log()  # the previous line, now that this step is queued behind it
             now = time.time()
-            record.update(
-                n_tokens=self._tokens,
-                nonfinite_run=self._worst_nonfinite,
-                window_s=now - self._window_start - self._paused,
-            )
+            record.update(n_tokens=self._tokens, nonfinite_run=self._worst_nonfinite,
+                          window_s=now - self._window_start - self._paused)
             self._pending, self._tokens = record, torch.zeros((), device=self.info.device)
             self._worst_nonfinite = torch.zeros_like(self._nonfinite)
             self._window_start, self._paused = now, 0.0
@@ -435,12 +397,10 @@ class Trainer:
         if self._bar is not None:
             self._bar.update(0, loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
         if nonfinite_run > MAX_NONFINITE_STEPS:  # the same numbers on every rank: all stop together
-            raise UserError(
-                f"training stopped at step {values['step']}: the loss has been {values['loss']} for "
-                f"{nonfinite_run} steps in a row (NaN/Inf weights in --ckpt_dir "
-                f"{self.base_ckpt}, or too high a --lr {self.cfg.lr}); the checkpoints already "
-                f"saved in {self.cfg.save_dir} are left as they were"
-            )
+            raise UserError(f"training stopped at step {values['step']}: the loss has been {values['loss']} for "
+                            f"{nonfinite_run} steps in a row (NaN/Inf weights in --ckpt_dir "
+                            f"{self.base_ckpt}, or too high a --lr {self.cfg.lr}); the checkpoints already "
+                            f"saved in {self.cfg.save_dir} are left as they were")
 
     def _track_finite(self, loss: torch.Tensor) -> None:
         """Count on the device the steps in a row whose loss was NaN or Inf, and the longest such run
@@ -469,27 +429,15 @@ class Trainer:
     # ----- saving and resuming ------------------------------------------------------------------
     def _signature(self) -> dict:
         """What a resumed run must share with this one (see Checkpointer.resume)."""
-        return {
-            "model_args": self.model.args.to_dict(),
-            "tp_size": self.info.tp_size,
-            "dp_size": self.info.dp_size,
-            "lora": self.lora_cfg.to_dict() if self.lora_cfg else None,
-            "seed": self.cfg.seed,
-            "max_batch_size": self.cfg.max_batch_size,
-            "deepspeed": self.ds_engine is not None,
-        }
+        return {"model_args": self.model.args.to_dict(), "tp_size": self.info.tp_size, "dp_size": self.info.dp_size,
+                "lora": self.lora_cfg.to_dict() if self.lora_cfg else None, "seed": self.cfg.seed,
+                "max_batch_size": self.cfg.max_batch_size, "deepspeed": self.ds_engine is not None}
 
     def save_checkpoint(self) -> None:
-        state = {
-            "step": self.step,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "best_accuracy": self.best_score,
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        }
+        state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                 "best_accuracy": self.best_score, "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler else None, "rng_cpu": torch.get_rng_state(),
+                 "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
         if self.ds_engine is None:
             state["optimizer"] = self.optimizer.state_dict()
         if self.extra:
@@ -500,11 +448,9 @@ class Trainer:
         path, state = self.checkpointer.resume(self._signature(), self.metrics_path, self.ds_engine)
         saved_extra = state.get("extra_modules", [])
         if len(saved_extra) != len(self.extra):  # e.g. an MI critic saved but not asked for now, or the reverse
-            raise UserError(
-                f"--resume: {path} holds {len(saved_extra)} module(s) trained beside the model and this "
-                f"run trains {len(self.extra)} (--beta / --mi_estimator critic differ); resume with the "
-                f"objective flags the run started with"
-            )
+            raise UserError(f"--resume: {path} holds {len(saved_extra)} module(s) trained beside the model and this "
+                            f"run trains {len(self.extra)} (--beta / --mi_estimator critic differ); resume with the "
+                            f"objective flags the run started with")
         if self.ds_engine is None:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -520,12 +466,6 @@ class Trainer:
 
     def _write_run_meta(self) -> None:
         if self.info.is_main:
-            meta = {
-                **self.run_meta,
-                **self._signature(),
-                "total_steps": self.total_steps,
-                "steps_per_epoch": self.steps_per_epoch,
-            }
-            atomic_write_text(
-                os.path.join(self.cfg.save_dir, "run_config.json"), json.dumps(meta, indent=2, default=str)
-            )
+            meta = {**self.run_meta, **self._signature(), "total_steps": self.total_steps,
+                    "steps_per_epoch": self.steps_per_epoch}
+            atomic_write_text(os.path.join(self.cfg.save_dir, "run_config.json"), json.dumps(meta, indent=2, default=str))

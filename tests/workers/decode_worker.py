@@ -1,6 +1,5 @@
 """torchrun worker: every decode path (tests/model_checks.decode_paths) for each job's HF
 checkpoint at the launch's tensor-parallel size; rank 0 writes the tokens.  Usage: decode_worker.py JOBS.json"""
-
 import json
 import sys
 

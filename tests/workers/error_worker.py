@@ -1,6 +1,5 @@
 """torchrun worker: a user mistake seen by the ranks at different times (for the test that the error
 sentence reaches the user whichever rank exits first).  Usage: error_worker.py --mode rank0_slow|rank1_only"""
-
 import os
 import sys
 import time

@@ -1,5 +1,4 @@
 """torchrun worker: run infer.generate for several jobs in one launch.  Usage: infer_worker.py JOBS.json"""
-
 import json
 import sys
 

@@ -1,6 +1,5 @@
 """torchrun worker: tests/kl_checks.teacher_kl_grads at the launch's tensor-parallel size; rank 0
 saves the results.  Usage: kl_worker.py OUT.pt"""
-
 import sys
 
 import torch

@@ -1,6 +1,5 @@
 """torchrun worker: tests/model_checks.head_loss_grads at the launch's tensor-parallel size; rank 0
 saves the results.  Usage: loss_worker.py OUT.pt"""
-
 import sys
 
 import torch

@@ -1,6 +1,5 @@
 """torchrun worker: the pooled_ce MI term on hand-made vocabulary-sharded logits (mi_loss_grads) at the
 launch's tensor-parallel size; rank 0 saves the results.  Usage: mi_worker.py OUT.pt"""
-
 import os
 import sys
 
@@ -9,7 +8,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
-def hand_made_mi_inputs(seed: int = 0, batch: int = 4, label_width: int = 3, rationale_width: int = 7, vocab: int = 24):
+def hand_made_mi_inputs(seed: int = 0, batch: int = 4, label_width: int = 3, rationale_width: int = 7,
+                        vocab: int = 24):
     """Full-vocabulary logits of both passes and their masks: padded rows, and one example whose
     label pass has no real position (it must contribute nothing)."""
     g = torch.Generator().manual_seed(seed)
@@ -35,8 +35,8 @@ def mi_loss_grads(seed: int = 0) -> dict:
     label, label_mask, rationale, rationale_mask = hand_made_mi_inputs(seed)
     local = label.shape[-1] // get_model_parallel_world_size()
     start = vocab_shard_start(local)
-    label_local = label[..., start : start + local].clone().requires_grad_()
-    rationale_local = rationale[..., start : start + local].clone().requires_grad_()
+    label_local = label[..., start:start + local].clone().requires_grad_()
+    rationale_local = rationale[..., start:start + local].clone().requires_grad_()
     loss = pooled_ce_mi_sum(label_local, label_mask, rationale_local, rationale_mask)
     loss.backward()
     grad = rationale_local.grad

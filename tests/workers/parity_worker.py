@@ -1,6 +1,5 @@
 """torchrun worker: load each job's checkpoint at the launch's tensor-parallel size, run the model,
 and (rank 0) save full and cached logits.  Usage: parity_worker.py JOBS.json"""
-
 import json
 import sys
 
@@ -17,7 +16,8 @@ def main(jobs_file):
     for job in json.load(open(jobs_file)):
         model = load_model(job["ckpt"]).eval()
         tokens = torch.load(job["tokens"])
-        result = {"full": full_logits(model, tokens), "cached": ragged_cached_logits(model, tokens, job["prompt_lens"])}
+        result = {"full": full_logits(model, tokens),
+                  "cached": ragged_cached_logits(model, tokens, job["prompt_lens"])}
         if info.is_main:
             torch.save(result, job["out"])
     distributed.barrier()

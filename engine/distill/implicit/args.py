@@ -3,7 +3,6 @@ engine/train/config.py (TrainConfig), the checkpoint, LoRA and parallelism ones 
 (the CheckpointFlag, ModelFlags and ParallelFlags mixins of engine/train/args.py); every check runs
 here, before anything loads (the prerequisite checkpoints and whether their shapes fit the mapping
 asked for are checked by engine/distill/implicit/stages.py, still before any model loads)."""
-
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,20 +19,14 @@ from engine.train.config import TrainConfig
 # before the ParallelFlags they share with train.py.
 @dataclass(kw_only=True)
 class _LineFlags(TrainConfig):
-    train_file: str = flag(
-        "`input||cot #### answer` lines, one example each (seed 003's format; data/multiplication.py writes them)."
-    )
-    label_file: Optional[str] = flag(
-        "held-out lines in the same format, evaluated at each epoch end (and every "
-        "--eval_every steps); best/ keeps the best model.",
-        None,
-    )
-    max_seq_len: int = flag(
-        "lines whose longest sequence exceeds this many tokens are left out (counted), never cut.", 512
-    )
-    max_new_tokens: int = flag(
-        "generation budget per held-out line (the teacher writes its whole chain of thought).", 128
-    )
+    train_file: str = flag("`input||cot #### answer` lines, one example each (seed 003's format; "
+                           "data/multiplication.py writes them).")
+    label_file: Optional[str] = flag("held-out lines in the same format, evaluated at each epoch end (and every "
+                                     "--eval_every steps); best/ keeps the best model.", None)
+    max_seq_len: int = flag("lines whose longest sequence exceeds this many tokens are left out (counted), never "
+                            "cut.", 512)
+    max_new_tokens: int = flag("generation budget per held-out line (the teacher writes its whole chain of "
+                               "thought).", 128)
     eval_batch_size: int = flag("held-out lines decoded together.", 64)
     max_eval_examples: int = flag("evaluate on the first N label_file lines only (0: all).", 0)
 
@@ -67,27 +60,19 @@ class TeacherArgs(_FreshModel):
 
     STAGE: ClassVar[str] = "teacher"
     OBJECTIVE: ClassVar[str] = "implicit-teacher"
-    SUMMARY: ClassVar[str] = (
-        "Train the explicit chain-of-thought teacher on `x EOS cot EOS answer EOS` (loss on "
-        "the CoT and the answer); --cot False trains the no-CoT baseline instead."
-    )
+    SUMMARY: ClassVar[str] = ("Train the explicit chain-of-thought teacher on `x EOS cot EOS answer EOS` (loss on "
+                              "the CoT and the answer); --cot False trains the no-CoT baseline instead.")
 
-    cot: bool = flag(
-        "False: train the no-CoT baseline on `x EOS answer EOS` (same loop, same budget) instead of a teacher.", True
-    )
+    cot: bool = flag("False: train the no-CoT baseline on `x EOS answer EOS` (same loop, same budget) instead of "
+                     "a teacher.", True)
 
 
 @dataclass(kw_only=True)
 class _ReadsTeacher(_FreshModel):
-    teacher_dir: str = flag(
-        "the teacher: a model directory saved by `train_implicit.py teacher` (its best/ or a "
-        "checkpoint-N/; its save_dir means its best/, else its newest checkpoint-N/)."
-    )
-    state_map: str = flag(
-        "how states cross between models: mlp (one Linear-ReLU-Linear per layer, any widths) "
-        "or identity (equal widths only).",
-        "mlp",
-    )
+    teacher_dir: str = flag("the teacher: a model directory saved by `train_implicit.py teacher` (its best/ or a "
+                            "checkpoint-N/; its save_dir means its best/, else its newest checkpoint-N/).")
+    state_map: str = flag("how states cross between models: mlp (one Linear-ReLU-Linear per layer, any widths) "
+                          "or identity (equal widths only).", "mlp")
     state_map_hidden: int = flag("hidden width of each state MLP (0: 4 x its output width).", 0)
 
     def __post_init__(self):
@@ -97,10 +82,8 @@ class _ReadsTeacher(_FreshModel):
         if self.state_map_hidden < 0:
             raise UserError(f"--state_map_hidden must be >= 0, got {self.state_map_hidden}")
         if self.state_map_hidden and self.state_map != "mlp":
-            raise UserError(
-                f"--state_map_hidden {self.state_map_hidden} sizes MLPs, but --state_map "
-                f"{self.state_map} has none; leave it out or use --state_map mlp"
-            )
+            raise UserError(f"--state_map_hidden {self.state_map_hidden} sizes MLPs, but --state_map "
+                            f"{self.state_map} has none; leave it out or use --state_map mlp")
 
 
 @dataclass(kw_only=True)
@@ -109,15 +92,12 @@ class MindReadArgs(_ReadsTeacher):
 
     STAGE: ClassVar[str] = "mind_read"
     OBJECTIVE: ClassVar[str] = "implicit-mind-read"
-    SUMMARY: ClassVar[str] = (
-        "Train the mind-reading student: it reads `x EOS` and, before each layer l, its state "
-        "at that EOS is replaced by MLP_l(the frozen teacher's state on the CoT diagonal); "
-        "loss on the answer."
-    )
+    SUMMARY: ClassVar[str] = ("Train the mind-reading student: it reads `x EOS` and, before each layer l, its state "
+                              "at that EOS is replaced by MLP_l(the frozen teacher's state on the CoT diagonal); "
+                              "loss on the answer.")
 
-    teacher_layers: str = flag(
-        "comma-separated teacher layer read by each student layer (default: the one at the same relative depth).", ""
-    )
+    teacher_layers: str = flag("comma-separated teacher layer read by each student layer (default: the one at the "
+                               "same relative depth).", "")
 
 
 @dataclass(kw_only=True)
@@ -126,11 +106,9 @@ class EmulatorArgs(_ReadsTeacher):
 
     STAGE: ClassVar[str] = "emulator"
     OBJECTIVE: ClassVar[str] = "implicit-emulator"
-    SUMMARY: ClassVar[str] = (
-        "Train the thought emulator: from `x EOS` alone, predict every teacher state on the CoT "
-        "diagonal (mean squared error), teacher layer t from the emulator layer at the same "
-        "relative depth."
-    )
+    SUMMARY: ClassVar[str] = ("Train the thought emulator: from `x EOS` alone, predict every teacher state on the CoT "
+                              "diagonal (mean squared error), teacher layer t from the emulator layer at the same "
+                              "relative depth.")
 
 
 @dataclass(kw_only=True)
@@ -139,16 +117,14 @@ class CoupleArgs(ImplicitArgs):
 
     STAGE: ClassVar[str] = "couple"
     OBJECTIVE: ClassVar[str] = "implicit-couple"
-    SUMMARY: ClassVar[str] = (
-        "Couple the emulator to the mind-reading student and train both (and their maps) on "
-        "the answer alone, no CoT; each model goes on as its stage trained it (full weights "
-        "or its LoRA adapter)."
-    )
+    SUMMARY: ClassVar[str] = ("Couple the emulator to the mind-reading student and train both (and their maps) on "
+                              "the answer alone, no CoT; each model goes on as its stage trained it (full weights "
+                              "or its LoRA adapter).")
 
     student_dir: str = flag("the mind-reading student: a model directory saved by `train_implicit.py mind_read`.")
-    emulator_dir: str = flag(
-        "the emulator: a model directory saved by `train_implicit.py emulator` (same teacher as the student)."
-    )
+    emulator_dir: str = flag("the emulator: a model directory saved by `train_implicit.py emulator` (same "
+                             "teacher as the student).")
 
 
 STAGE_ARGS = (TeacherArgs, MindReadArgs, EmulatorArgs, CoupleArgs)
+

@@ -7,15 +7,14 @@ No-CoT sequence:   BOS x EOS answer EOS           (the no-CoT baseline; also the
 Emulator input:    BOS x EOS
 s1 is the position of the EOS ending x, s2 that of the EOS ending the CoT.
 """
-
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import List
 
-from engine.runtime.errors import DataError
-from engine.text.records import read_text
 from engine.text.sequences import IGNORE
+from engine.text.records import read_text
+from engine.runtime.errors import DataError
 
 SEPARATOR, ANSWER_MARK = "||", "####"
 
@@ -35,16 +34,12 @@ def read_cot_lines(path: str, flag: str = "--train_file") -> List[CoTLine]:
         if not line.strip():
             continue
         if SEPARATOR not in line:
-            raise DataError(
-                f"{flag} {path} line {number} has no '||' between the input and the chain of thought "
-                f"(expected `input||cot #### answer`)"
-            )
+            raise DataError(f"{flag} {path} line {number} has no '||' between the input and the chain of thought "
+                            f"(expected `input||cot #### answer`)")
         question, rest = line.split(SEPARATOR, 1)
         if ANSWER_MARK not in rest:
-            raise DataError(
-                f"{flag} {path} line {number} has no '####' before the answer after its '||' "
-                f"(expected `input||cot #### answer`)"
-            )
+            raise DataError(f"{flag} {path} line {number} has no '####' before the answer after its '||' "
+                            f"(expected `input||cot #### answer`)")
         cot, answer = rest.rsplit(ANSWER_MARK, 1)
         if not question.strip():
             raise DataError(f"{flag} {path} line {number} has an empty input before '||'")
@@ -88,14 +83,8 @@ class Encoded:
 def encode_lines(lines: List[CoTLine], tok) -> List[Encoded]:
     if tok.eos_id is None:
         raise DataError(f"{tok.path} defines no EOS token, which separates input, chain of thought and answer")
-    return [
-        Encoded(
-            tok.encode(l.input, bos=True),
-            tok.encode(l.cot, bos=False) if l.cot else [],
-            tok.encode(l.answer, bos=False),
-        )
-        for l in lines
-    ]
+    return [Encoded(tok.encode(l.input, bos=True), tok.encode(l.cot, bos=False) if l.cot else [],
+                    tok.encode(l.answer, bos=False)) for l in lines]
 
 
 def shifted(seq: List[int], first_target: int):
@@ -116,9 +105,8 @@ class CoTExamples:
         self.max_seq_len = max_seq_len
 
         def fits(i):  # the longest sequence a view runs (its input is one token shorter)
-            return all(
-                len(e[i].teacher_sequence(0, name in cot_views)) - 1 <= max_seq_len for name, e in self.enc.items()
-            )
+            return all(len(e[i].teacher_sequence(0, name in cot_views)) - 1 <= max_seq_len
+                       for name, e in self.enc.items())
 
         self.keep = [i for i in range(len(lines)) if fits(i)]
         self.dropped = len(lines) - len(self.keep)
@@ -148,5 +136,5 @@ def padded(rows: List[List[int]], pad: int):
     width = max(len(r) for r in rows)
     out = torch.full((len(rows), width), pad, dtype=torch.long)
     for b, r in enumerate(rows):
-        out[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+        out[b, :len(r)] = torch.tensor(r, dtype=torch.long)
     return out

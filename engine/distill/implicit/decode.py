@@ -3,7 +3,6 @@ teacher writes `cot EOS answer EOS`; the no-CoT baseline and the students write 
 students with their states injected during the prefill), exact-match accuracy, and the emulator's
 state error. Explicit and implicit decoding run this same loop, so their examples/s compare.
 """
-
 from __future__ import annotations
 
 from typing import Callable, List, Optional, Sequence
@@ -22,14 +21,8 @@ SYNC_EVERY = 8  # decode steps between checks (on the host) whether every row ha
 
 
 @torch.no_grad()
-def greedy_decode(
-    model,
-    prompts: Sequence[Sequence[int]],
-    eos: int,
-    n_eos: int,
-    max_new_tokens: int,
-    states: Optional[torch.Tensor] = None,
-) -> List[List[int]]:
+def greedy_decode(model, prompts: Sequence[Sequence[int]], eos: int, n_eos: int, max_new_tokens: int,
+                  states: Optional[torch.Tensor] = None) -> List[List[int]]:
     """New tokens of each prompt, greedy, up to and including its n_eos-th EOS (or max_new_tokens).
     states [B, n_layers, dim]: injected before each layer at each prompt's last position (prefill)."""
     device = model.head_weight.device
@@ -37,10 +30,8 @@ def greedy_decode(
     width = max(lens)
     budget = min(max_new_tokens, model.args.max_seq_len - width)
     if budget < 1:
-        raise UserError(
-            f"a prompt of {width} tokens leaves no room to answer under the model's max_seq_len "
-            f"{model.args.max_seq_len}"
-        )
+        raise UserError(f"a prompt of {width} tokens leaves no room to answer under the model's max_seq_len "
+                        f"{model.args.max_seq_len}")
     rows = torch.arange(len(prompts), device=device)
     last = torch.tensor(lens, device=device) - 1
     cache = model.new_cache(len(prompts), width + budget)
@@ -59,9 +50,9 @@ def greedy_decode(
         token = model(token[:, None], positions=pos[:, None], cache=cache, kv_len=width + step + 1)[:, -1].argmax(-1)
         pos = pos + 1
     result = []
-    for ids in out[:, : step + 1].tolist():
+    for ids in out[:, :step + 1].tolist():
         ends = [i for i, t in enumerate(ids) if t == eos]
-        result.append(ids[: ends[n_eos - 1] + 1] if len(ends) >= n_eos else ids)
+        result.append(ids[:ends[n_eos - 1] + 1] if len(ends) >= n_eos else ids)
     return result
 
 
@@ -73,7 +64,7 @@ def answer_of(new_tokens: List[int], eos: int, cot: bool, tok) -> Optional[str]:
     if len(ends) < need:
         return None
     start = ends[0] + 1 if cot else 0
-    answer = new_tokens[start : ends[need - 1]]
+    answer = new_tokens[start:ends[need - 1]]
     if any(t >= tok.vocab_size for t in answer):  # a padding row of the embedding: no text at all
         return None
     return tok.decode(answer)
@@ -94,9 +85,8 @@ def explicit_answers(examples: CoTExamples, view: str, tok, cot: bool, max_new_t
     return answer
 
 
-def implicit_answers(
-    examples: CoTExamples, view: str, tok, max_new_tokens: int, states: Callable[[List[int]], torch.Tensor]
-) -> AnswerFn:
+def implicit_answers(examples: CoTExamples, view: str, tok, max_new_tokens: int,
+                     states: Callable[[List[int]], torch.Tensor]) -> AnswerFn:
     """A student: decode `answer EOS` from `BOS x EOS` with states(positions) injected."""
     eos = examples.eos[view]
 
@@ -118,14 +108,14 @@ class AnswerEvaluator(Evaluator):
 
     def __init__(self, examples: CoTExamples, info, batch_size: int, answer: AnswerFn):
         self.examples, self.info, self.batch_size, self.answer = examples, info, batch_size, answer
-        self.mine = list(range(len(examples)))[info.dp_rank :: info.dp_size]
+        self.mine = list(range(len(examples)))[info.dp_rank::info.dp_size]
         self.width = max(len(examples.answer_text(p).split()) for p in range(len(examples)))
 
     def __call__(self, model) -> dict:
         acc = Accuracy()
         words = torch.zeros(2, self.width, dtype=torch.float64)  # [right, asked] per answer-word position
         for s in range(0, len(self.mine), self.batch_size):
-            positions = self.mine[s : s + self.batch_size]
+            positions = self.mine[s:s + self.batch_size]
             for p, text in zip(positions, self.answer(model, positions)):
                 gold = self.examples.answer_text(p)
                 acc.count(text, text is not None and same_answer(text, gold))
@@ -133,18 +123,15 @@ class AnswerEvaluator(Evaluator):
                 for i, word in enumerate(gold.split()):
                     words[0, i] += i < len(said) and said[i] == word
                     words[1, i] += 1
-        counts = torch.cat(
-            [torch.tensor([acc.correct, acc.total, acc.unparsable], dtype=torch.float64), words.flatten()]
-        ).to(model.head_weight.device)
+        counts = torch.cat([torch.tensor([acc.correct, acc.total, acc.unparsable], dtype=torch.float64),
+                            words.flatten()]).to(model.head_weight.device)
         if dist.is_initialized() and self.info.dp_size > 1:
             dist.all_reduce(counts, group=distributed.dp_group())
         c, t, u = (int(x) for x in counts[:3].tolist())
         right, asked = counts[3:].view(2, self.width).cpu()
-        return {
-            **Accuracy(correct=c, total=t, unparsable=u).as_dict(),
-            "word_accuracy": float(right.sum() / asked.sum().clamp(min=1)),
-            "word_accuracy_by_position": [round(float(r / max(a, 1)), 4) for r, a in zip(right, asked)],
-        }
+        return {**Accuracy(correct=c, total=t, unparsable=u).as_dict(),
+                "word_accuracy": float(right.sum() / asked.sum().clamp(min=1)),
+                "word_accuracy_by_position": [round(float(r / max(a, 1)), 4) for r, a in zip(right, asked)]}
 
 
 class StateErrorEvaluator(Evaluator):
@@ -159,13 +146,13 @@ class StateErrorEvaluator(Evaluator):
 
     def __init__(self, task, info, batch_size: int):
         self.task, self.info, self.batch_size = task, info, batch_size
-        self.mine = list(range(task.num_examples))[info.dp_rank :: info.dp_size]
+        self.mine = list(range(task.num_examples))[info.dp_rank::info.dp_size]
 
     @torch.no_grad()
     def __call__(self, model) -> dict:
         total = torch.zeros(2, dtype=torch.float64, device=model.head_weight.device)
         for s in range(0, len(self.mine), self.batch_size):
-            batch = self.task.micro_batch(self.mine[s : s + self.batch_size], 0)
+            batch = self.task.micro_batch(self.mine[s:s + self.batch_size], 0)
             total[0] += self.task.loss_sums(model, batch)["mse"].double()
             total[1] += batch.counts["mse"]
         if dist.is_initialized() and self.info.dp_size > 1:

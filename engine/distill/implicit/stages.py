@@ -8,7 +8,6 @@ holds what inference needs: the model (native shards, or a LoRA adapter naming i
 tokenizer, `implicit.json` (the stage, its teacher and layer mapping), its state maps, and for
 the coupled stage the emulator (with its own maps) in `emulator/`.
 """
-
 from __future__ import annotations
 
 import json
@@ -47,12 +46,10 @@ from models.args import ModelArgs
 
 STAGE_FILE = "implicit.json"
 EMULATOR_SUBDIR = "emulator"
-NO_LIMIT = 10**9  # held-out lines are never left out: one that cannot be answered counts wrong
-HOW = {
-    "teacher": "train one with `train_implicit.py teacher` first",
-    "mind_read": "train one with `train_implicit.py mind_read` first",
-    "emulator": "train one with `train_implicit.py emulator` first",
-}
+NO_LIMIT = 10 ** 9  # held-out lines are never left out: one that cannot be answered counts wrong
+HOW = {"teacher": "train one with `train_implicit.py teacher` first",
+       "mind_read": "train one with `train_implicit.py mind_read` first",
+       "emulator": "train one with `train_implicit.py emulator` first"}
 
 
 # ----- prerequisite checkpoints ------------------------------------------------------------------
@@ -70,14 +67,11 @@ def read_stage(path: Optional[str], flag: str, stages: Sequence[str]) -> Tuple[s
             except (OSError, ValueError):
                 raise UserError(f"{file} is not readable JSON; {how}") from None
             if meta.get("stage") not in stages:
-                raise UserError(
-                    f"{flag} {path} holds a model of the {meta.get('stage')} stage, not of {' or '.join(stages)}; {how}"
-                )
+                raise UserError(f"{flag} {path} holds a model of the {meta.get('stage')} stage, not of "
+                                f"{' or '.join(stages)}; {how}")
             return directory, meta
-    raise UserError(
-        f"{flag} {path} holds no {STAGE_FILE}, so no model saved by `train_implicit.py {stages[0]}` "
-        f"(nor has it a best/ or checkpoint-N/ that does); {how}"
-    )
+    raise UserError(f"{flag} {path} holds no {STAGE_FILE}, so no model saved by `train_implicit.py {stages[0]}` "
+                    f"(nor has it a best/ or checkpoint-N/ that does); {how}")
 
 
 def saved_args(directory: str) -> ModelArgs:
@@ -109,43 +103,28 @@ def check_prerequisites(args) -> Plan:
     if stage in ("mind_read", "emulator"):
         teacher_dir, meta = read_stage(args.teacher_dir, "--teacher_dir", ("teacher",))
         if not meta.get("cot", True):
-            raise UserError(
-                f"--teacher_dir {teacher_dir} was trained without a chain of thought (--cot False), "
-                f"so it has no CoT states to read; pass a teacher trained with --cot True"
-            )
+            raise UserError(f"--teacher_dir {teacher_dir} was trained without a chain of thought (--cot False), "
+                            f"so it has no CoT states to read; pass a teacher trained with --cot True")
         t = saved_args(teacher_dir)
         own = open_checkpoint(args.ckpt_dir, args.model_type).args
         who = "the student" if stage == "mind_read" else "the emulator"
-        check_state_map(
-            args.state_map,
-            t.dim,
-            own.dim,
-            f"the teacher in {teacher_dir} is {t.dim} wide and {who} in {args.ckpt_dir} {own.dim}",
-        )
+        check_state_map(args.state_map, t.dim, own.dim, f"the teacher in {teacher_dir} is {t.dim} wide and {who} "
+                                                        f"in {args.ckpt_dir} {own.dim}")
         plan = Plan(teacher_dir=os.path.abspath(teacher_dir), teacher=shape(t))
         if stage == "mind_read":
-            plan.teacher_layers = parse_layers(
-                args.teacher_layers, own.n_layers, t.n_layers, f"--teacher_layers (teacher {teacher_dir})"
-            )
+            plan.teacher_layers = parse_layers(args.teacher_layers, own.n_layers, t.n_layers,
+                                               f"--teacher_layers (teacher {teacher_dir})")
         else:
             plan.emulator_layers = same_depth(t.n_layers, own.n_layers)
         return plan
     student_dir, s_meta = read_stage(args.student_dir, "--student_dir", ("mind_read",))
     emulator_dir, e_meta = read_stage(args.emulator_dir, "--emulator_dir", ("emulator",))
     if s_meta["teacher_dir"] != e_meta["teacher_dir"]:
-        raise UserError(
-            f"--student_dir {student_dir} read the teacher {s_meta['teacher_dir']} but --emulator_dir "
-            f"{emulator_dir} emulates {e_meta['teacher_dir']}; train both from the same teacher"
-        )
-    return Plan(
-        teacher_dir=s_meta["teacher_dir"],
-        teacher=s_meta["teacher"],
-        teacher_layers=s_meta["teacher_layers"],
-        emulator_layers=e_meta["emulator_layers"],
-        student_dir=os.path.abspath(student_dir),
-        emulator_dir=os.path.abspath(emulator_dir),
-        emulator_meta=e_meta,
-    )
+        raise UserError(f"--student_dir {student_dir} read the teacher {s_meta['teacher_dir']} but --emulator_dir "
+                        f"{emulator_dir} emulates {e_meta['teacher_dir']}; train both from the same teacher")
+    return Plan(teacher_dir=s_meta["teacher_dir"], teacher=s_meta["teacher"], teacher_layers=s_meta["teacher_layers"],
+                emulator_layers=e_meta["emulator_layers"], student_dir=os.path.abspath(student_dir),
+                emulator_dir=os.path.abspath(emulator_dir), emulator_meta=e_meta)
 
 
 # ----- models ---------------------------------------------------------------------------------
@@ -218,17 +197,13 @@ def _fresh_model(args, info):
 def build_teacher(args, plan: Plan, lines, held_lines, info) -> Built:
     model, lora_cfg, tok = _fresh_model(args, info)
     cot_views = ("model",) if args.cot else ()
-    train = _describe(
-        CoTExamples(lines, {"model": tok}, min(args.max_seq_len, model.args.max_seq_len), args.train_file, cot_views),
-        args.train_file,
-        info,
-    )
+    train = _describe(CoTExamples(lines, {"model": tok}, min(args.max_seq_len, model.args.max_seq_len),
+                                  args.train_file, cot_views), args.train_file, info)
     evaluator = None
     if held_lines:
         held = CoTExamples(held_lines, {"model": tok}, NO_LIMIT, args.label_file, cot_views)
-        evaluator = AnswerEvaluator(
-            held, info, args.eval_batch_size, explicit_answers(held, "model", tok, args.cot, args.max_new_tokens)
-        )
+        evaluator = AnswerEvaluator(held, info, args.eval_batch_size,
+                                    explicit_answers(held, "model", tok, args.cot, args.max_new_tokens))
     meta = {"stage": "teacher", "cot": args.cot}
     task = CoTTeacherTask(train, info.device, args.cot, files=_writer(meta, info))
     return Built(model, lora_cfg, args.ckpt_dir, tok, task, evaluator)
@@ -247,63 +222,31 @@ def _beside_teacher(args, plan: Plan, lines, info):
 
 def build_mind_read(args, plan: Plan, lines, held_lines, info) -> Built:
     model, lora_cfg, tok, teacher, views, train = _beside_teacher(args, plan, lines, info)
-    maps = StateMaps(
-        model.args.n_layers,
-        teacher.args.dim,
-        model.args.dim,
-        args.state_map,
-        args.state_map_hidden,
-        args.seed,
-        info.device,
-    )
+    maps = StateMaps(model.args.n_layers, teacher.args.dim, model.args.dim, args.state_map, args.state_map_hidden,
+                     args.seed, info.device)
     evaluator = None
     if held_lines:
-        held = MindReadTask(
-            CoTExamples(held_lines, views, NO_LIMIT, args.label_file), info.device, teacher, maps, plan.teacher_layers
-        )
-        evaluator = AnswerEvaluator(
-            held.examples,
-            info,
-            args.eval_batch_size,
-            implicit_answers(
-                held.examples, "model", tok, args.max_new_tokens, lambda pos: held.states(held.micro_batch(pos, 0))
-            ),
-        )
-    meta = {
-        "stage": "mind_read",
-        "teacher_dir": plan.teacher_dir,
-        "teacher": plan.teacher,
-        "teacher_layers": plan.teacher_layers,
-        "student": shape(model.args),
-    }
+        held = MindReadTask(CoTExamples(held_lines, views, NO_LIMIT, args.label_file), info.device, teacher, maps,
+                            plan.teacher_layers)
+        evaluator = AnswerEvaluator(held.examples, info, args.eval_batch_size, implicit_answers(
+            held.examples, "model", tok, args.max_new_tokens, lambda pos: held.states(held.micro_batch(pos, 0))))
+    meta = {"stage": "mind_read", "teacher_dir": plan.teacher_dir, "teacher": plan.teacher,
+            "teacher_layers": plan.teacher_layers, "student": shape(model.args)}
     task = MindReadTask(train, info.device, teacher, maps, plan.teacher_layers, files=_writer(meta, info, maps))
     return Built(model, lora_cfg, args.ckpt_dir, tok, task, evaluator)
 
 
 def build_emulator(args, plan: Plan, lines, held_lines, info) -> Built:
     model, lora_cfg, tok, teacher, views, train = _beside_teacher(args, plan, lines, info)
-    maps = StateMaps(
-        teacher.args.n_layers,
-        model.args.dim,
-        teacher.args.dim,
-        args.state_map,
-        args.state_map_hidden,
-        args.seed,
-        info.device,
-    )
+    maps = StateMaps(teacher.args.n_layers, model.args.dim, teacher.args.dim, args.state_map, args.state_map_hidden,
+                     args.seed, info.device)
     evaluator = None
     if held_lines:
-        held = EmulatorTask(
-            CoTExamples(held_lines, views, NO_LIMIT, args.label_file), info.device, teacher, maps, plan.emulator_layers
-        )
+        held = EmulatorTask(CoTExamples(held_lines, views, NO_LIMIT, args.label_file), info.device, teacher, maps,
+                            plan.emulator_layers)
         evaluator = StateErrorEvaluator(held, info, args.eval_batch_size)
-    meta = {
-        "stage": "emulator",
-        "teacher_dir": plan.teacher_dir,
-        "teacher": plan.teacher,
-        "emulator_layers": plan.emulator_layers,
-        "emulator": shape(model.args),
-    }
+    meta = {"stage": "emulator", "teacher_dir": plan.teacher_dir, "teacher": plan.teacher,
+            "emulator_layers": plan.emulator_layers, "emulator": shape(model.args)}
     task = EmulatorTask(train, info.device, teacher, maps, plan.emulator_layers, files=_writer(meta, info, maps))
     return Built(model, lora_cfg, args.ckpt_dir, tok, task, evaluator)
 
@@ -318,38 +261,17 @@ def build_couple(args, plan: Plan, lines, held_lines, info) -> Built:
     train = _describe(CoTExamples(lines, views, max_len, args.train_file, cot_views=()), args.train_file, info)
 
     def task_on(examples, files=None):
-        return CoupleTask(
-            examples,
-            info.device,
-            emulator,
-            e_maps,
-            plan.emulator_layers,
-            s_maps,
-            plan.teacher_layers,
-            emulator_lora=e_lora,
-            files=files,
-        )
+        return CoupleTask(examples, info.device, emulator, e_maps, plan.emulator_layers, s_maps, plan.teacher_layers,
+                          emulator_lora=e_lora, files=files)
 
     evaluator = None
     if held_lines:
         held = task_on(CoTExamples(held_lines, views, NO_LIMIT, args.label_file, cot_views=()))
-        evaluator = AnswerEvaluator(
-            held.examples,
-            info,
-            args.eval_batch_size,
-            implicit_answers(
-                held.examples, "model", tok, args.max_new_tokens, lambda pos: held.states(held.micro_batch(pos, 0))
-            ),
-        )
-    meta = {
-        "stage": "couple",
-        "teacher_dir": plan.teacher_dir,
-        "teacher": plan.teacher,
-        "teacher_layers": plan.teacher_layers,
-        "student_dir": plan.student_dir,
-        "emulator_dir": plan.emulator_dir,
-        "emulator": EMULATOR_SUBDIR,
-    }
+        evaluator = AnswerEvaluator(held.examples, info, args.eval_batch_size, implicit_answers(
+            held.examples, "model", tok, args.max_new_tokens, lambda pos: held.states(held.micro_batch(pos, 0))))
+    meta = {"stage": "couple", "teacher_dir": plan.teacher_dir, "teacher": plan.teacher,
+            "teacher_layers": plan.teacher_layers, "student_dir": plan.student_dir,
+            "emulator_dir": plan.emulator_dir, "emulator": EMULATOR_SUBDIR}
     sub_meta = {**plan.emulator_meta, "emulator": shape(emulator.args)}
 
     def emulator_files(directory: str) -> None:
@@ -360,18 +282,18 @@ def build_couple(args, plan: Plan, lines, held_lines, info) -> Built:
     return Built(student, s_lora, s_base, tok, task_on(train, _writer(meta, info, s_maps, emulator_files)), evaluator)
 
 
-BUILDERS = {"teacher": build_teacher, "mind_read": build_mind_read, "emulator": build_emulator, "couple": build_couple}
+BUILDERS = {"teacher": build_teacher, "mind_read": build_mind_read, "emulator": build_emulator,
+            "couple": build_couple}
 
 
 def run_stage(args) -> None:
     lines = read_cot_lines(args.train_file, "--train_file")
     held_lines = read_cot_lines(args.label_file, "--label_file") if args.label_file else None
     if held_lines and args.max_eval_examples:
-        held_lines = held_lines[: args.max_eval_examples]
+        held_lines = held_lines[:args.max_eval_examples]
     plan = check_prerequisites(args)
-    with job(
-        args.tp_size, args.device, os.path.join(args.save_dir, ".lock"), f"--save_dir {args.save_dir}", make_dir=True
-    ) as info:
+    with job(args.tp_size, args.device, os.path.join(args.save_dir, ".lock"), f"--save_dir {args.save_dir}",
+             make_dir=True) as info:
         b = BUILDERS[args.STAGE](args, plan, lines, held_lines, info)
         setup = RunSetup(base_ckpt=b.base_ckpt, meta={**run_record(args), "stage": args.STAGE})
         Trainer(b.model, b.task, args, info, b.tokenizer, b.evaluator, b.lora_cfg, setup).fit()
@@ -381,7 +303,7 @@ def run_stage(args) -> None:
 def _timed(evaluator, model, info) -> dict:
     """The evaluator's result plus the wall time of its pass (after one untimed warm-up batch)."""
     if evaluator.mine and hasattr(evaluator, "answer"):
-        evaluator.answer(model, evaluator.mine[: evaluator.batch_size])
+        evaluator.answer(model, evaluator.mine[:evaluator.batch_size])
     device = model.head_weight.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -395,9 +317,8 @@ def _timed(evaluator, model, info) -> dict:
     return {**result, "seconds": float(seconds), "examples_per_s": result["total"] / max(float(seconds), 1e-9)}
 
 
-def evaluate_stage(
-    directory: str, meta: dict, lines, data_file: str, batch_size: int, max_new_tokens: int, dtype, info
-) -> dict:
+def evaluate_stage(directory: str, meta: dict, lines, data_file: str, batch_size: int, max_new_tokens: int,
+                   dtype, info) -> dict:
     """Accuracy (or, for an emulator, state error) and examples/s of one saved stage on `lines`."""
     stage = meta["stage"]
     model, tok = load_frozen(directory, dtype, info)
@@ -422,40 +343,18 @@ def evaluate_stage(
         emulator, emulator_tok = load_frozen(sub, dtype, info)
         views = {"model": tok, "emulator": emulator_tok}
         examples = CoTExamples(lines, views, NO_LIMIT, data_file, cot_views=())
-        held = CoupleTask(
-            examples,
-            info.device,
-            emulator,
-            StateMaps.load(sub, info.device),
-            e_meta["emulator_layers"],
-            StateMaps.load(directory, info.device),
-            meta["teacher_layers"],
-        )
-    evaluator = AnswerEvaluator(
-        held.examples,
-        info,
-        batch_size,
-        implicit_answers(
-            held.examples, "model", tok, max_new_tokens, lambda pos: held.states(held.micro_batch(pos, 0))
-        ),
-    )
+        held = CoupleTask(examples, info.device, emulator, StateMaps.load(sub, info.device), e_meta["emulator_layers"],
+                          StateMaps.load(directory, info.device), meta["teacher_layers"])
+    evaluator = AnswerEvaluator(held.examples, info, batch_size, implicit_answers(
+        held.examples, "model", tok, max_new_tokens, lambda pos: held.states(held.micro_batch(pos, 0))))
     return {**out, **_timed(evaluator, model, info)}
 
 
 STAGES = ("teacher", "mind_read", "emulator", "couple")
 
 
-def run_evaluation(
-    data_file: str,
-    model_dirs: List[str],
-    batch_size: int,
-    max_new_tokens: int,
-    max_examples: int,
-    output_file: Optional[str],
-    dtype,
-    tp_size,
-    device,
-) -> List[dict]:
+def run_evaluation(data_file: str, model_dirs: List[str], batch_size: int, max_new_tokens: int, max_examples: int,
+                   output_file: Optional[str], dtype, tp_size, device) -> List[dict]:
     lines = read_cot_lines(data_file, "--data_file")
     lines = lines[:max_examples] if max_examples else lines
     found = [read_stage(d, "--model_dirs", STAGES) for d in model_dirs]

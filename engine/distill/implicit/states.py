@@ -12,7 +12,6 @@ States cross models through StateMaps: one small MLP per state (Linear - ReLU - 
 source width to the destination width, or the identity when both widths are equal. The maps are
 replicated on every tensor-parallel rank (the residual stream they read and write is too).
 """
-
 from __future__ import annotations
 
 import os
@@ -52,10 +51,8 @@ def parse_layers(text, n_student: int, n_teacher: int, flag: str = "--teacher_la
     except ValueError:
         raise UserError(f"{flag} {text!r} is not a comma-separated list of layer numbers") from None
     if len(layers) != n_student:
-        raise UserError(
-            f"{flag} names {len(layers)} teacher layers but the student has {n_student} layers "
-            f"(one teacher layer per student layer)"
-        )
+        raise UserError(f"{flag} names {len(layers)} teacher layers but the student has {n_student} layers "
+                        f"(one teacher layer per student layer)")
     bad = [x for x in layers if not 0 <= x < n_teacher]
     if bad:
         raise UserError(f"{flag}: layer {bad[0]} does not exist in the teacher, whose layers are 0..{n_teacher - 1}")
@@ -66,16 +63,15 @@ def check_state_map(kind: str, d_in: int, d_out: int, what: str) -> None:
     if kind not in STATE_MAPS:
         raise UserError(f"--state_map {kind!r} is not one of {', '.join(STATE_MAPS)}")
     if kind == "identity" and d_in != d_out:
-        raise UserError(
-            f"--state_map identity needs equal widths, but {what} ({d_in} vs {d_out}); use "
-            f"--state_map mlp to map between them"
-        )
+        raise UserError(f"--state_map identity needs equal widths, but {what} ({d_in} vs {d_out}); use "
+                        f"--state_map mlp to map between them")
 
 
 class StateMaps(nn.Module):
     """n maps from width d_in to d_out, applied state by state: [B, n, d_in] -> [B, n, d_out]."""
 
-    def __init__(self, n: int, d_in: int, d_out: int, kind: str = "mlp", hidden: int = 0, seed: int = 0, device=None):
+    def __init__(self, n: int, d_in: int, d_out: int, kind: str = "mlp", hidden: int = 0, seed: int = 0,
+                 device=None):
         super().__init__()
         check_state_map(kind, d_in, d_out, "the states")
         self.n, self.d_in, self.d_out, self.kind = n, d_in, d_out, kind
@@ -85,9 +81,8 @@ class StateMaps(nn.Module):
             return
         with torch.random.fork_rng(devices=[]):  # same weights on every rank, global RNG untouched
             torch.manual_seed(seed)
-            self.mlps = nn.ModuleList(
-                nn.Sequential(nn.Linear(d_in, self.hidden), nn.ReLU(), nn.Linear(self.hidden, d_out)) for _ in range(n)
-            )
+            self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(d_in, self.hidden), nn.ReLU(),
+                                                    nn.Linear(self.hidden, d_out)) for _ in range(n))
         if device is not None:
             self.to(device)
 

@@ -8,7 +8,6 @@ its states: from the teacher reading the gold CoT (mind-reading) or from the emu
   couple     CE on `answer EOS`, the student reading the emulator's states; student, emulator and
              both sets of maps are trained together, no CoT anywhere
 """
-
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Sequence
@@ -43,14 +42,8 @@ def answer_batch(encs: Sequence[Encoded], eos: int, device, cot: bool = False) -
     inputs = padded([x for x, _ in pairs], eos)
     labels = padded([y for _, y in pairs], IGNORE)
     s1 = torch.tensor([e.s1 for e in encs], dtype=torch.long)
-    return make_batch(
-        inputs,
-        labels,
-        device,
-        {"ce": int((labels != IGNORE).sum())},
-        int(inputs.numel()),
-        {"s1": to_device(s1, device)},
-    )
+    return make_batch(inputs, labels, device, {"ce": int((labels != IGNORE).sum())}, int(inputs.numel()),
+                      {"s1": to_device(s1, device)})
 
 
 # ----- where a student's states come from ----------------------------------------------------------
@@ -60,9 +53,8 @@ def teacher_states(teacher, tokens, diag, layers: Sequence[int]) -> torch.Tensor
         return layer_inputs_at(teacher, tokens, diag, layers)
 
 
-def emulated_states(
-    emulator, emulator_maps: StateMaps, emulator_layers: Sequence[int], tokens, s1, teacher_layers: Sequence[int]
-) -> torch.Tensor:
+def emulated_states(emulator, emulator_maps: StateMaps, emulator_layers: Sequence[int], tokens, s1,
+                    teacher_layers: Sequence[int]) -> torch.Tensor:
     """The emulator's predictions of teacher states `teacher_layers`: [B, len, d_teacher]. Teacher state
     t comes from emulator layer emulator_layers[t] at the EOS ending x, through map t."""
     own = layer_inputs_at(emulator, tokens, s1, [emulator_layers[t] for t in teacher_layers])
@@ -103,9 +95,7 @@ class CoTTeacherTask(_Lines):
 
     def lengths(self, epoch: int) -> List[int]:
         eos = self.eos("model")
-        return [
-            len(self.examples.get("model", p).teacher_sequence(eos, self.cot)) - 1 for p in range(len(self.examples))
-        ]
+        return [len(self.examples.get("model", p).teacher_sequence(eos, self.cot)) - 1 for p in range(len(self.examples))]
 
     def micro_batch(self, positions: List[int], epoch: int) -> Batch:
         return answer_batch(self.encs("model", positions), self.eos("model"), self.device, self.cot)
@@ -119,9 +109,8 @@ class MindReadTask(_Lines):
 
     weights = {"ce": 1.0}
 
-    def __init__(
-        self, examples: CoTExamples, device, teacher, maps: StateMaps, teacher_layers: Sequence[int], files=None
-    ):
+    def __init__(self, examples: CoTExamples, device, teacher, maps: StateMaps, teacher_layers: Sequence[int],
+                 files=None):
         super().__init__(examples, device, files)
         self.teacher, self.maps, self.teacher_layers = teacher, maps, list(teacher_layers)
 
@@ -133,9 +122,8 @@ class MindReadTask(_Lines):
 
     def micro_batch(self, positions: List[int], epoch: int) -> Batch:
         batch = answer_batch(self.encs("model", positions), self.eos("model"), self.device)
-        t_tokens, t_diag = teacher_inputs(
-            self.encs("teacher", positions), self.eos("teacher"), self.teacher.args.n_layers, self.device
-        )
+        t_tokens, t_diag = teacher_inputs(self.encs("teacher", positions), self.eos("teacher"),
+                                          self.teacher.args.n_layers, self.device)
         batch.n_tokens += int(t_tokens.numel())
         batch.extra.update(t_tokens=t_tokens, t_diag=t_diag)
         return batch
@@ -157,9 +145,8 @@ class EmulatorTask(_Lines):
 
     weights = {"mse": 1.0}
 
-    def __init__(
-        self, examples: CoTExamples, device, teacher, maps: StateMaps, emulator_layers: Sequence[int], files=None
-    ):
+    def __init__(self, examples: CoTExamples, device, teacher, maps: StateMaps, emulator_layers: Sequence[int],
+                 files=None):
         super().__init__(examples, device, files)
         self.teacher, self.maps, self.emulator_layers = teacher, maps, list(emulator_layers)
         self.all_teacher_layers = list(range(teacher.args.n_layers))
@@ -172,24 +159,17 @@ class EmulatorTask(_Lines):
 
     def micro_batch(self, positions: List[int], epoch: int) -> Batch:
         tokens, s1 = prompt_inputs(self.encs("model", positions), self.eos("model"), self.device)
-        t_tokens, t_diag = teacher_inputs(
-            self.encs("teacher", positions), self.eos("teacher"), self.teacher.args.n_layers, self.device
-        )
+        t_tokens, t_diag = teacher_inputs(self.encs("teacher", positions), self.eos("teacher"),
+                                          self.teacher.args.n_layers, self.device)
         count = len(positions) * self.teacher.args.n_layers * self.teacher.args.dim
         # labels unused (the loss is on states): the inputs stand in for them
-        return Batch(
-            tokens,
-            tokens,
-            {"mse": count},
-            int(tokens.numel() + t_tokens.numel()),
-            {"s1": s1, "t_tokens": t_tokens, "t_diag": t_diag},
-        )
+        return Batch(tokens, tokens, {"mse": count}, int(tokens.numel() + t_tokens.numel()),
+                     {"s1": s1, "t_tokens": t_tokens, "t_diag": t_diag})
 
     def loss_sums(self, model, batch: Batch) -> Dict[str, torch.Tensor]:
         target = teacher_states(self.teacher, batch.extra["t_tokens"], batch.extra["t_diag"], self.all_teacher_layers)
-        pred = emulated_states(
-            model, self.maps, self.emulator_layers, batch.inputs, batch.extra["s1"], self.all_teacher_layers
-        )
+        pred = emulated_states(model, self.maps, self.emulator_layers, batch.inputs, batch.extra["s1"],
+                               self.all_teacher_layers)
         return {"mse": (pred.float() - target.float()).pow(2).sum()}
 
 
@@ -200,18 +180,8 @@ class CoupleTask(_Lines):
 
     weights = {"ce": 1.0}
 
-    def __init__(
-        self,
-        examples: CoTExamples,
-        device,
-        emulator,
-        emulator_maps: StateMaps,
-        emulator_layers,
-        student_maps: StateMaps,
-        teacher_layers: Sequence[int],
-        emulator_lora=None,
-        files=None,
-    ):
+    def __init__(self, examples: CoTExamples, device, emulator, emulator_maps: StateMaps, emulator_layers,
+                 student_maps: StateMaps, teacher_layers: Sequence[int], emulator_lora=None, files=None):
         super().__init__(examples, device, files)
         self.emulator, self.emulator_maps, self.emulator_layers = emulator, emulator_maps, list(emulator_layers)
         self.student_maps, self.teacher_layers, self.emulator_lora = student_maps, list(teacher_layers), emulator_lora
@@ -234,14 +204,8 @@ class CoupleTask(_Lines):
         return batch
 
     def states(self, batch: Batch) -> torch.Tensor:
-        z = emulated_states(
-            self.emulator,
-            self.emulator_maps,
-            self.emulator_layers,
-            batch.extra["e_tokens"],
-            batch.extra["e_s1"],
-            self.teacher_layers,
-        )
+        z = emulated_states(self.emulator, self.emulator_maps, self.emulator_layers, batch.extra["e_tokens"],
+                            batch.extra["e_s1"], self.teacher_layers)
         return self.student_maps(z)
 
     def loss_sums(self, model, batch: Batch) -> Dict[str, torch.Tensor]:

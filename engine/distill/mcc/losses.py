@@ -1,17 +1,14 @@
 """The MCC-KD consistency term: symmetric KL between the answer-span predictions of rationale pairs."""
-
 from __future__ import annotations
 
 import torch
-
-from engine.runtime.distributed import to_device
 from models.parallel import gather_from_tp
+from engine.runtime.distributed import to_device
 from models.vocab_parallel import token_cross_entropy
 
 
-def symmetric_kl_pairs(
-    logits_a: torch.Tensor, logits_b: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
+def symmetric_kl_pairs(logits_a: torch.Tensor, logits_b: torch.Tensor, mask: torch.Tensor,
+                       temperature: float = 1.0) -> torch.Tensor:
     """MCC-KD consistency of rationale pairs: 0.5 (KL(P_a || P_b) + KL(P_b || P_a)) between the
     temperature-softened token distributions, averaged over each pair's valid span positions.
 
@@ -50,9 +47,7 @@ def mcc_kl_sum(span_logits, pairs, temperature: float, device) -> torch.Tensor:
         pos_a.append(list(pa) + [pa[-1]] * pad)
         pos_b.append(list(pb) + [pb[-1]] * pad)
         mask.append([1.0] * len(pa) + [0.0] * pad)
-    rows_a, pos_a, rows_b, pos_b, mask = (
-        to_device(torch.tensor(v), device) for v in (rows_a, pos_a, rows_b, pos_b, mask)
-    )
+    rows_a, pos_a, rows_b, pos_b, mask = (to_device(torch.tensor(v), device) for v in (rows_a, pos_a, rows_b, pos_b, mask))
     return symmetric_kl_pairs(span_logits(rows_a, pos_a), span_logits(rows_b, pos_b), mask, temperature).sum()
 
 
@@ -63,7 +58,6 @@ def mcc_kd_sums(logits_local: torch.Tensor, labels: torch.Tensor, pairs, tempera
     Only the span positions are gathered to the full vocabulary; the CE stays vocabulary-parallel.
     Returns (ce_sum, kl_sum over pairs)."""
     # the spans are gathered BEFORE the cross-entropy, which shifts fp32 logits in place
-    kl_sum = mcc_kl_sum(
-        lambda rows, pos: gather_from_tp(logits_local[rows, pos]), pairs, temperature, logits_local.device
-    )
+    kl_sum = mcc_kl_sum(lambda rows, pos: gather_from_tp(logits_local[rows, pos]), pairs, temperature,
+                        logits_local.device)
     return token_cross_entropy(logits_local, labels), kl_sum

@@ -1,5 +1,4 @@
 """The MCC-KD task: cross-entropy on every rationale plus the consistency of their answer spans."""
-
 from __future__ import annotations
 
 from typing import Dict, List
@@ -50,20 +49,13 @@ class MCCTask(Task):
                 x, y, (s, e) = self.data.example(q, j)
                 rows.append((len(seqs), span_prediction_positions(s, e)))
                 seqs.append((x, y))
-            pairs += [(ra, pa, rb, pb) for n, (ra, pa) in enumerate(rows) for rb, pb in rows[n + 1 :]]
+            pairs += [(ra, pa, rb, pb) for n, (ra, pa) in enumerate(rows) for rb, pb in rows[n + 1:]]
         inputs, labels = pad_batch(seqs, self.pad_id)
-        return make_batch(
-            inputs,
-            labels,
-            self.device,
-            {"ce": int((labels != IGNORE).sum()), "kl": len(pairs)},
-            sum(len(x) for x, _ in seqs),
-            {"pairs": pairs},
-        )
+        return make_batch(inputs, labels, self.device, {"ce": int((labels != IGNORE).sum()), "kl": len(pairs)},
+                          sum(len(x) for x, _ in seqs), {"pairs": pairs})
 
     def loss_sums(self, model, batch: Batch) -> Dict[str, torch.Tensor]:
         hidden = model.forward_hidden(batch.inputs)
-        kl = mcc_kl_sum(
-            lambda rows, pos: model.logits(hidden[rows, pos]), batch.extra["pairs"], self.temperature, hidden.device
-        )
+        kl = mcc_kl_sum(lambda rows, pos: model.logits(hidden[rows, pos]), batch.extra["pairs"], self.temperature,
+                        hidden.device)
         return {"ce": response_cross_entropy(model, hidden, batch.labels, batch.label_rows), "kl": kl}

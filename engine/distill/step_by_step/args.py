@@ -1,13 +1,11 @@
 """The flags of train.py --objective step_by_step."""
-
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar, Optional
-
-from engine.runtime.cli import flag
 from engine.runtime.errors import UserError
 from engine.train.args import TrainArgs
+from engine.runtime.cli import flag
 
 
 @dataclass(kw_only=True)
@@ -16,24 +14,16 @@ class StepByStepArgs(TrainArgs):
 
     OBJECTIVE: ClassVar[str] = "step_by_step"
 
-    alpha: float = flag("step_by_step: weight of the label task; the rationale task gets 1 - alpha (in [0, 1]).", 0.5)
-    label_type: str = flag(
-        "step_by_step: the label task's target: gt (the record's 'label') or llm (its "
-        "'llm_label', else the answer its rationale states).",
-        "gt",
-    )
+    alpha: float = flag("step_by_step: weight of the label task; the rationale task gets 1 - alpha (in [0, 1]).",
+                        0.5)
+    label_type: str = flag("step_by_step: the label task's target: gt (the record's 'label') or llm (its "
+                           "'llm_label', else the answer its rationale states).", "gt")
     beta: float = flag("step_by_step: weight of the mutual-information term between the two tasks (0: off).", 0.0)
-    mi_estimator: Optional[str] = flag(
-        "step_by_step: the MI term's estimator: pooled_ce (cross-entropy of the "
-        "pooled predictions) or critic (InfoNCE with a learned projection head); "
-        "default pooled_ce when --beta > 0.",
-        None,
-    )
-    eval_rationale_task: bool = flag(
-        "step_by_step: each evaluation also decodes the rationale task "
-        "(rationale_accuracy; rationale_bleu against label_file's 'output').",
-        False,
-    )
+    mi_estimator: Optional[str] = flag("step_by_step: the MI term's estimator: pooled_ce (cross-entropy of the "
+                                       "pooled predictions) or critic (InfoNCE with a learned projection head); "
+                                       "default pooled_ce when --beta > 0.", None)
+    eval_rationale_task: bool = flag("step_by_step: each evaluation also decodes the rationale task "
+                                     "(rationale_accuracy; rationale_bleu against label_file's 'output').", False)
 
     def __post_init__(self):
         from engine.distill.step_by_step.data import LABEL_TYPES
@@ -41,28 +31,24 @@ class StepByStepArgs(TrainArgs):
 
         super().__post_init__()
         if self.mi_estimator is not None and self.beta == 0:
-            raise UserError(
-                f"--mi_estimator {self.mi_estimator} has no effect with --beta 0; pass --beta > 0 to "
-                f"add the mutual-information term"
-            )
+            raise UserError(f"--mi_estimator {self.mi_estimator} has no effect with --beta 0; pass --beta > 0 to "
+                            f"add the mutual-information term")
         StepByStepTask.check(self.alpha, self.beta, self.mi_estimator or "pooled_ce")
         if self.label_type not in LABEL_TYPES:
             raise UserError(f"--label_type {self.label_type!r} is not one of {', '.join(LABEL_TYPES)}")
         if self.eval_rationale_task and not self.label_file:
             raise UserError("--eval_rationale_task True needs --label_file (the records evaluated)")
         if self.label_type == "llm" and "label" not in StepByStepTask.passes_for(self.alpha, self.beta):
-            raise UserError(
-                "--label_type llm has no effect with --alpha 0 and --beta 0 (the label task is not trained)"
-            )
+            raise UserError("--label_type llm has no effect with --alpha 0 and --beta 0 (the label task is not "
+                            "trained)")
 
     def make_task(self, records, tokenizer, max_len: int, info):
         from engine.distill.step_by_step.data import StepByStepData
         from engine.distill.step_by_step.task import StepByStepTask
 
         passes = StepByStepTask.passes_for(self.alpha, self.beta)
-        data = StepByStepData(
-            records, tokenizer, max_len, self.template, self.seed, self.train_file, self.task, self.label_type, passes
-        )
+        data = StepByStepData(records, tokenizer, max_len, self.template, self.seed, self.train_file, self.task,
+                              self.label_type, passes)
         if info.is_main:
             print(f"{self.train_file}: {data.describe()}", flush=True)
         critic_dim = 0
@@ -70,26 +56,15 @@ class StepByStepArgs(TrainArgs):
             from engine.checkpoint import open_checkpoint
 
             if self.max_batch_size // info.dp_size < 2:  # InfoNCE of one question against itself is always 0
-                raise UserError(
-                    f"--mi_estimator critic needs 2 or more questions per micro-batch on each of the "
-                    f"{info.dp_size} data-parallel replicas (its negatives); --max_batch_size is "
-                    f"{self.max_batch_size}"
-                )
+                raise UserError(f"--mi_estimator critic needs 2 or more questions per micro-batch on each of the "
+                                f"{info.dp_size} data-parallel replicas (its negatives); --max_batch_size is "
+                                f"{self.max_batch_size}")
             critic_dim = open_checkpoint(self.ckpt_dir, self.model_type).args.dim
-        return StepByStepTask(
-            data, info.device, self.alpha, self.beta, self.mi_estimator or "pooled_ce", critic_dim, self.seed
-        )
+        return StepByStepTask(data, info.device, self.alpha, self.beta, self.mi_estimator or "pooled_ce",
+                              critic_dim, self.seed)
 
     def make_evaluator(self, records, tokenizer, info):
         from engine.distill.step_by_step.evaluator import StepByStepEvaluator
 
-        return StepByStepEvaluator(
-            records,
-            tokenizer,
-            self.task,
-            info,
-            self.eval_batch_size,
-            self.max_new_tokens,
-            self.template,
-            self.eval_rationale_task,
-        )
+        return StepByStepEvaluator(records, tokenizer, self.task, info, self.eval_batch_size, self.max_new_tokens,
+                                   self.template, self.eval_rationale_task)

@@ -1,13 +1,12 @@
 """Distilling step-by-step data: the label task x -> y and the rationale task x -> r of each question."""
-
 from __future__ import annotations
 
 from typing import List
-
-from engine.distill.sft import SFTData
-from engine.runtime.errors import DataError
 from engine.text.answers import extract_answer, parse_label
+from engine.runtime.errors import DataError
+from engine.distill.sft import SFTData
 from engine.text.records import validate_training_records
+
 
 # ----------------------------------------------------------------------------------------------
 # Distilling step-by-step: the label task x -> y and the rationale task x -> r of each question
@@ -21,9 +20,8 @@ def step_by_step_label(rec: dict, index: int, path: str, task: str, label_type: 
     answer."""
     if label_type == "gt":
         if rec.get("label") is None:
-            raise DataError(
-                f"{path} record {index} lacks the key 'label' (the label task's target with --label_type gt)"
-            )
+            raise DataError(f"{path} record {index} lacks the key 'label' (the label task's target with "
+                            f"--label_type gt)")
         label = rec["label"]
         where = f"'label' {label!r}"
     elif rec.get("llm_label") is not None:
@@ -33,9 +31,8 @@ def step_by_step_label(rec: dict, index: int, path: str, task: str, label_type: 
         label = extract_answer(rec["output"], task)
         where = f"the answer its rationale states ({label})"
     else:
-        raise DataError(
-            f"{path} record {index} has no 'llm_label' and no single rationale to read one from (--label_type llm)"
-        )
+        raise DataError(f"{path} record {index} has no 'llm_label' and no single rationale to read one from "
+                        f"(--label_type llm)")
     text = "" if label is None or isinstance(label, bool) else str(label).strip()
     if parse_label(text, task) is None:
         raise DataError(f"{path} record {index}: {where} is not an answer of --task {task} (--label_type {label_type})")
@@ -49,19 +46,9 @@ class StepByStepData:
     gives one per epoch, as SFTData). Only the `passes` asked for are built (and required of the
     records). Each pass is an SFTData; an example is a question kept by every pass."""
 
-    def __init__(
-        self,
-        records: List[dict],
-        tokenizer,
-        max_seq_len: int,
-        template: str = "default",
-        seed: int = 0,
-        path: str = "train_file",
-        task: str = "GSM8K",
-        label_type: str = "gt",
-        passes=("label", "rationale"),
-        prefixes: dict = None,
-    ):
+    def __init__(self, records: List[dict], tokenizer, max_seq_len: int, template: str = "default",
+                 seed: int = 0, path: str = "train_file", task: str = "GSM8K", label_type: str = "gt",
+                 passes=("label", "rationale"), prefixes: dict = None):
         from engine.text.prompts import TASK_PREFIXES, task_instruction
 
         if label_type not in LABEL_TYPES:
@@ -75,32 +62,13 @@ class StepByStepData:
                     raise DataError(f"{path} record {i} has no rationale ('output') for the rationale task")
             validate_training_records(records, path)
             self.sets["rationale"] = SFTData(
-                [
-                    {
-                        "instruction": task_instruction(r["instruction"], "rationale", self.prefixes),
-                        "output": r["output"],
-                    }
-                    for r in records
-                ],
-                tokenizer,
-                max_seq_len,
-                template,
-                seed,
-                path,
-            )
+                [{"instruction": task_instruction(r["instruction"], "rationale", self.prefixes), "output": r["output"]}
+                 for r in records], tokenizer, max_seq_len, template, seed, path)
         if "label" in self.passes:
             labels = [step_by_step_label(r, i, path, task, label_type) for i, r in enumerate(records)]
             self.sets["label"] = SFTData(
-                [
-                    {"instruction": task_instruction(r["instruction"], "label", self.prefixes), "output": y}
-                    for r, y in zip(records, labels)
-                ],
-                tokenizer,
-                max_seq_len,
-                template,
-                seed,
-                path,
-            )
+                [{"instruction": task_instruction(r["instruction"], "label", self.prefixes), "output": y}
+                 for r, y in zip(records, labels)], tokenizer, max_seq_len, template, seed, path)
         kept = [set(s.keep) for s in self.sets.values()]
         self.keep = sorted(set.intersection(*kept))
         if not self.keep:
@@ -126,6 +94,5 @@ class StepByStepData:
                 part += f" ({s.truncated} truncated to --max_seq_len={s.max_seq_len})"
             parts.append(part)
         dropped = self.n_records - len(self.keep)
-        return f"{len(self)} training questions, each in the {' and the '.join(parts)}" + (
-            f"; {dropped} dropped (a prompt alone reaches --max_seq_len)" if dropped else ""
-        )
+        return (f"{len(self)} training questions, each in the {' and the '.join(parts)}"
+                + (f"; {dropped} dropped (a prompt alone reaches --max_seq_len)" if dropped else ""))

@@ -1,5 +1,4 @@
 """Evaluation of a step-by-step model: the label task's accuracy, optionally the rationale task's."""
-
 from __future__ import annotations
 
 import torch
@@ -16,17 +15,8 @@ class StepByStepEvaluator(Evaluator):
     rationales state (rationale_accuracy, rationale_unparsable) and their corpus BLEU against the
     records' 'output' (rationale_bleu, when the records carry teacher rationales)."""
 
-    def __init__(
-        self,
-        records,
-        tokenizer,
-        task: str,
-        info,
-        batch_size: int = 64,
-        max_new_tokens: int = 256,
-        template: str = "default",
-        rationale_task: bool = False,
-    ):
+    def __init__(self, records, tokenizer, task: str, info, batch_size: int = 64, max_new_tokens: int = 256,
+                 template: str = "default", rationale_task: bool = False):
         from engine.text.prompts import task_instruction
 
         def prefixed(name):
@@ -34,12 +24,9 @@ class StepByStepEvaluator(Evaluator):
 
         self.info = info
         self.label = GenerationEvaluator(prefixed("label"), tokenizer, task, info, batch_size, max_new_tokens, template)
-        self.rationale = (
-            GenerationEvaluator(prefixed("rationale"), tokenizer, task, info, batch_size, max_new_tokens, template)
-            if rationale_task
-            else None
-        )
-        mine = records[info.dp_rank :: info.dp_size]
+        self.rationale = (GenerationEvaluator(prefixed("rationale"), tokenizer, task, info, batch_size,
+                                              max_new_tokens, template) if rationale_task else None)
+        mine = records[info.dp_rank::info.dp_size]
         self.references = [references_of(r) for r in mine]
         self.with_bleu = rationale_task and any(self.references)
 
@@ -57,11 +44,8 @@ class StepByStepEvaluator(Evaluator):
         if dist.is_initialized() and self.info.dp_size > 1:
             dist.all_reduce(totals, group=distributed.dp_group())
         totals = [float(x) for x in totals.tolist()]
-        result.update(
-            rationale_accuracy=totals[0] / max(totals[1], 1.0),
-            rationale_correct=int(totals[0]),
-            rationale_unparsable=int(totals[2]),
-        )
+        result.update(rationale_accuracy=totals[0] / max(totals[1], 1.0), rationale_correct=int(totals[0]),
+                      rationale_unparsable=int(totals[2]))
         if self.with_bleu:
             result["rationale_bleu"] = bleu_from_statistics(totals[3:])["bleu"]
         return result

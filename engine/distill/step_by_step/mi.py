@@ -1,13 +1,11 @@
 """The mutual-information term of CoT distillation (Chen et al. 2024) between the label and rationale passes."""
-
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from engine.runtime.distributed import to_device
 from engine.text.sequences import IGNORE
 from models.parallel import copy_to_tp, reduce_from_tp
+from engine.runtime.distributed import to_device
 from models.vocab_parallel import sharded_log_normalizer, sharded_log_softmax
 
 
@@ -21,9 +19,8 @@ def pooled_log_distribution(logits_local: torch.Tensor, mask: torch.Tensor) -> t
     return pooled - copy_to_tp(sharded_log_normalizer(pooled))[:, None]
 
 
-def pooled_ce_mi_sum(
-    label_logits: torch.Tensor, label_mask: torch.Tensor, rationale_logits: torch.Tensor, rationale_mask: torch.Tensor
-) -> torch.Tensor:
+def pooled_ce_mi_sum(label_logits: torch.Tensor, label_mask: torch.Tensor, rationale_logits: torch.Tensor,
+                     rationale_mask: torch.Tensor) -> torch.Tensor:
     """The `pooled_ce` estimator of the MI term, summed over examples: the cross-entropy
     -sum_v P(v) log Q(v) of the rationale pass's pooled distribution Q against the label pass's P
     (pooled_log_distribution of each), P detached (the label task is the target, trained by its own CE).
@@ -82,7 +79,7 @@ class MICritic(torch.nn.Module):
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for layer in (self.net[0], self.net[2]):
-                bound = layer.in_features**-0.5
+                bound = layer.in_features ** -0.5
                 layer.weight.copy_(torch.empty_like(layer.weight).uniform_(-bound, bound, generator=g))
                 layer.bias.zero_()
         self.to(device)

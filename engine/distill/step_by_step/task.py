@@ -1,5 +1,4 @@
 """The distilling step-by-step task: label and rationale passes of each question, optionally the MI term."""
-
 from __future__ import annotations
 
 from typing import Dict, List
@@ -36,16 +35,8 @@ class StepByStepTask(Task):
     A part whose weight is 0 is not computed at all (alpha 1: the label task only; beta 0: no MI
     term, no critic); a pass only the MI term needs runs without gradient where the term takes none."""
 
-    def __init__(
-        self,
-        data,
-        device,
-        alpha: float,
-        beta: float = 0.0,
-        estimator: str = "pooled_ce",
-        hidden_dim: int = 0,
-        seed: int = 0,
-    ):
+    def __init__(self, data, device, alpha: float, beta: float = 0.0, estimator: str = "pooled_ce",
+                 hidden_dim: int = 0, seed: int = 0):
         self.check(alpha, beta, estimator)
         self.data, self.device, self.estimator = data, device, estimator
         self.weights = {name: w for name, w in (("label", alpha), ("rationale", 1.0 - alpha), ("mi", beta)) if w > 0}
@@ -89,14 +80,8 @@ class StepByStepTask(Task):
             pairs = [self.data.example(name, i, epoch) for i in indices]
             inputs, labels = pad_batch(pairs, self.pad_id)
             pooled = "mi" in self.weights and self.estimator == "pooled_ce"
-            passes[name] = make_batch(
-                inputs,
-                labels,
-                self.device,
-                {},
-                0,
-                {"positions": response_positions(labels, self.device)} if pooled else None,
-            )
+            passes[name] = make_batch(inputs, labels, self.device, {}, 0,
+                                      {"positions": response_positions(labels, self.device)} if pooled else None)
             counts[name] = int((labels != IGNORE).sum())
             n_tokens += sum(len(x) for x, _ in pairs)
         counts["mi"] = len(indices)

@@ -12,7 +12,6 @@ teacher's distribution there, mapped into its own vocabulary (absent tokens drop
 renormalised: engine/distill/teacher_kl/teachers.py); every other position learns its own token (one-hot on the teacher's
 text, as the student tokenizes it). Alignments are computed once per record and cached by the caller.
 """
-
 from __future__ import annotations
 
 import bisect
@@ -20,7 +19,6 @@ import functools
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
-
 from engine.text.vocab import Vocab
 
 
@@ -59,9 +57,8 @@ def _band(a: Sequence[str], b: Sequence[str], slack: int) -> List[Tuple[int, int
     return rows
 
 
-def dtw_align(
-    a: Sequence[Optional[str]], b: Sequence[Optional[str]], slack: Optional[int] = None
-) -> List[Tuple[int, int]]:
+def dtw_align(a: Sequence[Optional[str]], b: Sequence[Optional[str]], slack: Optional[int] = None
+              ) -> List[Tuple[int, int]]:
     """The dynamic-time-warping path between two token-text sequences: pairs (i, j), monotone in both,
     from (0, 0) to (len(a) - 1, len(b) - 1), every token of each side in at least one pair, minimising
     the summed edit distance of paired texts. A token of one side paired with several of the other is
@@ -89,11 +86,8 @@ def dtw_align(
             if i == 0 and j == 0:
                 row[j] = d
                 continue
-            best = min(
-                up.get(j - 1, inf) if up is not None else inf,
-                up.get(j, inf) if up is not None else inf,
-                row.get(j - 1, inf),
-            )
+            best = min(up.get(j - 1, inf) if up is not None else inf, up.get(j, inf) if up is not None else inf,
+                       row.get(j - 1, inf))
             if best < inf:
                 row[j] = best + d
     if (m - 1) not in cost[n - 1]:
@@ -112,7 +106,8 @@ def dtw_align(
     return path[::-1]
 
 
-def one_to_one(a: Sequence[Optional[str]], b: Sequence[Optional[str]], path: Sequence[Tuple[int, int]]) -> List[int]:
+def one_to_one(a: Sequence[Optional[str]], b: Sequence[Optional[str]], path: Sequence[Tuple[int, int]]
+               ) -> List[int]:
     """For each token of a: the token of b it is paired with when the pair is one-to-one on the path
     (neither token paired with any other) and both spell the same, non-empty text; else -1."""
     count_a, count_b = [0] * len(a), [0] * len(b)
@@ -126,9 +121,8 @@ def one_to_one(a: Sequence[Optional[str]], b: Sequence[Optional[str]], path: Seq
     return match
 
 
-def aligned_positions(
-    student_ids: Sequence[int], teacher_ids: Sequence[int], student: Vocab, teacher: Vocab, slack: int = 0
-) -> List[int]:
+def aligned_positions(student_ids: Sequence[int], teacher_ids: Sequence[int], student: Vocab, teacher: Vocab,
+                      slack: int = 0) -> List[int]:
     """For each student response token: the index of the teacher response token whose predicted
     distribution it learns (a one-to-one, same-text match of the DTW alignment; a final EOS pairs
     with the teacher's final EOS), or -1 where it learns its own token."""

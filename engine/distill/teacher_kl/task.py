@@ -1,15 +1,13 @@
 """The teacher-distribution task: cross-entropy and T^2 KL(teacher || student) on every response token."""
-
 from __future__ import annotations
 
 from typing import Dict, List
-
 import torch
-
-from engine.distill.sft import SFTData, SFTTask
-from engine.runtime.distributed import to_device
 from engine.text.sequences import pad_batch
+from engine.distill.sft import SFTData
+from engine.runtime.distributed import to_device
 from engine.train.task import Batch, response_cross_entropy
+from engine.distill.sft import SFTTask
 
 
 class TeacherKLTask(SFTTask):
@@ -30,18 +28,10 @@ class TeacherKLTask(SFTTask):
         inputs, labels = pad_batch(pairs, self.pad_id)
         rows, own, counts = kl_rows(labels)
         label_rows = to_device(torch.tensor(rows, dtype=torch.long), self.device)  # the KL's rows too
-        extra = {
-            "own": to_device(torch.tensor(own, dtype=torch.long), self.device),
-            **self.teacher.batch_extra(items, counts, self.device),
-        }
-        return Batch(
-            to_device(inputs, self.device),
-            to_device(labels, self.device),
-            {"ce": len(rows), "kl": len(rows)},
-            sum(len(x) for x, _ in pairs),
-            extra,
-            label_rows,
-        )
+        extra = {"own": to_device(torch.tensor(own, dtype=torch.long), self.device),
+                 **self.teacher.batch_extra(items, counts, self.device)}
+        return Batch(to_device(inputs, self.device), to_device(labels, self.device),
+                     {"ce": len(rows), "kl": len(rows)}, sum(len(x) for x, _ in pairs), extra, label_rows)
 
     def loss_sums(self, model, batch: Batch) -> Dict[str, torch.Tensor]:
         from models.vocab_parallel import head_teacher_kl, logits_teacher_kl

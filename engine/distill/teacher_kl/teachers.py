@@ -15,7 +15,6 @@ renormalised), and one-hot on the student's own token elsewhere (engine/distill/
 RENORMALISED over the kept tokens (the rest of the vocabulary gets nothing; nothing is spread).
 Targets and alignments are computed once per record and cached, never per step.
 """
-
 from __future__ import annotations
 
 import json
@@ -40,14 +39,8 @@ def _outputs(rec: dict) -> list:
     return rec["output"] if isinstance(rec["output"], list) else [rec["output"]]
 
 
-def _row_targets(
-    student_ids: List[int],
-    match: List[int],
-    topk_ids: np.ndarray,
-    topk_logprobs: np.ndarray,
-    id_map: np.ndarray,
-    temperature: float,
-) -> Tuple[np.ndarray, np.ndarray]:
+def _row_targets(student_ids: List[int], match: List[int], topk_ids: np.ndarray, topk_logprobs: np.ndarray,
+                 id_map: np.ndarray, temperature: float) -> Tuple[np.ndarray, np.ndarray]:
     """Sparse targets [n, k] for one response: the teacher's top-k (mapped, renormalised) where the
     student token is matched to teacher token match[i]; one-hot on the student token elsewhere, and
     where none of the teacher's tokens exists in the student vocabulary."""
@@ -76,50 +69,33 @@ class TeacherFile:
     online = False
     dense = False
 
-    def __init__(
-        self,
-        path: str,
-        data,
-        student_vocab: Vocab,
-        top_k: int,
-        temperature: float,
-        same_tokenizer: Optional[bool],
-        train_file: str,
-    ):
+    def __init__(self, path: str, data, student_vocab: Vocab, top_k: int, temperature: float,
+                 same_tokenizer: Optional[bool], train_file: str):
         self.path, self.data, self.top_k, self.temperature = path, data, top_k, temperature
         if not os.path.isfile(path):
             raise UserError(f"--teacher_file {path} does not exist")
         if not os.path.isfile(meta_path(path)):
-            raise UserError(
-                f"--teacher_file {path} has no {os.path.basename(meta_path(path))} beside it; write the "
-                f"file with `infer.py score --top_k K`"
-            )
+            raise UserError(f"--teacher_file {path} has no {os.path.basename(meta_path(path))} beside it; write the "
+                            f"file with `infer.py score --top_k K`")
         try:
             meta = json.load(open(meta_path(path)))
         except (OSError, ValueError) as e:
             raise UserError(f"{meta_path(path)} is not readable JSON ({e})") from None
         if not isinstance(meta, dict) or meta.get("kind") != FILE_KIND:
-            raise UserError(
-                f"{meta_path(path)} does not describe a teacher top-k file (write it with `infer.py score --top_k K`)"
-            )
+            raise UserError(f"{meta_path(path)} does not describe a teacher top-k file (write it with "
+                            f"`infer.py score --top_k K`)")
         if meta["top_k"] < top_k:
-            raise UserError(
-                f"--teacher_file {path} holds the teacher's top {meta['top_k']} tokens per position but "
-                f"--teacher_top_k asks for {top_k}; pass --teacher_top_k {meta['top_k']} or rewrite the "
-                f"file with `infer.py score --top_k {top_k}`"
-            )
+            raise UserError(f"--teacher_file {path} holds the teacher's top {meta['top_k']} tokens per position but "
+                            f"--teacher_top_k asks for {top_k}; pass --teacher_top_k {meta['top_k']} or rewrite the "
+                            f"file with `infer.py score --top_k {top_k}`")
         if not meta.get("include_eos", True):
-            raise UserError(
-                f"--teacher_file {path} was scored with --include_eos False, but the student also learns "
-                f"the EOS ending each output; rewrite it with --include_eos True"
-            )
+            raise UserError(f"--teacher_file {path} was scored with --include_eos False, but the student also learns "
+                            f"the EOS ending each output; rewrite it with --include_eos True")
         self.vocab = Vocab.from_dict(meta["vocab"])
         difference = self.vocab.first_difference(student_vocab)
         if same_tokenizer and difference:
-            raise UserError(
-                f"--same_tokenizer True, but the vocabulary of --teacher_file {path} (tokenizer "
-                f"{meta.get('tokenizer_file')}) differs from the student's: {difference}"
-            )
+            raise UserError(f"--same_tokenizer True, but the vocabulary of --teacher_file {path} (tokenizer "
+                            f"{meta.get('tokenizer_file')}) differs from the student's: {difference}")
         self.same = difference is None if same_tokenizer is None else bool(same_tokenizer)
         self.student_vocab = student_vocab
         if self.same:
@@ -141,35 +117,27 @@ class TeacherFile:
                     except json.JSONDecodeError as e:
                         raise UserError(f"--teacher_file {path} line {n + 1} is not valid JSON ({e.msg})") from None
         if len(lines) != len(records):
-            raise UserError(
-                f"--teacher_file {path} holds {len(lines)} records but --train_file {train_file} has "
-                f"{len(records)}; score this training file with `infer.py score --top_k K`"
-            )
+            raise UserError(f"--teacher_file {path} holds {len(lines)} records but --train_file {train_file} has "
+                            f"{len(records)}; score this training file with `infer.py score --top_k K`")
         items = []
         for i, (line, rec) in enumerate(zip(lines, records)):
             if not all(key in line for key in ("tokens", "topk_ids", "topk_logprobs")):
-                raise UserError(
-                    f"--teacher_file {path} record {i} has no tokens/topk_ids/topk_logprobs; write it with "
-                    f"`infer.py score --top_k K`"
-                )
+                raise UserError(f"--teacher_file {path} record {i} has no tokens/topk_ids/topk_logprobs; write it with "
+                                f"`infer.py score --top_k K`")
             outs, many = _outputs(rec), isinstance(rec["output"], list)
             file_many = bool(line["tokens"]) and isinstance(line["tokens"][0], list)
             scored = len(line["tokens"]) if file_many else 1
             if file_many != many or scored != len(outs):
-                raise UserError(
-                    f"--teacher_file {path} record {i} scores {scored} output(s) but --train_file "
-                    f"{train_file} record {i} has {len(outs)}"
-                )
+                raise UserError(f"--teacher_file {path} record {i} scores {scored} output(s) but --train_file "
+                                f"{train_file} record {i} has {len(outs)}")
             toks, ids, lps = (line[key] if many else [line[key]] for key in ("tokens", "topk_ids", "topk_logprobs"))
             row = []
             for j, (t, tid, tlp, text) in enumerate(zip(toks, ids, lps, outs)):
                 t = np.asarray(t, dtype=np.int64)
                 tid, tlp = np.asarray(tid, dtype=np.int64), np.asarray(tlp, dtype=np.float32)
                 if tid.ndim != 2 or tid.shape != tlp.shape or tid.shape[0] != len(t) or tid.shape[1] < k:
-                    raise UserError(
-                        f"--teacher_file {path} record {i} output {j}: topk_ids/topk_logprobs must be "
-                        f"[{len(t)} tokens x >= {k}], got {list(tid.shape)} / {list(tlp.shape)}"
-                    )
+                    raise UserError(f"--teacher_file {path} record {i} output {j}: topk_ids/topk_logprobs must be "
+                                    f"[{len(t)} tokens x >= {k}], got {list(tid.shape)} / {list(tlp.shape)}")
                 self._check_tokens(i, j, t, text, train_file)
                 row.append((t, tid[:, :k], tlp[:, :k]))
             items.append(row)
@@ -180,23 +148,18 @@ class TeacherFile:
         if self.same:
             student = self.data.response(i, j)
             if len(student) != len(tokens) or list(tokens) != student:
-                raise UserError(
-                    f"{where} holds {len(tokens)} tokens but the student tokenizes --train_file "
-                    f"{train_file}'s output into {len(student)} (a different text, or a cut by "
-                    f"max_seq_len when scoring)"
-                    if len(student) != len(tokens)
-                    else f"{where}: its tokens differ from the student's tokens of --train_file {train_file}'s "
-                    f"output (another text with as many tokens)"
-                )
+                raise UserError(f"{where} holds {len(tokens)} tokens but the student tokenizes --train_file "
+                                f"{train_file}'s output into {len(student)} (a different text, or a cut by "
+                                f"max_seq_len when scoring)" if len(student) != len(tokens) else
+                                f"{where}: its tokens differ from the student's tokens of --train_file {train_file}'s "
+                                f"output (another text with as many tokens)")
             return
         spelt = self.vocab.spell([int(t) for t in tokens if t != self.vocab.eos_id])
         if any(s is None for s in spelt):
             return  # unknown tokens hide their text: nothing to compare
         if "".join("".join(spelt).split()) != "".join(text.split()):
-            raise UserError(
-                f"{where} spells {''.join(spelt)[:60]!r}..., not --train_file {train_file}'s output "
-                f"{text[:60]!r}...; score this training file with `infer.py score --top_k K`"
-            )
+            raise UserError(f"{where} spells {''.join(spelt)[:60]!r}..., not --train_file {train_file}'s output "
+                            f"{text[:60]!r}...; score this training file with `infer.py score --top_k K`")
 
     def coverage(self, n: int = 50) -> float:
         """Fraction of the response tokens of the first n records aligned to a teacher token (the rest
@@ -224,9 +187,7 @@ class TeacherFile:
         parts = [self.host_targets(i, w) for i, w in items]
         ids = np.concatenate([p[0][:n] for p, n in zip(parts, lengths)])
         probs = np.concatenate([p[1][:n] for p, n in zip(parts, lengths)])
-        return {
-            "target": SparseTarget(to_device(torch.from_numpy(ids), device), to_device(torch.from_numpy(probs), device))
-        }
+        return {"target": SparseTarget(to_device(torch.from_numpy(ids), device), to_device(torch.from_numpy(probs), device))}
 
     def target(self, batch) -> SparseTarget:
         return batch.extra["target"]
@@ -241,19 +202,8 @@ class OnlineTeacher:
 
     online = True
 
-    def __init__(
-        self,
-        ckpt_dir: str,
-        data,
-        student_tok,
-        student_model_vocab: int,
-        top_k: Optional[int],
-        temperature: float,
-        same_tokenizer: Optional[bool],
-        template: str,
-        dtype,
-        device,
-    ):
+    def __init__(self, ckpt_dir: str, data, student_tok, student_model_vocab: int, top_k: Optional[int],
+                 temperature: float, same_tokenizer: Optional[bool], template: str, dtype, device):
         from engine.checkpoint import load_for_inference
 
         if not os.path.exists(ckpt_dir):
@@ -264,41 +214,26 @@ class OnlineTeacher:
         self.student_vocab, self.vocab = Vocab.of(student_tok), Vocab.of(self.tok)
         difference = self.vocab.first_difference(self.student_vocab)
         if same_tokenizer and difference:
-            raise UserError(
-                f"--same_tokenizer True, but the tokenizer of --teacher_ckpt_dir {ckpt_dir} differs from "
-                f"the student's: {difference}"
-            )
+            raise UserError(f"--same_tokenizer True, but the tokenizer of --teacher_ckpt_dir {ckpt_dir} differs from "
+                            f"the student's: {difference}")
         self.same = difference is None if same_tokenizer is None else bool(same_tokenizer)
         self.top_k = (0 if self.same else 5) if top_k is None else top_k
         if self.top_k == 0:
             if not self.same:
-                raise UserError(
-                    f"--teacher_top_k 0 (the full distribution) needs a teacher with the student's "
-                    f"tokenizer; --teacher_ckpt_dir {ckpt_dir} has another, so pass --teacher_top_k K"
-                )
+                raise UserError(f"--teacher_top_k 0 (the full distribution) needs a teacher with the student's "
+                                f"tokenizer; --teacher_ckpt_dir {ckpt_dir} has another, so pass --teacher_top_k K")
             if self.model.args.vocab_size != student_model_vocab:
-                raise UserError(
-                    f"--teacher_top_k 0 compares full distributions shard by shard, but the model in "
-                    f"--teacher_ckpt_dir {ckpt_dir} has a vocabulary of {self.model.args.vocab_size} and "
-                    f"the student {student_model_vocab}; pass --teacher_top_k K"
-                )
+                raise UserError(f"--teacher_top_k 0 compares full distributions shard by shard, but the model in "
+                                f"--teacher_ckpt_dir {ckpt_dir} has a vocabulary of {self.model.args.vocab_size} and "
+                                f"the student {student_model_vocab}; pass --teacher_top_k K")
         elif self.top_k > self.model.args.vocab_size:
-            raise UserError(
-                f"--teacher_top_k {self.top_k} exceeds the vocabulary of --teacher_ckpt_dir {ckpt_dir} "
-                f"({self.model.args.vocab_size})"
-            )
+            raise UserError(f"--teacher_top_k {self.top_k} exceeds the vocabulary of --teacher_ckpt_dir {ckpt_dir} "
+                            f"({self.model.args.vocab_size})")
         self.dense = self.top_k == 0
         vocab_ids = np.arange(self.model.args.vocab_size)
-        id_map = (
-            np.where(vocab_ids < len(self.student_vocab), vocab_ids, -1)
-            if self.same
-            else np.concatenate(
-                [
-                    self.vocab.map_to(self.student_vocab),
-                    np.full(max(0, self.model.args.vocab_size - len(self.vocab)), -1),
-                ]
-            )
-        )
+        id_map = np.where(vocab_ids < len(self.student_vocab), vocab_ids, -1) if self.same else \
+            np.concatenate([self.vocab.map_to(self.student_vocab),
+                            np.full(max(0, self.model.args.vocab_size - len(self.vocab)), -1)])
         self.id_map = torch.from_numpy(id_map).to(device)
         self.max_len = min(data.max_seq_len, self.model.args.max_seq_len)
         self._plans: Dict[Tuple[int, int], tuple] = {}
@@ -332,17 +267,15 @@ class OnlineTeacher:
         inputs = torch.full((len(plans), width), self.tok.padding_id, dtype=torch.long)
         rows, aligned, n = [], [], 0
         for b, ((ids, prompt_len, match), count) in enumerate(zip(plans, lengths)):
-            inputs[b, : len(ids)] = torch.tensor(ids)
+            inputs[b, :len(ids)] = torch.tensor(ids)
             for i, j in enumerate(match[:count]):
                 if j >= 0:
                     aligned.append(n + i)
                     rows.append(b * width + prompt_len - 1 + j)
             n += count
-        return {
-            "teacher_inputs": to_device(inputs, device),
-            "teacher_rows": to_device(torch.tensor(rows, dtype=torch.long), device),
-            "aligned": to_device(torch.tensor(aligned, dtype=torch.long), device),
-        }
+        return {"teacher_inputs": to_device(inputs, device),
+                "teacher_rows": to_device(torch.tensor(rows, dtype=torch.long), device),
+                "aligned": to_device(torch.tensor(aligned, dtype=torch.long), device)}
 
     @torch.no_grad()
     def target(self, batch):
@@ -361,12 +294,8 @@ class OnlineTeacher:
         if t_rows.shape[0] == 0:
             return SparseTarget(ids, probs)
         chunk = max(64, (1 << 26) // head.shape[0])
-        t_ids, t_logp = zip(
-            *(
-                sharded_topk(F.linear(t_rows[s : s + chunk].to(head.dtype), head), self.top_k)
-                for s in range(0, t_rows.shape[0], chunk)
-            )
-        )
+        t_ids, t_logp = zip(*(sharded_topk(F.linear(t_rows[s:s + chunk].to(head.dtype), head), self.top_k)
+                              for s in range(0, t_rows.shape[0], chunk)))
         mapped = self.id_map[torch.cat(t_ids)]
         p = sparse_probs(torch.cat(t_logp), mapped >= 0, self.temperature)
         ok = (p.sum(dim=-1) > 0)[:, None]
@@ -394,10 +323,8 @@ def kl_rows(labels: torch.Tensor) -> Tuple[List[int], List[int], List[int]]:
 def check_teacher_flags(teacher_ckpt_dir, teacher_file, top_k, kl_weight, temperature) -> None:
     """The teacher flags' own checks, before anything loads."""
     if bool(teacher_ckpt_dir) == bool(teacher_file):
-        raise UserError(
-            "--objective teacher_kl needs exactly one teacher: --teacher_ckpt_dir (online) or "
-            "--teacher_file (offline, from `infer.py score --top_k K`)"
-        )
+        raise UserError("--objective teacher_kl needs exactly one teacher: --teacher_ckpt_dir (online) or "
+                        "--teacher_file (offline, from `infer.py score --top_k K`)")
     if not 0 <= kl_weight <= 1:
         raise UserError(f"--kl_weight must be in [0, 1], got {kl_weight}")
     if not temperature > 0:
@@ -405,10 +332,8 @@ def check_teacher_flags(teacher_ckpt_dir, teacher_file, top_k, kl_weight, temper
     if top_k is not None and top_k < 0:
         raise UserError(f"--teacher_top_k must be >= 0, got {top_k}")
     if teacher_file and top_k == 0:
-        raise UserError(
-            f"--teacher_top_k 0 (the full distribution) needs an online teacher; --teacher_file "
-            f"{teacher_file} holds only the teacher's top k"
-        )
+        raise UserError(f"--teacher_top_k 0 (the full distribution) needs an online teacher; --teacher_file "
+                        f"{teacher_file} holds only the teacher's top k")
     if teacher_file and not os.path.isfile(teacher_file):
         raise DataError(f"--teacher_file {teacher_file} does not exist")
     if teacher_ckpt_dir and not os.path.exists(teacher_ckpt_dir):
