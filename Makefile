@@ -1,7 +1,7 @@
 # `make demo`: set up .venv if needed, then run the main job on the embedded default.
 # `make test`: set up .venv if needed, then run the test suite.
 # `make test-fast`: the tests that start no processes (no torchrun, no launcher runs): about a minute.
-# `make lint`: ruff's checks and its formatting, as pyproject.toml configures them.
+# `make lint`: ruff's checks (pyflakes, imports, pycodestyle, shadowed builtins), as pyproject.toml configures them.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -28,7 +28,6 @@ test-fast: setup
 
 lint: setup
 	$(PY) -m ruff check .
-	$(PY) -m ruff format --check .
 
 clean:
 	rm -rf demo_out runs

@@ -138,6 +138,7 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
         family=family,
     )
 
+
 def _from_qwen1_config(cfg: dict, source: str) -> ModelArgs:
     if cfg.get("rotary_pct", 1.0) != 1.0:
         raise ConfigError(f"{source}: Qwen-1 rotary_pct != 1 is not supported")
@@ -157,6 +158,7 @@ def _from_qwen1_config(cfg: dict, source: str) -> ModelArgs:
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         family="qwen",
     )
+
 
 def hf_config(self: ModelArgs, bos_id: Optional[int] = None, eos_id: Optional[int] = None,
                  pad_id: Optional[int] = None, dtype: str = "float32") -> dict:

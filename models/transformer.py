@@ -157,6 +157,7 @@ class KVCache:
         for t in self.k + self.v:
             t[:n] = t.index_select(0, rows)
 
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()

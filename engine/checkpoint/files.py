@@ -98,7 +98,6 @@ def one_line(e: Exception) -> str:
     return " ".join(str(e).split())[:300] or type(e).__name__
 
 
-
 def read_json(path: str) -> dict:
     try:
         with open(path) as f:
@@ -122,7 +121,6 @@ def shard_files(ckpt_dir: str) -> List[str]:
     return files
 
 
-
 def tokenizer_files_for(path: str) -> List[str]:
     """The files that make up the tokenizer at `path` (a .model / tokenizer.json file or a directory)."""
     directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
@@ -140,5 +138,3 @@ def copy_tokenizer(files: Iterable[str], out_dir: str) -> None:
         if name not in TOKENIZER_FILES:
             name = "tokenizer.model" if name.endswith(".model") else "tokenizer.json"
         shutil.copyfile(p, os.path.join(out_dir, name))
-
-

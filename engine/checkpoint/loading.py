@@ -36,7 +36,6 @@ def load_state_into(model: torch.nn.Module, src: Source, rank: int, n: int, only
             p.copy_(t)
 
 
-
 def load_model(ckpt_dir: str, dtype: torch.dtype = torch.float32, device=None, model_type: Optional[str] = None):
     """Build the tensor-parallel Transformer for this rank and load its shard of `ckpt_dir`.
 
@@ -54,5 +53,3 @@ def load_model(ckpt_dir: str, dtype: torch.dtype = torch.float32, device=None, m
         raise CheckpointError(f"{ckpt_dir}: {e}") from None
     load_state_into(model, src, rank, tp)
     return model
-
-

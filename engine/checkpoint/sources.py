@@ -13,15 +13,15 @@ import torch
 from engine.checkpoint.files import (
     NATIVE_FORMAT,
     CheckpointError,
+    TensorFile,
     intersect,
     read_json,
     shard_files,
     slices,
-    TensorFile,
     tokenizer_files_for,
 )
-from models.hf import args_from_hf_config, hf_key_map, load_model_args
 from models.args import ConfigError, ModelArgs
+from models.hf import args_from_hf_config, hf_key_map, load_model_args
 from models.registry import model_args_for
 from models.sharding import Box, WeightSpec, box_shape, shard_box, weight_specs
 
@@ -35,7 +35,6 @@ def meta_to_rotate_half(t: torch.Tensor, heads: int) -> torch.Tensor:
 def rotate_half_to_meta(t: torch.Tensor, heads: int) -> torch.Tensor:
     rest = t.shape[1:]
     return t.reshape(heads, 2, -1, *rest).transpose(1, 2).reshape(t.shape)
-
 
 
 class Source:
@@ -213,7 +212,6 @@ def hf_weight_files(hf_dir: str) -> Dict[str, str]:
     raise CheckpointError(f"{hf_dir} holds no model.safetensors, pytorch_model.bin or their index")
 
 
-
 def open_checkpoint(path: str, model_type: Optional[str] = None) -> Source:
     """A native / Meta shard directory, an HF directory, or one state-dict file."""
     if not os.path.exists(path):
@@ -253,7 +251,6 @@ def _open_single_file(path: str, model_type: Optional[str]) -> Source:
     return ShardedSource([path], args, path, tokenizer_files_for(directory))
 
 
-
 class RandomSource(Source):
     """Fresh weights for training from scratch: N(0, std) matrices, unit norms, zero biases.
     Each tensor depends only on (seed, key), so any shard count gives the same model."""
@@ -281,4 +278,3 @@ class RandomSource(Source):
 
     def read(self, spec: WeightSpec, box: Box) -> torch.Tensor:
         return self._full(spec)[slices(box)]
-

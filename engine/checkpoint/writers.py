@@ -9,12 +9,12 @@ from typing import Optional, Sequence
 import torch
 
 from engine.checkpoint.files import NATIVE_FORMAT, CheckpointError, copy_tokenizer, slices
-from models.hf import hf_config, hf_key_map, hf_table
 from engine.checkpoint.sources import Source, rotate_half_to_meta
 from engine.runtime.fileio import SafetensorsWriter, atomic_torch_save, atomic_write_text, staged_directory
-from models.args import ConfigError, ModelArgs
 from engine.runtime.progress import Progress, progress
 from engine.text.tokenizer import load_tokenizer
+from models.args import ConfigError, ModelArgs
+from models.hf import hf_config, hf_key_map, hf_table
 from models.sharding import box_shape, full_box, shard_box, weight_specs
 
 
@@ -196,5 +196,3 @@ def _sentencepiece_tokenizer_config(tokenizer_files: Sequence[str]) -> dict:
     return {"tokenizer_class": "LlamaTokenizer", "bos_token": piece(tok.bos_id), "eos_token": piece(tok.eos_id),
             "unk_token": piece(tok.unk_id) if tok.unk_id is not None else None, "add_bos_token": True,
             "add_eos_token": False, "legacy": True}
-
-

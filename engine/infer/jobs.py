@@ -16,8 +16,7 @@ from engine.infer.args import GenerationFlags, ScoreArgs
 from engine.infer.generation import Request, SamplingParams, StopStrings, generate_stream, request_seed
 from engine.infer.metrics import Accuracy
 from engine.infer.prompting import encode_prompt, prompt_room
-from engine.infer.topk_file import meta_path as teacher_meta_path
-from engine.infer.topk_file import teacher_meta
+from engine.infer.topk_file import meta_path as teacher_meta_path, teacher_meta
 from engine.runtime.errors import UserError
 from engine.runtime.fileio import atomic_open, atomic_write_text, disk_errors, file_sha256
 from engine.runtime.jobs import job as runtime_job

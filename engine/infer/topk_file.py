@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import os
 from typing import Optional
-from engine.text.vocab import Vocab
-from engine.runtime.fileio import file_sha256
 
+from engine.runtime.fileio import file_sha256
+from engine.text.vocab import Vocab
 
 FILE_KIND = "teacher_topk"
 

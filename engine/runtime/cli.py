@@ -132,9 +132,9 @@ def run_cli(component) -> None:
         fail(str(e))
 
 
-def flag(help: str, default=MISSING):
+def flag(text: str, default=MISSING):
     """A command-line flag: a dataclass field with its one line of help."""
-    return field(default=default, metadata={"help": help})
+    return field(default=default, metadata={"help": text})
 
 
 def flag_fields(cls):

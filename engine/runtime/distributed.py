@@ -18,6 +18,7 @@ from fairscale.nn.model_parallel import initialize as mpu
 
 from engine.runtime.errors import UserError
 
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int

@@ -41,6 +41,7 @@ def disk_errors(path: str) -> Iterator[None]:
                            f"and run again") from None
         raise
 
+
 _SAFETENSORS_DTYPES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",

@@ -8,7 +8,6 @@ import os
 from engine.runtime.errors import DataError
 from engine.runtime.fileio import atomic_write_text
 
-
 PROMPT_TEMPLATES = {
     "default": "### Instruction:\n{instruction}\n\n### Response:\n",
     "none": "{instruction}",

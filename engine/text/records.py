@@ -5,7 +5,6 @@ import json
 import os
 from typing import List, Sequence
 
-
 from engine.runtime.errors import DataError
 
 
@@ -81,5 +80,3 @@ def validate_training_records(records: List[dict], path: str, need_label: bool =
 # ----------------------------------------------------------------------------------------------
 # Answer spans (MCC-KD): the response tokens that spell the final answer
 # ----------------------------------------------------------------------------------------------
-
-

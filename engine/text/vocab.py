@@ -6,8 +6,8 @@ import json
 import re
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
-import numpy as np
 
+import numpy as np
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 

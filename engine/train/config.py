@@ -5,9 +5,10 @@ import os
 import typing
 from dataclasses import dataclass
 from typing import Optional
+
+from engine.runtime.cli import flag
 from engine.runtime.errors import UserError
 from models.transformer import CHECKPOINT_POLICIES
-from engine.runtime.cli import flag
 
 
 @dataclass(kw_only=True)

@@ -40,8 +40,6 @@ class Batch:
     label_rows: Optional[torch.Tensor] = None  # flat indices of the labelled positions (None: all)
 
 
-
-
 class Task:
     """What the trainer asks of an objective; every objective's task subclasses it. The interface, as
     the trainer uses it, is listed in engine/train/trainer.py: a subclass gives `weights`,

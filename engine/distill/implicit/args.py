@@ -127,4 +127,3 @@ class CoupleArgs(ImplicitArgs):
 
 
 STAGE_ARGS = (TeacherArgs, MindReadArgs, EmulatorArgs, CoupleArgs)
-

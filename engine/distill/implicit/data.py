@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List
 
-from engine.text.sequences import IGNORE
-from engine.text.records import read_text
 from engine.runtime.errors import DataError
+from engine.text.records import read_text
+from engine.text.sequences import IGNORE
 
 SEPARATOR, ANSWER_MARK = "||", "####"
 

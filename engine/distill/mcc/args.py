@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar
-from engine.train.args import TrainArgs
+
 from engine.runtime.cli import flag
+from engine.train.args import TrainArgs
 
 
 @dataclass(kw_only=True)

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from typing import List
-from engine.text.answers import answer_char_span, extract_answer, find_answer_span, is_correct, span_spells
+
 from engine.runtime.errors import DataError
+from engine.text.answers import answer_char_span, extract_answer, find_answer_span, is_correct, span_spells
 from engine.text.prompts import format_prompt
-from engine.text.sequences import IGNORE, stable_rng
 from engine.text.records import validate_training_records
+from engine.text.sequences import IGNORE, stable_rng
 
 
 class MultiRationaleData:

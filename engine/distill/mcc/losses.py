@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import torch
-from models.parallel import gather_from_tp
+
 from engine.runtime.distributed import to_device
+from models.parallel import gather_from_tp
 from models.vocab_parallel import token_cross_entropy
 
 

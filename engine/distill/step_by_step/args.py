@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar, Optional
+
+from engine.runtime.cli import flag
 from engine.runtime.errors import UserError
 from engine.train.args import TrainArgs
-from engine.runtime.cli import flag
 
 
 @dataclass(kw_only=True)

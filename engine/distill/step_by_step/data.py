@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from typing import List
-from engine.text.answers import extract_answer, parse_label
-from engine.runtime.errors import DataError
-from engine.distill.sft import SFTData
-from engine.text.records import validate_training_records
 
+from engine.distill.sft import SFTData
+from engine.runtime.errors import DataError
+from engine.text.answers import extract_answer, parse_label
+from engine.text.records import validate_training_records
 
 # ----------------------------------------------------------------------------------------------
 # Distilling step-by-step: the label task x -> y and the rationale task x -> r of each question

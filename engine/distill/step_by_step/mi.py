@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from engine.runtime.distributed import to_device
 from engine.text.sequences import IGNORE
 from models.parallel import copy_to_tp, reduce_from_tp
-from engine.runtime.distributed import to_device
 from models.vocab_parallel import sharded_log_normalizer, sharded_log_softmax
 
 

@@ -19,6 +19,7 @@ import functools
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+
 from engine.text.vocab import Vocab
 
 

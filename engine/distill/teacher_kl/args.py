@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar, Optional
-from engine.train.args import TrainArgs
+
 from engine.runtime.cli import flag
+from engine.train.args import TrainArgs
 
 
 @dataclass(kw_only=True)
@@ -37,11 +38,11 @@ class TeacherKLArgs(TrainArgs):
                             self.kl_temperature)
 
     def make_task(self, records, tokenizer, max_len: int, info):
-        from engine.text.vocab import Vocab
         from engine.checkpoint import open_checkpoint
         from engine.distill.sft import SFTData
         from engine.distill.teacher_kl.task import TeacherKLTask
         from engine.distill.teacher_kl.teachers import OnlineTeacher, TeacherFile
+        from engine.text.vocab import Vocab
 
         data = SFTData(records, tokenizer, max_len, self.template, self.seed, self.train_file)
         if self.teacher_file:

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from typing import Dict, List
+
 import torch
-from engine.text.sequences import pad_batch
-from engine.distill.sft import SFTData
+
+from engine.distill.sft import SFTData, SFTTask
 from engine.runtime.distributed import to_device
+from engine.text.sequences import pad_batch
 from engine.train.task import Batch, response_cross_entropy
-from engine.distill.sft import SFTTask
 
 
 class TeacherKLTask(SFTTask):
