@@ -11,16 +11,26 @@ already split ('llm_rationale', with 'llm_label' or an answer sentence in the ra
 as `datasets` writes them: cos_e's question / choices / answer for cqa, input / label for svamp) and
 the raw teacher outputs DIR/llm/SPLIT_CoT_0.json, _1.json ... (JSON lists of strings, in record order).
 
-Raw teacher text is cut where the teacher began the next few-shot question ("Q:"), and the first
-sentence stating the answer ("So the answer is ...", "The answer is ...") ends the rationale; the
-teacher's label is read from that sentence: a choice letter ("(a) bank"; the choice's text when the
-letter is missing), an equation for SVAMP ("(32.0 - 5.0)", compared by its value), a number
-otherwise. Writes {"instruction", "output": the teacher's text through its answer sentence,
-"label": the gold label, "llm_label": the teacher's label} (choice labels as letters A-E), the
-format train.py reads (--objective step_by_step, --label_type gt|llm; or plain SFT on the
-rationales). Records whose teacher text states no readable answer, or no rationale before it, are
-dropped and counted; a gold label that does not read as an answer of --task is an error naming the
-record. Never overwrites its input, nor an existing output without --overwrite True.
+Raw teacher text is split as the authors' code splits it (--parse authors, the default; their
+data_utils.py): cut at the first "Q:" (the teacher's next few-shot question); CSQA at its one "So the
+answer is" (a text with none or several is one the authors' code aborts on: dropped and counted),
+the label the text after the first "(x)" ("(a) bank." -> "bank"); SVAMP and ASDiv at their one "The
+answer is", the label its equation ("(32.0 - 5.0)"). The rationale is the text before the answer
+sentence, which it no longer holds; a teacher label the authors' parse finds none of is written as
+theirs, " " (--label_type llm then leaves the record out). Tasks the authors have no loader for
+(GSM8K, ARITH) are split the same way at their first answer sentence ("Therefore, the answer is
+20 ."). --parse ours keeps the answer sentence in the rationale ("... So the answer is (a)
+bank."), cut where the teacher began its next question, reads the teacher's label from it (a choice
+letter, the choice's text when the letter is missing; an equation for SVAMP; a number otherwise) and
+drops records whose label it cannot read.
+
+Writes {"instruction", "output": the rationale, "label": the gold label, "llm_label": the teacher's
+label}, the format train.py reads (--objective step_by_step, --label_type gt|llm; or plain SFT on the
+rationales). CSQA labels are written as the choice's text (--label_format text, the authors'), or
+as its letter A-E (--label_format letter); training and scoring read both, through the choices the
+instruction lists. Records with no rationale are dropped and counted; a gold label that does not
+read as an answer of --task is an error naming the record. Never overwrites its input, nor an
+existing output without --overwrite True.
 """
 from __future__ import annotations
 
@@ -76,8 +86,73 @@ def teacher_label(sentence: str, task: str, choices) -> Optional[str]:
     return extract_answer(sentence, task)
 
 
+# ---- the authors' split (google-research/distilling-step-by-step data_utils.py @ ef944263), verbatim ----
+def authors_parse_cqa(output: str) -> Tuple[str, str]:
+    """data_utils.py:167-179 (CQADatasetLoader._parse_llm_output): raises ValueError unless "So the answer
+    is" occurs exactly once before the first "Q:"; the label is the choice's text, " " when none follows
+    a "(x)"."""
+    rationale_label = output.split('Q:')[0]
+    rationale_label = rationale_label.rstrip()
+    rationale, label = rationale_label.split('So the answer is')
+    rationale = rationale.rstrip()
+    try:
+        label = re.split(r'\(.\)', label)[1].strip()
+        label = label if label[-1] != '.' else label[:-1]
+    except Exception:  # the authors' bare except: no "(x)", or nothing after it
+        label = ' '
+    return rationale, label
+
+
+def authors_parse_svamp(output: str) -> Tuple[str, str]:
+    """data_utils.py:254-270 (SVAMPDatasetLoader._parse_llm_output; ASDiv's, :327-343, is the same): split
+    at "The answer is" (capital T), (' ', ' ') unless it occurs exactly once; the label is the
+    greedy "(...)" equation, " " when there is none."""
+    rationale_label = output.split('Q:')[0]
+    rationale_label = rationale_label.rstrip()
+    try:
+        rationale, label = rationale_label.split('The answer is')
+    except ValueError:
+        return ' ', ' '
+    rationale = rationale.rstrip()
+    found = re.search(r'\(.*\)', label)
+    return rationale, found.group(0) if found else ' '
+
+
+def authors_style_split(output: str, task: str, choices=None) -> Tuple[str, str]:
+    """For the tasks the authors have no loader for (GSM8K, ARITH, MULT): their rule carried over, at
+    the first answer sentence ours finds: cut at the first "Q:", the rationale the text before the
+    answer sentence (rstripped), the label read from the sentence (" " when none is)."""
+    head = output.split('Q:')[0].rstrip()
+    m = _ANSWER_SENTENCE.search(head)
+    if not m:
+        return ' ', ' '
+    rest = head[m.end():]
+    end = _SENTENCE_END.search(rest)
+    return head[:m.start()].rstrip(), teacher_label(rest[:end.start()] if end else rest, task, choices) or ' '
+
+
+def authors_split(text: str, task: str, choices=None) -> Tuple[Optional[str], Optional[str], str]:
+    """(rationale without its answer sentence, the authors' teacher label, '') or (None, None, why): the
+    authors' parse of the teacher's raw text for `task`."""
+    from engine.text.answers import EQUATION_TASKS
+
+    if task == "CSQA":
+        try:
+            rationale, label = authors_parse_cqa(text)
+        except ValueError:  # their loader has no try: one such text aborts their run.py
+            return None, None, "authors_parser_raises"
+    elif task in EQUATION_TASKS or task == "ASDIV":
+        rationale, label = authors_parse_svamp(text)
+    else:
+        rationale, label = authors_style_split(text, task, choices)
+    if not rationale.strip():
+        return None, None, "no_rationale"
+    return rationale, label, ""
+
+
 def parse_teacher_output(text: str, task: str, choices=None) -> Tuple[Optional[str], Optional[str], str]:
-    """(rationale through its answer sentence, teacher label, '') or (None, None, why it is unusable)."""
+    """Ours (--parse ours): (rationale through its answer sentence, teacher label, '') or (None, None,
+    why it is unusable)."""
     text = _NEXT_QUESTION.split(text, maxsplit=1)[0]
     m = _ANSWER_SENTENCE.search(text)
     if not m:
@@ -94,24 +169,66 @@ def parse_teacher_output(text: str, task: str, choices=None) -> Tuple[Optional[s
     return text[:stop].strip(), label, ""
 
 
-def gold_label(rec: dict, index: int, path: str, task: str, choices) -> str:
+LABEL_FORMATS = ("text", "letter")
+PARSES = ("authors", "ours")
+
+
+def in_label_format(label: str, choices, label_format: str) -> Optional[str]:
+    """A CSQA label (a letter or a choice's text) as `label_format` asks: its letter, or the choice's
+    text (a label that is one stays as written); None when it names no choice."""
+    from engine.text.answers import choice_of_text
+
+    letter = choice_of_text(label, choices) or choice_letter(label, choices)
+    if label_format == "letter":
+        return letter
+    if choice_of_text(label, choices):
+        return str(label).strip()
+    index = "ABCDE".index(letter) if letter else len(choices or [])
+    return choices[index] if index < len(choices or []) else None
+
+
+def gold_label(rec: dict, index: int, path: str, task: str, choices, label_format: str = "letter") -> str:
     from engine.runtime.errors import DataError
     from engine.text.answers import CHOICE_TASKS, parse_label
 
     value = rec.get("label", rec.get("answer"))
     if value is None or isinstance(value, bool) or not str(value).strip():
         raise DataError(f"{path} record {index} has no gold label ('label' or 'answer')")
-    label = choice_letter(value, choices) if task in CHOICE_TASKS else str(value).strip()
-    if label is None or parse_label(label, task) is None:
+    label = in_label_format(str(value), choices, label_format) if task in CHOICE_TASKS else str(value).strip()
+    if label is None or parse_label(label, task, choices) is None:
         raise DataError(f"{path} record {index}: the gold label {value!r} cannot be read as a {task} answer"
                         + (" (nor matched to one of its choices)" if task in CHOICE_TASKS else ""))
     return label
 
 
-def convert(records: List[dict], task: str, path: str):
+def teacher_fields(rec: dict, i: int, path: str, task: str, choices, parse: str):
+    """(rationale, teacher label as the parse gives it, why the record is unusable or '')."""
+    from engine.runtime.errors import DataError
+
+    if isinstance(rec.get("llm_output"), str):
+        if parse == "authors":
+            return authors_split(rec["llm_output"], task, choices)
+        return parse_teacher_output(rec["llm_output"], task, choices)
+    if not isinstance(rec.get("llm_rationale"), str):
+        raise DataError(f"{path} record {i} has no teacher output ('llm_output' raw text, or 'llm_rationale')")
+    rationale = rec["llm_rationale"].rstrip() if parse == "authors" else rec["llm_rationale"].strip()
+    if not rationale.strip():
+        return None, None, "no_rationale"
+    if rec.get("llm_label") is not None:
+        given = str(rec["llm_label"])
+        if parse == "ours":
+            label = teacher_label(given, task, choices)
+        else:  # as given; "(b) y" as the text of the choice it names
+            label = (in_label_format(given, choices, "text") if task == "CSQA" else None) or given
+        return rationale, label, "" if label else "unreadable_teacher_label"
+    _, label, why = parse_teacher_output(rationale, task, choices)
+    return rationale, label, why
+
+
+def convert(records: List[dict], task: str, path: str, parse: str = "authors", label_format: str = "text"):
     """(training records, counts) from step-by-step records (see the module's docstring)."""
     from engine.runtime.errors import DataError
-    from engine.text.answers import is_correct, parse_label
+    from engine.text.answers import CHOICE_TASKS, choices_in, is_correct, parse_label
 
     out, counts = [], Counter()
     for i, rec in enumerate(records):
@@ -124,27 +241,22 @@ def convert(records: List[dict], task: str, path: str):
         question = rec.get("question", rec.get("input"))
         if not isinstance(question, str) or not question.strip():
             raise DataError(f"{path} record {i} has no question ('question' or 'input')")
-        label = gold_label(rec, i, path, task, choices)
-        if isinstance(rec.get("llm_output"), str):
-            rationale, llm_label, why = parse_teacher_output(rec["llm_output"], task, choices)
-        elif isinstance(rec.get("llm_rationale"), str):
-            rationale, llm_label, why = rec["llm_rationale"].strip(), None, ""
-            if not rationale:
-                why = "no_rationale"
-            elif rec.get("llm_label") is not None:
-                llm_label = teacher_label(str(rec["llm_label"]), task, choices)
-                why = "" if llm_label else "unreadable_teacher_label"
-            else:
-                _, llm_label, why = parse_teacher_output(rationale, task, choices)
-        else:
-            raise DataError(f"{path} record {i} has no teacher output ('llm_output' raw text, or 'llm_rationale')")
+        instruction = format_question(question.strip(), choices)
+        choices = choices or choices_in(instruction)
+        label = gold_label(rec, i, path, task, choices, label_format)
+        rationale, llm_label, why = teacher_fields(rec, i, path, task, choices, parse)
+        # the authors' text label stays as they parse it; ours (a letter) and the letter format convert
+        if not why and task in CHOICE_TASKS and llm_label.strip() and (parse, label_format) != ("authors", "text"):
+            llm_label = in_label_format(llm_label, choices, label_format)
+            why = "" if llm_label is not None else "teacher_label_names_no_choice"
         if why:
             counts[why] += 1
             continue
         counts["kept"] += 1
-        counts["teacher_label_differs_from_gold"] += not is_correct(parse_label(llm_label, task), label, task)
-        item = {"instruction": format_question(question.strip(), choices), "output": rationale, "label": label,
-                "llm_label": llm_label}
+        counts["teacher_label_differs_from_gold"] += not is_correct(parse_label(llm_label, task, choices), label,
+                                                                    task, choices)
+        counts["teacher_label_blank"] += not llm_label.strip()
+        item = {"instruction": instruction, "output": rationale, "label": label, "llm_label": llm_label}
         if "id" in rec:
             item = {"id": rec["id"], **item}
         out.append(item)
@@ -183,7 +295,7 @@ def read_dataset_dir(dataset_dir: str, split: str):
 
 
 def main(output_file: str, input_file: str = None, dataset_dir: str = None, split: str = "train", task: str = None,
-         overwrite: bool = False):
+         overwrite: bool = False, parse: str = "authors", label_format: str = None):
     """Convert step-by-step records (question, choices, gold label, teacher output) into a train.py file.
 
     Args:
@@ -193,10 +305,12 @@ def main(output_file: str, input_file: str = None, dataset_dir: str = None, spli
         split: the split read from dataset_dir (train, test, ...).
         task: GSM8K / SVAMP / ASDiv / CSQA / ARITH: how labels are read (default from dataset_dir's name: cqa, svamp).
         overwrite: replace an existing output_file (never the input_file itself).
+        parse: authors (their split: the rationale without its answer sentence) or ours (the rationale through it).
+        label_format: CSQA labels as text (the choice's text, the authors'; the default) or letter (A-E).
     """
     from engine.runtime.errors import DataError
     from engine.runtime.fileio import atomic_write_text
-    from engine.text.answers import check_task
+    from engine.text.answers import CHOICE_TASKS, check_task
     from engine.text.records import read_records
 
     if (input_file is None) == (dataset_dir is None):
@@ -210,6 +324,13 @@ def main(output_file: str, input_file: str = None, dataset_dir: str = None, spli
             raise DataError("--task is needed to read the labels (GSM8K, SVAMP, ASDiv, CSQA, ARITH)")
         task = DATASET_TASKS[name]
     task = check_task(task)
+    if parse not in PARSES:
+        raise DataError(f"--parse {parse!r} is not one of {', '.join(PARSES)}")
+    if label_format is not None and task not in CHOICE_TASKS:
+        raise DataError(f"--label_format is for multiple-choice tasks (CSQA), not {task}")
+    label_format = label_format or "text"
+    if label_format not in LABEL_FORMATS:
+        raise DataError(f"--label_format {label_format!r} is not one of {', '.join(LABEL_FORMATS)}")
     if os.path.exists(output_file):
         if input_file and os.path.exists(input_file) and os.path.samefile(input_file, output_file):
             raise DataError(f"--output_file {output_file} is the --input_file; write the training file elsewhere")
@@ -221,16 +342,21 @@ def main(output_file: str, input_file: str = None, dataset_dir: str = None, spli
         records, source, _ = read_dataset_dir(dataset_dir, split)
     else:
         records = read_records(input_file, required=())
-    out, counts = convert(records, task, source)
+    out, counts = convert(records, task, source, parse, label_format)
     if not out:
         raise DataError(f"{source}: no record kept a teacher rationale with a readable answer ({dict(counts)})")
     atomic_write_text(output_file, json.dumps(out, indent=1, ensure_ascii=False) + "\n")
-    dropped = {k: counts[k] for k in ("no_answer_sentence", "no_rationale", "unreadable_teacher_label") if counts[k]}
+    dropped = {k: counts[k] for k in ("authors_parser_raises", "no_answer_sentence", "no_rationale",
+                                      "unreadable_teacher_label", "teacher_label_names_no_choice") if counts[k]}
     differ = counts["teacher_label_differs_from_gold"]
     print(f"kept {counts['kept']} of {len(records)} records ({differ} with a teacher label other than the gold one)"
-          + "".join(f"\n  dropped, {k}: {v}" for k, v in dropped.items()))
+          + "".join(f"\n  dropped, {k}: {v}" for k, v in dropped.items())
+          + ("\n  (train.py's --holdout_fraction and --subsample draw from the records kept, so their selection is "
+             "no longer the authors' on these records)" if dropped else ""))
     print(json.dumps({"records": len(records), "kept": counts["kept"], "dropped": dropped,
-                      "teacher_label_differs_from_gold": counts["teacher_label_differs_from_gold"], "task": task,
+                      "teacher_label_differs_from_gold": counts["teacher_label_differs_from_gold"],
+                      "teacher_label_blank": counts["teacher_label_blank"], "parse": parse,
+                      "label_format": label_format if task in CHOICE_TASKS else None, "task": task,
                       "output_file": output_file}))
 
 

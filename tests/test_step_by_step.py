@@ -253,7 +253,9 @@ def test_cli_tp2_train_resume_evaluate_calibrate(sbs, tmp_path):
 
 
 # ----- data --------------------------------------------------------------------------------------
-def test_teacher_text_is_parsed_as_the_authors_meant(tmp_path):
+def test_our_parse_keeps_the_answer_sentence_and_letters(tmp_path):
+    """--parse ours --label_format letter: the rationale through its answer sentence, choice labels as
+    letters; the default (the authors' split, text labels) on the same records."""
     choices = ["bank", "library", "department store", "mall", "new york"]
     raw = "Banks keep money safe behind doors. So the answer is (a) bank.\n\nQ: Where do you keep a book?"
     assert parse_teacher_output(raw, "CSQA", choices) == (
@@ -278,7 +280,14 @@ def test_teacher_text_is_parsed_as_the_authors_meant(tmp_path):
     ]
     src = tmp_path / "raw.json"
     src.write_text(json.dumps(records))
-    prepare_main(str(tmp_path / "out.json"), input_file=str(src), task="CSQA")
+    prepare_main(str(tmp_path / "authors.json"), input_file=str(src), task="CSQA")
+    authors = json.load(open(tmp_path / "authors.json"))
+    assert [(r["output"], r["label"], r["llm_label"]) for r in authors] == [
+        ("Banks keep money safe behind doors.", "bank", "bank"),
+        ("Books sit on shelves.", "library", "department store"),
+        ("y fits best.", "y", "y")]  # "I do not know." has no "So the answer is": the authors' parser raises
+    ours = dict(parse="ours", label_format="letter")
+    prepare_main(str(tmp_path / "out.json"), input_file=str(src), task="CSQA", **ours)
     out = json.load(open(tmp_path / "out.json"))
     assert len(out) == 3
     assert out[0] == {"id": "q1", "instruction": "A revolving door is a security measure at a what?\nAnswer Choices:\n"
@@ -287,11 +296,11 @@ def test_teacher_text_is_parsed_as_the_authors_meant(tmp_path):
                       "llm_label": "A"}
     assert (out[1]["label"], out[1]["llm_label"]) == ("B", "C") and out[2]["llm_label"] == "B"
     with pytest.raises(UserError, match="already exists"):
-        prepare_main(str(tmp_path / "out.json"), input_file=str(src), task="CSQA")
+        prepare_main(str(tmp_path / "out.json"), input_file=str(src), task="CSQA", **ours)
     records[0]["answer"] = "zoo"
     src.write_text(json.dumps(records))
     with pytest.raises(UserError) as e:
-        prepare_main(str(tmp_path / "o2.json"), input_file=str(src), task="CSQA")
+        prepare_main(str(tmp_path / "o2.json"), input_file=str(src), task="CSQA", **ours)
     assert str(e.value) == (f"{src} record 0: the gold label 'zoo' cannot be read as a CSQA answer (nor matched to "
                             f"one of its choices)")
 

@@ -28,7 +28,7 @@ from engine.runtime.errors import UserError
 from engine.runtime.fileio import atomic_open, atomic_write_text, disk_errors
 from engine.runtime.jobs import job as runtime_job
 from engine.runtime.plotting import plot_reliability
-from engine.text.answers import extract_answer, find_answer_span, is_correct
+from engine.text.answers import choices_in, extract_answer, find_answer_span, is_correct
 
 
 def answer_token_index(tokenizer, tokens: List[int], text: str, prediction) -> tuple:
@@ -90,14 +90,15 @@ def run_calibration(job: GenerationJob) -> dict:
             tokens = generated[i]
             answer_tokens = [t for t in tokens if t not in stop_ids]
             text = tok.decode(answer_tokens)
-            prediction = extract_answer(text, f.task)
+            options = choices_in(rec.get("instruction"))  # CSQA answers and labels may be choice texts
+            prediction = extract_answer(text, f.task, options)
             index, found = answer_token_index(tok, answer_tokens, text, prediction)
             if not tokens:  # nothing generated at all (no room): the token the model would start with
                 tokens = [tok.eos_id if tok.eos_id is not None else 0]
             sequences.append(prompts[i] + tokens)
             positions.append(len(prompts[i]) + index)
             lines.append({"id": rec.get("id", i), "index": i, "output": text, "label": rec.get("label"),
-                          "prediction": prediction, "correct": is_correct(prediction, rec.get("label"), f.task),
+                          "prediction": prediction, "correct": is_correct(prediction, rec.get("label"), f.task, options),
                           "answer_token": tok.decode([tokens[index]]), "answer_token_found": found})
         confidences = token_probabilities(model, sequences, positions, tok.padding_id, f.batch_size)
         for line, conf in zip(lines, confidences):

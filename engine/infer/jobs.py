@@ -21,7 +21,7 @@ from engine.runtime.errors import UserError
 from engine.runtime.fileio import atomic_open, atomic_write_text, disk_errors, file_sha256
 from engine.runtime.jobs import job as runtime_job
 from engine.runtime.progress import Progress
-from engine.text.answers import extract_answer, is_correct, label_warning, parse_label, unreadable_labels
+from engine.text.answers import choices_in, extract_answer, is_correct, label_warning, parse_label, unreadable_labels
 from engine.text.prompts import resolve_task_prefix, resolve_template, task_instruction
 from engine.text.records import read_records, validate_training_records
 from engine.text.sequences import IGNORE, pad_batch
@@ -179,8 +179,9 @@ class Lines:
         if "label" in rec:
             line["label"] = rec["label"]
         if f.task:
-            preds = [extract_answer(t, f.task) for t in texts]
-            oks = [is_correct(p, rec.get("label"), f.task) for p in preds]
+            options = choices_in(rec.get("instruction"))  # CSQA answers and labels may be choice texts
+            preds = [extract_answer(t, f.task, options) for t in texts]
+            oks = [is_correct(p, rec.get("label"), f.task, options) for p in preds]
             line["prediction"], line["correct"] = (preds[0], oks[0]) if one else (preds, oks)
         return line
 
@@ -282,7 +283,8 @@ def run_generation(job: GenerationJob) -> None:
 def _accuracy(lines: List[dict], job: GenerationJob) -> Accuracy:
     acc, task, one = Accuracy(), job.flags.task, job.flags.num_samples == 1
     for r in lines:
-        readable = parse_label(job.records[r["index"]].get("label"), task) is not None
+        rec = job.records[r["index"]]
+        readable = parse_label(rec.get("label"), task, choices_in(rec.get("instruction"))) is not None
         preds, oks = ([r["prediction"]], [r["correct"]]) if one else (r["prediction"], r["correct"])
         for p, ok in zip(preds, oks):
             acc.count(p, ok, readable)

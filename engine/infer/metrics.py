@@ -2,6 +2,7 @@
 generation on labelled records during training; rationale BLEU and calibration error."""
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections import Counter
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 from typing import Iterable, List, Optional
 
 from engine.runtime.errors import DataError
-from engine.text.answers import extract_answer, is_correct, parse_label
+from engine.text.answers import choices_in, extract_answer, is_correct, parse_label
 from engine.text.records import read_records
 
 
@@ -24,9 +25,9 @@ class Accuracy:
     def accuracy(self) -> float:
         return self.correct / self.total if self.total else 0.0
 
-    def add(self, prediction: Optional[str], label, task: str) -> bool:
-        ok = is_correct(prediction, label, task)
-        self.count(prediction, ok, parse_label(label, task) is not None)
+    def add(self, prediction: Optional[str], label, task: str, choices=None) -> bool:
+        ok = is_correct(prediction, label, task, choices)
+        self.count(prediction, ok, parse_label(label, task, choices) is not None)
         return ok
 
     def count(self, prediction: Optional[str], ok: bool, label_readable: bool = True) -> None:
@@ -42,10 +43,12 @@ class Accuracy:
         return out
 
 
-def accuracy_of(texts: Iterable[str], labels: Iterable, task: str) -> Accuracy:
+def accuracy_of(texts: Iterable[str], labels: Iterable, task: str, choices: Optional[list] = None) -> Accuracy:
+    """Accuracy of `texts` against `labels`; `choices`, one list (or None) per text, let CSQA answers and
+    labels be choice texts (engine.text.answers.choices_in of each record's instruction)."""
     acc = Accuracy()
-    for text, label in zip(texts, labels):
-        acc.add(extract_answer(text, task), label, task)
+    for text, label, options in zip(texts, labels, choices or itertools.repeat(None)):
+        acc.add(extract_answer(text, task, options), label, task, options)
     return acc
 
 
@@ -177,8 +180,10 @@ def file_accuracy(args) -> dict:
         if "label" not in label:
             raise DataError(f"{args.label_file or args.predictions_file} record {i} lacks the key 'label'")
         value = p.get(args.field, "")
+        options = choices_in(label.get("instruction", p.get("prompt")))  # CSQA labels may be choice texts
         for text in (value if isinstance(value, list) else [value]) or [""]:
-            acc.add(extract_answer(text if isinstance(text, str) else "", args.task), label["label"], args.task)
+            acc.add(extract_answer(text if isinstance(text, str) else "", args.task, options), label["label"],
+                    args.task, options)
     return acc.as_dict()
 
 

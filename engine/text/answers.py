@@ -7,7 +7,10 @@ Values are exact rationals (fractions.Fraction): no float rounding, any number o
 is not a finite number ("nan", "inf") is unreadable, never a crash.
 SVAMP: a label or an answer that is an equation ("( 15.0 - 4.0 )") counts as its value.
 Numbers written in words ("twelve", "one hundred and five") are read where no digits are.
-CSQA: the choice letter A-E of the answer sentence, else the last standalone letter.
+CSQA: the choice letter A-E of the answer sentence, else the last standalone letter; given the
+choices (listed "(a) text" in the instruction, choices_in), an answer or label that is a choice's
+text ("math problem", as the distilling step-by-step authors' labels are) reads as that choice's
+letter, so text and letter labels score alike.
 
 Answer spans (MCC-KD): the response tokens that spell the final answer.
 """
@@ -163,11 +166,42 @@ def equation_value(text: str) -> Optional[Fraction]:
         return None
 
 
-def extract_answer(text: str, task: str) -> Optional[str]:
-    """The answer a model's output states, normalised; None when nothing can be read."""
+_CHOICE_LINE = re.compile(r"^\(([a-eA-E])\) ?(.*)$", re.MULTILINE)
+
+
+def choices_in(instruction) -> Optional[List[str]]:
+    """The choice texts an instruction lists as "(a) text" lines, in letter order from (a); None
+    when it lists none (or not from (a) on)."""
+    lines = _CHOICE_LINE.findall(str(instruction or ""))
+    letters = "".join(letter.lower() for letter, _ in lines)
+    return [text for _, text in lines] if lines and letters == "abcde"[: len(lines)] else None
+
+
+def _same_text(a: str) -> str:
+    return " ".join(str(a).split()).rstrip(".").strip().casefold()
+
+
+def choice_of_text(text, choices) -> Optional[str]:
+    """The letter of the first choice whose text `text` is (case and spacing aside, a final period
+    dropped), or None."""
+    wanted = _same_text(text)
+    for i, c in enumerate(choices or []):
+        if wanted and _same_text(c) == wanted:
+            return "ABCDE"[i]
+    return None
+
+
+def extract_answer(text: str, task: str, choices: Optional[Sequence[str]] = None) -> Optional[str]:
+    """The answer a model's output states, normalised; None when nothing can be read. For CSQA,
+    `choices` (the record's choice texts) let an output that is a choice's text, or whose answer
+    sentence is, read as its letter."""
     task = check_task(task)
     text = text or ""
     sentence = _answer_sentence(text)
+    if task in CHOICE_TASKS and choices:
+        for segment in (text, sentence):
+            if segment and choice_of_text(segment, choices):
+                return choice_of_text(segment, choices)
     if task in EQUATION_TASKS:  # an answer stated as an equation is its value ("The answer is (32 - 5).")
         for segment in (sentence, text):
             if segment and equation_value(segment) is not None:
@@ -187,12 +221,15 @@ def extract_answer(text: str, task: str) -> Optional[str]:
     return None
 
 
-def parse_label(label, task: str) -> Optional[str]:
-    """A gold label in the form extract_answer gives (None when it cannot be read for the task)."""
+def parse_label(label, task: str, choices: Optional[Sequence[str]] = None) -> Optional[str]:
+    """A gold label in the form extract_answer gives (None when it cannot be read for the task); a
+    CSQA label may be a choice's text when `choices` are given."""
     if label is None or isinstance(label, bool):
         return None
     text = str(label).strip()
     if check_task(task) in CHOICE_TASKS:
+        if choice_of_text(text, choices):
+            return choice_of_text(text, choices)
         m = _CHOICE.search(text)
         return (m.group(1) or m.group(2)).upper() if m else None
     value = _to_number(text)
@@ -202,8 +239,10 @@ def parse_label(label, task: str) -> Optional[str]:
 
 
 def unreadable_labels(records, task: str) -> List[int]:
-    """Indices of the records whose 'label' cannot be read as an answer of `task` (scored wrong)."""
-    return [i for i, r in enumerate(records) if parse_label(r.get("label"), task) is None]
+    """Indices of the records whose 'label' cannot be read as an answer of `task` (scored wrong); a
+    CSQA label may be the text of a choice its instruction lists."""
+    return [i for i, r in enumerate(records)
+            if parse_label(r.get("label"), task, choices_in(r.get("instruction"))) is None]
 
 
 def label_warning(bad: List[int], n: int, task: str, path: str) -> str:
@@ -212,8 +251,9 @@ def label_warning(bad: List[int], n: int, task: str, path: str) -> str:
             f"they count as wrong and are reported as unparsable_labels")
 
 
-def is_correct(prediction: Optional[str], label, task: str) -> bool:
-    gold = parse_label(label, task)
+def is_correct(prediction: Optional[str], label, task: str, choices: Optional[Sequence[str]] = None) -> bool:
+    """Whether an extracted answer is the label's (a CSQA label given as a choice's text needs `choices`)."""
+    gold = parse_label(label, task, choices)
     if prediction is None or gold is None:
         return False
     if check_task(task) in CHOICE_TASKS:

@@ -11,7 +11,7 @@ from engine.infer.generation import SamplingParams, complete_prompts
 from engine.infer.metrics import Accuracy, accuracy_of
 from engine.infer.prompting import encode_prompt, prompt_room
 from engine.runtime import distributed
-from engine.text.answers import check_task
+from engine.text.answers import check_task, choices_in
 
 
 class Evaluator:
@@ -42,6 +42,7 @@ class GenerationEvaluator(Evaluator):
         mine = records[info.dp_rank::info.dp_size]
         self.labels = [r.get("label") for r in mine]
         self.instructions = [r["instruction"] for r in mine]
+        self.choices = [choices_in(r["instruction"]) for r in mine]  # CSQA answers and labels may be choice texts
         self._prompts: Dict[int, List[List[int]]] = {}  # room -> encoded prompts, encoded once
 
     def prompts(self, max_seq_len: int) -> List[List[int]]:
@@ -58,7 +59,7 @@ class GenerationEvaluator(Evaluator):
         return [self.tok.decode([t for t in ids if t not in stop]) for ids in new]
 
     def __call__(self, model) -> dict:
-        acc = accuracy_of(self.texts(model), self.labels, self.task)
+        acc = accuracy_of(self.texts(model), self.labels, self.task, self.choices)
         counts = torch.tensor([acc.correct, acc.total, acc.unparsable, acc.unparsable_labels], dtype=torch.float64,
                               device=model.head_weight.device)
         if dist.is_initialized() and self.info.dp_size > 1:

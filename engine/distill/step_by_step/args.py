@@ -15,14 +15,22 @@ class StepByStepArgs(TrainArgs):
 
     OBJECTIVE: ClassVar[str] = "step_by_step"
 
-    alpha: float = flag("step_by_step: weight of the label task; the rationale task gets 1 - alpha (in [0, 1]).",
-                        0.5)
+    alpha: Optional[float] = flag("step_by_step: weight of the label task; the rationale task gets 1 - alpha (in "
+                                  "[0, 1]; default 0.5, with --standard True 1).", None)
     label_type: str = flag("step_by_step: the label task's target: gt (the record's 'label') or llm (its "
                            "'llm_label', else the answer its rationale states).", "gt")
     beta: float = flag("step_by_step: weight of the mutual-information term between the two tasks (0: off).", 0.0)
     mi_estimator: Optional[str] = flag("step_by_step: the MI term's estimator: pooled_ce (cross-entropy of the "
                                        "pooled predictions) or critic (InfoNCE with a learned projection head); "
                                        "default pooled_ce when --beta > 0.", None)
+    standard: bool = flag("step_by_step: the authors' --model_type standard baseline: the same records without "
+                          "task prefixes, the label task alone (fine-tuning with --label_type gt, distillation "
+                          "on the teacher's labels with llm; --alpha 0: the rationale task alone).", False)
+    subsample: float = flag("step_by_step: train on this seeded fraction of --train_file, in (0, 1] (the authors' "
+                            "--subsample: datasets' train_test_split(test_size=1 - F, seed=--seed)['train']).", 1.0)
+    holdout_fraction: float = flag("step_by_step: leave this fraction of the (subsampled) records out of training, "
+                                   "in [0, 1) (the authors' unused 'valid' split: 0.1, with --holdout_seed 0).", 0.0)
+    holdout_seed: int = flag("step_by_step: seed of the --holdout_fraction draw (the authors': 0).", 0)
     eval_rationale_task: bool = flag("step_by_step: each evaluation also decodes the rationale task "
                                      "(rationale_accuracy; rationale_bleu against label_file's 'output').", False)
 
@@ -31,6 +39,13 @@ class StepByStepArgs(TrainArgs):
         from engine.distill.step_by_step.task import StepByStepTask
 
         super().__post_init__()
+        self.check_selection()
+        if self.alpha is None:
+            self.alpha = 1.0 if self.standard else 0.5
+        if self.standard and (self.alpha not in (0.0, 1.0) or self.beta > 0):
+            raise UserError(f"--standard True trains one task without task prefixes: --alpha must be 1 (the label "
+                            f"task, the default) or 0 (the rationale task) and --beta 0; got --alpha {self.alpha} "
+                            f"--beta {self.beta}")
         if self.mi_estimator is not None and self.beta == 0:
             raise UserError(f"--mi_estimator {self.mi_estimator} has no effect with --beta 0; pass --beta > 0 to "
                             f"add the mutual-information term")
@@ -43,13 +58,29 @@ class StepByStepArgs(TrainArgs):
             raise UserError("--label_type llm has no effect with --alpha 0 and --beta 0 (the label task is not "
                             "trained)")
 
+    def check_selection(self):
+        if not 0 < self.subsample <= 1:
+            raise UserError(f"--subsample must be in (0, 1] (the fraction of --train_file trained on), got "
+                            f"{self.subsample}")
+        if not 0 <= self.holdout_fraction < 1:
+            raise UserError(f"--holdout_fraction must be in [0, 1) (the fraction left out of training), got "
+                            f"{self.holdout_fraction}")
+
+    def task_prefixes(self) -> Optional[dict]:
+        """The prefixes telling the tasks apart: the authors' predict: / explain:, none for --standard."""
+        from engine.text.prompts import TASK_PREFIXES
+
+        return {name: "" for name in TASK_PREFIXES} if self.standard else None
+
     def make_task(self, records, tokenizer, max_len: int, info):
-        from engine.distill.step_by_step.data import StepByStepData
+        from engine.distill.step_by_step.data import StepByStepData, authors_training_indices
         from engine.distill.step_by_step.task import StepByStepTask
 
         passes = StepByStepTask.passes_for(self.alpha, self.beta)
+        selected = authors_training_indices(len(records), self.subsample, self.seed, self.holdout_fraction,
+                                            self.holdout_seed)
         data = StepByStepData(records, tokenizer, max_len, self.template, self.seed, self.train_file, self.task,
-                              self.label_type, passes)
+                              self.label_type, passes, self.task_prefixes(), selected)
         if info.is_main:
             print(f"{self.train_file}: {data.describe()}", flush=True)
         critic_dim = 0
@@ -68,4 +99,4 @@ class StepByStepArgs(TrainArgs):
         from engine.distill.step_by_step.evaluator import StepByStepEvaluator
 
         return StepByStepEvaluator(records, tokenizer, self.task, info, self.eval_batch_size, self.max_new_tokens,
-                                   self.template, self.eval_rationale_task)
+                                   self.template, self.eval_rationale_task, self.task_prefixes())

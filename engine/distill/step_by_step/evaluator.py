@@ -16,11 +16,11 @@ class StepByStepEvaluator(Evaluator):
     records' 'output' (rationale_bleu, when the records carry teacher rationales)."""
 
     def __init__(self, records, tokenizer, task: str, info, batch_size: int = 64, max_new_tokens: int = 256,
-                 template: str = "default", rationale_task: bool = False):
+                 template: str = "default", rationale_task: bool = False, prefixes: dict = None):
         from engine.text.prompts import task_instruction
 
-        def prefixed(name):
-            return [{**r, "instruction": task_instruction(r["instruction"], name)} for r in records]
+        def prefixed(name):  # the task prefixes the model is trained with (the authors' predict: / explain:)
+            return [{**r, "instruction": task_instruction(r["instruction"], name, prefixes)} for r in records]
 
         self.info = info
         self.label = GenerationEvaluator(prefixed("label"), tokenizer, task, info, batch_size, max_new_tokens, template)
@@ -35,7 +35,7 @@ class StepByStepEvaluator(Evaluator):
         if self.rationale is None:
             return result
         texts = self.rationale.texts(model)
-        acc = accuracy_of(texts, self.rationale.labels, self.rationale.task)
+        acc = accuracy_of(texts, self.rationale.labels, self.rationale.task, self.rationale.choices)
         stats = [acc.correct, acc.total, acc.unparsable]
         if self.with_bleu:
             pairs = [(t, refs) for t, refs in zip(texts, self.references) if refs]

@@ -41,7 +41,8 @@ class StepByStepTask(Task):
         self.data, self.device, self.estimator = data, device, estimator
         self.weights = {name: w for name, w in (("label", alpha), ("rationale", 1.0 - alpha), ("mi", beta)) if w > 0}
         self.pad_id = data.tok.padding_id
-        self.task_prefixes = dict(data.prefixes)  # recorded with every saved model, for infer.py
+        # recorded with every saved model, for infer.py (none for the authors' standard model: no prefixes)
+        self.task_prefixes = dict(data.prefixes) if any(data.prefixes.values()) else None
         self.critic = MICritic(hidden_dim, seed, device) if beta > 0 and estimator == "critic" else None
 
     @staticmethod
