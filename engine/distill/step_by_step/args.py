@@ -79,6 +79,9 @@ class StepByStepArgs(TrainArgs):
         passes = StepByStepTask.passes_for(self.alpha, self.beta)
         selected = authors_training_indices(len(records), self.subsample, self.seed, self.holdout_fraction,
                                             self.holdout_seed)
+        if not selected:
+            raise UserError(f"--subsample {self.subsample} and --holdout_fraction {self.holdout_fraction} leave none "
+                            f"of the {len(records)} records of {self.train_file} to train on")
         data = StepByStepData(records, tokenizer, max_len, self.template, self.seed, self.train_file, self.task,
                               self.label_type, passes, self.task_prefixes(), selected)
         if info.is_main:

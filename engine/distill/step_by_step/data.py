@@ -54,7 +54,7 @@ def train_test_split_indices(n: int, test_size: float, seed: int) -> Tuple[List[
     test_size=<float>, seed=seed) draws them (huggingface/datasets src/datasets/arrow_dataset.py @ b7cb10b0:
     n_test = ceil(test_size * n) :5126, n_train = n - n_test :5136, np.random.default_rng(seed) :5164,
     permutation = generator.permutation(n); test = permutation[:n_test], train = the rest :5226-5228)."""
-    n_test = math.ceil(test_size * n)
+    n_test = min(math.ceil(test_size * n), n)  # datasets refuses an empty train part; the caller says so
     permutation = np.random.default_rng(seed).permutation(n).tolist()
     return permutation[n_test:], permutation[:n_test]
 
