@@ -1,0 +1,128 @@
+"""Break distilling step-by-step's data, labels, selection and evaluation on purpose, one breakage at a
+time, and check that a test fails (issue 21: tests must be able to fail). Each mutation replaces one
+snippet of the source, runs the tests named for it, and restores the file, whatever happens.
+
+  .venv/bin/python tests/mutations_step_by_step.py [--only NAME,NAME] [--list]
+
+Prints one line per mutation (caught by which test, or NOT CAUGHT) and exits 1 if any is not caught.
+Do not edit or commit the tree while it runs: the file under test is rewritten meanwhile."""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+A = "tests/test_step_by_step_authors.py"
+S = "tests/test_step_by_step.py"
+CONVERTER = "data/prepare_step_by_step.py"
+DATA = "engine/distill/step_by_step/data.py"
+ARGS = "engine/distill/step_by_step/args.py"
+
+# (name, file, old snippet, new snippet, tests: pytest node ids)
+MUTATIONS = [
+    ("--label_type llm ignores llm_label", DATA,
+     '        label = rec["llm_label"]\n', '        label = rec["label"]\n',
+     [f"{A}::test_label_type_llm_trains_on_the_teachers_label",
+      f"{A}::test_the_label_task_trains_and_scores_text_labels"]),
+    ("the training evaluator drops the predict: prefix", "engine/distill/step_by_step/evaluator.py",
+     '"instruction": task_instruction(r["instruction"], name, prefixes)}', '"instruction": r["instruction"]}',
+     [f"{A}::test_the_evaluator_decodes_the_label_task_with_its_prefix"]),
+    ("CQA split keeps the answer sentence", CONVERTER,
+     "    rationale, label = rationale_label.split('So the answer is')\n    rationale = rationale.rstrip()",
+     "    rationale, label = rationale_label.split('So the answer is')\n"
+     "    rationale = (rationale + 'So the answer is' + label).rstrip()",
+     [f"{A}::test_the_authors_split_on_their_own_cqa_data",
+      f"{S}::test_our_parse_keeps_the_answer_sentence_and_letters"]),
+    ("CQA split at the last 'Q:' instead of the first", CONVERTER,
+     "    rationale_label = output.split('Q:')[0]\n    rationale_label = rationale_label.rstrip()\n"
+     "    rationale, label = rationale_label.split('So the answer is')",
+     "    rationale_label = output.rsplit('Q:', 1)[0] if output.count('Q:') > 1 else output.split('Q:')[0]\n"
+     "    rationale_label = rationale_label.rstrip()\n"
+     "    rationale, label = rationale_label.split('So the answer is')",
+     [f"{A}::test_the_authors_split_on_their_own_cqa_data"]),
+    ("SVAMP split at 'the answer is' whatever its case", CONVERTER,
+     "        rationale, label = rationale_label.split('The answer is')",
+     "        rationale, label = re.split('[Tt]he answer is', rationale_label)",
+     [f"{A}::test_the_authors_split_on_svamp_cases"]),
+    ("converter writes CSQA letters by default", CONVERTER,
+     'label_format = label_format or "text"', 'label_format = label_format or "letter"',
+     [f"{A}::test_the_authors_split_on_their_own_cqa_data",
+      f"{S}::test_our_parse_keeps_the_answer_sentence_and_letters"]),
+    ("authors' text labels normalised to the choice's spelling", CONVERTER,
+     'and (parse, label_format) != ("authors", "text"):', ":",
+     [f"{A}::test_the_authors_split_on_their_own_cqa_data"]),
+    ("a text answer is not read through the choices", "engine/text/answers.py",
+     "    if task in CHOICE_TASKS and choices:", "    if task in CHOICE_TASKS and choices and False:",
+     [f"{A}::test_a_text_answer_reads_as_its_choice", f"{A}::test_the_label_task_trains_and_scores_text_labels"]),
+    ("the training evaluator scores without the choices", "engine/train/evaluator.py",
+     "accuracy_of(self.texts(model), self.labels, self.task, self.choices)",
+     "accuracy_of(self.texts(model), self.labels, self.task)",
+     [f"{A}::test_the_label_task_trains_and_scores_text_labels"]),
+    ("held-out count rounded instead of ceil", DATA,
+     "n_test = min(math.ceil(test_size * n), n)", "n_test = min(round(test_size * n), n)",
+     [f"{A}::test_the_authors_selection_is_datasets_train_test_split"]),
+    ("held-out part taken from the permutation's end", DATA,
+     "return permutation[n_test:], permutation[:n_test]",
+     "return permutation[:n - n_test], permutation[n - n_test:]",
+     [f"{A}::test_the_authors_selection_is_datasets_train_test_split"]),
+    ("--subsample drawn with seed 0 whatever --seed", ARGS,
+     "authors_training_indices(len(records), self.subsample, self.seed, self.holdout_fraction,",
+     "authors_training_indices(len(records), self.subsample, 0, self.holdout_fraction,",
+     [f"{A}::test_held_out_and_subsampled_records_are_never_trained_on"]),
+    ("held-out records trained on anyway", ARGS,
+     "self.label_type, passes, self.task_prefixes(), selected)", "self.label_type, passes, self.task_prefixes())",
+     [f"{A}::test_held_out_and_subsampled_records_are_never_trained_on"]),
+    ("--standard keeps the task prefixes", ARGS,
+     'return {name: "" for name in TASK_PREFIXES} if self.standard else None', "return None",
+     [f"{A}::test_standard_is_plain_fine_tuning_without_prefixes"]),
+]
+
+
+def run_tests(tests):
+    """Run each test (stop at the first failure); returns the failing test or None."""
+    for t in tests:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", t], cwd=ROOT,
+                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if proc.returncode != 0:
+            return t
+    return None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="")
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args()
+    chosen = [m for m in MUTATIONS if not args.only or any(o.strip() in m[0] for o in args.only.split(","))]
+    if args.list:
+        for m in chosen:
+            print(m[0])
+        return 0
+    missed = 0
+    for name, path, old, new, tests in chosen:
+        full = os.path.join(ROOT, path)
+        original = open(full).read()
+        if original.count(old) != 1:
+            print(f"SNIPPET NOT FOUND ONCE  {name} ({path})", flush=True)
+            missed += 1
+            continue
+        t0 = time.time()
+        try:
+            with open(full, "w") as f:
+                f.write(original.replace(old, new))
+            caught = run_tests(tests)
+        finally:
+            with open(full, "w") as f:
+                f.write(original)
+        short = caught.removeprefix("tests/") if caught else None
+        print(f"{'caught' if caught else 'NOT CAUGHT':10s} {name}  <- {short or ', '.join(tests)} "
+              f"({time.time() - t0:.0f} s)", flush=True)
+        missed += caught is None
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
