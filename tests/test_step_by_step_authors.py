@@ -220,6 +220,42 @@ def test_the_label_task_trains_and_scores_text_labels(tiny_tokenizer, tmp_path):
     assert file_accuracy(args)["correct"] == 1
 
 
+def test_infer_scores_text_labels_through_the_choices(run_dir, dist1, tmp_path):
+    """infer.py (generation with --task, and calibration) reads a CSQA label given as a choice's text:
+    an output that is the text of the labelled choice is right, another choice's text wrong. The
+    choice (c) is set to what the model answers when (c) is listed so (a fixed point of one token)."""
+    import infer
+
+    job = {"ckpt_dir": str(run_dir / "m1"), "template": "none", "max_new_tokens": 1}
+
+    def record(i, text):
+        listed = "\n".join(f"({x}) {c}" for x, c in zip("abcde", ["zq", "other", text, "wz", "qq"]))
+        return {"instruction": f"Question {i} ?\nAnswer Choices:\n{listed}", "label": text}
+
+    records = []
+    for i in range(6):
+        text = "start"
+        for step in range(6):
+            (tmp_path / "q.json").write_text(json.dumps([record(i, text)]))
+            infer.generate(**job, data_file=str(tmp_path / "q.json"), output_file=str(tmp_path / f"q{i}{step}.jsonl"),
+                           progress=False)
+            said = json.loads(open(tmp_path / f"q{i}{step}.jsonl").readline())["output"]
+            if said == text or not said.strip() or "\n" in said:
+                break
+            text = said
+        if said == text and text.strip() and text.strip() == text:
+            records.append(record(i, text))
+    assert records, "no fixed point found"
+    records.append({**records[0], "label": "other"})
+    data = tmp_path / "csqa.json"
+    data.write_text(json.dumps(records))
+    expected = [True] * (len(records) - 1) + [False]
+    infer.generate(**job, data_file=str(data), output_file=str(tmp_path / "g.jsonl"), task="CSQA", progress=False)
+    assert [json.loads(line)["correct"] for line in open(tmp_path / "g.jsonl")] == expected
+    infer.calibration(**job, data_file=str(data), output_file=str(tmp_path / "c.jsonl"), task="CSQA")
+    assert [json.loads(line)["correct"] for line in open(tmp_path / "c.jsonl")] == expected
+
+
 def test_the_evaluator_decodes_the_label_task_with_its_prefix(tiny_tokenizer):
     """Evaluation in training prompts the label task as it was trained: 'predict: ' + the instruction
     (the authors' T5 prefix, run.py:140), the rationale task 'explain: '; --standard: no prefix."""
