@@ -4,11 +4,15 @@ generated task with teacher rationales; a tiny LLaMA from scratch, same budget, 
 The task: sums of three numbers 0-9 ("What is 4 + 7 + 9 ?", 1,000 possible questions), few training
 questions; the "teacher" writes a rationale ("4 + 7 = 11 . 11 + 9 = 20 . Therefore, the answer is
 20 .") as raw text running on into its next few-shot question, which data/prepare_step_by_step.py
-parses into the step-by-step layout. Arms (same optimizer steps, same questions per step):
-  sft_labels     train.py --objective sft on question -> label (no rationales)
-  step_by_step   --objective step_by_step --alpha A
-  mi_pooled_ce   the same plus --beta B --mi_estimator pooled_ce
-  mi_critic      the same plus --beta B --mi_estimator critic
+parses into the step-by-step layout, twice: our split (--parse ours: the rationale keeps its answer
+sentence) and the authors' (--parse authors: the rationale without it). Arms (same optimizer steps,
+same questions per step):
+  sft_labels            train.py --objective sft on question -> label (no rationales; the authors'
+                        --model_type standard, = --objective step_by_step --standard True)
+  step_by_step          --objective step_by_step --alpha A, on our split
+  step_by_step_authors  the same on the authors' split
+  mi_pooled_ce          step_by_step plus --beta B --mi_estimator pooled_ce
+  mi_critic             step_by_step plus --beta B --mi_estimator critic
 Each run is scored on the held-out questions by greedy decoding of the label (the label task for
 the step-by-step arms), and `infer.py calibration` gives the ECE of the first answer token's
 probability (10 equal-width bins). The step-by-step arms do twice the forward work per step
@@ -32,7 +36,8 @@ from bench.runs import mean_and_spread, run_script  # noqa: E402
 
 def main(seeds="0,1,2", steps: int = 300, questions_per_step: int = 32, lr: float = 3e-3, alpha: float = 0.5,
          beta: float = 0.1, n_train: int = 300, n_test: int = 200, model_type: str = "tiny-llama",
-         arms: str = "sft_labels,step_by_step,mi_pooled_ce,mi_critic", out: str = "runs/sbs_experiment"):
+         arms: str = "sft_labels,step_by_step,step_by_step_authors,mi_pooled_ce,mi_critic",
+         out: str = "runs/sbs_experiment"):
     """Run every arm for every seed; print held-out label accuracy and ECE (mean +- sd over seeds).
 
     Args:
@@ -44,7 +49,7 @@ def main(seeds="0,1,2", steps: int = 300, questions_per_step: int = 32, lr: floa
         beta: the MI term's weight in the mi_* arms.
         n_train, n_test: questions in the generated splits.
         model_type: registry preset of the student.
-        arms: comma-separated subset of sft_labels, step_by_step, mi_pooled_ce, mi_critic.
+        arms: comma-separated subset of sft_labels, step_by_step, step_by_step_authors, mi_pooled_ce, mi_critic.
         out: output directory (data, runs, results.json, results.md).
     """
     seeds = [int(s) for s in str(seeds).split(",")] if not isinstance(seeds, (list, tuple)) else list(seeds)
@@ -61,8 +66,10 @@ def main(seeds="0,1,2", steps: int = 300, questions_per_step: int = 32, lr: floa
     with open(os.path.join(data, "teacher_raw.json"), "w") as f:
         json.dump(raw, f)
     sbs_file, labels_file = os.path.join(data, "step_by_step.json"), os.path.join(data, "labels_only.json")
-    run_script(["data/prepare_step_by_step.py", "--input_file", os.path.join(data, "teacher_raw.json"), "--output_file",
-          sbs_file, "--task", "ARITH", "--overwrite", "True"], env)
+    authors_file = os.path.join(data, "step_by_step_authors.json")
+    for parse, path in (("ours", sbs_file), ("authors", authors_file)):
+        run_script(["data/prepare_step_by_step.py", "--input_file", os.path.join(data, "teacher_raw.json"),
+                    "--output_file", path, "--task", "ARITH", "--parse", parse, "--overwrite", "True"], env)
     with open(labels_file, "w") as f:
         json.dump([{"instruction": r["instruction"], "output": r["label"]} for r in json.load(open(sbs_file))], f)
     tok = os.path.join(out, "tokenizer.model")
@@ -72,7 +79,8 @@ def main(seeds="0,1,2", steps: int = 300, questions_per_step: int = 32, lr: floa
               "30", "--template", "none", "--max_seq_len", "96", "--max_new_tokens", "8", "--eval_batch_size", "200",
               "--max_batch_size", str(questions_per_step), "--keep_checkpoints", "1"]
     sbs = ["--objective", "step_by_step", "--train_file", sbs_file, "--alpha", str(alpha)]
-    arm_flags = {"sft_labels": ["--train_file", labels_file], "step_by_step": sbs,
+    authors = ["--objective", "step_by_step", "--train_file", authors_file, "--alpha", str(alpha)]
+    arm_flags = {"sft_labels": ["--train_file", labels_file], "step_by_step": sbs, "step_by_step_authors": authors,
                  "mi_pooled_ce": sbs + ["--beta", str(beta), "--mi_estimator", "pooled_ce"],
                  "mi_critic": sbs + ["--beta", str(beta), "--mi_estimator", "critic"]}
     results = {}
@@ -96,7 +104,7 @@ def main(seeds="0,1,2", steps: int = 300, questions_per_step: int = 32, lr: floa
             results.setdefault(arm, {})[seed] = {"accuracy": evals[-1]["accuracy"], "ece": cal["ece"],
                                                  "mean_confidence": cal["mean_confidence"],
                                                  "calibration_accuracy": cal["accuracy"], "train_s": round(train_s, 1)}
-            print(f"seed {seed} {arm:13s} accuracy {evals[-1]['accuracy']:.3f} ({evals[-1]['correct']}/"
+            print(f"seed {seed} {arm:20s} accuracy {evals[-1]['accuracy']:.3f} ({evals[-1]['correct']}/"
                   f"{evals[-1]['total']}) ECE {cal['ece']:.3f} mean confidence {cal['mean_confidence']:.3f} "
                   f"({train_s:.0f} s)", flush=True)
     summary = {}
