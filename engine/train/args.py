@@ -80,6 +80,17 @@ class _EvalFlags(ModelFlags, _DataFlags):
         "prompt template: default or none (recorded with every saved checkpoint for infer.py).", "default"
     )
     max_eval_examples: int = flag("evaluate on the first N label_file records only (0: all).", 0)
+    scoring: str = flag(
+        "how evaluation scores an answer (and so picks best/): ours (the answer the output states, by exact "
+        "value) or exact (the whole output must equal the label string; SVAMP / ASDiv: Python arithmetic "
+        "values compared with ==, as distilling step-by-step scores).",
+        "ours",
+    )
+    report: str = flag(
+        "evaluation lines: ours (accuracy = correct / all) or authors (also accuracy_answered = correct / "
+        "answered and answered, the MCC-KD authors' accuracy).",
+        "ours",
+    )
     formats: Optional[str] = flag(
         "data formats to train on, comma separated (icl_answer, icl_cot, zs_answer, zs_cot: "
         "records from data/make_formats.py); each batch holds one format (default: every "
@@ -104,7 +115,12 @@ class TrainArgs(ParallelFlags, _EvalFlags):
         from engine.text.prompts import format_prompt
 
         super().__post_init__()
+        from engine.infer.metrics import check_report
+        from engine.text.answers import check_scoring
+
         self.task = check_task(self.task)
+        check_scoring(self.scoring)
+        check_report(self.report)
         format_prompt("", self.template)
         for name in ("eval_batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
@@ -129,7 +145,15 @@ class TrainArgs(ParallelFlags, _EvalFlags):
         from engine.train.evaluator import GenerationEvaluator
 
         return GenerationEvaluator(
-            records, tokenizer, self.task, info, self.eval_batch_size, self.max_new_tokens, self.template
+            records,
+            tokenizer,
+            self.task,
+            info,
+            self.eval_batch_size,
+            self.max_new_tokens,
+            self.template,
+            self.scoring,
+            self.report,
         )
 
 

@@ -92,4 +92,6 @@ class StepByStepArgs(TrainArgs):
             self.max_new_tokens,
             self.template,
             self.eval_rationale_task,
+            self.scoring,
+            self.report,
         )
