@@ -92,8 +92,9 @@ def python_arithmetic(text: str):
             return _PY_OPS[type(node.op)](left, right)
         raise ValueError(node)
 
-    try:  # eval() strips spaces and tabs at both ends (not newlines)
-        return value(ast.parse(str(text).strip(" \t"), mode="eval").body)
+    body = str(text).strip(" \t")  # as eval() reads it: spaces and tabs at both ends dropped (not newlines)
+    try:
+        return value(ast.parse(body, mode="eval").body)
     except (SyntaxError, ValueError, TypeError, ZeroDivisionError, OverflowError, RecursionError, MemoryError):
         return None
 
