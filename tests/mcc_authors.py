@@ -10,6 +10,7 @@ the next tokens (DEC23 src/trainer.py:59-73, `labels[i, instr_len - 1 : instr_le
 = output_ids`), the same as ours; indices [s, e) count over those tokens, as our whole-sequence spans
 do (MultiRationaleData.example)."""
 
+import re
 from typing import Optional, Sequence
 
 import torch
@@ -105,3 +106,20 @@ def head_accuracy(predictions: Sequence[Optional[str]], correct: Sequence[bool])
         else:
             meter.append(1 if ok else 0)  # :192-197
     return {"accuracy": sum(meter) / len(meter) if meter else 0.0, "miss": miss, "answered": len(meter)}
+
+
+def dec23_extract_predict(output: str, task: str) -> list:
+    """DEC23 src/evaluator.py:44-59 (extract_predict): the last line of output.strip(); numeric
+    tasks every (-?\\d+)(,?\\d+)?(\\.\\d+)? match joined (commas kept), choice tasks every A-G."""
+    _output = output.strip()  # :45
+    endline = _output.split("\n")[-1]  # :47
+    if task == "CSQA":  # ANSWER_TYPE_CHOICE
+        matches = re.findall(r"[A-G]", endline)  # :51
+    else:  # ANSWER_TYPE_NUMERIC
+        matches = re.findall(r"(-?\d+)(,?\d+)?(\.\d+)?", endline)  # :49
+    return ["".join(match) for match in matches]  # :56-58
+
+
+def dec23_hit(output: str, label: str, task: str) -> bool:
+    """DEC23 src/evaluator.py:61-67: a hit when the label is the last prediction."""
+    return label in dec23_extract_predict(output, task)[-1:]  # :65

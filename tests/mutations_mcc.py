@@ -130,6 +130,20 @@ MUTATIONS = [
         [SCORING],
     ),
     (
+        "mcc scoring reads the whole output, not its last line",
+        "engine/text/answers.py",
+        'endline = str(text).strip().split("\\n")[-1]',
+        "endline = str(text).strip()",
+        [SCORING],
+    ),
+    (
+        "mcc scoring takes the first match of the line",
+        "engine/text/answers.py",
+        "return matches[-1] if matches else None",
+        "return matches[0] if matches else None",
+        [SCORING],
+    ),
+    (
         "infer.py evaluate ignores --scoring",
         "engine/infer/metrics.py",
         'acc.add(extract_answer(text, args.task, args.scoring), label["label"], args.task, args.scoring)',

@@ -17,7 +17,7 @@ from engine.infer.metrics import Accuracy, accuracy_of
 from engine.runtime.errors import UserError
 from engine.text.answers import extract_answer, is_correct, parse_label, python_arithmetic
 from engine.text.prompts import task_instruction
-from tests.mcc_authors import head_accuracy
+from tests.mcc_authors import dec23_hit, head_accuracy
 
 
 # ----- distilling step-by-step's metrics, written out from their code ---------------------------
@@ -99,8 +99,34 @@ def test_exact_reads_whitespace_at_the_ends_only():
     assert not is_correct(extract_answer("math  problem", "CSQA", "exact"), "math problem", "CSQA", "exact")
     assert extract_answer("  ", "GSM8K", "exact") is None and parse_label("", "GSM8K", "exact") is None
     assert parse_label("The answer is 3", "SVAMP", "exact") is None  # not arithmetic: unreadable as a label
-    with pytest.raises(UserError, match="--scoring must be ours or exact, got 'strict'"):
+    with pytest.raises(UserError, match="--scoring must be ours, exact or mcc, got 'strict'"):
         extract_answer("1", "GSM8K", "strict")
+
+
+# ----- the MCC-KD authors' answer reading (DEC23 src/evaluator.py:44-70) -------------------------
+MCC_CASES = [  # (output, label, task, ours)
+    ("18 + 2 = 20 .\nTherefore, the answer is 20 .", "20", "GSM8K", True),
+    ("Therefore, the answer is 20 .\nThat was easy.", "20", "GSM8K", True),  # theirs: the last line only
+    ("The answer is 1,000 .", "1000", "GSM8K", True),  # commas kept
+    ("The answer is 1,000 .", "1,000", "GSM8K", True),
+    ("The answer is 20 , not 21 .", "20", "GSM8K", False),  # both read the last number
+    ("The answer is 3.50 .", "3.5", "GSM8K", True),
+    ("Answer: (B)", "B", "CSQA", True),  # the A of "Answer" is read before (B): the last one is B
+    ("The answer is (B) . A good choice .", "B", "CSQA", True),
+    ("So the answer is 7 .", "7", "SVAMP", True),
+    ("So the answer is twelve .", "12", "SVAMP", True),  # no digits on the line
+    ("", "7", "SVAMP", False),
+]
+
+
+@pytest.mark.parametrize("output, label, task, ours", MCC_CASES)
+def test_mcc_scoring_is_the_mcc_kd_authors_reading(output, label, task, ours):
+    assert is_correct(extract_answer(output, task, "mcc"), label, task, "mcc") == dec23_hit(output, label, task)
+    assert is_correct(extract_answer(output, task), label, task) == ours
+
+
+def test_the_mcc_cases_are_ones_where_the_readings_differ():
+    assert sum(dec23_hit(o, lbl, t) != ours for o, lbl, t, ours in MCC_CASES) >= 5
 
 
 # ----- the MCC-KD authors' accuracy (HEAD src/evaluator.py:189-197) -----------------------------
@@ -143,7 +169,8 @@ def test_infer_evaluate_scoring_and_report(tmp_path, capsys):
         dss_correct(r["output"], r["label"], "SVAMP") for r in rows
     )
     assert exact["unparsable"] == 2 and exact["answered"] == 3 and exact["accuracy_answered"] == 2 / 3
-    with pytest.raises(UserError, match="--scoring must be ours or exact"):
+    assert evaluate(scoring="mcc")["correct"] == 0  # no line of these ends in the label's number as written
+    with pytest.raises(UserError, match="--scoring must be ours, exact or mcc"):
         infer.evaluate(task="SVAMP", predictions_file=str(preds), scoring="eval")
 
 

@@ -27,8 +27,9 @@ _CPU_OR_CUDA = "cpu or cuda (default: cuda when every process on this node has a
 _TASK_PREFIX = "a step-by-step model's task: label (the default for such a model) or rationale."
 _TASKS = "GSM8K / SVAMP / ASDiv / CSQA / ARITH"
 _SCORING = (
-    "ours (the answer the output states, compared by exact value) or exact (the whole output must equal the "
-    "label string; SVAMP / ASDiv: Python arithmetic values compared with ==, as distilling step-by-step scores)."
+    "ours (the answer the output states, compared by exact value), exact (the whole output must equal the "
+    "label string; SVAMP / ASDiv: Python arithmetic values compared with ==, as distilling step-by-step "
+    "scores) or mcc (the last number of the last line, as written, equal to the label: MCC-KD's code)."
 )
 _REPORT = (
     "ours (accuracy = correct / all) or authors (also accuracy_answered = correct / answered and answered: "

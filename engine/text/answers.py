@@ -13,6 +13,9 @@ Scoring `exact` (--scoring exact, for reproducing distilling step-by-step; ours 
 default): the whole output, whitespace at its ends aside, must equal the label string, as the
 authors compare decoded predictions and labels (metrics.py:47); for SVAMP and ASDiv both are
 evaluated as Python arithmetic and their values compared with == (metrics.py:30-36, 86; run.py:194-197).
+Scoring `mcc` (for reproducing MCC-KD): the MCC-KD authors' runnable code's reading (DEC23
+src/evaluator.py:44-70): the last number of the output's last line as written (commas kept), or
+for CSQA its last capital A-G, equal to the label string.
 
 Answer spans (MCC-KD): the response tokens that spell the final answer.
 """
@@ -32,7 +35,7 @@ NUMERIC_TASKS = ("GSM8K", "SVAMP", "ASDIV", "ARITH", "MULT")
 CHOICE_TASKS = ("CSQA",)
 TASKS = NUMERIC_TASKS + CHOICE_TASKS
 EQUATION_TASKS = ("SVAMP",)  # labels (and label-task outputs) may be equations, compared by their value
-SCORINGS = ("ours", "exact")
+SCORINGS = ("ours", "exact", "mcc")
 EXACT_EQUATION_TASKS = ("SVAMP", "ASDIV")  # step-by-step's run.py:194-197 scores these by eval()
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _ANSWER_PHRASE = re.compile(r"answer\s*(?:is|:|=)", re.IGNORECASE)
@@ -58,7 +61,7 @@ def check_task(task: str) -> str:
 
 def check_scoring(scoring: str) -> str:
     if scoring not in SCORINGS:
-        raise UserError(f"--scoring must be ours or exact, got {scoring!r}")
+        raise UserError(f"--scoring must be ours, exact or mcc, got {scoring!r}")
     return scoring
 
 
@@ -108,6 +111,21 @@ def _exact_answer(text, task: str) -> Optional[str]:
         body = str(text).strip(" \t")
         return body if python_arithmetic(body) is not None else None
     return str(text).strip() or None
+
+
+_MCC_NUMBER = re.compile(r"(-?\d+)(,?\d+)?(\.\d+)?")
+
+
+def _mcc_answer(text, task: str) -> Optional[str]:
+    """The MCC-KD authors' reading (DEC23 src/evaluator.py:44-59): only the last line of the output;
+    the last of its numbers, written as matched (commas kept), or for CSQA the last of its capital
+    letters A-G (inside words too); None when the line has none."""
+    endline = str(text).strip().split("\n")[-1]
+    if check_task(task) in CHOICE_TASKS:
+        matches = re.findall(r"[A-G]", endline)
+    else:
+        matches = ["".join(m) for m in _MCC_NUMBER.findall(endline)]
+    return matches[-1] if matches else None
 
 
 def _answer_sentence(text: str) -> Optional[str]:
@@ -240,6 +258,8 @@ def extract_answer(text: str, task: str, scoring: str = "ours") -> Optional[str]
     task = check_task(task)
     if check_scoring(scoring) == "exact":
         return _exact_answer(text or "", task)
+    if scoring == "mcc":
+        return _mcc_answer(text or "", task)
     text = text or ""
     sentence = _answer_sentence(text)
     if task in EQUATION_TASKS:  # an answer stated as an equation is its value ("The answer is (32 - 5).")
@@ -265,6 +285,8 @@ def parse_label(label, task: str, scoring: str = "ours") -> Optional[str]:
     """A gold label in the form extract_answer gives (None when it cannot be read for the task)."""
     if check_scoring(scoring) == "exact":
         return _exact_answer(label, task)
+    if scoring == "mcc":  # their labels are compared as the files write them
+        return str(label) if label is not None and not isinstance(label, bool) and str(label) else None
     if label is None or isinstance(label, bool):
         return None
     text = str(label).strip()
@@ -300,7 +322,7 @@ def is_correct(prediction: Optional[str], label, task: str, scoring: str = "ours
             value = python_arithmetic(prediction)
             return value is not None and value == python_arithmetic(gold)
         return prediction == gold
-    if check_task(task) in CHOICE_TASKS:
+    if scoring == "mcc" or check_task(task) in CHOICE_TASKS:
         return gold == prediction
     pred = _to_number(prediction)
     return pred is not None and pred == _to_number(gold)

@@ -82,8 +82,9 @@ class _EvalFlags(ModelFlags, _DataFlags):
     max_eval_examples: int = flag("evaluate on the first N label_file records only (0: all).", 0)
     scoring: str = flag(
         "how evaluation scores an answer (and so picks best/): ours (the answer the output states, by exact "
-        "value) or exact (the whole output must equal the label string; SVAMP / ASDiv: Python arithmetic "
-        "values compared with ==, as distilling step-by-step scores).",
+        "value), exact (the whole output must equal the label string; SVAMP / ASDiv: Python arithmetic "
+        "values compared with ==, as distilling step-by-step scores) or mcc (the last number of the last "
+        "line, as written, equal to the label: MCC-KD's code).",
         "ours",
     )
     report: str = flag(
