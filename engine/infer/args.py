@@ -25,6 +25,23 @@ from engine.text.answers import check_task
 _CPU_OR_CUDA = "cpu or cuda (default: cuda when every process on this node has a GPU of its own)."
 _TASK_PREFIX = "a step-by-step model's task: label (the default for such a model) or rationale."
 _TASKS = "GSM8K / SVAMP / ASDiv / CSQA / ARITH"
+_SCORING = (
+    "ours (the answer the output states, compared by exact value), exact (the whole output must equal the "
+    "label string; SVAMP / ASDiv: Python arithmetic values compared with ==, as distilling step-by-step "
+    "scores) or mcc (the last number of the last line, as written, equal to the label: MCC-KD's code)."
+)
+_REPORT = (
+    "ours (accuracy = correct / all) or authors (also accuracy_answered = correct / answered and answered: "
+    "the MCC-KD authors' accuracy, unanswered outputs left out of the denominator)."
+)
+
+
+def _check_scoring_and_report(args) -> None:
+    from engine.infer.metrics import check_report
+    from engine.text.answers import check_scoring
+
+    check_scoring(args.scoring)
+    check_report(args.report)
 
 
 @dataclass(kw_only=True)
@@ -108,17 +125,44 @@ class GenerateArgs(ModelSource, GenerationFlags):
     SUMMARY: ClassVar[str] = ("Generate responses for every record of data_file; one JSON line per record in "
                               "output_file.")
     FLAGS: ClassVar[Tuple[str, ...]] = (
-        "ckpt_dir", "data_file", "output_file", "task", "batch_size", "max_new_tokens", "temperature", "top_p",
-        "top_k", "num_samples", "template", "seed", "use_float16", "use_bfloat16", "lora_dir", "stop",
-        "long_prompts", "prefill_tokens", "progress", "output_tokens", "compile", "device", "task_prefix")
+        "ckpt_dir",
+        "data_file",
+        "output_file",
+        "task",
+        "scoring",
+        "report",
+        "batch_size",
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "num_samples",
+        "template",
+        "seed",
+        "use_float16",
+        "use_bfloat16",
+        "lora_dir",
+        "stop",
+        "long_prompts",
+        "prefill_tokens",
+        "progress",
+        "output_tokens",
+        "compile",
+        "device",
+        "task_prefix",
+    )
 
     ckpt_dir: str = flag("native checkpoint (one shard per tensor-parallel rank), an HF directory, or a LoRA adapter "
                          "directory.")
     data_file: str = flag("MCC-KD JSON list or JSON lines with 'instruction' (and optional 'label', 'id').")
     output_file: str = flag("JSON lines; rerunning with the same file resumes (finished records are kept).")
     task: Optional[str] = flag(f"{_TASKS}: extract the answers and score them against 'label'.", None)
-    template: Optional[str] = flag("prompt template: default (instruction / response) or none (verbatim after BOS); "
-                                   "default: the checkpoint's.", None)
+    scoring: str = flag(f"with --task: {_SCORING}", "ours")
+    report: str = flag(f"with --task, the summary's accuracy: {_REPORT}", "ours")
+    template: Optional[str] = flag(
+        "prompt template: default (instruction / response) or none (verbatim after BOS); default: the checkpoint's.",
+        None,
+    )
     lora_dir: Optional[str] = flag("a LoRA adapter from training, merged into the weights.", None)
 
     def __post_init__(self):
@@ -126,6 +170,7 @@ class GenerateArgs(ModelSource, GenerationFlags):
         _check_output_file(self.output_file)
         self.check_precision()
         self.task = check_task(self.task) if self.task else None
+        _check_scoring_and_report(self)
 
 
 @dataclass(kw_only=True)
@@ -200,9 +245,12 @@ class EvaluateArgs(CommandArgs):
     label_file: Optional[str] = flag("records whose 'label' is the gold answer, in the same order as the "
                                      "predictions.", None)
     field: str = flag("the text field to score; a list (several samples) scores each of its items.", "output")
+    scoring: str = flag(_SCORING, "ours")
+    report: str = flag(_REPORT, "ours")
 
     def __post_init__(self):
         self.task = check_task(self.task)
+        _check_scoring_and_report(self)
 
 
 @dataclass(kw_only=True)

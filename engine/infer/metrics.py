@@ -1,5 +1,6 @@
-"""Accuracy of a model's answers: counts (unparsable outputs are wrong, never dropped), and greedy
-generation on labelled records during training; rationale BLEU and calibration error."""
+"""Accuracy of a model's answers: counts (unparsable outputs are wrong, never dropped; the MCC-KD
+authors' answered-only accuracy reported beside on request), rationale BLEU and calibration error."""
+
 from __future__ import annotations
 
 import math
@@ -8,13 +9,25 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, List, Optional
 
-from engine.runtime.errors import DataError
+from engine.runtime.errors import DataError, UserError
 from engine.text.answers import extract_answer, is_correct, parse_label
 from engine.text.records import read_records
+
+REPORTS = ("ours", "authors")
+
+
+def check_report(report: str) -> str:
+    if report not in REPORTS:
+        raise UserError(f"--report must be ours or authors, got {report!r}")
+    return report
 
 
 @dataclass
 class Accuracy:
+    """Counts of scored answers. `accuracy` is ours: correct / all, an output without a readable
+    answer counted wrong. The MCC-KD authors' (HEAD src/evaluator.py:189-197) drops those from the
+    denominator: `accuracy_answered` = correct / answered, reported beside ours with report=authors."""
+
     correct: int = 0
     total: int = 0
     unparsable: int = 0  # outputs with no readable answer
@@ -24,9 +37,17 @@ class Accuracy:
     def accuracy(self) -> float:
         return self.correct / self.total if self.total else 0.0
 
-    def add(self, prediction: Optional[str], label, task: str) -> bool:
-        ok = is_correct(prediction, label, task)
-        self.count(prediction, ok, parse_label(label, task) is not None)
+    @property
+    def answered(self) -> int:
+        return self.total - self.unparsable
+
+    @property
+    def accuracy_answered(self) -> float:
+        return self.correct / self.answered if self.answered else 0.0
+
+    def add(self, prediction: Optional[str], label, task: str, scoring: str = "ours") -> bool:
+        ok = is_correct(prediction, label, task, scoring)
+        self.count(prediction, ok, parse_label(label, task, scoring) is not None)
         return ok
 
     def count(self, prediction: Optional[str], ok: bool, label_readable: bool = True) -> None:
@@ -35,17 +56,19 @@ class Accuracy:
         self.unparsable += prediction is None
         self.unparsable_labels += not label_readable
 
-    def as_dict(self) -> dict:
+    def as_dict(self, report: str = "ours") -> dict:
         out = {"accuracy": self.accuracy, "correct": self.correct, "total": self.total, "unparsable": self.unparsable}
         if self.unparsable_labels:  # only where there are some: clean data reads as before
             out["unparsable_labels"] = self.unparsable_labels
+        if check_report(report) == "authors":
+            out.update(accuracy_answered=self.accuracy_answered, answered=self.answered)
         return out
 
 
-def accuracy_of(texts: Iterable[str], labels: Iterable, task: str) -> Accuracy:
+def accuracy_of(texts: Iterable[str], labels: Iterable, task: str, scoring: str = "ours") -> Accuracy:
     acc = Accuracy()
     for text, label in zip(texts, labels):
-        acc.add(extract_answer(text, task), label, task)
+        acc.add(extract_answer(text, task, scoring), label, task, scoring)
     return acc
 
 
@@ -178,8 +201,9 @@ def file_accuracy(args) -> dict:
             raise DataError(f"{args.label_file or args.predictions_file} record {i} lacks the key 'label'")
         value = p.get(args.field, "")
         for text in (value if isinstance(value, list) else [value]) or [""]:
-            acc.add(extract_answer(text if isinstance(text, str) else "", args.task), label["label"], args.task)
-    return acc.as_dict()
+            text = text if isinstance(text, str) else ""
+            acc.add(extract_answer(text, args.task, args.scoring), label["label"], args.task, args.scoring)
+    return acc.as_dict(args.report)
 
 
 def file_bleu(args) -> dict:

@@ -8,10 +8,10 @@ import torch
 import torch.distributed as dist
 
 from engine.infer.generation import SamplingParams, complete_prompts
-from engine.infer.metrics import Accuracy, accuracy_of
+from engine.infer.metrics import Accuracy, accuracy_of, check_report
 from engine.infer.prompting import encode_prompt, prompt_room
 from engine.runtime import distributed
-from engine.text.answers import check_task
+from engine.text.answers import check_scoring, check_task
 
 
 class Evaluator:
@@ -27,17 +27,34 @@ class Evaluator:
         raise NotImplementedError(f"{type(self).__name__} scores nothing")
 
     def summary(self, result: dict) -> str:
-        return (f"accuracy {result['accuracy']:.4f} ({result['correct']}/{result['total']}, "
-                f"unparsable {result['unparsable']})")
+        text = (
+            f"accuracy {result['accuracy']:.4f} ({result['correct']}/{result['total']}, "
+            f"unparsable {result['unparsable']})"
+        )
+        if "accuracy_answered" in result:
+            text += f", accuracy of the answered {result['accuracy_answered']:.4f} ({result['answered']} answered)"
+        return text
 
 
 class GenerationEvaluator(Evaluator):
-    """Greedy generation on labelled records and task accuracy. Data-parallel replicas take
-    interleaved slices; counts are summed over them."""
+    """Greedy generation on labelled records and task accuracy, scored as `scoring` says (ours or
+    exact, engine/text/answers.py) and reported as `report` says (ours, or authors: the answered-only
+    accuracy beside). Data-parallel replicas take interleaved slices; counts are summed over them."""
 
-    def __init__(self, records, tokenizer, task: str, info, batch_size: int = 64, max_new_tokens: int = 256,
-                 template: str = "default"):
+    def __init__(
+        self,
+        records,
+        tokenizer,
+        task: str,
+        info,
+        batch_size: int = 64,
+        max_new_tokens: int = 256,
+        template: str = "default",
+        scoring: str = "ours",
+        report: str = "ours",
+    ):
         self.task, self.tok, self.info = check_task(task), tokenizer, info
+        self.scoring, self.report = check_scoring(scoring), check_report(report)
         self.batch_size, self.max_new_tokens, self.template = batch_size, max_new_tokens, template
         mine = records[info.dp_rank::info.dp_size]
         self.labels = [r.get("label") for r in mine]
@@ -58,10 +75,13 @@ class GenerationEvaluator(Evaluator):
         return [self.tok.decode([t for t in ids if t not in stop]) for ids in new]
 
     def __call__(self, model) -> dict:
-        acc = accuracy_of(self.texts(model), self.labels, self.task)
-        counts = torch.tensor([acc.correct, acc.total, acc.unparsable, acc.unparsable_labels], dtype=torch.float64,
-                              device=model.head_weight.device)
+        acc = accuracy_of(self.texts(model), self.labels, self.task, self.scoring)
+        counts = torch.tensor(
+            [acc.correct, acc.total, acc.unparsable, acc.unparsable_labels],
+            dtype=torch.float64,
+            device=model.head_weight.device,
+        )
         if dist.is_initialized() and self.info.dp_size > 1:
             dist.all_reduce(counts, group=distributed.dp_group())
         c, t, u, b = (int(x) for x in counts.tolist())
-        return Accuracy(correct=c, total=t, unparsable=u, unparsable_labels=b).as_dict()
+        return Accuracy(correct=c, total=t, unparsable=u, unparsable_labels=b).as_dict(self.report)

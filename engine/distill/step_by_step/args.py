@@ -67,5 +67,15 @@ class StepByStepArgs(TrainArgs):
     def make_evaluator(self, records, tokenizer, info):
         from engine.distill.step_by_step.evaluator import StepByStepEvaluator
 
-        return StepByStepEvaluator(records, tokenizer, self.task, info, self.eval_batch_size, self.max_new_tokens,
-                                   self.template, self.eval_rationale_task)
+        return StepByStepEvaluator(
+            records,
+            tokenizer,
+            self.task,
+            info,
+            self.eval_batch_size,
+            self.max_new_tokens,
+            self.template,
+            self.eval_rationale_task,
+            self.scoring,
+            self.report,
+        )

@@ -11,22 +11,39 @@ from engine.train.evaluator import Evaluator, GenerationEvaluator
 
 class StepByStepEvaluator(Evaluator):
     """Evaluation of a distilling step-by-step model: greedy decoding of the LABEL task (its answer is
-    the accuracy, and picks best/); with `rationale_task`, the rationale task too: the answer its
-    rationales state (rationale_accuracy, rationale_unparsable) and their corpus BLEU against the
+    the accuracy, and picks best/; `scoring` and `report` as GenerationEvaluator's); with
+    `rationale_task`, the rationale task too (scored ours whatever `scoring`: a rationale never
+    equals its label string): the answer its rationales state (rationale_accuracy, rationale_unparsable) and their corpus BLEU against the
     records' 'output' (rationale_bleu, when the records carry teacher rationales)."""
 
-    def __init__(self, records, tokenizer, task: str, info, batch_size: int = 64, max_new_tokens: int = 256,
-                 template: str = "default", rationale_task: bool = False):
+    def __init__(
+        self,
+        records,
+        tokenizer,
+        task: str,
+        info,
+        batch_size: int = 64,
+        max_new_tokens: int = 256,
+        template: str = "default",
+        rationale_task: bool = False,
+        scoring: str = "ours",
+        report: str = "ours",
+    ):
         from engine.text.prompts import task_instruction
 
         def prefixed(name):
             return [{**r, "instruction": task_instruction(r["instruction"], name)} for r in records]
 
         self.info = info
-        self.label = GenerationEvaluator(prefixed("label"), tokenizer, task, info, batch_size, max_new_tokens, template)
-        self.rationale = (GenerationEvaluator(prefixed("rationale"), tokenizer, task, info, batch_size,
-                                              max_new_tokens, template) if rationale_task else None)
-        mine = records[info.dp_rank::info.dp_size]
+        self.label = GenerationEvaluator(
+            prefixed("label"), tokenizer, task, info, batch_size, max_new_tokens, template, scoring, report
+        )
+        self.rationale = (
+            GenerationEvaluator(prefixed("rationale"), tokenizer, task, info, batch_size, max_new_tokens, template)
+            if rationale_task
+            else None
+        )
+        mine = records[info.dp_rank :: info.dp_size]
         self.references = [references_of(r) for r in mine]
         self.with_bleu = rationale_task and any(self.references)
 
