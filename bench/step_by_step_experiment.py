@@ -57,8 +57,7 @@ def main(
         beta: the MI term's weight in the mi_* arms.
         n_train, n_test: questions in the generated splits.
         model_type: registry preset of the student.
-        arms: comma-separated subset of sft_labels, step_by_step, mi_pooled_ce, mi_authors, mi_authors_masked,
-            mi_critic.
+        arms: comma-separated subset of sft_labels, step_by_step, mi_pooled_ce, mi_authors, mi_authors_masked, mi_critic.
         out: output directory (data, runs, results.json, results.md).
     """
     seeds = [int(s) for s in str(seeds).split(",")] if not isinstance(seeds, (list, tuple)) else list(seeds)

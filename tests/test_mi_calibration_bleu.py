@@ -102,7 +102,7 @@ def test_authors_and_pooled_distribution_ce_differ(dist1):
     theirs = authors_mi_sum(label, rationale, label_mask, rationale_mask)
     (g_ours,) = torch.autograd.grad(ours, rationale)
     (g_theirs,) = torch.autograd.grad(theirs, rationale)
-    assert abs(ours.item() - theirs.item()) > 5  # 12.5 vs 25.6 here
+    assert abs(ours.item() - theirs.item()) > 5  # 12.5 vs 20.8 here; gradient norms 0.70 vs 0.16
     assert g_theirs.norm() < 0.5 * g_ours.norm()
     assert F.cosine_similarity(g_ours.flatten(), g_theirs.flatten(), dim=0) < 0.5
 
