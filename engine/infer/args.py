@@ -181,8 +181,23 @@ class CalibrationArgs(ModelSource, GenerationFlags):
     SUMMARY: ClassVar[str] = ("Calibration error (ECE) of the first answer token's probability vs correctness, "
                               "with a reliability diagram.")
     FLAGS: ClassVar[Tuple[str, ...]] = (
-        "ckpt_dir", "data_file", "output_file", "task", "batch_size", "max_new_tokens", "num_bins", "plot_file",
-        "template", "task_prefix", "lora_dir", "use_float16", "use_bfloat16", "device")
+        "ckpt_dir",
+        "data_file",
+        "output_file",
+        "task",
+        "batch_size",
+        "max_new_tokens",
+        "binning",
+        "num_bins",
+        "correctness",
+        "plot_file",
+        "template",
+        "task_prefix",
+        "lora_dir",
+        "use_float16",
+        "use_bfloat16",
+        "device",
+    )
 
     data_file: str = flag("records with 'instruction' and 'label'.")
     output_file: str = flag("JSON lines per record (output, prediction, correct, confidence); the summary goes to "
@@ -190,13 +205,32 @@ class CalibrationArgs(ModelSource, GenerationFlags):
     task: str = flag(f"{_TASKS}: how answers are read and scored.")
     batch_size: int = flag("sequences decoded (and scored) together.", 32)
     max_new_tokens: int = flag("generation budget per answer.", 256)
-    num_bins: int = flag("equal-width confidence bins of the calibration error.", 10)
-    plot_file: Optional[str] = flag("the reliability diagram (PNG); default: OUTPUT without its extension + "
-                                    ".reliability.png.", None)
+    binning: str = flag(
+        "confidence bins of the calibration error: equal_width (ours) or equal_mass (Chen et al.'s: sorted, "
+        "ceil(N / num_bins) records per bin).",
+        "equal_width",
+    )
+    num_bins: Optional[int] = flag("bins of the calibration error; default 10 (equal_width) or 100 (equal_mass).", None)
+    correctness: str = flag(
+        "what counts as right: answer (ours: the whole stated answer vs 'label') or token (Chen et al.'s: the "
+        "answer's first token id == the first token id of 'label' encoded as a response).",
+        "answer",
+    )
+    plot_file: Optional[str] = flag(
+        "the reliability diagram (PNG); default: OUTPUT without its extension + .reliability.png.", None
+    )
     long_prompts: str = dataclasses.field(default="truncate", init=False)
     progress: bool = dataclasses.field(default=False, init=False)
 
     def __post_init__(self):
+        from engine.infer.metrics import BINNINGS, DEFAULT_BINS
+
+        if self.binning not in BINNINGS:
+            raise UserError(f"--binning {self.binning!r} is not one of {', '.join(BINNINGS)}")
+        if self.correctness not in ("answer", "token"):
+            raise UserError(f"--correctness {self.correctness!r} is not one of answer, token")
+        if self.num_bins is None:
+            self.num_bins = DEFAULT_BINS[self.binning]
         if self.num_bins < 1:
             raise UserError(f"--num_bins must be >= 1, got {self.num_bins}")
         self.check_generation()
@@ -255,11 +289,24 @@ class EvaluateArgs(CommandArgs):
 
 @dataclass(kw_only=True)
 class BleuArgs(CommandArgs):
-    SUMMARY: ClassVar[str] = ("Corpus BLEU (sacreBLEU's default: 13a tokens, 4-grams) of generated rationales "
-                              "against the teacher's.")
+    SUMMARY: ClassVar[str] = (
+        "BLEU (13a tokens, 4-grams) of generated rationales against the teacher's: corpus (sacreBLEU's default) "
+        "or the authors' sentence_mean."
+    )
 
     predictions_file: str = flag("JSON list or JSON lines holding `field` (one generated text per record).")
     references_file: str = flag("records in the same order whose `reference_field` holds the teacher rationale (or a "
                                 "list: several references).")
     field: str = flag("the generated text field.", "output")
     reference_field: str = flag("the reference text field.", "output")
+    bleu: str = flag(
+        "corpus (ours: sacreBLEU's corpus BLEU, exp smoothing, 0-100) or sentence_mean (Chen et al.'s: HF "
+        "evaluate's unsmoothed BLEU of each record, 0-1, averaged; an empty prediction scores 0).",
+        "corpus",
+    )
+
+    def __post_init__(self):
+        from engine.infer.metrics import BLEU_KINDS
+
+        if self.bleu not in BLEU_KINDS:
+            raise UserError(f"--bleu {self.bleu!r} is not one of {', '.join(BLEU_KINDS)}")
