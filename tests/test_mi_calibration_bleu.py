@@ -500,13 +500,14 @@ def test_training_evaluator_reports_the_authors_bleu(root, tiny_tokenizer, dist1
     from engine.checkpoint import load_model
     from engine.distill.step_by_step.evaluator import StepByStepEvaluator
     from engine.text.tokenizer import load_tokenizer
+    from engine.train.evaluator import Decoding
 
     tok, model = load_tokenizer(tiny_tokenizer), load_model(str(root / "m1"))
     records = json.load(open(root / "arith" / "test.json"))[:3]
     texts = [records[0]["output"], records[1]["output"].split(".")[0] + " .", ""]
     results = {}
     for kind in ("sentence_mean", "corpus"):
-        ev = StepByStepEvaluator(records, tok, "ARITH", dist1, 2, 4, "none", True, kind)
+        ev = StepByStepEvaluator(records, tok, dist1, Decoding("ARITH", 2, 4, "none"), True, kind)
         ev.rationale.texts = lambda model: texts
         results[kind] = ev(model)
     theirs = sum(authors_bleu([t], [r["output"]])["bleu"] if t else 0.0 for t, r in zip(texts, records)) / len(records)

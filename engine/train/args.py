@@ -133,19 +133,9 @@ class TrainArgs(ParallelFlags, _EvalFlags):
 
     def make_evaluator(self, records, tokenizer, info):
         """What scores the model on --label_file during training (engine/train/evaluator.py)."""
-        from engine.train.evaluator import GenerationEvaluator
+        from engine.train.evaluator import Decoding, GenerationEvaluator
 
-        return GenerationEvaluator(
-            records,
-            tokenizer,
-            self.task,
-            info,
-            self.eval_batch_size,
-            self.max_new_tokens,
-            self.template,
-            self.scoring,
-            self.report,
-        )
+        return GenerationEvaluator(records, tokenizer, info, Decoding.of(self))
 
 
 def run_record(args) -> dict:

@@ -2,6 +2,7 @@
 greedy generation with task accuracy."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List
 
 import torch
@@ -36,26 +37,34 @@ class Evaluator:
         return text
 
 
-class GenerationEvaluator(Evaluator):
-    """Greedy generation on labelled records and task accuracy, scored as `scoring` says (ours or
-    exact, engine/text/answers.py) and reported as `report` says (ours, or authors: the answered-only
-    accuracy beside). Data-parallel replicas take interleaved slices; counts are summed over them."""
+@dataclass(frozen=True)
+class Decoding:
+    """How an evaluator decodes and scores: the task's answers, sequences decoded together, the
+    generation budget, the prompt template, `scoring` (ours, exact or mcc: engine/text/answers.py)
+    and `report` (ours, or authors: the answered-only accuracy beside)."""
 
-    def __init__(
-        self,
-        records,
-        tokenizer,
-        task: str,
-        info,
-        batch_size: int = 64,
-        max_new_tokens: int = 256,
-        template: str = "default",
-        scoring: str = "ours",
-        report: str = "ours",
-    ):
-        self.task, self.tok, self.info = check_task(task), tokenizer, info
-        self.scoring, self.report = check_scoring(scoring), check_report(report)
-        self.batch_size, self.max_new_tokens, self.template = batch_size, max_new_tokens, template
+    task: str
+    batch_size: int = 64
+    max_new_tokens: int = 256
+    template: str = "default"
+    scoring: str = "ours"
+    report: str = "ours"
+
+    @classmethod
+    def of(cls, args) -> "Decoding":
+        """The decoding the training flags ask for (--task, --eval_batch_size, --max_new_tokens, ...)."""
+        return cls(args.task, args.eval_batch_size, args.max_new_tokens, args.template, args.scoring, args.report)
+
+
+class GenerationEvaluator(Evaluator):
+    """Greedy generation on labelled records and task accuracy, decoded and scored as `decoding`
+    says. Data-parallel replicas take interleaved slices; counts are summed over them."""
+
+    def __init__(self, records, tokenizer, info, decoding: Decoding):
+        self.task, self.tok, self.info = check_task(decoding.task), tokenizer, info
+        self.scoring, self.report = check_scoring(decoding.scoring), check_report(decoding.report)
+        self.batch_size, self.max_new_tokens, self.template = (decoding.batch_size, decoding.max_new_tokens,
+                                                               decoding.template)
         mine = records[info.dp_rank::info.dp_size]
         self.labels = [r.get("label") for r in mine]
         self.instructions = [r["instruction"] for r in mine]

@@ -115,17 +115,7 @@ class StepByStepArgs(TrainArgs):
 
     def make_evaluator(self, records, tokenizer, info):
         from engine.distill.step_by_step.evaluator import StepByStepEvaluator
+        from engine.train.evaluator import Decoding
 
-        return StepByStepEvaluator(
-            records,
-            tokenizer,
-            self.task,
-            info,
-            self.eval_batch_size,
-            self.max_new_tokens,
-            self.template,
-            self.eval_rationale_task,
-            self.scoring,
-            self.report,
-            self.rationale_bleu,
-        )
+        return StepByStepEvaluator(records, tokenizer, info, Decoding.of(self), self.eval_rationale_task,
+                                   self.rationale_bleu)

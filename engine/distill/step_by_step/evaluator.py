@@ -1,6 +1,8 @@
 """Evaluation of a step-by-step model: the label task's accuracy, optionally the rationale task's."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.distributed as dist
 
@@ -12,7 +14,7 @@ from engine.infer.metrics import (
     sentence_bleu,
 )
 from engine.runtime import distributed
-from engine.train.evaluator import Evaluator, GenerationEvaluator
+from engine.train.evaluator import Decoding, Evaluator, GenerationEvaluator
 
 
 class StepByStepEvaluator(Evaluator):
@@ -24,34 +26,17 @@ class StepByStepEvaluator(Evaluator):
     teacher rationales: corpus BLEU 0-100 (bleu "corpus": rationale_bleu) or the authors' mean of
     per-record unsmoothed BLEU 0-1 (bleu "sentence_mean": rationale_sentence_bleu)."""
 
-    def __init__(
-        self,
-        records,
-        tokenizer,
-        task: str,
-        info,
-        batch_size: int = 64,
-        max_new_tokens: int = 256,
-        template: str = "default",
-        rationale_task: bool = False,
-        scoring: str = "ours",
-        report: str = "ours",
-        bleu: str = "corpus",
-    ):
+    def __init__(self, records, tokenizer, info, decoding: Decoding, rationale_task: bool = False,
+                 bleu: str = "corpus"):
         from engine.text.prompts import task_instruction
 
         def prefixed(name):
             return [{**r, "instruction": task_instruction(r["instruction"], name)} for r in records]
 
         self.info, self.bleu = info, bleu
-        self.label = GenerationEvaluator(
-            prefixed("label"), tokenizer, task, info, batch_size, max_new_tokens, template, scoring, report
-        )
-        self.rationale = (
-            GenerationEvaluator(prefixed("rationale"), tokenizer, task, info, batch_size, max_new_tokens, template)
-            if rationale_task
-            else None
-        )
+        self.label = GenerationEvaluator(prefixed("label"), tokenizer, info, decoding)
+        plain = replace(decoding, scoring="ours", report="ours")  # rationales are scored ours
+        self.rationale = GenerationEvaluator(prefixed("rationale"), tokenizer, info, plain) if rationale_task else None
         mine = records[info.dp_rank :: info.dp_size]
         self.references = [references_of(r) for r in mine]
         # over every record, not this replica's share: the replicas must all-reduce the same statistics
