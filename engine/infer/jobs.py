@@ -18,7 +18,7 @@ from engine.runtime.errors import UserError
 from engine.infer.metrics import Accuracy
 from engine.runtime.fileio import atomic_open, atomic_write_text, disk_errors, file_sha256
 from engine.infer.generation import Request, SamplingParams, StopStrings, fit_prompt, generate_stream, request_seed
-from models.vocab_parallel import sharded_topk, token_cross_entropy
+from models.vocab_parallel import sharded_token_logprobs, sharded_topk, token_cross_entropy
 from engine.runtime.progress import Progress
 from engine.text.prompts import format_prompt, task_instruction
 from engine.infer.topk_file import meta_path as teacher_meta_path, teacher_meta
@@ -290,13 +290,16 @@ def run_scoring(ckpt_dir: str, records: List[dict], output_file: str, template: 
                 logits = model(x, gather=False)
                 if top_k:  # before the cross-entropy, which shifts fp32 logits in place
                     labelled = y != IGNORE
-                    ids, logp = sharded_topk(logits[labelled], top_k)
+                    rows = logits[labelled]
+                    ids, logp = sharded_topk(rows, top_k)
+                    own = sharded_token_logprobs(rows, y[labelled]).tolist()  # each output token's own
                     ids, logp = ids.tolist(), logp.tolist()
                     start = 0
                     for b, it in enumerate(chunk):
                         n = int(labelled[b].sum())
                         topk[(it[0], it[1])] = (y[b][labelled[b]].tolist(), ids[start:start + n],
-                                                [[round(v, 6) for v in row] for row in logp[start:start + n]])
+                                                [[round(v, 6) for v in row] for row in logp[start:start + n]],
+                                                [round(v, 6) for v in own[start:start + n]])
                         start += n
                 for b, it in enumerate(chunk):
                     n_tok = int((y[b] != IGNORE).sum())
@@ -313,7 +316,7 @@ def run_scoring(ckpt_dir: str, records: List[dict], output_file: str, template: 
                             "mean_logprob": means[0] if one else means, "n_tokens": counts[0] if one else counts}
                     if top_k:
                         got = [topk[(i, j)] for j in range(len(_outputs(rec)))]
-                        for n, key in enumerate(("tokens", "topk_ids", "topk_logprobs")):
+                        for n, key in enumerate(("tokens", "topk_ids", "topk_logprobs", "token_logprobs")):
                             line[key] = got[0][n] if one else [g[n] for g in got]
                     f.write(json.dumps(line) + "\n")
             if top_k:
