@@ -82,7 +82,7 @@ def authors_kl_inputs(seed: int = 1, rows: int = 9, dim: int = 16, vocab: int = 
 def authors_kl_results():
     """head_teacher_kl (T=1) against authors_kl_inputs' raw sparse target (as a SparseTarget) and a
     DenseTarget with one-hot rows, chunked by 4 rows; sharded_token_logprobs of the teacher's logits
-    at ids row % vocab. Losses, gradients (hidden states, full head) and log-probabilities."""
+    at token_ids (in both halves of the vocabulary). Losses, gradients (hidden states, full head) and log-probabilities."""
     import torch.nn.functional as F
     from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 
@@ -110,5 +110,10 @@ def authors_kl_results():
         loss.backward()
         out[name] = {"loss": float(loss.detach()), "grad_h": h.grad, "grad_w": gather_from_tp(w.grad.t().contiguous()).t()}
     logits = F.linear(t_hidden, t_weight[start:start + local])
-    out["token_logprobs"] = sharded_token_logprobs(logits, torch.arange(len(t_hidden)) % weight.shape[0])
+    out["token_logprobs"] = sharded_token_logprobs(logits, token_ids(len(t_hidden), weight.shape[0]))
     return out
+
+
+def token_ids(rows: int, vocab: int) -> torch.Tensor:
+    """Ids 7 * row mod vocab: some in each TP=2 shard."""
+    return (torch.arange(rows) * 7) % vocab

@@ -206,7 +206,7 @@ def test_kl_core_against_the_authors_formula_at_tp1_and_tp2(dist1, tmp_path):
     """The chunked KL against an unnormalised sparse target and against a dense teacher with one-hot
     rows (the EOS), and sharded_token_logprobs, at TP=1 and TP=2 (torchrun): the value of the authors'
     kl_divergence (src/utils.py:632-640, T=1) and its gradient."""
-    from tests.kl_checks import authors_kl_inputs, authors_kl_results
+    from tests.kl_checks import authors_kl_inputs, authors_kl_results, token_ids
 
     one = authors_kl_results()
     torchrun("tests/workers/kl_worker.py", str(tmp_path / "tp2.pt"), "authors")
@@ -226,7 +226,8 @@ def test_kl_core_against_the_authors_formula_at_tp1_and_tp2(dist1, tmp_path):
             assert (r["grad_h"].double() - h.grad).abs().max() <= 1e-5
             assert (r["grad_w"].double() - w.grad).abs().max() <= 1e-5
     ref_lp = torch.log_softmax(t_hidden @ t_weight.t(), dim=-1)
-    ids = torch.arange(len(ref_lp)) % ref_lp.shape[1]
+    ids = token_ids(len(ref_lp), ref_lp.shape[1])
+    assert (ids < ref_lp.shape[1] // 2).any() and (ids >= ref_lp.shape[1] // 2).any()
     for results in (one, two):
         assert (results["token_logprobs"] - ref_lp[torch.arange(len(ids)), ids]).abs().max() <= 1e-5
 
@@ -442,7 +443,7 @@ GSM8K_TRAIN = [{"question": "Tom has 2 apples and buys 3. How many?", "answer": 
                {"question": "A box holds 6 eggs. Eggs in 2 boxes?", "answer": "6*2=<<6*2=12>>12\n#### 12"},
                {"question": "Sam had 9 and gave 4 away. Left?", "answer": "9-4=<<9-4=5>>5 left.\n#### 5"}]
 RECORDS = [{"instruction": "Mia has 3 cats and gets 4 more. How many cats?", "label": "7",
-            "output": ["3 + 4 = 8.\nThe answer is 8", "3 + 4 = 7.\nThe answer is 7", "She has 3 + 4 = 7 cats.\nThe answer is 7 cats."]},
+            "output": ["3 + 4 = 8.\nThe answer is 8", "She has 3 + 4 = 7 cats.\nThe answer is 7 cats.", "3 + 4 = 7.\nThe answer is 7"]},
            {"instruction": "What is 5 times 5?", "label": "25", "output": ["5 * 5 = 20.\nThe answer is 20"]},
            {"instruction": "Lee walks 2 miles a day for 6 days. Miles?", "label": "12",
             "output": ["2 * 6 = 12 miles.\nThe answer is 12", "2 * 6 = 12.\nThe answer is 12"]}]
@@ -481,6 +482,7 @@ def test_authors_formats_equal_the_reference(tmp_path):
                     assert len(shown) == 4 and sum(len(d) for d in shown) == len(head), head
                 else:
                     assert m["instruction"] == r["question"]
+    assert [r["output"] for r in out if r["format"] == "zs_answer"] == ["The answer is 7 cats.", "The answer is 12"]
     counts = {f: sum(r["format"] == f for r in out) for f in TYPES}
     assert counts == {"zs_cot": 4, "zs_answer": 2, "icl_cot": 4, "icl_answer": 2}  # question 1 has no correct output
     cots = [r for r in out if r["format"] == "icl_cot"]
