@@ -15,9 +15,9 @@ import infer
 import train
 from data.arithmetic import main as make_arith
 from data.make_tokenizer import default_corpus, train_tokenizer
-from engine.text.vocab import Vocab
 from engine.distill.teacher_kl.alignment import aligned_positions, dtw_align, one_to_one
 from engine.runtime.errors import UserError
+from engine.text.vocab import Vocab
 from tests.conftest import shared_path
 from tests.helpers import torchrun
 from tests.test_train import _args, assert_same_run, losses
@@ -362,13 +362,11 @@ def test_training_on_formats_holds_one_format_per_batch(env, tmp_path, dist1):
     meta = json.load(open(tmp_path / "r" / "run_config.json"))
     assert meta["steps_per_epoch"] == 8  # 14 questions x 2 formats, each format in batches of 4 (the last completed)
     # the trainer's batches: one format each, every example of the chosen formats once an epoch
-    from engine.distill.sft import SFTData
-    from engine.train.batching import format_groups
+    from engine.distill.sft import SFTData, SFTTask
     from engine.text.records import read_records
-    from engine.train.launch import build_model
-    from engine.distill.sft import SFTTask
-    from engine.train.batching import group_by_format
     from engine.text.tokenizer import load_tokenizer
+    from engine.train.batching import format_groups, group_by_format
+    from engine.train.launch import build_model
     from engine.train.trainer import TrainConfig, Trainer
 
     records = read_records(str(tmp_path / "f.json"))
