@@ -25,7 +25,7 @@ from engine.text.answers import extract_answer, is_correct, label_warning, parse
 from engine.text.prompts import resolve_task_prefix, resolve_template, task_instruction
 from engine.text.records import read_records, validate_training_records
 from engine.text.sequences import IGNORE, pad_batch
-from models.vocab_parallel import sharded_topk, token_cross_entropy
+from models.vocab_parallel import sharded_token_logprobs, sharded_topk, token_cross_entropy
 
 # Every setting that changes what an output line holds: a resumed file must have been written with the same.
 SETTINGS = (
@@ -382,15 +382,19 @@ def _score(model, items: list, batch_size: int, top_k: int, pad_id: int, device)
 
 
 def _top_k(logits: torch.Tensor, y: torch.Tensor, chunk: list, top_k: int) -> dict:
-    """(record, output) -> (output tokens, their top-k ids, top-k log-probabilities rounded to 1e-6)."""
+    """(record, output) -> (output tokens, their top-k ids, top-k log-probabilities and each token's own
+    log-probability, rounded to 1e-6)."""
     labelled = y != IGNORE
-    ids, logp = sharded_topk(logits[labelled], top_k)
+    rows = logits[labelled]
+    ids, logp = sharded_topk(rows, top_k)
+    own = sharded_token_logprobs(rows, y[labelled]).tolist()  # each output token's own log-probability
     ids, logp = ids.tolist(), logp.tolist()
     out, start = {}, 0
     for b, it in enumerate(chunk):
         n = int(labelled[b].sum())
         out[(it[0], it[1])] = (y[b][labelled[b]].tolist(), ids[start:start + n],
-                               [[round(v, 6) for v in row] for row in logp[start:start + n]])
+                               [[round(v, 6) for v in row] for row in logp[start:start + n]],
+                               [round(v, 6) for v in own[start:start + n]])
         start += n
     return out
 
@@ -406,7 +410,7 @@ def _write_scores(job: ScoringJob, results: dict, topk: dict) -> None:
                     "mean_logprob": means[0] if one else means, "n_tokens": counts[0] if one else counts}
             if job.flags.top_k:
                 got = [topk[(i, j)] for j in range(len(_outputs(rec)))]
-                for n, key in enumerate(("tokens", "topk_ids", "topk_logprobs")):
+                for n, key in enumerate(("tokens", "topk_ids", "topk_logprobs", "token_logprobs")):
                     line[key] = got[0][n] if one else [g[n] for g in got]
             f.write(json.dumps(line) + "\n")
 
