@@ -4,6 +4,7 @@
       [--batch_size 384] [--max_new_tokens 256] [--temperature 0] [--top_p 1] [--num_samples 1]
       [--template default|none] [--lora_dir L]
   python infer.py evaluate --task T --predictions_file O.jsonl [--label_file F] [--field output]
+      [--scoring ours|exact|mcc] [--report ours|authors]
   torchrun --nproc_per_node N infer.py score --ckpt_dir C --data_file F --output_file O.jsonl [--top_k 5]
   torchrun --nproc_per_node N infer.py calibration --ckpt_dir C --data_file F --output_file O.jsonl --task T
   python infer.py bleu --predictions_file O.jsonl --references_file F

@@ -6,7 +6,7 @@
       --epochs 24 --use_float16 True
 
   torchrun --nproc_per_node 8 train.py --objective step_by_step --alpha 0.5 [--label_type gt|llm] \
-      [--beta 0.1 --mi_estimator pooled_ce|critic] ...      # distilling step-by-step (+ the MI term)
+      [--beta 0.1 --mi_estimator authors|pooled_distribution_ce|critic] ...   # distilling step-by-step (+ the MI term)
 
   torchrun --nproc_per_node 8 train.py --objective teacher_kl --teacher_file teacher.topk.jsonl ...
       (or --teacher_ckpt_dir T: the teacher's next-token distributions, see README)

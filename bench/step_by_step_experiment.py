@@ -11,8 +11,10 @@ same questions per step):
                         --model_type standard, = --objective step_by_step --standard True)
   step_by_step          --objective step_by_step --alpha A, on our split
   step_by_step_authors  the same on the authors' split
-  mi_pooled_ce          step_by_step plus --beta B --mi_estimator pooled_ce
-  mi_critic             step_by_step plus --beta B --mi_estimator critic
+  mi_pooled_ce          step_by_step plus --beta B --mi_estimator pooled_distribution_ce (ours; formerly pooled_ce)
+  mi_authors            step_by_step plus --beta B --mi_estimator authors (Chen et al.'s term, padding included)
+  mi_authors_masked     the same with --mi_mask_padding True (not run by default)
+  mi_critic             step_by_step plus --beta B --mi_estimator critic (ours)
 Each run is scored on the held-out questions by greedy decoding of the label (the label task for
 the step-by-step arms), and `infer.py calibration` gives the ECE of the first answer token's
 probability (10 equal-width bins). The step-by-step arms do twice the forward work per step
@@ -34,10 +36,19 @@ sys.path.insert(0, ROOT)  # run as a script too
 from bench.runs import mean_and_spread, run_script  # noqa: E402
 
 
-def main(seeds="0,1,2", steps: int = 300, questions_per_step: int = 32, lr: float = 3e-3, alpha: float = 0.5,
-         beta: float = 0.1, n_train: int = 300, n_test: int = 200, model_type: str = "tiny-llama",
-         arms: str = "sft_labels,step_by_step,step_by_step_authors,mi_pooled_ce,mi_critic",
-         out: str = "runs/sbs_experiment"):
+def main(
+    seeds="0,1,2",
+    steps: int = 300,
+    questions_per_step: int = 32,
+    lr: float = 3e-3,
+    alpha: float = 0.5,
+    beta: float = 0.1,
+    n_train: int = 300,
+    n_test: int = 200,
+    model_type: str = "tiny-llama",
+    arms: str = "sft_labels,step_by_step,step_by_step_authors,mi_pooled_ce,mi_authors,mi_critic",
+    out: str = "runs/sbs_experiment",
+):
     """Run every arm for every seed; print held-out label accuracy and ECE (mean +- sd over seeds).
 
     Args:
@@ -49,7 +60,7 @@ def main(seeds="0,1,2", steps: int = 300, questions_per_step: int = 32, lr: floa
         beta: the MI term's weight in the mi_* arms.
         n_train, n_test: questions in the generated splits.
         model_type: registry preset of the student.
-        arms: comma-separated subset of sft_labels, step_by_step, step_by_step_authors, mi_pooled_ce, mi_critic.
+        arms: comma-separated subset of sft_labels, step_by_step, step_by_step_authors, mi_pooled_ce, mi_authors, mi_authors_masked, mi_critic.
         out: output directory (data, runs, results.json, results.md).
     """
     seeds = [int(s) for s in str(seeds).split(",")] if not isinstance(seeds, (list, tuple)) else list(seeds)
@@ -80,9 +91,15 @@ def main(seeds="0,1,2", steps: int = 300, questions_per_step: int = 32, lr: floa
               "--max_batch_size", str(questions_per_step), "--keep_checkpoints", "1"]
     sbs = ["--objective", "step_by_step", "--train_file", sbs_file, "--alpha", str(alpha)]
     authors = ["--objective", "step_by_step", "--train_file", authors_file, "--alpha", str(alpha)]
-    arm_flags = {"sft_labels": ["--train_file", labels_file], "step_by_step": sbs, "step_by_step_authors": authors,
-                 "mi_pooled_ce": sbs + ["--beta", str(beta), "--mi_estimator", "pooled_ce"],
-                 "mi_critic": sbs + ["--beta", str(beta), "--mi_estimator", "critic"]}
+    arm_flags = {
+        "sft_labels": ["--train_file", labels_file],
+        "step_by_step": sbs,
+        "step_by_step_authors": authors,
+        "mi_pooled_ce": sbs + ["--beta", str(beta), "--mi_estimator", "pooled_distribution_ce"],
+        "mi_authors": sbs + ["--beta", str(beta), "--mi_estimator", "authors"],
+        "mi_authors_masked": sbs + ["--beta", str(beta), "--mi_estimator", "authors", "--mi_mask_padding", "True"],
+        "mi_critic": sbs + ["--beta", str(beta), "--mi_estimator", "critic"],
+    }
     results = {}
     for seed in seeds:
         init = os.path.join(out, f"init-{seed}")

@@ -13,6 +13,11 @@ METHODS.md), tiny models from scratch on CPU, same budget, several seeds.
        dist        train.py --objective teacher_kl --kl_weight W: (1 - W) CE + W KL(teacher top-5 || student)
        text_other  as text, student with another tokenizer (numbers are not split into digits)
        dist_other  as dist, that student: DTW-aligned to the teacher's tokens
+       dist_authors        the authors' loss and targets (FranxYao/FlanT5-CoT-Specialization): KL alone on
+                           these chain-of-thought samples (--kl_formats zs_cot, every record tagged zs_cot),
+                           each micro-batch its own token mean, the teacher's own token + top 5 not
+                           renormalised, EOS one-hot, no temperature
+       dist_authors_other  as dist_authors, the other-tokenizer student, with the authors' DTW rule
   Accuracy: exact-match answers on held-out questions, greedy decoding.
 
   python bench/teacher_kl_experiment.py [--seeds 0,1,2] [--steps 300] [--kl_weight 0.5] [--out runs/teacher_kl]
@@ -43,7 +48,8 @@ def _accuracy(ckpt, test_file, output, env):
 
 def main(seeds="0,1,2", steps: int = 600, kl_weight: float = 0.5, kl_temperature: float = 1.0, batch: int = 32,
          lr: float = 5e-3, teacher_steps: int = 1250, student_questions: int = 3000, n_test: int = 200,
-         sample_temperature: float = 1.0, arms: str = "text,dist,text_other,dist_other", teacher_model: str = "tiny-llama",
+         sample_temperature: float = 1.0, arms: str = "text,dist,text_other,dist_other,dist_authors,dist_authors_other",
+         teacher_model: str = "tiny-llama",
          student_model: str = "tiny-llama", out: str = "runs/teacher_kl"):
     """Train the teacher once, then every arm for every seed; print and save the held-out accuracies.
 
@@ -58,7 +64,7 @@ def main(seeds="0,1,2", steps: int = 600, kl_weight: float = 0.5, kl_temperature
         student_questions: questions the teacher answers by sampling: the students' training set.
         n_test: held-out questions every model is evaluated on (never seen by teacher or students).
         sample_temperature: the teacher's sampling temperature for the students' rationales.
-        arms: comma-separated subset of text, dist, text_other, dist_other.
+        arms: comma-separated subset of text, dist, text_other, dist_other, dist_authors, dist_authors_other.
         teacher_model: registry preset of the teacher.
         student_model: registry preset of the students.
         out: output directory (data, checkpoints, runs, results.json).
@@ -106,6 +112,9 @@ def main(seeds="0,1,2", steps: int = 600, kl_weight: float = 0.5, kl_temperature
     sampled = [s for s in sampled if s["output"].strip()]  # a sample that is only EOS teaches no text
     json.dump([{"instruction": s["instruction"], "output": s["output"], "label": s["label"]} for s in sampled],
               open(train_file, "w"))
+    tagged = os.path.join(data, "sampled_zs_cot.json")  # the same records, tagged as the CoT format they are
+    json.dump([{"instruction": s["instruction"], "output": s["output"], "label": s["label"], "format": "zs_cot"}
+               for s in sampled], open(tagged, "w"))
     topk = os.path.join(out, "teacher.topk.jsonl")
     run_script(["infer.py", "score", "--ckpt_dir", teacher_ckpt, "--data_file", train_file,
           "--output_file", topk, "--top_k", "5", "--template", "none"], env)
@@ -128,7 +137,12 @@ def main(seeds="0,1,2", steps: int = 600, kl_weight: float = 0.5, kl_temperature
                     "--train_file", train_file, "--seed", str(seed),
                     "--max_steps", str(steps), "--max_batch_size", str(batch), "--lr", str(lr), "--warmup_steps", "30",
                     *common]
-            if arm.startswith("dist"):
+            if arm.startswith("dist_authors"):
+                args[args.index("--train_file") + 1] = tagged
+                args += ["--objective", "teacher_kl", "--teacher_file", topk, "--kl_formats", "zs_cot",
+                         "--loss_reduction", "micro_batch_mean", "--teacher_probs", "raw", "--eos_target", "one_hot",
+                         "--kl_temperature", "1"] + (["--alignment", "authors"] if which else [])
+            elif arm.startswith("dist"):
                 args += ["--objective", "teacher_kl", "--teacher_file", topk, "--kl_weight", str(kl_weight),
                          "--kl_temperature", str(kl_temperature)]
             t0 = time.time()

@@ -195,7 +195,7 @@ def gold_label(rec: dict, index: int, path: str, task: str, choices, label_forma
     if value is None or isinstance(value, bool) or not str(value).strip():
         raise DataError(f"{path} record {index} has no gold label ('label' or 'answer')")
     label = in_label_format(str(value), choices, label_format) if task in CHOICE_TASKS else str(value).strip()
-    if label is None or parse_label(label, task, choices) is None:
+    if label is None or parse_label(label, task, choices=choices) is None:
         raise DataError(f"{path} record {index}: the gold label {value!r} cannot be read as a {task} answer"
                         + (" (nor matched to one of its choices)" if task in CHOICE_TASKS else ""))
     return label
@@ -253,8 +253,8 @@ def convert(records: List[dict], task: str, path: str, parse: str = "authors", l
             counts[why] += 1
             continue
         counts["kept"] += 1
-        counts["teacher_label_differs_from_gold"] += not is_correct(parse_label(llm_label, task, choices), label,
-                                                                    task, choices)
+        teacher = parse_label(llm_label, task, choices=choices)
+        counts["teacher_label_differs_from_gold"] += not is_correct(teacher, label, task, choices=choices)
         counts["teacher_label_blank"] += not llm_label.strip()
         item = {"instruction": instruction, "output": rationale, "label": label, "llm_label": llm_label}
         if "id" in rec:

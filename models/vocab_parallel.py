@@ -14,7 +14,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from fairscale.nn.model_parallel.cross_entropy import vocab_parallel_cross_entropy
 
-from models.parallel import all_reduce_tp_, copy_to_tp, reduce_from_tp, vocab_shard_start
+from models.parallel import (
+    all_reduce_tp_,
+    copy_to_tp,
+    reduce_from_tp,
+    vocab_shard_start,
+)
 
 IGNORE = -100  # the label of a position that takes no loss (PyTorch's ignore_index)
 
@@ -152,8 +157,9 @@ def sharded_log_softmax(scores_local: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 class SparseTarget(NamedTuple):
     """The teacher's distribution at each row as a few student token ids and their probabilities:
-    ids [N, k] global student ids (-1: unused slot), probs [N, k] summing to 1 per row (a row whose
-    probs sum to 0 has no target and contributes nothing). Ids may repeat (their mass adds up)."""
+    ids [N, k] global student ids (-1: unused slot), probs [N, k] summing to 1 per row when
+    renormalised, to at most 1 when they are the teacher's raw probabilities (--teacher_probs raw; a
+    row whose probs sum to 0 has no target and contributes nothing). Ids may repeat (their mass adds up)."""
 
     ids: torch.Tensor
     probs: torch.Tensor
@@ -162,10 +168,13 @@ class SparseTarget(NamedTuple):
 class DenseTarget(NamedTuple):
     """The teacher's full distribution at each row, from its final hidden states [N, dim_t] and its
     head shard [vocab / tp, dim_t] (the same tokenizer and vocabulary size as the student, so the
-    shards hold the same ids). Projected chunk by chunk, like the student's."""
+    shards hold the same ids). Projected chunk by chunk, like the student's. one_hot [N] (optional):
+    where >= 0, the row learns that token one-hot instead of the teacher's distribution (the EOS under
+    --eos_target one_hot)."""
 
     hidden: torch.Tensor
     weight: torch.Tensor
+    one_hot: Optional[torch.Tensor] = None
 
 
 def _target_chunk(target, s: int, e: int, local_vocab: int, start: int, temperature: float, like: torch.Tensor):
@@ -174,7 +183,14 @@ def _target_chunk(target, s: int, e: int, local_vocab: int, start: int, temperat
         z = F.linear(target.hidden[s:e].to(target.weight.dtype), target.weight).float() / temperature
         z -= all_reduce_tp_(z.max(dim=-1).values, dist.ReduceOp.MAX)[:, None]
         log_norm = all_reduce_tp_(z.exp().sum(dim=-1)).log()
-        return (z - log_norm[:, None]).exp_()
+        p = (z - log_norm[:, None]).exp_()
+        if target.one_hot is not None:
+            oh = target.one_hot[s:e]
+            local = oh - start
+            here = (oh >= 0) & (local >= 0) & (local < local_vocab)
+            p[oh >= 0] = 0.0
+            p.scatter_add_(1, local.clamp(0, local_vocab - 1)[:, None], here.to(p.dtype)[:, None])
+        return p
     ids, probs = target.ids[s:e], target.probs[s:e].float()
     local = ids - start
     here = (ids >= 0) & (local >= 0) & (local < local_vocab)
@@ -226,11 +242,27 @@ def logits_teacher_kl(logits_local: torch.Tensor, target, temperature: float = 1
     return _LogitsLoss.apply(logits_local, teacher_kl_chunks(target, float(temperature)))
 
 
+def sharded_token_logprobs(logits_local: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[row, ids[row]] over the whole vocabulary, from vocabulary-sharded logits
+    [N, vocab / tp] and global ids [N] (fp32, replicated; the logits are not modified)."""
+    z = logits_local.float()
+    local_vocab = z.shape[-1]
+    m = all_reduce_tp_(z.max(dim=-1).values.clone(), dist.ReduceOp.MAX)
+    log_norm = all_reduce_tp_((z - m[:, None]).exp().sum(dim=-1)).log() + m
+    local = ids - vocab_shard_start(local_vocab)
+    here = (local >= 0) & (local < local_vocab)
+    picked = z.gather(1, local.clamp(0, local_vocab - 1)[:, None]).squeeze(1)
+    return all_reduce_tp_(torch.where(here, picked, 0.0)) - log_norm
+
+
 def sharded_topk(logits_local: torch.Tensor, k: int):
     """The k most likely tokens of each row from vocabulary-sharded logits [N, vocab / tp]: (global
     ids [N, k] long, log-probabilities [N, k] fp32, descending). Each rank takes its own top k, the
     candidates (k x tp per row, never the vocabulary) are gathered and the best k kept."""
-    from fairscale.nn.model_parallel.initialize import get_model_parallel_group, get_model_parallel_world_size
+    from fairscale.nn.model_parallel.initialize import (
+        get_model_parallel_group,
+        get_model_parallel_world_size,
+    )
 
     z = logits_local.float()
     local_vocab = z.shape[-1]

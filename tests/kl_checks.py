@@ -49,3 +49,65 @@ def teacher_kl_grads(temperature: float = 1.7):
     top_ids, top_logp = sharded_topk(F.linear(t_hidden, t_weight[start:start + local]), 5)
     out["topk"] = {"ids": top_ids, "logprobs": top_logp}
     return out
+
+
+def authors_kl_inputs(seed: int = 1, rows: int = 9, dim: int = 16, vocab: int = 48):
+    """For the authors' variants (tests/test_teacher_kl_authors.py): student states and head, a
+    teacher's states and head, an UNNORMALISED sparse target as dense probabilities [rows, vocab]
+    (the raw top-k: mass 0.7 on row 0, a row without target), and a one-hot id per row (-1: the
+    teacher's distribution; the EOS rows of --eos_target one_hot)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, dim, generator=g)
+    weight = torch.randn(vocab, dim, generator=g) * 0.5
+    t_hidden = torch.randn(rows, dim + 4, generator=g)
+    t_weight = torch.randn(vocab, dim + 4, generator=g) * 0.5
+    sparse = torch.zeros(rows, vocab)
+    for r in range(rows):
+        if r == 3:
+            continue
+        ids = torch.randperm(vocab, generator=g)[:6]
+        p = torch.rand(6, generator=g)
+        sparse[r, ids] = p / p.sum() * (0.7 if r == 0 else float(torch.rand((), generator=g)) * 0.9 + 0.05)
+    one_hot = torch.full((rows,), -1, dtype=torch.long)
+    one_hot[[1, 5]] = torch.tensor([2, vocab - 1])  # one id in each half of the vocabulary (both TP=2 shards)
+    return hidden, weight, t_hidden, t_weight, sparse, one_hot
+
+
+def authors_kl_results():
+    """head_teacher_kl (T=1) against authors_kl_inputs' raw sparse target (as a SparseTarget) and a
+    DenseTarget with one-hot rows, chunked by 4 rows; sharded_token_logprobs of the teacher's logits
+    at token_ids (in both halves of the vocabulary). Losses, gradients (hidden states, full head) and log-probabilities."""
+    import torch.nn.functional as F
+    from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
+
+    from models.parallel import gather_from_tp, vocab_shard_start
+    from models.vocab_parallel import (
+        DenseTarget,
+        SparseTarget,
+        head_teacher_kl,
+        sharded_token_logprobs,
+    )
+
+    hidden, weight, t_hidden, t_weight, sparse, one_hot = authors_kl_inputs()
+    local = weight.shape[0] // get_model_parallel_world_size()
+    start = vocab_shard_start(local)
+    k = int((sparse > 0).sum(-1).max())
+    probs, ids = sparse.topk(k, dim=-1)
+    ids = torch.where(probs > 0, ids, -1)
+    targets = {"raw": SparseTarget(ids, probs),
+               "dense_one_hot": DenseTarget(t_hidden, t_weight[start:start + local], one_hot)}
+    out = {}
+    for name, target in targets.items():
+        h = hidden.clone().requires_grad_()
+        w = weight[start:start + local].clone().requires_grad_()
+        loss = head_teacher_kl(h, w, target, 1.0, chunk_rows=4)
+        loss.backward()
+        out[name] = {"loss": float(loss.detach()), "grad_h": h.grad, "grad_w": gather_from_tp(w.grad.t().contiguous()).t()}
+    logits = F.linear(t_hidden, t_weight[start:start + local])
+    out["token_logprobs"] = sharded_token_logprobs(logits, token_ids(len(t_hidden), weight.shape[0]))
+    return out
+
+
+def token_ids(rows: int, vocab: int) -> torch.Tensor:
+    """Ids 7 * row mod vocab: some in each TP=2 shard."""
+    return (torch.arange(rows) * 7) % vocab

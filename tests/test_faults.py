@@ -128,7 +128,8 @@ def test_two_training_jobs_on_one_save_dir(env, tmp_path):
     assert f"--save_dir {save} is in use by another job, pid {first.pid} on " in line
     seen = len(steps())
     _wait_for(lambda: len(steps()) > seen + 5)  # the first job goes on, its log neither truncated nor mixed
-    assert first.poll() is None and steps() == list(range(1, len(steps()) + 1))
+    seen = steps()  # read once: the running job appends while we look
+    assert first.poll() is None and seen == list(range(1, len(seen) + 1))
     first.send_signal(signal.SIGKILL)
     first.wait()
     third = run_cli(*args, "--max_steps", "2")

@@ -278,6 +278,26 @@ def test_evaluate_gold_and_empty(tmp_path):
     empty.write_text("".join(json.dumps({"output": ""}) + "\n" for _ in range(659)))
     proc = run_cli("infer.py", "evaluate", "--task", "GSM8K", "--predictions_file", str(empty), "--label_file", gold)
     assert json.loads(proc.stdout) == {"accuracy": 0.0, "correct": 0, "total": 659, "unparsable": 659}
+    proc = run_cli(
+        "infer.py",
+        "evaluate",
+        "--task",
+        "GSM8K",
+        "--predictions_file",
+        gold,
+        "--scoring",
+        "exact",
+        "--report",
+        "authors",
+    )  # a whole rationale never equals its label string
+    assert json.loads(proc.stdout) == {
+        "accuracy": 0.0,
+        "correct": 0,
+        "total": 659,
+        "unparsable": 0,
+        "accuracy_answered": 0.0,
+        "answered": 659,
+    }
 
 
 def test_long_prompts_skip_or_truncate(models, dist1, tmp_path):

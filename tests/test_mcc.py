@@ -58,6 +58,79 @@ def test_loss_matches_a_direct_reference(dist1):
     assert g1[1, 6].abs().sum() > 0 and g1[2, 3].abs().sum() > 0
 
 
+# ----- the authors' loss (tests/mcc_authors.py: DEC23 src/trainer.py:163-197, src/utils.py:137-187) -----
+def check_against_the_authors(results: dict) -> None:
+    """Every setting of --span_logits / --ce_reduction equals its reference from the full logits
+    (value and every gradient), `authors/sequence` equals the authors' DEC23 loss, and the inputs
+    are ones where the settings differ."""
+    for key, r in results.items():
+        for part in ("ce", "kl", "loss"):
+            assert r["ours"][part] == pytest.approx(r["reference"][part], rel=2e-5, abs=1e-7), (key, part, r)
+        assert r["grad_diff"] <= 1e-5 * r["grad_scale"], (key, r["grad_diff"], r["grad_scale"])
+    theirs = results["authors/sequence"]
+    for part in ("ce", "kl", "loss"):
+        assert theirs["ours"][part] == pytest.approx(theirs["dec23"][part], rel=2e-5, abs=1e-7), part
+    ours = results["ours/token"]["ours"]
+    assert abs(ours["kl"] - results["authors/token"]["ours"]["kl"]) > 0.02 * ours["kl"]  # the span shift matters
+    assert abs(ours["ce"] - results["ours/sequence"]["ours"]["ce"]) > 0.05  # so does the CE's reduction
+    assert abs(results["ours/token"]["ours"]["loss"] - results["ours/token"]["dec23"]["loss"]) > 0.05
+
+
+@pytest.fixture(scope="module")
+def mcc_models(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("mcc_models")
+    cks.init("tiny-llama", str(root / "m1"), n=1, tokenizer=tiny_tokenizer, seed=1)
+    cks.split(str(root / "m1"), str(root / "m2"), n=2)
+    return root
+
+
+def test_loss_settings_match_the_authors_tp1(mcc_models, dist1):
+    from tests.workers.mcc_worker import mcc_task_losses
+
+    check_against_the_authors(mcc_task_losses(str(mcc_models / "m1")))
+
+
+@pytest.mark.processes
+def test_loss_settings_match_the_authors_tp2(mcc_models, tmp_path, dist1):
+    from tests.workers.mcc_worker import mcc_task_losses
+
+    torchrun("tests/workers/mcc_worker.py", str(mcc_models / "m2"), str(tmp_path / "tp2.pt"))
+    tp2 = torch.load(tmp_path / "tp2.pt")
+    check_against_the_authors(tp2)
+    tp1 = mcc_task_losses(str(mcc_models / "m1"))
+    for key in tp1:
+        for part in ("ce", "kl", "loss"):
+            assert tp2[key]["ours"][part] == pytest.approx(tp1[key]["ours"][part], rel=1e-5), (key, part)
+
+
+def test_train_mcc_flags_reach_the_loss(mcc_models, tmp_path, dist1):
+    """train_mcc.py --span_logits authors --ce_reduction sequence: the first step's logged loss
+    parts (at the initial weights, every question in the batch) are the authors' DEC23 loss."""
+    from tests.workers.mcc_worker import ALPHA, TEMPERATURE, mcc_task_losses, records_file
+
+    expected = mcc_task_losses(str(mcc_models / "m1"), head_scale=1.0)
+    for span_logits, ce_reduction in (("authors", "sequence"), ("ours", "token")):
+        save = tmp_path / f"{span_logits}-{ce_reduction}"
+        train_mcc.main(
+            task="ARITH",
+            ckpt_dir=str(mcc_models / "m1"),
+            save_dir=str(save),
+            train_file=records_file(str(tmp_path / "t.json")),
+            template="none",
+            max_steps=1,
+            max_batch_size=3,
+            alpha=ALPHA,
+            temperature=TEMPERATURE,
+            span_logits=span_logits,
+            ce_reduction=ce_reduction,
+        )
+        line = json.loads(open(save / "metrics.jsonl").readline())
+        want = expected[f"{span_logits}/{ce_reduction}"]
+        want = want["dec23"] if span_logits == "authors" else want["reference"]
+        assert line["loss_ce"] == pytest.approx(want["ce"], rel=1e-5)
+        assert line["loss_kl"] == pytest.approx(want["kl"], rel=1e-4)
+
+
 @pytest.fixture(scope="module")
 def sum3(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("mcc")
@@ -136,6 +209,10 @@ def test_flag_errors(sum3, tiny_tokenizer, tmp_path, dist1):
         train_mcc.main(alpha=-0.1, **base)
     with pytest.raises(UserError, match="--temperature must be > 0"):
         train_mcc.main(temperature=0, **base)
+    with pytest.raises(UserError, match="--span_logits must be ours or authors, got 'late'"):
+        train_mcc.main(span_logits="late", **base)
+    with pytest.raises(UserError, match="--ce_reduction must be token or sequence, got 'mean'"):
+        train_mcc.main(ce_reduction="mean", **base)
 
 
 def test_most_diverse_prefers_different_rationales():

@@ -15,7 +15,7 @@ import infer
 import train
 from data.arithmetic import main as make_arith
 from data.prepare_step_by_step import main as prepare_main, parse_teacher_output
-from engine.distill.step_by_step.mi import infonce_sum, masked_mean_pool, pooled_ce_mi_sum
+from engine.distill.step_by_step.mi import infonce_sum, masked_mean_pool, pooled_distribution_ce_sum
 from engine.infer.metrics import calibration_bins, corpus_bleu, tokenize_13a
 from engine.runtime.errors import UserError
 from engine.text.answers import extract_answer, is_correct, parse_label
@@ -46,17 +46,17 @@ def _metrics(save_dir):
 
 # ----- the losses against references written here -------------------------------------------------
 def _reference_pooled(logits, mask):
-    """The authors' pooling done right, from the definition: softmax per real position, max over the
-    real positions, renormalised."""
+    """Our pooled_distribution_ce's pooling, from its definition: softmax per real position, max over
+    the real positions, renormalised."""
     probs = torch.softmax(logits[mask], dim=-1)
     pooled = probs.max(dim=0).values
     return pooled / pooled.sum()
 
 
-def test_pooled_ce_matches_a_reference_and_ignores_padding(dist1):
+def test_pooled_distribution_ce_matches_a_reference_and_ignores_padding(dist1):
     label, label_mask, rationale, rationale_mask = hand_made_mi_inputs()
     label, rationale = label.clone().requires_grad_(), rationale.clone().requires_grad_()
-    got = pooled_ce_mi_sum(label, label_mask, rationale, rationale_mask)
+    got = pooled_distribution_ce_sum(label, label_mask, rationale, rationale_mask)
     ref = torch.zeros(())
     for b in range(len(label)):
         if not label_mask[b].any():
@@ -70,10 +70,12 @@ def test_pooled_ce_matches_a_reference_and_ignores_padding(dist1):
     assert (g_got - g_ref).abs().max() < 1e-6
     assert g_got[3].abs().max() == 0 and g_got[1, 4:].abs().max() == 0  # the empty example, padding
     with pytest.raises(RuntimeError):  # the label side is detached: no graph reaches it
-        torch.autograd.grad(pooled_ce_mi_sum(label, label_mask, rationale.detach(), rationale_mask), label)
+        torch.autograd.grad(pooled_distribution_ce_sum(label, label_mask, rationale.detach(), rationale_mask), label)
     noisy = rationale.detach().clone()
     noisy[1, 4:] = 50.0  # padding positions hold garbage: nothing changes
-    assert pooled_ce_mi_sum(label, label_mask, noisy, rationale_mask).item() == pytest.approx(got.item(), abs=1e-6)
+    assert pooled_distribution_ce_sum(label, label_mask, noisy, rationale_mask).item() == pytest.approx(
+        got.item(), abs=1e-6
+    )
     # the authors' version (max over every position of the probabilities, fed to a CE as logits) differs
     authors = sum(F.cross_entropy(torch.softmax(rationale[b], -1).max(0).values[None],
                                   torch.softmax(label[b], -1).max(0).values[None].detach()) for b in range(3))
@@ -110,9 +112,21 @@ def test_first_step_loss_equals_a_reference_on_the_model(sbs, tiny_tokenizer, di
     path = tmp_path / "six.json"
     path.write_text(json.dumps(records))
     alpha, beta = 0.3, 0.5
-    train.main(**_base(sbs, train_file=str(path), ckpt_dir=str(sbs / "m1"), save_dir=str(tmp_path / "run"),
-                       max_steps=1, max_batch_size=3, accumulation_steps=2, alpha=alpha, beta=beta,
-                       mi_estimator="pooled_ce"))
+    train.main(
+        **_base(
+            sbs,
+            train_file=str(path),
+            ckpt_dir=str(sbs / "m1"),
+            save_dir=str(tmp_path / "run"),
+            max_steps=1,
+            max_batch_size=3,
+            accumulation_steps=2,
+            alpha=alpha,
+            beta=beta,
+            mi_estimator="pooled_ce",  # the former name, still accepted: the same estimator
+        )
+    )
+    assert json.load(open(tmp_path / "run" / "run_config.json"))["mi_estimator"] == "pooled_distribution_ce"
     logged = _metrics(tmp_path / "run")[0]
     tok, model = load_tokenizer(tiny_tokenizer), load_model(str(sbs / "m1"))
     sums, counts, mi = {"label": 0.0, "rationale": 0.0}, {"label": 0, "rationale": 0}, 0.0
@@ -138,16 +152,18 @@ def test_first_step_loss_equals_a_reference_on_the_model(sbs, tiny_tokenizer, di
 # ----- tensor parallelism ------------------------------------------------------------------------
 @pytest.mark.processes
 def test_mi_term_tp2_equals_tp1_on_sharded_logits(tmp_path, dist1):
-    one = mi_loss_grads()
+    """Every estimator on vocabulary shards (tests/test_mi_calibration_bleu.py compares the authors'
+    at TP=2 with their code too)."""
     torchrun("tests/workers/mi_worker.py", str(tmp_path / "tp2.pt"))
-    two = torch.load(tmp_path / "tp2.pt")
-    assert abs(one["loss"] - two["loss"]) < 1e-5
-    assert (one["grad_rationale"] - two["grad_rationale"]).abs().max() < 1e-6
-    assert one["label_grad_is_none"] and two["label_grad_is_none"]
+    for name, two in torch.load(tmp_path / "tp2.pt").items():
+        one = mi_loss_grads(estimator=name)
+        assert abs(one["loss"] - two["loss"]) < 1e-5, name
+        assert (one["grad_rationale"] - two["grad_rationale"]).abs().max() < 1e-6, name
+        assert one["label_grad_is_none"] and two["label_grad_is_none"]
 
 
 @pytest.mark.processes
-@pytest.mark.parametrize("estimator", ["pooled_ce", "critic"])
+@pytest.mark.parametrize("estimator", ["pooled_distribution_ce", "authors", "critic"])
 def test_training_tp2_equals_tp1(sbs, estimator, dist1):
     """Losses (every part) and updated weights after 3 steps, TP=2 against TP=1."""
     base = _base(sbs, alpha=0.4, beta=0.5, mi_estimator=estimator, accumulation_steps=2)
@@ -380,7 +396,10 @@ def test_bad_input_is_one_sentence(sbs, dist1, tmp_path):
     assert err(alpha=1.5) == "--alpha must be in [0, 1] (the label task's weight), got 1.5"
     assert err(beta=-0.1) == "--beta must be >= 0 (0: no mutual-information term), got -0.1"
     assert err(objective="dss") == "--objective 'dss' is not one of sft, step_by_step, teacher_kl"
-    assert err(beta=0.1, mi_estimator="mine") == "--mi_estimator 'mine' is not one of pooled_ce, critic"
+    assert err(beta=0.1, mi_estimator="mine") == (
+        "--mi_estimator 'mine' is not one of pooled_distribution_ce, authors, critic (pooled_ce: the former "
+        "name of pooled_distribution_ce)"
+    )
     assert "has no effect with --beta 0" in err(mi_estimator="critic")
     assert err(label_type="teacher") == "--label_type 'teacher' is not one of gt, llm"
     assert "has no effect with --alpha 0 and --beta 0" in err(alpha=0.0, label_type="llm")

@@ -23,6 +23,7 @@ from engine.runtime.errors import UserError
 from engine.text.answers import choices_in, extract_answer, is_correct, parse_label, unreadable_labels
 from engine.text.sequences import IGNORE
 from engine.text.tokenizer import load_tokenizer
+from engine.train.evaluator import Decoding
 from tests.conftest import shared_path
 from tests.helpers import assert_same_run
 
@@ -168,21 +169,21 @@ QUESTION = "What is this an example of?\nAnswer Choices:\n" + "\n".join(
 def test_a_text_answer_reads_as_its_choice():
     assert choices_in(QUESTION) == CHOICES and choices_in("predict: " + QUESTION) == CHOICES
     assert choices_in("What is 2 + 3 ?") is None
-    assert extract_answer("math problem", "CSQA", CHOICES) == "D"
-    assert extract_answer(" Math  Problem.", "CSQA", CHOICES) == "D"
-    assert extract_answer("Only gravity pulls. So the answer is gravity.", "CSQA", CHOICES) == "E"
-    assert extract_answer("So the answer is (b) coloring book.", "CSQA", CHOICES) == "B"
+    assert extract_answer("math problem", "CSQA", choices=CHOICES) == "D"
+    assert extract_answer(" Math  Problem.", "CSQA", choices=CHOICES) == "D"
+    assert extract_answer("Only gravity pulls. So the answer is gravity.", "CSQA", choices=CHOICES) == "E"
+    assert extract_answer("So the answer is (b) coloring book.", "CSQA", choices=CHOICES) == "B"
     assert extract_answer("math problem", "CSQA") is None  # the text alone names no letter
-    assert extract_answer("aquarium or", "CSQA", CHOICES) is None
+    assert extract_answer("aquarium or", "CSQA", choices=CHOICES) is None
     for label in ("math problem", "D", "(d) math problem"):
-        assert parse_label(label, "CSQA", CHOICES) == "D"
-        assert is_correct(extract_answer("math problem", "CSQA", CHOICES), label, "CSQA", CHOICES)
-        assert not is_correct(extract_answer("park", "CSQA", CHOICES), label, "CSQA", CHOICES)
+        assert parse_label(label, "CSQA", choices=CHOICES) == "D"
+        assert is_correct(extract_answer("math problem", "CSQA", choices=CHOICES), label, "CSQA", choices=CHOICES)
+        assert not is_correct(extract_answer("park", "CSQA", choices=CHOICES), label, "CSQA", choices=CHOICES)
     twice = ["hotel", "bank", "hotel", "mall", "park"]  # a text two choices share reads as the first
-    assert is_correct(extract_answer("hotel", "CSQA", twice), "hotel", "CSQA", twice)
+    assert is_correct(extract_answer("hotel", "CSQA", choices=twice), "hotel", "CSQA", choices=twice)
     records = [{"instruction": QUESTION, "label": "math problem"}, {"instruction": "Q?", "label": "math problem"}]
     assert unreadable_labels(records, "CSQA") == [1]
-    acc = accuracy_of(["math problem", "gravity", "D"], ["math problem"] * 3, "CSQA", [CHOICES] * 3)
+    acc = accuracy_of(["math problem", "gravity", "D"], ["math problem"] * 3, "CSQA", choices=[CHOICES] * 3)
     assert (acc.correct, acc.total, acc.unparsable) == (2, 3, 0)
 
 
@@ -208,7 +209,8 @@ def test_the_label_task_trains_and_scores_text_labels(tiny_tokenizer, tmp_path):
     with pytest.raises(UserError, match="record 0: 'label' 'zoo' is not an answer of --task CSQA"):
         StepByStepData([{**records[0], "label": "zoo"}], tok, 96, "none", task="CSQA")
 
-    ev = StepByStepEvaluator([{"instruction": QUESTION, "label": "math problem"}] * 3, tok, "CSQA", INFO, template="none")
+    ev = StepByStepEvaluator([{"instruction": QUESTION, "label": "math problem"}] * 3, tok, INFO,
+                             Decoding("CSQA", template="none"))
     ev.label.texts = lambda model: ["math problem", "gravity", "D"]  # the gold text, a wrong choice, a letter
     result = ev(types.SimpleNamespace(head_weight=torch.zeros(1)))
     assert (result["correct"], result["total"], result["unparsable"]) == (2, 3, 0)
@@ -216,7 +218,8 @@ def test_the_label_task_trains_and_scores_text_labels(tiny_tokenizer, tmp_path):
     preds.write_text("".join(json.dumps({"output": t}) + "\n" for t in ("math problem", "park")))
     labels = tmp_path / "l.json"
     labels.write_text(json.dumps([{"instruction": QUESTION, "label": "math problem"}] * 2))
-    args = types.SimpleNamespace(predictions_file=str(preds), label_file=str(labels), field="output", task="CSQA")
+    args = types.SimpleNamespace(predictions_file=str(preds), label_file=str(labels), field="output", task="CSQA",
+                                 scoring="ours", report="ours")
     assert file_accuracy(args)["correct"] == 1
 
 
@@ -261,11 +264,13 @@ def test_the_evaluator_decodes_the_label_task_with_its_prefix(tiny_tokenizer):
     (the authors' T5 prefix, run.py:140), the rationale task 'explain: '; --standard: no prefix."""
     tok = load_tokenizer(tiny_tokenizer)
     records = [{"instruction": "What is 2 + 3 ?", "label": "5", "output": "2 + 3 = 5 ."}]
-    ev = StepByStepEvaluator(records, tok, "ARITH", INFO, max_new_tokens=8, template="none", rationale_task=True)
+    ev = StepByStepEvaluator(records, tok, INFO, Decoding("ARITH", max_new_tokens=8, template="none"),
+                             rationale_task=True)
     assert ev.label.instructions == ["predict: What is 2 + 3 ?"]
     assert ev.rationale.instructions == ["explain: What is 2 + 3 ?"]
     assert ev.label.prompts(64)[0] == tok.encode("predict: What is 2 + 3 ?", bos=True)
-    plain = StepByStepEvaluator(records, tok, "ARITH", INFO, template="none", prefixes={"label": "", "rationale": ""})
+    plain = StepByStepEvaluator(records, tok, INFO, Decoding("ARITH", template="none"),
+                                prefixes={"label": "", "rationale": ""})
     assert plain.label.instructions == ["What is 2 + 3 ?"]
 
 

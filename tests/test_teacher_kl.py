@@ -298,6 +298,8 @@ def test_score_top_k_equals_the_full_log_softmax(env, other_file, dist1):
     assert lines[3]["tokens"] == resp
     assert lines[3]["topk_ids"] == ref_ids.tolist()
     assert np.abs(np.array(lines[3]["topk_logprobs"]) - ref_lp.numpy()).max() <= 1e-5
+    own = torch.log_softmax(logits.float(), dim=-1)[torch.arange(len(resp)), torch.tensor(resp)]
+    assert np.abs(np.array(lines[3]["token_logprobs"]) - own.numpy()).max() <= 1e-5  # each output token's own
     meta = json.load(open(str(other_file) + ".meta.json"))
     assert meta["top_k"] == 5 and Vocab.from_dict(meta["vocab"]).texts == Vocab.of(tok).texts
     torchrun("infer.py", "score", "--ckpt_dir", str(models["other"][1]), "--data_file",
@@ -305,6 +307,7 @@ def test_score_top_k_equals_the_full_log_softmax(env, other_file, dist1):
              "--template", "none")
     two = [json.loads(line) for line in open(root / "tp2.topk.jsonl")]
     assert [t["topk_ids"] for t in two] == [t["topk_ids"] for t in lines]
+    assert max(abs(x - y) for t, o in zip(two, lines) for x, y in zip(t["token_logprobs"], o["token_logprobs"])) <= 1e-5
     assert max(abs(x - y) for t, o in zip(two, lines) for rt, ro in zip(t["topk_logprobs"], o["topk_logprobs"])
                for x, y in zip(rt, ro)) <= 1e-5
 

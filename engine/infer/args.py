@@ -25,6 +25,23 @@ from engine.text.answers import check_task
 _CPU_OR_CUDA = "cpu or cuda (default: cuda when every process on this node has a GPU of its own)."
 _TASK_PREFIX = "a step-by-step model's task: label (the default for such a model) or rationale."
 _TASKS = "GSM8K / SVAMP / ASDiv / CSQA / ARITH"
+_SCORING = (
+    "ours (the answer the output states, compared by exact value), exact (the whole output must equal the "
+    "label string; SVAMP / ASDiv: Python arithmetic values compared with ==, as distilling step-by-step "
+    "scores) or mcc (the last number of the last line, as written, equal to the label: MCC-KD's code)."
+)
+_REPORT = (
+    "ours (accuracy = correct / all) or authors (also accuracy_answered = correct / answered and answered: "
+    "the MCC-KD authors' accuracy, unanswered outputs left out of the denominator)."
+)
+
+
+def _check_scoring_and_report(args) -> None:
+    from engine.infer.metrics import check_report
+    from engine.text.answers import check_scoring
+
+    check_scoring(args.scoring)
+    check_report(args.report)
 
 
 @dataclass(kw_only=True)
@@ -108,17 +125,44 @@ class GenerateArgs(ModelSource, GenerationFlags):
     SUMMARY: ClassVar[str] = ("Generate responses for every record of data_file; one JSON line per record in "
                               "output_file.")
     FLAGS: ClassVar[Tuple[str, ...]] = (
-        "ckpt_dir", "data_file", "output_file", "task", "batch_size", "max_new_tokens", "temperature", "top_p",
-        "top_k", "num_samples", "template", "seed", "use_float16", "use_bfloat16", "lora_dir", "stop",
-        "long_prompts", "prefill_tokens", "progress", "output_tokens", "compile", "device", "task_prefix")
+        "ckpt_dir",
+        "data_file",
+        "output_file",
+        "task",
+        "scoring",
+        "report",
+        "batch_size",
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "num_samples",
+        "template",
+        "seed",
+        "use_float16",
+        "use_bfloat16",
+        "lora_dir",
+        "stop",
+        "long_prompts",
+        "prefill_tokens",
+        "progress",
+        "output_tokens",
+        "compile",
+        "device",
+        "task_prefix",
+    )
 
     ckpt_dir: str = flag("native checkpoint (one shard per tensor-parallel rank), an HF directory, or a LoRA adapter "
                          "directory.")
     data_file: str = flag("MCC-KD JSON list or JSON lines with 'instruction' (and optional 'label', 'id').")
     output_file: str = flag("JSON lines; rerunning with the same file resumes (finished records are kept).")
     task: Optional[str] = flag(f"{_TASKS}: extract the answers and score them against 'label'.", None)
-    template: Optional[str] = flag("prompt template: default (instruction / response) or none (verbatim after BOS); "
-                                   "default: the checkpoint's.", None)
+    scoring: str = flag(f"with --task: {_SCORING}", "ours")
+    report: str = flag(f"with --task, the summary's accuracy: {_REPORT}", "ours")
+    template: Optional[str] = flag(
+        "prompt template: default (instruction / response) or none (verbatim after BOS); default: the checkpoint's.",
+        None,
+    )
     lora_dir: Optional[str] = flag("a LoRA adapter from training, merged into the weights.", None)
 
     def __post_init__(self):
@@ -126,6 +170,7 @@ class GenerateArgs(ModelSource, GenerationFlags):
         _check_output_file(self.output_file)
         self.check_precision()
         self.task = check_task(self.task) if self.task else None
+        _check_scoring_and_report(self)
 
 
 @dataclass(kw_only=True)
@@ -136,8 +181,23 @@ class CalibrationArgs(ModelSource, GenerationFlags):
     SUMMARY: ClassVar[str] = ("Calibration error (ECE) of the first answer token's probability vs correctness, "
                               "with a reliability diagram.")
     FLAGS: ClassVar[Tuple[str, ...]] = (
-        "ckpt_dir", "data_file", "output_file", "task", "batch_size", "max_new_tokens", "num_bins", "plot_file",
-        "template", "task_prefix", "lora_dir", "use_float16", "use_bfloat16", "device")
+        "ckpt_dir",
+        "data_file",
+        "output_file",
+        "task",
+        "batch_size",
+        "max_new_tokens",
+        "binning",
+        "num_bins",
+        "correctness",
+        "plot_file",
+        "template",
+        "task_prefix",
+        "lora_dir",
+        "use_float16",
+        "use_bfloat16",
+        "device",
+    )
 
     data_file: str = flag("records with 'instruction' and 'label'.")
     output_file: str = flag("JSON lines per record (output, prediction, correct, confidence); the summary goes to "
@@ -145,13 +205,32 @@ class CalibrationArgs(ModelSource, GenerationFlags):
     task: str = flag(f"{_TASKS}: how answers are read and scored.")
     batch_size: int = flag("sequences decoded (and scored) together.", 32)
     max_new_tokens: int = flag("generation budget per answer.", 256)
-    num_bins: int = flag("equal-width confidence bins of the calibration error.", 10)
-    plot_file: Optional[str] = flag("the reliability diagram (PNG); default: OUTPUT without its extension + "
-                                    ".reliability.png.", None)
+    binning: str = flag(
+        "confidence bins of the calibration error: equal_width (ours) or equal_mass (Chen et al.'s: sorted, "
+        "ceil(N / num_bins) records per bin).",
+        "equal_width",
+    )
+    num_bins: Optional[int] = flag("bins of the calibration error; default 10 (equal_width) or 100 (equal_mass).", None)
+    correctness: str = flag(
+        "what counts as right: answer (ours: the whole stated answer vs 'label') or token (Chen et al.'s: the "
+        "answer's first token id == the first token id of 'label' encoded as a response).",
+        "answer",
+    )
+    plot_file: Optional[str] = flag(
+        "the reliability diagram (PNG); default: OUTPUT without its extension + .reliability.png.", None
+    )
     long_prompts: str = dataclasses.field(default="truncate", init=False)
     progress: bool = dataclasses.field(default=False, init=False)
 
     def __post_init__(self):
+        from engine.infer.metrics import BINNINGS, DEFAULT_BINS
+
+        if self.binning not in BINNINGS:
+            raise UserError(f"--binning {self.binning!r} is not one of {', '.join(BINNINGS)}")
+        if self.correctness not in ("answer", "token"):
+            raise UserError(f"--correctness {self.correctness!r} is not one of answer, token")
+        if self.num_bins is None:
+            self.num_bins = DEFAULT_BINS[self.binning]
         if self.num_bins < 1:
             raise UserError(f"--num_bins must be >= 1, got {self.num_bins}")
         self.check_generation()
@@ -200,18 +279,34 @@ class EvaluateArgs(CommandArgs):
     label_file: Optional[str] = flag("records whose 'label' is the gold answer, in the same order as the "
                                      "predictions.", None)
     field: str = flag("the text field to score; a list (several samples) scores each of its items.", "output")
+    scoring: str = flag(_SCORING, "ours")
+    report: str = flag(_REPORT, "ours")
 
     def __post_init__(self):
         self.task = check_task(self.task)
+        _check_scoring_and_report(self)
 
 
 @dataclass(kw_only=True)
 class BleuArgs(CommandArgs):
-    SUMMARY: ClassVar[str] = ("Corpus BLEU (sacreBLEU's default: 13a tokens, 4-grams) of generated rationales "
-                              "against the teacher's.")
+    SUMMARY: ClassVar[str] = (
+        "BLEU (13a tokens, 4-grams) of generated rationales against the teacher's: corpus (sacreBLEU's default) "
+        "or the authors' sentence_mean."
+    )
 
     predictions_file: str = flag("JSON list or JSON lines holding `field` (one generated text per record).")
     references_file: str = flag("records in the same order whose `reference_field` holds the teacher rationale (or a "
                                 "list: several references).")
     field: str = flag("the generated text field.", "output")
     reference_field: str = flag("the reference text field.", "output")
+    bleu: str = flag(
+        "corpus (ours: sacreBLEU's corpus BLEU, exp smoothing, 0-100) or sentence_mean (Chen et al.'s: HF "
+        "evaluate's unsmoothed BLEU of each record, 0-1, averaged; an empty prediction scores 0).",
+        "corpus",
+    )
+
+    def __post_init__(self):
+        from engine.infer.metrics import BLEU_KINDS
+
+        if self.bleu not in BLEU_KINDS:
+            raise UserError(f"--bleu {self.bleu!r} is not one of {', '.join(BLEU_KINDS)}")

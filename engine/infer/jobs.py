@@ -25,11 +25,29 @@ from engine.text.answers import choices_in, extract_answer, is_correct, label_wa
 from engine.text.prompts import resolve_task_prefix, resolve_template, task_instruction
 from engine.text.records import read_records, validate_training_records
 from engine.text.sequences import IGNORE, pad_batch
-from models.vocab_parallel import sharded_topk, token_cross_entropy
+from models.vocab_parallel import sharded_token_logprobs, sharded_topk, token_cross_entropy
 
 # Every setting that changes what an output line holds: a resumed file must have been written with the same.
-SETTINGS = ("ckpt_dir", "lora_dir", "template", "task", "dtype", "max_new_tokens", "temperature", "top_p", "top_k",
-            "num_samples", "seed", "stop", "long_prompts", "output_tokens", "task_prefix")
+SETTINGS = (
+    "ckpt_dir",
+    "lora_dir",
+    "template",
+    "task",
+    "scoring",
+    "dtype",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "num_samples",
+    "seed",
+    "stop",
+    "long_prompts",
+    "output_tokens",
+    "task_prefix",
+)
+# what a setting read from a .meta.json written before it existed was (such files resume as before)
+SETTINGS_BEFORE = {"scoring": "ours"}
 
 
 @dataclass(kw_only=True)
@@ -65,12 +83,26 @@ class GenerationJob(Job):
 
     def meta(self) -> dict:
         f = self.flags
-        return {"data_file": os.path.abspath(f.data_file), "data_sha256": file_sha256(f.data_file),
-                "ckpt_dir": f.ckpt_dir, "lora_dir": f.lora_dir, "template": self.template, "task": f.task,
-                "dtype": str(f.dtype).replace("torch.", ""), "max_new_tokens": f.max_new_tokens,
-                "temperature": f.temperature, "top_p": f.top_p, "top_k": f.top_k, "num_samples": f.num_samples,
-                "seed": f.seed, "stop": list(f.stops), "long_prompts": f.long_prompts,
-                "output_tokens": f.output_tokens, "task_prefix": self.task_prefix}
+        return {
+            "data_file": os.path.abspath(f.data_file),
+            "data_sha256": file_sha256(f.data_file),
+            "ckpt_dir": f.ckpt_dir,
+            "lora_dir": f.lora_dir,
+            "template": self.template,
+            "task": f.task,
+            "scoring": f.scoring,
+            "dtype": str(f.dtype).replace("torch.", ""),
+            "max_new_tokens": f.max_new_tokens,
+            "temperature": f.temperature,
+            "top_p": f.top_p,
+            "top_k": f.top_k,
+            "num_samples": f.num_samples,
+            "seed": f.seed,
+            "stop": list(f.stops),
+            "long_prompts": f.long_prompts,
+            "output_tokens": f.output_tokens,
+            "task_prefix": self.task_prefix,
+        }
 
 
 @dataclass(kw_only=True)
@@ -108,11 +140,14 @@ class OutputFile:
             raise UserError(f"--output_file {self.path} was written for a different data file "
                             f"({old.get('data_file')}); choose another output file to start afresh")
         for key in SETTINGS:
-            if old.get(key) != self.meta.get(key):
+            was = old.get(key, SETTINGS_BEFORE.get(key))
+            if was != self.meta.get(key):
                 flag = "the precision (--use_float16 / --use_bfloat16)" if key == "dtype" else f"--{key}"
-                raise UserError(f"--output_file {self.path} was written with {flag} {old.get(key)!r}, not "
-                                f"{self.meta.get(key)!r}; rerun with the same flags to resume it, or choose another "
-                                f"output file")
+                raise UserError(
+                    f"--output_file {self.path} was written with {flag} {was!r}, not "
+                    f"{self.meta.get(key)!r}; rerun with the same flags to resume it, or choose another "
+                    f"output file"
+                )
 
     def read_done(self) -> Dict[int, dict]:
         """index -> line of a (possibly interrupted) output file; a torn last line is cut off."""
@@ -180,8 +215,8 @@ class Lines:
             line["label"] = rec["label"]
         if f.task:
             options = choices_in(rec.get("instruction"))  # CSQA answers and labels may be choice texts
-            preds = [extract_answer(t, f.task, options) for t in texts]
-            oks = [is_correct(p, rec.get("label"), f.task, options) for p in preds]
+            preds = [extract_answer(t, f.task, f.scoring, options) for t in texts]
+            oks = [is_correct(p, rec.get("label"), f.task, f.scoring, options) for p in preds]
             line["prediction"], line["correct"] = (preds[0], oks[0]) if one else (preds, oks)
         return line
 
@@ -255,7 +290,7 @@ def run_generation(job: GenerationJob) -> None:
         out = OutputFile(f.output_file, job.meta())
         out.check_resume()
         if f.task and info.is_main:
-            bad = unreadable_labels(job.records, f.task)
+            bad = unreadable_labels(job.records, f.task, f.scoring)
             if bad:
                 print(label_warning(bad, len(job.records), f.task, f.data_file), flush=True)
         model, tok, _ = load_for_inference(f.ckpt_dir, f.lora_dir, f.dtype, info.device)
@@ -274,7 +309,7 @@ def run_generation(job: GenerationJob) -> None:
                            "truncated_prompts": truncated, "new_tokens": n_new_tokens,
                            "tokens_per_s": round(n_new_tokens / max(wall, 1e-9), 1), "wall_s": round(wall, 2)}
                 if f.task:
-                    summary.update(_accuracy(finished, job).as_dict())
+                    summary.update(_accuracy(finished, job).as_dict(f.report))
                 return summary
 
             print(json.dumps(out.finish(summary_of, len(job.records))), flush=True)
@@ -284,7 +319,7 @@ def _accuracy(lines: List[dict], job: GenerationJob) -> Accuracy:
     acc, task, one = Accuracy(), job.flags.task, job.flags.num_samples == 1
     for r in lines:
         rec = job.records[r["index"]]
-        readable = parse_label(rec.get("label"), task, choices_in(rec.get("instruction"))) is not None
+        readable = parse_label(rec.get("label"), task, job.flags.scoring, choices_in(rec.get("instruction"))) is not None
         preds, oks = ([r["prediction"]], [r["correct"]]) if one else (r["prediction"], r["correct"])
         for p, ok in zip(preds, oks):
             acc.count(p, ok, readable)
@@ -349,15 +384,19 @@ def _score(model, items: list, batch_size: int, top_k: int, pad_id: int, device)
 
 
 def _top_k(logits: torch.Tensor, y: torch.Tensor, chunk: list, top_k: int) -> dict:
-    """(record, output) -> (output tokens, their top-k ids, top-k log-probabilities rounded to 1e-6)."""
+    """(record, output) -> (output tokens, their top-k ids, top-k log-probabilities and each token's own
+    log-probability, rounded to 1e-6)."""
     labelled = y != IGNORE
-    ids, logp = sharded_topk(logits[labelled], top_k)
+    rows = logits[labelled]
+    ids, logp = sharded_topk(rows, top_k)
+    own = sharded_token_logprobs(rows, y[labelled]).tolist()  # each output token's own log-probability
     ids, logp = ids.tolist(), logp.tolist()
     out, start = {}, 0
     for b, it in enumerate(chunk):
         n = int(labelled[b].sum())
         out[(it[0], it[1])] = (y[b][labelled[b]].tolist(), ids[start:start + n],
-                               [[round(v, 6) for v in row] for row in logp[start:start + n]])
+                               [[round(v, 6) for v in row] for row in logp[start:start + n]],
+                               [round(v, 6) for v in own[start:start + n]])
         start += n
     return out
 
@@ -373,7 +412,7 @@ def _write_scores(job: ScoringJob, results: dict, topk: dict) -> None:
                     "mean_logprob": means[0] if one else means, "n_tokens": counts[0] if one else counts}
             if job.flags.top_k:
                 got = [topk[(i, j)] for j in range(len(_outputs(rec)))]
-                for n, key in enumerate(("tokens", "topk_ids", "topk_logprobs")):
+                for n, key in enumerate(("tokens", "topk_ids", "topk_logprobs", "token_logprobs")):
                     line[key] = got[0][n] if one else [g[n] for g in got]
             f.write(json.dumps(line) + "\n")
 

@@ -1,5 +1,6 @@
-"""Accuracy of a model's answers: counts (unparsable outputs are wrong, never dropped), and greedy
-generation on labelled records during training; rationale BLEU and calibration error."""
+"""Accuracy of a model's answers: counts (unparsable outputs are wrong, never dropped; the MCC-KD
+authors' answered-only accuracy reported beside on request), rationale BLEU and calibration error."""
+
 from __future__ import annotations
 
 import itertools
@@ -9,13 +10,25 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, List, Optional
 
-from engine.runtime.errors import DataError
+from engine.runtime.errors import DataError, UserError
 from engine.text.answers import choices_in, extract_answer, is_correct, parse_label
 from engine.text.records import read_records
+
+REPORTS = ("ours", "authors")
+
+
+def check_report(report: str) -> str:
+    if report not in REPORTS:
+        raise UserError(f"--report must be ours or authors, got {report!r}")
+    return report
 
 
 @dataclass
 class Accuracy:
+    """Counts of scored answers. `accuracy` is ours: correct / all, an output without a readable
+    answer counted wrong. The MCC-KD authors' (HEAD src/evaluator.py:189-197) drops those from the
+    denominator: `accuracy_answered` = correct / answered, reported beside ours with report=authors."""
+
     correct: int = 0
     total: int = 0
     unparsable: int = 0  # outputs with no readable answer
@@ -25,9 +38,17 @@ class Accuracy:
     def accuracy(self) -> float:
         return self.correct / self.total if self.total else 0.0
 
-    def add(self, prediction: Optional[str], label, task: str, choices=None) -> bool:
-        ok = is_correct(prediction, label, task, choices)
-        self.count(prediction, ok, parse_label(label, task, choices) is not None)
+    @property
+    def answered(self) -> int:
+        return self.total - self.unparsable
+
+    @property
+    def accuracy_answered(self) -> float:
+        return self.correct / self.answered if self.answered else 0.0
+
+    def add(self, prediction: Optional[str], label, task: str, scoring: str = "ours", choices=None) -> bool:
+        ok = is_correct(prediction, label, task, scoring, choices)
+        self.count(prediction, ok, parse_label(label, task, scoring, choices) is not None)
         return ok
 
     def count(self, prediction: Optional[str], ok: bool, label_readable: bool = True) -> None:
@@ -36,19 +57,22 @@ class Accuracy:
         self.unparsable += prediction is None
         self.unparsable_labels += not label_readable
 
-    def as_dict(self) -> dict:
+    def as_dict(self, report: str = "ours") -> dict:
         out = {"accuracy": self.accuracy, "correct": self.correct, "total": self.total, "unparsable": self.unparsable}
         if self.unparsable_labels:  # only where there are some: clean data reads as before
             out["unparsable_labels"] = self.unparsable_labels
+        if check_report(report) == "authors":
+            out.update(accuracy_answered=self.accuracy_answered, answered=self.answered)
         return out
 
 
-def accuracy_of(texts: Iterable[str], labels: Iterable, task: str, choices: Optional[list] = None) -> Accuracy:
+def accuracy_of(texts: Iterable[str], labels: Iterable, task: str, scoring: str = "ours",
+                choices: Optional[list] = None) -> Accuracy:
     """Accuracy of `texts` against `labels`; `choices`, one list (or None) per text, let CSQA answers and
     labels be choice texts (engine.text.answers.choices_in of each record's instruction)."""
     acc = Accuracy()
     for text, label, options in zip(texts, labels, choices or itertools.repeat(None)):
-        acc.add(extract_answer(text, task, options), label, task, options)
+        acc.add(extract_answer(text, task, scoring, options), label, task, scoring, options)
     return acc
 
 
@@ -89,17 +113,23 @@ def _ngrams(tokens: List[str], n: int) -> Counter:
     return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
 
 
-def bleu_statistics(hypotheses: List[str], references: List[List[str]]) -> List[float]:
+def bleu_statistics(
+    hypotheses: List[str], references: List[List[str]], reference_length: str = "closest"
+) -> List[float]:
     """Additive corpus statistics [hypothesis length, reference length, matches of 1..4-grams,
     hypothesis 1..4-grams]: sum them over shards of a corpus, then bleu_from_statistics. Each
     hypothesis has one or more references; n-gram matches are clipped by the most any reference
-    holds, and the reference length is the closest one (the shorter on a tie)."""
+    holds, and the reference length is the closest one (the shorter on a tie; sacreBLEU's) or the
+    `shortest` (tensorflow/nmt's, which HF evaluate's bleu runs)."""
     stats = [0.0] * (2 + 2 * BLEU_ORDER)
     for hyp, refs in zip(hypotheses, references):
         h = tokenize_13a(hyp)
         rs = [tokenize_13a(r) for r in refs]
         stats[0] += len(h)
-        stats[1] += min((abs(len(r) - len(h)), len(r)) for r in rs)[1]
+        if reference_length == "shortest":
+            stats[1] += min(len(r) for r in rs)
+        else:
+            stats[1] += min((abs(len(r) - len(h)), len(r)) for r in rs)[1]
         for n in range(1, BLEU_ORDER + 1):
             counts = _ngrams(h, n)
             most = Counter()
@@ -139,28 +169,98 @@ def corpus_bleu(hypotheses: List[str], references: List[List[str]]) -> dict:
     return bleu_from_statistics(bleu_statistics(hypotheses, references))
 
 
+# The authors' rationale BLEU (Chen et al. 2024, explain_test.py:54-57, 114): HF evaluate's bleu of each
+# record alone (tensorflow/nmt's compute_bleu: 13a tokens, 4-grams, no smoothing, the shortest
+# reference, 0-1), averaged over records.
+BLEU_KINDS = ("corpus", "sentence_mean")
+
+
+def sentence_bleu(hypothesis: str, references: List[str]) -> float:
+    """Unsmoothed BLEU (0-1) of one hypothesis against its references, as HF evaluate's bleu computes
+    it for a one-record corpus: 0 when any n-gram order up to 4 has no match (or the hypothesis is
+    shorter than 4 tokens), the brevity penalty exp(1 - ref/hyp) against the shortest reference. An
+    empty hypothesis scores 0 (tensorflow/nmt's compute_bleu divides by zero there)."""
+    stats = bleu_statistics([hypothesis], [references], reference_length="shortest")
+    hyp_len, ref_len = stats[0], stats[1]
+    matches, possible = stats[2 : 2 + BLEU_ORDER], stats[2 + BLEU_ORDER :]
+    if hyp_len == 0 or ref_len == 0 or min(matches) == 0:
+        return 0.0
+    log_precision = sum(math.log(m / p) for m, p in zip(matches, possible)) / BLEU_ORDER
+    ratio = hyp_len / ref_len
+    bp = 1.0 if ratio > 1.0 else math.exp(1 - 1 / ratio)
+    return bp * math.exp(log_precision)
+
+
+def mean_sentence_bleu(hypotheses: List[str], references: List[List[str]]) -> dict:
+    """The authors' rationale BLEU: the mean over records of sentence_bleu (0-1), with the count of
+    empty hypotheses (each scored 0)."""
+    scores = [sentence_bleu(h, refs) for h, refs in zip(hypotheses, references)]
+    return {
+        "bleu": sum(scores) / len(scores) if scores else 0.0,
+        "records": len(scores),
+        "empty_predictions": sum(not tokenize_13a(h) for h in hypotheses),
+    }
+
+
 # ----------------------------------------------------------------------------------------------
-# Calibration: expected calibration error over equal-width confidence bins
+# Calibration: expected calibration error over equal-width or equal-mass confidence bins
 # ----------------------------------------------------------------------------------------------
-def calibration_bins(confidences: List[float], correct: List[bool], num_bins: int = 10) -> dict:
-    """Expected calibration error: sum over bins of (examples in the bin / all) x |accuracy -
-    mean confidence| in the bin, bins [0, 1/n), [1/n, 2/n) ... [(n-1)/n, 1] of equal width (a
-    confidence of exactly 1 falls in the last). Returns {"ece", "bins": [{lo, hi, count, accuracy,
-    confidence}], "count"}."""
-    bins = [{"lo": b / num_bins, "hi": (b + 1) / num_bins, "count": 0, "correct": 0, "confidence_sum": 0.0}
-            for b in range(num_bins)]
-    for conf, ok in zip(confidences, correct):
-        b = bins[min(int(conf * num_bins), num_bins - 1)]
-        b["count"] += 1
-        b["correct"] += bool(ok)
-        b["confidence_sum"] += conf
-    n = sum(b["count"] for b in bins)
-    ece = 0.0
-    for b in bins:
-        b["accuracy"] = b["correct"] / b["count"] if b["count"] else None
-        b["confidence"] = b.pop("confidence_sum") / b["count"] if b["count"] else None
-        if b["count"]:
-            ece += b["count"] / n * abs(b["accuracy"] - b["confidence"])
+BINNINGS = ("equal_width", "equal_mass")
+DEFAULT_BINS = {"equal_width": 10, "equal_mass": 100}  # ours (Guo et al.'s 10); the authors' 100
+
+
+def equal_width_bins(confidences: List[float], num_bins: int) -> List[int]:
+    """The bin of each confidence: [0, 1/n), [1/n, 2/n) ... [(n-1)/n, 1] (exactly 1: the last)."""
+    return [min(int(conf * num_bins), num_bins - 1) for conf in confidences]
+
+
+def equal_mass_bins(confidences: List[float], num_bins: int, tiebreak: Optional[List[tuple]] = None) -> List[int]:
+    """The bin of each confidence as Chen et al.'s ece_equal_mass (calib_metrics.py:44-52) forms them:
+    sorted by confidence (ties by `tiebreak`, theirs sorts (prob, pred, label) tuples; default: the
+    input order), then ceil(N / num_bins) per bin in that order, so every used bin but the last is
+    full and the bins after it stay empty (N = 1221, 100 bins: 13 each in bins 0-92, 12 in bin 93)."""
+    keys = tiebreak if tiebreak is not None else [(i,) for i in range(len(confidences))]
+    order = sorted(range(len(confidences)), key=lambda i: (confidences[i], *keys[i]))
+    per_bin = math.ceil(len(confidences) / num_bins) if confidences else 1
+    bins = [0] * len(confidences)
+    for rank, i in enumerate(order):
+        bins[i] = rank // per_bin
+    return bins
+
+
+def calibration_bins(
+    confidences: List[float],
+    correct: List[bool],
+    num_bins: int = 10,
+    binning: str = "equal_width",
+    tiebreak: Optional[List[tuple]] = None,
+) -> dict:
+    """Expected calibration error: sum over bins of (examples in the bin / all) x |accuracy - mean
+    confidence| in the bin, over equal_width_bins or equal_mass_bins. Returns {"ece", "count",
+    "bins": [{lo, hi, count, correct, accuracy, confidence}]}: lo/hi are the bin's edges (equal width)
+    or its lowest and highest confidence (equal mass; None when empty)."""
+    if binning == "equal_mass":
+        where = equal_mass_bins(confidences, num_bins, tiebreak)
+    else:
+        where = equal_width_bins(confidences, num_bins)
+    members = [[] for _ in range(num_bins)]
+    for i, b in enumerate(where):
+        members[b].append(i)
+    n, ece, bins = len(confidences), 0.0, []
+    for b, idx in enumerate(members):
+        confs = [confidences[i] for i in idx]
+        right = sum(bool(correct[i]) for i in idx)
+        if binning == "equal_mass":
+            lo, hi = (min(confs), max(confs)) if confs else (None, None)
+        else:
+            lo, hi = b / num_bins, (b + 1) / num_bins
+        accuracy = right / len(idx) if idx else None
+        confidence = sum(confs) / len(idx) if idx else None
+        if idx:
+            ece += len(idx) / n * abs(accuracy - confidence)
+        bins.append(
+            {"lo": lo, "hi": hi, "count": len(idx), "correct": right, "accuracy": accuracy, "confidence": confidence}
+        )
     return {"ece": ece, "count": n, "bins": bins}
 
 
@@ -182,14 +282,16 @@ def file_accuracy(args) -> dict:
         value = p.get(args.field, "")
         options = choices_in(label.get("instruction", p.get("prompt")))  # CSQA labels may be choice texts
         for text in (value if isinstance(value, list) else [value]) or [""]:
-            acc.add(extract_answer(text if isinstance(text, str) else "", args.task, options), label["label"],
-                    args.task, options)
-    return acc.as_dict()
+            text = text if isinstance(text, str) else ""
+            acc.add(extract_answer(text, args.task, args.scoring, options), label["label"], args.task, args.scoring,
+                    options)
+    return acc.as_dict(args.report)
 
 
 def file_bleu(args) -> dict:
-    """Corpus BLEU of args.field of args.predictions_file against args.reference_field of
-    args.references_file (a string, or a list: several references), record by record."""
+    """BLEU of args.field of args.predictions_file against args.reference_field of
+    args.references_file (a string, or a list: several references), record by record: corpus BLEU
+    (0-100) or, with args.bleu sentence_mean, the authors' mean of per-record BLEU (0-1)."""
     preds = read_records(args.predictions_file, required=())
     refs = read_records(args.references_file, required=())
     if len(refs) != len(preds):
@@ -207,8 +309,17 @@ def file_bleu(args) -> dict:
                             f"rationale or a list of them")
         hyps.append(p[args.field])
         references.append(items)
+    if args.bleu == "sentence_mean":
+        result = mean_sentence_bleu(hyps, references)
+        return {**result, "bleu": round(result["bleu"], 6), "kind": "sentence_mean", "scale": "0-1"}
     result = corpus_bleu(hyps, references)
-    return {"bleu": round(result["bleu"], 4), "records": len(hyps),
-            "precisions": [round(x, 4) for x in result["precisions"]],
-            "brevity_penalty": round(result["brevity_penalty"], 6), "hyp_len": result["hyp_len"],
-            "ref_len": result["ref_len"]}
+    return {
+        "bleu": round(result["bleu"], 4),
+        "kind": "corpus",
+        "scale": "0-100",
+        "records": len(hyps),
+        "precisions": [round(x, 4) for x in result["precisions"]],
+        "brevity_penalty": round(result["brevity_penalty"], 6),
+        "hyp_len": result["hyp_len"],
+        "ref_len": result["ref_len"],
+    }

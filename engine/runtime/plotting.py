@@ -47,25 +47,40 @@ def plot_metrics(metrics_path: str, png_path: str, title: str = None) -> str:
 
 def plot_reliability(bins, ece: float, png_path: str, title: str = "") -> str:
     """Reliability diagram: accuracy per confidence bin (bars) against the diagonal of perfect
-    calibration, with the examples per bin beneath."""
+    calibration, with the examples per bin beneath. Each bin spans its lo..hi (equal-mass bins: their
+    lowest to highest confidence, drawn at least 1/100 wide)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    width = bins[0]["hi"] - bins[0]["lo"]
     filled = [b for b in bins if b["count"]]
-    top.bar([b["lo"] for b in filled], [b["accuracy"] for b in filled], width=width, align="edge",
-            edgecolor="black", label="accuracy")
-    top.bar([b["lo"] for b in filled], [b["confidence"] for b in filled], width=width, align="edge", fill=False,
-            edgecolor="tab:red", hatch="//", label="mean confidence")
+    width = [max(b["hi"] - b["lo"], 0.01) for b in filled]
+    top.bar(
+        [b["lo"] for b in filled],
+        [b["accuracy"] for b in filled],
+        width=width,
+        align="edge",
+        edgecolor="black",
+        label="accuracy",
+    )
+    top.bar(
+        [b["lo"] for b in filled],
+        [b["confidence"] for b in filled],
+        width=width,
+        align="edge",
+        fill=False,
+        edgecolor="tab:red",
+        hatch="//",
+        label="mean confidence",
+    )
     top.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")
     top.set_title(f"{title}\nECE {ece:.4f}".strip())
     top.legend(fontsize=8, loc="upper left")
-    bottom.bar([b["lo"] for b in bins], [b["count"] for b in bins], width=width, align="edge", edgecolor="black")
+    bottom.bar([b["lo"] for b in filled], [b["count"] for b in filled], width=width, align="edge", edgecolor="black")
     bottom.set_xlim(0, 1)
     bottom.set_xlabel("confidence of the first answer token")
     bottom.set_ylabel("examples")

@@ -12,6 +12,14 @@ choices (listed "(a) text" in the instruction, choices_in), an answer or label t
 text ("math problem", as the distilling step-by-step authors' labels are) reads as that choice's
 letter, so text and letter labels score alike.
 
+Scoring `exact` (--scoring exact, for reproducing distilling step-by-step; ours above is the
+default): the whole output, whitespace at its ends aside, must equal the label string, as the
+authors compare decoded predictions and labels (metrics.py:47); for SVAMP and ASDiv both are
+evaluated as Python arithmetic and their values compared with == (metrics.py:30-36, 86; run.py:194-197).
+Scoring `mcc` (for reproducing MCC-KD): the MCC-KD authors' runnable code's reading (DEC23
+src/evaluator.py:44-70): the last number of the output's last line as written (commas kept), or
+for CSQA its last capital A-G, equal to the label string.
+
 Answer spans (MCC-KD): the response tokens that spell the final answer.
 """
 from __future__ import annotations
@@ -29,6 +37,8 @@ NUMERIC_TASKS = ("GSM8K", "SVAMP", "ASDIV", "ARITH", "MULT")
 CHOICE_TASKS = ("CSQA",)
 TASKS = NUMERIC_TASKS + CHOICE_TASKS
 EQUATION_TASKS = ("SVAMP",)  # labels (and label-task outputs) may be equations, compared by their value
+SCORINGS = ("ours", "exact", "mcc")
+EXACT_EQUATION_TASKS = ("SVAMP", "ASDIV")  # step-by-step's run.py:194-197 scores these by eval()
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _ANSWER_PHRASE = re.compile(r"answer\s*(?:is|:|=)", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"\.(?=\s|$)|\n")
@@ -45,6 +55,75 @@ def check_task(task: str) -> str:
     if t not in TASKS:
         raise UserError(f"--task {task!r} is unknown; known tasks: GSM8K, SVAMP, ASDiv, CSQA, ARITH, MULT")
     return t
+
+
+def check_scoring(scoring: str) -> str:
+    if scoring not in SCORINGS:
+        raise UserError(f"--scoring must be ours, exact or mcc, got {scoring!r}")
+    return scoring
+
+
+_PY_OPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
+
+
+def python_arithmetic(text: str):
+    """The value Python's eval() gives `text` (an int or a float, with Python's own rounding) when
+    the text is arithmetic on number literals: + - * / // % ** and parentheses, as step-by-step's
+    eval_equation computes a SVAMP answer; None where eval would raise (eval's other powers, names
+    and calls, are not run: None too). Exponents beyond 64 in magnitude are refused, not computed."""
+
+    def value(node):
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            v = value(node.operand)
+            return -v if isinstance(node.op, ast.USub) else +v
+        if isinstance(node, ast.BinOp) and type(node.op) in _PY_OPS:
+            left, right = value(node.left), value(node.right)
+            if isinstance(node.op, ast.Pow) and abs(right) > 64:
+                raise ValueError(node)
+            return _PY_OPS[type(node.op)](left, right)
+        raise ValueError(node)
+
+    body = str(text).strip(" \t")  # as eval() reads it: spaces and tabs at both ends dropped (not newlines)
+    try:
+        return value(ast.parse(body, mode="eval").body)
+    except (SyntaxError, ValueError, TypeError, ZeroDivisionError, OverflowError, RecursionError, MemoryError):
+        return None
+
+
+def _exact_answer(text, task: str) -> Optional[str]:
+    """Exact scoring's reading of an output or a label: the text without whitespace at its ends
+    (None when empty); for SVAMP / ASDiv the text eval() reads, when eval() would give it a value."""
+    if text is None or isinstance(text, bool):
+        return None
+    if check_task(task) in EXACT_EQUATION_TASKS:  # as eval() reads it: spaces and tabs at the ends dropped
+        body = str(text).strip(" \t")
+        return body if python_arithmetic(body) is not None else None
+    return str(text).strip() or None
+
+
+_MCC_NUMBER = re.compile(r"(-?\d+)(,?\d+)?(\.\d+)?")
+
+
+def _mcc_answer(text, task: str) -> Optional[str]:
+    """The MCC-KD authors' reading (DEC23 src/evaluator.py:44-59): only the last line of the output;
+    the last of its numbers, written as matched (commas kept), or for CSQA the last of its capital
+    letters A-G (inside words too); None when the line has none."""
+    endline = str(text).strip().split("\n")[-1]
+    if check_task(task) in CHOICE_TASKS:
+        matches = re.findall(r"[A-G]", endline)
+    else:
+        matches = ["".join(m) for m in _MCC_NUMBER.findall(endline)]
+    return matches[-1] if matches else None
 
 
 def _answer_sentence(text: str) -> Optional[str]:
@@ -191,11 +270,17 @@ def choice_of_text(text, choices) -> Optional[str]:
     return None
 
 
-def extract_answer(text: str, task: str, choices: Optional[Sequence[str]] = None) -> Optional[str]:
-    """The answer a model's output states, normalised; None when nothing can be read. For CSQA,
-    `choices` (the record's choice texts) let an output that is a choice's text, or whose answer
-    sentence is, read as its letter."""
+def extract_answer(text: str, task: str, scoring: str = "ours", choices: Optional[Sequence[str]] = None
+                   ) -> Optional[str]:
+    """The answer a model's output states, normalised; None when nothing can be read. With scoring
+    exact: the whole output (see the module's docstring). For CSQA (scoring ours), `choices` (the
+    record's choice texts) let an output that is a choice's text, or whose answer sentence is, read
+    as its letter."""
     task = check_task(task)
+    if check_scoring(scoring) == "exact":
+        return _exact_answer(text or "", task)
+    if scoring == "mcc":
+        return _mcc_answer(text or "", task)
     text = text or ""
     sentence = _answer_sentence(text)
     if task in CHOICE_TASKS and choices:
@@ -221,9 +306,13 @@ def extract_answer(text: str, task: str, choices: Optional[Sequence[str]] = None
     return None
 
 
-def parse_label(label, task: str, choices: Optional[Sequence[str]] = None) -> Optional[str]:
+def parse_label(label, task: str, scoring: str = "ours", choices: Optional[Sequence[str]] = None) -> Optional[str]:
     """A gold label in the form extract_answer gives (None when it cannot be read for the task); a
-    CSQA label may be a choice's text when `choices` are given."""
+    CSQA label may be a choice's text when `choices` are given (scoring ours)."""
+    if check_scoring(scoring) == "exact":
+        return _exact_answer(label, task)
+    if scoring == "mcc":  # their labels are compared as the files write them
+        return str(label) if label is not None and not isinstance(label, bool) and str(label) else None
     if label is None or isinstance(label, bool):
         return None
     text = str(label).strip()
@@ -238,11 +327,11 @@ def parse_label(label, task: str, choices: Optional[Sequence[str]] = None) -> Op
     return None if value is None else _format_number(value)
 
 
-def unreadable_labels(records, task: str) -> List[int]:
+def unreadable_labels(records, task: str, scoring: str = "ours") -> List[int]:
     """Indices of the records whose 'label' cannot be read as an answer of `task` (scored wrong); a
     CSQA label may be the text of a choice its instruction lists."""
     return [i for i, r in enumerate(records)
-            if parse_label(r.get("label"), task, choices_in(r.get("instruction"))) is None]
+            if parse_label(r.get("label"), task, scoring, choices_in(r.get("instruction"))) is None]
 
 
 def label_warning(bad: List[int], n: int, task: str, path: str) -> str:
@@ -251,12 +340,19 @@ def label_warning(bad: List[int], n: int, task: str, path: str) -> str:
             f"they count as wrong and are reported as unparsable_labels")
 
 
-def is_correct(prediction: Optional[str], label, task: str, choices: Optional[Sequence[str]] = None) -> bool:
-    """Whether an extracted answer is the label's (a CSQA label given as a choice's text needs `choices`)."""
-    gold = parse_label(label, task, choices)
+def is_correct(prediction: Optional[str], label, task: str, scoring: str = "ours",
+               choices: Optional[Sequence[str]] = None) -> bool:
+    """Whether a prediction (extract_answer's, with the same scoring) answers the label (a CSQA label
+    given as a choice's text needs `choices`)."""
+    gold = parse_label(label, task, scoring, choices)
     if prediction is None or gold is None:
         return False
-    if check_task(task) in CHOICE_TASKS:
+    if scoring == "exact":
+        if check_task(task) in EXACT_EQUATION_TASKS:
+            value = python_arithmetic(prediction)
+            return value is not None and value == python_arithmetic(gold)
+        return prediction == gold
+    if scoring == "mcc" or check_task(task) in CHOICE_TASKS:
         return gold == prediction
     pred = _to_number(prediction)
     return pred is not None and pred == _to_number(gold)

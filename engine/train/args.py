@@ -71,9 +71,24 @@ class _EvalFlags(ModelFlags, _DataFlags):
     template: str = flag("prompt template: default or none (recorded with every saved checkpoint for infer.py).",
                          "default")
     max_eval_examples: int = flag("evaluate on the first N label_file records only (0: all).", 0)
-    formats: Optional[str] = flag("data formats to train on, comma separated (icl_answer, icl_cot, zs_answer, zs_cot: "
-                                  "records from data/make_formats.py); each batch holds one format (default: every "
-                                  "format in the file).", None)
+    scoring: str = flag(
+        "how evaluation scores an answer (and so picks best/): ours (the answer the output states, by exact "
+        "value), exact (the whole output must equal the label string; SVAMP / ASDiv: Python arithmetic "
+        "values compared with ==, as distilling step-by-step scores) or mcc (the last number of the last "
+        "line, as written, equal to the label: MCC-KD's code).",
+        "ours",
+    )
+    report: str = flag(
+        "evaluation lines: ours (accuracy = correct / all) or authors (also accuracy_answered = correct / "
+        "answered and answered, the MCC-KD authors' accuracy).",
+        "ours",
+    )
+    formats: Optional[str] = flag(
+        "data formats to train on, comma separated (icl_answer, icl_cot, zs_answer, zs_cot: "
+        "records from data/make_formats.py); each batch holds one format (default: every "
+        "format in the file).",
+        None,
+    )
     deepspeed: Optional[str] = flag("DeepSpeed config JSON: ZeRO stage 1/2 over the data-parallel group.", None)
 
 
@@ -91,7 +106,12 @@ class TrainArgs(ParallelFlags, _EvalFlags):
         from engine.text.prompts import format_prompt
 
         super().__post_init__()
+        from engine.infer.metrics import check_report
+        from engine.text.answers import check_scoring
+
         self.task = check_task(self.task)
+        check_scoring(self.scoring)
+        check_report(self.report)
         format_prompt("", self.template)
         for name in ("eval_batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
@@ -113,10 +133,9 @@ class TrainArgs(ParallelFlags, _EvalFlags):
 
     def make_evaluator(self, records, tokenizer, info):
         """What scores the model on --label_file during training (engine/train/evaluator.py)."""
-        from engine.train.evaluator import GenerationEvaluator
+        from engine.train.evaluator import Decoding, GenerationEvaluator
 
-        return GenerationEvaluator(records, tokenizer, self.task, info, self.eval_batch_size, self.max_new_tokens,
-                                   self.template)
+        return GenerationEvaluator(records, tokenizer, info, Decoding.of(self))
 
 
 def run_record(args) -> dict:

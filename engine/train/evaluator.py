@@ -2,16 +2,17 @@
 greedy generation with task accuracy."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List
 
 import torch
 import torch.distributed as dist
 
 from engine.infer.generation import SamplingParams, complete_prompts
-from engine.infer.metrics import Accuracy, accuracy_of
+from engine.infer.metrics import Accuracy, accuracy_of, check_report
 from engine.infer.prompting import encode_prompt, prompt_room
 from engine.runtime import distributed
-from engine.text.answers import check_task, choices_in
+from engine.text.answers import check_scoring, check_task, choices_in
 
 
 class Evaluator:
@@ -27,18 +28,43 @@ class Evaluator:
         raise NotImplementedError(f"{type(self).__name__} scores nothing")
 
     def summary(self, result: dict) -> str:
-        return (f"accuracy {result['accuracy']:.4f} ({result['correct']}/{result['total']}, "
-                f"unparsable {result['unparsable']})")
+        text = (
+            f"accuracy {result['accuracy']:.4f} ({result['correct']}/{result['total']}, "
+            f"unparsable {result['unparsable']})"
+        )
+        if "accuracy_answered" in result:
+            text += f", accuracy of the answered {result['accuracy_answered']:.4f} ({result['answered']} answered)"
+        return text
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How an evaluator decodes and scores: the task's answers, sequences decoded together, the
+    generation budget, the prompt template, `scoring` (ours, exact or mcc: engine/text/answers.py)
+    and `report` (ours, or authors: the answered-only accuracy beside)."""
+
+    task: str
+    batch_size: int = 64
+    max_new_tokens: int = 256
+    template: str = "default"
+    scoring: str = "ours"
+    report: str = "ours"
+
+    @classmethod
+    def of(cls, args) -> "Decoding":
+        """The decoding the training flags ask for (--task, --eval_batch_size, --max_new_tokens, ...)."""
+        return cls(args.task, args.eval_batch_size, args.max_new_tokens, args.template, args.scoring, args.report)
 
 
 class GenerationEvaluator(Evaluator):
-    """Greedy generation on labelled records and task accuracy. Data-parallel replicas take
-    interleaved slices; counts are summed over them."""
+    """Greedy generation on labelled records and task accuracy, decoded and scored as `decoding`
+    says. Data-parallel replicas take interleaved slices; counts are summed over them."""
 
-    def __init__(self, records, tokenizer, task: str, info, batch_size: int = 64, max_new_tokens: int = 256,
-                 template: str = "default"):
-        self.task, self.tok, self.info = check_task(task), tokenizer, info
-        self.batch_size, self.max_new_tokens, self.template = batch_size, max_new_tokens, template
+    def __init__(self, records, tokenizer, info, decoding: Decoding):
+        self.task, self.tok, self.info = check_task(decoding.task), tokenizer, info
+        self.scoring, self.report = check_scoring(decoding.scoring), check_report(decoding.report)
+        self.batch_size, self.max_new_tokens, self.template = (decoding.batch_size, decoding.max_new_tokens,
+                                                               decoding.template)
         mine = records[info.dp_rank::info.dp_size]
         self.labels = [r.get("label") for r in mine]
         self.instructions = [r["instruction"] for r in mine]
@@ -59,10 +85,13 @@ class GenerationEvaluator(Evaluator):
         return [self.tok.decode([t for t in ids if t not in stop]) for ids in new]
 
     def __call__(self, model) -> dict:
-        acc = accuracy_of(self.texts(model), self.labels, self.task, self.choices)
-        counts = torch.tensor([acc.correct, acc.total, acc.unparsable, acc.unparsable_labels], dtype=torch.float64,
-                              device=model.head_weight.device)
+        acc = accuracy_of(self.texts(model), self.labels, self.task, self.scoring, self.choices)
+        counts = torch.tensor(
+            [acc.correct, acc.total, acc.unparsable, acc.unparsable_labels],
+            dtype=torch.float64,
+            device=model.head_weight.device,
+        )
         if dist.is_initialized() and self.info.dp_size > 1:
             dist.all_reduce(counts, group=distributed.dp_group())
         c, t, u, b = (int(x) for x in counts.tolist())
-        return Accuracy(correct=c, total=t, unparsable=u, unparsable_labels=b).as_dict()
+        return Accuracy(correct=c, total=t, unparsable=u, unparsable_labels=b).as_dict(self.report)

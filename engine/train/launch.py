@@ -50,7 +50,7 @@ def model_from_flags(args, info):
                        args.lora_targets, args.dtype, info, args.seed)
 
 
-def read_eval_records(label_file: Optional[str], max_examples: int = 0, task: Optional[str] = None):
+def read_eval_records(label_file: Optional[str], max_examples: int = 0, task: Optional[str] = None, scoring="ours"):
     """The evaluation records; labels that cannot be read for `task` are counted in a warning (they
     score wrong and appear as unparsable_labels in the evaluation lines)."""
     if not label_file:
@@ -60,7 +60,7 @@ def read_eval_records(label_file: Optional[str], max_examples: int = 0, task: Op
         if "label" not in r:
             raise UserError(f"{label_file} record {i} lacks the key 'label'")
     records = records[:max_examples] if max_examples > 0 else records
-    bad = unreadable_labels(records, task) if task else []
+    bad = unreadable_labels(records, task, scoring) if task else []
     if bad and os.environ.get("RANK", "0") == "0":
         print(label_warning(bad, len(records), task, label_file), flush=True)
     return records
@@ -69,9 +69,10 @@ def read_eval_records(label_file: Optional[str], max_examples: int = 0, task: Op
 def run_training(args: TrainArgs) -> None:
     records = read_records(args.train_file)
     groups = format_groups(records, args.formats, args.train_file)  # one data format per batch
-    eval_records = read_eval_records(args.label_file, args.max_eval_examples, args.task)
-    with job(args.tp_size, args.device, os.path.join(args.save_dir, ".lock"), f"--save_dir {args.save_dir}",
-             make_dir=True) as info:
+    eval_records = read_eval_records(args.label_file, args.max_eval_examples, args.task, args.scoring)
+    with job(
+        args.tp_size, args.device, os.path.join(args.save_dir, ".lock"), f"--save_dir {args.save_dir}", make_dir=True
+    ) as info:
         tok = load_tokenizer(args.ckpt_dir)
         model, lora_cfg = model_from_flags(args, info)
         check_tokenizer_fits(tok, model.args.vocab_size, args.ckpt_dir)

@@ -1,5 +1,7 @@
-"""torchrun worker: the pooled_ce MI term on hand-made vocabulary-sharded logits (mi_loss_grads) at the
-launch's tensor-parallel size; rank 0 saves the results.  Usage: mi_worker.py OUT.pt"""
+"""torchrun worker: the MI terms (pooled_distribution_ce; the authors', padding included and masked) on
+hand-made vocabulary-sharded logits (mi_loss_grads) at the launch's tensor-parallel size; rank 0 saves
+the results, one entry per estimator.  Usage: mi_worker.py OUT.pt"""
+
 import os
 import sys
 
@@ -24,20 +26,26 @@ def hand_made_mi_inputs(seed: int = 0, batch: int = 4, label_width: int = 3, rat
     return label, label_mask, rationale, rationale_mask
 
 
-def mi_loss_grads(seed: int = 0) -> dict:
-    """Loss and full-vocabulary gradients of pooled_ce_mi_sum at the current tensor-parallel size."""
+def mi_loss_grads(seed: int = 0, estimator: str = "pooled_distribution_ce") -> dict:
+    """Loss and full-vocabulary gradients of an MI estimator at the current tensor-parallel size:
+    pooled_distribution_ce, authors (every position, padding included) or authors_masked."""
     import torch.distributed as dist
     from fairscale.nn.model_parallel.initialize import get_model_parallel_group, get_model_parallel_world_size
 
-    from engine.distill.step_by_step.mi import pooled_ce_mi_sum
+    from engine.distill.step_by_step.mi import authors_mi_sum, pooled_distribution_ce_sum
     from models.parallel import vocab_shard_start
 
     label, label_mask, rationale, rationale_mask = hand_made_mi_inputs(seed)
     local = label.shape[-1] // get_model_parallel_world_size()
     start = vocab_shard_start(local)
-    label_local = label[..., start:start + local].clone().requires_grad_()
-    rationale_local = rationale[..., start:start + local].clone().requires_grad_()
-    loss = pooled_ce_mi_sum(label_local, label_mask, rationale_local, rationale_mask)
+    label_local = label[..., start : start + local].clone().requires_grad_()
+    rationale_local = rationale[..., start : start + local].clone().requires_grad_()
+    if estimator == "authors":
+        loss = authors_mi_sum(label_local, rationale_local)
+    elif estimator == "authors_masked":
+        loss = authors_mi_sum(label_local, rationale_local, label_mask, rationale_mask)
+    else:
+        loss = pooled_distribution_ce_sum(label_local, label_mask, rationale_local, rationale_mask)
     loss.backward()
     grad = rationale_local.grad
     if get_model_parallel_world_size() > 1:
@@ -47,11 +55,14 @@ def mi_loss_grads(seed: int = 0) -> dict:
     return {"loss": loss.item(), "grad_rationale": grad, "label_grad_is_none": label_local.grad is None}
 
 
+ESTIMATORS = ("pooled_distribution_ce", "authors", "authors_masked")
+
+
 def main(out):
     from engine.runtime import distributed
 
     info = distributed.setup()
-    result = mi_loss_grads()
+    result = {name: mi_loss_grads(estimator=name) for name in ESTIMATORS}
     if info.is_main:
         torch.save(result, out)
     distributed.barrier()

@@ -21,14 +21,25 @@ class MCCArgs(TrainArgs):
     temperature: float = flag("softening temperature T of the answer-span distributions.", 1.0)
     num_rationales: int = flag("rationales per question per step (>= 2); every pair among them is compared.", 2)
     recompute_spans: bool = flag("ignore the file's indices and find the answer spans anew.", False)
-    keep_wrong_rationales: bool = flag("also train on rationales whose answer differs from the label (dropped by "
-                                       "default).", False)
+    span_logits: str = flag(
+        "logits the consistency term compares: ours (the predictions OF the answer-span tokens) or authors "
+        "(the logits AT the span positions, one token late, as the MCC-KD code slices them).",
+        "ours",
+    )
+    ce_reduction: str = flag(
+        "cross-entropy: token (the mean over the step's response tokens) or sequence (the mean over "
+        "rationales of each one's token mean, the MCC-KD code's).",
+        "token",
+    )
+    keep_wrong_rationales: bool = flag(
+        "also train on rationales whose answer differs from the label (dropped by default).", False
+    )
 
     def __post_init__(self):
         from engine.distill.mcc.task import MCCTask
 
         super().__post_init__()
-        MCCTask.check(self.alpha, self.temperature, self.num_rationales)
+        MCCTask.check(self.alpha, self.temperature, self.num_rationales, self.span_logits, self.ce_reduction)
 
     def make_task(self, records, tokenizer, max_len: int, info):
         from engine.distill.mcc.data import MultiRationaleData
@@ -39,4 +50,4 @@ class MCCArgs(TrainArgs):
                                   self.keep_wrong_rationales)
         if info.is_main:
             print(f"{self.train_file}: {data.describe()}", flush=True)
-        return MCCTask(data, info.device, self.alpha, self.temperature)
+        return MCCTask(data, info.device, self.alpha, self.temperature, self.span_logits, self.ce_reduction)

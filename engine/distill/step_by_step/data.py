@@ -37,14 +37,14 @@ def step_by_step_label(rec: dict, index: int, path: str, task: str, label_type: 
         if isinstance(label, str) and not label.strip():
             return None
     elif isinstance(rec.get("output"), str):
-        label = extract_answer(rec["output"], task, choices)
+        label = extract_answer(rec["output"], task, choices=choices)
         where = f"the answer its rationale states ({label})"
     else:
         raise DataError(f"{path} record {index} has no 'llm_label' and no single rationale to read one from "
                         f"(--label_type llm)")
     text = "" if label is None or isinstance(label, bool) else str(label).strip()
     teacher_text = label_type == "llm" and task in CHOICE_TASKS and choices and text and "llm_label" in rec
-    if parse_label(text, task, choices) is None and not teacher_text:
+    if parse_label(text, task, choices=choices) is None and not teacher_text:
         raise DataError(f"{path} record {index}: {where} is not an answer of --task {task} (--label_type {label_type})")
     return text
 
@@ -108,7 +108,7 @@ class StepByStepData:
             labels = {i: step_by_step_label(records[i], i, path, task, label_type) for i in rows}
             self.blank_labels = sum(y is None for y in labels.values())
             rows = [i for i in rows if labels[i] is not None]
-            self.unnamed_labels = sum(parse_label(labels[i], task, choices_in(records[i].get("instruction"))) is None
+            self.unnamed_labels = sum(parse_label(labels[i], task, choices=choices_in(records[i].get("instruction"))) is None
                                       for i in rows)
         if not rows:
             raise DataError(f"{path}: no record is left to train on ({self.held_out} held out or subsampled away, "

@@ -9,10 +9,15 @@ from engine.distill.step_by_step.mi import (
     CRITIC_TEMPERATURE,
     MI_ESTIMATORS,
     MICritic,
+    authors_mi_sum,
     infonce_sum,
     masked_mean_pool,
-    pooled_ce_mi_sum,
+    mi_estimator_name,
+    pooled_distribution_ce_sum,
     response_positions,
+    response_window,
+    widen,
+    window_width,
 )
 from engine.runtime.errors import UserError
 from engine.text.sequences import IGNORE, pad_batch
@@ -25,20 +30,33 @@ class StepByStepTask(Task):
     mean over its own response tokens in the optimizer step; plus beta x the MI term (Chen et al. 2024)
     between the two tasks' passes of each question, averaged over questions:
 
-      pooled_ce  engine.objectives.pooled_ce_mi_sum on the vocabulary-sharded logits of the response
-                 positions (the label pass detached)
-      critic     InfoNCE (engine.objectives.infonce_sum) between the MICritic projections of the
-                 rationale pass's and the (detached) label pass's hidden states, mean-pooled over their
-                 response positions; the other questions of the micro-batch are the negatives, so each
-                 replica's micro-batch is its own pool of candidates
+      authors                 the authors' term (mi.authors_mi_sum) on the vocabulary-sharded logits of
+                              each pass's response window, its padding included (mask_padding: not)
+      pooled_distribution_ce  ours (alias pooled_ce): mi.pooled_distribution_ce_sum on the sharded
+                              logits of the real response positions (the label pass detached)
+      critic                  ours: InfoNCE (mi.infonce_sum) between the MICritic projections of the
+                              rationale pass's and the (detached) label pass's hidden states,
+                              mean-pooled over their response positions; the other questions of the
+                              micro-batch are the negatives, so each replica's micro-batch is its own
+                              pool of candidates
 
     A part whose weight is 0 is not computed at all (alpha 1: the label task only; beta 0: no MI
     term, no critic); a pass only the MI term needs runs without gradient where the term takes none."""
 
-    def __init__(self, data, device, alpha: float, beta: float = 0.0, estimator: str = "pooled_ce",
-                 hidden_dim: int = 0, seed: int = 0):
+    def __init__(
+        self,
+        data,
+        device,
+        alpha: float,
+        beta: float = 0.0,
+        estimator: str = "pooled_distribution_ce",
+        hidden_dim: int = 0,
+        seed: int = 0,
+        mask_padding: bool = False,
+    ):
         self.check(alpha, beta, estimator)
-        self.data, self.device, self.estimator = data, device, estimator
+        estimator = mi_estimator_name(estimator)
+        self.data, self.device, self.estimator, self.mask_padding = data, device, estimator, mask_padding
         self.weights = {name: w for name, w in (("label", alpha), ("rationale", 1.0 - alpha), ("mi", beta)) if w > 0}
         self.pad_id = data.tok.padding_id
         # recorded with every saved model, for infer.py (none for the authors' standard model: no prefixes)
@@ -58,8 +76,11 @@ class StepByStepTask(Task):
             raise UserError(f"--alpha must be in [0, 1] (the label task's weight), got {alpha}")
         if beta < 0:
             raise UserError(f"--beta must be >= 0 (0: no mutual-information term), got {beta}")
-        if estimator not in MI_ESTIMATORS:
-            raise UserError(f"--mi_estimator {estimator!r} is not one of {', '.join(MI_ESTIMATORS)}")
+        if mi_estimator_name(estimator) not in MI_ESTIMATORS:
+            raise UserError(
+                f"--mi_estimator {estimator!r} is not one of {', '.join(MI_ESTIMATORS)} (pooled_ce: the "
+                f"former name of pooled_distribution_ce)"
+            )
 
     def extra_modules(self):
         return [self.critic] if self.critic is not None else []
@@ -80,9 +101,13 @@ class StepByStepTask(Task):
         for name in self.data.passes:
             pairs = [self.data.example(name, i, epoch) for i in indices]
             inputs, labels = pad_batch(pairs, self.pad_id)
-            pooled = "mi" in self.weights and self.estimator == "pooled_ce"
-            passes[name] = make_batch(inputs, labels, self.device, {}, 0,
-                                      {"positions": response_positions(labels, self.device)} if pooled else None)
+            extra = None
+            if "mi" in self.weights and self.estimator == "authors":
+                inputs, labels = widen(inputs, labels, window_width(labels), self.pad_id)
+                extra = {"positions": response_window(labels, self.device)}
+            elif "mi" in self.weights and self.estimator == "pooled_distribution_ce":
+                extra = {"positions": response_positions(labels, self.device)}
+            passes[name] = make_batch(inputs, labels, self.device, {}, 0, extra)
             counts[name] = int((labels != IGNORE).sum())
             n_tokens += sum(len(x) for x, _ in pairs)
         counts["mi"] = len(indices)
@@ -112,4 +137,9 @@ class StepByStepTask(Task):
         rr, rp, rm = passes["rationale"].extra["positions"]
         with torch.no_grad():
             label_logits = model.logits(label_h[lr, lp], gather=False)
-        return pooled_ce_mi_sum(label_logits, lm, model.logits(rationale_h[rr, rp], gather=False), rm)
+        rationale_logits = model.logits(rationale_h[rr, rp], gather=False)
+        if self.estimator == "pooled_distribution_ce":
+            return pooled_distribution_ce_sum(label_logits, lm, rationale_logits, rm)
+        if self.mask_padding:
+            return authors_mi_sum(label_logits, rationale_logits, lm, rm)
+        return authors_mi_sum(label_logits, rationale_logits)

@@ -5,6 +5,8 @@ tokenisations of the same text, and the teacher's distributions carried into the
   dtw_align(a, b)            dynamic time warping of two token-text sequences on per-token edit distance
   one_to_one(a, b, path)     for each token of a: the token of b it alone matches with the same text, or -1
   aligned_positions(...)     the same for a student and a teacher response (EOS paired with EOS)
+  authors_alignment(s, t)    the rule of Fu et al.'s code instead (--alignment authors): whitespace-blind
+                             cost, the full matrix, their tie order, a one-sided copy rule
   Vocab.map_to(student)      teacher id -> the student id with the same text (-1: the student lacks it)
 
 A student position whose token is matched one-to-one with a teacher token of the same text learns the
@@ -122,17 +124,71 @@ def one_to_one(a: Sequence[Optional[str]], b: Sequence[Optional[str]], path: Seq
     return match
 
 
+def authors_alignment(student: Sequence[Optional[str]], teacher: Sequence[Optional[str]]) -> List[int]:
+    """Fu et al.'s alignment (FranxYao/FlanT5-CoT-Specialization @a8ffd51), on decoded token texts:
+    for each student token, the teacher token whose distribution it copies, or -1.
+
+      cost   edit distance of the two texts with the spaces removed: their dist_fn strips ' ' from
+             the teacher (Codex) token and '▁' from the student (sentencepiece) piece
+             (notebooks/dev_align_codex_to_flan_t5_dtw.ipynb:504-508); decoded, both are ' '.
+             Newlines and every other character count.
+      DTW    the full matrix with an infinite border (src/utils.py:649-662), the teacher as the first
+             series (nb:1424), backtracked from the end taking the first minimum of (diagonal,
+             teacher step, student step) (utils.py:668-682): ties go diagonal, then teacher, then student.
+      copy   a student token matched with exactly one teacher token of the same text copies it
+             (nb:1427-1433); whether that teacher token is also matched with other student tokens is
+             not checked. Unknown texts (None) never copy.
+    Ours (one_to_one over dtw_align) keeps whitespace, bands the matrix, breaks ties diagonal, student,
+    teacher, and requires the pair to be one-to-one on both sides."""
+    n, m = len(teacher), len(student)
+    if n == 0 or m == 0:
+        return [-1] * m
+    t = [(x or "").replace(" ", "") for x in teacher]
+    s = [(x or "").replace(" ", "") for x in student]
+    inf = float("inf")
+    cost = np.full((n + 1, m + 1), inf)
+    cost[0, 0] = 0.0
+    for i in range(n):
+        up, row = cost[i], cost[i + 1]
+        for j in range(m):
+            row[j + 1] = edit_distance(t[i], s[j]) + min(up[j + 1], row[j], up[j])
+    cost = cost[1:, 1:]
+    i, j = n - 1, m - 1
+    mapped: List[List[int]] = [[] for _ in range(m)]  # teacher indices matched with each student token
+    while i > 0 or j > 0:
+        mapped[j].append(i)
+        options = (cost[i - 1, j - 1] if i > 0 and j > 0 else inf, cost[i - 1, j] if i > 0 else inf,
+                   cost[i, j - 1] if j > 0 else inf)
+        move = min(range(3), key=lambda k: options[k])  # the first minimum, as np.argmin
+        if move == 0:
+            i, j = i - 1, j - 1
+        elif move == 1:
+            i -= 1
+        else:
+            j -= 1
+    mapped[0].append(0)
+    return [ts[0] if len(ts) == 1 and student[k] is not None and student[k] == teacher[ts[0]] else -1
+            for k, ts in enumerate(mapped)]
+
+
+ALIGNMENTS = ("ours", "authors")
+
+
 def aligned_positions(student_ids: Sequence[int], teacher_ids: Sequence[int], student: Vocab, teacher: Vocab,
-                      slack: int = 0) -> List[int]:
+                      slack: int = 0, rule: str = "ours") -> List[int]:
     """For each student response token: the index of the teacher response token whose predicted
-    distribution it learns (a one-to-one, same-text match of the DTW alignment; a final EOS pairs
-    with the teacher's final EOS), or -1 where it learns its own token."""
+    distribution it learns (a same-text match of the DTW alignment: one-to-one both ways under our
+    rule, one-sided under the authors' (authors_alignment); a final EOS pairs with the teacher's
+    final EOS), or -1 where it learns its own token."""
     s_eos = bool(student_ids) and student_ids[-1] == student.eos_id
     t_eos = bool(teacher_ids) and teacher_ids[-1] == teacher.eos_id
     s_body = student_ids[:-1] if s_eos else student_ids
     t_body = teacher_ids[:-1] if t_eos else teacher_ids
     a, b = student.spell(s_body), teacher.spell(t_body)
-    match = one_to_one(a, b, dtw_align(a, b, slack))
+    if rule == "authors":
+        match = authors_alignment(a, b)
+    else:
+        match = one_to_one(a, b, dtw_align(a, b, slack))
     if s_eos:
         match.append(len(t_body) if t_eos else -1)
     return match

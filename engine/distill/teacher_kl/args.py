@@ -21,7 +21,8 @@ class TeacherKLArgs(TrainArgs):
                                            "tensor-parallel rank), run frozen in this job.", None)
     teacher_file: Optional[str] = flag("offline teacher: the top-k file `infer.py score --top_k K` wrote for this "
                                        "train_file.", None)
-    kl_weight: float = flag("weight w of the KL term; the cross-entropy gets 1 - w.", 0.5)
+    kl_weight: Optional[float] = flag("weight w of the KL term; the cross-entropy gets 1 - w (default 0.5; not with "
+                                      "--kl_formats).", None)
     kl_temperature: float = flag("temperature T softening both distributions of the KL term (scaled by T^2).", 1.0)
     teacher_top_k: Optional[int] = flag("teacher tokens kept per position, renormalised (default 5; 0, the default "
                                         "for an online teacher with the student's tokenizer: its full distribution).",
@@ -29,35 +30,94 @@ class TeacherKLArgs(TrainArgs):
     same_tokenizer: Optional[bool] = flag("True: the teacher shares the student's tokenizer (checked); False: align "
                                           "the two tokenisations by DTW anyway; default: compare the vocabularies.",
                                           None)
+    kl_formats: Optional[str] = flag("the authors' per-format loss (their match_distribution): batches of these "
+                                     "formats (e.g. icl_cot,zs_cot) train on the KL alone, all others on the "
+                                     "cross-entropy alone; default: the (1 - w) CE + w KL mixture on every batch (ours).",
+                                     None)
+    loss_reduction: str = flag("step_token_mean: the loss is a mean over the response tokens of the optimizer step "
+                               "(ours); micro_batch_mean: each micro-batch's loss is its own token mean and the step "
+                               "their mean (the authors').", "step_token_mean")
+    teacher_probs: str = flag("renormalised: the teacher's top k renormalised at temperature T (ours); raw: its own "
+                              "token and its top k with their probabilities as they are, not renormalised (the "
+                              "authors').", "renormalised")
+    eos_target: str = flag("teacher: the EOS ending a response learns the teacher's distribution there (ours); "
+                           "one_hot: it learns EOS one-hot (the authors').", "teacher")
+    alignment: str = flag("another tokenizer: ours (whitespace counts, pairs one-to-one both ways) or authors (their "
+                          "whitespace-blind DTW, tie order and one-sided copy rule).", "ours")
 
     def __post_init__(self):
-        from engine.distill.teacher_kl.teachers import check_teacher_flags
+        from engine.distill.teacher_kl.teachers import (
+            check_target_flags,
+            check_teacher_flags,
+        )
+        from engine.runtime.errors import UserError
+        from engine.train.batching import FORMATS
 
         super().__post_init__()
-        check_teacher_flags(self.teacher_ckpt_dir, self.teacher_file, self.teacher_top_k, self.kl_weight,
-                            self.kl_temperature)
+        if self.kl_formats is not None and self.kl_weight is not None:
+            raise UserError(f"--kl_formats {self.kl_formats} trains each batch on the KL alone or the cross-entropy "
+                            f"alone by its format, so --kl_weight {self.kl_weight} has no part to weigh; drop one")
+        self.kl_format_names = None
+        if self.kl_formats is not None:
+            raw = self.kl_formats.split(",") if isinstance(self.kl_formats, str) else self.kl_formats
+            names = [str(f).strip() for f in raw if str(f).strip()]
+            if not names:
+                raise UserError("--kl_formats is empty; name the formats whose batches train on the KL (e.g. "
+                                "icl_cot,zs_cot)")
+            for name in names:
+                if name not in FORMATS:
+                    raise UserError(f"--kl_formats {name!r} is not one of {', '.join(FORMATS)}")
+            self.kl_format_names = sorted(set(names))
+        if self.loss_reduction not in ("step_token_mean", "micro_batch_mean"):
+            raise UserError(f"--loss_reduction {self.loss_reduction!r} is not one of step_token_mean, micro_batch_mean")
+        check_teacher_flags(self.teacher_ckpt_dir, self.teacher_file, self.teacher_top_k,
+                            0.5 if self.kl_weight is None else self.kl_weight, self.kl_temperature)
+        check_target_flags(self.teacher_probs, self.eos_target, self.alignment, self.kl_temperature)
 
     def make_task(self, records, tokenizer, max_len: int, info):
         from engine.checkpoint import open_checkpoint
         from engine.distill.sft import SFTData
         from engine.distill.teacher_kl.task import TeacherKLTask
-        from engine.distill.teacher_kl.teachers import OnlineTeacher, TeacherFile
+        from engine.distill.teacher_kl.teachers import (
+            OnlineTeacher,
+            TeacherFile,
+            check_kl_formats,
+        )
         from engine.text.vocab import Vocab
 
+        if self.kl_format_names:
+            check_kl_formats(self.kl_format_names, records, self.formats, self.train_file)
         data = SFTData(records, tokenizer, max_len, self.template, self.seed, self.train_file)
+        targets = dict(teacher_probs=self.teacher_probs, eos_target=self.eos_target, alignment=self.alignment)
         if self.teacher_file:
             teacher = TeacherFile(self.teacher_file, data, Vocab.of(tokenizer), 5 if self.teacher_top_k is None
-                                  else self.teacher_top_k, self.kl_temperature, self.same_tokenizer, self.train_file)
+                                  else self.teacher_top_k, self.kl_temperature, self.same_tokenizer, self.train_file,
+                                  **targets)
             what = f"--teacher_file {self.teacher_file}"
         else:
             student_vocab = open_checkpoint(self.ckpt_dir, self.model_type).args.vocab_size
             teacher = OnlineTeacher(self.teacher_ckpt_dir, data, tokenizer, student_vocab, self.teacher_top_k,
-                                    self.kl_temperature, self.same_tokenizer, self.template, self.dtype, info.device)
+                                    self.kl_temperature, self.same_tokenizer, self.template, self.dtype, info.device,
+                                    **targets)
             what = f"--teacher_ckpt_dir {self.teacher_ckpt_dir}"
+        kl_weight = 0.5 if self.kl_weight is None else self.kl_weight
         if info.is_main:
-            how = ("the same tokenizer" if teacher.same else "another tokenizer (DTW-aligned)") + (
-                ", full distribution" if teacher.dense else f", top {getattr(teacher, 'top_k', 0)} renormalised")
+            top = getattr(teacher, "top_k", 0)
+            how = ("the same tokenizer" if teacher.same else "another tokenizer (DTW-aligned" + (
+                ", the authors' rule)" if self.alignment == "authors" else ")")) + (
+                ", full distribution" if teacher.dense else
+                f", own token + top {top} raw (not renormalised)" if self.teacher_probs == "raw" else
+                f", top {top} renormalised")
+            if self.eos_target == "one_hot":
+                how += ", EOS one-hot"
             if not teacher.same:
-                how += f"; {teacher.coverage():.0%} of the first 50 records' response tokens aligned one-to-one"
-            print(f"{self.train_file}: {data.describe()}; teacher {what}: {how}", flush=True)
-        return TeacherKLTask(data, info.device, teacher, self.kl_weight, self.kl_temperature)
+                how += (f"; {teacher.coverage():.0%} of the first 50 records' response tokens aligned "
+                        + ("to a teacher token" if self.alignment == "authors"
+                           else "one-to-one"))
+            loss = (f"KL alone on {','.join(self.kl_format_names)} batches, cross-entropy alone on the others"
+                    if self.kl_format_names else f"{1 - kl_weight:g} CE + {kl_weight:g} KL on every batch")
+            loss += (", each micro-batch its own token mean" if self.loss_reduction == "micro_batch_mean"
+                     else ", token mean over each optimizer step")
+            print(f"{self.train_file}: {data.describe()}; teacher {what}: {how}; loss: {loss}", flush=True)
+        return TeacherKLTask(data, info.device, teacher, kl_weight, self.kl_temperature, self.kl_format_names,
+                             self.loss_reduction)

@@ -14,6 +14,14 @@ with a teacher token of the same text (mapped into the student vocabulary, token
 renormalised), and one-hot on the student's own token elsewhere (engine/distill/teacher_kl/alignment.py). Top-k mass is
 RENORMALISED over the kept tokens (the rest of the vocabulary gets nothing; nothing is spread).
 Targets and alignments are computed once per record and cached, never per step.
+
+The authors' targets (Fu et al., FranxYao/FlanT5-CoT-Specialization), by flag:
+  --teacher_probs raw    the teacher's own token with its own probability, then its top k, each
+                         exp(log-probability), duplicates and tokens the student lacks dropped, NOT
+                         renormalised (their Codex dump, scripts/codex_decode_gsm8k.py:141-147, and its
+                         transform, notebooks/dev_align_codex_to_flan_t5_dtw.ipynb:1433-1441)
+  --eos_target one_hot   the EOS ending the response learns EOS one-hot (src/data_utils.py:324-325)
+  --alignment authors    their DTW and copy rule (alignment.authors_alignment)
 """
 from __future__ import annotations
 
@@ -32,7 +40,12 @@ from engine.runtime.errors import DataError, UserError
 from engine.text.prompts import format_prompt
 from engine.text.sequences import IGNORE
 from engine.text.vocab import Vocab
-from models.vocab_parallel import DenseTarget, SparseTarget, sharded_topk
+from models.vocab_parallel import (
+    DenseTarget,
+    SparseTarget,
+    sharded_token_logprobs,
+    sharded_topk,
+)
 
 
 def _outputs(rec: dict) -> list:
@@ -60,6 +73,70 @@ def _row_targets(student_ids: List[int], match: List[int], topk_ids: np.ndarray,
     return ids, probs
 
 
+def raw_targets(teacher_ids: torch.Tensor, logprobs: torch.Tensor, id_map: torch.Tensor, own: torch.Tensor
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The authors' target at rows that copy the teacher (--teacher_probs raw): entries = the
+    teacher's own token first, then its top k ([N, 1 + k] teacher ids and log-probabilities), mapped
+    into the student vocabulary (id_map; -1: the student lacks it, dropped), a student id seen
+    earlier in the row dropped (the first occurrence, the own token's, wins), probability
+    exp(log-probability), not renormalised (nb-dtw:1434-1439). Where no entry maps, the row is one-hot
+    on `own` (the student's own token) instead. Returns (ids [N, 1 + k], probs [N, 1 + k])."""
+    inside = (teacher_ids >= 0) & (teacher_ids < id_map.shape[0])
+    mapped = torch.where(inside, id_map[teacher_ids.clamp(0, id_map.shape[0] - 1)], -1)
+    width = mapped.shape[1]
+    earlier = torch.ones(width, width, dtype=torch.bool, device=mapped.device).tril(-1)
+    seen = ((mapped[:, :, None] == mapped[:, None, :]) & earlier).any(dim=-1)
+    keep = (mapped >= 0) & ~seen
+    ids = torch.where(keep, mapped, -1)
+    probs = torch.where(keep, logprobs.float().exp(), 0.0)
+    empty = ~keep.any(dim=-1)
+    if bool(empty.any()):
+        ids[empty] = -1
+        probs[empty] = 0.0
+        ids[empty, 0] = own[empty]
+        probs[empty, 0] = 1.0
+    return ids, probs
+
+
+def check_target_flags(teacher_probs: str, eos_target: str, alignment: str, temperature: float) -> None:
+    from engine.distill.teacher_kl.alignment import ALIGNMENTS
+
+    if teacher_probs not in TEACHER_PROBS:
+        raise UserError(f"--teacher_probs {teacher_probs!r} is not one of {', '.join(TEACHER_PROBS)}")
+    if eos_target not in EOS_TARGETS:
+        raise UserError(f"--eos_target {eos_target!r} is not one of {', '.join(EOS_TARGETS)}")
+    if alignment not in ALIGNMENTS:
+        raise UserError(f"--alignment {alignment!r} is not one of {', '.join(ALIGNMENTS)}")
+    if teacher_probs == "raw" and temperature != 1:
+        raise UserError(f"--teacher_probs raw takes the teacher's probabilities as they are (exp of its "
+                        f"log-probabilities, no temperature, as the authors); pass --kl_temperature 1, not "
+                        f"{temperature}")
+
+
+TEACHER_PROBS = ("renormalised", "raw")
+EOS_TARGETS = ("teacher", "one_hot")
+
+
+def _raw_row_targets(student_ids: List[int], match: List[int], tokens: np.ndarray, own_logprobs: np.ndarray,
+                     topk_ids: np.ndarray, topk_logprobs: np.ndarray, id_map: np.ndarray
+                     ) -> Tuple[np.ndarray, np.ndarray]:
+    """_row_targets under --teacher_probs raw: [n, 1 + k], raw_targets where the student token is
+    matched to teacher token match[i] (the teacher's own token tokens[j] first), one-hot elsewhere."""
+    n, k = len(student_ids), topk_ids.shape[1] + 1
+    ids = np.full((n, k), -1, dtype=np.int64)
+    probs = np.zeros((n, k), dtype=np.float32)
+    ids[:, 0], probs[:, 0] = student_ids, 1.0
+    rows = np.array([i for i, j in enumerate(match) if j >= 0], dtype=np.int64)
+    if rows.size:
+        cols = np.array([match[i] for i in rows], dtype=np.int64)
+        t_ids = np.concatenate([tokens[cols][:, None], topk_ids[cols]], axis=1)
+        t_lp = np.concatenate([own_logprobs[cols][:, None], topk_logprobs[cols]], axis=1)
+        r_ids, r_p = raw_targets(torch.from_numpy(t_ids), torch.from_numpy(t_lp), torch.from_numpy(id_map),
+                                 torch.tensor(student_ids, dtype=torch.long)[torch.from_numpy(rows)])
+        ids[rows], probs[rows] = r_ids.numpy(), r_p.numpy()
+    return ids, probs
+
+
 class TeacherFile:
     """The offline teacher: a JSON-lines file from `infer.py score --top_k K` over the SAME training
     file (record for record, output for output), and its FILE.meta.json. Checked whole at start:
@@ -70,8 +147,10 @@ class TeacherFile:
     dense = False
 
     def __init__(self, path: str, data, student_vocab: Vocab, top_k: int, temperature: float,
-                 same_tokenizer: Optional[bool], train_file: str):
+                 same_tokenizer: Optional[bool], train_file: str, teacher_probs: str = "renormalised",
+                 eos_target: str = "teacher", alignment: str = "ours"):
         self.path, self.data, self.top_k, self.temperature = path, data, top_k, temperature
+        self.raw, self.eos_one_hot, self.alignment = teacher_probs == "raw", eos_target == "one_hot", alignment
         if not os.path.isfile(path):
             raise UserError(f"--teacher_file {path} does not exist")
         if not os.path.isfile(meta_path(path)):
@@ -130,16 +209,26 @@ class TeacherFile:
             if file_many != many or scored != len(outs):
                 raise UserError(f"--teacher_file {path} record {i} scores {scored} output(s) but --train_file "
                                 f"{train_file} record {i} has {len(outs)}")
+            if self.raw and "token_logprobs" not in line:
+                raise UserError(f"--teacher_probs raw adds the teacher's own token with its own probability, but "
+                                f"--teacher_file {path} record {i} has no token_logprobs; rewrite the file with "
+                                f"`infer.py score --top_k K`")
             toks, ids, lps = (line[key] if many else [line[key]] for key in ("tokens", "topk_ids", "topk_logprobs"))
+            owns = (line["token_logprobs"] if many else [line["token_logprobs"]]) if self.raw else [None] * len(toks)
             row = []
-            for j, (t, tid, tlp, text) in enumerate(zip(toks, ids, lps, outs)):
+            for j, (t, tid, tlp, olp, text) in enumerate(zip(toks, ids, lps, owns, outs)):
                 t = np.asarray(t, dtype=np.int64)
                 tid, tlp = np.asarray(tid, dtype=np.int64), np.asarray(tlp, dtype=np.float32)
                 if tid.ndim != 2 or tid.shape != tlp.shape or tid.shape[0] != len(t) or tid.shape[1] < k:
                     raise UserError(f"--teacher_file {path} record {i} output {j}: topk_ids/topk_logprobs must be "
                                     f"[{len(t)} tokens x >= {k}], got {list(tid.shape)} / {list(tlp.shape)}")
+                if olp is not None:
+                    olp = np.asarray(olp, dtype=np.float32)
+                    if olp.shape != (len(t),):
+                        raise UserError(f"--teacher_file {path} record {i} output {j}: token_logprobs must hold "
+                                        f"{len(t)} numbers, got shape {list(olp.shape)}")
                 self._check_tokens(i, j, t, text, train_file)
-                row.append((t, tid[:, :k], tlp[:, :k]))
+                row.append((t, tid[:, :k], tlp[:, :k], olp))
             items.append(row)
         return items
 
@@ -173,13 +262,20 @@ class TeacherFile:
         """(ids, probs) [response tokens, k] of one output, computed once."""
         key = (index, which)
         if key not in self._cache:
-            tokens, tid, tlp = self.items[index][which]
+            tokens, tid, tlp, own_lp = self.items[index][which]
             student = self.data.response(index, which)
             if self.same:
                 match = list(range(len(student)))
             else:
-                match = aligned_positions(student, [int(t) for t in tokens], self.student_vocab, self.vocab)
-            self._cache[key] = _row_targets(student, match, tid, tlp, self.id_map, self.temperature)
+                match = aligned_positions(student, [int(t) for t in tokens], self.student_vocab, self.vocab,
+                                          rule=self.alignment)
+            if self.eos_one_hot:  # the EOS learns EOS, never the teacher's distribution there
+                eos = self.data.tok.eos_id
+                match = [-1 if sid == eos else j for sid, j in zip(student, match)]
+            if self.raw:
+                self._cache[key] = _raw_row_targets(student, match, tokens, own_lp, tid, tlp, self.id_map)
+            else:
+                self._cache[key] = _row_targets(student, match, tid, tlp, self.id_map, self.temperature)
             self._matches[key] = match
         return self._cache[key]
 
@@ -203,7 +299,8 @@ class OnlineTeacher:
     online = True
 
     def __init__(self, ckpt_dir: str, data, student_tok, student_model_vocab: int, top_k: Optional[int],
-                 temperature: float, same_tokenizer: Optional[bool], template: str, dtype, device):
+                 temperature: float, same_tokenizer: Optional[bool], template: str, dtype, device,
+                 teacher_probs: str = "renormalised", eos_target: str = "teacher", alignment: str = "ours"):
         from engine.checkpoint import load_for_inference
 
         if not os.path.exists(ckpt_dir):
@@ -211,6 +308,8 @@ class OnlineTeacher:
         self.model, self.tok, _ = load_for_inference(ckpt_dir, None, dtype, device)
         self.model.eval().requires_grad_(False)
         self.data, self.template, self.temperature, self.device = data, template, temperature, device
+        self.raw, self.eos_one_hot, self.alignment = teacher_probs == "raw", eos_target == "one_hot", alignment
+        self.eos_id = student_tok.eos_id
         self.student_vocab, self.vocab = Vocab.of(student_tok), Vocab.of(self.tok)
         difference = self.vocab.first_difference(self.student_vocab)
         if same_tokenizer and difference:
@@ -239,18 +338,19 @@ class OnlineTeacher:
         self._plans: Dict[Tuple[int, int], tuple] = {}
 
     def _plan(self, index: int, which: int):
-        """(teacher input ids, teacher prompt length, teacher index per student response token or -1),
-        computed once per output: the teacher's own tokens of the same prompt and output, cut like the
-        student's, and the DTW alignment of the two responses."""
+        """(teacher input ids, teacher prompt length, teacher index per student response token or -1,
+        the teacher's response tokens), computed once per output: the teacher's own tokens of the same
+        prompt and output, cut like the student's, and the DTW alignment of the two responses."""
         key = (index, which)
         if key not in self._plans:
             rec = self.data.records[index]
             prompt = self.tok.encode(format_prompt(rec["instruction"], self.template), bos=True)
             resp = self.tok.encode(_outputs(rec)[which], bos=False, eos=True)
             seq = (prompt + resp)[: self.max_len + 1]
-            match = aligned_positions(self.data.response(index, which), resp, self.student_vocab, self.vocab)
+            match = aligned_positions(self.data.response(index, which), resp, self.student_vocab, self.vocab,
+                                      rule=self.alignment)
             room = len(seq) - len(prompt)  # teacher response tokens that survive the cut
-            self._plans[key] = (seq[:-1], len(prompt), [j if j < room else -1 for j in match])
+            self._plans[key] = (seq[:-1], len(prompt), [j if j < room else -1 for j in match], resp)
         return self._plans[key]
 
     def coverage(self, n: int = 50) -> float:
@@ -265,17 +365,19 @@ class OnlineTeacher:
         plans = [self._plan(i, w) for i, w in items]
         width = max(len(p[0]) for p in plans)
         inputs = torch.full((len(plans), width), self.tok.padding_id, dtype=torch.long)
-        rows, aligned, n = [], [], 0
-        for b, ((ids, prompt_len, match), count) in enumerate(zip(plans, lengths)):
+        rows, aligned, own, n = [], [], [], 0
+        for b, ((ids, prompt_len, match, resp), count) in enumerate(zip(plans, lengths)):
             inputs[b, :len(ids)] = torch.tensor(ids)
             for i, j in enumerate(match[:count]):
                 if j >= 0:
                     aligned.append(n + i)
                     rows.append(b * width + prompt_len - 1 + j)
+                    own.append(resp[j])
             n += count
         return {"teacher_inputs": to_device(inputs, device),
                 "teacher_rows": to_device(torch.tensor(rows, dtype=torch.long), device),
-                "aligned": to_device(torch.tensor(aligned, dtype=torch.long), device)}
+                "aligned": to_device(torch.tensor(aligned, dtype=torch.long), device),
+                "teacher_own": to_device(torch.tensor(own, dtype=torch.long), device)}
 
     @torch.no_grad()
     def target(self, batch):
@@ -285,25 +387,42 @@ class OnlineTeacher:
         rows = extra.get("teacher_rows", batch.label_rows)
         t_rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
         head = self.model.head_weight
-        if self.dense:
-            return DenseTarget(t_rows, head)
         own = extra["own"]
-        ids = torch.full((own.shape[0], self.top_k), -1, dtype=torch.long, device=own.device)
-        probs = torch.zeros((own.shape[0], self.top_k), dtype=torch.float32, device=own.device)
+        eos = own == self.eos_id if self.eos_one_hot else None
+        if self.dense:
+            return DenseTarget(t_rows, head, torch.where(eos, own, -1) if eos is not None else None)
+        width = self.top_k + (1 if self.raw else 0)
+        ids = torch.full((own.shape[0], width), -1, dtype=torch.long, device=own.device)
+        probs = torch.zeros((own.shape[0], width), dtype=torch.float32, device=own.device)
         ids[:, 0], probs[:, 0] = own, 1.0  # one-hot on the student's own token unless the teacher says more
         if t_rows.shape[0] == 0:
             return SparseTarget(ids, probs)
-        chunk = max(64, (1 << 26) // head.shape[0])
-        t_ids, t_logp = zip(*(sharded_topk(F.linear(t_rows[s:s + chunk].to(head.dtype), head), self.top_k)
-                              for s in range(0, t_rows.shape[0], chunk)))
-        mapped = self.id_map[torch.cat(t_ids)]
-        p = sparse_probs(torch.cat(t_logp), mapped >= 0, self.temperature)
-        ok = (p.sum(dim=-1) > 0)[:, None]
         aligned = extra.get("aligned")
         if aligned is None:
             aligned = torch.arange(own.shape[0], device=own.device)
-        ids[aligned] = torch.where(ok, torch.where(mapped >= 0, mapped, -1), ids[aligned])
-        probs[aligned] = torch.where(ok, p, probs[aligned])
+        chunk = max(64, (1 << 26) // head.shape[0])
+        t_own = extra.get("teacher_own", own)  # the teacher's own next token at each of its rows
+        parts = []
+        for s in range(0, t_rows.shape[0], chunk):
+            logits = F.linear(t_rows[s:s + chunk].to(head.dtype), head)
+            top = sharded_topk(logits, self.top_k)
+            parts.append((*top, sharded_token_logprobs(logits, t_own[s:s + chunk]) if self.raw else None))
+        t_ids, t_logp, t_own_lp = zip(*parts)
+        if self.raw:
+            r_ids, r_p = raw_targets(torch.cat([t_own[:, None], torch.cat(t_ids)], dim=1),
+                                     torch.cat([torch.cat(t_own_lp)[:, None], torch.cat(t_logp)], dim=1),
+                                     self.id_map, own[aligned])
+            ids[aligned], probs[aligned] = r_ids, r_p
+        else:
+            mapped = self.id_map[torch.cat(t_ids)]
+            p = sparse_probs(torch.cat(t_logp), mapped >= 0, self.temperature)
+            ok = (p.sum(dim=-1) > 0)[:, None]
+            ids[aligned] = torch.where(ok, torch.where(mapped >= 0, mapped, -1), ids[aligned])
+            probs[aligned] = torch.where(ok, p, probs[aligned])
+        if eos is not None:  # the EOS learns EOS one-hot
+            ids[eos] = -1
+            probs[eos] = 0.0
+            ids[eos, 0], probs[eos, 0] = own[eos], 1.0
         return SparseTarget(ids, probs)
 
 
@@ -338,6 +457,20 @@ def check_teacher_flags(teacher_ckpt_dir, teacher_file, top_k, kl_weight, temper
         raise DataError(f"--teacher_file {teacher_file} does not exist")
     if teacher_ckpt_dir and not os.path.exists(teacher_ckpt_dir):
         raise UserError(f"--teacher_ckpt_dir {teacher_ckpt_dir} does not exist")
+
+
+def check_kl_formats(kl_formats: List[str], records: List[dict], formats, path: str) -> None:
+    """--kl_formats needs records that carry their format, and names formats this run trains on."""
+    from engine.train.batching import parse_formats
+
+    where = next((i for i, r in enumerate(records) if "format" not in r), None)
+    if where is not None:
+        raise UserError(f"--kl_formats {','.join(kl_formats)} picks the loss by each batch's data format, but "
+                        f"--train_file {path} record {where} has no 'format' (write the file with data/make_formats.py)")
+    trained = set(parse_formats(formats) or {r["format"] for r in records})
+    if not trained & set(kl_formats):
+        raise UserError(f"--kl_formats {','.join(kl_formats)} names no format this run trains on "
+                        f"({', '.join(sorted(trained))}); the KL would never be used")
 
 
 def sparse_probs(logprobs: torch.Tensor, keep: torch.Tensor, temperature: float) -> torch.Tensor:
