@@ -33,15 +33,15 @@ import torch
 import torch.distributed as dist
 
 from engine.runtime import distributed
-from engine.train.config import TrainConfig
-from engine.train.checkpointer import Checkpointer
-from engine.train.batching import epoch_batches, grouped_epoch_batches
+from engine.runtime.distributed import to_device
 from engine.runtime.errors import UserError
 from engine.runtime.fileio import atomic_write_text, disk_errors
-from engine.train.gradients import DynamicLossScaler, KVReplicaSync, all_reduce_coalesced, clip_gradients, param_copies
-from engine.runtime.distributed import to_device
 from engine.runtime.plotting import plot_metrics
 from engine.runtime.progress import Progress
+from engine.train.batching import epoch_batches, grouped_epoch_batches
+from engine.train.checkpointer import Checkpointer
+from engine.train.config import TrainConfig
+from engine.train.gradients import DynamicLossScaler, KVReplicaSync, all_reduce_coalesced, clip_gradients, param_copies
 from engine.train.report import write_run_report
 
 # A run whose loss is not finite for more than this many optimizer steps in a row is stopped (fp16
