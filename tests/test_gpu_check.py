@@ -8,17 +8,18 @@ import subprocess
 import sys
 import time
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, child_env
 
 
 def test_cpu_smoke_run_writes_every_section(tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = child_env(PYTHONUNBUFFERED="1")  # not the test process's torch.distributed variables: its own world
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"), "--device", "cpu", "--tiny",
                            "True", "--out_dir", str(out), "--budget_s", "300"], capture_output=True, text=True,
                           env=env, cwd=str(tmp_path), timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [json.loads(line) for line in open(out / "gpu_check.jsonl")]
+    lines = [json.loads(line) for line in open(out / "gpu_check.jsonl")] if (out / "gpu_check.jsonl").exists() else []
+    errors = [r for r in lines if r["status"] == "error"]
+    assert proc.returncode == 0, (errors, proc.stdout[-2000:], proc.stderr[-2000:])
     summary = json.load(open(out / "gpu_check.json"))
     assert summary["status"] == "complete" and summary["failed"] == [], summary
     order = list(dict.fromkeys(r["section"] for r in lines))
