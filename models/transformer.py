@@ -194,9 +194,13 @@ class Attention(nn.Module):
             keys, values = cache.read(self.layer_id, kv_len, bsz)
             out = grouped_attention(q.transpose(1, 2), keys, values, mask)
         else:  # no cache, or prefilling some rows of it from position 0: the fresh keys are all there is
+            # mask None is forward_hidden's word for plain causal attention over S queries and the same
+            # S keys (a Python fact, never symbolic); at S = 1 causal and full attention are the same,
+            # so no test on the length: under torch.compile with varying lengths `seqlen > 1` is a
+            # symbolic bool that SDPA refuses (a graph break per block, eager checkpointed blocks)
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                is_causal=mask is None and seqlen > 1, enable_gqa=self.n_local_heads != self.n_local_kv_heads)
+                is_causal=mask is None, enable_gqa=self.n_local_heads != self.n_local_kv_heads)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 

@@ -82,20 +82,26 @@ def clip_gradients(params, copies: Dict[int, int], max_norm: float) -> torch.Ten
 
 class DynamicLossScaler:
     """fp16 loss scaling: multiply the loss by `scale`; on inf/nan gradients (on any rank) skip the
-    step and halve the scale; after `growth_interval` good steps double it."""
+    step and halve the scale; after `growth_interval` good steps double it. The scale is a power of
+    two, so unscaling (a multiplication by 1 / scale) is exact."""
 
     def __init__(self, init_scale: float = 2.0 ** 16, growth_interval: int = 1000, min_scale: float = 1.0):
         self.scale, self.growth_interval, self.min_scale = init_scale, growth_interval, min_scale
         self.good_steps = 0
 
-    def found_inf(self, params) -> bool:
-        flag = torch.zeros((), device=params[0].device)
-        for p in params:
-            if p.grad is not None and not torch.isfinite(p.grad).all():
-                flag.fill_(1.0)
-                break
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank skips together
-        return bool(flag.item())
+    def unscale_(self, grads: List[torch.Tensor]) -> bool:
+        """Divide the gradients by the current scale (the one the loss was multiplied by), in place, and
+        say whether any gradient on any rank holds an Inf or NaN: one fused check-and-unscale per
+        dtype (torch's AMP kernel, on CPU and GPU), one all-reduce, and the step's one host read."""
+        found = torch.zeros(1, device=grads[0].device if grads else None)
+        inv_scale = torch.full((1,), 1.0 / self.scale, device=found.device)
+        by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
+        for g in grads:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        for group in by_dtype.values():
+            torch._amp_foreach_non_finite_check_and_unscale_(group, found, inv_scale)
+        dist.all_reduce(found, op=dist.ReduceOp.MAX)  # every rank skips together
+        return bool(found.item())
 
     def update(self, overflow: bool) -> None:
         if overflow:

@@ -263,9 +263,10 @@ class Trainer:
         if self.info.dp_size > 1:
             all_reduce_coalesced(grads, distributed.dp_group())
         skipped = False
-        if self.scaler is not None:
-            skipped = self.scaler.found_inf(self.params)
+        if self.scaler is not None:  # one fused check and unscale, one host read
+            skipped = self.scaler.unscale_(grads)
             self.scaler.update(skipped)
+            scale = 1.0  # unscaled already
         gnorm = torch.tensor(float("nan"))
         if not skipped:
             if scale != 1.0:
