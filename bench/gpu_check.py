@@ -177,7 +177,7 @@ class Check:
         if "bench" not in self._models:
             from engine.checkpoint import load_for_inference
 
-            self._models["bench"] = load_for_inference(self.bench_dir(), None, self.dt, self.info.device)[0].eval()
+            self._models["bench"] = load_for_inference(self.bench_dir(), None, self.dt, self.info.device, tokenizer=False)[0].eval()
         return self._models["bench"]
 
     def check_model(self):
@@ -189,7 +189,7 @@ class Check:
             from engine.checkpoint import load_for_inference
 
             path = self.hf_dir("check", **self.size["check"], dtype=torch.float32, init_range=0.1)
-            self._models["check"] = load_for_inference(path, None, torch.float32, self.info.device)[0].eval()
+            self._models["check"] = load_for_inference(path, None, torch.float32, self.info.device, tokenizer=False)[0].eval()
         return self._models["check"]
 
     def weight_bytes(self, model) -> int:
@@ -384,7 +384,7 @@ def section_tokens(check: Check, report: Report) -> None:
                for n in torch.randint(4, 40 if not check.tiny else 10, (s["check_prompts"],), generator=g)]
     n_new, slots = s["check_tokens"], s["check_slots"]
     # a stop id the model often emits, so rows end at different steps and slots refill unevenly
-    first = complete_prompts(model, prompts, SamplingParams(max_new_tokens=n_new), [], slots, compile=False)
+    first = complete_prompts(model, prompts, SamplingParams(max_new_tokens=n_new), [], slots, compiled=False)
     counts = torch.bincount(torch.tensor([t for o in first for t in o[2:]] or [0]), minlength=vocab)
     stop = int(counts.argmax())
     for name, params in (("greedy", SamplingParams(max_new_tokens=n_new)),

@@ -29,6 +29,7 @@ def _loss_and_grads(model, batches):
     return float(loss.detach()), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
 
+@pytest.mark.processes  # inductor starts compile workers
 @pytest.mark.parametrize("policy", ["none", "full", "selective"])
 def test_compiled_blocks_do_not_break_or_recompile_over_lengths(policy, dist1, inductor_cache):
     import torch._dynamo

@@ -8,9 +8,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.helpers import ROOT, child_env
 
 
+@pytest.mark.processes
 def test_cpu_smoke_run_writes_every_section(tmp_path):
     out = tmp_path / "out"
     env = child_env(PYTHONUNBUFFERED="1")  # not the test process's torch.distributed variables: its own world
