@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from engine.distill.implicit.args import CoupleArgs, EmulatorArgs, MindReadArgs, TeacherArgs
 from engine.runtime.cli import launcher, run_cli
+from engine.runtime.outputs import writes
 
 
 def run_stage(args) -> None:
@@ -32,6 +33,7 @@ emulator = launcher(EmulatorArgs, run=run_stage)
 couple = launcher(CoupleArgs, run=run_stage)
 
 
+@writes("output_file")
 def evaluate(
     data_file: str,
     model_dirs: str,
@@ -43,6 +45,7 @@ def evaluate(
     use_bfloat16: bool = False,
     tp_size: int = None,
     device: str = None,
+    overwrite: bool = False,
 ):
     """Accuracy and examples/s of saved stages on the same lines: the teacher decoding its CoT, the no-CoT baseline, the mind-reading student (states from the teacher on the gold CoT), the coupled student (states from its emulator); an emulator's state error.
 
@@ -57,6 +60,7 @@ def evaluate(
         use_bfloat16: run in bf16.
         tp_size: tensor-parallel size (default: all processes).
         device: cpu or cuda (default: cuda when every process on this node has a GPU of its own).
+        overwrite: replace an existing output_file.
     """
     from engine.distill.implicit.stages import run_evaluation
     from engine.runtime.errors import UserError

@@ -139,6 +139,7 @@ def main(
         n_test=0 if test_file else n_test,
         seed=seed,
         exclude=test_file,
+        overwrite=True,
     )
     test = test_file or os.path.join(data, "test.txt")
     tok = word_tokenizer(os.path.join(data, "train.txt"), os.path.join(out_dir, "tokenizer.model"))
@@ -256,6 +257,8 @@ def main(
             "96",
             "--output_file",
             results_file,
+            "--overwrite",
+            "True",
             "--use_bfloat16",
             str(use_bfloat16),
         ],

@@ -61,6 +61,8 @@ def main(
     run_script(
         [
             "data/arithmetic.py",
+            "--overwrite",
+            "True",
             "--out_dir",
             data,
             "--kind",
@@ -77,7 +79,7 @@ def main(
         env,
     )
     tok = os.path.join(out, "tokenizer.model")
-    run_script(["data/make_tokenizer.py", "--output", tok], env)
+    run_script(["data/make_tokenizer.py", "--output", tok, "--overwrite", "True"], env)
     common = [
         "--task",
         "ARITH",

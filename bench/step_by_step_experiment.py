@@ -66,6 +66,8 @@ def main(
     run_script(
         [
             "data/arithmetic.py",
+            "--overwrite",
+            "True",
             "--out_dir",
             data,
             "--kind",
@@ -107,7 +109,7 @@ def main(
     with open(labels_file, "w") as f:
         json.dump([{"instruction": r["instruction"], "output": r["label"]} for r in json.load(open(sbs_file))], f)
     tok = os.path.join(out, "tokenizer.model")
-    run_script(["data/make_tokenizer.py", "--output", tok], env)
+    run_script(["data/make_tokenizer.py", "--output", tok, "--overwrite", "True"], env)
     test = os.path.join(data, "test.json")
     common = [
         "--task",

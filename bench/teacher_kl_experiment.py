@@ -107,6 +107,8 @@ def main(
     run_script(
         [
             "data/arithmetic.py",
+            "--overwrite",
+            "True",
             "--out_dir",
             data,
             "--n_train",
@@ -125,7 +127,7 @@ def main(
     pool = json.load(open(os.path.join(data, "train.json")))
     json.dump(pool[:student_questions], open(os.path.join(data, "questions.json"), "w"))
     tok, other_tok = os.path.join(out, "tokenizer.model"), os.path.join(out, "other.model")
-    run_script(["data/make_tokenizer.py", "--output", tok], env)
+    run_script(["data/make_tokenizer.py", "--output", tok, "--overwrite", "True"], env)
     run_script(
         [
             "data/make_tokenizer.py",
@@ -137,6 +139,8 @@ def main(
             "400",
             "--split_digits",
             "False",
+            "--overwrite",
+            "True",
         ],
         env,
     )

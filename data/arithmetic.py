@@ -21,6 +21,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.runtime.outputs import writes  # noqa: E402  (the output guard: never an input, --overwrite, lock)
+
 
 def add_rationale_fixed(a: int, b: int, width: int) -> str:
     """Fixed-width steps (every operand digit and carry written, sums as two digits): each step
@@ -75,6 +77,7 @@ def make_splits(
     min_value: int = 0,
     style: str = "natural",
     multi: bool = False,
+    overwrite: bool = False,
 ):
     rng = random.Random(seed)
     seen, splits = set(), {"train": [], "dev": [], "test": []}
@@ -105,6 +108,7 @@ def make_splits(
     return splits
 
 
+@writes("out_dir", dirs=("out_dir",))
 def main(
     out_dir: str,
     kind: str = "add",
@@ -130,6 +134,7 @@ def main(
         min_value: smallest operand.
         style: natural (digit steps as a person writes them) or fixed (fixed-width steps, kind=add).
         multi: kind=add: two rationales per training question (the operands taken in either order).
+        overwrite: write into an out_dir that already holds files (its split files are replaced).
     """
     from engine.runtime.fileio import atomic_write_text
 
@@ -142,6 +147,6 @@ def main(
 
 
 if __name__ == "__main__":
-    import fire
+    from engine.runtime.cli import run_cli
 
-    fire.Fire(main)
+    run_cli(main)

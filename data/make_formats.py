@@ -28,6 +28,7 @@ import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.runtime.outputs import writes  # noqa: E402  (the output guard: never an input, --overwrite, lock)
 from engine.train.batching import FORMATS  # noqa: E402  (the names train.py --formats knows)
 
 COT_CUE = "Let's think step by step"
@@ -96,6 +97,7 @@ def build(
     return out
 
 
+@writes("output_file")
 def main(
     input_file: str,
     output_file: str,

@@ -43,6 +43,37 @@ class ModelFlags:
         "wq,wk,wv,wo,w1,w2,w3",
     )
 
+    def __post_init__(self):
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+        self.check_lora_flags()
+
+    def check_lora_flags(self) -> None:
+        """The LoRA flags, before anything loads: a valid adapter for a lora- model type, none otherwise."""
+        from models.lora import LoRAConfig
+
+        if self.lora_rank > 0:
+            LoRAConfig(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
+        elif self.lora_rank not in (0, -1):
+            raise UserError(f"--lora_rank must be > 0 (LoRA) or -1 (full fine-tuning), got {self.lora_rank}")
+        else:
+            for name, off in (("lora_alpha", None), ("lora_dropout", 0.0)):
+                if getattr(self, name) != off:
+                    raise UserError(
+                        f"--{name} {getattr(self, name)} has no effect with --lora_rank {self.lora_rank} (full "
+                        f"fine-tuning); pass a lora- --model_type and --lora_rank > 0 for LoRA"
+                    )
+        if self.model_type is not None:
+            from models.registry import parse_model_type
+
+            lora_variant = parse_model_type(self.model_type)[1]
+            if lora_variant != (self.lora_rank > 0):
+                raise UserError(
+                    f"--model_type {self.model_type} with --lora_rank {self.lora_rank}: a lora- model type "
+                    f"trains LoRA (--lora_rank > 0), any other full fine-tuning (--lora_rank -1)"
+                )
+
 
 @dataclass(kw_only=True)
 class ParallelFlags:
