@@ -136,6 +136,8 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
         raise ConfigError(f"{source}: {HF_CONFIG_KEYS.get(key, key)} {e.problem}") from None
     except KeyError as e:
         raise ConfigError(f"{source} lacks the key {e.args[0]!r}") from None
+    except ConfigError as e:  # a relation between keys (heads and KV heads ...)
+        raise ConfigError(f"{source}: {e}") from None
     except (TypeError, ValueError, ZeroDivisionError) as e:
         raise ConfigError(f"{source} holds a value no model can have ({e})") from None
 

@@ -154,8 +154,10 @@ def check_shape(out: Output) -> None:
 
 
 def is_existing(out: Output) -> bool:
+    """A file that exists, a directory that holds something (besides this run's own lock)."""
     if out.is_dir:
-        return os.path.isdir(out.path) and bool(os.listdir(out.path))
+        held = os.listdir(out.path) if os.path.isdir(out.path) else []
+        return any(_real(os.path.join(out.path, n)) != _real(out.lock_path) for n in held)
     return os.path.exists(out.path)
 
 

@@ -142,6 +142,10 @@ class TrainArgs(ParallelFlags, _EvalFlags):
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.max_seq_len < 2:
             raise UserError(f"--max_seq_len must be >= 2, got {self.max_seq_len}")
+        if not self.label_file:  # evaluation flags without records to evaluate would be silently ignored
+            for name, off in (("eval_every", 0), ("eval_at_start", False), ("max_eval_examples", 0)):
+                if getattr(self, name) != off:
+                    raise UserError(f"--{name} {getattr(self, name)} evaluates on --label_file, which is not given")
         from engine.train.batching import parse_formats
 
         parse_formats(self.formats)

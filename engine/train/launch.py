@@ -90,7 +90,7 @@ def read_eval_records(label_file: Optional[str], max_examples: int = 0, task: Op
     return records
 
 
-RUN_FILES = ("run_config.json", "metrics.jsonl", ".lock", "best")
+RUN_FILES = ("run_config.json", "metrics.jsonl", "best")
 
 
 def written_by_training(save_dir: str) -> bool:
