@@ -132,10 +132,9 @@ def test_two_infer_jobs_on_one_output_file(env, tmp_path):
     first = _popen(*args, "--batch_size", "1")
     lock = tmp_path / "o.jsonl.lock"
     _wait_for(lambda: out.exists() and out.stat().st_size > 0)  # generating, the lock held
-    start = time.time()
     second = run_cli(*args, "--batch_size", "4")
     line = _one_error_line(second)
-    assert time.time() - start < 60 and first.poll() is None
+    assert first.poll() is None  # the second stopped while the first still ran: it did not wait for it
     assert f"--output_file {out} is in use by another job, pid {first.pid} on " in line and str(lock) in line
     first.send_signal(signal.SIGKILL)  # dies holding the lock: the file stays, the flock goes
     first.wait()

@@ -384,3 +384,41 @@ def test_help_names_each_type_once():
         text = helptext.HelpText(fn)
         assert "Optional[Optional]" not in text and "Optional['" not in text
         assert "Type: Optional[str]" in text
+
+
+def test_a_line_with_no_room_to_answer_counts_wrong(env, dist1):
+    """train_implicit.py's decoding: a held-out line longer than the model is answered with nothing
+    (scored wrong, as every unanswerable line), the others of its batch as they would be alone."""
+    import torch
+
+    from engine.checkpoint import load_model
+    from engine.distill.implicit.decode import greedy_decode
+
+    model = load_model(str(env / "m"), device=torch.device("cpu")).eval()
+    short, long = [1, 5, 6, 7], [1] + [5] * 600  # the model's max_seq_len is 512
+    alone = greedy_decode(model, [short], 2, 1, 4)
+    assert greedy_decode(model, [short, long], 2, 1, 4) == [alone[0], []]
+    assert greedy_decode(model, [long], 2, 1, 4) == [[]]
+
+
+def test_a_teacher_run_resumed_as_another_stage_names_the_command(env, tmp_path, dist1):
+    import train_implicit
+    from data.multiplication import main as make_mult
+
+    make_mult(str(tmp_path / "mult"), n=2, m=2, n_train=40, n_valid=0, n_test=0)
+    common = dict(
+        ckpt_dir=str(env / "m"), train_file=str(tmp_path / "mult" / "train.txt"), max_steps=2, max_batch_size=4
+    )
+    train_implicit.teacher(save_dir=str(tmp_path / "teacher"), **common)
+    train_implicit.teacher(save_dir=str(tmp_path / "run"), **common, exit_after_steps=1, save_every=1)
+    msg = _error(
+        train_implicit.mind_read,
+        save_dir=str(tmp_path / "run"),
+        teacher_dir=str(tmp_path / "teacher"),
+        resume=True,
+        **common,
+    )
+    assert msg.startswith(
+        f"--resume: {tmp_path / 'run' / 'checkpoint-1'} was written by `train_implicit.py teacher`, not "
+        f"`train_implicit.py mind_read`"
+    ), msg

@@ -179,6 +179,7 @@ def _coerce(name: str, value, kind, default, argv):
         raise UserError(f"--{name} must be a whole number, not {value!r}")
     if kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            check_finite({name: float(value)})
             return float(value)
         raise UserError(f"--{name} must be a number, not {value!r}")
     if kind is str:
@@ -234,9 +235,11 @@ def run_cli(component) -> None:
         _interrupted()
 
 
-def flag(text: str, default=MISSING):
-    """A command-line flag: a dataclass field with its one line of help."""
-    return field(default=default, metadata={"help": text})
+def flag(text: str, default=MISSING, role: typing.Optional[str] = None):
+    """A command-line flag: a dataclass field with its one line of help. `role` ("input" / "output")
+    says that a flag names a path the run reads or writes where its name does not (see
+    engine/runtime/outputs.py: names ending in _file, _dir ... are inputs already)."""
+    return field(default=default, metadata={"help": text, **({"role": role} if role else {})})
 
 
 def flag_fields(cls):

@@ -117,7 +117,9 @@ class _EvalFlags(ModelFlags, _DataFlags):
         "format in the file).",
         None,
     )
-    deepspeed: Optional[str] = flag("DeepSpeed config JSON: ZeRO stage 1/2 over the data-parallel group.", None)
+    deepspeed: Optional[str] = flag(
+        "DeepSpeed config JSON: ZeRO stage 1/2 over the data-parallel group.", None, role="input"
+    )
 
 
 @dataclass(kw_only=True)
