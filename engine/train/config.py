@@ -76,6 +76,7 @@ class TrainConfig:
             "checkpoint_activations",
             "checkpoint_fraction",
             "device",
+            "tp_size",  # the tensor- and data-parallel sizes it gives are compared instead (Checkpointer)
         }
     )
     SCHEDULE_FLAGS: ClassVar[frozenset] = frozenset(
