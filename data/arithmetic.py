@@ -77,7 +77,6 @@ def make_splits(
     min_value: int = 0,
     style: str = "natural",
     multi: bool = False,
-    overwrite: bool = False,
 ):
     rng = random.Random(seed)
     seen, splits = set(), {"train": [], "dev": [], "test": []}
@@ -120,6 +119,7 @@ def main(
     min_value: int = 0,
     style: str = "natural",
     multi: bool = False,
+    overwrite: bool = False,
 ):
     """Write train.json / test.json (and dev.json when n_dev > 0) under out_dir.
 

@@ -723,6 +723,27 @@ def test_no_command_writes_over_into_or_around_its_inputs(env, tmp_path, tiny_to
         line = _one_error_line(run_cli(*map(str, argv)))
         assert words in line, (argv[:2], line)
         assert {p: open(p, "rb").read() for p in before} == before, argv[:2]
+    for argv in (  # an existing output of a data script is replaced when asked to
+        ["data/arithmetic.py", "--out_dir", tmp_path / "arith", "--n_train", "4", "--n_test", "2"],
+        [
+            "data/multiplication.py",
+            "--out_dir",
+            tmp_path / "mult",
+            "--n",
+            "2",
+            "--m",
+            "2",
+            "--n_train",
+            "5",
+            "--n_valid",
+            "0",
+            "--n_test",
+            "0",
+        ],
+        ["data/make_tokenizer.py", "--output", tmp_path / "p.txt"],
+    ):
+        proc = run_cli(*map(str, argv), "--overwrite", "True")
+        assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 @pytest.mark.processes
