@@ -74,6 +74,17 @@ def say_once(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
     os.write(fd, b"printed\n")
     os.close(fd)
+    _forget_old_claims(os.path.dirname(claim))
+
+
+def _forget_old_claims(directory: str) -> None:
+    """Remove the claim files of jobs that ended over a day ago (each is a few bytes, one per sentence)."""
+    import glob
+
+    for old in glob.glob(os.path.join(directory, "cot-engine-said-*")):
+        with contextlib.suppress(OSError):
+            if time.time() - os.path.getmtime(old) > 86400:
+                os.unlink(old)
 
 
 def fail(message: str, code: int = 2) -> None:
