@@ -16,6 +16,24 @@ import sys
 
 from engine import checkpoint as ck
 from engine.runtime.cli import run_cli
+from engine.runtime.outputs import writes
+
+# Every command that writes is guarded (engine/runtime/outputs.py): its output is never its input (nor
+# inside or around it, the base an adapter names included), an existing one is replaced only with
+# --overwrite True, it is locked (OUTPUT.lock beside it) while written, and OS errors are one sentence.
+_save_dir = writes("save_dir", dirs=("save_dir",), inputs=("tokenizer",), more_inputs=lambda v: _adapter_base(v))
+
+
+def _adapter_base(values) -> list:
+    """The base checkpoint an adapter (--lora_dir, or a --ckpt_dir that is one) names: an input too."""
+    ckpt, lora = values.get("ckpt_dir"), values.get("lora_dir")
+    if not (lora or ck.is_adapter(ckpt)):
+        return []
+    try:
+        base, _ = ck.adapter_and_base(ckpt, lora)
+    except ck.CheckpointError:
+        return []  # the conversion itself says what is wrong
+    return [("--ckpt_dir (the adapter's base)", base)] if base else []
 
 
 def _dtype(dtype):
@@ -26,8 +44,10 @@ def _dtype(dtype):
     return ck.DTYPES[dtype]
 
 
-def split_file(ckpt_file: str, save_path: str, n: int = 8, model_type: str = None, dtype: str = None,
-               overwrite: bool = False):
+@writes("save_path", dirs=("save_path",))
+def split_file(
+    ckpt_file: str, save_path: str, n: int = 8, model_type: str = None, dtype: str = None, overwrite: bool = False
+):
     """Split one state-dict file (.pth / .bin / .safetensors; native, Meta or HF names) into n native shards.
 
     Args:
@@ -42,8 +62,8 @@ def split_file(ckpt_file: str, save_path: str, n: int = 8, model_type: str = Non
     print(f"wrote {n} shard(s) to {save_path}")
 
 
-def reshard(ckpt_dir: str, save_dir: str, n: int, dtype: str = None, overwrite: bool = False,
-            model_type: str = None):
+@_save_dir
+def reshard(ckpt_dir: str, save_dir: str, n: int, dtype: str = None, overwrite: bool = False, model_type: str = None):
     """Rewrite a native / Meta / HF checkpoint as n native tensor-parallel shards.
 
     Args:
@@ -61,6 +81,7 @@ def reshard(ckpt_dir: str, save_dir: str, n: int, dtype: str = None, overwrite: 
 split = reshard  # "split 1 -> N" is a reshard; kept as its own command name for the seed's users
 
 
+@_save_dir
 def merge(ckpt_dir: str, save_dir: str, dtype: str = None, overwrite: bool = False, model_type: str = None):
     """Merge a sharded checkpoint into one native shard (reshard with n=1).
 
@@ -71,9 +92,10 @@ def merge(ckpt_dir: str, save_dir: str, dtype: str = None, overwrite: bool = Fal
         overwrite: replace a non-empty save_dir.
         model_type: registry name used when the input carries no params.json.
     """
-    reshard(ckpt_dir, save_dir, 1, dtype, overwrite, model_type)
+    reshard.__wrapped__(ckpt_dir, save_dir, 1, dtype, overwrite, model_type)  # guarded here already
 
 
+@_save_dir
 def from_hf(hf_dir: str, save_dir: str, n: int = 1, dtype: str = None, overwrite: bool = False):
     """Convert an HF directory (Llama, Mistral, Mixtral, Qwen2, Qwen-1) into n native shards.
 
@@ -91,8 +113,15 @@ def from_hf(hf_dir: str, save_dir: str, n: int = 1, dtype: str = None, overwrite
     print(f"wrote {n} shard(s) to {save_dir}")
 
 
-def to_hf(ckpt_dir: str, save_dir: str, dtype: str = None, overwrite: bool = False, lora_dir: str = None,
-          merge_lora: bool = False):
+@_save_dir
+def to_hf(
+    ckpt_dir: str,
+    save_dir: str,
+    dtype: str = None,
+    overwrite: bool = False,
+    lora_dir: str = None,
+    merge_lora: bool = False,
+):
     """Write a checkpoint as an HF directory that AutoModelForCausalLM.from_pretrained loads.
 
     Args:
@@ -117,8 +146,10 @@ def to_hf(ckpt_dir: str, save_dir: str, dtype: str = None, overwrite: bool = Fal
         print(f"wrote an HF model to {save_dir}" + (" (LoRA merged)" if adapter else ""))
 
 
-def merge_lora(lora_dir: str, save_dir: str, ckpt_dir: str = None, n: int = None, dtype: str = None,
-               overwrite: bool = False):
+@_save_dir
+def merge_lora(
+    lora_dir: str, save_dir: str, ckpt_dir: str = None, n: int = None, dtype: str = None, overwrite: bool = False
+):
     """Fold a LoRA adapter into its base weights and write native shards.
 
     Args:
@@ -135,6 +166,7 @@ def merge_lora(lora_dir: str, save_dir: str, ckpt_dir: str = None, n: int = None
     print(f"wrote the merged model ({n} shard(s)) to {save_dir}")
 
 
+@_save_dir
 def export_peft(lora_dir: str, save_dir: str, overwrite: bool = False):
     """Write an HF peft adapter (adapter_config.json + adapter_model.safetensors) from a LoRA adapter.
 
@@ -147,6 +179,7 @@ def export_peft(lora_dir: str, save_dir: str, overwrite: bool = False):
     print(f"wrote a peft adapter to {save_dir}")
 
 
+@_save_dir
 def to_meta(ckpt_dir: str, save_dir: str, n: int = 1, overwrite: bool = False):
     """Write Meta's reference layout (consolidated.NN.pth, interleaved RoPE, Meta params.json).
 
@@ -160,8 +193,16 @@ def to_meta(ckpt_dir: str, save_dir: str, n: int = 1, overwrite: bool = False):
     print(f"wrote {n} Meta shard(s) to {save_dir}")
 
 
-def init(model_type: str, save_dir: str, n: int = 1, tokenizer: str = None, seed: int = 0, dtype: str = "fp32",
-         overwrite: bool = False):
+@_save_dir
+def init(
+    model_type: str,
+    save_dir: str,
+    n: int = 1,
+    tokenizer: str = None,
+    seed: int = 0,
+    dtype: str = "fp32",
+    overwrite: bool = False,
+):
     """Write a randomly initialised checkpoint (training from scratch, tests, the demo).
 
     Args:

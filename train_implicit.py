@@ -15,8 +15,12 @@ the stages themselves: engine/distill/implicit/.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
 from engine.distill.implicit.args import CoupleArgs, EmulatorArgs, MindReadArgs, TeacherArgs
-from engine.runtime.cli import launcher, run_cli
+from engine.runtime.cli import command, flag, launcher, run_cli
+from engine.runtime.errors import UserError
 
 
 def run_stage(args) -> None:
@@ -31,37 +35,62 @@ emulator = launcher(EmulatorArgs, run=run_stage)
 couple = launcher(CoupleArgs, run=run_stage)
 
 
-def evaluate(data_file: str, model_dirs: str, batch_size: int = 64, max_new_tokens: int = 128, max_examples: int = 0,
-             output_file: str = None, use_float16: bool = False, use_bfloat16: bool = False, tp_size: int = None,
-             device: str = None):
-    """Accuracy and examples/s of saved stages on the same lines: the teacher decoding its CoT, the no-CoT baseline, the mind-reading student (states from the teacher on the gold CoT), the coupled student (states from its emulator); an emulator's state error.
+@dataclass(kw_only=True)
+class EvaluateArgs:
+    SUMMARY: ClassVar[str] = (
+        "Accuracy and examples/s of saved stages on the same lines: the teacher decoding its CoT, the no-CoT "
+        "baseline, the mind-reading student (states from the teacher on the gold CoT), the coupled student "
+        "(states from its emulator); an emulator's state error."
+    )
 
-    Args:
-        data_file: `input||cot #### answer` lines (the CoT is read only by a mind-reading student's teacher).
-        model_dirs: comma-separated model directories saved by train_implicit.py (a stage's save_dir means its best/).
-        batch_size: lines decoded together (the same for every stage, so their examples/s compare).
-        max_new_tokens: generation budget per line.
-        max_examples: evaluate the first N lines only (0: all).
-        output_file: also write the results as a JSON list here.
-        use_float16: run in fp16.
-        use_bfloat16: run in bf16.
-        tp_size: tensor-parallel size (default: all processes).
-        device: cpu or cuda (default: cuda when every process on this node has a GPU of its own).
-    """
+    data_file: str = flag("`input||cot #### answer` lines (the CoT is read only by a mind-reading student's teacher).")
+    model_dirs: str = flag(
+        "comma-separated model directories saved by train_implicit.py (a stage's save_dir means its best/)."
+    )
+    batch_size: int = flag("lines decoded together (the same for every stage, so their examples/s compare).", 64)
+    max_new_tokens: int = flag("generation budget per line.", 128)
+    max_examples: int = flag("evaluate the first N lines only (0: all).", 0)
+    output_file: Optional[str] = flag("also write the results as a JSON list here.", None)
+    use_float16: bool = flag("run in fp16.", False)
+    use_bfloat16: bool = flag("run in bf16.", False)
+    tp_size: Optional[int] = flag("tensor-parallel size (default: all processes).", None)
+    device: Optional[str] = flag(
+        "cpu or cuda (default: cuda when every process on this node has a GPU of its own).", None
+    )
+    overwrite: bool = flag("replace an existing output_file.", False)
+
+    def __post_init__(self):
+        for name in ("batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_examples < 0:
+            raise UserError(f"--max_examples must be >= 0, got {self.max_examples}")
+        dirs = self.model_dirs.split(",") if isinstance(self.model_dirs, str) else list(self.model_dirs)
+        self.dirs = [d for d in dirs if d]
+        if not self.dirs:
+            raise UserError("--model_dirs names no directory")
+
+
+def _evaluate(args: EvaluateArgs) -> None:
     from engine.distill.implicit.stages import run_evaluation
-    from engine.runtime.errors import UserError
+    from engine.runtime.outputs import Output, args_inputs, owned
     from engine.runtime.precision import dtype_from_flags
 
-    for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
-        if value < 1:
-            raise UserError(f"--{name} must be >= 1, got {value}")
-    if max_examples < 0:
-        raise UserError(f"--max_examples must be >= 0, got {max_examples}")
-    dirs = [d for d in (model_dirs.split(",") if isinstance(model_dirs, str) else list(model_dirs)) if d]
-    if not dirs:
-        raise UserError("--model_dirs names no directory")
-    run_evaluation(data_file, dirs, batch_size, max_new_tokens, max_examples, output_file,
-                   dtype_from_flags(use_float16, use_bfloat16), tp_size, device)
+    with owned([Output("--output_file", args.output_file or "")], args_inputs(args), args.overwrite):
+        run_evaluation(
+            args.data_file,
+            args.dirs,
+            args.batch_size,
+            args.max_new_tokens,
+            args.max_examples,
+            args.output_file,
+            dtype_from_flags(args.use_float16, args.use_bfloat16),
+            args.tp_size,
+            args.device,
+        )
+
+
+evaluate = command(EvaluateArgs, run=_evaluate)
 
 
 COMMANDS = {"teacher": teacher, "mind_read": mind_read, "emulator": emulator, "couple": couple, "evaluate": evaluate}

@@ -72,10 +72,10 @@ def main(
     os.makedirs(out, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     data = os.path.join(out, "data")
-    run_script(["data/arithmetic.py", "--out_dir", data, "--kind", "sum3", "--n_train", str(n_train), "--n_test",
+    run_script(["data/arithmetic.py", "--overwrite", "True", "--out_dir", data, "--kind", "sum3", "--n_train", str(n_train), "--n_test",
           str(n_test), "--max_value", str(max_value), "--seed", "0"], env)
     tok = os.path.join(out, "tokenizer.model")
-    run_script(["data/make_tokenizer.py", "--output", tok], env)
+    run_script(["data/make_tokenizer.py", "--output", tok, "--overwrite", "True"], env)
     common = [
         "--task",
         "ARITH",

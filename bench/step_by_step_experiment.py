@@ -68,7 +68,7 @@ def main(
     os.makedirs(out, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     data = os.path.join(out, "data")
-    run_script(["data/arithmetic.py", "--out_dir", data, "--kind", "sum3", "--max_value", "9", "--n_train", str(n_train),
+    run_script(["data/arithmetic.py", "--overwrite", "True", "--out_dir", data, "--kind", "sum3", "--max_value", "9", "--n_train", str(n_train),
           "--n_test", str(n_test), "--seed", "0"], env)
     train = json.load(open(os.path.join(data, "train.json")))
     # one teacher rationale per question, its raw text running on into the next few-shot question
@@ -84,7 +84,7 @@ def main(
     with open(labels_file, "w") as f:
         json.dump([{"instruction": r["instruction"], "output": r["label"]} for r in json.load(open(sbs_file))], f)
     tok = os.path.join(out, "tokenizer.model")
-    run_script(["data/make_tokenizer.py", "--output", tok], env)
+    run_script(["data/make_tokenizer.py", "--output", tok, "--overwrite", "True"], env)
     test = os.path.join(data, "test.json")
     common = ["--task", "ARITH", "--label_file", test, "--max_steps", str(steps), "--lr", str(lr), "--warmup_steps",
               "30", "--template", "none", "--max_seq_len", "96", "--max_new_tokens", "8", "--eval_batch_size", "200",

@@ -77,14 +77,14 @@ def main(seeds="0,1,2", steps: int = 600, kl_weight: float = 0.5, kl_temperature
     data = os.path.join(out, "data")
     # every two-digit question but the test ones: the teacher learns them all (with gold rationales);
     # the students get the teacher's samples for some of them
-    run_script(["data/arithmetic.py", "--out_dir", data, "--n_train", str(90 * 90 - n_test), "--n_test", str(n_test),
+    run_script(["data/arithmetic.py", "--overwrite", "True", "--out_dir", data, "--n_train", str(90 * 90 - n_test), "--n_test", str(n_test),
           "--min_value", "10", "--style", "fixed", "--seed", "0"], env)
     pool = json.load(open(os.path.join(data, "train.json")))
     json.dump(pool[:student_questions], open(os.path.join(data, "questions.json"), "w"))
     tok, other_tok = os.path.join(out, "tokenizer.model"), os.path.join(out, "other.model")
-    run_script(["data/make_tokenizer.py", "--output", tok], env)
+    run_script(["data/make_tokenizer.py", "--output", tok, "--overwrite", "True"], env)
     run_script(["data/make_tokenizer.py", "--output", other_tok, "--seed", "1", "--vocab_size", "400",
-          "--split_digits", "False"], env)
+          "--split_digits", "False", "--overwrite", "True"], env)
     common = ["--task", "ARITH", "--template", "none", "--max_seq_len", "64", "--keep_checkpoints", "1"]
     test_file = os.path.join(data, "test.json")
 

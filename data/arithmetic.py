@@ -20,6 +20,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.runtime.outputs import writes  # noqa: E402  (the output guard: never an input, --overwrite, lock)
+
 
 def add_rationale_fixed(a: int, b: int, width: int) -> str:
     """Fixed-width steps (every operand digit and carry written, sums as two digits): each step
@@ -93,8 +95,20 @@ def make_splits(kind: str = "add", n_train: int = 2000, n_test: int = 200, n_dev
     return splits
 
 
-def main(out_dir: str, kind: str = "add", n_train: int = 2000, n_test: int = 200, n_dev: int = 0,
-         max_value: int = 99, seed: int = 0, min_value: int = 0, style: str = "natural", multi: bool = False):
+@writes("out_dir", dirs=("out_dir",))
+def main(
+    out_dir: str,
+    kind: str = "add",
+    n_train: int = 2000,
+    n_test: int = 200,
+    n_dev: int = 0,
+    max_value: int = 99,
+    seed: int = 0,
+    min_value: int = 0,
+    style: str = "natural",
+    multi: bool = False,
+    overwrite: bool = False,
+):
     """Write train.json / test.json (and dev.json when n_dev > 0) under out_dir.
 
     Args:
@@ -108,6 +122,7 @@ def main(out_dir: str, kind: str = "add", n_train: int = 2000, n_test: int = 200
         min_value: smallest operand.
         style: natural (digit steps as a person writes them) or fixed (fixed-width steps, kind=add).
         multi: kind=add: two rationales per training question (the operands taken in either order).
+        overwrite: write into an out_dir that already holds files (its split files are replaced).
     """
     from engine.runtime.fileio import atomic_write_text
 
@@ -120,6 +135,6 @@ def main(out_dir: str, kind: str = "add", n_train: int = 2000, n_test: int = 200
 
 
 if __name__ == "__main__":
-    import fire
+    from engine.runtime.cli import run_cli
 
-    fire.Fire(main)
+    run_cli(main)

@@ -46,6 +46,7 @@ import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.runtime.outputs import writes  # noqa: E402  (the output guard: never an input, --overwrite, lock)
 from engine.train.batching import FORMATS  # noqa: E402  (the names train.py --formats knows)
 
 COT_CUE = "Let's think step by step"
@@ -185,6 +186,7 @@ def build(records, formats=FORMATS, num_demos: int = 4, seed: int = 0, cot_promp
     return out
 
 
+@writes("output_file")
 def main(input_file: str, output_file: str, formats: str = ",".join(FORMATS), num_demos: int = 4, seed: int = 0,
          cot_prompt_file: str = None, answer_prompt_file: str = None, style: str = "ours", demo_file: str = None,
          task: str = "GSM8K", overwrite: bool = False):

@@ -12,6 +12,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.runtime.outputs import writes  # noqa: E402  (the output guard: never an input, --overwrite, lock)
+
 # words the tiny models meet in the generated data sets and the prompt template
 BASE_TEXT = """Below is an instruction that describes a task. Write a response that appropriately completes the request.
 ### Instruction:
@@ -49,8 +51,15 @@ def train_tokenizer(output: str, corpus_lines, vocab_size: int = 320, split_digi
     return output
 
 
-def main(output: str = "tokenizer.model", corpus: str = None, vocab_size: int = 320, seed: int = 0,
-         split_digits: bool = True):
+@writes("output", inputs=("corpus",))
+def main(
+    output: str = "tokenizer.model",
+    corpus: str = None,
+    vocab_size: int = 320,
+    seed: int = 0,
+    split_digits: bool = True,
+    overwrite: bool = False,
+):
     """Train the tokenizer.
 
     Args:
@@ -59,16 +68,18 @@ def main(output: str = "tokenizer.model", corpus: str = None, vocab_size: int = 
         vocab_size: target vocabulary size (a soft limit for small corpora).
         seed: seed of the built-in corpus.
         split_digits: one token per digit (False: numbers may merge into one token, e.g. a second, different tokenizer).
+        overwrite: replace an existing output file.
     """
     lines = default_corpus(seed=seed)
-    for path in (corpus.split(",") if isinstance(corpus, str) else corpus or []):
-        with open(path) as f:
-            lines += [line.rstrip("\n") for line in f if line.strip()]
+    from engine.text.records import read_text
+
+    for path in corpus.split(",") if isinstance(corpus, str) else corpus or []:
+        lines += [line for line in read_text(path, "--corpus").split("\n") if line.strip()]
     train_tokenizer(output, lines, vocab_size, split_digits)
     print(f"wrote {output}")
 
 
 if __name__ == "__main__":
-    import fire
+    from engine.runtime.cli import run_cli
 
-    fire.Fire(main)
+    run_cli(main)

@@ -22,6 +22,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.runtime.outputs import writes  # noqa: E402  (the output guard: never an input, --overwrite, lock)
+
 
 def reversed_digits(x: int, width: int) -> str:
     """x zero-padded to `width` digits, least significant first, one digit per word."""
@@ -74,8 +76,18 @@ def make_splits(n: int, m: int, sizes: dict, seed: int = 0, exclude=()):
     return out
 
 
-def main(out_dir: str, n: int = 3, m: int = 3, n_train: int = 20000, n_valid: int = 500, n_test: int = 500,
-         seed: int = 0, exclude: str = None):
+@writes("out_dir", dirs=("out_dir",), inputs=("exclude",))
+def main(
+    out_dir: str,
+    n: int = 3,
+    m: int = 3,
+    n_train: int = 20000,
+    n_valid: int = 500,
+    n_test: int = 500,
+    seed: int = 0,
+    exclude: str = None,
+    overwrite: bool = False,
+):
     """Write train.txt / valid.txt / test.txt of n x m multiplication under out_dir.
 
     Args:
@@ -87,6 +99,7 @@ def main(out_dir: str, n: int = 3, m: int = 3, n_train: int = 20000, n_valid: in
         n_test: test questions.
         seed: generator seed.
         exclude: comma-separated files of `input||cot #### answer` lines whose questions no split may hold (e.g. a real test file).
+        overwrite: write into an out_dir that already holds files (its split files are replaced).
     """
     from engine.distill.implicit.data import read_cot_lines
     from engine.runtime.errors import UserError

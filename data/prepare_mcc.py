@@ -22,6 +22,8 @@ from typing import List
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.runtime.outputs import writes  # noqa: E402
+
 
 def ngrams(text: str, n: int) -> set:
     words = text.lower().split()
@@ -104,8 +106,16 @@ def prepare(records: List[dict], tokenizer, num_rationales: int, task: str, n: i
     return out, q_stats, r_stats
 
 
-def main(input_file: str, output_file: str, tokenizer: str, num_rationales: int = 3, task: str = "GSM8K",
-         ngram: int = 3, overwrite: bool = False):
+@writes("output_file", inputs=("tokenizer",))
+def main(
+    input_file: str,
+    output_file: str,
+    tokenizer: str,
+    num_rationales: int = 3,
+    task: str = "GSM8K",
+    ngram: int = 3,
+    overwrite: bool = False,
+):
     """Filter, diversify and span-annotate raw teacher rationales into an MCC-KD training file.
 
     Args:
@@ -125,13 +135,8 @@ def main(input_file: str, output_file: str, tokenizer: str, num_rationales: int 
 
     if num_rationales < 2:
         raise DataError(f"--num_rationales must be >= 2, got {num_rationales}")
-    if os.path.exists(output_file):
-        if os.path.exists(input_file) and os.path.samefile(input_file, output_file):
-            raise DataError(f"--output_file {output_file} is the --input_file; write the training file elsewhere")
-        if os.path.isdir(output_file):
-            raise DataError(f"--output_file {output_file} is a directory")
-        if not overwrite:
-            raise DataError(f"--output_file {output_file} already exists; pass --overwrite True to replace it")
+    if ngram < 1:
+        raise DataError(f"--ngram must be >= 1 (words per n-gram of the diversity measure), got {ngram}")
     task = check_task(task)
     tok = load_tokenizer(tokenizer)
     records = read_records(input_file, required=())

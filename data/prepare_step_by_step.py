@@ -44,6 +44,8 @@ from typing import List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.runtime.outputs import writes  # noqa: E402  (the output guard: never an input, --overwrite, lock)
+
 CHOICE_LETTERS = "abcde"
 DATASET_TASKS = {"cqa": "CSQA", "svamp": "SVAMP", "asdiv": "ASDIV", "gsm8k": "GSM8K"}
 _ANSWER_SENTENCE = re.compile(r"(?:(?:so|therefore|thus|hence),?\s+)?the\s+answer\s+is\b", re.IGNORECASE)
@@ -294,6 +296,7 @@ def read_dataset_dir(dataset_dir: str, split: str):
     return [{**r, "llm_output": o} for r, o in zip(records, outputs)], source, name
 
 
+@writes("output_file")
 def main(output_file: str, input_file: str = None, dataset_dir: str = None, split: str = "train", task: str = None,
          overwrite: bool = False, parse: str = "authors", label_format: str = None):
     """Convert step-by-step records (question, choices, gold label, teacher output) into a train.py file.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,7 +21,62 @@ class ConfigError(UserError):
     """A user-facing configuration problem; the message is one sentence naming the file or flag."""
 
 
+class FieldError(ConfigError):
+    """A ModelArgs field whose value cannot describe a model; readers of files name the file (and their
+    own spelling of the key) around it."""
+
+    def __init__(self, key: str, problem: str):
+        self.key, self.problem = key, problem
+        super().__init__(f"{key} {problem}")
+
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# the smallest value of each whole-number field (Optional ones may also be null)
+_INT_FIELDS = {"dim": 1, "n_layers": 1, "n_heads": 1, "multiple_of": 1, "max_seq_len": 2, "n_experts": 0}
+_OPTIONAL_INT_FIELDS = {"n_kv_heads": 1, "head_dim": 1, "hidden_dim": 1, "sliding_window": 1}
+_POSITIVE_FLOAT_FIELDS = ("norm_eps", "rope_theta")
+_ROPE_NUMBERS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def _whole(key: str, value, low: int) -> int:
+    """`value` as a whole number >= low (an integral float such as 64.0 is taken), else FieldError."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FieldError(key, f"is {value!r} ({type(value).__name__}); it must be a whole number >= {low}")
+    if value < low:
+        raise FieldError(key, f"is {value}; it must be a whole number >= {low}")
+    return value
+
+
+def _positive(key: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise FieldError(key, f"is {value!r}; it must be a finite number > 0")
+    return float(value)
+
+
+def _rope_scaling(value) -> Optional[dict]:
+    """rope_scaling checked: None or an object naming a supported rope_type with its numbers."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise FieldError(
+            "rope_scaling",
+            f'is {value!r}; it must be null or an object such as {{"rope_type": "llama3", "factor": 8.0}}',
+        )
+    kind = value.get("rope_type", value.get("type", "default"))
+    if kind not in SUPPORTED_ROPE_TYPES:
+        raise FieldError(
+            "rope_scaling", f"type {kind!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+        )
+    for name in _ROPE_NUMBERS.get(kind, ()):
+        if name not in value:
+            raise FieldError("rope_scaling", f"of type {kind} lacks {name!r}")
+        _positive(f"rope_scaling.{name}", value[name])
+    return value
 
 
 @dataclass
@@ -46,6 +102,7 @@ class ModelArgs:
     family: str = "llama"  # informational: which key map / HF architecture this model came from
 
     def __post_init__(self):
+        self._check_fields()
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
@@ -61,12 +118,36 @@ class ModelArgs:
             raise ConfigError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
-            if kind not in SUPPORTED_ROPE_TYPES:
-                raise ConfigError(f"rope_scaling type {kind!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
             self.rope_scaling = {**self.rope_scaling, "rope_type": kind}
             self.rope_scaling.pop("type", None)
             if kind == "default":
                 self.rope_scaling = None
+
+    def _check_fields(self) -> None:
+        """Every field's type and range (the model is built from these; a file may hold anything)."""
+        for key, low in _INT_FIELDS.items():
+            setattr(self, key, _whole(key, getattr(self, key), low))
+        for key, low in _OPTIONAL_INT_FIELDS.items():
+            if getattr(self, key) is not None:
+                setattr(self, key, _whole(key, getattr(self, key), low))
+        if self.vocab_size != -1:  # -1: Meta's params.json, the weights tell
+            self.vocab_size = _whole("vocab_size", self.vocab_size, 1)
+        for key in _POSITIVE_FLOAT_FIELDS:
+            setattr(self, key, _positive(key, getattr(self, key)))
+        if self.ffn_dim_multiplier is not None:
+            self.ffn_dim_multiplier = _positive("ffn_dim_multiplier", self.ffn_dim_multiplier)
+        for key in ("qkv_bias", "tie_embeddings"):
+            if not isinstance(getattr(self, key), bool):
+                raise FieldError(key, f"is {getattr(self, key)!r}; it must be true or false")
+        if not isinstance(self.family, str):
+            raise FieldError("family", f"is {self.family!r}; it must be a name (a string)")
+        self.rope_scaling = _rope_scaling(self.rope_scaling)
+        if self.n_experts:
+            self.n_experts_per_tok = _whole("n_experts_per_tok", self.n_experts_per_tok, 1)
+            if self.n_experts_per_tok > self.n_experts:
+                raise FieldError(
+                    "n_experts_per_tok", f"is {self.n_experts_per_tok}, more than n_experts={self.n_experts}"
+                )
 
     # ----- tensor-parallel layout -------------------------------------------------------------
     def check_tp(self, tp: int, where: str = "--n") -> None:
@@ -111,7 +192,8 @@ class ModelArgs:
             raw["n_experts_per_tok"] = moe["num_experts_per_tok"]
         for runtime_key in ("max_batch_size", "max_position_embeddings", "rope_scaling_factor", "model_type"):
             raw.pop(runtime_key, None)
-        if raw.get("vocab_size", 0) is not None and raw.get("vocab_size", 0) <= 0:
+        vocab = raw.get("vocab_size", 0)
+        if isinstance(vocab, (int, float)) and not isinstance(vocab, bool) and vocab <= 0:
             raw["vocab_size"] = -1  # Meta's LLaMA-1/2 params.json: the weights tell
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - names)
@@ -119,6 +201,10 @@ class ModelArgs:
             raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")
         try:
             return cls(**raw)
+        except FieldError as e:
+            raise ConfigError(f"{source}: {e.key} {e.problem}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
         except TypeError as e:
             raise ConfigError(f"{source}: {e}") from None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Dict, Optional, Tuple
 
-from models.args import ConfigError, ModelArgs
+from models.args import ConfigError, FieldError, ModelArgs
 from models.sharding import weight_specs
 
 # HF name tables: one per family; {i} = layer, {e} = expert
@@ -98,8 +98,42 @@ HF_ARCHITECTURES = {
 }
 
 
+# the config.json key behind each ModelArgs field, for sentences about an HF file
+HF_CONFIG_KEYS = {
+    "dim": "hidden_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "vocab_size": "vocab_size",
+    "hidden_dim": "intermediate_size",
+    "norm_eps": "rms_norm_eps",
+    "rope_theta": "rope_theta",
+    "rope_scaling": "rope_scaling",
+    "max_seq_len": "max_position_embeddings",
+    "sliding_window": "sliding_window",
+    "n_experts": "num_local_experts",
+    "n_experts_per_tok": "num_experts_per_tok",
+}
+
+
 def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
-    """ModelArgs from an HF config.json (LLaMA, Mistral, Mixtral, Qwen2, Qwen-1)."""
+    """ModelArgs from an HF config.json (LLaMA, Mistral, Mixtral, Qwen2, Qwen-1); a key that is missing
+    or holds a value no model can have is one sentence naming the file and the key."""
+    try:
+        return _args_from_hf_config(cfg, source)
+    except FieldError as e:
+        key = e.key.split(".")[0]
+        raise ConfigError(f"{source}: {HF_CONFIG_KEYS.get(key, key)} {e.problem}") from None
+    except KeyError as e:
+        raise ConfigError(f"{source} lacks the key {e.args[0]!r}") from None
+    except ConfigError as e:  # a relation between keys (heads and KV heads ...)
+        raise ConfigError(f"{source}: {e}") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise ConfigError(f"{source} holds a value no model can have ({e})") from None
+
+
+def _args_from_hf_config(cfg: dict, source: str) -> ModelArgs:
     arch = (cfg.get("architectures") or [None])[0]
     family = HF_ARCHITECTURES.get(arch)
     if family is None:
@@ -123,11 +157,11 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
         n_layers=cfg["num_hidden_layers"],
         n_heads=n_heads,
         n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+        head_dim=cfg.get("head_dim") or None,  # None: hidden_size // num_attention_heads, checked there
         vocab_size=cfg["vocab_size"],
         hidden_dim=cfg["intermediate_size"],
         norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope_theta),
+        rope_theta=rope_theta,
         rope_scaling=rope_scaling,
         max_seq_len=cfg.get("max_position_embeddings", 2048),
         qkv_bias=family == "qwen2",
@@ -152,7 +186,7 @@ def _from_qwen1_config(cfg: dict, source: str) -> ModelArgs:
         vocab_size=cfg["vocab_size"],
         hidden_dim=cfg["intermediate_size"] // 2,  # Qwen-1 stores twice the per-branch width
         norm_eps=cfg.get("layer_norm_epsilon", 1e-6),
-        rope_theta=float(cfg.get("rotary_emb_base", 10000.0)),
+        rope_theta=cfg.get("rotary_emb_base", 10000.0),
         max_seq_len=cfg.get("seq_length", cfg.get("max_position_embeddings", 8192)),
         qkv_bias=True,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),

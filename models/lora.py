@@ -43,6 +43,11 @@ class LoRAConfig:
             raise UserError(f"--lora_rank must be > 0 for LoRA, got {self.rank}")
         if self.alpha is None:
             self.alpha = float(self.rank)
+        if not (isinstance(self.alpha, (int, float)) and 0 < self.alpha < float("inf")):
+            raise UserError(
+                f"--lora_alpha must be a finite number > 0 (the adapter is scaled by alpha / rank; 0 trains nothing), "
+                f"got {self.alpha}"
+            )
         if isinstance(self.targets, str):
             self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
         bad = [t for t in self.targets if t not in KNOWN_TARGETS]

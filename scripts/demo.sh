@@ -21,8 +21,8 @@ export OMP_NUM_THREADS=1
 SECONDS=0
 mkdir -p "$OUT"
 python data/arithmetic.py --out_dir "$OUT/data" --kind add --style fixed --multi True --min_value 10 \
-    --n_train "$N_TRAIN" --n_test 200 --seed "$SEED"
-python data/make_tokenizer.py --output "$OUT/tokenizer.model"
+    --n_train "$N_TRAIN" --n_test 200 --seed "$SEED" --overwrite True
+python data/make_tokenizer.py --output "$OUT/tokenizer.model" --overwrite True
 python checkpoint_split.py init --model_type tiny-llama --save_dir "$OUT/init" --n 1 \
     --tokenizer "$OUT/tokenizer.model" --seed "$SEED" --overwrite True
 python checkpoint_split.py split --ckpt_dir "$OUT/init" --save_dir "$OUT/student-tp2" --n 2 --overwrite True

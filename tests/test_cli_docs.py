@@ -99,6 +99,8 @@ def test_help_explains_every_flag_in_one_line(script):
         params = [p for p in inspect.signature(fn).parameters if not p.startswith("_")]
         missing = [p for p in params if p not in described]
         assert not missing, f"{script}:{fn.__name__} does not explain {missing}"
+        stale = [d for d in described if d not in params]
+        assert not stale, f"{script}:{fn.__name__} explains {stale}, which it does not take"
 
 
 @pytest.mark.processes

@@ -95,10 +95,9 @@ def test_two_infer_jobs_on_one_output_file(env, tmp_path):
     first = _popen(*args, "--batch_size", "1")
     lock = tmp_path / "o.jsonl.lock"
     _wait_for(lambda: out.exists() and out.stat().st_size > 0)  # generating, the lock held
-    start = time.time()
     second = run_cli(*args, "--batch_size", "4")
     line = _one_error_line(second)
-    assert time.time() - start < 60 and first.poll() is None
+    assert first.poll() is None  # the second stopped while the first still ran: it did not wait for it
     assert f"--output_file {out} is in use by another job, pid {first.pid} on " in line and str(lock) in line
     first.send_signal(signal.SIGKILL)  # dies holding the lock: the file stays, the flock goes
     first.wait()
@@ -304,8 +303,10 @@ def test_resume_after_torn_log_line_and_damaged_checkpoints(env, tmp_path, dist1
 
 # ----- 8. under torchrun the sentence reaches the user whichever rank exits first --------------------
 @pytest.mark.processes
-@pytest.mark.parametrize("mode", ["rank0_slow", "rank1_only"])
+@pytest.mark.parametrize("mode", ["rank0_slow", "rank1_only", "slow_to_die"])
 def test_error_sentence_survives_torchrun(mode):
+    """Printed once whatever the timing: the ranks agree on who prints (no grace period to outlast;
+    slow_to_die printed twice with one, as a loaded machine did in rank0_slow)."""
     with pytest.raises(AssertionError) as e:
         torchrun("tests/workers/error_worker.py", "--mode", mode, timeout=120)
     printed = str(e.value).count(f"error: a mistake only {mode} makes")
@@ -370,3 +371,373 @@ def test_progress_in_a_log_file_is_a_line_every_few_seconds(env, tmp_path, dist1
     lines = [line for line in err.splitlines() if line.startswith("training: ")]
     assert "\r" not in err, err[-2000:]
     assert 1 <= len(lines) <= wall / 0.25 + 2 and all("loss" in line for line in lines), lines
+
+
+# ----- 12. no launcher and no data script writes over, into or around its inputs -------------------------
+def _guard_cases(env, d, tok):
+    """(command line, the input it must leave alone, words of the sentence) for every launcher and every
+    script in data/, each pointing an output at (or into, or around) one of its own inputs."""
+    data, ckpt = d / "t.json", env / "m"
+    mult, raw = d / "mult" / "train.txt", d / "sbs"
+    lines = ["--template", "none"]
+    return [
+        (
+            ["infer.py", "score", "--ckpt_dir", ckpt, "--data_file", data, "--output_file", data, *lines],
+            data,
+            "is the --data_file",
+        ),
+        (
+            [
+                "infer.py",
+                "calibration",
+                "--ckpt_dir",
+                ckpt,
+                "--data_file",
+                data,
+                "--output_file",
+                d / "c.jsonl",
+                "--task",
+                "ARITH",
+                "--plot_file",
+                data,
+            ],
+            data,
+            "is the --data_file",
+        ),
+        (
+            ["infer.py", "--ckpt_dir", ckpt, "--data_file", data, "--output_file", ckpt / "p.jsonl", *lines],
+            ckpt / "params.json",
+            "is inside the --ckpt_dir",
+        ),
+        (
+            ["train.py", "--task", "ARITH", "--ckpt_dir", ckpt, "--save_dir", d, "--train_file", data, *lines],
+            data,
+            "holds the --train_file",
+        ),
+        (
+            ["train_mcc.py", "--task", "ARITH", "--ckpt_dir", ckpt, "--save_dir", ckpt, "--train_file", data, *lines],
+            ckpt / "params.json",
+            "is the --ckpt_dir",
+        ),
+        (
+            ["train_implicit.py", "teacher", "--ckpt_dir", ckpt, "--save_dir", mult.parent, "--train_file", mult],
+            mult,
+            "holds the --train_file",
+        ),
+        (
+            ["train_implicit.py", "evaluate", "--data_file", mult, "--model_dirs", ckpt, "--output_file", mult],
+            mult,
+            "is the --data_file",
+        ),
+        (
+            [
+                "checkpoint_split.py",
+                "reshard",
+                "--ckpt_dir",
+                ckpt,
+                "--save_dir",
+                ckpt,
+                "--n",
+                "1",
+                "--overwrite",
+                "True",
+            ],
+            ckpt / "consolidated.00.safetensors",
+            "is the --ckpt_dir",
+        ),
+        (
+            [
+                "checkpoint_split.py",
+                "--ckpt_file",
+                ckpt / "consolidated.00.safetensors",
+                "--save_path",
+                ckpt,
+                "--n",
+                "1",
+            ],
+            ckpt / "consolidated.00.safetensors",
+            "holds the --ckpt_file",
+        ),
+        (
+            [
+                "checkpoint_split.py",
+                "init",
+                "--model_type",
+                "tiny-llama",
+                "--save_dir",
+                d / "i",
+                "--tokenizer",
+                d / "i" / "t.model",
+            ],
+            d / "i" / "t.model",
+            "holds the --tokenizer",
+        ),
+        (
+            [
+                "data/prepare_mcc.py",
+                "--input_file",
+                data,
+                "--output_file",
+                data,
+                "--tokenizer",
+                tok,
+                "--task",
+                "ARITH",
+                "--overwrite",
+                "True",
+            ],
+            data,
+            "is the --input_file",
+        ),
+        (
+            ["data/prepare_step_by_step.py", "--dataset_dir", raw, "--output_file", raw / "sbs_train.json"],
+            raw / "sbs_train.json",
+            "is inside the --dataset_dir",
+        ),
+        (
+            [
+                "data/make_formats.py",
+                "--input_file",
+                data,
+                "--output_file",
+                d / "p.txt",
+                "--cot_prompt_file",
+                d / "p.txt",
+            ],
+            d / "p.txt",
+            "is the --cot_prompt_file",
+        ),
+        (
+            ["data/arithmetic.py", "--out_dir", d / "arith"],
+            d / "arith" / "train.json",
+            "already exists and is not empty; pass --overwrite True",
+        ),
+        (["data/multiplication.py", "--out_dir", mult.parent, "--exclude", mult], mult, "holds the --exclude"),
+        (["data/make_tokenizer.py", "--output", d / "p.txt", "--corpus", d / "p.txt"], d / "p.txt", "is the --corpus"),
+    ]
+
+
+@pytest.mark.processes
+def test_no_command_writes_over_into_or_around_its_inputs(env, tmp_path, tiny_tokenizer):
+    from data.multiplication import main as make_mult
+
+    shutil.copy(env / "arith" / "test.json", tmp_path / "t.json")
+    make_mult(str(tmp_path / "mult"), n=2, m=2, n_train=20, n_valid=0, n_test=0)
+    make_arith(str(tmp_path / "arith"), n_train=4, n_test=2)
+    (tmp_path / "sbs").mkdir()
+    (tmp_path / "sbs" / "sbs_train.json").write_text('{"input": "q", "label": "1"}\n')
+    (tmp_path / "i").mkdir()
+    shutil.copy(tiny_tokenizer, tmp_path / "i" / "t.model")
+    (tmp_path / "p.txt").write_text("Q: 1 + 1 ? A: 2\n")
+    for argv, kept, words in _guard_cases(env, tmp_path, tiny_tokenizer):
+        before = {p: open(p, "rb").read() for p in [kept] + sorted(str(x) for x in (env / "m").iterdir())}
+        line = _one_error_line(run_cli(*map(str, argv)))
+        assert words in line, (argv[:2], line)
+        assert {p: open(p, "rb").read() for p in before} == before, argv[:2]
+    for argv in (  # an existing output of a data script is replaced when asked to
+        ["data/arithmetic.py", "--out_dir", tmp_path / "arith", "--n_train", "4", "--n_test", "2"],
+        [
+            "data/multiplication.py",
+            "--out_dir",
+            tmp_path / "mult",
+            "--n",
+            "2",
+            "--m",
+            "2",
+            "--n_train",
+            "5",
+            "--n_valid",
+            "0",
+            "--n_test",
+            "0",
+        ],
+        ["data/make_tokenizer.py", "--output", tmp_path / "p.txt"],
+    ):
+        proc = run_cli(*map(str, argv), "--overwrite", "True")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.processes
+def test_an_output_that_cannot_be_written_is_one_sentence(env, tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    job = ["--ckpt_dir", str(env / "m"), "--data_file", str(env / "arith" / "test.json")]
+    for argv, words in [
+        (
+            ["infer.py", "score", *job, "--output_file", "/sys/cot-engine/o.jsonl"],
+            "--output_file /sys/cot-engine/o.jsonl: cannot write /sys/cot-engine",
+        ),
+        (
+            ["infer.py", "score", *job, "--output_file", str(a_file / "o.jsonl")],
+            f"--output_file {a_file}/o.jsonl: {a_file} is a file, not a directory",
+        ),
+        (
+            ["checkpoint_split.py", "merge", "--ckpt_dir", str(env / "m"), "--save_dir", "/sys/cot-engine"],
+            "--save_dir /sys/cot-engine: cannot write /sys/cot-engine",
+        ),
+        (
+            ["checkpoint_split.py", "merge", "--ckpt_dir", str(env / "m"), "--save_dir", str(a_file / "out")],
+            f"{a_file} is a file, not a directory",
+        ),
+    ]:
+        line = _one_error_line(run_cli(*argv))
+        assert words in line, line
+
+
+@pytest.mark.processes
+def test_score_owns_its_output(env, tmp_path):
+    out = tmp_path / "s.jsonl"
+    hold = (
+        "import sys, time; sys.path.insert(0, {root!r}); from engine.runtime.lock import OwnerLock\n"
+        "lock = OwnerLock({lock!r}).acquire('x'); print('ready', flush=True); time.sleep(300)\n"
+    ).format(root=ROOT, lock=str(out) + ".lock")
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        proc = run_cli(
+            "infer.py",
+            "score",
+            "--ckpt_dir",
+            str(env / "m"),
+            "--data_file",
+            str(env / "arith" / "test.json"),
+            "--output_file",
+            str(out),
+        )
+        assert f"--output_file {out} is in use by another job, pid {holder.pid}" in _one_error_line(proc)
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# ----- 13. Ctrl-C: one line saying what was kept and how to go on, from every rank together -----------------
+@pytest.mark.processes
+def test_ctrl_c_says_what_was_kept(env, tmp_path):
+    cks.reshard(str(env / "m"), str(tmp_path / "m2"), 2)
+    save = tmp_path / "run"
+    args = [
+        "--task", "ARITH", "--ckpt_dir", str(tmp_path / "m2"), "--save_dir", str(save), "--train_file",
+        str(env / "long" / "train.json"), "--template", "none", "--max_seq_len", "64", "--max_batch_size", "4",
+        "--max_steps", "100000", "--save_every", "3",
+    ]  # fmt: skip
+    launch = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()), "train.py"]
+    cmd = [sys.executable, *launch]
+    run = subprocess.Popen(
+        cmd + args,
+        cwd=ROOT,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    _wait_for(lambda: (save / "checkpoint-6").exists(), timeout=300)
+    os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C in the terminal does: the signal to the whole group
+    _, err = run.communicate(timeout=120)
+    said = [line for line in err.splitlines() if line.startswith("interrupted: ")]
+    assert len(said) == 1 and "KeyboardInterrupt" not in err and "/engine/" not in err, err[-3000:]
+    kept = said[0].split("interrupted: ", 1)[1].split(" (the newest checkpoint)")[0]
+    assert said[0].endswith("is kept; add --resume True to the same command to continue from it")
+    step = int(kept.rsplit("-", 1)[1])
+    assert os.path.isdir(kept) and step >= 6 and not [p for p in os.listdir(save) if p.endswith(".partial")]
+    launch[5] = str(_port())
+    resumed = run_cli(*launch, *args, "--resume", "True", "--exit_after_steps", str(step + 1))
+    assert resumed.returncode == 0 and f"resumed from {kept} at step {step}" in resumed.stdout, resumed.stderr[-3000:]
+
+
+@pytest.mark.processes
+def test_ctrl_c_during_generation(env, tmp_path):
+    out = tmp_path / "o.jsonl"
+    args = ["infer.py", "--ckpt_dir", str(env / "m"), "--data_file", str(env / "q.jsonl"), "--template", "none",
+            "--max_new_tokens", "48", "--output_file", str(out), "--progress", "False", "--batch_size", "1"]  # fmt: skip
+    run = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=child_env(), stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: out.exists() and out.stat().st_size > 0)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        f"interrupted: the records finished so far are kept in {out}; run the same command again to resume "
+        f"(they are not generated again)"
+    )
+    assert run_cli(*args).returncode == 0 and len(open(out).readlines()) == 300
+
+
+def _port() -> int:
+    from tests.helpers import _free_port
+
+    return _free_port()
+
+
+# ----- 14. numbers that do not fit never crash a launcher ---------------------------------------------------
+@pytest.mark.processes
+def test_numbers_that_do_not_fit_never_crash_a_launcher(env, tmp_path, tiny_tokenizer):
+    """engine/text/answers.py reads numbers exactly (tests/test_answers.py); here every launcher the
+    issue found crashing runs to its end (or one sentence) on labels nan / inf and a 400-digit answer."""
+    huge = "9" * 400
+    recs = [
+        {"instruction": "What is 1 + 1 ?", "output": "1 + 1 = 2 . Therefore, the answer is 2 .", "label": "nan"},
+        {"instruction": "What is 2 + 2 ?", "output": f"2 + 2 = 4 . Therefore, the answer is {huge} .", "label": huge},
+        {"instruction": "What is 3 + 3 ?", "output": "3 + 3 = 6 . Therefore, the answer is inf .", "label": "inf"},
+        {"instruction": "What is 4 + 4 ?", "output": "4 + 4 = 8 . Therefore, the answer is 8 .", "label": "8"},
+    ]
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(recs))
+    multi = tmp_path / "multi.json"
+    multi.write_text(json.dumps([{**r, "output": [r["output"], r["output"].replace(" = ", " equals ")]} for r in recs]))
+    preds = tmp_path / "p.json"
+    preds.write_text(
+        json.dumps(
+            [{"output": f"the answer is {huge}", "label": huge}, {"output": "the answer is nan", "label": "1e999"}]
+        )
+    )
+    sbs = tmp_path / "sbs.jsonl"
+    sbs.write_text(
+        "".join(
+            json.dumps({"input": r["instruction"], "label": r["label"], "llm_output": r["output"]}) + "\n" for r in recs
+        )
+    )
+    train_args = ["--task", "ARITH", "--ckpt_dir", str(env / "m"), "--train_file", str(data), "--label_file", str(data),
+                  "--template", "none", "--max_seq_len", "64", "--max_batch_size", "2", "--max_steps", "1",
+                  "--max_new_tokens", "8", "--eval_at_start", "True"]  # fmt: skip
+    for argv in [
+        ["train.py", *train_args, "--save_dir", str(tmp_path / "sft")],
+        ["train.py", *train_args, "--save_dir", str(tmp_path / "dss"), "--objective", "step_by_step"],
+        [
+            "infer.py",
+            "--ckpt_dir",
+            str(env / "m"),
+            "--data_file",
+            str(data),
+            "--output_file",
+            str(tmp_path / "g.jsonl"),
+            "--task",
+            "ARITH",
+            "--max_new_tokens",
+            "8",
+        ],
+        ["infer.py", "evaluate", "--task", "ARITH", "--predictions_file", str(preds)],
+        [
+            "data/prepare_mcc.py",
+            "--input_file",
+            str(multi),
+            "--output_file",
+            str(tmp_path / "mcc.json"),
+            "--tokenizer",
+            tiny_tokenizer,
+            "--task",
+            "ARITH",
+        ],
+        [
+            "data/prepare_step_by_step.py",
+            "--input_file",
+            str(sbs),
+            "--output_file",
+            str(tmp_path / "s.json"),
+            "--task",
+            "ARITH",
+        ],
+    ]:
+        proc = run_cli(*argv)
+        assert "Traceback" not in proc.stderr, (argv[:2], proc.stderr[-3000:])
+        assert proc.returncode == 0 or len([x for x in proc.stderr.splitlines() if x.startswith("error: ")]) == 1

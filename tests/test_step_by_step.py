@@ -191,7 +191,7 @@ def test_beta_0_is_step_by_step_exactly(sbs, dist1, tmp_path):
     assert "extra_modules" not in state  # no critic to save
     critic = torch.load(tmp_path / "critic" / "checkpoint-1" / "trainer_state.00.pt", weights_only=False)
     assert len(critic["extra_modules"]) == 1
-    with pytest.raises(UserError, match=r"holds 1 module\(s\) trained beside the model and this run trains 0"):
+    with pytest.raises(UserError, match=r"was written with --beta 0\.5, not 0\.0; resume with the flags"):
         train.main(**_base(sbs, alpha=0.4, ckpt_dir=str(sbs / "m1"), max_steps=2, save_every=1, resume=True,
                            save_dir=str(tmp_path / "critic")))
 

@@ -84,8 +84,24 @@ def open_lora(directory: str, args: Optional[ModelArgs] = None):
     return ShardedSource(files, args, directory, template, specs=lora_specs(args, cfg.rank, cfg.targets)), cfg, base
 
 
-def load_lora_into(model, directory: str) -> LoRAConfig:
+def check_adapter_fits(directory: str, args: ModelArgs, base: str) -> None:
+    """Refuse an adapter trained on another model than `args` (its params.json records the base's)."""
+    path = os.path.join(directory, "params.json")
+    if not os.path.exists(path):
+        return
+    saved = ModelArgs.load(path).to_dict()
+    differ = [k for k, v in args.to_dict().items() if saved.get(k) != v]
+    if differ:
+        k = differ[0]
+        raise CheckpointError(
+            f"{directory} was trained on a different model than {base} ({k} {saved.get(k)!r} there, "
+            f"{args.to_dict()[k]!r} here); pass the base it was trained on"
+        )
+
+
+def load_lora_into(model, directory: str, base: str = "the base model") -> LoRAConfig:
     """Add LoRA layers to `model` (as saved) and load this rank's part of the adapter."""
+    check_adapter_fits(directory, model.args, base)
     src, cfg, _ = open_lora(directory, model.args)
     if not lora_modules(model):
         apply_lora(model, cfg)
@@ -160,6 +176,19 @@ def export_peft(lora_dir: str, save_dir: str, overwrite: bool = False) -> None:
         atomic_write_text(os.path.join(stage, "adapter_config.json"), json.dumps(adapter_config, indent=2) + "\n")
 
 
+def check_finite_weights(model, where: str) -> None:
+    """Refuse weights holding NaN or Inf (their outputs would be garbage), on any rank."""
+    bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    flag = torch.tensor(0.0 if bad is None else 1.0, device=next(model.parameters()).device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if flag.item():
+        raise CheckpointError(
+            f"{where} holds NaN or Inf weights ({bad or 'on another tensor-parallel rank'}); its outputs would be "
+            f"meaningless: use a checkpoint saved before the run diverged"
+        )
+
+
 class InferenceModel(NamedTuple):
     """What load_for_inference returns: the model, its tokenizer (checked to fit its vocabulary; None
     when not asked for) and the base checkpoint directory they were read from."""
@@ -176,8 +205,9 @@ def load_for_inference(ckpt_dir: str, lora_dir: Optional[str], dtype, device, *,
     base, lora_dir = adapter_and_base(ckpt_dir, lora_dir)
     model = load_model(base, dtype=dtype, device=device)
     if lora_dir:
-        load_lora_into(model, lora_dir)
+        load_lora_into(model, lora_dir, base)
         merge_lora(model)
+    check_finite_weights(model, base + (f" with the adapter {lora_dir}" if lora_dir else ""))
     model.fuse_projections()
     tok = None
     if tokenizer:

@@ -7,6 +7,8 @@ import json
 import os
 import re
 import shutil
+import struct
+import zipfile
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -92,6 +94,50 @@ class TensorFile:
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
               "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "I8": torch.int8, "BOOL": torch.bool}
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def not_weights(path: str) -> Optional[str]:
+    """Why a file given as a checkpoint cannot be one (a JSON data file, text, another kind of file), or
+    None; read from its name and first bytes, before a loader sees it."""
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip()
+    if head[:1] in (b"{", b"["):
+        kind = "a JSON file"
+    elif head and all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        kind = "a text file"
+    elif not path.endswith(WEIGHT_SUFFIXES):
+        kind = f"a {os.path.splitext(path)[1] or 'suffix-less'} file"
+    else:
+        return None
+    return (
+        f"{path} is {kind}, not a checkpoint (a directory with params.json or config.json and its weights, "
+        f"or a {' / '.join(WEIGHT_SUFFIXES)} file)"
+    )
+
+
+def file_problem(path: str) -> Optional[str]:
+    """Why a weight or state file we wrote cannot be whole (cut short by a kill or a full disk), found
+    from its structure without reading its tensors; None when it looks whole."""
+    try:
+        size = os.path.getsize(path)
+        if path.endswith(".safetensors"):
+            with open(path, "rb") as f:
+                head = f.read(8)
+                n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+                if n < 0 or 8 + n > size:
+                    return f"{os.path.basename(path)} is truncated (its header is cut)"
+                header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if 8 + n + end != size:
+                return f"{os.path.basename(path)} is truncated ({size} of {8 + n + end} bytes)"
+        elif path.endswith((".pt", ".pth")) and not zipfile.is_zipfile(path):
+            return f"{os.path.basename(path)} is truncated or corrupted"
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error):
+        return f"{os.path.basename(path)} is not readable"
+    return None
 
 
 def one_line(e: Exception) -> str:

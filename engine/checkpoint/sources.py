@@ -15,6 +15,7 @@ from engine.checkpoint.files import (
     CheckpointError,
     TensorFile,
     intersect,
+    not_weights,
     read_json,
     shard_files,
     slices,
@@ -241,6 +242,9 @@ def _args_beside(directory: str, model_type: Optional[str], what: str) -> ModelA
 
 
 def _open_single_file(path: str, model_type: Optional[str]) -> Source:
+    problem = not_weights(path)
+    if problem:
+        raise CheckpointError(problem)
     f = TensorFile(path)
     directory = os.path.dirname(os.path.abspath(path))
     if any(k.startswith(("model.", "transformer.", "lm_head.")) for k in f.shapes):

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from typing import ClassVar, Optional, Tuple
 
-from engine.runtime.cli import flag
+from engine.runtime.cli import check_seed, flag
 from engine.runtime.errors import UserError
 from engine.text.answers import check_task
 
@@ -42,6 +42,9 @@ def _check_scoring_and_report(args) -> None:
 
     check_scoring(args.scoring)
     check_report(args.report)
+
+
+_OVERWRITE = "replace an existing output_file (and the files beside it) instead of refusing it."
 
 
 @dataclass(kw_only=True)
@@ -70,6 +73,7 @@ class ModelSource(CommandArgs):
     use_float16: bool = flag("run in fp16.", False)
     use_bfloat16: bool = flag("run in bf16.", False)
     device: Optional[str] = flag(_CPU_OR_CUDA, None)
+    overwrite: bool = flag(_OVERWRITE, False)
 
     def check_precision(self) -> None:
         """Sets `dtype` (the torch dtype the flags ask for)."""
@@ -111,6 +115,19 @@ class GenerationFlags(CommandArgs):
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.long_prompts not in ("skip", "truncate"):
             raise UserError(f"--long_prompts must be skip or truncate, got {self.long_prompts!r}")
+        check_seed(self.seed)
+        if self.temperature == 0:  # greedy: the sampling flags would be silently ignored
+            if self.num_samples > 1:
+                raise UserError(
+                    f"--num_samples {self.num_samples} with --temperature 0 gives {self.num_samples} identical "
+                    f"greedy answers; pass --temperature > 0 to sample them"
+                )
+            for name, off in (("top_p", 1.0), ("top_k", 0)):
+                if getattr(self, name) != off:
+                    raise UserError(
+                        f"--{name} {getattr(self, name)} has no effect with --temperature 0 (greedy decoding); "
+                        f"pass --temperature > 0 to sample, or leave --{name} out"
+                    )
         stop = self.stop
         self.stops = tuple(s for s in (stop.split(",") if isinstance(stop, str) else list(stop or [])) if s)
 
@@ -150,12 +167,15 @@ class GenerateArgs(ModelSource, GenerationFlags):
         "compile",
         "device",
         "task_prefix",
+        "overwrite",
     )
 
     ckpt_dir: str = flag("native checkpoint (one shard per tensor-parallel rank), an HF directory, or a LoRA adapter "
                          "directory.")
     data_file: str = flag("MCC-KD JSON list or JSON lines with 'instruction' (and optional 'label', 'id').")
-    output_file: str = flag("JSON lines; rerunning with the same file resumes (finished records are kept).")
+    output_file: str = flag(
+        "JSON lines; rerunning with the same file resumes (finished records are kept; --overwrite True starts afresh)."
+    )
     task: Optional[str] = flag(f"{_TASKS}: extract the answers and score them against 'label'.", None)
     scoring: str = flag(f"with --task: {_SCORING}", "ours")
     report: str = flag(f"with --task, the summary's accuracy: {_REPORT}", "ours")
@@ -197,6 +217,7 @@ class CalibrationArgs(ModelSource, GenerationFlags):
         "use_float16",
         "use_bfloat16",
         "device",
+        "overwrite",
     )
 
     data_file: str = flag("records with 'instruction' and 'label'.")
@@ -249,7 +270,7 @@ class ScoreArgs(ModelSource):
                               "output tokens.")
     FLAGS: ClassVar[Tuple[str, ...]] = (
         "ckpt_dir", "data_file", "output_file", "batch_size", "template", "lora_dir", "use_float16", "use_bfloat16",
-        "include_eos", "device", "task_prefix", "top_k")
+        "include_eos", "device", "task_prefix", "top_k", "overwrite")
 
     data_file: str = flag("records with 'instruction' and 'output' (a string, or a list: one score each).")
     output_file: str = flag("JSON lines in input order: id, index, sum_logprob, mean_logprob, n_tokens (lists for "

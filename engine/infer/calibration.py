@@ -26,12 +26,13 @@ import torch
 from engine.checkpoint import load_for_inference
 from engine.infer.args import CalibrationArgs
 from engine.infer.generation import Request, generate_stream, request_seed
-from engine.infer.jobs import GenerationJob
+from engine.infer.jobs import GenerationJob, owned_outputs
 from engine.infer.metrics import calibration_bins
 from engine.infer.prompting import encode_prompt, prompt_room
 from engine.runtime.errors import UserError
 from engine.runtime.fileio import atomic_open, atomic_write_text, disk_errors
 from engine.runtime.jobs import job as runtime_job
+from engine.runtime.outputs import Output
 from engine.runtime.plotting import plot_reliability
 from engine.text.answers import choices_in, extract_answer, find_answer_span, is_correct
 
@@ -128,7 +129,11 @@ def calibration_job(flags: CalibrationArgs) -> GenerationJob:
 
 def run_calibration(job: GenerationJob) -> dict:
     f = job.flags
-    with runtime_job(device=f.device, lock_file=f.output_file + ".lock", what=f"--output_file {f.output_file}") as info:
+    outputs = [
+        Output("--output_file", f.output_file, beside=(f.output_file + ".summary.json",)),
+        Output("--plot_file", f.plot_path),
+    ]
+    with runtime_job(device=f.device, **owned_outputs(f, outputs)) as info:
         model, tok, _ = load_for_inference(f.ckpt_dir, f.lora_dir, f.dtype, info.device)
         model.eval()
         room = prompt_room(model.args.max_seq_len, f.max_new_tokens)

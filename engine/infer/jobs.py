@@ -11,16 +11,19 @@ from typing import Dict, List, Optional
 
 import torch
 
-from engine.checkpoint import load_for_inference
+from engine.checkpoint import adapter_and_base, load_for_inference
 from engine.infer.args import GenerationFlags, ScoreArgs
 from engine.infer.generation import Request, SamplingParams, StopStrings, generate_stream, request_seed
 from engine.infer.metrics import Accuracy
-from engine.infer.prompting import encode_prompt, prompt_room
+from engine.infer.prompting import check_room, encode_prompt, prompt_room
 from engine.infer.topk_file import meta_path as teacher_meta_path, teacher_meta
+from engine.runtime.cli import on_interrupt
 from engine.runtime.errors import UserError
 from engine.runtime.fileio import atomic_open, atomic_write_text, disk_errors, file_sha256
 from engine.runtime.jobs import job as runtime_job
+from engine.runtime.outputs import Output, args_inputs
 from engine.runtime.progress import Progress
+from engine.runtime.signature import first_difference, input_identities
 from engine.text.answers import choices_in, extract_answer, is_correct, label_warning, parse_label, unreadable_labels
 from engine.text.prompts import resolve_task_prefix, resolve_template, task_instruction
 from engine.text.records import read_records, validate_training_records
@@ -50,6 +53,25 @@ SETTINGS = (
 SETTINGS_BEFORE = {"scoring": "ours"}
 
 
+def model_inputs(flags) -> List[tuple]:
+    """(flag, path) of everything an infer.py command reads: its file and directory flags, and the base
+    checkpoint an adapter names."""
+    inputs = args_inputs(flags)
+    base, adapter = adapter_and_base(flags.ckpt_dir, flags.lora_dir)
+    if adapter and base != flags.ckpt_dir:
+        inputs.append(("--ckpt_dir (the adapter's base)", base))
+    return inputs
+
+
+def owned_outputs(flags, outputs: List[Output], continues=None) -> dict:
+    """The keyword arguments of engine/runtime/jobs.job that guard a command's outputs."""
+    return dict(outputs=outputs, inputs=model_inputs(flags), overwrite=flags.overwrite, continues=continues)
+
+
+def _resumable(path: str) -> bool:
+    return os.path.exists(path + ".meta.json")  # written by infer.py: resumed, not replaced
+
+
 @dataclass(kw_only=True)
 class Job:
     """The checked flags of a job on a model and its records, with the prompt settings they resolve to."""
@@ -70,6 +92,7 @@ class GenerationJob(Job):
 
     @classmethod
     def of(cls, flags: GenerationFlags) -> "GenerationJob":
+        check_room(flags.max_new_tokens, flags.ckpt_dir, flags.lora_dir)
         task_prefix, task_prefixes = resolve_task_prefix(flags.task_prefix, flags.ckpt_dir, flags.lora_dir)
         return cls(flags=flags, records=read_records(flags.data_file),
                    template=resolve_template(flags.template, flags.ckpt_dir, flags.lora_dir), task_prefix=task_prefix,
@@ -102,7 +125,14 @@ class GenerationJob(Job):
             "long_prompts": f.long_prompts,
             "output_tokens": f.output_tokens,
             "task_prefix": self.task_prefix,
+            **self.weights(),
         }
+
+    def weights(self) -> dict:
+        """The identity of the weights the lines come from (checkpoint, adapter, the adapter's base):
+        a resumed file must come from the same weights, wherever they now lie."""
+        models = [(k, p) for k, p in model_inputs(self.flags) if not k.startswith("--data_file")]
+        return {"weights": input_identities(models), "weight_paths": {k: os.path.abspath(p) for k, p in models}}
 
 
 @dataclass(kw_only=True)
@@ -124,9 +154,9 @@ class OutputFile:
     finish (so a killed job loses nothing finished), a rerun with the same settings resumes, and the
     finished file is rewritten in input order."""
 
-    def __init__(self, path: str, meta: dict):
+    def __init__(self, path: str, meta: dict, overwrite: bool = False):
         self.path, self.meta, self.meta_path = path, meta, path + ".meta.json"
-        self.resuming = os.path.exists(path)  # decided while this job owns the file
+        self.resuming = os.path.exists(path) and not overwrite  # decided while this job owns the file
         self._f = None
 
     def check_resume(self) -> None:
@@ -148,6 +178,13 @@ class OutputFile:
                     f"{self.meta.get(key)!r}; rerun with the same flags to resume it, or choose another "
                     f"output file"
                 )
+        changed = first_difference(old.get("weights", self.meta["weights"]), self.meta["weights"], self.meta["weights"])
+        if changed:
+            raise UserError(
+                f"--output_file {self.path} was written by other weights: {changed} "
+                f"{self.meta['weight_paths'].get(changed, '')} has changed since; choose another output file, "
+                f"or pass --overwrite True to start afresh"
+            )
 
     def read_done(self) -> Dict[int, dict]:
         """index -> line of a (possibly interrupted) output file; a torn last line is cut off."""
@@ -286,9 +323,14 @@ def _write_completions(job: GenerationJob, model, tok, requests: List[Request], 
 
 def run_generation(job: GenerationJob) -> None:
     f = job.flags
-    with runtime_job(device=f.device, lock_file=f.output_file + ".lock", what=f"--output_file {f.output_file}") as info:
-        out = OutputFile(f.output_file, job.meta())
+    output = Output("--output_file", f.output_file, beside=(f.output_file + ".meta.json",))
+    with runtime_job(device=f.device, **owned_outputs(f, [output], continues=_resumable)) as info:
+        out = OutputFile(f.output_file, job.meta(), overwrite=f.overwrite)
         out.check_resume()
+        on_interrupt(
+            f"the records finished so far are kept in {f.output_file}; run the same command again to resume "
+            f"(they are not generated again)"
+        )
         if f.task and info.is_main:
             bad = unreadable_labels(job.records, f.task, f.scoring)
             if bad:
@@ -332,7 +374,8 @@ def run_scoring(job: ScoringJob) -> None:
     per output token, the model's k most likely tokens and their log-probabilities (a teacher file
     for train.py --objective teacher_kl, described by OUTPUT.meta.json)."""
     f = job.flags
-    with runtime_job(device=f.device, lock_file=f.output_file + ".lock", what=f"--output_file {f.output_file}") as info:
+    output = Output("--output_file", f.output_file, beside=(teacher_meta_path(f.output_file),) if f.top_k else ())
+    with runtime_job(device=f.device, **owned_outputs(f, [output])) as info:
         model, tok, base_dir = load_for_inference(f.ckpt_dir, f.lora_dir, f.dtype, info.device)
         model.eval()
         vocab = model.args.vocab_size

@@ -12,7 +12,7 @@ from typing import Iterable, List, Optional
 
 from engine.runtime.errors import DataError, UserError
 from engine.text.answers import choices_in, extract_answer, is_correct, parse_label
-from engine.text.records import read_records
+from engine.text.records import read_records, require_field
 
 REPORTS = ("ours", "authors")
 
@@ -271,6 +271,7 @@ def file_accuracy(args) -> dict:
     """Accuracy of args.field of every record of args.predictions_file against the labels (its own, or
     args.label_file's in the same order); a list field scores each of its items."""
     preds = read_records(args.predictions_file, required=())
+    require_field(preds, args.predictions_file, args.field)
     labels_src = read_records(args.label_file, required=()) if args.label_file else preds
     if len(labels_src) != len(preds):
         raise DataError(f"{args.label_file} has {len(labels_src)} records but {args.predictions_file} has "

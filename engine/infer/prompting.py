@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
+from engine.runtime.errors import UserError
 from engine.text.prompts import format_prompt
 
 
@@ -39,3 +40,17 @@ def encode_prompt(tokenizer, instruction: str, template: str, room: Optional[int
     text = format_prompt(instruction, template)
     ids = tokenizer.encode(text)
     return Prompt(text, ids if room is None else fit_prompt(ids, room, tokenizer.bos_id), len(ids))
+
+
+def check_room(max_new_tokens: int, ckpt_dir: str, lora_dir: Optional[str] = None, model_type: Optional[str] = None):
+    """Refuse a generation budget that leaves a prompt no room under the model's length (every prompt
+    would be cut to its BOS, or skipped), read from the checkpoint's description before anything loads."""
+    from engine.checkpoint import adapter_and_base, open_checkpoint
+
+    base, _ = adapter_and_base(ckpt_dir, lora_dir)
+    length = open_checkpoint(base, model_type).args.max_seq_len
+    if max_new_tokens > length - 2:
+        raise UserError(
+            f"--max_new_tokens {max_new_tokens} leaves no room for a prompt under the max_seq_len {length} of the "
+            f"model in {base}; pass --max_new_tokens below {length - 1}"
+        )

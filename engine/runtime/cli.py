@@ -4,8 +4,10 @@ also be given by position, as infer.py's), strict flag checks, and one-sentence 
 mistakes."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import math
 import os
 import sys
 import time
@@ -14,20 +16,127 @@ from dataclasses import MISSING, field, fields
 
 from engine.runtime.errors import UserError
 
-# Under torchrun, a rank other than 0 waits this long before printing its error and exiting: rank 0,
-# which usually fails with the same sentence, prints first and its exit ends the job (torchrun kills
-# the others), so the user reads the sentence once; an error only rank k sees still gets printed.
+# Outside torchrun (e.g. ranks started by another launcher), a rank other than 0 waits this long before
+# printing its error: rank 0, which usually fails with the same sentence, prints first and its exit
+# ends the job. Under torchrun the ranks of a node agree instead on which one prints (say_once).
 RANK_GRACE_S = 3.0
+SEED_MAX = 2**32 - 1
+_WAIT_FOR_PRINTER_S = 20.0  # how long a rank waits for the one printing its sentence before printing it itself
+
+
+def _node_job_key() -> typing.Optional[str]:
+    """What the ranks of one torchrun job on this node share and no other job does: the agent process
+    (their parent) with its start time, the restart, the rendezvous; None outside torchrun."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    agent = os.getppid()
+    try:
+        with open(f"/proc/{agent}/stat") as f:
+            started = f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        started = "?"
+    parts = [str(agent), started] + [
+        os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "MASTER_PORT")
+    ]
+    return "|".join(parts)
+
+
+def say_once(line: str) -> None:
+    """Print `line` on stderr once per torchrun job and node, whichever ranks reach it and in whatever
+    order: the first rank to claim it (an exclusive file create) prints it and marks the claim; any other
+    waits for that mark before going on (its exit makes torchrun end the job, the printer with it), and
+    prints the line itself only if the printer died first. No timing is assumed."""
+    key = _node_job_key()
+    if key is None or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if key is None and int(os.environ.get("RANK", "0")) != 0:
+            time.sleep(RANK_GRACE_S)
+        print(line, file=sys.stderr, flush=True)
+        return
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha256(f"{key}|{line}".encode()).hexdigest()[:32]
+    claim = os.path.join(tempfile.gettempdir(), f"cot-engine-said-{digest}")
+    try:
+        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        deadline = time.monotonic() + _WAIT_FOR_PRINTER_S
+        while time.monotonic() < deadline:
+            if os.path.getsize(claim):
+                return  # printed by the rank that claimed it
+            time.sleep(0.05)
+        print(line, file=sys.stderr, flush=True)
+        return
+    except OSError:  # no writable temporary directory: print, possibly twice
+        print(line, file=sys.stderr, flush=True)
+        return
+    print(line, file=sys.stderr, flush=True)
+    os.write(fd, b"printed\n")
+    os.close(fd)
+    _forget_old_claims(os.path.dirname(claim))
+
+
+def _forget_old_claims(directory: str) -> None:
+    """Remove the claim files of jobs that ended over a day ago (each is a few bytes, one per sentence)."""
+    import glob
+
+    for old in glob.glob(os.path.join(directory, "cot-engine-said-*")):
+        with contextlib.suppress(OSError):
+            if time.time() - os.path.getmtime(old) > 86400:
+                os.unlink(old)
 
 
 def fail(message: str, code: int = 2) -> None:
     """Print one error sentence and exit non-zero. torchrun kills every rank as soon as one exits, so
-    each failing rank prints the sentence itself (rank 0 at once, the others after RANK_GRACE_S)
-    instead of counting on rank 0 to still be alive."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        time.sleep(RANK_GRACE_S)
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    each failing rank may print the sentence (say_once: once per job) instead of counting on rank 0 to
+    still be alive."""
+    say_once(f"error: {message}")
     sys.exit(code)
+
+
+# ----- Ctrl-C: one line saying what was kept and how to go on ------------------------------------
+_KEPT: list = []  # functions returning what an interrupted run keeps and how to continue it (newest last)
+NOTHING_KEPT = "nothing was written: outputs appear only once complete; run the same command again"
+
+
+def on_interrupt(note) -> None:
+    """Register what an interrupt of this run keeps (a string, or a function returning one); the newest
+    registration wins."""
+    _KEPT.append(note)
+
+
+def interrupted_note() -> str:
+    for note in reversed(_KEPT):
+        try:
+            text = note() if callable(note) else note
+        except Exception:  # the note must never hide the interrupt itself
+            continue
+        if text:
+            return text
+    return NOTHING_KEPT
+
+
+def _interrupted() -> None:
+    import signal
+
+    with contextlib.suppress(ValueError, OSError):  # torchrun follows Ctrl-C with SIGTERM: let the line out
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    say_once(f"interrupted: {interrupted_note()}")
+    sys.exit(130)
+
+
+def check_seed(value: int, name: str = "seed") -> int:
+    """A seed every generator takes: a whole number in [0, 2^32 - 1]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
+        raise UserError(f"--{name} must be a whole number from 0 to {SEED_MAX}, got {value}")
+    return value
+
+
+def check_finite(values: dict) -> None:
+    """Refuse a float flag that is NaN or infinite (`--lr 1e999`): no flag means anything there."""
+    for name, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{name} must be a finite number, got {value}")
 
 
 def unknown_flags(component, argv) -> list:
@@ -80,6 +189,7 @@ def _coerce(name: str, value, kind, default, argv):
         raise UserError(f"--{name} must be a whole number, not {value!r}")
     if kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            check_finite({name: float(value)})
             return float(value)
         raise UserError(f"--{name} must be a number, not {value!r}")
     if kind is str:
@@ -130,11 +240,15 @@ def run_cli(component) -> None:
         fire.Fire(component)
     except UserError as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        _interrupted()
 
 
-def flag(text: str, default=MISSING):
-    """A command-line flag: a dataclass field with its one line of help."""
-    return field(default=default, metadata={"help": text})
+def flag(text: str, default=MISSING, role: typing.Optional[str] = None):
+    """A command-line flag: a dataclass field with its one line of help. `role` ("input" / "output")
+    says that a flag names a path the run reads or writes where its name does not (see
+    engine/runtime/outputs.py: names ending in _file, _dir ... are inputs already)."""
+    return field(default=default, metadata={"help": text, **({"role": role} if role else {})})
 
 
 def flag_fields(cls):
@@ -174,26 +288,36 @@ def launcher(*classes, run):
         if foreign:
             users = [c.OBJECTIVE for c in classes if foreign[0] in {f.name for f in flag_fields(c)}]
             raise UserError(f"--{foreign[0]} belongs to --objective {' / '.join(users)}, not {name}")
+        check_finite(given)
         run(cls(**given))
 
-    main.__signature__ = inspect.Signature([
-        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
-                          default=inspect.Parameter.empty if f.default is MISSING else f.default) for f in flags])
+    main.__signature__ = inspect.Signature(
+        [
+            inspect.Parameter(
+                f.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=_shown_type(hints[f.name]),
+                default=inspect.Parameter.empty if f.default is MISSING else f.default,
+            )
+            for f in flags
+        ]
+    )
     main.__annotations__ = {f.name: hints[f.name] for f in flags}
     main.__doc__ = "\n".join([classes[0].SUMMARY, "", "Args:"] + [f"    {f.name}: {f.metadata['help']}" for f in flags])
     return main
 
 
-def _type_name(hint) -> str:
-    """'str' for str and Optional[str]: the annotation a hand-written `name: str = None` gives fire."""
+def _shown_type(hint):
+    """The type fire's --help shows for a flag: str for str and Optional[str] (fire adds the Optional for
+    a None default; given Optional[str] itself it prints "Optional[Optional]")."""
     inner = [t for t in typing.get_args(hint) if t is not type(None)]
-    return (inner[0] if inner else hint).__name__
+    return inner[0] if inner else hint
 
 
 def command(cls, *, run):
     """The fire entry point of one sub-command's arguments class (infer.py's): like `launcher`, but the
     required flags are positional-or-keyword (fire lists them as POSITIONAL ARGUMENTS; `infer.py C D O`
-    works) and each type is annotated by its name, as the hand-written commands were. `cls.FLAGS`,
+    works). `cls.FLAGS`,
     when set, names the flags in --help order; the class's other fields are settings the command fixes."""
     hints = typing.get_type_hints(cls)
     by_name = {f.name: f for f in flag_fields(cls)}
@@ -203,14 +327,24 @@ def command(cls, *, run):
         raise TypeError(f"{cls.__name__}.FLAGS names {', '.join(unknown)}, which are not flag fields")
     chosen = [by_name[n] for n in names]
     flags = [f for f in chosen if f.default is MISSING] + [f for f in chosen if f.default is not MISSING]
-    signature = inspect.Signature([
-        inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=_type_name(hints[f.name]),
-                          default=inspect.Parameter.empty if f.default is MISSING else f.default) for f in flags])
+    signature = inspect.Signature(
+        [
+            inspect.Parameter(
+                f.name,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                annotation=_shown_type(hints[f.name]),
+                default=inspect.Parameter.empty if f.default is MISSING else f.default,
+            )
+            for f in flags
+        ]
+    )
 
     def main(*args, **kwargs):
-        run(cls(**signature.bind(*args, **kwargs).arguments))
+        given = signature.bind(*args, **kwargs).arguments
+        check_finite(given)
+        run(cls(**given))
 
     main.__signature__ = signature
-    main.__annotations__ = {f.name: _type_name(hints[f.name]) for f in flags}
+    main.__annotations__ = {f.name: hints[f.name] for f in flags}
     main.__doc__ = "\n".join([cls.SUMMARY, "", "Args:"] + [f"    {f.name}: {f.metadata['help']}" for f in flags])
     return main

@@ -1,13 +1,13 @@
 """Crash-safe file writing: write to a temporary name in the same directory, fsync, rename.
 
 Also a streaming safetensors writer, so a checkpoint of any size is written one tensor at a time
-(memory: the largest single tensor, not the whole state dict), and a full disk reported as one
-sentence naming the path.
+(memory: the largest single tensor, not the whole state dict). Every OS error while writing (a full
+disk, a path that cannot be written) is one sentence naming the path and its flag, and a finished
+file or directory gets the permissions of the user's umask (engine/runtime/outputs.py).
 """
 from __future__ import annotations
 
 import contextlib
-import errno
 import glob
 import hashlib
 import json
@@ -19,27 +19,12 @@ from typing import Dict, Iterator, Sequence, Tuple
 
 import torch
 
-from engine.runtime.errors import UserError
 from engine.runtime.lock import OwnerLock, is_held
+from engine.runtime.outputs import DiskFull, OutputError, output_errors, publish  # noqa: F401
 
-
-class DiskFull(UserError):
-    pass
-
-
-_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
-@contextlib.contextmanager
-def disk_errors(path: str) -> Iterator[None]:
-    """A full disk (or quota) while writing `path` ends in one sentence naming it, not a traceback."""
-    try:
-        yield
-    except OSError as e:
-        if e.errno in _FULL:
-            raise DiskFull(f"the disk is full: writing {path} failed ({e.strerror}); free some space "
-                           f"and run again") from None
-        raise
+# Any OS error while writing `path` (a full disk, no permission, a parent that is a file) ends in one
+# sentence naming it and the flag of the output it belongs to, not a traceback.
+disk_errors = output_errors
 
 
 _SAFETENSORS_DTYPES = {
@@ -79,6 +64,7 @@ def atomic_open(path: str, mode: str = "w") -> Iterator:
                 yield f
                 f.flush()
                 os.fsync(f.fileno())
+            publish(tmp)  # mkstemp made it private
             os.replace(tmp, path)
             _fsync_dir(directory)
         except BaseException:
@@ -181,6 +167,7 @@ def staged_directory(final_dir: str, overwrite: bool = False) -> Iterator[str]:
         os.makedirs(parent, exist_ok=True)
         remove_stale_stages(final_dir)
         stage = tempfile.mkdtemp(prefix="." + os.path.basename(final_dir) + ".", suffix=STAGE_SUFFIX, dir=parent)
+        publish(stage, is_dir=True)  # mkdtemp made it private
         lock = OwnerLock(stage + ".lock").acquire(stage)
         try:
             yield stage
@@ -188,7 +175,7 @@ def staged_directory(final_dir: str, overwrite: bool = False) -> Iterator[str]:
                 os.rmdir(final_dir)
             if os.path.exists(final_dir):
                 if not overwrite:
-                    raise FileExistsError(f"{final_dir} already exists; pass --overwrite True to replace it")
+                    raise OutputError(f"{final_dir} already exists; pass --overwrite True to replace it")
                 trash = final_dir + ".old-" + os.path.basename(stage)
                 os.replace(final_dir, trash)
                 os.replace(stage, final_dir)

@@ -47,12 +47,15 @@ class OwnerLock:
         self.fd: Optional[int] = None
         self.stale: dict = {}  # who held the lock file before us and died without releasing it
 
-    def acquire(self, what: str) -> "OwnerLock":
-        """Take the lock or raise LockHeld naming `what` (e.g. "--output_file out.jsonl") and the holder."""
+    def acquire(self, what: str, wrap_errors: bool = True) -> "OwnerLock":
+        """Take the lock or raise LockHeld naming `what` (e.g. "--output_file out.jsonl") and the holder.
+        An OS error creating the lock file is one sentence (or, with wrap_errors False, the OSError)."""
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as e:
+                if not wrap_errors:
+                    raise
                 raise UserError(f"cannot create the lock file {self.path} for {what} ({e.strerror})") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -113,35 +116,3 @@ def is_held(path: str) -> bool:
     finally:
         os.close(fd)  # closing drops the lock we may have just taken
     return False
-
-
-def own_output(path: str, what: str, info, make_dir: bool = False) -> Optional[OwnerLock]:
-    """Rank 0 takes the lock on `path` (creating its directory with `make_dir`); every rank learns the
-    outcome, so all of them stop with the same sentence when another job holds it. Returns the lock
-    on rank 0 (None elsewhere): release it when the job ends; a process that dies drops it anyway."""
-    import atexit
-
-    lock, error = None, None
-    if info.is_main:
-        try:
-            if make_dir:
-                try:
-                    os.makedirs(os.path.dirname(path), exist_ok=True)
-                except OSError as e:
-                    raise UserError(f"{what}: cannot create {os.path.dirname(path)} ({e.strerror})") from None
-            lock = OwnerLock(path).acquire(what)
-            atexit.register(lock.release)
-            note = lock.stale_note()
-            if note:
-                print(note, flush=True)
-        except UserError as e:
-            error = str(e)
-    if info.world_size > 1:
-        import torch.distributed as dist
-
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
-        raise LockHeld(error)
-    return lock

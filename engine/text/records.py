@@ -35,7 +35,9 @@ def read_records(path: str, required: Sequence[str] = ("instruction",)) -> List[
             raise DataError(f"{path} is not valid JSON ({e})") from None
     else:
         records = []
-        for lineno, line in enumerate(text.splitlines(), 1):
+        # JSON lines end at "\n" only: str.splitlines() also breaks at U+2028, U+2029, \x85 ..., which
+        # json.dumps(ensure_ascii=False) leaves unescaped inside strings (a sampled rationale may hold them)
+        for lineno, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -55,6 +57,16 @@ def read_records(path: str, required: Sequence[str] = ("instruction",)) -> List[
             if not rec[key].strip():
                 raise DataError(f"{path} record {i}: '{key}' is empty")
     return records
+
+
+def require_field(records: List[dict], path: str, field: str) -> None:
+    """Refuse a field that no record holds (a mistyped --field would score every record wrong)."""
+    if not any(field in rec for rec in records):
+        keys = sorted({k for rec in records[:100] for k in rec})
+        raise DataError(
+            f"no record of {path} holds the field '{field}' (its records hold {', '.join(map(repr, keys))}); "
+            f"pass --field with one of them"
+        )
 
 
 def validate_training_records(records: List[dict], path: str, need_label: bool = False) -> None:

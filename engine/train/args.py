@@ -39,6 +39,37 @@ class ModelFlags:
     lora_targets: str = flag("comma-separated projections to adapt: wq,wk,wv,wo (attention), w1,w2,w3 (MLP), "
                              "output (head).", "wq,wk,wv,wo,w1,w2,w3")
 
+    def __post_init__(self):
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+        self.check_lora_flags()
+
+    def check_lora_flags(self) -> None:
+        """The LoRA flags, before anything loads: a valid adapter for a lora- model type, none otherwise."""
+        from models.lora import LoRAConfig
+
+        if self.lora_rank > 0:
+            LoRAConfig(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
+        elif self.lora_rank not in (0, -1):
+            raise UserError(f"--lora_rank must be > 0 (LoRA) or -1 (full fine-tuning), got {self.lora_rank}")
+        else:
+            for name, off in (("lora_alpha", None), ("lora_dropout", 0.0)):
+                if getattr(self, name) != off:
+                    raise UserError(
+                        f"--{name} {getattr(self, name)} has no effect with --lora_rank {self.lora_rank} (full "
+                        f"fine-tuning); pass a lora- --model_type and --lora_rank > 0 for LoRA"
+                    )
+        if self.model_type is not None:
+            from models.registry import parse_model_type
+
+            lora_variant = parse_model_type(self.model_type)[1]
+            if lora_variant != (self.lora_rank > 0):
+                raise UserError(
+                    f"--model_type {self.model_type} with --lora_rank {self.lora_rank}: a lora- model type "
+                    f"trains LoRA (--lora_rank > 0), any other full fine-tuning (--lora_rank -1)"
+                )
+
 
 @dataclass(kw_only=True)
 class ParallelFlags:
@@ -89,7 +120,9 @@ class _EvalFlags(ModelFlags, _DataFlags):
         "format in the file).",
         None,
     )
-    deepspeed: Optional[str] = flag("DeepSpeed config JSON: ZeRO stage 1/2 over the data-parallel group.", None)
+    deepspeed: Optional[str] = flag(
+        "DeepSpeed config JSON: ZeRO stage 1/2 over the data-parallel group.", None, role="input"
+    )
 
 
 @dataclass(kw_only=True)
@@ -118,6 +151,10 @@ class TrainArgs(ParallelFlags, _EvalFlags):
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.max_seq_len < 2:
             raise UserError(f"--max_seq_len must be >= 2, got {self.max_seq_len}")
+        if not self.label_file:  # evaluation flags without records to evaluate would be silently ignored
+            for name, off in (("eval_every", 0), ("eval_at_start", False), ("max_eval_examples", 0)):
+                if getattr(self, name) != off:
+                    raise UserError(f"--{name} {getattr(self, name)} evaluates on --label_file, which is not given")
         from engine.train.batching import parse_formats
 
         parse_formats(self.formats)

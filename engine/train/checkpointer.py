@@ -22,17 +22,102 @@ import torch
 import torch.distributed as dist
 
 from engine.checkpoint import load_state_into, open_checkpoint, open_lora, save_lora, write_model_shard
+from engine.checkpoint.files import file_problem
 from engine.runtime import distributed
 from engine.runtime.errors import UserError
 from engine.runtime.fileio import atomic_torch_save, atomic_write_text, disk_errors
 from engine.runtime.log import read_metric_lines
+from engine.runtime.outputs import args_inputs, dataclass_roles
+from engine.runtime.signature import first_difference, input_identities
 from engine.text.prompts import save_template
+from engine.train.config import TrainConfig
 from engine.train.task import Task
 
-# what a resumed run must share with the run that wrote the checkpoint
-SIGNATURE_CHECKS = (("model_args", "a different model"), ("tp_size", "a different tensor-parallel size"),
-                    ("dp_size", "a different data-parallel size"), ("lora", "different LoRA settings"),
-                    ("max_batch_size", "a different --max_batch_size"), ("deepspeed", "a different --deepspeed use"))
+SCHEDULE_FLAGS = TrainConfig.SCHEDULE_FLAGS
+
+# what a resumed run must share with the run that wrote the checkpoint (besides its run signature: the
+# command, every flag that changes the result, the identity of every input; see run_signature)
+SIGNATURE_CHECKS = (
+    ("model_args", "a different model"),
+    ("tp_size", "a different tensor-parallel size"),
+    ("dp_size", "a different data-parallel size"),
+    ("lora", "different LoRA settings"),
+    ("max_batch_size", "a different --max_batch_size"),
+    ("deepspeed", "a different --deepspeed use"),
+)
+
+
+def run_command(cfg) -> str:
+    """The command a run was started with, as a user types it: `train.py --objective sft`,
+    `train_mcc.py`, `train_implicit.py mind_read`."""
+    launcher = getattr(cfg, "LAUNCHER", "")
+    if getattr(cfg, "STAGE", ""):
+        return f"{launcher} {cfg.STAGE}"
+    if launcher == "train.py":
+        return f"train.py --objective {getattr(cfg, 'OBJECTIVE', '')}"
+    return launcher or type(cfg).__name__
+
+
+def run_signature(cfg) -> dict:
+    """What defines a training run, recorded in every checkpoint-N/run.json and compared on resume: the
+    command, every flag that changes the result (all but cfg.RESUME_FREE; inputs by identity, not by
+    path) and the identity of every input (data files by content, model directories by fingerprint)."""
+    roles = dataclass_roles(cfg)
+    flags = {
+        name: getattr(cfg, name)
+        for name, role in roles.items()
+        if role != "input" and name not in cfg.RESUME_FREE and name != "save_dir"
+    }
+    inputs = args_inputs(cfg)
+    return {
+        "command": run_command(cfg),
+        "flags": flags,
+        "inputs": input_identities(inputs),
+        "input_paths": {flag: os.path.abspath(p) for flag, p in inputs},  # for the sentences, not compared
+    }
+
+
+def check_same_run(saved: dict, current: dict, path: str, schedule_may_change: frozenset) -> None:
+    """Refuse to resume `path` (whose run.json holds `saved`) in a run whose signature differs, with one
+    sentence naming the command, flag or input; flags in `schedule_may_change` are let through."""
+    if saved.get("command") != current["command"]:
+        raise UserError(
+            f"--resume: {path} was written by `{saved.get('command')}`, not `{current['command']}`; resume it "
+            f"with `{saved.get('command')}`, or choose another --save_dir for this run"
+        )
+    old, new = saved.get("flags", {}), current["flags"]
+    for name in [n for n in new if n in old and n not in schedule_may_change] + [n for n in old if n not in new]:
+        if old.get(name) != new.get(name):
+            hint = (
+                ", or pass --reset_schedule True to rebuild the learning-rate schedule from the new value"
+                if name in SCHEDULE_FLAGS
+                else ""
+            )
+            raise UserError(
+                f"--resume: {path} was written with --{name} {old.get(name)!r}, not {new.get(name)!r}; resume "
+                f"with the flags the run started with{hint} (or choose another --save_dir for a new run)"
+            )
+    changed = first_difference(saved.get("inputs", {}), current["inputs"], current["inputs"])
+    if changed:
+        where = current.get("input_paths", {}).get(changed.split("#")[0], "")
+        raise UserError(
+            f"--resume: {changed} {where} is not what {path} was trained on (its content differs); resume "
+            f"with the inputs the run started with, or choose another --save_dir for a new run"
+        )
+
+
+def precheck_resume(cfg) -> None:
+    """With --resume True, compare the run signature with the newest intact checkpoint's before anything
+    loads (rank 0; the resume itself checks again, on every rank, once the model is there)."""
+    if not cfg.resume or int(os.environ.get("RANK", "0")) != 0:
+        return
+    for path in reversed(Checkpointer(cfg.save_dir, None, None).checkpoints()):
+        if Checkpointer._problem(path) is None:
+            saved = json.load(open(os.path.join(path, "run.json")))
+            if "run" in saved:
+                allowed = cfg.SCHEDULE_FLAGS if cfg.reset_schedule else frozenset()
+                check_same_run(saved["run"], run_signature(cfg), path, allowed)
+            return
 
 
 class Checkpointer:
@@ -164,9 +249,12 @@ class Checkpointer:
         if saved.get("deepspeed"):
             need.append("deepspeed")
         missing = [n for n in need if not os.path.exists(os.path.join(path, n))]
-        return f"{missing[0]} is missing" if missing else None
+        if missing:
+            return f"{missing[0]} is missing"
+        damaged = (file_problem(os.path.join(path, n)) for n in need if n.endswith((".safetensors", ".pt")))
+        return next((d for d in damaged if d), None)  # a file cut short by a kill or a full disk
 
-    def resume(self, signature: dict, metrics_path: str, ds_engine=None):
+    def resume(self, signature: dict, metrics_path: str, ds_engine=None, schedule_may_change=frozenset()):
         """Load the newest intact checkpoint into the model (and DeepSpeed); returns (path, this rank's
         trainer state). Metrics lines written after it (and a line torn by the interruption) are dropped."""
         ckpts = self.checkpoints()
@@ -183,6 +271,10 @@ class Checkpointer:
         if skipped and self.info.is_main:
             print(f"warning: skipping {', '.join(skipped)}; resuming from the previous intact checkpoint", flush=True)
         saved = json.load(open(os.path.join(path, "run.json")))
+        if "run" in saved and "run" in signature:
+            check_same_run(saved["run"], signature["run"], path, schedule_may_change)
+        elif "run" in signature and self.info.is_main:
+            print(f"note: {path} records no run signature (an older version wrote it): flags not compared", flush=True)
         for key, what in SIGNATURE_CHECKS:
             if saved.get(key) != signature.get(key):
                 raise UserError(f"--resume: {path} was written by {what} ({key}: {saved.get(key)} vs {signature.get(key)})")

@@ -1,12 +1,13 @@
 """What the training loop needs: every setting of it, checked before any model loads."""
 from __future__ import annotations
 
+import math
 import os
 import typing
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
-from engine.runtime.cli import flag
+from engine.runtime.cli import check_seed, flag
 from engine.runtime.errors import UserError
 from models.transformer import CHECKPOINT_POLICIES
 
@@ -35,14 +36,49 @@ class TrainConfig:
     eval_every: int = flag("also evaluate every N steps (always at each epoch end).", 0)
     eval_at_start: bool = flag("evaluate once before training.", False)
     log_every: int = flag("write a metrics line every N steps.", 1)
-    resume: bool = flag("continue from the latest checkpoint in save_dir (weights, optimizer, schedule, RNG, "
-                        "data position).", False)
+    resume: bool = flag(
+        "continue from the latest checkpoint in save_dir (weights, optimizer, schedule, RNG, data position).", False
+    )
+    reset_schedule: bool = flag(
+        "with --resume: rebuild the learning-rate schedule and weight decay from this run's --lr, --schedule, "
+        "--warmup_steps, --min_lr_ratio, --weight_decay, --max_steps / --epochs (continuing at the step reached).",
+        False,
+    )
+    overwrite: bool = flag(
+        "write into a --save_dir that holds files no training run wrote (they are left there).", False
+    )
     checkpoint_activations: typing.Any = flag(
         "recompute activations in backward to save memory: False/none, True/full (whole blocks), selective "
         "(keep matmul and attention outputs, recompute the rest).", False)
     checkpoint_fraction: float = flag("checkpoint only this fraction of the layers (from the first), e.g. 0.5.", 1.0)
-    compile: Optional[bool] = flag("compile each decoder block with torch.compile (default: on a GPU; False: eager).",
-                                   None)
+    compile: Optional[bool] = flag(
+        "compile each decoder block with torch.compile (default: on a GPU; False: eager).", None
+    )
+    # flags a resumed run may change (they change how the run is kept, shown or computed, not its result),
+    # and those it may change with --reset_schedule True; every other flag must match (run signature)
+    RESUME_FREE: ClassVar[frozenset] = frozenset(
+        {
+            "save_dir",
+            "resume",
+            "reset_schedule",
+            "overwrite",
+            "exit_after_steps",
+            "keep_checkpoints",
+            "save_every",
+            "eval_every",
+            "eval_at_start",
+            "eval_batch_size",
+            "log_every",
+            "compile",
+            "checkpoint_activations",
+            "checkpoint_fraction",
+            "device",
+            "tp_size",  # the tensor- and data-parallel sizes it gives are compared instead (Checkpointer)
+        }
+    )
+    SCHEDULE_FLAGS: ClassVar[frozenset] = frozenset(
+        {"lr", "schedule", "warmup_steps", "min_lr_ratio", "weight_decay", "max_steps", "epochs"}
+    )
     # not flags
     betas: tuple = (0.9, 0.999)
     bucket: bool = True  # length bucketing of batches
@@ -59,8 +95,16 @@ class TrainConfig:
                 raise UserError(f"--{name} must be >= {low}, got {getattr(self, name)}")
         if self.max_steps == 0 and self.epochs == 0:
             raise UserError("--epochs 0 trains nothing; pass --epochs >= 1 or --max_steps > 0")
+        for name in ("lr", "weight_decay", "min_lr_ratio", "max_grad_norm", "checkpoint_fraction"):
+            if not math.isfinite(getattr(self, name)):
+                raise UserError(f"--{name} must be a finite number, got {getattr(self, name)}")
         if not self.lr > 0:
             raise UserError(f"--lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise UserError(f"--weight_decay must be >= 0, got {self.weight_decay}")
+        check_seed(self.seed)
+        if self.reset_schedule and not self.resume:
+            raise UserError("--reset_schedule True rebuilds the schedule of a resumed run; pass --resume True with it")
         if not 0 <= self.min_lr_ratio <= 1:
             raise UserError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.max_grad_norm < 0:

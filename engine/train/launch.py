@@ -9,13 +9,16 @@ from typing import Optional
 import torch
 
 from engine.checkpoint import load_model
+from engine.infer.prompting import check_room
 from engine.runtime.errors import UserError
 from engine.runtime.jobs import job
+from engine.runtime.outputs import Output, args_inputs
 from engine.text.answers import label_warning, unreadable_labels
 from engine.text.records import read_records
 from engine.text.tokenizer import check_tokenizer_fits, load_tokenizer
 from engine.train.args import TrainArgs, run_record
 from engine.train.batching import format_groups, group_by_format
+from engine.train.checkpointer import precheck_resume
 from engine.train.trainer import RunSetup, Trainer
 from models.lora import LoRAConfig, apply_lora
 from models.registry import parse_model_type
@@ -66,13 +69,33 @@ def read_eval_records(label_file: Optional[str], max_examples: int = 0, task: Op
     return records
 
 
+RUN_FILES = ("run_config.json", "metrics.jsonl", "best")
+
+
+def written_by_training(save_dir: str) -> bool:
+    """Whether a save_dir holds a training run's files (continued, or refused with --resume advice, by
+    the checkpointer) rather than files of something else."""
+    names = os.listdir(save_dir) if os.path.isdir(save_dir) else []
+    return any(n in RUN_FILES or n.startswith("checkpoint-") for n in names)
+
+
+def owned_save_dir(args) -> dict:
+    """The keyword arguments of engine/runtime/jobs.job that guard a training run's --save_dir: never an
+    input of the run nor inside or around one, locked (SAVE_DIR/.lock) for the whole run, and, when it
+    holds files no training run wrote, used only with --overwrite True. A --resume is compared with the
+    run signature of the checkpoint it would continue, before anything loads."""
+    out = Output("--save_dir", args.save_dir, is_dir=True, lock=os.path.join(args.save_dir, ".lock"))
+    precheck_resume(args)
+    return dict(outputs=[out], inputs=args_inputs(args), overwrite=args.overwrite, continues=written_by_training)
+
+
 def run_training(args: TrainArgs) -> None:
     records = read_records(args.train_file)
     groups = format_groups(records, args.formats, args.train_file)  # one data format per batch
     eval_records = read_eval_records(args.label_file, args.max_eval_examples, args.task, args.scoring)
-    with job(
-        args.tp_size, args.device, os.path.join(args.save_dir, ".lock"), f"--save_dir {args.save_dir}", make_dir=True
-    ) as info:
+    if eval_records:
+        check_room(args.max_new_tokens, args.ckpt_dir, model_type=args.model_type)
+    with job(args.tp_size, args.device, **owned_save_dir(args)) as info:
         tok = load_tokenizer(args.ckpt_dir)
         model, lora_cfg = model_from_flags(args, info)
         check_tokenizer_fits(tok, model.args.vocab_size, args.ckpt_dir)

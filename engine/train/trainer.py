@@ -45,13 +45,14 @@ import torch
 import torch.distributed as dist
 
 from engine.runtime import distributed
+from engine.runtime.cli import on_interrupt
 from engine.runtime.distributed import to_device
 from engine.runtime.errors import UserError
 from engine.runtime.fileio import atomic_write_text, disk_errors
 from engine.runtime.plotting import plot_metrics
 from engine.runtime.progress import Progress
 from engine.train.batching import epoch_batches, grouped_epoch_batches
-from engine.train.checkpointer import Checkpointer
+from engine.train.checkpointer import Checkpointer, run_signature
 from engine.train.config import TrainConfig
 from engine.train.evaluator import Evaluator
 from engine.train.gradients import DynamicLossScaler, KVReplicaSync, all_reduce_coalesced, clip_gradients, param_copies
@@ -304,6 +305,8 @@ class Trainer:
         cfg, info = self.cfg, self.info
         if info.is_main:
             os.makedirs(cfg.save_dir, exist_ok=True)
+        self.run_signature = self._shared(run_signature(cfg) if info.is_main else None)
+        on_interrupt(self._interrupt_note)
         distributed.barrier()
         if cfg.resume:
             self._resume()
@@ -428,11 +431,36 @@ class Trainer:
             self.best_score = score
 
     # ----- saving and resuming ------------------------------------------------------------------
+    def _shared(self, value):
+        """Rank 0's `value` on every rank (a signature is computed, and its files read, once)."""
+        if self.info.world_size > 1:
+            box = [value]
+            dist.broadcast_object_list(box, src=0)
+            value = box[0]
+        return value
+
+    def _interrupt_note(self) -> str:
+        """What an interrupted run keeps, and how to go on (one line, the same on every rank)."""
+        kept = self.checkpointer.checkpoints()
+        if not kept:
+            return (
+                f"no checkpoint was saved in {self.cfg.save_dir} yet (every --save_every steps and at each epoch "
+                f"end); run the same command again to start over"
+            )
+        return f"{kept[-1]} (the newest checkpoint) is kept; add --resume True to the same command to continue from it"
+
     def _signature(self) -> dict:
         """What a resumed run must share with this one (see Checkpointer.resume)."""
-        return {"model_args": self.model.args.to_dict(), "tp_size": self.info.tp_size, "dp_size": self.info.dp_size,
-                "lora": self.lora_cfg.to_dict() if self.lora_cfg else None, "seed": self.cfg.seed,
-                "max_batch_size": self.cfg.max_batch_size, "deepspeed": self.ds_engine is not None}
+        return {
+            "run": getattr(self, "run_signature", None) or run_signature(self.cfg),
+            "model_args": self.model.args.to_dict(),
+            "tp_size": self.info.tp_size,
+            "dp_size": self.info.dp_size,
+            "lora": self.lora_cfg.to_dict() if self.lora_cfg else None,
+            "seed": self.cfg.seed,
+            "max_batch_size": self.cfg.max_batch_size,
+            "deepspeed": self.ds_engine is not None,
+        }
 
     def save_checkpoint(self) -> None:
         state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
@@ -446,12 +474,19 @@ class Trainer:
         self.checkpointer.save(self.step, state, self._signature(), self.ds_engine)
 
     def _resume(self) -> None:
-        path, state = self.checkpointer.resume(self._signature(), self.metrics_path, self.ds_engine)
+        cfg = self.cfg
+        path, state = self.checkpointer.resume(
+            self._signature(),
+            self.metrics_path,
+            self.ds_engine,
+            schedule_may_change=cfg.SCHEDULE_FLAGS if cfg.reset_schedule else frozenset(),
+        )
         saved_extra = state.get("extra_modules", [])
-        if len(saved_extra) != len(self.extra):  # e.g. an MI critic saved but not asked for now, or the reverse
-            raise UserError(f"--resume: {path} holds {len(saved_extra)} module(s) trained beside the model and this "
-                            f"run trains {len(self.extra)} (--beta / --mi_estimator critic differ); resume with the "
-                            f"objective flags the run started with")
+        if len(saved_extra) != len(self.extra):  # a checkpoint of an older version (its run signature says more)
+            raise UserError(
+                f"--resume: {path} holds {len(saved_extra)} module(s) trained beside the model and this "
+                f"run trains {len(self.extra)}; resume with the command and flags the run started with"
+            )
         if self.ds_engine is None:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -464,6 +499,25 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng_cuda"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch, self.best_score = state["batch_in_epoch"], state["best_accuracy"]
+        if cfg.reset_schedule:
+            self._rebuild_schedule()
+
+    def _rebuild_schedule(self) -> None:
+        """--reset_schedule True: the schedule of this run's flags (peak --lr, shape, warm-up, final
+        ratio, total steps) and its weight decay, at the step the resumed scheduler had reached."""
+        cfg, sched = self.cfg, self.scheduler
+        sched.base_lrs = [cfg.lr for _ in self.optimizer.param_groups]
+        sched.lr_lambdas = [lr_lambda(cfg, self.total_steps) for _ in self.optimizer.param_groups]
+        for group, lam in zip(self.optimizer.param_groups, sched.lr_lambdas):
+            group["initial_lr"] = cfg.lr
+            group["lr"] = cfg.lr * lam(sched.last_epoch)
+            group["weight_decay"] = cfg.weight_decay if all(p.dim() >= 2 for p in group["params"]) else 0.0
+        sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        if self.info.is_main:
+            print(
+                f"--reset_schedule: learning rate {self.optimizer.param_groups[0]['lr']:.3e} at step {self.step}",
+                flush=True,
+            )
 
     def _write_run_meta(self) -> None:
         if self.info.is_main:

@@ -14,7 +14,6 @@ from engine.distill.implicit.data import CoTExamples, Encoded, padded, same_answ
 from engine.distill.implicit.states import inject_hook
 from engine.infer.metrics import Accuracy
 from engine.runtime import distributed
-from engine.runtime.errors import UserError
 from engine.train.evaluator import Evaluator
 
 SYNC_EVERY = 8  # decode steps between checks (on the host) whether every row has finished
@@ -25,13 +24,19 @@ def greedy_decode(model, prompts: Sequence[Sequence[int]], eos: int, n_eos: int,
                   states: Optional[torch.Tensor] = None) -> List[List[int]]:
     """New tokens of each prompt, greedy, up to and including its n_eos-th EOS (or max_new_tokens).
     states [B, n_layers, dim]: injected before each layer at each prompt's last position (prefill)."""
+    fit = [i for i, p in enumerate(prompts) if len(p) < model.args.max_seq_len]
+    if len(fit) < len(prompts):  # a line with no room to answer is answered with nothing: it counts wrong
+        some = states[fit] if states is not None else None
+        got = (
+            dict(zip(fit, greedy_decode(model, [prompts[i] for i in fit], eos, n_eos, max_new_tokens, some)))
+            if fit
+            else {}
+        )
+        return [got.get(i, []) for i in range(len(prompts))]
     device = model.head_weight.device
     lens = [len(p) for p in prompts]
     width = max(lens)
     budget = min(max_new_tokens, model.args.max_seq_len - width)
-    if budget < 1:
-        raise UserError(f"a prompt of {width} tokens leaves no room to answer under the model's max_seq_len "
-                        f"{model.args.max_seq_len}")
     rows = torch.arange(len(prompts), device=device)
     last = torch.tensor(lens, device=device) - 1
     cache = model.new_cache(len(prompts), width + budget)

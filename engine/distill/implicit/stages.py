@@ -40,7 +40,7 @@ from engine.runtime.jobs import job
 from engine.text.tokenizer import check_tokenizer_fits, load_tokenizer
 from engine.train.args import run_record
 from engine.train.checkpointer import Checkpointer
-from engine.train.launch import model_from_flags
+from engine.train.launch import model_from_flags, owned_save_dir
 from engine.train.trainer import RunSetup, Trainer
 from models.args import ModelArgs
 
@@ -292,8 +292,7 @@ def run_stage(args) -> None:
     if held_lines and args.max_eval_examples:
         held_lines = held_lines[:args.max_eval_examples]
     plan = check_prerequisites(args)
-    with job(args.tp_size, args.device, os.path.join(args.save_dir, ".lock"), f"--save_dir {args.save_dir}",
-             make_dir=True) as info:
+    with job(args.tp_size, args.device, **owned_save_dir(args)) as info:
         b = BUILDERS[args.STAGE](args, plan, lines, held_lines, info)
         setup = RunSetup(base_ckpt=b.base_ckpt, meta={**run_record(args), "stage": args.STAGE})
         Trainer(b.model, b.task, args, info, b.tokenizer, b.evaluator, b.lora_cfg, setup).fit()
