@@ -434,6 +434,69 @@ def test_bad_teacher_input(env, other_file, tmp_path, dist1):
     assert "needs records with a 'format'" in err(formats="zs_cot", teacher_file=str(other_file))
 
 
+def test_every_field_of_a_teacher_file_is_checked(env, other_file, tmp_path, dist1):
+    """Each corruption of a top-k file or its .meta.json is one sentence naming the file, the line or
+    record, and the field (issue 23.4): before, these were tracebacks, and NaN log-probabilities were
+    accepted (the run silently became plain cross-entropy)."""
+    root, models = env
+    base = {**BASE, "train_file": str(root / "arith" / "train.json"), "ckpt_dir": str(models["student"][0]),
+            "save_dir": str(tmp_path / "s"), "max_steps": 1}
+    lines = [json.loads(x) for x in open(other_file)]
+    meta = json.load(open(str(other_file) + ".meta.json"))
+
+    def err(lines=lines, meta=meta, raw=None, name="t.jsonl"):
+        path = tmp_path / name
+        path.write_bytes(raw if raw is not None else "".join(json.dumps(x) + "\n" for x in lines).encode())
+        (tmp_path / (name + ".meta.json")).write_text(json.dumps(meta))
+        with pytest.raises(UserError) as e:
+            train.main(**{**base, "teacher_file": str(path)})
+        assert "\n" not in str(e.value)
+        return str(e.value).replace(str(path), "FILE")
+
+    def changed(record, key, value):
+        out = [dict(x) for x in lines]
+        out[record][key] = value
+        return out
+
+    good = "".join(json.dumps(x) + "\n" for x in lines).encode()
+    assert err(raw=b"\xff" + good) == "--teacher_file FILE line 1 is not UTF-8 text (byte 0)"
+    assert err(raw=b"[1, 2]\n" + good) == "--teacher_file FILE line 1 is not a JSON object but list"
+    ids = lines[2]["topk_ids"]
+    floats = [[v + 0.5 for v in row] for row in ids]
+    assert err(lines=changed(2, "topk_ids", floats)) == ("--teacher_file FILE record 2 output 0: 'topk_ids' must hold "
+                                                         "whole-number token ids, got float64 values")
+    strings = [[str(v) for v in row] for row in ids]
+    assert "'topk_ids' must hold whole-number token ids" in err(lines=changed(2, "topk_ids", strings))
+    big = [[10 ** 6] + row[1:] for row in ids]
+    assert err(lines=changed(2, "topk_ids", big)).startswith(
+        "--teacher_file FILE record 2 output 0: 'topk_ids' holds token id 1000000, outside the teacher's vocabulary")
+    ragged = [ids[0], ids[1][:2]] + ids[2:]
+    assert err(lines=changed(2, "topk_ids", ragged)) == ("--teacher_file FILE record 2 output 0: 'topk_ids' is not a "
+                                                         "rectangular list of numbers")
+    assert "'tokens' holds token id -1" in err(lines=changed(3, "tokens", [-1] + lines[3]["tokens"][1:]))
+    nan = [[float("nan")] * len(row) for row in lines[4]["topk_logprobs"]]
+    assert err(lines=changed(4, "topk_logprobs", nan)) == ("--teacher_file FILE record 4 output 0: 'topk_logprobs' "
+                                                           "holds a value that is not finite (NaN or infinity)")
+    positive = [[0.5] + row[1:] for row in lines[4]["topk_logprobs"]]
+    assert "'topk_logprobs' holds 0.5, but log-probabilities are <= 0" in err(
+        lines=changed(4, "topk_logprobs", positive))
+    assert "record 1 output 0: topk_ids/topk_logprobs must be [30 tokens x >= 5], got [] / [30, 5]" in err(
+        lines=changed(1, "topk_ids", 7))
+    # the .meta.json
+    assert err(meta={k: v for k, v in meta.items() if k != "top_k"}).endswith(
+        ".meta.json: 'top_k' must be a whole number >= 1, got None")
+    assert "'top_k' must be a whole number >= 1, got '5'" in err(meta={**meta, "top_k": "5"})
+    assert "'vocab' must be an object whose 'texts' is a list" in err(meta={k: v for k, v in meta.items()
+                                                                            if k != "vocab"})
+    assert "'vocab' must be an object whose 'texts' is a list" in err(meta={**meta, "vocab": {"texts": [1, 2]}})
+    assert "'vocab.eos_id' must be a token id below" in err(meta={**meta, "vocab": {**meta["vocab"], "eos_id": "2"}})
+    assert "'include_eos' must be true or false" in err(meta={**meta, "include_eos": "yes"})
+    (tmp_path / "bin.jsonl").write_bytes(good)
+    (tmp_path / "bin.jsonl.meta.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(UserError, match="bin.jsonl.meta.json is not readable JSON"):
+        train.main(**{**base, "teacher_file": str(tmp_path / "bin.jsonl")})
+
+
 # ----- end to end --------------------------------------------------------------------------------
 @pytest.mark.processes
 def test_teacher_file_to_a_smaller_student_with_another_tokenizer(tmp_path, tiny_tokenizer, dist1):

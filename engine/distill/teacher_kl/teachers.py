@@ -137,6 +137,88 @@ def _raw_row_targets(student_ids: List[int], match: List[int], tokens: np.ndarra
     return ids, probs
 
 
+def read_meta(path: str) -> dict:
+    """FILE.meta.json, every field the reader uses checked (type and range), naming the file and field."""
+    where = meta_path(path)
+    try:
+        with open(where, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise UserError(f"{where} is not readable JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("kind") != FILE_KIND:
+        raise UserError(f"{where} does not describe a teacher top-k file (write it with `infer.py score --top_k K`)")
+    top_k, vocab = meta.get("top_k"), meta.get("vocab")
+    if not _is_int(top_k) or top_k < 1:
+        raise UserError(f"{where}: 'top_k' must be a whole number >= 1, got {top_k!r}")
+    if not isinstance(meta.get("include_eos", True), bool):
+        raise UserError(f"{where}: 'include_eos' must be true or false, got {meta['include_eos']!r}")
+    limit = meta.get("model_vocab_size")
+    if limit is not None and (not _is_int(limit) or limit < 1):
+        raise UserError(f"{where}: 'model_vocab_size' must be a whole number >= 1, got {limit!r}")
+    texts = vocab.get("texts") if isinstance(vocab, dict) else None
+    if not isinstance(texts, list) or not texts or not all(t is None or isinstance(t, str) for t in texts):
+        raise UserError(f"{where}: 'vocab' must be an object whose 'texts' is a list of the tokens' texts")
+    eos = vocab.get("eos_id")
+    if eos is not None and (not _is_int(eos) or not 0 <= eos < len(texts)):
+        raise UserError(f"{where}: 'vocab.eos_id' must be a token id below {len(texts)}, got {eos!r}")
+    fallback = vocab.get("fallback", [])
+    if not isinstance(fallback, list) or not all(_is_int(t) for t in fallback):
+        raise UserError(f"{where}: 'vocab.fallback' must be a list of token ids")
+    return meta
+
+
+def read_lines(path: str) -> List[dict]:
+    """The teacher file's records (blank lines skipped); a line that is not UTF-8 JSON holding an object is
+    named."""
+    lines = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"--teacher_file {path} line {n + 1} is not UTF-8 text (byte {e.start})") from None
+            if not text.strip():
+                continue
+            try:
+                line = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise UserError(f"--teacher_file {path} line {n + 1} is not valid JSON ({e.msg})") from None
+            if not isinstance(line, dict):
+                raise UserError(f"--teacher_file {path} line {n + 1} is not a JSON object but {type(line).__name__}")
+            lines.append(line)
+    return lines
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def checked_array(value, kind: str, where: str, field: str, limit: int = 0) -> np.ndarray:
+    """One field of a teacher record as an array: `ids` whole numbers in [0, limit), `logprobs` finite
+    numbers <= 0 (a small positive rounding error allowed); anything else is one sentence."""
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError):
+        raise UserError(f"{where}: '{field}' is not a rectangular list of numbers") from None
+    if array.size == 0:
+        return array.astype(np.int64 if kind == "ids" else np.float32)
+    if kind == "ids":
+        if array.dtype.kind not in "iu":
+            raise UserError(f"{where}: '{field}' must hold whole-number token ids, got {array.dtype.name} values")
+        if array.min() < 0 or array.max() >= limit:
+            bad = int(array.min() if array.min() < 0 else array.max())
+            raise UserError(f"{where}: '{field}' holds token id {bad}, outside the teacher's vocabulary [0, {limit})")
+        return array.astype(np.int64)
+    if array.dtype.kind not in "iuf":
+        raise UserError(f"{where}: '{field}' must hold numbers, got {array.dtype.name} values")
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise UserError(f"{where}: '{field}' holds a value that is not finite (NaN or infinity)")
+    if array.max() > 1e-3:
+        raise UserError(f"{where}: '{field}' holds {float(array.max()):g}, but log-probabilities are <= 0")
+    return array
+
+
 class TeacherFile:
     """The offline teacher: a JSON-lines file from `infer.py score --top_k K` over the SAME training
     file (record for record, output for output), and its FILE.meta.json. Checked whole at start:
@@ -156,13 +238,7 @@ class TeacherFile:
         if not os.path.isfile(meta_path(path)):
             raise UserError(f"--teacher_file {path} has no {os.path.basename(meta_path(path))} beside it; write the "
                             f"file with `infer.py score --top_k K`")
-        try:
-            meta = json.load(open(meta_path(path)))
-        except (OSError, ValueError) as e:
-            raise UserError(f"{meta_path(path)} is not readable JSON ({e})") from None
-        if not isinstance(meta, dict) or meta.get("kind") != FILE_KIND:
-            raise UserError(f"{meta_path(path)} does not describe a teacher top-k file (write it with "
-                            f"`infer.py score --top_k K`)")
+        meta = read_meta(path)
         if meta["top_k"] < top_k:
             raise UserError(f"--teacher_file {path} holds the teacher's top {meta['top_k']} tokens per position but "
                             f"--teacher_top_k asks for {top_k}; pass --teacher_top_k {meta['top_k']} or rewrite the "
@@ -171,6 +247,7 @@ class TeacherFile:
             raise UserError(f"--teacher_file {path} was scored with --include_eos False, but the student also learns "
                             f"the EOS ending each output; rewrite it with --include_eos True")
         self.vocab = Vocab.from_dict(meta["vocab"])
+        self.id_limit = max(meta.get("model_vocab_size") or 0, len(self.vocab))
         difference = self.vocab.first_difference(student_vocab)
         if same_tokenizer and difference:
             raise UserError(f"--same_tokenizer True, but the vocabulary of --teacher_file {path} (tokenizer "
@@ -186,51 +263,52 @@ class TeacherFile:
         self._matches: Dict[Tuple[int, int], List[int]] = {}
 
     def _read(self, train_file: str) -> List[List[tuple]]:
-        records, path, k = self.data.records, self.path, self.top_k
-        lines = []
-        with open(path, encoding="utf-8") as f:
-            for n, raw in enumerate(f):
-                if raw.strip():
-                    try:
-                        lines.append(json.loads(raw))
-                    except json.JSONDecodeError as e:
-                        raise UserError(f"--teacher_file {path} line {n + 1} is not valid JSON ({e.msg})") from None
+        records, path = self.data.records, self.path
+        lines = read_lines(path)
         if len(lines) != len(records):
             raise UserError(f"--teacher_file {path} holds {len(lines)} records but --train_file {train_file} has "
                             f"{len(records)}; score this training file with `infer.py score --top_k K`")
         items = []
         for i, (line, rec) in enumerate(zip(lines, records)):
-            if not all(key in line for key in ("tokens", "topk_ids", "topk_logprobs")):
-                raise UserError(f"--teacher_file {path} record {i} has no tokens/topk_ids/topk_logprobs; write it with "
-                                f"`infer.py score --top_k K`")
-            outs, many = _outputs(rec), isinstance(rec["output"], list)
-            file_many = bool(line["tokens"]) and isinstance(line["tokens"][0], list)
-            scored = len(line["tokens"]) if file_many else 1
-            if file_many != many or scored != len(outs):
-                raise UserError(f"--teacher_file {path} record {i} scores {scored} output(s) but --train_file "
-                                f"{train_file} record {i} has {len(outs)}")
-            if self.raw and "token_logprobs" not in line:
-                raise UserError(f"--teacher_probs raw adds the teacher's own token with its own probability, but "
-                                f"--teacher_file {path} record {i} has no token_logprobs; rewrite the file with "
-                                f"`infer.py score --top_k K`")
-            toks, ids, lps = (line[key] if many else [line[key]] for key in ("tokens", "topk_ids", "topk_logprobs"))
-            owns = (line["token_logprobs"] if many else [line["token_logprobs"]]) if self.raw else [None] * len(toks)
-            row = []
-            for j, (t, tid, tlp, olp, text) in enumerate(zip(toks, ids, lps, owns, outs)):
-                t = np.asarray(t, dtype=np.int64)
-                tid, tlp = np.asarray(tid, dtype=np.int64), np.asarray(tlp, dtype=np.float32)
-                if tid.ndim != 2 or tid.shape != tlp.shape or tid.shape[0] != len(t) or tid.shape[1] < k:
-                    raise UserError(f"--teacher_file {path} record {i} output {j}: topk_ids/topk_logprobs must be "
-                                    f"[{len(t)} tokens x >= {k}], got {list(tid.shape)} / {list(tlp.shape)}")
-                if olp is not None:
-                    olp = np.asarray(olp, dtype=np.float32)
-                    if olp.shape != (len(t),):
-                        raise UserError(f"--teacher_file {path} record {i} output {j}: token_logprobs must hold "
-                                        f"{len(t)} numbers, got shape {list(olp.shape)}")
-                self._check_tokens(i, j, t, text, train_file)
-                row.append((t, tid[:, :k], tlp[:, :k], olp))
-            items.append(row)
+            items.append(self._read_record(i, line, rec, train_file))
         return items
+
+    def _read_record(self, i: int, line: dict, rec: dict, train_file: str) -> List[tuple]:
+        path, k = self.path, self.top_k
+        fields = ("tokens", "topk_ids", "topk_logprobs")
+        if not all(key in line for key in fields):
+            raise UserError(f"--teacher_file {path} record {i} has no tokens/topk_ids/topk_logprobs; write it with "
+                            f"`infer.py score --top_k K`")
+        if self.raw and "token_logprobs" not in line:
+            raise UserError(f"--teacher_probs raw adds the teacher's own token with its own probability, but "
+                            f"--teacher_file {path} record {i} has no token_logprobs; rewrite the file with "
+                            f"`infer.py score --top_k K`")
+        fields += ("token_logprobs",) if self.raw else ()
+        outs, many = _outputs(rec), isinstance(rec["output"], list)
+        file_many = isinstance(line["tokens"], list) and bool(line["tokens"]) and isinstance(line["tokens"][0], list)
+        scored = len(line["tokens"]) if file_many else 1
+        if file_many != many or scored != len(outs):
+            raise UserError(f"--teacher_file {path} record {i} scores {scored} output(s) but --train_file "
+                            f"{train_file} record {i} has {len(outs)}")
+        per_output = [line[key] if many else [line[key]] for key in fields]
+        if any(not isinstance(values, list) or len(values) != len(outs) for values in per_output):
+            raise UserError(f"--teacher_file {path} record {i}: {', '.join(fields)} must each hold one list per "
+                            f"output ({len(outs)})")
+        row = []
+        for j, (text, *values) in enumerate(zip(outs, *per_output)):
+            where = f"--teacher_file {path} record {i} output {j}"
+            t = checked_array(values[0], "ids", where, "tokens", self.id_limit)
+            tid = checked_array(values[1], "ids", where, "topk_ids", self.id_limit)
+            tlp = checked_array(values[2], "logprobs", where, "topk_logprobs")
+            if tid.ndim != 2 or tid.shape != tlp.shape or tid.shape[0] != len(t) or tid.shape[1] < k:
+                raise UserError(f"{where}: topk_ids/topk_logprobs must be [{len(t)} tokens x >= {k}], got "
+                                f"{list(tid.shape)} / {list(tlp.shape)}")
+            olp = checked_array(values[3], "logprobs", where, "token_logprobs") if self.raw else None
+            if olp is not None and olp.shape != (len(t),):
+                raise UserError(f"{where}: token_logprobs must hold {len(t)} numbers, got shape {list(olp.shape)}")
+            self._check_tokens(i, j, t, text, train_file)
+            row.append((t, tid[:, :k], tlp[:, :k], olp))
+        return row
 
     def _check_tokens(self, i: int, j: int, tokens: np.ndarray, text: str, train_file: str) -> None:
         where = f"--teacher_file {self.path} record {i}" + (f" output {j}" if j else "")
