@@ -1,21 +1,14 @@
 """Break MCC-KD and the scoring modes on purpose, one breakage at a time, and check that a test fails.
 
-  python tests/mutations_mcc.py [--only NAME,...] [--keep]
+  .venv/bin/python tests/mutations_mcc.py [--only NAME,...] [--list] [--control]
 
-Each mutation replaces one piece of code (it must occur exactly once) in a copy of the committed tree
-(`git archive HEAD`, under a temporary directory beside a link to ../shared), runs the tests named
-for it and reports CAUGHT (a test failed) or SURVIVED. The working tree is never touched. Exits 1
-when a mutation survives."""
-
+The runner: tests/mutation_runner.py (a scratch copy of the tree; prints caught / SURVIVED)."""
 from __future__ import annotations
 
-import argparse
-import os
-import subprocess
 import sys
-import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from mutation_runner import main
+
 MCC = "tests/test_mcc.py"
 SCORING = "tests/test_scoring.py"
 LOSS_TP1 = f"{MCC}::test_loss_settings_match_the_authors_tp1"
@@ -202,52 +195,5 @@ MUTATIONS = [
 ]
 
 
-def copy_tree(dest: str) -> str:
-    """The committed tree under dest/repo (with .venv linked) beside dest/shared -> ../shared."""
-    repo = os.path.join(dest, "repo")
-    os.makedirs(repo)
-    archive = subprocess.run(["git", "archive", "HEAD"], cwd=ROOT, capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", repo], input=archive, check=True)
-    os.symlink(os.path.realpath(os.path.join(ROOT, ".venv")), os.path.join(repo, ".venv"))
-    shared = os.path.join(os.path.dirname(ROOT), "shared")
-    if os.path.exists(shared):
-        os.symlink(shared, os.path.join(dest, "shared"))
-    return repo
-
-
-def run_mutation(repo: str, path: str, code: str, replacement: str, tests) -> bool:
-    """Apply one mutation, run its tests, undo it. Returns whether a test failed."""
-    full = os.path.join(repo, path)
-    original = open(full).read()
-    if original.count(code) != 1:
-        raise SystemExit(f"{path}: the code to mutate occurs {original.count(code)} times, not once:\n{code}")
-    try:
-        with open(full, "w") as f:
-            f.write(original.replace(code, replacement))
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
-        return subprocess.run(cmd, cwd=repo, env=env, capture_output=True).returncode != 0
-    finally:
-        with open(full, "w") as f:
-            f.write(original)
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="", help="comma-separated substrings of mutation names to run")
-    args = parser.parse_args()
-    wanted = [w for w in args.only.split(",") if w]
-    survived = 0
-    with tempfile.TemporaryDirectory(prefix="mutations-") as tmp:
-        repo = copy_tree(tmp)
-        for name, path, code, replacement, tests in MUTATIONS:
-            if wanted and not any(w in name for w in wanted):
-                continue
-            caught = run_mutation(repo, path, code, replacement, tests)
-            survived += not caught
-            print(f"{'CAUGHT  ' if caught else 'SURVIVED'} {name}  [{path}; {' '.join(tests)}]", flush=True)
-    return 1 if survived else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(MUTATIONS))

@@ -1,21 +1,15 @@
-"""Mutation check of the MI term, calibration and rationale BLEU (issue 21, items 5-7): each mutation
-breaks the code on purpose in a scratch copy of the tree and runs the tests that must catch it; a
-mutation whose tests still pass is reported as SURVIVED (and the script exits non-zero).
+"""Mutation check of the MI term, calibration and rationale BLEU (issue 21, items 5-7): each breakage
+is applied in a scratch copy of the tree and the tests that must catch it run.
 
-  .venv/bin/python tests/mutations_mi.py [NAME ...]      # the control run and all mutations by default
+  .venv/bin/python tests/mutations_mi.py [--only NAME,...] [--list] [--control]
 
-Not collected by pytest (no test_ prefix); the working tree is never modified.
-"""
-
+The runner: tests/mutation_runner.py (prints caught / SURVIVED)."""
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from mutation_runner import main
+
 MI = "engine/distill/step_by_step/mi.py"
 TASK = "engine/distill/step_by_step/task.py"
 ARGS = "engine/distill/step_by_step/args.py"
@@ -241,67 +235,5 @@ MUTATIONS = {
 }
 
 
-def scratch_copy() -> str:
-    """The tracked and untracked (not ignored) files of the tree in a temporary directory, .venv linked."""
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.split()
-    dest = tempfile.mkdtemp(prefix="mutations-mi-")
-    for f in files:
-        if os.path.isfile(os.path.join(ROOT, f)):
-            os.makedirs(os.path.dirname(os.path.join(dest, f)), exist_ok=True)
-            shutil.copy2(os.path.join(ROOT, f), os.path.join(dest, f))
-    os.symlink(os.path.realpath(os.path.join(ROOT, ".venv")), os.path.join(dest, ".venv"))
-    return dest
-
-
-def run_one(name: str) -> bool:
-    """True when a test caught the mutation ("control": no mutation, every test run here must pass)."""
-    if name == "control":
-        tests = sorted({t for _, _, ts in MUTATIONS.values() for t in ts})
-        what, edits = "the tree as it is (every test must pass)", []
-    else:
-        what, edits, tests = MUTATIONS[name]
-    dest = scratch_copy()
-    try:
-        for path, old, new in edits:
-            full = os.path.join(dest, path)
-            text = open(full).read()
-            if text.count(old) != 1:
-                raise SystemExit(f"mutation {name}: the text to break is not once in {path}: {old!r}")
-            open(full, "w").write(text.replace(old, new))
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-        proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
-            cwd=dest,
-            capture_output=True,
-            text=True,
-            env=env,
-        )
-        caught = proc.returncode != 0
-        if name == "control":
-            print(f"control: {'FAILED' if caught else 'passed'}; {proc.stdout.strip().splitlines()[-1]}")
-            return not caught
-        failed = [ln.split(" ")[1] for ln in proc.stdout.splitlines() if ln.startswith("FAILED ")]
-        print(
-            f"{'caught  ' if caught else 'SURVIVED'} {name}: {what}; {', '.join(failed) or proc.stdout.strip()[-200:]}"
-        )
-        return caught
-    finally:
-        shutil.rmtree(dest, ignore_errors=True)
-
-
-def main(names) -> int:
-    names = names or ["control", *MUTATIONS]
-    survived = [n for n in names if not run_one(n)]  # a failing control is listed here too
-    broken = [n for n in names if n != "control"]
-    caught = len(broken) - len([n for n in survived if n != "control"])
-    print(
-        f"{caught}/{len(broken)} mutations caught"
-        + (f"; not caught (or control failed): {survived}" if survived else "")
-    )
-    return 1 if survived else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main([(f"{name}: {what}", edits, tests) for name, (what, edits, tests) in MUTATIONS.items()]))
