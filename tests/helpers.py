@@ -134,6 +134,18 @@ def hf_to_meta_files(model, path: str, n: int) -> None:
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK")
 
 
+def arith_and_model(root, tokenizer, family: str, model: str, n_train: int, n_test: int, data_seed: int,
+                    model_seed: int):
+    """root holding a small ARITH data set (root/arith: fixed style, values >= 10) and a random
+    one-shard model (root/model) on the tokenizer: the fixture of many test modules."""
+    import checkpoint_split as cks
+    from data.arithmetic import main as make_arith
+
+    make_arith(str(root / "arith"), n_train=n_train, n_test=n_test, min_value=10, style="fixed", seed=data_seed)
+    cks.init(family, str(root / model), n=1, tokenizer=tokenizer, seed=model_seed)
+    return root
+
+
 def child_env(gpu: bool = False, **extra) -> dict:
     """The environment for a launched process: this repo on the path, one thread, none of the test
     process's own torch.distributed variables (the child starts its own world), and, unless `gpu`,

@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import checkpoint_split as cks
-from data.arithmetic import main as make_arith
+from tests.helpers import arith_and_model
 
 
 class HostReads(TorchDispatchMode):
@@ -61,10 +60,8 @@ def test_scaler_unscales_in_one_fused_pass_per_dtype_with_one_host_read(dist1, f
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tiny_tokenizer):
-    root = tmp_path_factory.mktemp("scaling")
-    make_arith(str(root / "arith"), n_train=8, n_test=2, min_value=10, style="fixed", seed=1)
-    cks.init("tiny-llama3", str(root / "model"), n=1, tokenizer=tiny_tokenizer, seed=4)
-    return root
+    return arith_and_model(tmp_path_factory.mktemp("scaling"), tiny_tokenizer, "tiny-llama3", "model", n_train=8,
+                           n_test=2, data_seed=1, model_seed=4)
 
 
 def _host_reads_of_a_step(root, dtype, dist1):

@@ -15,15 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import checkpoint_split as cks
 import infer
 import train
-from data.arithmetic import main as make_arith
 from engine.distill.step_by_step.mi import authors_mi_sum, pooled_distribution_ce_sum
 from engine.infer.args import BleuArgs
 from engine.infer.metrics import calibration_bins, corpus_bleu, file_bleu, mean_sentence_bleu, sentence_bleu
 from engine.runtime.errors import UserError
-from tests.helpers import torchrun
+from tests.helpers import arith_and_model, torchrun
 from tests.workers.mi_worker import hand_made_mi_inputs
 
 PREFIX = {"label": "predict: ", "rationale": "explain: "}
@@ -31,10 +29,8 @@ PREFIX = {"label": "predict: ", "rationale": "explain: "}
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory, tiny_tokenizer):
-    path = tmp_path_factory.mktemp("mi")
-    make_arith(str(path / "arith"), n_train=12, n_test=6, min_value=10, style="fixed", seed=2)
-    cks.init("tiny-llama", str(path / "m1"), n=1, tokenizer=tiny_tokenizer, seed=3)
-    return path
+    return arith_and_model(tmp_path_factory.mktemp("mi"), tiny_tokenizer, "tiny-llama", "m1", n_train=12,
+                           n_test=6, data_seed=2, model_seed=3)
 
 
 # ----- the MI term ----------------------------------------------------------------------------------

@@ -15,19 +15,17 @@ import pytest
 import checkpoint_split as cks
 import infer
 import train
-from data.arithmetic import main as make_arith
 from engine.runtime import outputs as out
 from engine.runtime.errors import UserError
 from engine.runtime.fileio import atomic_write_text, staged_directory
 from engine.text.records import read_records
+from tests.helpers import arith_and_model
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, tiny_tokenizer):
-    root = tmp_path_factory.mktemp("outputs")
-    make_arith(str(root / "arith"), n_train=14, n_test=4, min_value=10, style="fixed", seed=1)
-    cks.init("tiny-llama", str(root / "m"), n=1, tokenizer=tiny_tokenizer, seed=4)
-    return root
+    return arith_and_model(tmp_path_factory.mktemp("outputs"), tiny_tokenizer, "tiny-llama", "m", n_train=14,
+                           n_test=4, data_seed=1, model_seed=4)
 
 
 def _error(fn, *args, **kw) -> str:

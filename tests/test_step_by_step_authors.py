@@ -12,9 +12,7 @@ import types
 import pytest
 import torch
 
-import checkpoint_split as cks
 import train
-from data.arithmetic import main as make_arith
 from data.prepare_step_by_step import authors_split, main as prepare_main, parse_teacher_output
 from engine.distill.step_by_step.data import StepByStepData, authors_training_indices, train_test_split_indices
 from engine.distill.step_by_step.evaluator import StepByStepEvaluator
@@ -25,7 +23,7 @@ from engine.text.sequences import IGNORE
 from engine.text.tokenizer import load_tokenizer
 from engine.train.evaluator import Decoding
 from tests.conftest import shared_path
-from tests.helpers import assert_same_run
+from tests.helpers import arith_and_model, assert_same_run
 
 INFO = types.SimpleNamespace(dp_rank=0, dp_size=1, is_main=True)
 
@@ -330,10 +328,8 @@ def test_the_authors_selection_is_datasets_train_test_split():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_tokenizer):
-    root = tmp_path_factory.mktemp("sbs_authors")
-    make_arith(str(root / "arith"), n_train=12, n_test=4, min_value=10, style="fixed", seed=2)
-    cks.init("tiny-llama", str(root / "m1"), n=1, tokenizer=tiny_tokenizer, seed=3)
-    return root
+    return arith_and_model(tmp_path_factory.mktemp("sbs_authors"), tiny_tokenizer, "tiny-llama", "m1", n_train=12,
+                           n_test=4, data_seed=2, model_seed=3)
 
 
 def _flags(root, **kw):

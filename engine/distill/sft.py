@@ -11,7 +11,7 @@ from engine.text.prompts import format_prompt
 from engine.text.records import validate_training_records
 from engine.text.sequences import IGNORE, pad_batch, stable_rng
 from engine.train.args import TrainArgs
-from engine.train.task import Batch, Task, make_batch, response_cross_entropy
+from engine.train.task import Batch, RecordsTask, make_batch, response_cross_entropy
 
 
 class SFTData:
@@ -71,7 +71,7 @@ class SFTData:
         return seq[:-1], labels[: len(seq) - 1]
 
 
-class SFTTask(Task):
+class SFTTask(RecordsTask):
     """Supervised training on teacher rationales: mean next-token cross-entropy over response tokens."""
 
     weights = {"ce": 1.0}
@@ -79,13 +79,6 @@ class SFTTask(Task):
     def __init__(self, data: SFTData, device):
         self.data, self.device = data, device
         self.pad_id = data.tok.padding_id
-
-    @property
-    def num_examples(self) -> int:
-        return len(self.data)
-
-    def example_records(self) -> List[int]:
-        return self.data.keep
 
     def lengths(self, epoch: int) -> List[int]:
         return [min(self.data.full_length(i, epoch), self.data.max_seq_len) for i in self.data.keep]

@@ -80,3 +80,14 @@ class Task:
         """Form every batch from one group: record_groups[r] is the group of training record r (its
         data format; None: left out), and each example takes its record's."""
         self.groups = [record_groups[r] for r in self.example_records()]
+
+
+class RecordsTask(Task):
+    """A task whose examples are its data's kept training records (`self.data`: len() and `keep`)."""
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.data)
+
+    def example_records(self) -> List[int]:
+        return self.data.keep

@@ -15,10 +15,10 @@ from engine.distill.mcc.losses import (
 from engine.runtime.distributed import to_device
 from engine.runtime.errors import UserError
 from engine.text.sequences import IGNORE, pad_batch
-from engine.train.task import Batch, Task, make_batch, response_cross_entropy
+from engine.train.task import Batch, RecordsTask, make_batch, response_cross_entropy
 
 
-class MCCTask(Task):
+class MCCTask(RecordsTask):
     """MCC-KD: cross-entropy on every rationale + alpha x symmetric KL between the answer-span
     logits of each pair of rationales of the same question (engine/distill/mcc/losses.py).
 
@@ -54,13 +54,6 @@ class MCCTask(Task):
             raise UserError(f"--span_logits must be ours or authors, got {span_logits!r}")
         if ce_reduction not in CE_REDUCTIONS:
             raise UserError(f"--ce_reduction must be token or sequence, got {ce_reduction!r}")
-
-    @property
-    def num_examples(self) -> int:
-        return len(self.data)
-
-    def example_records(self) -> List[int]:
-        return self.data.keep
 
     def lengths(self, epoch: int) -> List[int]:
         return [self.data.length(q, epoch) for q in self.data.keep]

@@ -21,10 +21,10 @@ from engine.distill.step_by_step.mi import (
 )
 from engine.runtime.errors import UserError
 from engine.text.sequences import IGNORE, pad_batch
-from engine.train.task import Batch, Task, make_batch, response_cross_entropy
+from engine.train.task import Batch, RecordsTask, make_batch, response_cross_entropy
 
 
-class StepByStepTask(Task):
+class StepByStepTask(RecordsTask):
     """Distilling step-by-step (Hsieh et al. 2023) on a decoder: the label task and the rationale task
     of each question over one model, loss alpha x CE(label) + (1 - alpha) x CE(rationale), each CE the
     mean over its own response tokens in the optimizer step; plus beta x the MI term (Chen et al. 2024)
@@ -84,13 +84,6 @@ class StepByStepTask(Task):
 
     def extra_modules(self):
         return [self.critic] if self.critic is not None else []
-
-    @property
-    def num_examples(self) -> int:
-        return len(self.data)
-
-    def example_records(self) -> List[int]:
-        return self.data.keep
 
     def lengths(self, epoch: int) -> List[int]:
         return [self.data.length(i, epoch) for i in self.data.keep]
