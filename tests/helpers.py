@@ -146,6 +146,37 @@ def arith_and_model(root, tokenizer, family: str, model: str, n_train: int, n_te
     return root
 
 
+def teacher_and_students(root, tokenizer) -> dict:
+    """The teacher_kl tests' models, each in 1 and 2 shards: a student (tiny-llama), a teacher of another
+    family with the same tokenizer (tiny-qwen2), and one with another tokenizer whose numbers merge
+    (tiny-llama3, its tokenizer at root/other.model). Returns {name: (1-shard dir, 2-shard dir)}."""
+    import checkpoint_split as cks
+    from data.make_tokenizer import default_corpus, train_tokenizer
+
+    other = train_tokenizer(str(root / "other.model"), default_corpus(500, seed=1), vocab_size=400, split_digits=False)
+    models = {}
+    for name, model_type, tok in (("student", "tiny-llama", tokenizer), ("same", "tiny-qwen2", tokenizer),
+                                  ("other", "tiny-llama3", other)):
+        cks.init(model_type, str(root / f"{name}-1"), n=1, tokenizer=tok, seed=len(name))
+        cks.split(str(root / f"{name}-1"), str(root / f"{name}-2"), n=2)
+        models[name] = root / f"{name}-1", root / f"{name}-2"
+    return models
+
+
+def poisoned_copy(src, dst, key: str, index: tuple, value: float):
+    """A copy of the one-shard checkpoint src at dst with weight key[index] set to value (NaN, Inf)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    path = os.path.join(str(dst), "consolidated.00.safetensors")
+    weights = load_file(path)
+    weights[key][index] = value
+    save_file(weights, path, metadata={"format": "cot-engine", "rank": "0", "world_size": "1"})
+    return dst
+
+
 def child_env(gpu: bool = False, **extra) -> dict:
     """The environment for a launched process: this repo on the path, one thread, none of the test
     process's own torch.distributed variables (the child starts its own world), and, unless `gpu`,

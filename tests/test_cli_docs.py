@@ -29,19 +29,11 @@ def _components():
         "infer.py": {"generate": infer.generate, "evaluate": infer.evaluate, "score": infer.score,
                      "calibration": infer.calibration, "bleu": infer.bleu, None: infer.generate},
         "checkpoint_split.py": {**checkpoint_split.COMMANDS, None: checkpoint_split.split_file},
-        "data/prepare_mcc.py": mod("data/prepare_mcc.py").main,
-        "data/prepare_step_by_step.py": mod("data/prepare_step_by_step.py").main,
-        "data/arithmetic.py": mod("data/arithmetic.py").main,
-        "data/make_tokenizer.py": mod("data/make_tokenizer.py").main,
-        "bench/train_step.py": mod("bench/train_step.py").main,
-        "bench/generate.py": mod("bench/generate.py").main,
-        "bench/mcc_experiment.py": mod("bench/mcc_experiment.py").main,
-        "bench/step_by_step_experiment.py": mod("bench/step_by_step_experiment.py").main,
-        "data/make_formats.py": mod("data/make_formats.py").main,
-        "bench/teacher_kl_experiment.py": mod("bench/teacher_kl_experiment.py").main,
-        "data/multiplication.py": mod("data/multiplication.py").main,
-        "bench/implicit_experiment.py": mod("bench/implicit_experiment.py").main,
-        "bench/gpu_check.py": mod("bench/gpu_check.py").main,
+        **{script: mod(script).main for script in (
+            "data/prepare_mcc.py", "data/prepare_step_by_step.py", "data/arithmetic.py", "data/make_tokenizer.py",
+            "bench/train_step.py", "bench/generate.py", "bench/mcc_experiment.py",
+            "bench/step_by_step_experiment.py", "data/make_formats.py", "bench/teacher_kl_experiment.py",
+            "data/multiplication.py", "bench/implicit_experiment.py", "bench/gpu_check.py")},
     }
 
 

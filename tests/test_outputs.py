@@ -19,7 +19,7 @@ from engine.runtime import outputs as out
 from engine.runtime.errors import UserError
 from engine.runtime.fileio import atomic_write_text, staged_directory
 from engine.text.records import read_records
-from tests.helpers import arith_and_model
+from tests.helpers import arith_and_model, poisoned_copy
 
 
 @pytest.fixture(scope="module")
@@ -326,13 +326,7 @@ def test_flag_values_that_cannot_mean_anything(env, tmp_path, dist1):
 
 
 def test_inference_refuses_nan_weights_and_adapters_of_another_base(env, tmp_path, dist1):
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(env / "m", tmp_path / "nan")
-    path = tmp_path / "nan" / "consolidated.00.safetensors"
-    weights = load_file(str(path))
-    weights["layers.1.feed_forward.w2.weight"][3, 3] = float("inf")
-    save_file(weights, str(path), metadata={"format": "cot-engine", "rank": "0", "world_size": "1"})
+    poisoned_copy(env / "m", tmp_path / "nan", "layers.1.feed_forward.w2.weight", (3, 3), float("inf"))
     job = dict(data_file=str(env / "arith" / "test.json"), template="none", max_new_tokens=4, progress=False)
     assert "holds NaN or Inf weights (layers.1.feed_forward.w2.weight)" in _error(
         infer.generate, ckpt_dir=str(tmp_path / "nan"), output_file=str(tmp_path / "o"), **job

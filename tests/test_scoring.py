@@ -222,6 +222,13 @@ def test_generation_with_task_scores_as_asked(greedy, capsys):
     infer.generate(data_file=data, output_file=str(ours), task="ARITH", **common)
 
 
+def one_evaluation(common, save, train_file, label_file, scoring) -> dict:
+    """Flags of a one-step ARITH run that evaluates at its start under --scoring."""
+    return dict(task="ARITH", ckpt_dir=common["ckpt_dir"], save_dir=str(save), train_file=str(train_file),
+                label_file=str(label_file), template="none", max_new_tokens=common["max_new_tokens"], max_steps=1,
+                eval_at_start=True, scoring=scoring)
+
+
 def test_training_evaluation_scores_as_asked(greedy, tmp_path):
     """train_mcc.py --scoring exact --report authors --eval_at_start True: the evaluation of the
     initial model (its greedy outputs are the labels of 3 of 6 records) scores them exactly."""
@@ -232,19 +239,8 @@ def test_training_evaluation_scores_as_asked(greedy, tmp_path):
     )
     for scoring, correct in (("exact", 3), ("ours", 0)):
         save = tmp_path / scoring
-        train_mcc.main(
-            task="ARITH",
-            ckpt_dir=common["ckpt_dir"],
-            save_dir=str(save),
-            train_file=str(tmp_path / "t.json"),
-            label_file=str(root / "labelled.json"),
-            template="none",
-            max_new_tokens=common["max_new_tokens"],
-            max_steps=1,
-            eval_at_start=True,
-            scoring=scoring,
-            report="authors",
-        )
+        train_mcc.main(**one_evaluation(common, save, tmp_path / "t.json", root / "labelled.json", scoring),
+                       report="authors")
         first = next(json.loads(line) for line in open(save / "metrics.jsonl") if '"eval"' in line)
         assert first["correct"] == correct and first["total"] == 6, first
         assert first["answered"] == 6 - first["unparsable"] and "accuracy_answered" in first
@@ -258,18 +254,7 @@ def test_step_by_step_label_task_scores_as_asked(greedy, tmp_path):
     (tmp_path / "t.json").write_text(json.dumps([rec] * 2))
     for scoring, correct in (("exact", 3), ("ours", 0)):
         save = tmp_path / scoring
-        train.main(
-            objective="step_by_step",
-            task="ARITH",
-            ckpt_dir=common["ckpt_dir"],
-            save_dir=str(save),
-            train_file=str(tmp_path / "t.json"),
-            label_file=str(root / "labelled_label_task.json"),
-            template="none",
-            max_new_tokens=common["max_new_tokens"],
-            max_steps=1,
-            eval_at_start=True,
-            scoring=scoring,
-        )
+        train.main(objective="step_by_step",
+                   **one_evaluation(common, save, tmp_path / "t.json", root / "labelled_label_task.json", scoring))
         first = next(json.loads(line) for line in open(save / "metrics.jsonl") if '"eval"' in line)
         assert first["correct"] == correct and first["total"] == 6, first

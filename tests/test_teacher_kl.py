@@ -19,7 +19,7 @@ from engine.distill.teacher_kl.alignment import aligned_positions, dtw_align, on
 from engine.runtime.errors import UserError
 from engine.text.vocab import Vocab
 from tests.conftest import shared_path
-from tests.helpers import assert_same_run, full_weights, losses, torchrun, train_args
+from tests.helpers import assert_same_run, full_weights, losses, teacher_and_students, torchrun, train_args
 
 BASE = {"task": "ARITH", "template": "none", "max_seq_len": 64, "lr": 1e-3, "max_steps": 3, "save_every": 3,
         "max_batch_size": 4, "objective": "teacher_kl", "kl_weight": 0.7, "kl_temperature": 1.5}
@@ -211,14 +211,7 @@ def env(tmp_path_factory, tiny_tokenizer):
     1 and 2 shards; a top-5 file of the latter over the training file."""
     root = tmp_path_factory.mktemp("kl")
     make_arith(str(root / "arith"), n_train=14, n_test=4, min_value=10, style="fixed", seed=1)
-    other_tok = train_tokenizer(str(root / "other.model"), default_corpus(500, seed=1), vocab_size=400,
-                                split_digits=False)
-    models = {}
-    for name, model_type, tok in (("student", "tiny-llama", tiny_tokenizer), ("same", "tiny-qwen2", tiny_tokenizer),
-                                  ("other", "tiny-llama3", other_tok)):
-        cks.init(model_type, str(root / f"{name}-1"), n=1, tokenizer=tok, seed=len(name))
-        cks.split(str(root / f"{name}-1"), str(root / f"{name}-2"), n=2)
-        models[name] = root / f"{name}-1", root / f"{name}-2"
+    models = teacher_and_students(root, tiny_tokenizer)
     return root, models
 
 

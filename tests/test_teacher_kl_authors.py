@@ -19,11 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint_split as cks
 import infer
 import train
 from data.arithmetic import main as make_arith
-from data.make_tokenizer import default_corpus, train_tokenizer
 from engine.distill.teacher_kl.alignment import (
     authors_alignment,
     dtw_align,
@@ -32,7 +30,7 @@ from engine.distill.teacher_kl.alignment import (
 from engine.runtime.errors import UserError
 from engine.text.vocab import Vocab
 from tests import fu_reference as R
-from tests.helpers import assert_same_run, torchrun, train_args
+from tests.helpers import assert_same_run, teacher_and_students, torchrun, train_args
 
 EXAMPLES = json.load(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
                                        "fu_notebook_examples.json")))
@@ -243,14 +241,7 @@ def env(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("fu")
     make_arith(str(root / "arith"), n_train=14, n_test=4, min_value=10, style="fixed", seed=1)
     make_formats(str(root / "arith" / "train.json"), str(root / "formats.json"), formats="zs_answer,zs_cot")
-    other_tok = train_tokenizer(str(root / "other.model"), default_corpus(500, seed=1), vocab_size=400,
-                                split_digits=False)
-    models = {}
-    for name, model_type, tok in (("student", "tiny-llama", tiny_tokenizer), ("same", "tiny-qwen2", tiny_tokenizer),
-                                  ("other", "tiny-llama3", other_tok)):
-        cks.init(model_type, str(root / f"{name}-1"), n=1, tokenizer=tok, seed=len(name))
-        cks.split(str(root / f"{name}-1"), str(root / f"{name}-2"), n=2)
-        models[name] = root / f"{name}-1", root / f"{name}-2"
+    models = teacher_and_students(root, tiny_tokenizer)
     files = {}
     for name in ("same", "other"):
         files[name] = root / f"{name}.topk.jsonl"
