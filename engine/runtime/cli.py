@@ -291,19 +291,23 @@ def launcher(*classes, run):
         check_finite(given)
         run(cls(**given))
 
-    main.__signature__ = inspect.Signature(
-        [
-            inspect.Parameter(
-                f.name,
-                inspect.Parameter.KEYWORD_ONLY,
-                annotation=_shown_type(hints[f.name]),
-                default=inspect.Parameter.empty if f.default is MISSING else f.default,
-            )
-            for f in flags
-        ]
-    )
+    return _described(main, _signature(flags, hints, inspect.Parameter.KEYWORD_ONLY), classes[0].SUMMARY, flags,
+                      hints)
+
+
+def _signature(flags, hints, kind) -> inspect.Signature:
+    """What fire reads for --help and parsing: one parameter per flag, of the flag's shown type."""
+    return inspect.Signature([
+        inspect.Parameter(f.name, kind, annotation=_shown_type(hints[f.name]),
+                          default=inspect.Parameter.empty if f.default is MISSING else f.default)
+        for f in flags])
+
+
+def _described(main, signature: inspect.Signature, summary: str, flags, hints):
+    """main with fire's view of it: the signature, the flags' types and the --help text."""
+    main.__signature__ = signature
     main.__annotations__ = {f.name: hints[f.name] for f in flags}
-    main.__doc__ = "\n".join([classes[0].SUMMARY, "", "Args:"] + [f"    {f.name}: {f.metadata['help']}" for f in flags])
+    main.__doc__ = "\n".join([summary, "", "Args:"] + [f"    {f.name}: {f.metadata['help']}" for f in flags])
     return main
 
 
@@ -327,24 +331,11 @@ def command(cls, *, run):
         raise TypeError(f"{cls.__name__}.FLAGS names {', '.join(unknown)}, which are not flag fields")
     chosen = [by_name[n] for n in names]
     flags = [f for f in chosen if f.default is MISSING] + [f for f in chosen if f.default is not MISSING]
-    signature = inspect.Signature(
-        [
-            inspect.Parameter(
-                f.name,
-                inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                annotation=_shown_type(hints[f.name]),
-                default=inspect.Parameter.empty if f.default is MISSING else f.default,
-            )
-            for f in flags
-        ]
-    )
+    signature = _signature(flags, hints, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
     def main(*args, **kwargs):
         given = signature.bind(*args, **kwargs).arguments
         check_finite(given)
         run(cls(**given))
 
-    main.__signature__ = signature
-    main.__annotations__ = {f.name: hints[f.name] for f in flags}
-    main.__doc__ = "\n".join([cls.SUMMARY, "", "Args:"] + [f"    {f.name}: {f.metadata['help']}" for f in flags])
-    return main
+    return _described(main, signature, cls.SUMMARY, flags, hints)
