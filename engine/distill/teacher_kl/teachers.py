@@ -52,18 +52,23 @@ def _outputs(rec: dict) -> list:
     return rec["output"] if isinstance(rec["output"], list) else [rec["output"]]
 
 
+def _one_hot_rows(student_ids: List[int], match: List[int], width: int):
+    """One-hot targets [n, width] on the student's own tokens, and the rows matched to a teacher token
+    (match[i] >= 0) with their teacher positions: (ids, probs, rows, cols)."""
+    ids = np.full((len(student_ids), width), -1, dtype=np.int64)
+    probs = np.zeros((len(student_ids), width), dtype=np.float32)
+    ids[:, 0], probs[:, 0] = student_ids, 1.0
+    rows = np.array([i for i, j in enumerate(match) if j >= 0], dtype=np.int64)
+    return ids, probs, rows, np.array([match[i] for i in rows], dtype=np.int64)
+
+
 def _row_targets(student_ids: List[int], match: List[int], topk_ids: np.ndarray, topk_logprobs: np.ndarray,
                  id_map: np.ndarray, temperature: float) -> Tuple[np.ndarray, np.ndarray]:
     """Sparse targets [n, k] for one response: the teacher's top-k (mapped, renormalised) where the
     student token is matched to teacher token match[i]; one-hot on the student token elsewhere, and
     where none of the teacher's tokens exists in the student vocabulary."""
-    n, k = len(student_ids), topk_ids.shape[1]
-    ids = np.full((n, k), -1, dtype=np.int64)
-    probs = np.zeros((n, k), dtype=np.float32)
-    ids[:, 0], probs[:, 0] = student_ids, 1.0
-    rows = np.array([i for i, j in enumerate(match) if j >= 0], dtype=np.int64)
+    ids, probs, rows, cols = _one_hot_rows(student_ids, match, topk_ids.shape[1])
     if rows.size:
-        cols = np.array([match[i] for i in rows], dtype=np.int64)
         t_ids = topk_ids[cols]
         mapped = np.where((t_ids >= 0) & (t_ids < len(id_map)), id_map[np.clip(t_ids, 0, len(id_map) - 1)], -1)
         p = sparse_probs(torch.from_numpy(topk_logprobs[cols]), torch.from_numpy(mapped >= 0), temperature).numpy()
@@ -122,13 +127,8 @@ def _raw_row_targets(student_ids: List[int], match: List[int], tokens: np.ndarra
                      ) -> Tuple[np.ndarray, np.ndarray]:
     """_row_targets under --teacher_probs raw: [n, 1 + k], raw_targets where the student token is
     matched to teacher token match[i] (the teacher's own token tokens[j] first), one-hot elsewhere."""
-    n, k = len(student_ids), topk_ids.shape[1] + 1
-    ids = np.full((n, k), -1, dtype=np.int64)
-    probs = np.zeros((n, k), dtype=np.float32)
-    ids[:, 0], probs[:, 0] = student_ids, 1.0
-    rows = np.array([i for i, j in enumerate(match) if j >= 0], dtype=np.int64)
+    ids, probs, rows, cols = _one_hot_rows(student_ids, match, topk_ids.shape[1] + 1)
     if rows.size:
-        cols = np.array([match[i] for i in rows], dtype=np.int64)
         t_ids = np.concatenate([tokens[cols][:, None], topk_ids[cols]], axis=1)
         t_lp = np.concatenate([own_logprobs[cols][:, None], topk_logprobs[cols]], axis=1)
         r_ids, r_p = raw_targets(torch.from_numpy(t_ids), torch.from_numpy(t_lp), torch.from_numpy(id_map),
