@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from typing import List, Optional
 
 import torch
@@ -141,7 +142,7 @@ def run_calibration(job: GenerationJob) -> dict:
         prompts, truncated = [p.ids for p in encoded], sum(p.cut for p in encoded)
         stop_ids = [tok.eos_id] if tok.eos_id is not None else []
         requests = [Request(i, p, request_seed(f.seed, i)) for i, p in enumerate(prompts)]
-        generated = {c.key: c.tokens for c in generate_stream(model, requests, job.params, f.batch_size, stop_ids,
+        generated = {c.key: c.tokens for c in generate_stream(model, requests, replace(job.params, vocab_size=tok.vocab_size), f.batch_size, stop_ids,
                                                               compiled=f.compiled)}
         lines, sequences, positions = [], [], []
         for i, rec in enumerate(job.records):

@@ -46,6 +46,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     seed: int = 0
+    vocab_size: int = 0  # the tokenizer's: ids at or above it (a padded vocabulary's rows) are never chosen; 0: all
 
 
 @dataclass
@@ -95,6 +96,8 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams, seeds: torch.Ten
                   draws: torch.Tensor) -> torch.Tensor:
     """[n, V] logits -> [n] token ids on the device: greedy, or temperature / top-k / top-p sampling
     by inverse CDF over the sorted distribution with one uniform per row from (seed, draw)."""
+    if 0 < params.vocab_size < logits.shape[-1]:  # padding ids have no text: the tokenizer cannot decode them
+        logits = logits[:, :params.vocab_size]
     if params.temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
@@ -210,7 +213,7 @@ class EagerSteps:
         self.model, self._key, self.cache, self.state = model, None, None, None
 
     def buffers(self, n: int, max_len: int, params: SamplingParams):
-        key = (n, max_len, params.temperature, params.top_p, params.top_k)
+        key = (n, max_len, params.temperature, params.top_p, params.top_k, params.vocab_size)
         if key != self._key:
             self.cache = self.state = None  # free the old ones first
             self.forget()

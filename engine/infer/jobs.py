@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional
 
 import torch
@@ -302,7 +302,8 @@ def _write_completions(job: GenerationJob, model, tok, requests: List[Request], 
     samples: Dict[int, dict] = {}
     n_new_tokens = 0
     bar = Progress(len(requests), "generating", "seq") if progress else None
-    for c in generate_stream(model, requests, job.params, f.batch_size, stop_ids, stop_strings, f.prefill_tokens,
+    params = replace(job.params, vocab_size=tok.vocab_size)
+    for c in generate_stream(model, requests, params, f.batch_size, stop_ids, stop_strings, f.prefill_tokens,
                              compiled=f.compiled):
         i, k = c.key
         n_new_tokens += len(c.tokens)

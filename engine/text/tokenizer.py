@@ -41,6 +41,10 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
 
+    def known(self, ids: Sequence[int]) -> List[int]:
+        """ids without those the tokenizer does not have (a padded model vocabulary's rows have no text)."""
+        return [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
+
     def id_to_piece(self, i: int) -> str:
         raise NotImplementedError
 
@@ -64,7 +68,7 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.encode(text)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.sp.decode([int(i) for i in ids])
+        return self.sp.decode(self.known(ids))
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
@@ -109,7 +113,7 @@ class HFTokenizer(Tokenizer):
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+        return self.tok.decode(self.known(ids), skip_special_tokens=False)
 
     def id_to_piece(self, i: int) -> str:
         return self.tok.id_to_token(int(i))

@@ -79,7 +79,7 @@ class GenerationEvaluator(Evaluator):
         return self._prompts[room]
 
     def texts(self, model) -> List[str]:
-        params = SamplingParams(max_new_tokens=self.max_new_tokens)
+        params = SamplingParams(max_new_tokens=self.max_new_tokens, vocab_size=self.tok.vocab_size)
         stop = [self.tok.eos_id] if self.tok.eos_id is not None else []
         new = complete_prompts(model, self.prompts(model.args.max_seq_len), params, stop, batch_size=self.batch_size)
         return [self.tok.decode([t for t in ids if t not in stop]) for ids in new]
