@@ -139,6 +139,8 @@ class TrainArgs(ParallelFlags, _EvalFlags):
 
 
 def run_record(args) -> dict:
-    """The flags of a run, as run_config.json records them."""
+    """The flags of a run, as run_config.json records them (and the --config file they came from)."""
+    from engine.runtime.cli import loaded_config
+
     return {"launcher": args.LAUNCHER, "objective": args.OBJECTIVE,
-            **{k: v for k, v in asdict(args).items() if k != "betas"}}
+            **{k: v for k, v in asdict(args).items() if k != "betas"}, **loaded_config()}
