@@ -1,5 +1,4 @@
 import json
-import os
 
 import pytest
 
@@ -111,19 +110,6 @@ def test_hf_export_of_a_normalizing_tokenizer(tmp_path, tiny_tokenizer):
     assert theirs.pad_token_id == ours.pad_id == 3
 
 
-def _site_without(tmp_path, blocked) -> str:
-    """A copy (symlinks) of this environment's site-packages lacking the `blocked` packages."""
-    import site
-
-    src = next(p for p in site.getsitepackages() if os.path.isdir(p))
-    out = tmp_path / "site"
-    out.mkdir()
-    for name in os.listdir(src):
-        if not name.lower().replace("-", "_").startswith(blocked):
-            os.symlink(os.path.join(src, name), out / name)
-    return str(out)
-
-
 @pytest.mark.processes
 def test_hf_export_tokenizer_loads_without_protobuf_or_sentencepiece(tmp_path):
     """In a Python whose packages lack protobuf, sentencepiece and tiktoken (a plain transformers
@@ -132,11 +118,11 @@ def test_hf_export_tokenizer_loads_without_protobuf_or_sentencepiece(tmp_path):
     import sys
 
     from engine.text.prompts import format_prompt
-    from tests.helpers import child_env
+    from tests.helpers import child_env, site_without
 
     hf_dir = _exported(tmp_path, shared_path("data", "tokenizers", "llama2.model"))
     prompt = format_prompt(json.load(open(shared_path("data", "mcc", "GSM8K", "test.json")))[0]["instruction"])
-    site_dir = _site_without(tmp_path, ("google", "protobuf", "sentencepiece", "tiktoken"))
+    site_dir = site_without(tmp_path, ("google", "protobuf", "sentencepiece", "tiktoken"))
     script = ("import json, sys\n"
               "from transformers import AutoTokenizer\n"
               "for name in ('google.protobuf', 'sentencepiece', 'tiktoken'):\n"

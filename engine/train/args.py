@@ -71,6 +71,8 @@ class _EvalFlags(ModelFlags, _DataFlags):
     template: str = flag("prompt template: default or none (recorded with every saved checkpoint for infer.py).",
                          "default")
     max_eval_examples: int = flag("evaluate on the first N label_file records only (0: all).", 0)
+    eval_samples: int = flag("evaluation records whose generations (output, prediction, correct) every evaluation "
+                             "writes to SAVE_DIR/samples.jsonl and the loggers (0: none).", 4)
     scoring: str = flag(
         "how evaluation scores an answer (and so picks best/): ours (the answer the output states, by exact "
         "value), exact (the whole output must equal the label string; SVAMP / ASDiv: Python arithmetic "
@@ -116,6 +118,8 @@ class TrainArgs(ParallelFlags, _EvalFlags):
         for name in ("eval_batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_samples < 0:
+            raise UserError(f"--eval_samples must be >= 0, got {self.eval_samples}")
         if self.max_seq_len < 2:
             raise UserError(f"--max_seq_len must be >= 2, got {self.max_seq_len}")
         from engine.train.batching import parse_formats

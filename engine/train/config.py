@@ -43,6 +43,12 @@ class TrainConfig:
     checkpoint_fraction: float = flag("checkpoint only this fraction of the layers (from the first), e.g. 0.5.", 1.0)
     compile: Optional[bool] = flag("compile each decoder block with torch.compile (default: on a GPU; False: eager).",
                                    None)
+    log_to: Optional[str] = flag("also log to tensorboard (SAVE_DIR/tensorboard) and/or wandb, comma separated "
+                                 "(optional extras; default: metrics.jsonl and curves.png only).", None)
+    wandb_project: str = flag("the W&B project of --log_to wandb.", "cot-distill-engine")
+    wandb_mode: Optional[str] = flag("W&B mode: online, offline (files in SAVE_DIR/wandb, `wandb sync` them later) "
+                                     "or disabled; default: W&B's own (WANDB_MODE, else online).", None)
+    run_name: Optional[str] = flag("the run's name in TensorBoard / W&B (default: the save_dir's name).", None)
     # not flags
     betas: tuple = (0.9, 0.999)
     bucket: bool = True  # length bucketing of batches
@@ -78,3 +84,6 @@ class TrainConfig:
         if not 0 < self.checkpoint_fraction <= 1:
             raise UserError(f"--checkpoint_fraction must be in (0, 1], got {self.checkpoint_fraction}")
         self.dtype = dtype_from_flags(self.use_float16, self.use_bfloat16)
+        from engine.runtime.loggers import parse_loggers
+
+        self.loggers = parse_loggers(self.log_to, self.wandb_mode)
