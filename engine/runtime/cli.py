@@ -18,6 +18,10 @@ from engine.runtime.errors import UserError
 # which usually fails with the same sentence, prints first and its exit ends the job (torchrun kills
 # the others), so the user reads the sentence once; an error only rank k sees still gets printed.
 RANK_GRACE_S = 3.0
+# A rank whose collective broke because another rank exited (its error is the root cause) waits this
+# long, quietly, for torchrun to end it, instead of adding its own traceback to the report.
+PEER_WAIT_S = 10.0
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -27,7 +31,23 @@ def fail(message: str, code: int = 2) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         time.sleep(RANK_GRACE_S)
     print(f"error: {message}", file=sys.stderr, flush=True)
+    _tell_torchrun(f"error: {message}")
     sys.exit(code)
+
+
+def _tell_torchrun(sentence: str) -> None:
+    """Under torchrun, the sentence in the rank's error file too: torchrun's closing report then
+    shows it as the root cause's `traceback :` (the last lines it prints) instead of a link."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        import json
+
+        try:
+            with open(path, "w") as f:
+                json.dump({"message": {"message": sentence, "extraInfo": {
+                    "py_callstack": sentence, "timestamp": str(int(time.time()))}}}, f)  # torchelastic's format
+        except OSError:
+            pass  # the sentence is on stderr already
 
 
 def unknown_flags(component, argv) -> list:
@@ -134,6 +154,20 @@ def run_cli(component) -> None:
         fire.Fire(component, command=argv)
     except UserError as e:
         fail(str(e))
+    except RuntimeError as e:
+        if not (os.environ.get("TORCHELASTIC_ERROR_FILE") and any(s in str(e) for s in _PEER_GONE)):
+            raise
+        _wait_to_be_ended(e)
+
+
+def _wait_to_be_ended(error: RuntimeError) -> None:
+    """Another rank exited (torchrun names it, its sentence included, as the root cause): wait for
+    torchrun's SIGTERM without a traceback; one line if none comes (another node's rank failed)."""
+    time.sleep(PEER_WAIT_S)
+    first = str(error).strip().splitlines()[0][:300]
+    print(f"error: rank {os.environ.get('RANK', '0')} lost another rank ({first}); that rank's error is above",
+          file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 # ----- --config FILE: a run written down once (YAML or JSON, its keys the flags) ----------------------

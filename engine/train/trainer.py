@@ -429,7 +429,7 @@ class Trainer:
         self._log({"step": self.step, "epoch": self.epoch, "eval": True, **result})
         if self.info.is_main:
             self.loggers.log_samples(self.step, evaluator.samples())
-            print(f"\n[step {self.step}] eval {evaluator.summary(result)}", flush=True)
+            print(f"[step {self.step}] eval {evaluator.summary(result)}", flush=True)  # above the bar
         score = result[evaluator.metric] if evaluator.higher_is_better else -result[evaluator.metric]
         if score > self.best_score and self.checkpointer.save_model("best", extra={"step": self.step, **result}):
             self.best_score = score
