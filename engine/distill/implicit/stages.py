@@ -318,8 +318,9 @@ def _timed(evaluator, model, info) -> dict:
 
 
 def evaluate_stage(directory: str, meta: dict, lines, data_file: str, batch_size: int, max_new_tokens: int,
-                   dtype, info) -> dict:
-    """Accuracy (or, for an emulator, state error) and examples/s of one saved stage on `lines`."""
+                   dtype, info) -> Tuple[dict, List[dict]]:
+    """Accuracy (or, for an emulator, state error) and examples/s of one saved stage on `lines`, and
+    each line's record (question, output, prediction, answer, correct; none for an emulator)."""
     stage = meta["stage"]
     model, tok = load_frozen(directory, dtype, info)
     out = {"model_dir": directory, "stage": stage if stage != "teacher" or meta.get("cot", True) else "no_cot"}
@@ -327,7 +328,7 @@ def evaluate_stage(directory: str, meta: dict, lines, data_file: str, batch_size
         cot = meta.get("cot", True)
         held = CoTExamples(lines, {"model": tok}, NO_LIMIT, data_file, ("model",) if cot else ())
         evaluator = AnswerEvaluator(held, info, batch_size, explicit_answers(held, "model", tok, cot, max_new_tokens))
-        return {**out, **_timed(evaluator, model, info)}
+        return {**out, **_timed(evaluator, model, info)}, evaluator.all_records()
     if stage in ("mind_read", "emulator"):
         teacher, teacher_tok = load_frozen(meta["teacher_dir"], dtype, info)
         views = {"model": tok, "teacher": teacher_tok}
@@ -335,7 +336,7 @@ def evaluate_stage(directory: str, meta: dict, lines, data_file: str, batch_size
         maps = StateMaps.load(directory, info.device)
         if stage == "emulator":
             held = EmulatorTask(examples, info.device, teacher, maps, meta["emulator_layers"])
-            return {**out, **StateErrorEvaluator(held, info, batch_size)(model)}
+            return {**out, **StateErrorEvaluator(held, info, batch_size)(model)}, []
         held = MindReadTask(examples, info.device, teacher, maps, meta["teacher_layers"])
     else:
         sub = os.path.join(directory, meta["emulator"])
@@ -347,24 +348,31 @@ def evaluate_stage(directory: str, meta: dict, lines, data_file: str, batch_size
                           StateMaps.load(directory, info.device), meta["teacher_layers"])
     evaluator = AnswerEvaluator(held.examples, info, batch_size, implicit_answers(
         held.examples, "model", tok, max_new_tokens, lambda pos: held.states(held.micro_batch(pos, 0))))
-    return {**out, **_timed(evaluator, model, info)}
+    return {**out, **_timed(evaluator, model, info)}, evaluator.all_records()
 
 
 STAGES = ("teacher", "mind_read", "emulator", "couple")
 
 
 def run_evaluation(data_file: str, model_dirs: List[str], batch_size: int, max_new_tokens: int, max_examples: int,
-                   output_file: Optional[str], dtype, tp_size, device) -> List[dict]:
+                   files: Tuple[Optional[str], Optional[str]], dtype, tp_size, device) -> List[dict]:
+    """Every model on the same lines; files: (output_file, results_file). The output file gets one
+    JSON line per model and line (model_dir, stage, index, question, output, prediction, answer,
+    correct), the results file the JSON list of the printed results."""
+    output_file, results_file = files
     lines = read_cot_lines(data_file, "--data_file")
     lines = lines[:max_examples] if max_examples else lines
     found = [read_stage(d, "--model_dirs", STAGES) for d in model_dirs]
-    results = []
+    results, per_line = [], []
     with job(tp_size, device) as info:
         for directory, meta in found:
-            result = evaluate_stage(directory, meta, lines, data_file, batch_size, max_new_tokens, dtype, info)
+            result, records = evaluate_stage(directory, meta, lines, data_file, batch_size, max_new_tokens, dtype, info)
             results.append(result)
+            per_line += [{"model_dir": directory, "stage": result["stage"], **r} for r in records]
             if info.is_main:
                 print(json.dumps(result), flush=True)
         if info.is_main and output_file:
-            atomic_write_text(output_file, json.dumps(results, indent=2) + "\n")
+            atomic_write_text(output_file, "".join(json.dumps(r) + "\n" for r in per_line))
+        if info.is_main and results_file:
+            atomic_write_text(results_file, json.dumps(results, indent=2) + "\n")
     return results
