@@ -480,6 +480,14 @@ def test_lora_stages_continue_their_adapters(models, dist1, tmp_path):
     assert [r["total"] for r in results] == [6, 6]
     _check_outputs([json.loads(line) for line in open(tmp_path / "outputs.jsonl")], results,
                    read_cot_lines(str(root / "valid.txt")))
+    held = read_cot_lines(str(root / "valid.txt"))  # the stages' --label_file, 2 lines of it evaluated
+    for stage in ("t", "s", "c"):  # each evaluation's first lines as the stage answered them (samples.jsonl)
+        samples = [json.loads(line) for line in open(tmp_path / stage / "samples.jsonl")]
+        assert [(r["step"], r["index"]) for r in samples] == [(1, 0), (1, 1)]
+        assert [(r["instruction"], r["label"]) for r in samples] == [(h.input, h.answer) for h in held[:2]]
+        assert all(r["correct"] == (r["prediction"] is not None and r["prediction"].split() == r["label"].split())
+                   for r in samples)
+    assert not os.path.exists(tmp_path / "e" / "samples.jsonl")  # the emulator generates nothing
 
 
 def test_flag_errors(tmp_path):

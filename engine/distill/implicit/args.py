@@ -29,6 +29,8 @@ class _LineFlags(TrainConfig):
                                "thought).", 128)
     eval_batch_size: int = flag("held-out lines decoded together.", 64)
     max_eval_examples: int = flag("evaluate on the first N label_file lines only (0: all).", 0)
+    eval_samples: int = flag("held-out lines whose generations (output, prediction, correct) every evaluation writes "
+                             "to SAVE_DIR/samples.jsonl and the loggers (0: none; an emulator generates none).", 4)
 
 
 @dataclass(kw_only=True)
@@ -47,6 +49,8 @@ class ImplicitArgs(ParallelFlags, _LineFlags):
             raise UserError(f"--max_seq_len must be >= 4, got {self.max_seq_len}")
         if self.max_eval_examples < 0:
             raise UserError(f"--max_eval_examples must be >= 0, got {self.max_eval_examples}")
+        if self.eval_samples < 0:
+            raise UserError(f"--eval_samples must be >= 0, got {self.eval_samples}")
 
 
 @dataclass(kw_only=True)

@@ -121,10 +121,12 @@ class AnswerEvaluator(Evaluator):
     interleaved slices and their counts are summed. Also the accuracy of each answer word by its
     position (a digit, in the multiplication files: it shows which digits a model gets), a word
     missing from an output counting wrong. `records`: each line of this replica's share as the
-    last call answered it; `all_records()`: every replica's, in file order."""
+    last call answered it; `all_records()`: every replica's, in file order; `samples()`: the first
+    n_samples of this replica's, for the trainer's samples.jsonl."""
 
-    def __init__(self, examples: CoTExamples, info, batch_size: int, answer: AnswerFn):
+    def __init__(self, examples: CoTExamples, info, batch_size: int, answer: AnswerFn, n_samples: int = 0):
         self.examples, self.info, self.batch_size, self.answer = examples, info, batch_size, answer
+        self.n_samples = n_samples
         self.mine = list(range(len(examples)))[info.dp_rank::info.dp_size]
         self.width = max(len(examples.answer_text(p).split()) for p in range(len(examples)))
         self.records: List[dict] = []
@@ -153,6 +155,12 @@ class AnswerEvaluator(Evaluator):
         return {**Accuracy(correct=c, total=t, unparsable=u).as_dict(),
                 "word_accuracy": float(right.sum() / asked.sum().clamp(min=1)),
                 "word_accuracy_by_position": [round(float(r / max(a, 1)), 4) for r, a in zip(right, asked)]}
+
+    def samples(self) -> List[dict]:
+        """The first n_samples records of the last call in the trainer's fields (the question as its
+        instruction, the line's answer as its label)."""
+        return [{"index": r["index"], "instruction": r["question"], "output": r["output"], "prediction": r["prediction"],
+                 "label": r["answer"], "correct": r["correct"]} for r in self.records[:self.n_samples]]
 
     def all_records(self) -> List[dict]:
         """Every line's record from the last call, all data-parallel replicas' shares, in file order."""

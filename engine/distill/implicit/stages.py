@@ -203,7 +203,8 @@ def build_teacher(args, plan: Plan, lines, held_lines, info) -> Built:
     if held_lines:
         held = CoTExamples(held_lines, {"model": tok}, NO_LIMIT, args.label_file, cot_views)
         evaluator = AnswerEvaluator(held, info, args.eval_batch_size,
-                                    explicit_answers(held, "model", tok, args.cot, args.max_new_tokens))
+                                    explicit_answers(held, "model", tok, args.cot, args.max_new_tokens),
+                                    args.eval_samples)
     meta = {"stage": "teacher", "cot": args.cot}
     task = CoTTeacherTask(train, info.device, args.cot, files=_writer(meta, info))
     return Built(model, lora_cfg, args.ckpt_dir, tok, task, evaluator)
@@ -229,7 +230,8 @@ def build_mind_read(args, plan: Plan, lines, held_lines, info) -> Built:
         held = MindReadTask(CoTExamples(held_lines, views, NO_LIMIT, args.label_file), info.device, teacher, maps,
                             plan.teacher_layers)
         evaluator = AnswerEvaluator(held.examples, info, args.eval_batch_size, implicit_answers(
-            held.examples, "model", tok, args.max_new_tokens, lambda pos: held.states(held.micro_batch(pos, 0))))
+            held.examples, "model", tok, args.max_new_tokens, lambda pos: held.states(held.micro_batch(pos, 0))),
+            args.eval_samples)
     meta = {"stage": "mind_read", "teacher_dir": plan.teacher_dir, "teacher": plan.teacher,
             "teacher_layers": plan.teacher_layers, "student": shape(model.args)}
     task = MindReadTask(train, info.device, teacher, maps, plan.teacher_layers, files=_writer(meta, info, maps))
@@ -268,7 +270,8 @@ def build_couple(args, plan: Plan, lines, held_lines, info) -> Built:
     if held_lines:
         held = task_on(CoTExamples(held_lines, views, NO_LIMIT, args.label_file, cot_views=()))
         evaluator = AnswerEvaluator(held.examples, info, args.eval_batch_size, implicit_answers(
-            held.examples, "model", tok, args.max_new_tokens, lambda pos: held.states(held.micro_batch(pos, 0))))
+            held.examples, "model", tok, args.max_new_tokens, lambda pos: held.states(held.micro_batch(pos, 0))),
+            args.eval_samples)
     meta = {"stage": "couple", "teacher_dir": plan.teacher_dir, "teacher": plan.teacher,
             "teacher_layers": plan.teacher_layers, "student_dir": plan.student_dir,
             "emulator_dir": plan.emulator_dir, "emulator": EMULATOR_SUBDIR}
