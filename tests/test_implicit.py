@@ -507,6 +507,8 @@ def test_flag_errors(tmp_path):
         train_implicit.evaluate(data_file="d.txt", model_dirs="m", output_file="o.json", results_file="o.json")
     with pytest.raises(UserError, match="--output_file d.txt is the --data_file; name another file"):
         train_implicit.evaluate(data_file="d.txt", model_dirs="m", output_file="d.txt")
+    with pytest.raises(UserError, match=f"--results_file {tmp_path} is a directory"):
+        train_implicit.evaluate(data_file="d.txt", model_dirs="m", results_file=str(tmp_path))
 
 
 # ----- the README's commands, as a new user runs them -----------------------------------------------

@@ -180,3 +180,5 @@ class EvaluateArgs(ParallelFlags, _EvaluateFlags):
         for name, path in (("output_file", out), ("results_file", res)):
             if path == data:
                 raise UserError(f"--{name} {getattr(self, name)} is the --data_file; name another file")
+            if path and os.path.isdir(path):
+                raise UserError(f"--{name} {getattr(self, name)} is a directory")
