@@ -66,6 +66,24 @@ def test_messages_go_above_the_bar_and_one_final_bar_stays():
     assert not progress._OPEN_BARS
 
 
+def test_an_error_during_a_bar_is_the_last_line():
+    """fail() closes the open bars first: the sentence is printed below the bar, not above a redrawn one."""
+    import pytest
+
+    from engine.runtime.cli import fail
+
+    with on_a_terminal() as terminal:
+        bar = Progress(10, "training", "steps")
+        bar.update(4)
+        with pytest.raises(SystemExit):
+            fail("--train_file x.json record 3 has no 'instruction'")
+        given_back = sys.stderr is terminal
+    shown = screen(terminal.getvalue())
+    assert shown[-1] == "error: --train_file x.json record 3 has no 'instruction'", shown
+    assert shown[:-1] and all(line.startswith("training:  40%") for line in shown[:-1]), shown
+    assert given_back and not progress._OPEN_BARS and bar.bar is not None
+
+
 def test_a_short_run_in_a_log_ends_with_a_line_holding_its_loss():
     log = io.StringIO()
     bar = Progress(5, "training", "steps", stream=log)

@@ -28,6 +28,9 @@ def fail(message: str, code: int = 2) -> None:
     """Print one error sentence and exit non-zero. torchrun kills every rank as soon as one exits, so
     each failing rank prints the sentence itself (rank 0 at once, the others after RANK_GRACE_S)
     instead of counting on rank 0 to still be alive."""
+    from engine.runtime.progress import close_bars
+
+    close_bars()  # the sentence is the last line, below a bar, not above one redrawn after it
     if int(os.environ.get("RANK", "0")) != 0:
         time.sleep(RANK_GRACE_S)
     print(f"error: {message}", file=sys.stderr, flush=True)
@@ -151,7 +154,13 @@ def run_cli(component) -> None:
     else:
         component = checked_flags(component)
     try:
-        fire.Fire(component, command=argv)
+        try:
+            fire.Fire(component, command=argv)
+        except BaseException:
+            from engine.runtime.progress import close_bars
+
+            close_bars()  # a traceback too comes after the bars, not above one redrawn below it
+            raise
     except UserError as e:
         fail(str(e))
     except RuntimeError as e:

@@ -72,6 +72,14 @@ def _release(bar) -> None:
                 setattr(sys, name, stream.real)
 
 
+def close_bars() -> None:
+    """Close every open bar, each left as it stands (an error then prints below the bars, not above
+    one redrawn after it) and the streams given back."""
+    for bar in list(_OPEN_BARS):
+        _release(bar)
+        bar.close()
+
+
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
