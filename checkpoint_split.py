@@ -7,7 +7,7 @@ time. Its name is the seed's; its commands:
   python checkpoint_split.py to_hf --ckpt_dir IN --save_dir OUT [--lora_dir L] [--merge_lora True]
   python checkpoint_split.py to_meta --ckpt_dir IN --save_dir OUT [--n N]                # Meta's layout
   python checkpoint_split.py merge_lora --lora_dir L --save_dir OUT [--ckpt_dir BASE]    # adapter -> weights
-  python checkpoint_split.py export_peft --lora_dir L --save_dir OUT                     # adapter -> peft
+  python checkpoint_split.py export_peft --lora_dir L --save_dir OUT [--hf_base HF]       # adapter -> peft
   python checkpoint_split.py init --model_type NAME --save_dir OUT --n N --tokenizer PATH [--seed S]
   python checkpoint_split.py info --ckpt_dir IN
 """
@@ -140,7 +140,7 @@ def to_hf(
         src = src.base
     ck.write_hf(src, save_dir, _dtype(dtype), overwrite)
     if adapter and not merge_lora:
-        ck.export_peft(adapter, os.path.join(save_dir, "adapter"))
+        ck.export_peft(adapter, os.path.join(save_dir, "adapter"), hf_base=save_dir)
         print(f"wrote an HF model to {save_dir} and its peft adapter to {save_dir}/adapter")
     else:
         print(f"wrote an HF model to {save_dir}" + (" (LoRA merged)" if adapter else ""))
@@ -167,15 +167,16 @@ def merge_lora(
 
 
 @_save_dir
-def export_peft(lora_dir: str, save_dir: str, overwrite: bool = False):
+def export_peft(lora_dir: str, save_dir: str, overwrite: bool = False, hf_base: str = None):
     """Write an HF peft adapter (adapter_config.json + adapter_model.safetensors) from a LoRA adapter.
 
     Args:
         lora_dir: adapter directory written by training.
         save_dir: output directory; load it with peft.PeftModel.from_pretrained(hf_model, save_dir).
         overwrite: replace a non-empty save_dir.
+        hf_base: the HF model the adapter applies to (an HF directory, e.g. to_hf's output of the base, or a hub name), recorded as base_model_name_or_path for AutoPeftModelForCausalLM (default: the base when it is an HF directory).
     """
-    ck.export_peft(lora_dir, save_dir, overwrite)
+    ck.export_peft(lora_dir, save_dir, overwrite, hf_base)
     print(f"wrote a peft adapter to {save_dir}")
 
 

@@ -148,28 +148,10 @@ def main(out_dir: str = "implicit_out", n: int = 3, m: int = 3, n_train: int = 5
         print(f"{name}: trained in {seconds[name]:.0f} s", flush=True)
     results_file = os.path.join(out_dir, "results.json")
     dirs = ",".join(os.path.join(run, s) for s in ("teacher", "no_cot", "mind_read", "emulator", "couple"))
-    _run(
-        launch
-        + [
-            "train_implicit.py",
-            "evaluate",
-            "--data_file",
-            test,
-            "--model_dirs",
-            dirs,
-            "--batch_size",
-            str(eval_batch_size),
-            "--max_new_tokens",
-            "96",
-            "--output_file",
-            results_file,
-            "--overwrite",
-            "True",
-            "--use_bfloat16",
-            str(use_bfloat16),
-        ],
-        os.path.join(out_dir, "evaluate.log"),
-    )
+    _run(launch + ["train_implicit.py", "evaluate", "--data_file", test, "--model_dirs", dirs, "--batch_size",
+                   str(eval_batch_size), "--max_new_tokens", "96", "--results_file", results_file, "--overwrite", "True",
+                   "--use_bfloat16",
+                   str(use_bfloat16)], os.path.join(out_dir, "evaluate.log"))
     results = json.load(open(results_file))
     steps = {"teacher": teacher_steps, "mind_read": mind_read_steps, "emulator": emulator_steps,
              "couple": couple_steps, "no_cot": total_steps}

@@ -4,9 +4,13 @@
   python data/prepare_step_by_step.py --dataset_dir datasets/cqa --split train --output_file OUT.json
 
 RAW: a JSON list or JSON lines of records holding the question ('question', with an optional list of
-'choices', or 'input' already holding them), the gold label ('label' or 'answer'), and the teacher's
-output: raw text ('llm_output', e.g. "Banks keep money safe ... So the answer is (a) bank") or
-already split ('llm_rationale', with 'llm_label' or an answer sentence in the rationale).
+'choices', or 'input' or 'instruction' already holding them), the gold label ('label' or 'answer'),
+and the teacher's output: raw text ('llm_output', e.g. "Banks keep money safe ... So the answer is
+(a) bank"), already split ('llm_rationale', with 'llm_label' or an answer sentence in the
+rationale), or, in the `instruction` records every other tool reads (infer.py's output, MCC-KD
+files), 'output': one raw text, or a list of them (infer.py --num_samples K), each parsed as raw
+text; the usable ones are kept (a list when more than one) and the teacher's label is the answer
+most of them state (self-consistency; a tie goes to the first stated).
 --dataset_dir reads the authors' layout instead: DIR/NAME_SPLIT.json (the source records, JSON lines
 as `datasets` writes them: cos_e's question / choices / answer for cqa, input / label for svamp) and
 the raw teacher outputs DIR/llm/SPLIT_CoT_0.json, _1.json ... (JSON lists of strings, in record order).
@@ -203,16 +207,39 @@ def gold_label(rec: dict, index: int, path: str, task: str, choices, label_forma
     return label
 
 
-def teacher_fields(rec: dict, i: int, path: str, task: str, choices, parse: str):
-    """(rationale, teacher label as the parse gives it, why the record is unusable or '')."""
+def teacher_fields(rec: dict, i: int, path: str, task: str, choices, parse: str, counts: Counter):
+    """(rationale, or a list of them, teacher label as the parse gives it, why the record is unusable
+    or ''): from `llm_output` (raw text), `llm_rationale` (+ `llm_label`), or `output` (a raw text, or
+    a list of them as infer.py --num_samples K writes: the usable ones kept, the label their majority
+    answer, the rationales dropped counted in `counts` as rationales_WHY)."""
+    from engine.infer.metrics import majority_vote
     from engine.runtime.errors import DataError
 
+    def split(text: str):
+        return authors_split(text, task, choices) if parse == "authors" else parse_teacher_output(text, task, choices)
+
     if isinstance(rec.get("llm_output"), str):
-        if parse == "authors":
-            return authors_split(rec["llm_output"], task, choices)
-        return parse_teacher_output(rec["llm_output"], task, choices)
-    if not isinstance(rec.get("llm_rationale"), str):
-        raise DataError(f"{path} record {i} has no teacher output ('llm_output' raw text, or 'llm_rationale')")
+        return split(rec["llm_output"])
+    if isinstance(rec.get("llm_rationale"), str):
+        return given_rationale(rec, task, choices, parse)
+    output = rec.get("output")
+    if isinstance(output, str):
+        return split(output)
+    if isinstance(output, list) and output and all(isinstance(o, str) for o in output):
+        parsed = [split(o) for o in output]
+        kept = [(r, label) for r, label, why in parsed if not why]
+        for _, _, why in parsed:
+            counts[f"rationales_{why}"] += bool(why)  # one of a list; the record may keep others
+        if not kept:
+            return None, None, parsed[0][2]
+        label = majority_vote([label for _, label in kept], task)[0] or kept[0][1]
+        return ([r for r, _ in kept] if len(kept) > 1 else kept[0][0]), label, ""
+    raise DataError(f"{path} record {i} has no teacher output ('llm_output' raw text, 'llm_rationale', or "
+                    f"'output': a raw text or a list of them)")
+
+
+def given_rationale(rec: dict, task: str, choices, parse: str):
+    """teacher_fields of a record whose rationale is given apart (`llm_rationale`, maybe `llm_label`)."""
     rationale = rec["llm_rationale"].rstrip() if parse == "authors" else rec["llm_rationale"].strip()
     if not rationale.strip():
         return None, None, "no_rationale"
@@ -240,13 +267,13 @@ def convert(records: List[dict], task: str, path: str, parse: str = "authors", l
         if choices is not None and not (isinstance(choices, list) and 0 < len(choices) <= len(CHOICE_LETTERS)
                                         and all(isinstance(c, str) for c in choices)):
             raise DataError(f"{path} record {i}: 'choices' must be a list of 1 to 5 strings")
-        question = rec.get("question", rec.get("input"))
+        question = next((rec[k] for k in ("question", "input", "instruction") if k in rec), None)
         if not isinstance(question, str) or not question.strip():
-            raise DataError(f"{path} record {i} has no question ('question' or 'input')")
+            raise DataError(f"{path} record {i} has no question ('question', 'input' or 'instruction')")
         instruction = format_question(question.strip(), choices)
         choices = choices or choices_in(instruction)
         label = gold_label(rec, i, path, task, choices, label_format)
-        rationale, llm_label, why = teacher_fields(rec, i, path, task, choices, parse)
+        rationale, llm_label, why = teacher_fields(rec, i, path, task, choices, parse, counts)
         # the authors' text label stays as they parse it; ours (a letter) and the letter format convert
         if not why and task in CHOICE_TASKS and llm_label.strip() and (parse, label_format) != ("authors", "text"):
             llm_label = in_label_format(llm_label, choices, label_format)
@@ -303,7 +330,7 @@ def main(output_file: str, input_file: str = None, dataset_dir: str = None, spli
 
     Args:
         output_file: the training JSON (instruction, output, label, llm_label).
-        input_file: records with question/input, optional choices, label/answer, and llm_output (raw) or llm_rationale.
+        input_file: records with question/input/instruction, optional choices, label/answer, and llm_output (raw), llm_rationale, or output (raw text or a list of them, as infer.py writes).
         dataset_dir: instead of input_file, the authors' directory (NAME_SPLIT.json and llm/SPLIT_CoT_N.json).
         split: the split read from dataset_dir (train, test, ...).
         task: GSM8K / SVAMP / ASDiv / CSQA / ARITH: how labels are read (default from dataset_dir's name: cqa, svamp).
@@ -351,6 +378,7 @@ def main(output_file: str, input_file: str = None, dataset_dir: str = None, spli
     atomic_write_text(output_file, json.dumps(out, indent=1, ensure_ascii=False) + "\n")
     dropped = {k: counts[k] for k in ("authors_parser_raises", "no_answer_sentence", "no_rationale",
                                       "unreadable_teacher_label", "teacher_label_names_no_choice") if counts[k]}
+    dropped.update({k: v for k, v in sorted(counts.items()) if k.startswith("rationales_") and v})
     differ = counts["teacher_label_differs_from_gold"]
     print(f"kept {counts['kept']} of {len(records)} records ({differ} with a teacher label other than the gold one)"
           + "".join(f"\n  dropped, {k}: {v}" for k, v in dropped.items())

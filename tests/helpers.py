@@ -263,3 +263,51 @@ def assert_same_run(a, b, lora=False, tol=1e-5) -> None:
     assert wa.keys() == wb.keys()
     worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
     assert worst <= tol, worst
+
+
+def read_wandb_records(path: str) -> list:
+    """The records of a W&B run file (run-ID.wandb, as an offline run writes it): a 7-byte header
+    (':W&B', magic 0xBEE1, version 0), then LevelDB-log chunks in 32 KiB blocks (crc32 4 bytes,
+    length 2, type 1: full / first / middle / last) holding protobuf `Record`s."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B" and struct.unpack("<HB", data[4:7]) == (0xBEE1, 0), path
+    records, pending, pos, block = [], b"", 7, 32768
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # full, last
+            record = pb.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def wandb_history(path: str) -> list:
+    """{key: value} of every history row (wandb.log call) of a W&B run file, values JSON-decoded."""
+    rows = []
+    for r in read_wandb_records(path):
+        if r.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item})
+    return rows
+
+
+def site_without(tmp_path, blocked) -> str:
+    """A copy (symlinks) of this environment's site-packages lacking the `blocked` packages."""
+    import site
+
+    src = next(p for p in site.getsitepackages() if os.path.isdir(p))
+    out = tmp_path / "site"
+    out.mkdir(exist_ok=True)
+    for name in os.listdir(src):
+        if not name.lower().replace("-", "_").startswith(blocked):
+            os.symlink(os.path.join(src, name), out / name)
+    return str(out)

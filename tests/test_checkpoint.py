@@ -133,7 +133,6 @@ def test_errors_name_the_problem(tmp_path, tiny_tokenizer, dist1):
     assert "/nope" in _error(cli.reshard, str(tmp_path / "nope"), out, n=1)
     assert "--n=3" in _error(cli.split, good, out, n=3)  # 3 does not divide 4 heads
     assert "model_type" in _error(cli.init, "llama-9-1b", out)
-    assert "reshard" in _error(ck.load_model, good)  # 2 shards, tensor-parallel size 1
     assert not os.path.exists(out)
 
     bad_arch = tmp_path / "gpt2"
@@ -231,3 +230,45 @@ def test_device_choice_sentences(monkeypatch):
                             "(torchrun --nproc_per_node 1), or pass --device cpu to run all 2 on the CPU")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert resolve_device("cuda") == "cuda"
+
+
+def test_native_shards_load_at_another_tensor_parallel_size(tmp_path, tiny_tokenizer, dist1):
+    """A 2- or 4-shard native checkpoint loads at TP=1 (resharded on load) with the weights of the
+    1-shard one, exactly."""
+    one = str(tmp_path / "one")
+    cli.init("tiny-qwen2", one, n=1, tokenizer=tiny_tokenizer, seed=4)
+    want = dict(ck.load_model(one).named_parameters())
+    for n in (2, 4):
+        cli.reshard(one, str(tmp_path / f"n{n}"), n=n)
+        got = dict(ck.load_model(str(tmp_path / f"n{n}")).named_parameters())
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want), n
+
+
+@pytest.mark.processes
+def test_tp2_loads_1_and_4_shards_as_the_native_2_shard_load(tmp_path, tiny_tokenizer):
+    """At TP=2, a 1-shard and a 4-shard native checkpoint give logits equal to the 2-shard one's
+    (tiny-qwen2: one KV head, replicated on every shard; tiny-mixtral: experts split like the MLP)."""
+    from tests.helpers import torchrun
+
+    jobs = []
+    tokens = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    torch.save(tokens, tmp_path / "tokens.pt")
+    for model_type in ("tiny-qwen2", "tiny-mixtral"):
+        base = str(tmp_path / f"{model_type}-1")
+        cli.init(model_type, base, n=1, tokenizer=tiny_tokenizer, seed=5)
+        for n in (2, 4):
+            cli.reshard(base, str(tmp_path / f"{model_type}-{n}"), n=n)
+        for n in (1, 2, 4):
+            jobs.append(dict(ckpt=str(tmp_path / f"{model_type}-{n}"), tokens=str(tmp_path / "tokens.pt"),
+                             prompt_lens=[5, 8], out=str(tmp_path / f"{model_type}-{n}.pt")))
+    with open(tmp_path / "jobs.json", "w") as f:
+        json.dump(jobs, f)
+    proc = torchrun("tests/workers/parity_worker.py", str(tmp_path / "jobs.json"))
+    assert "4 shard(s) resharded on load to tensor-parallel size 2" in proc.stdout
+    for model_type in ("tiny-qwen2", "tiny-mixtral"):
+        native = torch.load(tmp_path / f"{model_type}-2.pt")
+        for n in (1, 4):
+            got = torch.load(tmp_path / f"{model_type}-{n}.pt")
+            assert torch.equal(got["full"], native["full"]), (model_type, n)
+            assert torch.equal(got["cached"], native["cached"]), (model_type, n)

@@ -299,12 +299,17 @@ def test_resume_after_torn_log_line_and_damaged_checkpoints(env, tmp_path, dist1
 @pytest.mark.processes
 @pytest.mark.parametrize("mode", ["rank0_slow", "rank1_only", "slow_to_die"])
 def test_error_sentence_survives_torchrun(mode):
-    """Printed once whatever the timing: the ranks agree on who prints (no grace period to outlast;
-    slow_to_die printed twice with one, as a loaded machine did in rank0_slow)."""
+    """Printed once whatever the timing (the ranks agree on who prints: no grace period to outlast), on
+    its own line, and torchrun's report ends with it: the root cause's traceback line is the sentence
+    (the rank's torchelastic error file), not a link; rank 0, whose barrier the failing rank broke, adds
+    no traceback of its own (it waits for torchrun's SIGTERM)."""
     with pytest.raises(AssertionError) as e:
         torchrun("tests/workers/error_worker.py", "--mode", mode, timeout=120)
-    printed = str(e.value).count(f"error: a mistake only {mode} makes")
-    assert printed == 1, str(e.value)[-3000:]
+    sentence, lines = f"error: a mistake only {mode} makes", str(e.value).splitlines()
+    assert lines.count(sentence) == 1, str(e.value)[-3000:]
+    root_cause = lines[[i for i, line in enumerate(lines) if line.startswith("Root Cause")][-1]:]
+    assert [line.strip() for line in root_cause if "traceback :" in line] == [f"traceback : {sentence}"]
+    assert not [line for line in lines if line.startswith("[rank")], str(e.value)[-3000:]
 
 
 # ----- 9. a full disk during a save names the path and leaves nothing half-written ---------------------

@@ -221,7 +221,7 @@ def test_state_injection_against_a_hand_computation(models, tiny_tokenizer, dist
 
 
 def test_answers_are_read_between_the_right_eos(tiny_tokenizer):
-    from engine.distill.implicit.decode import answer_of
+    from engine.distill.implicit.decode import answer_of, output_text
 
     tok = load_tokenizer(tiny_tokenizer)
     eos, four, cot = tok.eos_id, tok.encode("4 2", bos=False), tok.encode("1 + 3", bos=False)
@@ -229,6 +229,33 @@ def test_answers_are_read_between_the_right_eos(tiny_tokenizer):
     assert answer_of(four + [eos] + cot, eos, False, tok) == "4 2"
     assert answer_of(cot + [eos] + four, eos, True, tok) is None  # stopped before the second EOS
     assert answer_of(four + [tok.vocab_size + 3, eos], eos, False, tok) is None  # a padded vocabulary row
+    # what evaluate's --output_file shows: the data file's `cot #### answer`
+    assert output_text(cot + [eos] + four + [eos], eos, tok) == "1 + 3 #### 4 2"
+    assert output_text(four + [eos], eos, tok) == "4 2"
+    assert output_text(cot + [eos] + four, eos, tok) == "1 + 3 #### 4 2"  # stopped before its EOS
+    assert output_text(four + [tok.vocab_size + 3], eos, tok) == "4 2"
+
+
+def test_each_line_is_recorded_as_answered(tiny_tokenizer):
+    """AnswerEvaluator's per-line records (evaluate's --output_file) against answers chosen by hand:
+    right, wrong, unparsable; the counts are the records' own."""
+    from types import SimpleNamespace
+
+    from engine.distill.implicit.decode import AnswerEvaluator
+
+    lines = [CoTLine(f"{i} * 3", f"{i} + {i} + {i}", str(3 * i)) for i in range(5)]
+    examples = CoTExamples(lines, {"model": load_tokenizer(tiny_tokenizer)}, 64, "lines.txt")
+    said = {0: "0", 1: "4", 2: None, 3: "9", 4: "1 2"}  # right, wrong, unparsable, right, wrong
+
+    def answer(model, positions):
+        return [(f"cot #### {said[p]}" if said[p] is not None else "cot", said[p]) for p in positions]
+
+    evaluator = AnswerEvaluator(examples, SimpleNamespace(dp_rank=0, dp_size=1), 2, answer)
+    result = evaluator(SimpleNamespace(head_weight=torch.zeros(1)))
+    assert (result["correct"], result["total"], result["unparsable"]) == (2, 5, 1)
+    assert evaluator.all_records() == [
+        {"index": i, "question": f"{i} * 3", "output": f"cot #### {said[i]}" if said[i] is not None else "cot",
+         "prediction": said[i], "answer": str(3 * i), "correct": i in (0, 3)} for i in range(5)]
 
 
 # ----- the four stages through the CLI: TP=2 == TP=1, end to end ------------------------------------
@@ -256,10 +283,11 @@ def _run_pipeline(root, made, tp):
             torchrun("train_implicit.py", stage, *train_args(flags))
     dirs = ",".join(str(out / s) for s, _ in stages)
     eval_flags = ["--data_file", str(root / "valid.txt"), "--model_dirs", dirs, "--batch_size", "3",
-                  "--max_new_tokens", "40", "--output_file", str(out / "eval.json")]
+                  "--max_new_tokens", "40", "--results_file", str(out / "eval.json"), "--output_file",
+                  str(out / "outputs.jsonl")]
     if tp == 1:
         train_implicit.evaluate(data_file=str(root / "valid.txt"), model_dirs=dirs, batch_size=3, max_new_tokens=40,
-                                output_file=str(out / "eval.json"))
+                                results_file=str(out / "eval.json"), output_file=str(out / "outputs.jsonl"))
     else:
         torchrun("train_implicit.py", "evaluate", *eval_flags)
     return out
@@ -324,6 +352,31 @@ def test_end_to_end_outputs(pipelines, models):
     a, b = (json.load(open(p / "eval.json")) for p in (one, two))
     assert [r.get("correct") for r in a] == [r.get("correct") for r in b]
     assert abs(a[2]["mse"] - b[2]["mse"]) < 1e-4 * a[2]["mse"] + 1e-7
+    outputs = [[json.loads(line) for line in open(p / "outputs.jsonl")] for p in (one, two)]
+    assert outputs[0] == [{**r, "model_dir": r["model_dir"].replace(str(two), str(one))} for r in outputs[1]]
+    _check_outputs(outputs[0], a, read_cot_lines(str(root / "valid.txt")))
+    # 2 data-parallel replicas each answer half the lines; the file holds them all, in file order
+    torchrun("train_implicit.py", "evaluate", "--data_file", str(root / "valid.txt"), "--model_dirs",
+             ",".join(str(one / s) for s in ("teacher", "couple")), "--batch_size", "3", "--max_new_tokens", "40",
+             "--tp_size", "1", "--output_file", str(two / "dp2.jsonl"))
+    assert [json.loads(line) for line in open(two / "dp2.jsonl")] == [
+        r for r in outputs[0] if r["stage"] in ("teacher", "couple")]
+
+
+def _check_outputs(records, results, lines):
+    """evaluate's --output_file: each generating model's lines in file order, their counts its result's."""
+    generating = [r for r in results if r["stage"] != "emulator"]
+    assert [(r["stage"], r["index"]) for r in records] == [(g["stage"], i) for g in generating for i in range(len(lines))]
+    for g in generating:
+        mine = [r for r in records if r["model_dir"] == g["model_dir"]]
+        assert sum(r["correct"] for r in mine) == g["correct"]
+        assert sum(r["prediction"] is None for r in mine) == g["unparsable"]
+        for r in mine:
+            line = lines[r["index"]]
+            assert (r["question"], r["answer"]) == (line.input, line.answer)
+            assert r["correct"] == (r["prediction"] is not None and r["prediction"].split() == line.answer.split())
+            if r["prediction"] is not None:  # the answer is the output's (a teacher's: after its CoT)
+                assert r["output"].split(" #### ")[1 if g["stage"] == "teacher" else 0].split() == r["prediction"].split()
 
 
 @pytest.mark.processes
@@ -421,8 +474,20 @@ def test_lora_stages_continue_their_adapters(models, dist1, tmp_path):
     before, after = (full_weights(p, lora=True) for p in (tmp_path / "s" / "best", best))
     assert before.keys() == after.keys() and _worst(before, after) > 0
     train_implicit.evaluate(data_file=str(root / "valid.txt"), model_dirs=f"{tmp_path / 't'},{tmp_path / 'c'}",
-                            max_new_tokens=40, output_file=str(tmp_path / "eval.json"))
-    assert [r["total"] for r in json.load(open(tmp_path / "eval.json"))] == [6, 6]
+                            max_new_tokens=40, results_file=str(tmp_path / "eval.json"),
+                            output_file=str(tmp_path / "outputs.jsonl"))
+    results = json.load(open(tmp_path / "eval.json"))
+    assert [r["total"] for r in results] == [6, 6]
+    _check_outputs([json.loads(line) for line in open(tmp_path / "outputs.jsonl")], results,
+                   read_cot_lines(str(root / "valid.txt")))
+    held = read_cot_lines(str(root / "valid.txt"))  # the stages' --label_file, 2 lines of it evaluated
+    for stage in ("t", "s", "c"):  # each evaluation's first lines as the stage answered them (samples.jsonl)
+        samples = [json.loads(line) for line in open(tmp_path / stage / "samples.jsonl")]
+        assert [(r["step"], r["index"]) for r in samples] == [(1, 0), (1, 1)]
+        assert [(r["instruction"], r["label"]) for r in samples] == [(h.input, h.answer) for h in held[:2]]
+        assert all(r["correct"] == (r["prediction"] is not None and r["prediction"].split() == r["label"].split())
+                   for r in samples)
+    assert not os.path.exists(tmp_path / "e" / "samples.jsonl")  # the emulator generates nothing
 
 
 def test_flag_errors(tmp_path):
@@ -438,3 +503,89 @@ def test_flag_errors(tmp_path):
                               max_eval_examples=-1)
     with pytest.raises(UserError, match="--model_dirs names no directory"):
         train_implicit.evaluate(data_file="unused", model_dirs=",")
+    with pytest.raises(UserError, match="--output_file and --results_file are the same file o.json; name two"):
+        train_implicit.evaluate(data_file="d.txt", model_dirs="m", output_file="o.json", results_file="o.json")
+    with pytest.raises(UserError, match="--output_file d.txt is the --data_file; name another file"):
+        train_implicit.evaluate(data_file="d.txt", model_dirs="m", output_file="d.txt")
+    with pytest.raises(UserError, match=f"--results_file {tmp_path} is a directory"):
+        train_implicit.evaluate(data_file="d.txt", model_dirs="m", results_file=str(tmp_path))
+
+
+# ----- the README's commands, as a new user runs them -----------------------------------------------
+READS = ("--ckpt_dir", "--teacher_dir", "--student_dir", "--emulator_dir", "--model_dirs", "--train_file",
+         "--label_file", "--data_file", "--tokenizer")
+WRITES = ("--save_dir", "--out_dir", "--output", "--output_file", "--results_file")
+
+
+def _readme_implicit_commands():
+    """The first bash block of the README's implicit section: one token list per command, `[...]`
+    options and comments left out."""
+    import re
+    import shlex
+
+    from tests.helpers import ROOT
+
+    section = open(os.path.join(ROOT, "README.md")).read().split("## Implicit chain of thought", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    lines = [re.sub(r"\[[^\]]*\]", "", line.split("#", 1)[0]) for line in block.replace("\\\n", " ").splitlines()]
+    return [shlex.split(line) for line in lines if line.strip()]
+
+
+def _flag_values(cmd):
+    return {tok: cmd[i + 1] for i, tok in enumerate(cmd[:-1]) if tok.startswith("--")}
+
+
+def test_readme_implicit_commands_read_only_what_earlier_ones_write():
+    """Every checkpoint, data and tokenizer file an implicit command names is written by an earlier one."""
+    written = []
+    for cmd in _readme_implicit_commands():
+        flags = _flag_values(cmd)
+        for name in READS:
+            for path in flags.get(name, "").split(",") if name in flags else ():
+                assert any(path == w or path.startswith(w.rstrip("/") + "/") for w in written), \
+                    f"README: `{' '.join(cmd)}` reads {name} {path}, which no earlier command writes"
+        written += [flags[name] for name in WRITES if name in flags]
+    assert {"init-tp2", "student-tp2", "emulator-tp2"} <= set(written)
+
+
+TINY = {"--n_train": "24", "--n_valid": "4", "--n_test": "4", "--batch_size": "4", "--max_steps": "2"}
+STAGE = {"--max_steps": "2", "--max_batch_size": "4", "--eval_batch_size": "4", "--max_new_tokens": "40"}
+
+
+def _tiny(cmd):
+    """(script, its arguments) of a README command at a tiny size: tiny-llama models, 24 training
+    lines, 2 steps; `torchrun --nproc_per_node 2` becomes this one process, which reads the 2 shards."""
+    script, args = (cmd[3], cmd[4:]) if cmd[0] == "torchrun" else (cmd[1], cmd[2:])
+    args = ["tiny-llama" if a == "small-llama" else a for a in args]
+    args = [TINY.get(args[i - 1], a) if i and args[i - 1] in TINY else a for i, a in enumerate(args)]
+    if script == "train_implicit.py" and args[0] != "evaluate":
+        flags = _flag_values(args)
+        args = [STAGE.get(args[i - 1], a) if i and args[i - 1] in STAGE else a for i, a in enumerate(args)]
+        args += [x for name, value in STAGE.items() if name not in flags for x in (name, value)]
+    elif script == "train_implicit.py":
+        args += ["--max_new_tokens", "40"]
+    return script, args
+
+
+def test_readme_implicit_commands_run_in_order(tmp_path, monkeypatch, dist1):
+    """The README's implicit commands, in order, through each launcher's CLI (in this process: a
+    start per command costs more than the tiny run), then what evaluate wrote is read back."""
+    import sys
+
+    import checkpoint_split
+    from data import make_tokenizer, multiplication
+    from engine.runtime.cli import run_cli as launch
+
+    launchers = {"data/multiplication.py": multiplication.main, "data/make_tokenizer.py": make_tokenizer.main,
+                 "checkpoint_split.py": checkpoint_split.COMMANDS, "train_implicit.py": train_implicit.COMMANDS}
+    monkeypatch.chdir(tmp_path)
+    commands = [_tiny(cmd) for cmd in _readme_implicit_commands()]
+    for script, args in commands:
+        monkeypatch.setattr(sys, "argv", [script, *args])
+        launch(launchers[script])
+    for name in ("init-tp2", "student-tp2", "emulator-tp2"):
+        assert sorted(f for f in os.listdir(name) if f.endswith(".safetensors")) == [
+            "consolidated.00.safetensors", "consolidated.01.safetensors"]
+    results = json.load(open("results.json"))
+    assert [r["stage"] for r in results] == ["teacher", "no_cot", "mind_read", "emulator", "couple"]
+    _check_outputs([json.loads(line) for line in open("outputs.jsonl")], results, read_cot_lines("mult3/test.txt"))

@@ -63,6 +63,42 @@ def test_merge_and_peft_export_match(tmp_path, family, targets, dist1):
     conf = json.load(open(tmp_path / "peft" / "adapter_config.json"))
     assert conf["r"] == 4 and conf["lora_alpha"] == 8.0 and "q_proj" in conf["target_modules"]
     assert ("lm_head" in conf["target_modules"]) == (targets is not None and "output" in targets)
+    assert conf["base_model_name_or_path"] is None  # the base is native: nothing transformers loads
+
+
+def _peft_logits(adapter_dir, x):
+    """AutoPeftModelForCausalLM alone (the base found through adapter_config.json), as a user loads it."""
+    from peft import AutoPeftModelForCausalLM
+
+    with torch.no_grad():
+        return AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), dtype=torch.float32).eval()(x).logits
+
+
+def test_auto_peft_loads_the_exported_adapter_with_our_logits(tmp_path, dist1, capsys):
+    """to_hf's adapter folder names the HF model written beside it, export_peft --hf_base names the
+    user's HF base: AutoPeftModelForCausalLM.from_pretrained(adapter) loads either with our logits."""
+    save_hf("llama2", str(tmp_path / "hf"))
+    cks.from_hf(str(tmp_path / "hf"), str(tmp_path / "base"))
+    model = ck.load_model(str(tmp_path / "base")).eval()
+    cfg = LoRAConfig(rank=4, alpha=8.0, seed=3)
+    apply_lora(model, cfg)
+    _random_adapter(model, 2)
+    os.makedirs(tmp_path / "adapter")
+    save_lora(model, cfg, str(tmp_path / "adapter"), str(tmp_path / "base"))
+    x = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        ours = model(x)
+    cks.to_hf(str(tmp_path / "adapter"), str(tmp_path / "out"))  # base + peft adapter in out/adapter
+    conf = json.load(open(tmp_path / "out" / "adapter" / "adapter_config.json"))
+    assert conf["base_model_name_or_path"] == str(tmp_path / "out")
+    assert (_peft_logits(tmp_path / "out" / "adapter", x) - ours).abs().max() <= TOL
+    cks.export_peft(str(tmp_path / "adapter"), str(tmp_path / "peft"), hf_base=str(tmp_path / "hf"))
+    assert (_peft_logits(tmp_path / "peft", x) - ours).abs().max() <= TOL
+    cks.export_peft(str(tmp_path / "adapter"), str(tmp_path / "bare"))
+    assert "pass --hf_base" in capsys.readouterr().out
+    save_hf("llama2", str(tmp_path / "other"), num_hidden_layers=3)
+    with pytest.raises(ck.CheckpointError, match="different model than the adapter's base"):
+        cks.export_peft(str(tmp_path / "adapter"), str(tmp_path / "bad"), hf_base=str(tmp_path / "other"))
 
 
 def test_lora_on_a_tied_output_head_is_refused(tmp_path, tiny_tokenizer, dist1):

@@ -350,6 +350,51 @@ def test_authors_layout_and_svamp_equations(tmp_path):
         prepare_main(str(tmp_path / "o2.json"), dataset_dir=str(d))
 
 
+def test_instruction_records_as_infer_writes_them(tmp_path, capsys, tiny_tokenizer):
+    """infer.py's output (instruction, output: one text or --num_samples K of them, label) and MCC-KD
+    files are read like every other tool reads them; a list keeps its usable rationales and the label
+    most of them state; the file written trains the step-by-step tasks (both label types)."""
+    from engine.distill.step_by_step.data import StepByStepData
+    from engine.text.tokenizer import load_tokenizer
+
+    ask = "Pick one.\nAnswer Choices:\n(a) x\n(b) y"
+
+    def line(i, output, label="B"):  # the keys infer.py writes
+        return {"id": i, "index": i, "instruction": ask, "prompt": f"### Instruction:\n{ask}\n\n### Response:\n",
+                "output": output, "finish": "stop", "label": label, "prediction": None, "correct": False}
+
+    rows = [line(0, "y is the one. So the answer is (b) y.\n\nQ: next"),
+            line(1, ["x fits. So the answer is (a) x.", "y fits. So the answer is (b) y.", "I cannot say.",
+                     "y again. The answer is (b)."]),
+            line(2, ["no idea", "none either"]), line(3, ["x it is. So the answer is (a) x."], label="A")]
+    src = tmp_path / "raw.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prepare_main(str(tmp_path / "out.json"), input_file=str(src), task="CSQA")
+    out = json.load(open(tmp_path / "out.json"))
+    assert out == [
+        {"id": 0, "instruction": ask, "output": "y is the one. So the answer is (b) y.", "label": "B", "llm_label": "B"},
+        {"id": 1, "instruction": ask, "output": ["x fits. So the answer is (a) x.", "y fits. So the answer is (b) y.",
+                                                 "y again. The answer is (b)."], "label": "B", "llm_label": "B"},
+        {"id": 3, "instruction": ask, "output": "x it is. So the answer is (a) x.", "label": "A", "llm_label": "A"}]
+    printed = capsys.readouterr().out
+    assert printed.startswith("kept 3 of 4 records") and "no_answer_sentence: 1\n" in printed
+    assert json.loads(printed.strip().splitlines()[-1])["dropped"] == {"no_answer_sentence": 1,
+                                                                       "rationales_no_answer_sentence": 3}
+    tok = load_tokenizer(tiny_tokenizer)
+    for label_type in ("gt", "llm"):
+        assert len(StepByStepData(out, tok, 256, task="CSQA", label_type=label_type)) == 3
+    mcc = [{"instruction": "Natalia sold 48 clips in April and half as many in May. How many in all?",
+            "output": ["48 / 2 = 24. 48 + 24 = 72.\nTherefore, the answer is 72 .", "She sold 72.\nThe answer is 70 ."],
+            "label": "72"}]  # an MCC-KD file (train_mcc.py's): a tie goes to the answer stated first
+    (tmp_path / "mcc.json").write_text(json.dumps(mcc))
+    prepare_main(str(tmp_path / "mcc-sbs.json"), input_file=str(tmp_path / "mcc.json"), task="GSM8K")
+    assert [(r["instruction"], r["llm_label"], len(r["output"])) for r in json.load(open(tmp_path / "mcc-sbs.json"))] \
+        == [(mcc[0]["instruction"], "72", 2)]
+    (tmp_path / "bare.json").write_text(json.dumps([{"instruction": ask, "label": "B"}]))
+    with pytest.raises(UserError, match=r"bare.json record 0 has no teacher output \('llm_output' raw text, "):
+        prepare_main(str(tmp_path / "o3.json"), input_file=str(tmp_path / "bare.json"), task="CSQA")
+
+
 # ----- ECE and BLEU against hand computations -----------------------------------------------------
 def test_ece_by_hand():
     # bins of width 0.1: 0.05 -> bin 0; 0.62, 0.68 -> bin 6; 0.95, 1.0 -> bin 9

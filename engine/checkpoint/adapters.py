@@ -11,7 +11,7 @@ from typing import Any, NamedTuple, Optional, Tuple
 import torch
 from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_model_parallel_world_size
 
-from engine.checkpoint.files import NATIVE_FORMAT, CheckpointError, read_json
+from engine.checkpoint.files import NATIVE_FORMAT, CheckpointError, read_json, shard_files
 from engine.checkpoint.loading import load_model, load_state_into
 from engine.checkpoint.sources import ShardedSource, open_checkpoint
 from engine.checkpoint.writers import check_save_dir
@@ -19,7 +19,7 @@ from engine.runtime.fileio import SafetensorsWriter, atomic_write_text, staged_d
 from engine.text.prompts import TEMPLATE_FILE
 from engine.text.tokenizer import check_tokenizer_fits, load_tokenizer
 from models.args import ModelArgs
-from models.hf import HF_TARGET_NAMES, hf_key_map, hf_table
+from models.hf import HF_TARGET_NAMES, args_from_hf_config, hf_key_map, hf_table
 from models.lora import LoRAConfig, apply_lora, lora_modules, lora_state_dict, merge_lora
 from models.sharding import full_box, lora_layers, lora_specs
 
@@ -149,11 +149,37 @@ def open_with_adapter(ckpt_dir: Optional[str], lora_dir: Optional[str] = None):
     return MergedSource(base_src, lora_src, cfg)
 
 
-def export_peft(lora_dir: str, save_dir: str, overwrite: bool = False) -> None:
+def peft_base_name(hf_base: Optional[str], native_base: Optional[str], args: ModelArgs) -> Optional[str]:
+    """What adapter_config.json names as base_model_name_or_path, which AutoPeftModelForCausalLM loads:
+    `hf_base` (a local HF directory, checked to hold this adapter's model, or a hub name), else the base
+    checkpoint the adapter was trained on when that is an HF directory, else None (a native base is
+    no model transformers can load)."""
+    if hf_base is None:
+        is_hf = native_base and os.path.isfile(os.path.join(native_base, "config.json")) and not shard_files(native_base)
+        return os.path.abspath(native_base) if is_hf else None
+    if not os.path.isdir(hf_base):
+        if hf_base.startswith((".", "/", "~")) or os.path.exists(hf_base):
+            raise CheckpointError(f"--hf_base {hf_base} is not a directory")
+        return hf_base  # a model hub name
+    config = os.path.join(hf_base, "config.json")
+    if not os.path.isfile(config):
+        raise CheckpointError(f"--hf_base {hf_base} holds no config.json (not an HF model directory)")
+    theirs = args_from_hf_config(read_json(config), source=config)
+    shape = ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size", "n_experts")
+    if any(getattr(theirs, k) != getattr(args, k) for k in shape):
+        raise CheckpointError(f"--hf_base {hf_base} is a different model than the adapter's base ("
+                              + ", ".join(f"{k} {getattr(theirs, k)} vs {getattr(args, k)}" for k in shape
+                                          if getattr(theirs, k) != getattr(args, k)) + ")")
+    return os.path.abspath(hf_base)
+
+
+def export_peft(lora_dir: str, save_dir: str, overwrite: bool = False, hf_base: Optional[str] = None) -> None:
     """Write an HF peft adapter (adapter_config.json + adapter_model.safetensors) that
-    `peft.PeftModel.from_pretrained(hf_model, save_dir)` loads onto the HF model of the base."""
+    `peft.PeftModel.from_pretrained(hf_model, save_dir)` loads onto the HF model of the base, and
+    `AutoPeftModelForCausalLM.from_pretrained(save_dir)` alone when it names an HF base (peft_base_name)."""
     src, cfg, base = open_lora(lora_dir)
     args = src.args
+    base_name = peft_base_name(hf_base, base, args)
     names = hf_key_map(args, hf_table(args, for_export=True))
     check_save_dir(save_dir, overwrite)
     specs = src.specs()
@@ -166,7 +192,7 @@ def export_peft(lora_dir: str, save_dir: str, overwrite: bool = False) -> None:
     targets = sorted({HF_TARGET_NAMES[name.rsplit(".", 1)[-1]] for name in lora_layers(args, cfg.targets)})
     adapter_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank, "lora_alpha": cfg.alpha,
                       "lora_dropout": cfg.dropout, "target_modules": targets, "bias": "none",
-                      "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": base,
+                      "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": base_name,
                       "init_lora_weights": True, "use_rslora": False, "use_dora": False}
     with staged_directory(save_dir, overwrite) as stage:
         w = SafetensorsWriter(os.path.join(stage, "adapter_model.safetensors"), layout, {"format": "pt"})
@@ -174,6 +200,10 @@ def export_peft(lora_dir: str, save_dir: str, overwrite: bool = False) -> None:
             w.write(key, src.read(sp, full_box(sp)).float())
         w.close()
         atomic_write_text(os.path.join(stage, "adapter_config.json"), json.dumps(adapter_config, indent=2) + "\n")
+    if base_name is None:
+        print(f"note: {save_dir}/adapter_config.json names no HF base ({base} is a native checkpoint): pass "
+              f"--hf_base (e.g. the output of `checkpoint_split.py to_hf --ckpt_dir {base}`) for "
+              f"AutoPeftModelForCausalLM, or load it with PeftModel.from_pretrained(hf_model, {save_dir})", flush=True)
 
 
 def check_finite_weights(model, where: str) -> None:

@@ -39,14 +39,13 @@ def load_state_into(model: torch.nn.Module, src: Source, rank: int, n: int, only
 def load_model(ckpt_dir: str, dtype: torch.dtype = torch.float32, device=None, model_type: Optional[str] = None):
     """Build the tensor-parallel Transformer for this rank and load its shard of `ckpt_dir`.
 
-    A native or Meta directory must hold one shard per tensor-parallel rank; an HF directory or a
-    single full file loads at any tensor-parallel size."""
+    Any checkpoint loads at any tensor-parallel size its shapes allow: a native or Meta directory
+    whose shard count differs from it is resharded on load, each rank reading only its box of one
+    tensor at a time from the shards that hold it (as an HF directory or a single file always was)."""
     tp, rank = get_model_parallel_world_size(), get_model_parallel_rank()
     src = open_checkpoint(ckpt_dir, model_type)
-    if isinstance(src, ShardedSource) and os.path.isdir(ckpt_dir) and src.n != tp:
-        raise CheckpointError(
-            f"{ckpt_dir} holds {src.n} shard(s) but the tensor-parallel size is {tp}; reshard it with "
-            f"`python checkpoint_split.py reshard --ckpt_dir {ckpt_dir} --save_dir OUT --n {tp}`")
+    if isinstance(src, ShardedSource) and src.n != tp and rank == 0 and os.environ.get("RANK", "0") == "0":
+        print(f"{ckpt_dir}: {src.n} shard(s) resharded on load to tensor-parallel size {tp}", flush=True)
     try:
         model = Transformer(src.args, device, dtype)
     except ConfigError as e:

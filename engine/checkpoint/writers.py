@@ -12,7 +12,7 @@ from engine.checkpoint.files import NATIVE_FORMAT, CheckpointError, copy_tokeniz
 from engine.checkpoint.sources import Source, rotate_half_to_meta
 from engine.runtime.fileio import SafetensorsWriter, atomic_torch_save, atomic_write_text, staged_directory
 from engine.runtime.progress import Progress, progress
-from engine.text.tokenizer import load_tokenizer
+from engine.text.tokenizer import TokenizerError, load_tokenizer
 from models.args import ConfigError, ModelArgs
 from models.hf import hf_config, hf_key_map, hf_table
 from models.sharding import box_shape, full_box, shard_box, weight_specs
@@ -175,10 +175,29 @@ def write_hf(src: Source, save_dir: str, dtype: Optional[torch.dtype] = None, ov
         cfg = hf_config(args, *tok, dtype=str(any_dtype).replace("torch.", ""))
         atomic_write_text(os.path.join(stage, "config.json"), json.dumps(cfg, indent=2) + "\n")
         copy_tokenizer(src.tokenizer_files, stage)
-        if any(p.endswith("tokenizer.model") for p in src.tokenizer_files) and not any(
-                p.endswith("tokenizer_config.json") for p in src.tokenizer_files):
-            atomic_write_text(os.path.join(stage, "tokenizer_config.json"),
-                              json.dumps(_sentencepiece_tokenizer_config(src.tokenizer_files), indent=2))
+        _write_hf_tokenizer(src.tokenizer_files, stage, args.max_seq_len)
+
+
+def _write_hf_tokenizer(tokenizer_files: Sequence[str], stage: str, max_len: int) -> None:
+    """Beside a sentencepiece tokenizer.model: the tokenizer.json (and tokenizer_config.json) that
+    transformers loads as a fast tokenizer without protobuf and that gives our ids
+    (engine/text/hf_tokenizer.py); an HF tokenizer's own files are copied as they are."""
+    names = {os.path.basename(p) for p in tokenizer_files}
+    model = next((p for p in tokenizer_files if p.endswith(".model")), None)
+    if model is None or "tokenizer.json" in names:
+        return
+    from engine.text.hf_tokenizer import hf_tokenizer_config, sentencepiece_to_hf
+
+    tok = load_tokenizer(model)
+    try:
+        fast = sentencepiece_to_hf(model, tok.bos_id, tok.eos_id)
+    except TokenizerError as e:
+        print(f"note: no tokenizer.json written: {e}", flush=True)
+        return
+    atomic_write_text(os.path.join(stage, "tokenizer.json"), fast.to_str())
+    if "tokenizer_config.json" not in names:
+        atomic_write_text(os.path.join(stage, "tokenizer_config.json"),
+                          json.dumps(hf_tokenizer_config(tok, max_len), indent=2) + "\n")
 
 
 def _tokenizer_ids(tokenizer_files: Sequence[str]):
@@ -187,12 +206,3 @@ def _tokenizer_ids(tokenizer_files: Sequence[str]):
         return None, None, None
     tok = load_tokenizer(os.path.dirname(paths[0]))
     return tok.bos_id, tok.eos_id, tok.pad_id
-
-
-def _sentencepiece_tokenizer_config(tokenizer_files: Sequence[str]) -> dict:
-    path = next(p for p in tokenizer_files if p.endswith("tokenizer.model"))
-    tok = load_tokenizer(path)
-    piece = tok.id_to_piece
-    return {"tokenizer_class": "LlamaTokenizer", "bos_token": piece(tok.bos_id), "eos_token": piece(tok.eos_id),
-            "unk_token": piece(tok.unk_id) if tok.unk_id is not None else None, "add_bos_token": True,
-            "add_eos_token": False, "legacy": True}

@@ -168,9 +168,10 @@ class GenerateArgs(ModelSource, GenerationFlags):
         "device",
         "task_prefix",
         "overwrite",
+        "prompt_file",
     )
 
-    ckpt_dir: str = flag("native checkpoint (one shard per tensor-parallel rank), an HF directory, or a LoRA adapter "
+    ckpt_dir: str = flag("native checkpoint (any shard count: resharded on load), an HF directory, or a LoRA adapter "
                          "directory.")
     data_file: str = flag("MCC-KD JSON list or JSON lines with 'instruction' (and optional 'label', 'id').")
     output_file: str = flag(
@@ -184,9 +185,19 @@ class GenerateArgs(ModelSource, GenerationFlags):
         None,
     )
     lora_dir: Optional[str] = flag("a LoRA adapter from training, merged into the weights.", None)
+    prompt_file: Optional[str] = flag(
+        "few-shot demonstrations before each question (e.g. shared/data/prompts/gsm8k_complex_cot.txt): the file, a "
+        "blank line, then 'Question: {instruction}' and the cue line all its demonstrations share; a file holding "
+        "{instruction} is filled in instead. Implies --template none and stops at the next 'Question:'.", None)
 
     def __post_init__(self):
         self.check_generation()
+        if self.prompt_file:
+            from engine.text.prompts import few_shot_parts, read_prompt_file
+
+            demos = read_prompt_file(self.prompt_file)
+            marker = "Question:" if "{instruction}" in demos else few_shot_parts(demos, self.prompt_file)[0]
+            self.stops = tuple(dict.fromkeys(self.stops + ("\n" + marker,)))
         _check_output_file(self.output_file)
         self.check_precision()
         self.task = check_task(self.task) if self.task else None
@@ -302,10 +313,17 @@ class EvaluateArgs(CommandArgs):
     field: str = flag("the text field to score; a list (several samples) scores each of its items.", "output")
     scoring: str = flag(_SCORING, "ours")
     report: str = flag(_REPORT, "ours")
+    output_file: Optional[str] = flag("also write each record's prediction(s) and correctness here (JSON lines; a "
+                                      "list field adds majority, majority_votes, majority_correct and pass).", None)
 
     def __post_init__(self):
         self.task = check_task(self.task)
         _check_scoring_and_report(self)
+        if self.output_file:
+            _check_output_file(self.output_file)
+            for name in ("predictions_file", "label_file"):
+                if getattr(self, name) and os.path.abspath(getattr(self, name)) == os.path.abspath(self.output_file):
+                    raise UserError(f"--output_file {self.output_file} is the --{name}: choose another file")
 
 
 @dataclass(kw_only=True)

@@ -14,7 +14,7 @@ import torch
 from engine.checkpoint import adapter_and_base, load_for_inference
 from engine.infer.args import GenerationFlags, ScoreArgs
 from engine.infer.generation import Request, SamplingParams, StopStrings, generate_stream, request_seed
-from engine.infer.metrics import Accuracy
+from engine.infer.metrics import Accuracy, SampleAccuracy, vote_fields
 from engine.infer.prompting import check_room, encode_prompt, prompt_room
 from engine.infer.topk_file import meta_path as teacher_meta_path, teacher_meta
 from engine.runtime.cli import on_interrupt
@@ -25,7 +25,13 @@ from engine.runtime.outputs import Output, args_inputs
 from engine.runtime.progress import Progress
 from engine.runtime.signature import first_difference, input_identities
 from engine.text.answers import choices_in, extract_answer, is_correct, label_warning, parse_label, unreadable_labels
-from engine.text.prompts import resolve_task_prefix, resolve_template, task_instruction
+from engine.text.prompts import (
+    few_shot_prompt,
+    read_prompt_file,
+    resolve_task_prefix,
+    resolve_template,
+    task_instruction,
+)
 from engine.text.records import read_records, validate_training_records
 from engine.text.sequences import IGNORE, pad_batch
 from models.vocab_parallel import sharded_token_logprobs, sharded_topk, token_cross_entropy
@@ -48,6 +54,7 @@ SETTINGS = (
     "long_prompts",
     "output_tokens",
     "task_prefix",
+    "prompt_sha256",
 )
 # what a setting read from a .meta.json written before it existed was (such files resume as before)
 SETTINGS_BEFORE = {"scoring": "ours"}
@@ -81,9 +88,11 @@ class Job:
     template: str  # --template, else the one recorded with the model
     task_prefix: Optional[str] = None  # a step-by-step model's task (label / rationale), None for others
     task_prefixes: Optional[dict] = None  # {task: instruction prefix} the model was trained with
+    demos: Optional[str] = None  # few-shot demonstrations (--prompt_file) put before each question
 
     def instruction(self, rec: dict) -> str:
-        return task_instruction(rec["instruction"], self.task_prefix, self.task_prefixes)
+        text = task_instruction(rec["instruction"], self.task_prefix, self.task_prefixes)
+        return few_shot_prompt(self.demos, text) if self.demos else text
 
 
 @dataclass(kw_only=True)
@@ -94,9 +103,11 @@ class GenerationJob(Job):
     def of(cls, flags: GenerationFlags) -> "GenerationJob":
         check_room(flags.max_new_tokens, flags.ckpt_dir, flags.lora_dir)
         task_prefix, task_prefixes = resolve_task_prefix(flags.task_prefix, flags.ckpt_dir, flags.lora_dir)
-        return cls(flags=flags, records=read_records(flags.data_file),
-                   template=resolve_template(flags.template, flags.ckpt_dir, flags.lora_dir), task_prefix=task_prefix,
-                   task_prefixes=task_prefixes)
+        demos = read_prompt_file(flags.prompt_file) if getattr(flags, "prompt_file", None) else None
+        template = "none" if demos and flags.template is None else resolve_template(flags.template, flags.ckpt_dir,
+                                                                                    flags.lora_dir)
+        return cls(flags=flags, records=read_records(flags.data_file), template=template, task_prefix=task_prefix,
+                   task_prefixes=task_prefixes, demos=demos)
 
     @property
     def params(self) -> SamplingParams:
@@ -125,6 +136,8 @@ class GenerationJob(Job):
             "long_prompts": f.long_prompts,
             "output_tokens": f.output_tokens,
             "task_prefix": self.task_prefix,
+            "prompt_file": getattr(f, "prompt_file", None),
+            "prompt_sha256": file_sha256(f.prompt_file) if getattr(f, "prompt_file", None) else None,
             **self.weights(),
         }
 
@@ -255,6 +268,8 @@ class Lines:
             preds = [extract_answer(t, f.task, f.scoring, options) for t in texts]
             oks = [is_correct(p, rec.get("label"), f.task, f.scoring, options) for p in preds]
             line["prediction"], line["correct"] = (preds[0], oks[0]) if one else (preds, oks)
+            if not one:  # self-consistency and pass@k over the samples
+                line.update(vote_fields(preds, oks, rec.get("label"), f.task, f.scoring, options))
         return line
 
 
@@ -353,6 +368,8 @@ def run_generation(job: GenerationJob) -> None:
                            "tokens_per_s": round(n_new_tokens / max(wall, 1e-9), 1), "wall_s": round(wall, 2)}
                 if f.task:
                     summary.update(_accuracy(finished, job).as_dict(f.report))
+                    if f.num_samples > 1:
+                        summary.update(_sample_accuracy(finished))
                 return summary
 
             print(json.dumps(out.finish(summary_of, len(job.records))), flush=True)
@@ -367,6 +384,14 @@ def _accuracy(lines: List[dict], job: GenerationJob) -> Accuracy:
         for p, ok in zip(preds, oks):
             acc.count(p, ok, readable)
     return acc
+
+
+def _sample_accuracy(lines: List[dict]) -> dict:
+    """maj@k, pass@k and pass@1 of the records' samples (lines skipped for a long prompt count wrong)."""
+    acc = SampleAccuracy()
+    for r in lines:
+        acc.add(r["correct"], r.get("majority_correct", False))
+    return acc.as_dict()
 
 
 def run_scoring(job: ScoringJob) -> None:

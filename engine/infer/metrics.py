@@ -4,14 +4,16 @@ authors' answered-only accuracy reported beside on request), rationale BLEU and 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Tuple
 
 from engine.runtime.errors import DataError, UserError
-from engine.text.answers import choices_in, extract_answer, is_correct, parse_label
+from engine.runtime.fileio import atomic_open, disk_errors
+from engine.text.answers import answer_key, choices_in, extract_answer, is_correct, parse_label
 from engine.text.records import read_records, require_field
 
 REPORTS = ("ours", "authors")
@@ -74,6 +76,67 @@ def accuracy_of(texts: Iterable[str], labels: Iterable, task: str, scoring: str 
     for text, label, options in zip(texts, labels, choices or itertools.repeat(None)):
         acc.add(extract_answer(text, task, scoring, options), label, task, scoring, options)
     return acc
+
+
+# ----------------------------------------------------------------------------------------------
+# Several samples per record: self-consistency (majority vote, maj@k) and pass@k
+# ----------------------------------------------------------------------------------------------
+def majority_vote(predictions: List[Optional[str]], task: str, scoring: str = "ours") -> Tuple[Optional[str], int]:
+    """Self-consistency (Wang et al. 2023): the answer most samples state, answers equal by value
+    (answer_key) counting as one, a tie going to the answer stated first; samples without an answer
+    cast no vote. Returns (that answer as its first sample wrote it, its votes), (None, 0) if none."""
+    votes, first = Counter(), {}
+    for p in predictions:
+        key = answer_key(p, task, scoring)
+        if key is not None:
+            votes[key] += 1
+            first.setdefault(key, p)
+    if not votes:
+        return None, 0
+    key, n = max(votes.items(), key=lambda kv: (kv[1], -list(first).index(kv[0])))
+    return first[key], n
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k of Chen et al. (2021) from n samples of which c are correct:
+    1 - C(n - c, k) / C(n, k), the chance that k of the n drawn without replacement hold a correct one."""
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@{k} needs 1 <= k <= n = {n}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def vote_fields(predictions: List[Optional[str]], oks: List[bool], label, task: str, scoring: str = "ours",
+                choices=None) -> dict:
+    """The per-record fields of several samples: the majority answer, its votes, whether it is
+    right, and whether any sample is (pass@k with k = the number of samples)."""
+    answer, n = majority_vote(predictions, task, scoring)
+    return {"majority": answer, "majority_votes": n,
+            "majority_correct": is_correct(answer, label, task, scoring, choices), "pass": any(oks)}
+
+
+@dataclass
+class SampleAccuracy:
+    """maj@k, pass@k and pass@1 over records of several samples each (k: the samples per record)."""
+
+    records: int = 0
+    majority_correct: int = 0
+    passed: int = 0
+    pass_at_1_sum: float = 0.0
+    sizes: tuple = ()
+
+    def add(self, oks: List[bool], majority_correct: bool) -> None:
+        self.records += 1
+        self.majority_correct += bool(majority_correct)
+        self.passed += any(oks)
+        self.pass_at_1_sum += pass_at_k(len(oks), sum(map(bool, oks)), 1) if oks else 0.0
+        self.sizes = tuple(sorted(set(self.sizes) | {len(oks)}))
+
+    def as_dict(self) -> dict:
+        n = max(self.records, 1)
+        k = self.sizes[0] if len(self.sizes) == 1 else list(self.sizes)
+        return {"samples_per_record": k, "maj_at_k": self.majority_correct / n, "pass_at_k": self.passed / n,
+                "pass_at_1": self.pass_at_1_sum / n, "majority_correct": self.majority_correct,
+                "pass_correct": self.passed}
 
 
 def references_of(record: dict) -> List[str]:
@@ -269,24 +332,35 @@ def calibration_bins(
 # ----------------------------------------------------------------------------------------------
 def file_accuracy(args) -> dict:
     """Accuracy of args.field of every record of args.predictions_file against the labels (its own, or
-    args.label_file's in the same order); a list field scores each of its items."""
+    args.label_file's in the same order); a list field scores each of its items, and adds maj@k and
+    pass@k over them. With args.output_file, each record's answers and scores as JSON lines."""
     preds = read_records(args.predictions_file, required=())
     require_field(preds, args.predictions_file, args.field)
     labels_src = read_records(args.label_file, required=()) if args.label_file else preds
     if len(labels_src) != len(preds):
         raise DataError(f"{args.label_file} has {len(labels_src)} records but {args.predictions_file} has "
                         f"{len(preds)}")
-    acc = Accuracy()
+    acc, samples, lines = Accuracy(), SampleAccuracy(), []
     for i, (p, label) in enumerate(zip(preds, labels_src)):
         if "label" not in label:
             raise DataError(f"{args.label_file or args.predictions_file} record {i} lacks the key 'label'")
         value = p.get(args.field, "")
         options = choices_in(label.get("instruction", p.get("prompt")))  # CSQA labels may be choice texts
-        for text in (value if isinstance(value, list) else [value]) or [""]:
-            text = text if isinstance(text, str) else ""
-            acc.add(extract_answer(text, args.task, args.scoring, options), label["label"], args.task, args.scoring,
-                    options)
-    return acc.as_dict(args.report)
+        texts = [t if isinstance(t, str) else "" for t in ((value if isinstance(value, list) else [value]) or [""])]
+        answers = [extract_answer(t, args.task, args.scoring, options) for t in texts]
+        oks = [acc.add(a, label["label"], args.task, args.scoring, options) for a in answers]
+        line = {"id": p.get("id", i), "index": i, "label": label["label"]}
+        if isinstance(value, list):
+            line.update(prediction=answers, correct=oks, **vote_fields(answers, oks, label["label"], args.task,
+                                                                       args.scoring, options))
+            samples.add(oks, line["majority_correct"])
+        else:
+            line.update(prediction=answers[0], correct=oks[0])
+        lines.append(line)
+    if args.output_file:
+        with disk_errors(args.output_file), atomic_open(args.output_file, "w") as f:
+            f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+    return {**acc.as_dict(args.report), **(samples.as_dict() if samples.records else {})}
 
 
 def file_bleu(args) -> dict:

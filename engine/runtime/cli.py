@@ -86,12 +86,37 @@ def _forget_old_claims(directory: str) -> None:
                 os.unlink(old)
 
 
+# A rank whose collective broke because another rank exited (its error is the root cause) waits this
+# long, quietly, for torchrun to end it, instead of adding its own traceback to the report.
+PEER_WAIT_S = 10.0
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted")
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print one error sentence and exit non-zero. torchrun kills every rank as soon as one exits, so
     each failing rank may print the sentence (say_once: once per job) instead of counting on rank 0 to
     still be alive."""
+    from engine.runtime.progress import close_bars
+
+    close_bars()  # the sentence is the last line, below a bar, not above one redrawn after it
     say_once(f"error: {message}")
+    _tell_torchrun(f"error: {message}")
     sys.exit(code)
+
+
+def _tell_torchrun(sentence: str) -> None:
+    """Under torchrun, the sentence in the rank's error file too: torchrun's closing report then
+    shows it as the root cause's `traceback :` (the last lines it prints) instead of a link."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        import json
+
+        try:
+            with open(path, "w") as f:
+                json.dump({"message": {"message": sentence, "extraInfo": {
+                    "py_callstack": sentence, "timestamp": str(int(time.time()))}}}, f)  # torchelastic's format
+        except OSError:
+            pass  # the sentence is on stderr already
 
 
 # ----- Ctrl-C: one line saying what was kept and how to go on ------------------------------------
@@ -229,7 +254,11 @@ def checked_flags(fn):
 def run_cli(component) -> None:
     import fire
 
-    bad = unknown_flags(component, sys.argv[1:])
+    try:
+        argv, component = apply_config(component, sys.argv[1:])
+    except UserError as e:
+        fail(str(e))
+    bad = unknown_flags(component, argv)
     if bad:
         fail(f"unknown flag {', '.join(bad)}; see --help for the flags this command takes")
     if isinstance(component, dict):
@@ -237,11 +266,123 @@ def run_cli(component) -> None:
     else:
         component = checked_flags(component)
     try:
-        fire.Fire(component)
+        try:
+            fire.Fire(component, command=argv)
+        except BaseException:
+            from engine.runtime.progress import close_bars
+
+            close_bars()  # a traceback too comes after the bars, not above one redrawn below it
+            raise
     except UserError as e:
         fail(str(e))
     except KeyboardInterrupt:
         _interrupted()
+    except RuntimeError as e:
+        if not (os.environ.get("TORCHELASTIC_ERROR_FILE") and any(s in str(e) for s in _PEER_GONE)):
+            raise
+        _wait_to_be_ended(e)
+
+
+def _wait_to_be_ended(error: RuntimeError) -> None:
+    """Another rank exited (torchrun names it, its sentence included, as the root cause): wait for
+    torchrun's SIGTERM without a traceback; one line if none comes (another node's rank failed)."""
+    time.sleep(PEER_WAIT_S)
+    first = str(error).strip().splitlines()[0][:300]
+    print(f"error: rank {os.environ.get('RANK', '0')} lost another rank ({first}); that rank's error is above",
+          file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+# ----- --config FILE: a run written down once (YAML or JSON, its keys the flags) ----------------------
+_CONFIG: dict = {}  # what apply_config read: {"config_file": path, "config": {flag: value}}
+
+
+def loaded_config() -> dict:
+    """The --config this process's launcher read ({} without one), for the run's records."""
+    return dict(_CONFIG)
+
+
+def read_config(path: str) -> dict:
+    """A run file's {flag: value}: JSON (.json), else YAML; one sentence for a file that is not one."""
+    if not os.path.isfile(path):
+        raise UserError(f"--config {path} does not exist")
+    text = open(path, encoding="utf-8").read()
+    if path.endswith(".json"):
+        import json
+
+        try:
+            values = json.loads(text)
+        except ValueError as e:
+            raise UserError(f"--config {path} is not valid JSON ({e})") from None
+    else:
+        try:
+            import yaml
+        except ImportError:
+            raise UserError(f"--config {path} is YAML, which needs PyYAML (pip install pyyaml); or write the "
+                            f"run as a .json file") from None
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise UserError(f"--config {path} is not valid YAML ({' '.join(str(e).split())[:200]})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path} must map flag names to values, not hold a {type(values).__name__}")
+    return {str(k).replace("-", "_"): ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+            for k, v in values.items()}
+
+
+def apply_config(component, argv):
+    """(argv without --config FILE, the component with that file's values as the flags' defaults):
+    every key must be a flag of the command run (else one sentence naming the file and the key), and a
+    flag on the command line wins over the file."""
+    path, rest, i = None, [], 0
+    while i < len(argv):
+        if argv[i] == "--config" and i + 1 < len(argv):
+            path, i = argv[i + 1], i + 2
+            continue
+        if argv[i].startswith("--config="):
+            path = argv[i].split("=", 1)[1]
+        else:
+            rest.append(argv[i])
+        i += 1
+    if path is None:
+        return argv, component
+    name = rest[0] if isinstance(component, dict) and rest and rest[0] in component else None
+    if isinstance(component, dict) and name is None:
+        raise UserError(f"--config {path}: name the command first ({' / '.join(component)})")
+    fn = component[name] if name else component
+    values = read_config(path)
+    _CONFIG.update(config_file=os.path.abspath(path), config=dict(values))
+    wrapped = _with_defaults(fn, values, path, os.path.basename(sys.argv[0]) + (f" {name}" if name else ""))
+    return rest, ({**component, name: wrapped} if name else wrapped)
+
+
+def _with_defaults(fn, values: dict, path: str, command_name: str):
+    """fn taking `values` for the flags the command line leaves out (and showing them as defaults)."""
+    sig = inspect.signature(fn)
+    unknown = [k for k in values if k not in sig.parameters]
+    if unknown:
+        raise UserError(f"{path}: unknown key {unknown[0]!r}, not a flag of {command_name} (see its --help)")
+    hints = typing.get_type_hints(fn)
+    for key, value in values.items():
+        kind = next((t for t in typing.get_args(hints.get(key)) if t is not type(None)), hints.get(key))
+        if isinstance(value, str) and kind in (int, float):  # YAML reads 3e-3 as a string
+            try:
+                values[key] = kind(value)
+            except ValueError:
+                raise UserError(f"{path}: {key} must be a number, not {value!r}") from None
+    # keyword-only (fire then passes every flag by name): a required flag the file gives is optional
+    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, default=values.get(p.name, p.default))
+              for p in sig.parameters.values()]
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        given = sig.bind_partial(*args, **kwargs).arguments
+        return fn(*args, **{**{k: v for k, v in values.items() if k not in given}, **kwargs})
+
+    wrapper.__signature__ = sig.replace(parameters=params)
+    return wrapper
 
 
 def flag(text: str, default=MISSING, role: typing.Optional[str] = None):

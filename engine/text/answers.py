@@ -408,3 +408,19 @@ def find_answer_span(tokenizer, response_ids: Sequence[int], text: str, answer: 
 
 def span_spells(tokenizer, ids: Sequence[int], s: int, e: int, answer: str) -> bool:
     return 0 <= s < e <= len(ids) and tokenizer.decode(list(ids[s:e])).strip() == str(answer).strip()
+
+
+def answer_key(prediction: Optional[str], task: str, scoring: str = "ours"):
+    """What two predictions share when is_correct would judge them the same answer (for a majority
+    vote): the exact value of a number (`72`, `72.0` and `72.00` are one answer), an arithmetic
+    expression's value under --scoring exact on SVAMP / ASDiv, the text itself otherwise; None for no
+    answer."""
+    if prediction is None:
+        return None
+    if scoring == "exact" and check_task(task) in EXACT_EQUATION_TASKS:
+        value = python_arithmetic(prediction)
+        return ("value", value) if value is not None else ("text", prediction)
+    if scoring in ("exact", "mcc") or check_task(task) in CHOICE_TASKS:
+        return ("text", prediction)
+    value = _to_number(prediction)
+    return ("value", value) if value is not None else None

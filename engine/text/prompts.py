@@ -113,3 +113,38 @@ def resolve_task_prefix(task_prefix, ckpt_dir: str, lora_dir: str):
         print(f"warning: --task_prefix {task_prefix}: {lora_dir or ckpt_dir} records no task prefixes (it was not "
               f"trained with --objective step_by_step); prepending {TASK_PREFIXES[task_prefix]!r} anyway", flush=True)
     return task_prefix, recorded or TASK_PREFIXES
+
+
+# ----- few-shot prompts (a teacher's own accuracy, in-context formats) -----------------------------------
+def read_prompt_file(path: str) -> str:
+    """The few-shot demonstrations of --prompt_file (e.g. shared/data/prompts/gsm8k_complex_cot.txt)."""
+    if not os.path.isfile(path):
+        raise DataError(f"--prompt_file {path} does not exist")
+    text = open(path, encoding="utf-8").read().strip()
+    if not text:
+        raise DataError(f"--prompt_file {path} is empty")
+    if "{instruction}" not in text:
+        few_shot_parts(text, path)  # refused now, not at the first record
+    return text
+
+
+def few_shot_parts(demos: str, path: str = "--prompt_file") -> tuple:
+    """(question marker, cue) of demonstrations separated by blank lines, each `MARKER: question` then
+    its answer: the marker all of them start with ("Question:") and the line after the question when
+    every demonstration has the same one ("Let's think step by step"; None otherwise)."""
+    blocks = [b.strip().split("\n") for b in demos.split("\n\n") if b.strip()]
+    marker = blocks[0][0].split(":", 1)[0] + ":" if ":" in blocks[0][0] else None
+    if marker is None or not all(b[0].startswith(marker) for b in blocks):
+        raise DataError(f"{path}: the demonstrations do not all start with the same 'Name:' (e.g. 'Question:'); "
+                        f"write {{instruction}} where the question goes instead")
+    cues = {b[1] if len(b) > 2 else None for b in blocks}
+    return marker, cues.pop() if len(cues) == 1 else None
+
+
+def few_shot_prompt(demos: str, instruction: str) -> str:
+    """The demonstrations, a blank line, then the question as they ask theirs (and their shared cue
+    line); a file holding {instruction} is filled in instead."""
+    if "{instruction}" in demos:
+        return demos.replace("{instruction}", instruction.strip())
+    marker, cue = few_shot_parts(demos)
+    return f"{demos}\n\n{marker} {instruction.strip()}\n" + (f"{cue}\n" if cue else "")

@@ -102,6 +102,8 @@ class _EvalFlags(ModelFlags, _DataFlags):
     template: str = flag("prompt template: default or none (recorded with every saved checkpoint for infer.py).",
                          "default")
     max_eval_examples: int = flag("evaluate on the first N label_file records only (0: all).", 0)
+    eval_samples: int = flag("evaluation records whose generations (output, prediction, correct) every evaluation "
+                             "writes to SAVE_DIR/samples.jsonl and the loggers (0: none).", 4)
     scoring: str = flag(
         "how evaluation scores an answer (and so picks best/): ours (the answer the output states, by exact "
         "value), exact (the whole output must equal the label string; SVAMP / ASDiv: Python arithmetic "
@@ -149,6 +151,8 @@ class TrainArgs(ParallelFlags, _EvalFlags):
         for name in ("eval_batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_samples < 0:
+            raise UserError(f"--eval_samples must be >= 0, got {self.eval_samples}")
         if self.max_seq_len < 2:
             raise UserError(f"--max_seq_len must be >= 2, got {self.max_seq_len}")
         if not self.label_file:  # evaluation flags without records to evaluate would be silently ignored
@@ -176,6 +180,8 @@ class TrainArgs(ParallelFlags, _EvalFlags):
 
 
 def run_record(args) -> dict:
-    """The flags of a run, as run_config.json records them."""
+    """The flags of a run, as run_config.json records them (and the --config file they came from)."""
+    from engine.runtime.cli import loaded_config
+
     return {"launcher": args.LAUNCHER, "objective": args.OBJECTIVE,
-            **{k: v for k, v in asdict(args).items() if k != "betas"}}
+            **{k: v for k, v in asdict(args).items() if k != "betas"}, **loaded_config()}

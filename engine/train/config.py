@@ -54,6 +54,12 @@ class TrainConfig:
     compile: Optional[bool] = flag(
         "compile each decoder block with torch.compile (default: on a GPU; False: eager).", None
     )
+    log_to: Optional[str] = flag("also log to tensorboard (SAVE_DIR/tensorboard) and/or wandb, comma separated "
+                                 "(optional extras; default: metrics.jsonl and curves.png only).", None)
+    wandb_project: str = flag("the W&B project of --log_to wandb.", "cot-distill-engine")
+    wandb_mode: Optional[str] = flag("W&B mode: online, offline (files in SAVE_DIR/wandb, `wandb sync` them later) "
+                                     "or disabled; default: W&B's own (WANDB_MODE, else online).", None)
+    run_name: Optional[str] = flag("the run's name in TensorBoard / W&B (default: the save_dir's name).", None)
     # flags a resumed run may change (they change how the run is kept, shown or computed, not its result),
     # and those it may change with --reset_schedule True; every other flag must match (run signature)
     RESUME_FREE: ClassVar[frozenset] = frozenset(
@@ -74,6 +80,10 @@ class TrainConfig:
             "checkpoint_fraction",
             "device",
             "tp_size",  # the tensor- and data-parallel sizes it gives are compared instead (Checkpointer)
+            "log_to",
+            "wandb_project",
+            "wandb_mode",
+            "run_name",
         }
     )
     SCHEDULE_FLAGS: ClassVar[frozenset] = frozenset(
@@ -122,3 +132,6 @@ class TrainConfig:
         if not 0 < self.checkpoint_fraction <= 1:
             raise UserError(f"--checkpoint_fraction must be in (0, 1], got {self.checkpoint_fraction}")
         self.dtype = dtype_from_flags(self.use_float16, self.use_bfloat16)
+        from engine.runtime.loggers import parse_loggers
+
+        self.loggers = parse_loggers(self.log_to, self.wandb_mode)

@@ -12,7 +12,7 @@ from engine.infer.generation import SamplingParams, complete_prompts
 from engine.infer.metrics import Accuracy, accuracy_of, check_report
 from engine.infer.prompting import encode_prompt, prompt_room
 from engine.runtime import distributed
-from engine.text.answers import check_scoring, check_task, choices_in
+from engine.text.answers import check_scoring, check_task, choices_in, extract_answer, is_correct
 
 
 class Evaluator:
@@ -26,6 +26,11 @@ class Evaluator:
 
     def __call__(self, model) -> dict:
         raise NotImplementedError(f"{type(self).__name__} scores nothing")
+
+    def samples(self) -> List[dict]:
+        """A few records as the last call answered them (index, instruction, output, prediction, label,
+        correct): what the trainer writes to samples.jsonl and the loggers. None by default."""
+        return []
 
     def summary(self, result: dict) -> str:
         text = (
@@ -49,11 +54,13 @@ class Decoding:
     template: str = "default"
     scoring: str = "ours"
     report: str = "ours"
+    samples: int = 0  # records whose generations samples() gives
 
     @classmethod
     def of(cls, args) -> "Decoding":
         """The decoding the training flags ask for (--task, --eval_batch_size, --max_new_tokens, ...)."""
-        return cls(args.task, args.eval_batch_size, args.max_new_tokens, args.template, args.scoring, args.report)
+        return cls(args.task, args.eval_batch_size, args.max_new_tokens, args.template, args.scoring, args.report,
+                   getattr(args, "eval_samples", 0))
 
 
 class GenerationEvaluator(Evaluator):
@@ -65,6 +72,7 @@ class GenerationEvaluator(Evaluator):
         self.scoring, self.report = check_scoring(decoding.scoring), check_report(decoding.report)
         self.batch_size, self.max_new_tokens, self.template = (decoding.batch_size, decoding.max_new_tokens,
                                                                decoding.template)
+        self.n_samples, self._last_texts = decoding.samples, []
         mine = records[info.dp_rank::info.dp_size]
         self.labels = [r.get("label") for r in mine]
         self.instructions = [r["instruction"] for r in mine]
@@ -84,8 +92,19 @@ class GenerationEvaluator(Evaluator):
         new = complete_prompts(model, self.prompts(model.args.max_seq_len), params, stop, batch_size=self.batch_size)
         return [self.tok.decode([t for t in ids if t not in stop]) for ids in new]
 
+    def samples(self) -> List[dict]:
+        """The first `Decoding.samples` records of this replica's share, as the last evaluation answered."""
+        out = []
+        for i, text in enumerate(self._last_texts[: self.n_samples]):
+            pred = extract_answer(text, self.task, self.scoring, self.choices[i])
+            out.append({"index": i * self.info.dp_size + self.info.dp_rank, "instruction": self.instructions[i],
+                        "output": text, "prediction": pred, "label": self.labels[i],
+                        "correct": is_correct(pred, self.labels[i], self.task, self.scoring, self.choices[i])})
+        return out
+
     def __call__(self, model) -> dict:
-        acc = accuracy_of(self.texts(model), self.labels, self.task, self.scoring, self.choices)
+        self._last_texts = self.texts(model)
+        acc = accuracy_of(self._last_texts, self.labels, self.task, self.scoring, self.choices)
         counts = torch.tensor(
             [acc.correct, acc.total, acc.unparsable, acc.unparsable_labels],
             dtype=torch.float64,

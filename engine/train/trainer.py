@@ -49,6 +49,7 @@ from engine.runtime.cli import on_interrupt
 from engine.runtime.distributed import to_device
 from engine.runtime.errors import UserError
 from engine.runtime.fileio import atomic_write_text, disk_errors
+from engine.runtime.loggers import RunLoggers
 from engine.runtime.plotting import plot_metrics
 from engine.runtime.progress import Progress
 from engine.train.batching import epoch_batches, grouped_epoch_batches
@@ -294,9 +295,12 @@ class Trainer:
             self._evaluate()
         self._open_metrics(bar)
         stop = False
-        while not stop and self.step < self.total_steps:
-            stop = self._train_epoch()
-        self._end()
+        try:
+            while not stop and self.step < self.total_steps:
+                stop = self._train_epoch()
+            self._end()
+        finally:
+            self.loggers.close()
         return self._last
 
     def _begin(self) -> None:
@@ -316,6 +320,8 @@ class Trainer:
                 open(self.metrics_path, "w").close()
         distributed.barrier()
         self._write_run_meta()
+        self.loggers = RunLoggers(cfg.save_dir, cfg.loggers, info.is_main, cfg.run_name, self.run_meta,
+                                  cfg.wandb_project, cfg.wandb_mode, self.step if cfg.resume else None)
 
     def _train_epoch(self) -> bool:
         """The optimizer steps left in this epoch, each followed by its metrics and, when due, an
@@ -416,6 +422,7 @@ class Trainer:
         if self.info.is_main:
             with disk_errors(self.metrics_path), open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            self.loggers.log(record)
 
     def _evaluate(self) -> None:
         """One evaluation line; best/ saved when the evaluator's metric beats the best so far."""
@@ -425,7 +432,8 @@ class Trainer:
         self.model.train()
         self._log({"step": self.step, "epoch": self.epoch, "eval": True, **result})
         if self.info.is_main:
-            print(f"\n[step {self.step}] eval {evaluator.summary(result)}", flush=True)
+            self.loggers.log_samples(self.step, evaluator.samples())
+            print(f"[step {self.step}] eval {evaluator.summary(result)}", flush=True)  # above the bar
         score = result[evaluator.metric] if evaluator.higher_is_better else -result[evaluator.metric]
         if score > self.best_score and self.checkpointer.save_model("best", extra={"step": self.step, **result}):
             self.best_score = score

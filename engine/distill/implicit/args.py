@@ -29,6 +29,8 @@ class _LineFlags(TrainConfig):
                                "thought).", 128)
     eval_batch_size: int = flag("held-out lines decoded together.", 64)
     max_eval_examples: int = flag("evaluate on the first N label_file lines only (0: all).", 0)
+    eval_samples: int = flag("held-out lines whose generations (output, prediction, correct) every evaluation writes "
+                             "to SAVE_DIR/samples.jsonl and the loggers (0: none; an emulator generates none).", 4)
 
 
 @dataclass(kw_only=True)
@@ -47,6 +49,8 @@ class ImplicitArgs(ParallelFlags, _LineFlags):
             raise UserError(f"--max_seq_len must be >= 4, got {self.max_seq_len}")
         if self.max_eval_examples < 0:
             raise UserError(f"--max_eval_examples must be >= 0, got {self.max_eval_examples}")
+        if self.eval_samples < 0:
+            raise UserError(f"--eval_samples must be >= 0, got {self.eval_samples}")
 
 
 @dataclass(kw_only=True)
@@ -127,3 +131,55 @@ class CoupleArgs(ImplicitArgs):
 
 
 STAGE_ARGS = (TeacherArgs, MindReadArgs, EmulatorArgs, CoupleArgs)
+
+
+@dataclass(kw_only=True)
+class _EvaluateFlags:
+    data_file: str = flag("`input||cot #### answer` lines (the CoT is read only by a mind-reading student's "
+                          "teacher).")
+    model_dirs: str = flag("comma-separated model directories saved by train_implicit.py (a stage's save_dir means "
+                           "its best/).")
+    batch_size: int = flag("lines decoded together (the same for every stage, so their examples/s compare).", 64)
+    max_new_tokens: int = flag("generation budget per line.", 128)
+    max_examples: int = flag("evaluate the first N lines only (0: all).", 0)
+    output_file: Optional[str] = flag(
+        "write what each model generated here, one JSON line per model and line: model_dir, stage, index, question, "
+        "output (a teacher's `cot #### answer`), prediction (the answer read from it, null when none), answer (the "
+        "line's), correct; an emulator, which generates nothing, has no lines.", None)
+    results_file: Optional[str] = flag("also write the printed results (one per model) as a JSON list here.", None)
+    overwrite: bool = flag("replace an existing output_file / results_file.", False)
+    use_float16: bool = flag("run in fp16.", False)
+    use_bfloat16: bool = flag("run in bf16.", False)
+
+
+@dataclass(kw_only=True)
+class EvaluateArgs(ParallelFlags, _EvaluateFlags):
+    """saved stages on the same lines."""
+
+    OBJECTIVE: ClassVar[str] = "implicit-evaluate"
+    SUMMARY: ClassVar[str] = (
+        "Accuracy and examples/s of saved stages on the same lines: the teacher decoding its CoT, the no-CoT "
+        "baseline, the mind-reading student (states from the teacher on the gold CoT), the coupled student (states "
+        "from its emulator); an emulator's state error.")
+
+    def __post_init__(self):
+        import os
+
+        for name in ("batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_examples < 0:
+            raise UserError(f"--max_examples must be >= 0, got {self.max_examples}")
+        raw = self.model_dirs.split(",") if isinstance(self.model_dirs, str) else list(self.model_dirs)
+        self.model_dirs = ",".join(d for d in raw if d)
+        if not self.model_dirs:
+            raise UserError("--model_dirs names no directory")
+        out, res, data = (os.path.abspath(p) if p else None for p in (self.output_file, self.results_file,
+                                                                        self.data_file))
+        if out and out == res:
+            raise UserError(f"--output_file and --results_file are the same file {self.output_file}; name two")
+        for name, path in (("output_file", out), ("results_file", res)):
+            if path == data:
+                raise UserError(f"--{name} {getattr(self, name)} is the --data_file; name another file")
+            if path and os.path.isdir(path):
+                raise UserError(f"--{name} {getattr(self, name)} is a directory")

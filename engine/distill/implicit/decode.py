@@ -5,7 +5,7 @@ state error. Explicit and implicit decoding run this same loop, so their example
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -75,7 +75,23 @@ def answer_of(new_tokens: List[int], eos: int, cot: bool, tok) -> Optional[str]:
     return tok.decode(answer)
 
 
-AnswerFn = Callable[[object, List[int]], List[Optional[str]]]  # (model, line positions) -> answers
+def output_text(new_tokens: List[int], eos: int, tok) -> str:
+    """Decoded tokens as the data file writes them: the pieces between EOS joined by ` #### ` (a
+    teacher's `cot #### answer`, a student's `answer`); padding rows of the embedding left out."""
+    pieces, piece = [], []
+    for t in new_tokens + [eos]:
+        if t == eos:
+            pieces.append(tok.decode(piece))
+            piece = []
+        elif t < tok.vocab_size:
+            piece.append(t)
+    if new_tokens and new_tokens[-1] == eos:
+        pieces.pop()  # the EOS ending the output starts no piece
+    return " #### ".join(p.strip() for p in pieces)
+
+
+# (model, line positions) -> (output text, answer or None) per position
+AnswerFn = Callable[[object, List[int]], List[Tuple[str, Optional[str]]]]
 
 
 def explicit_answers(examples: CoTExamples, view: str, tok, cot: bool, max_new_tokens: int) -> AnswerFn:
@@ -85,7 +101,7 @@ def explicit_answers(examples: CoTExamples, view: str, tok, cot: bool, max_new_t
     def answer(model, positions):
         encs = [examples.get(view, p) for p in positions]
         outs = greedy_decode(model, [e.prompt(eos) for e in encs], eos, 2 if cot else 1, max_new_tokens)
-        return [answer_of(o, eos, cot, tok) for o in outs]
+        return [(output_text(o, eos, tok), answer_of(o, eos, cot, tok)) for o in outs]
 
     return answer
 
@@ -100,7 +116,7 @@ def implicit_answers(examples: CoTExamples, view: str, tok, max_new_tokens: int,
         with torch.no_grad():
             z = states(positions)
         outs = greedy_decode(model, [e.prompt(eos) for e in encs], eos, 1, max_new_tokens, z)
-        return [answer_of(o, eos, False, tok) for o in outs]
+        return [(output_text(o, eos, tok), answer_of(o, eos, False, tok)) for o in outs]
 
     return answer
 
@@ -109,21 +125,28 @@ class AnswerEvaluator(Evaluator):
     """Exact-match accuracy of a stage's answers on held-out lines; data-parallel replicas take
     interleaved slices and their counts are summed. Also the accuracy of each answer word by its
     position (a digit, in the multiplication files: it shows which digits a model gets), a word
-    missing from an output counting wrong."""
+    missing from an output counting wrong. `records`: each line of this replica's share as the
+    last call answered it; `all_records()`: every replica's, in file order; `samples()`: the first
+    n_samples of this replica's, for the trainer's samples.jsonl."""
 
-    def __init__(self, examples: CoTExamples, info, batch_size: int, answer: AnswerFn):
+    def __init__(self, examples: CoTExamples, info, batch_size: int, answer: AnswerFn, n_samples: int = 0):
         self.examples, self.info, self.batch_size, self.answer = examples, info, batch_size, answer
+        self.n_samples = n_samples
         self.mine = list(range(len(examples)))[info.dp_rank::info.dp_size]
         self.width = max(len(examples.answer_text(p).split()) for p in range(len(examples)))
+        self.records: List[dict] = []
 
     def __call__(self, model) -> dict:
-        acc = Accuracy()
+        acc, self.records = Accuracy(), []
         words = torch.zeros(2, self.width, dtype=torch.float64)  # [right, asked] per answer-word position
         for s in range(0, len(self.mine), self.batch_size):
             positions = self.mine[s:s + self.batch_size]
-            for p, text in zip(positions, self.answer(model, positions)):
-                gold = self.examples.answer_text(p)
-                acc.count(text, text is not None and same_answer(text, gold))
+            for p, (output, text) in zip(positions, self.answer(model, positions)):
+                gold, index = self.examples.answer_text(p), self.examples.keep[p]
+                ok = text is not None and same_answer(text, gold)
+                acc.count(text, ok)
+                self.records.append({"index": index, "question": self.examples.lines[index].input, "output": output,
+                                     "prediction": text, "answer": gold, "correct": ok})
                 said = (text or "").split()
                 for i, word in enumerate(gold.split()):
                     words[0, i] += i < len(said) and said[i] == word
@@ -137,6 +160,20 @@ class AnswerEvaluator(Evaluator):
         return {**Accuracy(correct=c, total=t, unparsable=u).as_dict(),
                 "word_accuracy": float(right.sum() / asked.sum().clamp(min=1)),
                 "word_accuracy_by_position": [round(float(r / max(a, 1)), 4) for r, a in zip(right, asked)]}
+
+    def samples(self) -> List[dict]:
+        """The first n_samples records of the last call in the trainer's fields (the question as its
+        instruction, the line's answer as its label)."""
+        return [{"index": r["index"], "instruction": r["question"], "output": r["output"], "prediction": r["prediction"],
+                 "label": r["answer"], "correct": r["correct"]} for r in self.records[:self.n_samples]]
+
+    def all_records(self) -> List[dict]:
+        """Every line's record from the last call, all data-parallel replicas' shares, in file order."""
+        shares = [self.records]
+        if dist.is_initialized() and self.info.dp_size > 1:
+            shares = [None] * self.info.dp_size
+            dist.all_gather_object(shares, self.records, group=distributed.dp_group())
+        return sorted((r for share in shares for r in share), key=lambda r: r["index"])
 
 
 class StateErrorEvaluator(Evaluator):

@@ -203,7 +203,8 @@ def build_teacher(args, plan: Plan, lines, held_lines, info) -> Built:
     if held_lines:
         held = CoTExamples(held_lines, {"model": tok}, NO_LIMIT, args.label_file, cot_views)
         evaluator = AnswerEvaluator(held, info, args.eval_batch_size,
-                                    explicit_answers(held, "model", tok, args.cot, args.max_new_tokens))
+                                    explicit_answers(held, "model", tok, args.cot, args.max_new_tokens),
+                                    args.eval_samples)
     meta = {"stage": "teacher", "cot": args.cot}
     task = CoTTeacherTask(train, info.device, args.cot, files=_writer(meta, info))
     return Built(model, lora_cfg, args.ckpt_dir, tok, task, evaluator)
@@ -229,7 +230,8 @@ def build_mind_read(args, plan: Plan, lines, held_lines, info) -> Built:
         held = MindReadTask(CoTExamples(held_lines, views, NO_LIMIT, args.label_file), info.device, teacher, maps,
                             plan.teacher_layers)
         evaluator = AnswerEvaluator(held.examples, info, args.eval_batch_size, implicit_answers(
-            held.examples, "model", tok, args.max_new_tokens, lambda pos: held.states(held.micro_batch(pos, 0))))
+            held.examples, "model", tok, args.max_new_tokens, lambda pos: held.states(held.micro_batch(pos, 0))),
+            args.eval_samples)
     meta = {"stage": "mind_read", "teacher_dir": plan.teacher_dir, "teacher": plan.teacher,
             "teacher_layers": plan.teacher_layers, "student": shape(model.args)}
     task = MindReadTask(train, info.device, teacher, maps, plan.teacher_layers, files=_writer(meta, info, maps))
@@ -268,7 +270,8 @@ def build_couple(args, plan: Plan, lines, held_lines, info) -> Built:
     if held_lines:
         held = task_on(CoTExamples(held_lines, views, NO_LIMIT, args.label_file, cot_views=()))
         evaluator = AnswerEvaluator(held.examples, info, args.eval_batch_size, implicit_answers(
-            held.examples, "model", tok, args.max_new_tokens, lambda pos: held.states(held.micro_batch(pos, 0))))
+            held.examples, "model", tok, args.max_new_tokens, lambda pos: held.states(held.micro_batch(pos, 0))),
+            args.eval_samples)
     meta = {"stage": "couple", "teacher_dir": plan.teacher_dir, "teacher": plan.teacher,
             "teacher_layers": plan.teacher_layers, "student_dir": plan.student_dir,
             "emulator_dir": plan.emulator_dir, "emulator": EMULATOR_SUBDIR}
@@ -317,8 +320,9 @@ def _timed(evaluator, model, info) -> dict:
 
 
 def evaluate_stage(directory: str, meta: dict, lines, data_file: str, batch_size: int, max_new_tokens: int,
-                   dtype, info) -> dict:
-    """Accuracy (or, for an emulator, state error) and examples/s of one saved stage on `lines`."""
+                   dtype, info) -> Tuple[dict, List[dict]]:
+    """Accuracy (or, for an emulator, state error) and examples/s of one saved stage on `lines`, and
+    each line's record (question, output, prediction, answer, correct; none for an emulator)."""
     stage = meta["stage"]
     model, tok = load_frozen(directory, dtype, info)
     out = {"model_dir": directory, "stage": stage if stage != "teacher" or meta.get("cot", True) else "no_cot"}
@@ -326,7 +330,7 @@ def evaluate_stage(directory: str, meta: dict, lines, data_file: str, batch_size
         cot = meta.get("cot", True)
         held = CoTExamples(lines, {"model": tok}, NO_LIMIT, data_file, ("model",) if cot else ())
         evaluator = AnswerEvaluator(held, info, batch_size, explicit_answers(held, "model", tok, cot, max_new_tokens))
-        return {**out, **_timed(evaluator, model, info)}
+        return {**out, **_timed(evaluator, model, info)}, evaluator.all_records()
     if stage in ("mind_read", "emulator"):
         teacher, teacher_tok = load_frozen(meta["teacher_dir"], dtype, info)
         views = {"model": tok, "teacher": teacher_tok}
@@ -334,7 +338,7 @@ def evaluate_stage(directory: str, meta: dict, lines, data_file: str, batch_size
         maps = StateMaps.load(directory, info.device)
         if stage == "emulator":
             held = EmulatorTask(examples, info.device, teacher, maps, meta["emulator_layers"])
-            return {**out, **StateErrorEvaluator(held, info, batch_size)(model)}
+            return {**out, **StateErrorEvaluator(held, info, batch_size)(model)}, []
         held = MindReadTask(examples, info.device, teacher, maps, meta["teacher_layers"])
     else:
         sub = os.path.join(directory, meta["emulator"])
@@ -346,24 +350,31 @@ def evaluate_stage(directory: str, meta: dict, lines, data_file: str, batch_size
                           StateMaps.load(directory, info.device), meta["teacher_layers"])
     evaluator = AnswerEvaluator(held.examples, info, batch_size, implicit_answers(
         held.examples, "model", tok, max_new_tokens, lambda pos: held.states(held.micro_batch(pos, 0))))
-    return {**out, **_timed(evaluator, model, info)}
+    return {**out, **_timed(evaluator, model, info)}, evaluator.all_records()
 
 
 STAGES = ("teacher", "mind_read", "emulator", "couple")
 
 
 def run_evaluation(data_file: str, model_dirs: List[str], batch_size: int, max_new_tokens: int, max_examples: int,
-                   output_file: Optional[str], dtype, tp_size, device) -> List[dict]:
+                   files: Tuple[Optional[str], Optional[str]], dtype, tp_size, device) -> List[dict]:
+    """Every model on the same lines; files: (output_file, results_file). The output file gets one
+    JSON line per model and line (model_dir, stage, index, question, output, prediction, answer,
+    correct), the results file the JSON list of the printed results."""
+    output_file, results_file = files
     lines = read_cot_lines(data_file, "--data_file")
     lines = lines[:max_examples] if max_examples else lines
     found = [read_stage(d, "--model_dirs", STAGES) for d in model_dirs]
-    results = []
+    results, per_line = [], []
     with job(tp_size, device) as info:
         for directory, meta in found:
-            result = evaluate_stage(directory, meta, lines, data_file, batch_size, max_new_tokens, dtype, info)
+            result, records = evaluate_stage(directory, meta, lines, data_file, batch_size, max_new_tokens, dtype, info)
             results.append(result)
+            per_line += [{"model_dir": directory, "stage": result["stage"], **r} for r in records]
             if info.is_main:
                 print(json.dumps(result), flush=True)
         if info.is_main and output_file:
-            atomic_write_text(output_file, json.dumps(results, indent=2) + "\n")
+            atomic_write_text(output_file, "".join(json.dumps(r) + "\n" for r in per_line))
+        if info.is_main and results_file:
+            atomic_write_text(results_file, json.dumps(results, indent=2) + "\n")
     return results

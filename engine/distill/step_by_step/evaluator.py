@@ -42,6 +42,9 @@ class StepByStepEvaluator(Evaluator):
         # over every record, not this replica's share: the replicas must all-reduce the same statistics
         self.with_bleu = rationale_task and any(references_of(r) for r in records)
 
+    def samples(self) -> list:
+        return self.label.samples()  # the label task's answers
+
     def __call__(self, model) -> dict:
         result = self.label(model)
         if self.rationale is None:
