@@ -23,21 +23,27 @@ def _random_adapter(model, seed):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
+def _adapted_base(tmp_path, family: str, seed: int, targets=None):
+    """(HF model, our model of it with a random LoRA adapter, the adapter's config, a batch of ids): the
+    HF checkpoint at tmp_path/hf, ours at tmp_path/base, the adapter saved at tmp_path/adapter."""
+    hf = save_hf(family, str(tmp_path / "hf"))
+    cks.from_hf(str(tmp_path / "hf"), str(tmp_path / "base"))
+    model = ck.load_model(str(tmp_path / "base")).eval()
+    cfg = LoRAConfig(rank=4, alpha=8.0, seed=3, **({"targets": targets} if targets else {}))
+    apply_lora(model, cfg)
+    _random_adapter(model, seed)
+    os.makedirs(tmp_path / "adapter")
+    save_lora(model, cfg, str(tmp_path / "adapter"), str(tmp_path / "base"))
+    return hf, model, cfg, torch.randint(0, 256, (2, 20))
+
+
 @pytest.mark.parametrize("family,targets", [("llama3", None), ("qwen2", None),
                                             ("llama3", "wq,wv,output")])  # the output head too (the authors')
 def test_merge_and_peft_export_match(tmp_path, family, targets, dist1):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    hf = save_hf(family, str(tmp_path / "hf"))
-    cks.from_hf(str(tmp_path / "hf"), str(tmp_path / "base"))
-    model = ck.load_model(str(tmp_path / "base")).eval()
-    cfg = LoRAConfig(rank=4, alpha=8.0, seed=3, **({"targets": targets} if targets else {}))
-    apply_lora(model, cfg)
-    _random_adapter(model, 1)
-    os.makedirs(tmp_path / "adapter")
-    save_lora(model, cfg, str(tmp_path / "adapter"), str(tmp_path / "base"))
-    x = torch.randint(0, 256, (2, 20))
+    hf, model, cfg, x = _adapted_base(tmp_path, family, 1, targets)
     with torch.no_grad():
         ours = model(x)
         base = hf(x).logits
@@ -77,15 +83,7 @@ def _peft_logits(adapter_dir, x):
 def test_auto_peft_loads_the_exported_adapter_with_our_logits(tmp_path, dist1, capsys):
     """to_hf's adapter folder names the HF model written beside it, export_peft --hf_base names the
     user's HF base: AutoPeftModelForCausalLM.from_pretrained(adapter) loads either with our logits."""
-    save_hf("llama2", str(tmp_path / "hf"))
-    cks.from_hf(str(tmp_path / "hf"), str(tmp_path / "base"))
-    model = ck.load_model(str(tmp_path / "base")).eval()
-    cfg = LoRAConfig(rank=4, alpha=8.0, seed=3)
-    apply_lora(model, cfg)
-    _random_adapter(model, 2)
-    os.makedirs(tmp_path / "adapter")
-    save_lora(model, cfg, str(tmp_path / "adapter"), str(tmp_path / "base"))
-    x = torch.randint(0, 256, (2, 20))
+    _, model, cfg, x = _adapted_base(tmp_path, "llama2", 2)
     with torch.no_grad():
         ours = model(x)
     cks.to_hf(str(tmp_path / "adapter"), str(tmp_path / "out"))  # base + peft adapter in out/adapter

@@ -146,7 +146,8 @@ class _EvaluateFlags:
         "write what each model generated here, one JSON line per model and line: model_dir, stage, index, question, "
         "output (a teacher's `cot #### answer`), prediction (the answer read from it, null when none), answer (the "
         "line's), correct; an emulator, which generates nothing, has no lines.", None)
-    results_file: Optional[str] = flag("also write the printed results (one per model) as a JSON list here.", None)
+    results_file: Optional[str] = flag("also write the printed results (one per model) as a JSON list here.", None,
+                                       role="output")
     overwrite: bool = flag("replace an existing output_file / results_file.", False)
     use_float16: bool = flag("run in fp16.", False)
     use_bfloat16: bool = flag("run in bf16.", False)
