@@ -11,7 +11,7 @@
 3. train_implicit.py teacher (--teacher_steps), then mind_read, emulator (the authors' emulator) and
    couple with --student_factor times the teacher's steps each; the positive control's mind-reading
    student (same teacher, control lines, same steps); `teacher --cot False` (the no-CoT baseline) with
-   as many steps as the four stages together. Every stage: AdamW, constant learning rate, no warm-up,
+   as many steps as the four stages together (or --no_cot_steps). Every stage: AdamW, constant learning rate, no warm-up,
    weight decay 0.01 (the authors' settings), the learning rate --lr (see its help).
 4. train_implicit.py evaluate on the test lines (the control on its own test lines).
 5. A linear probe of what each diagonal state carries: for each teacher state l (LayerNorm'd, as the
@@ -186,6 +186,9 @@ def diagonal_states(run: str, data_file: str, limit: int, which: str):
 def run_probes(run: str, data: dict, n_probe: int) -> dict:
     """Probe accuracy [L][K] of the teacher's states (gold CoT), the control's (CoT = answer) and the
     emulator's predictions (from x alone)."""
+    from engine.runtime import distributed
+
+    distributed.setup(tp_size=1, device="cpu", own=False)
     found = {}
     for name, which, train, test in (
         ("teacher states, gold CoT", "teacher", data["train"], data["test"]),
@@ -249,6 +252,7 @@ def main(
     mind_read_steps: int = 0,
     emulator_steps: int = 0,
     couple_steps: int = 0,
+    no_cot_steps: int = 0,
     batch_size: int = 32,
     lr: float = 1e-3,
     weight_decay: float = 0.01,
@@ -279,6 +283,7 @@ def main(
         mind_read_steps: optimizer steps of the mind-reading student and of the control (0: student_factor x teacher_steps).
         emulator_steps: optimizer steps of the thought emulator (0: student_factor x teacher_steps).
         couple_steps: optimizer steps of the coupled stage (0: student_factor x teacher_steps).
+        no_cot_steps: optimizer steps of the no-CoT baseline (0: as many as the four stages together).
         batch_size: lines per optimizer step in every stage (the authors': 32).
         lr: learning rate of every stage (the authors' 5e-5 fine-tunes pretrained GPT-2 for 25k-1M steps; random weights and a few hundred steps need more).
         weight_decay: AdamW weight decay (the authors': torch's default 0.01).
@@ -325,7 +330,7 @@ def main(
     for name, given in (("mind_read", mind_read_steps), ("emulator", emulator_steps), ("couple", couple_steps)):
         steps[name] = given or student_factor * teacher_steps
     four_stages = sum(steps.values())
-    steps.update(control=steps["mind_read"], no_cot=four_stages)
+    steps.update(control=steps["mind_read"], no_cot=no_cot_steps or four_stages)
     launch = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else [])
     common = ["--max_batch_size", batch_size, "--lr", lr, "--schedule", schedule, "--warmup_steps", warmup_steps]
     common += ["--weight_decay", weight_decay, "--eval_batch_size", eval_batch_size, "--log_every", 25]

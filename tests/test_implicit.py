@@ -766,7 +766,11 @@ def test_lora_stages_continue_their_adapters(models, dist1, tmp_path):
         ckpt_dir=made["student"], save_dir=str(tmp_path / "s"), teacher_dir=str(tmp_path / "t"), **lora, **common
     )
     train_implicit.emulator(
-        ckpt_dir=made["emulator"], save_dir=str(tmp_path / "e"), teacher_dir=str(tmp_path / "t"), **common
+        ckpt_dir=made["emulator"],
+        save_dir=str(tmp_path / "e"),
+        teacher_dir=str(tmp_path / "t"),
+        mixture_size=2,
+        **common,
     )
     train_implicit.couple(
         student_dir=str(tmp_path / "s"), emulator_dir=str(tmp_path / "e"), save_dir=str(tmp_path / "c"), **common
@@ -775,6 +779,7 @@ def test_lora_stages_continue_their_adapters(models, dist1, tmp_path):
     config = json.load(open(best / "lora_config.json"))
     assert config["base_ckpt"] == os.path.abspath(made["student"]) and config["rank"] == 4
     assert os.path.exists(best / "emulator" / "consolidated.00.safetensors")
+    assert EmulatorHead.load(str(best / "emulator")).mixture_size == 2  # the authors' emulator, as trained
     before, after = (full_weights(p, lora=True) for p in (tmp_path / "s" / "best", best))
     assert before.keys() == after.keys() and _worst(before, after) > 0
     train_implicit.evaluate(
@@ -829,12 +834,12 @@ def test_readout_emulator_and_old_directories(models, dist1, tmp_path):
     }
     t, s, e = (str(tmp_path / x) for x in "tse")
     train_implicit.teacher(ckpt_dir=made["teacher"], save_dir=t, **common)
-    train_implicit.mind_read(ckpt_dir=made["student"], save_dir=s, teacher_dir=t, state_norm="none", **common)
-    train_implicit.emulator(
-        ckpt_dir=made["student"], save_dir=e, teacher_dir=t, emulator="readout", state_norm="none", **common
-    )
+    raw = {"state_norm": "none", "delta": 1}
+    train_implicit.mind_read(ckpt_dir=made["student"], save_dir=s, teacher_dir=t, **raw, **common)
+    train_implicit.emulator(ckpt_dir=made["student"], save_dir=e, teacher_dir=t, emulator="readout", **raw, **common)
     meta = json.load(open(os.path.join(e, "best", "implicit.json")))
     assert meta["emulator_kind"] == "readout" and meta["emulator_layers"] == [0, 0, 1]
+    assert meta["states"] == {"delta": "1", "subset": "diagonal", "norm": "none"}
     assert os.path.exists(os.path.join(e, "best", "state_maps.safetensors"))
     assert not os.path.exists(os.path.join(e, "best", "emulator_head.safetensors"))
     for d in (s, e):  # as written before --emulator and --state_norm
