@@ -15,9 +15,9 @@
    weight decay 0.01 (the authors' settings), the learning rate --lr (see its help).
 4. train_implicit.py evaluate on the test lines (the control on its own test lines).
 5. A linear probe of what each diagonal state carries: for each teacher state l (LayerNorm'd, as the
-   students read them) and each answer digit k, a softmax regression state -> digit, fitted on
-   training lines and scored on the test lines; also on the control's states and on the emulator's
-   predictions.
+   students read them) and each answer digit k, a ridge regression state -> one-hot digit, fitted on
+   --n_probe training lines and scored on the test lines; also on the control's states and on the
+   emulator's predictions.
 6. report.md and results.json in out_dir.
 """
 
@@ -126,29 +126,21 @@ def stage_plan(data: dict, run: str, inits: dict, steps: dict) -> list:
     ]
 
 
-def probe_accuracies(train_x, train_y, test_x, test_y, steps: int = 300, seed: int = 0):
-    """Softmax regressions, one per (state l, answer digit k), fitted together with Adam on the
-    training states: x [N, L, D] -> y [N, K] (digits 0-9). Test accuracy [L, K]."""
+def probe_accuracies(train_x, train_y, test_x, test_y, ridge: float = 1.0):
+    """Linear probes, one per state l, all answer digits k at once: ridge regression from the state
+    (and a bias) to the one-hot digits, fitted in closed form on the training states x [N, L, D],
+    y [N, K] (digits 0-9); a digit's prediction is its argmax. Test accuracy [L, K]."""
     import torch
 
-    torch.manual_seed(seed)
-    n_states, d = train_x.shape[1], train_x.shape[2]
-    n_digits = train_y.shape[1]
-    weight = torch.zeros(n_states, n_digits, d, 10, requires_grad=True)
-    bias = torch.zeros(n_states, n_digits, 10, requires_grad=True)
-    opt = torch.optim.Adam([weight, bias], lr=0.05)
+    def design(x):  # [L, N, D + 1], float64 for the solve
+        return torch.cat([x, torch.ones(*x.shape[:2], 1)], dim=-1).transpose(0, 1).double()
 
-    def logits(x):  # [N, L, K, 10]
-        return torch.einsum("nld,lkdc->nlkc", x, weight) + bias
-
-    target = train_y[:, None, :].expand(-1, n_states, -1)
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(logits(train_x).reshape(-1, 10), target.reshape(-1))
-        (loss + 1e-4 * weight.pow(2).sum()).backward()
-        opt.step()
-    with torch.no_grad():
-        return (logits(test_x).argmax(-1) == test_y[:, None, :]).float().mean(0)
+    a, n_digits = design(train_x), train_y.shape[1]
+    target = torch.nn.functional.one_hot(train_y, 10).reshape(len(train_y), -1).double()  # [N, K * 10]
+    gram = a.transpose(1, 2) @ a + ridge * torch.eye(a.shape[-1], dtype=torch.float64)
+    weight = torch.linalg.solve(gram, a.transpose(1, 2) @ target)  # [L, D + 1, K * 10]
+    scores = (design(test_x) @ weight).reshape(weight.shape[0], len(test_y), n_digits, 10)
+    return (scores.argmax(-1) == test_y[None]).float().mean(1)
 
 
 def diagonal_states(run: str, data_file: str, limit: int, which: str):
@@ -254,7 +246,7 @@ def main(
     couple_steps: int = 0,
     no_cot_steps: int = 0,
     batch_size: int = 32,
-    lr: float = 1e-3,
+    lr: float = 3e-3,
     weight_decay: float = 0.01,
     warmup_steps: int = 0,
     schedule: str = "constant",
