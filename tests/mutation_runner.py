@@ -6,7 +6,8 @@ guide: tests must be able to fail). Each tests/mutations_*.py script lists its b
 
 A breakage replaces code that must occur exactly once, in a scratch copy of the tree (the files git
 tracks, as they are in the working tree, with .venv linked and ../shared beside it), runs the tests
-named for it (pytest node ids) and prints `caught` with the test that failed, or `SURVIVED`.
+named for it (pytest node ids) and prints `caught` with the test that failed, or `SURVIVED` (a script
+may count only failed assertions as caught, not crashes: `main(..., assertions_only=True)`).
 `--control` first runs every named test on the unbroken copy (all must pass). The working tree is
 never modified. Exits 1 when a breakage survives or the control fails."""
 from __future__ import annotations
@@ -46,17 +47,21 @@ def scratch_copy(parent: str) -> str:
     return repo
 
 
-def run_tests(repo: str, tests) -> tuple:
-    """(passed, the first failing test or the output's last line)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+def run_tests(repo: str, tests, assertions_only: bool = False) -> tuple:
+    """(passed, the first failing test or the output's last line); with assertions_only, a run that
+    fails other than on an assertion (an import error, a crash) counts as passed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "COLUMNS": "1000"}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests], cwd=repo,
                           capture_output=True, text=True, env=env)
     lines = proc.stdout.strip().splitlines() or [proc.stderr.strip()[-200:]]
-    failed = [ln.split(" ")[1] for ln in lines if ln.startswith(("FAILED ", "ERROR "))]
+    summary = [ln for ln in lines if ln.startswith(("FAILED ", "ERROR "))]
+    failed = [ln.split(" ")[1] for ln in summary]
+    if assertions_only and not (summary and all(" - AssertionError" in ln or " - assert" in ln for ln in summary)):
+        return True, "no assertion failed" + (f" ({summary[0][:160]})" if summary else "")
     return proc.returncode == 0, (failed[0].removeprefix("tests/") if failed else lines[-1])
 
 
-def break_and_test(repo: str, mutation: tuple) -> bool:
+def break_and_test(repo: str, mutation: tuple, assertions_only: bool = False) -> bool:
     """Apply one breakage, run its tests, undo it; True when a test failed."""
     name, edits, tests = mutation
     originals = {}
@@ -71,7 +76,7 @@ def break_and_test(repo: str, mutation: tuple) -> bool:
             with open(full, "w") as f:
                 f.write(text.replace(old, new))
         t0 = time.time()
-        passed, detail = run_tests(repo, tests)
+        passed, detail = run_tests(repo, tests, assertions_only)
     finally:
         for full, text in originals.items():
             with open(full, "w") as f:
@@ -80,7 +85,7 @@ def break_and_test(repo: str, mutation: tuple) -> bool:
     return not passed
 
 
-def main(mutations, argv=None) -> int:
+def main(mutations, argv=None, assertions_only: bool = False) -> int:
     parser = argparse.ArgumentParser(description="Break the code on purpose and check that a test fails.")
     parser.add_argument("--only", default="", help="comma-separated substrings of the breakages' names to run")
     parser.add_argument("--list", action="store_true", help="print the breakages' names and stop")
@@ -99,6 +104,6 @@ def main(mutations, argv=None) -> int:
             print(f"control: {'passed' if passed else 'FAILED'}; {detail}", flush=True)
             if not passed:
                 return 1
-        caught = sum(break_and_test(repo, m) for m in chosen)
+        caught = sum(break_and_test(repo, m, assertions_only) for m in chosen)
     print(f"{caught}/{len(chosen)} breakages caught")
     return 0 if caught == len(chosen) else 1

@@ -18,7 +18,8 @@ from engine.text.answers import check_scoring, check_task, choices_in, extract_a
 class Evaluator:
     """What the trainer asks of an evaluator: called on the model (in eval mode, on every rank) it
     returns its results, one evaluation line of metrics.jsonl; `metric` names the result that keeps
-    best/, `higher_is_better` which way (the implicit emulator's state error: lower), and
+    best/, `higher_is_better` which way (the implicit emulator's state error: lower), rank(result)
+    the key best/ is kept by (higher is better; later entries break ties of earlier ones), and
     summary(result) the words the trainer prints after "[step N] eval "."""
 
     metric = "accuracy"
@@ -31,6 +32,10 @@ class Evaluator:
         """A few records as the last call answered them (index, instruction, output, prediction, label,
         correct): what the trainer writes to samples.jsonl and the loggers. None by default."""
         return []
+
+    def rank(self, result: dict) -> tuple:
+        value = result[self.metric]
+        return (value if self.higher_is_better else -value,)
 
     def summary(self, result: dict) -> str:
         text = (

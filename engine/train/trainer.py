@@ -24,7 +24,8 @@ task's interface (the Task base class of engine/train/task.py, which gives the d
 
 Of an evaluator (the Evaluator base class of engine/train/evaluator.py) it asks: evaluator(model), its
 results (one evaluation line of metrics.jsonl); evaluator.metric and evaluator.higher_is_better, which
-result keeps best/ and which way; evaluator.summary(result), the words it prints.
+result keeps best/ and which way; evaluator.rank(result), the key best/ is kept by (compared as a
+tuple: later entries break ties); evaluator.summary(result), the words it prints.
 
 Loss = sum over parts of weight * (sum over the optimizer step) / (count over the optimizer step),
 with sums and counts taken across accumulation micro-batches and data-parallel replicas, so
@@ -114,8 +115,8 @@ class Trainer:
         self.checkpointer = Checkpointer(cfg.save_dir, model, info, lora_cfg, setup.base_ckpt, tokenizer,
                                          setup.template, cfg.keep_checkpoints, task)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        # the best evaluation so far, signed so that higher is better (the trainer state's best_accuracy)
-        self.best_score = -math.inf if evaluator is not None and not evaluator.higher_is_better else -1.0
+        # the rank of the best evaluation so far (evaluator.rank: higher is better); None before the first
+        self.best_key: Optional[tuple] = None
         self.metrics_path = os.path.join(cfg.save_dir, "metrics.jsonl")
         torch.manual_seed(cfg.seed * 1000 + info.dp_rank)  # same dropout masks within a TP group
 
@@ -434,9 +435,10 @@ class Trainer:
         if self.info.is_main:
             self.loggers.log_samples(self.step, evaluator.samples())
             print(f"[step {self.step}] eval {evaluator.summary(result)}", flush=True)  # above the bar
-        score = result[evaluator.metric] if evaluator.higher_is_better else -result[evaluator.metric]
-        if score > self.best_score and self.checkpointer.save_model("best", extra={"step": self.step, **result}):
-            self.best_score = score
+        key = tuple(evaluator.rank(result))
+        better = self.best_key is None or key > self.best_key
+        if better and self.checkpointer.save_model("best", extra={"step": self.step, **result}):
+            self.best_key = key
 
     # ----- saving and resuming ------------------------------------------------------------------
     def _shared(self, value):
@@ -472,8 +474,9 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                 "best_accuracy": self.best_score, "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict() if self.scaler else None, "rng_cpu": torch.get_rng_state(),
+                 "best_key": None if self.best_key is None else list(self.best_key),
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+                 "rng_cpu": torch.get_rng_state(),
                  "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
         if self.ds_engine is None:
             state["optimizer"] = self.optimizer.state_dict()
@@ -506,7 +509,7 @@ class Trainer:
         if state["rng_cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["rng_cuda"])
         self.step, self.epoch = state["step"], state["epoch"]
-        self.batch_in_epoch, self.best_score = state["batch_in_epoch"], state["best_accuracy"]
+        self.batch_in_epoch, self.best_key = state["batch_in_epoch"], self._saved_best(state)
         if cfg.reset_schedule:
             self._rebuild_schedule()
 
@@ -526,6 +529,15 @@ class Trainer:
                 f"--reset_schedule: learning rate {self.optimizer.param_groups[0]['lr']:.3e} at step {self.step}",
                 flush=True,
             )
+
+    @staticmethod
+    def _saved_best(state: dict) -> Optional[tuple]:
+        """The best rank a checkpoint recorded (one from before ranks: its signed best score, whose
+        starting values -1 and -inf meant none yet)."""
+        if "best_key" in state:
+            return None if state["best_key"] is None else tuple(state["best_key"])
+        old = state.get("best_accuracy")
+        return None if old is None or old in (-1.0, -math.inf) else (old,)
 
     def _write_run_meta(self) -> None:
         if self.info.is_main:

@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
-from engine.distill.implicit.states import STATE_MAPS
+from engine.distill.implicit.emulator import EMULATORS
+from engine.distill.implicit.states import STATE_MAPS, STATE_NORMS, SUBSETS
 from engine.runtime.cli import flag
 from engine.runtime.errors import UserError
 from engine.train.args import CheckpointFlag, ModelFlags, ParallelFlags
@@ -78,9 +79,38 @@ class _ReadsTeacher(_FreshModel):
     state_map: str = flag("how states cross between models: mlp (one Linear-ReLU-Linear per layer, any widths) "
                           "or identity (equal widths only).", "mlp")
     state_map_hidden: int = flag("hidden width of each state MLP (0: 4 x its output width).", 0)
+    state_norm: str = flag(
+        "layernorm: every teacher state through a LayerNorm without parameters, as the authors "
+        "(teacher.py:83); none: the raw residual stream.",
+        "layernorm",
+    )
+    delta: str = flag(
+        "CoT positions between teacher layers: dynamic ((s2 - s1) / (L - 1), the diagonal from the "
+        "input's EOS to the CoT's) or a whole number (s1 + l * delta, stopping at s2), as the authors' --delta.",
+        "dynamic",
+    )
+    subset: str = flag(
+        "which teacher states: diagonal, first_column (every layer at the input's EOS) or "
+        "last_column (every layer at the CoT's EOS; the authors' code gives first_column's here).",
+        "diagonal",
+    )
 
     def __post_init__(self):
         super().__post_init__()
+        if self.state_norm not in STATE_NORMS:
+            raise UserError(f"--state_norm {self.state_norm!r} is not one of {', '.join(STATE_NORMS)}")
+        if self.subset not in SUBSETS:
+            hint = (
+                " (the authors' code stops with an AssertionError there, teacher.py:45)"
+                if self.subset in ("top_row", "bottom_row")
+                else ""
+            )
+            raise UserError(f"--subset {self.subset!r} is not one of {', '.join(SUBSETS)}{hint}")
+        self.delta = str(self.delta)
+        if self.delta != "dynamic" and not (self.delta.isascii() and self.delta.isdigit()):
+            raise UserError(f"--delta {self.delta!r} is neither dynamic nor a whole number of positions (0, 1, 2, ...)")
+        if self.delta != "dynamic" and self.subset != "diagonal":
+            raise UserError(f"--delta {self.delta} spaces the diagonal; --subset {self.subset} reads no diagonal")
         if self.state_map not in STATE_MAPS:
             raise UserError(f"--state_map {self.state_map!r} is not one of {', '.join(STATE_MAPS)}")
         if self.state_map_hidden < 0:
@@ -111,8 +141,34 @@ class EmulatorArgs(_ReadsTeacher):
     STAGE: ClassVar[str] = "emulator"
     OBJECTIVE: ClassVar[str] = "implicit-emulator"
     SUMMARY: ClassVar[str] = ("Train the thought emulator: from `x EOS` alone, predict every teacher state on the CoT "
-                              "diagonal (mean squared error), teacher layer t from the emulator layer at the same "
-                              "relative depth.")
+                              "diagonal (squared error), teacher layer t at the emulator layer at the same relative "
+                              "depth: by the authors' emulator (a chain of predictions written back into its stream) "
+                              "or a readout.")
+
+    emulator: str = flag(
+        "authors: their emulator (per layer an MLP of the state and a mixture embedding, an LSTM with "
+        "attention over earlier layers, written back before the layer); readout: ours, a map of each "
+        "unmodified layer input.",
+        "authors",
+    )
+    mixture_size: int = flag("mixture components of the authors' emulator (1: a single learned vector).", 1)
+    softmax_temperature: float = flag("temperature of the authors' emulator's soft mixture (mixture_size > 1).", 0.05)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.emulator not in EMULATORS:
+            raise UserError(f"--emulator {self.emulator!r} is not one of {', '.join(EMULATORS)}")
+        if self.mixture_size < 1:
+            raise UserError(f"--mixture_size must be >= 1, got {self.mixture_size}")
+        if not self.softmax_temperature > 0:
+            raise UserError(f"--softmax_temperature must be > 0, got {self.softmax_temperature}")
+        if self.emulator == "readout" and (self.mixture_size != 1 or self.softmax_temperature != 0.05):
+            raise UserError("--mixture_size and --softmax_temperature belong to --emulator authors, not readout")
+        if self.emulator == "authors" and self.state_map != "mlp":
+            raise UserError(
+                f"--state_map {self.state_map} maps states for --emulator readout; the authors' emulator "
+                f"has its own MLPs (--state_map_hidden sizes them)"
+            )
 
 
 @dataclass(kw_only=True)

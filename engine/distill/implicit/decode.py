@@ -125,20 +125,36 @@ class AnswerEvaluator(Evaluator):
     """Exact-match accuracy of a stage's answers on held-out lines; data-parallel replicas take
     interleaved slices and their counts are summed. Also the accuracy of each answer word by its
     position (a digit, in the multiplication files: it shows which digits a model gets), a word
-    missing from an output counting wrong. `records`: each line of this replica's share as the
-    last call answered it; `all_records()`: every replica's, in file order; `samples()`: the first
-    n_samples of this replica's, for the trainer's samples.jsonl."""
+    missing from an output counting wrong, and, given loss_task (the stage's Task over the same
+    lines), its held-out loss per token. best/ is kept by accuracy, ties broken by the words right,
+    then by the lower loss: a student that learns digits but no whole answer moves on from its first
+    checkpoint. `records`: each line of this replica's share as the last call answered it;
+    `all_records()`: every replica's, in file order; `samples()`: the first n_samples of this
+    replica's, for the trainer's samples.jsonl."""
 
-    def __init__(self, examples: CoTExamples, info, batch_size: int, answer: AnswerFn, n_samples: int = 0):
+    def __init__(self, examples: CoTExamples, info, batch_size: int, answer: AnswerFn, loss_task=None,
+                 n_samples: int = 0):
         self.examples, self.info, self.batch_size, self.answer = examples, info, batch_size, answer
-        self.n_samples = n_samples
+        self.loss_task, self.n_samples = loss_task, n_samples
         self.mine = list(range(len(examples)))[info.dp_rank::info.dp_size]
         self.width = max(len(examples.answer_text(p).split()) for p in range(len(examples)))
         self.records: List[dict] = []
 
+    def rank(self, result: dict) -> tuple:
+        key = (result["accuracy"], result["word_accuracy"])
+        return key + (-result["held_out_loss"],) if "held_out_loss" in result else key
+
+    @torch.no_grad()
+    def loss_sums(self, model, positions: List[int]) -> List[float]:
+        """[summed loss, its count] of loss_task's single part on these lines."""
+        batch = self.loss_task.micro_batch(positions, 0)
+        (part,) = self.loss_task.weights
+        return [float(self.loss_task.loss_sums(model, batch)[part]), float(batch.counts[part])]
+
     def __call__(self, model) -> dict:
         acc, self.records = Accuracy(), []
         words = torch.zeros(2, self.width, dtype=torch.float64)  # [right, asked] per answer-word position
+        loss = torch.zeros(2, dtype=torch.float64)  # [summed loss, count]
         for s in range(0, len(self.mine), self.batch_size):
             positions = self.mine[s:s + self.batch_size]
             for p, (output, text) in zip(positions, self.answer(model, positions)):
@@ -151,15 +167,20 @@ class AnswerEvaluator(Evaluator):
                 for i, word in enumerate(gold.split()):
                     words[0, i] += i < len(said) and said[i] == word
                     words[1, i] += 1
-        counts = torch.cat([torch.tensor([acc.correct, acc.total, acc.unparsable], dtype=torch.float64),
+            if self.loss_task is not None:
+                loss += torch.tensor(self.loss_sums(model, positions), dtype=torch.float64)
+        counts = torch.cat([torch.tensor([acc.correct, acc.total, acc.unparsable], dtype=torch.float64), loss,
                             words.flatten()]).to(model.head_weight.device)
         if dist.is_initialized() and self.info.dp_size > 1:
             dist.all_reduce(counts, group=distributed.dp_group())
         c, t, u = (int(x) for x in counts[:3].tolist())
-        right, asked = counts[3:].view(2, self.width).cpu()
-        return {**Accuracy(correct=c, total=t, unparsable=u).as_dict(),
-                "word_accuracy": float(right.sum() / asked.sum().clamp(min=1)),
-                "word_accuracy_by_position": [round(float(r / max(a, 1)), 4) for r, a in zip(right, asked)]}
+        right, asked = counts[5:].view(2, self.width).cpu()
+        out = {**Accuracy(correct=c, total=t, unparsable=u).as_dict(),
+               "word_accuracy": float(right.sum() / asked.sum().clamp(min=1)),
+               "word_accuracy_by_position": [round(float(r / max(a, 1)), 4) for r, a in zip(right, asked)]}
+        if self.loss_task is not None:
+            out["held_out_loss"] = float(counts[3] / counts[4].clamp(min=1))
+        return out
 
     def samples(self) -> List[dict]:
         """The first n_samples records of the last call in the trainer's fields (the question as its
@@ -178,7 +199,9 @@ class AnswerEvaluator(Evaluator):
 
 class StateErrorEvaluator(Evaluator):
     """The emulator's mean squared error per teacher-state element on held-out lines (lower is
-    better: the emulator stage keeps its best/ by it). task: an EmulatorTask over those lines."""
+    better: the emulator stage keeps its best/ by it): with LayerNorm'd states (the default) 1.0 is
+    the error of predicting zeros, whatever the layer or the width. task: an EmulatorTask over those
+    lines."""
 
     metric = "mse"
     higher_is_better = False
@@ -195,8 +218,8 @@ class StateErrorEvaluator(Evaluator):
         total = torch.zeros(2, dtype=torch.float64, device=model.head_weight.device)
         for s in range(0, len(self.mine), self.batch_size):
             batch = self.task.micro_batch(self.mine[s:s + self.batch_size], 0)
-            total[0] += self.task.loss_sums(model, batch)["mse"].double()
-            total[1] += batch.counts["mse"]
+            total[0] += self.task.squared_error(model, batch).double()
+            total[1] += batch.extra["elements"]
         if dist.is_initialized() and self.info.dp_size > 1:
             dist.all_reduce(total, group=distributed.dp_group())
         return {"mse": float(total[0] / total[1].clamp(min=1)), "total": self.task.num_examples}

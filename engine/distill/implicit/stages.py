@@ -5,8 +5,9 @@ written by the stage they must come from, and fit the student with the mapping a
 process group forms or model loads; then the job owns save_dir, the models load, and the trainer of
 engine/train/trainer.py runs the stage's Task. Every model directory a stage saves (best/, checkpoint-N/)
 holds what inference needs: the model (native shards, or a LoRA adapter naming its base), its
-tokenizer, `implicit.json` (the stage, its teacher and layer mapping), its state maps, and for
-the coupled stage the emulator (with its own maps) in `emulator/`.
+tokenizer, `implicit.json` (the stage, its teacher, layer mapping and teacher-state spec), its state
+maps (an authors' emulator: its head), and for the coupled stage the emulator (with its own head or
+maps) in `emulator/`.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ from engine.checkpoint import (
 )
 from engine.distill.implicit.data import CoTExamples, read_cot_lines
 from engine.distill.implicit.decode import AnswerEvaluator, StateErrorEvaluator, explicit_answers, implicit_answers
-from engine.distill.implicit.states import StateMaps, check_state_map, parse_layers, same_depth
+from engine.distill.implicit.emulator import EmulatorHead
+from engine.distill.implicit.states import StateMaps, StateSpec, check_state_map, parse_layers, same_depth
 from engine.distill.implicit.tasks import CoTTeacherTask, CoupleTask, EmulatorTask, MindReadTask
 from engine.runtime.errors import UserError
 from engine.runtime.fileio import atomic_write_text
@@ -116,12 +118,22 @@ def check_prerequisites(args) -> Plan:
                                                f"--teacher_layers (teacher {teacher_dir})")
         else:
             plan.emulator_layers = same_depth(t.n_layers, own.n_layers)
+            if args.emulator == "authors" and own.n_layers < t.n_layers:
+                raise UserError(
+                    f"--emulator authors predicts the teacher's states one layer after another, so the "
+                    f"emulator in {args.ckpt_dir} ({own.n_layers} layers) needs at least the {t.n_layers} "
+                    f"layers of the teacher in {teacher_dir}; use a deeper emulator or --emulator readout"
+                )
         return plan
     student_dir, s_meta = read_stage(args.student_dir, "--student_dir", ("mind_read",))
     emulator_dir, e_meta = read_stage(args.emulator_dir, "--emulator_dir", ("emulator",))
     if s_meta["teacher_dir"] != e_meta["teacher_dir"]:
         raise UserError(f"--student_dir {student_dir} read the teacher {s_meta['teacher_dir']} but --emulator_dir "
                         f"{emulator_dir} emulates {e_meta['teacher_dir']}; train both from the same teacher")
+    if StateSpec.of(s_meta) != StateSpec.of(e_meta):
+        raise UserError(f"--student_dir {student_dir} read the teacher states {StateSpec.of(s_meta).to_dict()} but "
+                        f"--emulator_dir {emulator_dir} learned to predict {StateSpec.of(e_meta).to_dict()}; train "
+                        f"both with the same --state_norm, --delta and --subset")
     return Plan(teacher_dir=s_meta["teacher_dir"], teacher=s_meta["teacher"], teacher_layers=s_meta["teacher_layers"],
                 emulator_layers=e_meta["emulator_layers"], student_dir=os.path.abspath(student_dir),
                 emulator_dir=os.path.abspath(emulator_dir), emulator_meta=e_meta)
@@ -194,6 +206,15 @@ def _fresh_model(args, info):
     return model, lora_cfg, tok
 
 
+def teacher_evaluator(held: CoTExamples, tok, cot: bool, batch_size: int, max_new_tokens: int, info,
+                      n_samples: int = 0):
+    """Accuracy of the teacher (or the no-CoT baseline) decoding from `x EOS`; best/ ties broken by the
+    answer digits right, then by the held-out loss of its training objective."""
+    answers = explicit_answers(held, "model", tok, cot, max_new_tokens)
+    return AnswerEvaluator(held, info, batch_size, answers, loss_task=CoTTeacherTask(held, info.device, cot),
+                           n_samples=n_samples)
+
+
 def build_teacher(args, plan: Plan, lines, held_lines, info) -> Built:
     model, lora_cfg, tok = _fresh_model(args, info)
     cot_views = ("model",) if args.cot else ()
@@ -202,9 +223,8 @@ def build_teacher(args, plan: Plan, lines, held_lines, info) -> Built:
     evaluator = None
     if held_lines:
         held = CoTExamples(held_lines, {"model": tok}, NO_LIMIT, args.label_file, cot_views)
-        evaluator = AnswerEvaluator(held, info, args.eval_batch_size,
-                                    explicit_answers(held, "model", tok, args.cot, args.max_new_tokens),
-                                    args.eval_samples)
+        evaluator = teacher_evaluator(held, tok, args.cot, args.eval_batch_size, args.max_new_tokens, info,
+                                      args.eval_samples)
     meta = {"stage": "teacher", "cot": args.cot}
     task = CoTTeacherTask(train, info.device, args.cot, files=_writer(meta, info))
     return Built(model, lora_cfg, args.ckpt_dir, tok, task, evaluator)
@@ -225,62 +245,87 @@ def build_mind_read(args, plan: Plan, lines, held_lines, info) -> Built:
     model, lora_cfg, tok, teacher, views, train = _beside_teacher(args, plan, lines, info)
     maps = StateMaps(model.args.n_layers, teacher.args.dim, model.args.dim, args.state_map, args.state_map_hidden,
                      args.seed, info.device)
+    spec = spec_of(args)
     evaluator = None
     if held_lines:
         held = MindReadTask(CoTExamples(held_lines, views, NO_LIMIT, args.label_file), info.device, teacher, maps,
-                            plan.teacher_layers)
-        evaluator = AnswerEvaluator(held.examples, info, args.eval_batch_size, implicit_answers(
-            held.examples, "model", tok, args.max_new_tokens, lambda pos: held.states(held.micro_batch(pos, 0))),
-            args.eval_samples)
+                            plan.teacher_layers, spec)
+        evaluator = student_evaluator(held, tok, args.eval_batch_size, args.max_new_tokens, info, args.eval_samples)
     meta = {"stage": "mind_read", "teacher_dir": plan.teacher_dir, "teacher": plan.teacher,
-            "teacher_layers": plan.teacher_layers, "student": shape(model.args)}
-    task = MindReadTask(train, info.device, teacher, maps, plan.teacher_layers, files=_writer(meta, info, maps))
+            "teacher_layers": plan.teacher_layers, "student": shape(model.args), "states": spec.to_dict()}
+    task = MindReadTask(train, info.device, teacher, maps, plan.teacher_layers, spec, files=_writer(meta, info, maps))
     return Built(model, lora_cfg, args.ckpt_dir, tok, task, evaluator)
 
 
 def build_emulator(args, plan: Plan, lines, held_lines, info) -> Built:
     model, lora_cfg, tok, teacher, views, train = _beside_teacher(args, plan, lines, info)
-    maps = StateMaps(teacher.args.n_layers, model.args.dim, teacher.args.dim, args.state_map, args.state_map_hidden,
-                     args.seed, info.device)
+    if args.emulator == "authors":
+        head = EmulatorHead(plan.emulator_layers, model.args.dim, teacher.args.dim, args.mixture_size,
+                            args.softmax_temperature, args.state_map_hidden, args.seed, info.device)
+    else:
+        head = StateMaps(teacher.args.n_layers, model.args.dim, teacher.args.dim, args.state_map,
+                         args.state_map_hidden, args.seed, info.device)
+    spec = spec_of(args)
     evaluator = None
     if held_lines:
-        held = EmulatorTask(CoTExamples(held_lines, views, NO_LIMIT, args.label_file), info.device, teacher, maps,
-                            plan.emulator_layers)
+        held = EmulatorTask(CoTExamples(held_lines, views, NO_LIMIT, args.label_file), info.device, teacher, head,
+                            plan.emulator_layers, spec)
         evaluator = StateErrorEvaluator(held, info, args.eval_batch_size)
-    meta = {"stage": "emulator", "teacher_dir": plan.teacher_dir, "teacher": plan.teacher,
-            "emulator_layers": plan.emulator_layers, "emulator": shape(model.args)}
-    task = EmulatorTask(train, info.device, teacher, maps, plan.emulator_layers, files=_writer(meta, info, maps))
+    meta = {"stage": "emulator", "emulator_kind": args.emulator, "teacher_dir": plan.teacher_dir,
+            "teacher": plan.teacher, "emulator_layers": plan.emulator_layers, "emulator": shape(model.args),
+            "states": spec.to_dict()}
+    task = EmulatorTask(train, info.device, teacher, head, plan.emulator_layers, spec, files=_writer(meta, info, head))
     return Built(model, lora_cfg, args.ckpt_dir, tok, task, evaluator)
+
+
+def spec_of(args) -> StateSpec:
+    return StateSpec(delta=args.delta, subset=args.subset, norm=args.state_norm)
+
+
+def load_emulator_head(directory: str, meta: dict, device):
+    """The emulator's head (the authors' emulator) or its state maps (the readout; a directory from
+    before --emulator was one)."""
+    if meta.get("emulator_kind", "readout") == "authors":
+        return EmulatorHead.load(directory, device)
+    return StateMaps.load(directory, device)
+
+
+def student_evaluator(held, tok, batch_size: int, max_new_tokens: int, info, n_samples: int = 0) -> AnswerEvaluator:
+    """Accuracy of a student (mind-reading or coupled) on the held-out task's lines, its states from
+    that task; best/ ties broken by the answer digits right, then by the task's held-out loss."""
+    answers = implicit_answers(held.examples, "model", tok, max_new_tokens,
+                               lambda pos: held.states(held.micro_batch(pos, 0)))
+    return AnswerEvaluator(held.examples, info, batch_size, answers, loss_task=held, n_samples=n_samples)
 
 
 def build_couple(args, plan: Plan, lines, held_lines, info) -> Built:
     student, s_lora, s_base = load_trainable(plan.student_dir, args.dtype, info)
     emulator, e_lora, e_base = load_trainable(plan.emulator_dir, args.dtype, info)
-    s_maps, e_maps = StateMaps.load(plan.student_dir, info.device), StateMaps.load(plan.emulator_dir, info.device)
+    s_maps = StateMaps.load(plan.student_dir, info.device)
+    e_head = load_emulator_head(plan.emulator_dir, plan.emulator_meta, info.device)
     tok, e_tok = load_tokenizer(plan.student_dir), load_tokenizer(plan.emulator_dir)
     views = {"model": tok, "emulator": e_tok}
     max_len = min(args.max_seq_len, student.args.max_seq_len, emulator.args.max_seq_len)
     train = _describe(CoTExamples(lines, views, max_len, args.train_file, cot_views=()), args.train_file, info)
 
     def task_on(examples, files=None):
-        return CoupleTask(examples, info.device, emulator, e_maps, plan.emulator_layers, s_maps, plan.teacher_layers,
+        return CoupleTask(examples, info.device, emulator, e_head, plan.emulator_layers, s_maps, plan.teacher_layers,
                           emulator_lora=e_lora, files=files)
 
     evaluator = None
     if held_lines:
         held = task_on(CoTExamples(held_lines, views, NO_LIMIT, args.label_file, cot_views=()))
-        evaluator = AnswerEvaluator(held.examples, info, args.eval_batch_size, implicit_answers(
-            held.examples, "model", tok, args.max_new_tokens, lambda pos: held.states(held.micro_batch(pos, 0))),
-            args.eval_samples)
+        evaluator = student_evaluator(held, tok, args.eval_batch_size, args.max_new_tokens, info, args.eval_samples)
     meta = {"stage": "couple", "teacher_dir": plan.teacher_dir, "teacher": plan.teacher,
             "teacher_layers": plan.teacher_layers, "student_dir": plan.student_dir,
-            "emulator_dir": plan.emulator_dir, "emulator": EMULATOR_SUBDIR}
+            "emulator_dir": plan.emulator_dir, "emulator": EMULATOR_SUBDIR,
+            "states": StateSpec.of(plan.emulator_meta).to_dict()}
     sub_meta = {**plan.emulator_meta, "emulator": shape(emulator.args)}
 
     def emulator_files(directory: str) -> None:
         sub = os.path.join(directory, EMULATOR_SUBDIR)
         write_model(emulator, e_lora, e_base, sub, e_tok, info)
-        _writer(sub_meta, info, e_maps)(sub)
+        _writer(sub_meta, info, e_head)(sub)
 
     return Built(student, s_lora, s_base, tok, task_on(train, _writer(meta, info, s_maps, emulator_files)), evaluator)
 
@@ -329,27 +374,28 @@ def evaluate_stage(directory: str, meta: dict, lines, data_file: str, batch_size
     if stage == "teacher":
         cot = meta.get("cot", True)
         held = CoTExamples(lines, {"model": tok}, NO_LIMIT, data_file, ("model",) if cot else ())
-        evaluator = AnswerEvaluator(held, info, batch_size, explicit_answers(held, "model", tok, cot, max_new_tokens))
+        evaluator = teacher_evaluator(held, tok, cot, batch_size, max_new_tokens, info)
         return {**out, **_timed(evaluator, model, info)}, evaluator.all_records()
     if stage in ("mind_read", "emulator"):
         teacher, teacher_tok = load_frozen(meta["teacher_dir"], dtype, info)
         views = {"model": tok, "teacher": teacher_tok}
         examples = CoTExamples(lines, views, NO_LIMIT, data_file)
-        maps = StateMaps.load(directory, info.device)
+        spec = StateSpec.of(meta)
         if stage == "emulator":
-            held = EmulatorTask(examples, info.device, teacher, maps, meta["emulator_layers"])
+            head = load_emulator_head(directory, meta, info.device)
+            held = EmulatorTask(examples, info.device, teacher, head, meta["emulator_layers"], spec)
             return {**out, **StateErrorEvaluator(held, info, batch_size)(model)}, []
-        held = MindReadTask(examples, info.device, teacher, maps, meta["teacher_layers"])
+        maps = StateMaps.load(directory, info.device)
+        held = MindReadTask(examples, info.device, teacher, maps, meta["teacher_layers"], spec)
     else:
         sub = os.path.join(directory, meta["emulator"])
         e_meta = json.load(open(os.path.join(sub, STAGE_FILE)))
         emulator, emulator_tok = load_frozen(sub, dtype, info)
         views = {"model": tok, "emulator": emulator_tok}
         examples = CoTExamples(lines, views, NO_LIMIT, data_file, cot_views=())
-        held = CoupleTask(examples, info.device, emulator, StateMaps.load(sub, info.device), e_meta["emulator_layers"],
-                          StateMaps.load(directory, info.device), meta["teacher_layers"])
-    evaluator = AnswerEvaluator(held.examples, info, batch_size, implicit_answers(
-        held.examples, "model", tok, max_new_tokens, lambda pos: held.states(held.micro_batch(pos, 0))))
+        held = CoupleTask(examples, info.device, emulator, load_emulator_head(sub, e_meta, info.device),
+                          e_meta["emulator_layers"], StateMaps.load(directory, info.device), meta["teacher_layers"])
+    evaluator = student_evaluator(held, tok, batch_size, max_new_tokens, info)
     return {**out, **_timed(evaluator, model, info)}, evaluator.all_records()
 
 

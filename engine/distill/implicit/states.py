@@ -1,12 +1,14 @@
 """The hidden states implicit chain of thought moves between models (METHODS.md section 5).
 
 Teacher state t of an example: the teacher's input to layer t (the residual stream entering the
-block) at CoT position round(s1 + t (s2 - s1) / (L - 1)), L the teacher's depth: the "diagonal",
-from the EOS ending the input (layer 0) to the EOS ending the CoT (last layer). A student layer l
-reads the teacher layer at the same relative depth, round(l (L - 1) / (L_student - 1)), unless
---teacher_layers lists others; an emulator predicts every teacher state from the input alone, state
-t from its own layer at the same relative depth. Rounding is half to even, as torch.round in the
-authors' code, on exact fractions.
+block) at CoT position min(round(s1 + t * delta), s2), L the teacher's depth and delta (s2 - s1) /
+(L - 1) by default: the "diagonal", from the EOS ending the input (layer 0) to the EOS ending the CoT
+(last layer). The whole sum is rounded in float32, half to even, as the authors' code does
+(da03/implicit_chain_of_thought src/models/teacher.py:41, 48-49). --subset first_column / last_column
+read every layer at s1 / s2 instead. Every state is then passed through a LayerNorm without
+parameters (teacher.py:24, 83; --state_norm none: the raw residual stream). A student layer l reads
+the teacher layer at the same relative depth, round(l (L - 1) / (L_student - 1)), unless
+--teacher_layers lists others.
 
 States cross models through StateMaps: one small MLP per state (Linear - ReLU - Linear), from the
 source width to the destination width, or the identity when both widths are equal. The maps are
@@ -14,24 +16,76 @@ replicated on every tensor-parallel rank (the residual stream they read and writ
 """
 from __future__ import annotations
 
+import functools
 import os
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.runtime.errors import UserError
 
 STATE_MAPS = ("mlp", "identity")
+STATE_NORMS = ("layernorm", "none")
+SUBSETS = ("diagonal", "first_column", "last_column")
 MAPS_FILE = "state_maps.safetensors"
 
 
-def diagonal_positions(s1: int, s2: int, n_layers: int) -> List[int]:
-    """round(s1 + l (s2 - s1) / (n_layers - 1)) for l = 0 .. n_layers - 1 (one layer: s1)."""
-    if n_layers == 1:
-        return [s1]
-    return [s1 + round(Fraction(l * (s2 - s1), n_layers - 1)) for l in range(n_layers)]
+def diagonal_positions(s1: int, s2: int, n_layers: int, delta="dynamic") -> List[int]:
+    """min(round(s1 + l * delta), s2) for l = 0 .. n_layers - 1, delta (s2 - s1) / (n_layers - 1)
+    ("dynamic") or a whole number of positions. As the authors' compute_positions_to_extract_per_layer
+    (src/models/teacher.py:40-41, 48-49): the whole sum rounded (torch.round, half to even) in float32,
+    so (3, 8, 3 layers) gives [3, 6, 8]. One layer with "dynamic": [s1] (theirs divides by zero)."""
+    return list(_diagonal(int(s1), int(s2), int(n_layers), str(delta)))
+
+
+@functools.lru_cache(maxsize=65536)
+def _diagonal(s1: int, s2: int, n_layers: int, delta: str) -> tuple:
+    first, last, layer_ids = torch.tensor(s1), torch.tensor(s2), torch.arange(n_layers)
+    if delta == "dynamic":
+        if n_layers == 1:
+            return (s1,)
+        step = (last - first) / (n_layers - 1)  # a float32 tensor, as theirs (teacher.py:41)
+    else:
+        step = int(delta)
+    return tuple(torch.round(first + layer_ids * step).clamp(max=last).long().tolist())
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """Which teacher states a stage reads and how they are normalised: --delta, --subset,
+    --state_norm (recorded in implicit.json; the coupled stage checks its two models agree)."""
+
+    delta: str = "dynamic"
+    subset: str = "diagonal"
+    norm: str = "layernorm"
+
+    def positions(self, s1: int, s2: int, n_layers: int) -> List[int]:
+        """The CoT position each of the n_layers teacher layers is read at (teacher.py:39-49, with
+        last_column as the authors intend it: their code gives first_column's, teacher.py:42)."""
+        if self.subset == "first_column":
+            return [s1] * n_layers
+        if self.subset == "last_column":
+            return [s2] * n_layers
+        return diagonal_positions(s1, s2, n_layers, self.delta)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """LayerNorm without affine parameters over the width (teacher.py:24, 83: eps 1e-5, biased
+        variance), in float32; or z unchanged (--state_norm none)."""
+        if self.norm == "none":
+            return z
+        return F.layer_norm(z.float(), (z.shape[-1],), eps=1e-5)
+
+    def to_dict(self) -> dict:
+        return {"delta": self.delta, "subset": self.subset, "norm": self.norm}
+
+    @classmethod
+    def of(cls, meta: dict) -> "StateSpec":
+        """The spec a saved stage recorded; a directory from before these flags read raw states."""
+        return cls(**meta["states"]) if "states" in meta else cls(norm="none")
 
 
 def same_depth(n_from: int, n_to: int) -> List[int]:

@@ -4,9 +4,13 @@ its states: from the teacher reading the gold CoT (mind-reading) or from the emu
   teacher    CE on `cot EOS answer EOS` after `BOS x EOS` (or on `answer EOS` alone: the no-CoT baseline)
   mind_read  CE on `answer EOS`; before student layer l, its input at the EOS ending x is replaced by
              map_l(teacher state of the teacher layer it reads); the teacher is frozen
-  emulator   MSE between map_t(emulator's layer input at the EOS ending x) and teacher state t, every t
+  emulator   every teacher state predicted from `x EOS` alone: by the authors' emulator head (a chain of
+             predictions written back into the emulator's stream; loss 1/2 the squared error summed
+             over states and width, averaged over lines, as theirs), or (--emulator readout) by
+             map_t(emulator's unmodified layer input at the EOS ending x), mean squared error per element
   couple     CE on `answer EOS`, the student reading the emulator's states; student, emulator and
-             both sets of maps are trained together, no CoT anywhere
+             both sets of maps (or the emulator head) are trained together, no CoT anywhere
+Teacher states are the StateSpec's (states.py): positions on the diagonal, LayerNorm'd by default.
 """
 from __future__ import annotations
 
@@ -15,17 +19,19 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from engine.distill.implicit.data import CoTExamples, Encoded, padded, shifted
-from engine.distill.implicit.states import StateMaps, diagonal_positions, inject_hook, layer_inputs_at
+from engine.distill.implicit.emulator import EmulatorHead
+from engine.distill.implicit.states import StateMaps, StateSpec, inject_hook, layer_inputs_at
 from engine.runtime.distributed import to_device
 from engine.text.sequences import IGNORE
 from engine.train.task import Batch, Task, make_batch, response_cross_entropy
 
 
 # ----- tensors of a batch of lines, in one model's tokens -----------------------------------------
-def teacher_inputs(encs: Sequence[Encoded], eos: int, n_layers: int, device):
-    """(`BOS x EOS cot EOS` [B, T], diagonal positions [B, n_layers]) for the teacher."""
+def teacher_inputs(encs: Sequence[Encoded], eos: int, n_layers: int, device, spec: StateSpec):
+    """(`BOS x EOS cot EOS` [B, T], the position each teacher layer is read at [B, n_layers]): each
+    row's own positions (the authors' code reuses row 0's delta for the whole batch, teacher.py:40-41)."""
     tokens = padded([e.x + [eos] + e.cot + [eos] for e in encs], eos)
-    diag = torch.tensor([diagonal_positions(e.s1, e.s2, n_layers) for e in encs], dtype=torch.long)
+    diag = torch.tensor([spec.positions(e.s1, e.s2, n_layers) for e in encs], dtype=torch.long)
     return to_device(tokens, device), to_device(diag, device)
 
 
@@ -47,18 +53,21 @@ def answer_batch(encs: Sequence[Encoded], eos: int, device, cot: bool = False) -
 
 
 # ----- where a student's states come from ----------------------------------------------------------
-def teacher_states(teacher, tokens, diag, layers: Sequence[int]) -> torch.Tensor:
-    """The frozen teacher's inputs of `layers` at their diagonal positions: [B, len(layers), d_teacher]."""
+def teacher_states(teacher, tokens, diag, layers: Sequence[int], spec: StateSpec) -> torch.Tensor:
+    """The frozen teacher's inputs of `layers` at their positions, normalised as `spec` says:
+    [B, len(layers), d_teacher]."""
     with torch.no_grad():
-        return layer_inputs_at(teacher, tokens, diag, layers)
+        return spec.normalize(layer_inputs_at(teacher, tokens, diag, layers))
 
 
-def emulated_states(emulator, emulator_maps: StateMaps, emulator_layers: Sequence[int], tokens, s1,
-                    teacher_layers: Sequence[int]) -> torch.Tensor:
-    """The emulator's predictions of teacher states `teacher_layers`: [B, len, d_teacher]. Teacher state
-    t comes from emulator layer emulator_layers[t] at the EOS ending x, through map t."""
+def emulated_states(emulator, head, emulator_layers: Sequence[int], tokens, s1, teacher_layers: Sequence[int]):
+    """The emulator's predictions of teacher states `teacher_layers`: [B, len, d_teacher]. head: the
+    authors' EmulatorHead (it predicts every teacher state, one after another), or the readout's
+    StateMaps: teacher state t from emulator layer emulator_layers[t] at the EOS ending x, through map t."""
+    if isinstance(head, EmulatorHead):
+        return head(emulator, tokens, s1)[:, list(teacher_layers)]
     own = layer_inputs_at(emulator, tokens, s1, [emulator_layers[t] for t in teacher_layers])
-    return emulator_maps(own, which=teacher_layers)
+    return head(own, which=teacher_layers)
 
 
 class _Lines(Task):
@@ -105,14 +114,14 @@ class CoTTeacherTask(_Lines):
 
 
 class MindReadTask(_Lines):
-    """The student answers from `x EOS` with the teacher's diagonal states injected through its maps."""
+    """The student answers from `x EOS` with the teacher's states injected through its maps."""
 
     weights = {"ce": 1.0}
 
     def __init__(self, examples: CoTExamples, device, teacher, maps: StateMaps, teacher_layers: Sequence[int],
-                 files=None):
+                 spec: StateSpec, files=None):
         super().__init__(examples, device, files)
-        self.teacher, self.maps, self.teacher_layers = teacher, maps, list(teacher_layers)
+        self.teacher, self.maps, self.teacher_layers, self.spec = teacher, maps, list(teacher_layers), spec
 
     def extra_modules(self):
         return [self.maps]
@@ -123,13 +132,13 @@ class MindReadTask(_Lines):
     def micro_batch(self, positions: List[int], epoch: int) -> Batch:
         batch = answer_batch(self.encs("model", positions), self.eos("model"), self.device)
         t_tokens, t_diag = teacher_inputs(self.encs("teacher", positions), self.eos("teacher"),
-                                          self.teacher.args.n_layers, self.device)
+                                          self.teacher.args.n_layers, self.device, self.spec)
         batch.n_tokens += int(t_tokens.numel())
         batch.extra.update(t_tokens=t_tokens, t_diag=t_diag)
         return batch
 
     def states(self, batch: Batch) -> torch.Tensor:
-        z = teacher_states(self.teacher, batch.extra["t_tokens"], batch.extra["t_diag"], self.teacher_layers)
+        z = teacher_states(self.teacher, batch.extra["t_tokens"], batch.extra["t_diag"], self.teacher_layers, self.spec)
         return self.maps(z)
 
     def loss_sums(self, model, batch: Batch) -> Dict[str, torch.Tensor]:
@@ -140,19 +149,22 @@ class MindReadTask(_Lines):
 
 
 class EmulatorTask(_Lines):
-    """The emulator predicts every teacher diagonal state from `x EOS` alone: mean squared error per
-    state element (the sum is divided by lines x teacher layers x teacher width)."""
+    """The emulator predicts every teacher state from `x EOS` alone. head: the authors' EmulatorHead,
+    loss 1/2 the squared error summed over states and width, averaged over lines (emulator.py:58-66:
+    the count is the lines); or the readout's StateMaps, the squared error averaged per element (the
+    count is lines x teacher layers x teacher width)."""
 
-    weights = {"mse": 1.0}
+    weights = {"state": 1.0}
 
-    def __init__(self, examples: CoTExamples, device, teacher, maps: StateMaps, emulator_layers: Sequence[int],
+    def __init__(self, examples: CoTExamples, device, teacher, head, emulator_layers: Sequence[int], spec: StateSpec,
                  files=None):
         super().__init__(examples, device, files)
-        self.teacher, self.maps, self.emulator_layers = teacher, maps, list(emulator_layers)
+        self.teacher, self.head, self.emulator_layers, self.spec = teacher, head, list(emulator_layers), spec
         self.all_teacher_layers = list(range(teacher.args.n_layers))
+        self.authors = isinstance(head, EmulatorHead)
 
     def extra_modules(self):
-        return [self.maps]
+        return [self.head]
 
     def lengths(self, epoch: int) -> List[int]:
         return [len(self.examples.get("teacher", p).teacher_sequence(0)) for p in range(len(self.examples))]
@@ -160,34 +172,42 @@ class EmulatorTask(_Lines):
     def micro_batch(self, positions: List[int], epoch: int) -> Batch:
         tokens, s1 = prompt_inputs(self.encs("model", positions), self.eos("model"), self.device)
         t_tokens, t_diag = teacher_inputs(self.encs("teacher", positions), self.eos("teacher"),
-                                          self.teacher.args.n_layers, self.device)
-        count = len(positions) * self.teacher.args.n_layers * self.teacher.args.dim
+                                          self.teacher.args.n_layers, self.device, self.spec)
+        elements = len(positions) * self.teacher.args.n_layers * self.teacher.args.dim
         # labels unused (the loss is on states): the inputs stand in for them
-        return Batch(tokens, tokens, {"mse": count}, int(tokens.numel() + t_tokens.numel()),
-                     {"s1": s1, "t_tokens": t_tokens, "t_diag": t_diag})
+        return Batch(tokens, tokens, {"state": len(positions) if self.authors else elements},
+                     int(tokens.numel() + t_tokens.numel()),
+                     {"s1": s1, "t_tokens": t_tokens, "t_diag": t_diag, "elements": elements})
+
+    def squared_error(self, model, batch: Batch) -> torch.Tensor:
+        """The squared error summed over lines, teacher states and width (a scalar)."""
+        target = teacher_states(self.teacher, batch.extra["t_tokens"], batch.extra["t_diag"], self.all_teacher_layers,
+                                self.spec)
+        pred = emulated_states(model, self.head, self.emulator_layers, batch.inputs, batch.extra["s1"],
+                               self.all_teacher_layers)
+        return (pred.float() - target.float()).pow(2).sum()
 
     def loss_sums(self, model, batch: Batch) -> Dict[str, torch.Tensor]:
-        target = teacher_states(self.teacher, batch.extra["t_tokens"], batch.extra["t_diag"], self.all_teacher_layers)
-        pred = emulated_states(model, self.maps, self.emulator_layers, batch.inputs, batch.extra["s1"],
-                               self.all_teacher_layers)
-        return {"mse": (pred.float() - target.float()).pow(2).sum()}
+        error = self.squared_error(model, batch)
+        return {"state": error / 2 if self.authors else error}
 
 
 class CoupleTask(_Lines):
     """The student answers from `x EOS` with the emulator's states; student (the trainer's model),
-    emulator and both maps learn from the answer CE alone. emulator_lora: the emulator's LoRA config
-    (None: full weights), for the trainer to treat it as the tensor-parallel model it is."""
+    emulator, its head (or maps) and the student's maps learn from the answer CE alone, no teacher and
+    no normalisation (as train_coupled_emulator_and_student.py:139-151). emulator_lora: the emulator's
+    LoRA config (None: full weights), for the trainer to treat it as the tensor-parallel model it is."""
 
     weights = {"ce": 1.0}
 
-    def __init__(self, examples: CoTExamples, device, emulator, emulator_maps: StateMaps, emulator_layers,
+    def __init__(self, examples: CoTExamples, device, emulator, emulator_head, emulator_layers,
                  student_maps: StateMaps, teacher_layers: Sequence[int], emulator_lora=None, files=None):
         super().__init__(examples, device, files)
-        self.emulator, self.emulator_maps, self.emulator_layers = emulator, emulator_maps, list(emulator_layers)
+        self.emulator, self.emulator_head, self.emulator_layers = emulator, emulator_head, list(emulator_layers)
         self.student_maps, self.teacher_layers, self.emulator_lora = student_maps, list(teacher_layers), emulator_lora
 
     def extra_modules(self):
-        return [self.emulator, self.emulator_maps, self.student_maps]
+        return [self.emulator, self.emulator_head, self.student_maps]
 
     def parallel_models(self):
         return [(self.emulator, self.emulator_lora)]
@@ -204,7 +224,7 @@ class CoupleTask(_Lines):
         return batch
 
     def states(self, batch: Batch) -> torch.Tensor:
-        z = emulated_states(self.emulator, self.emulator_maps, self.emulator_layers, batch.extra["e_tokens"],
+        z = emulated_states(self.emulator, self.emulator_head, self.emulator_layers, batch.extra["e_tokens"],
                             batch.extra["e_s1"], self.teacher_layers)
         return self.student_maps(z)
 
