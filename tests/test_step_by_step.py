@@ -369,7 +369,7 @@ def test_instruction_records_as_infer_writes_them(tmp_path, capsys, tiny_tokeniz
             line(2, ["no idea", "none either"]), line(3, ["x it is. So the answer is (a) x."], label="A")]
     src = tmp_path / "raw.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    prepare_main(str(tmp_path / "out.json"), input_file=str(src), task="CSQA")
+    prepare_main(str(tmp_path / "out.json"), input_file=str(src), task="CSQA", parse="ours", label_format="letter")
     out = json.load(open(tmp_path / "out.json"))
     assert out == [
         {"id": 0, "instruction": ask, "output": "y is the one. So the answer is (b) y.", "label": "B", "llm_label": "B"},
@@ -383,6 +383,10 @@ def test_instruction_records_as_infer_writes_them(tmp_path, capsys, tiny_tokeniz
     tok = load_tokenizer(tiny_tokenizer)
     for label_type in ("gt", "llm"):
         assert len(StepByStepData(out, tok, 256, task="CSQA", label_type=label_type)) == 3
+    (tmp_path / "one.jsonl").write_text(json.dumps(rows[0]) + "\n")  # the default: the authors' split, text labels
+    prepare_main(str(tmp_path / "one.json"), input_file=str(tmp_path / "one.jsonl"), task="CSQA")
+    assert json.load(open(tmp_path / "one.json")) == [
+        {"id": 0, "instruction": ask, "output": "y is the one.", "label": "y", "llm_label": "y"}]
     mcc = [{"instruction": "Natalia sold 48 clips in April and half as many in May. How many in all?",
             "output": ["48 / 2 = 24. 48 + 24 = 72.\nTherefore, the answer is 72 .", "She sold 72.\nThe answer is 70 ."],
             "label": "72"}]  # an MCC-KD file (train_mcc.py's): a tie goes to the answer stated first

@@ -216,8 +216,8 @@ def test_the_label_task_trains_and_scores_text_labels(tiny_tokenizer, tmp_path):
     preds.write_text("".join(json.dumps({"output": t}) + "\n" for t in ("math problem", "park")))
     labels = tmp_path / "l.json"
     labels.write_text(json.dumps([{"instruction": QUESTION, "label": "math problem"}] * 2))
-    args = types.SimpleNamespace(predictions_file=str(preds), label_file=str(labels), field="output", task="CSQA",
-                                 scoring="ours", report="ours")
+    args = types.SimpleNamespace(predictions_file=str(preds), label_file=str(labels), field="output", output_file=None,
+                                 task="CSQA", scoring="ours", report="ours")
     assert file_accuracy(args)["correct"] == 1
 
 
