@@ -938,6 +938,7 @@ def test_best_breaks_accuracy_ties_by_digits_then_loss(models, dist1, tiny_token
     class Scripted(AnswerEvaluator):
         def __init__(self):
             self.results = [{"accuracy": a, "word_accuracy": w, "held_out_loss": l} for (a, w, l), _ in script]
+            self.records, self.n_samples = [], 0
 
         def __call__(self, model):
             return {**self.results.pop(0), "correct": 0, "total": 6, "unparsable": 0}
