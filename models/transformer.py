@@ -151,6 +151,12 @@ class KVCache:
         return self.k[layer][:n_rows, :, :length], self.v[layer][:n_rows, :, :length]
 
     @torch.no_grad()
+    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
+        """Slots [0, length) of rows `src` into rows `dst` (a prompt prefilled once, shared by its samples)."""
+        for t in self.k + self.v:
+            t[dst, :, :length] = t[src, :, :length]
+
+    @torch.no_grad()
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Move `rows` (ascending) to the front, in place; the rows after them become free."""
         n = rows.numel()

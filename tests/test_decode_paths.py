@@ -101,3 +101,24 @@ def test_overlapped_read_back_gives_the_tokens_of_the_plain_loop(tiny, params):
         runs[name] = _run(model, prompts, params, runner, [tok.eos_id], g.StopStrings(tok, [stop]))
     assert runs["overlap"] == runs["eager"] and runs["blocks"] == runs["eager"]
     assert {f for *_, f in runs["eager"]} == {"stop", "length"}
+
+
+@pytest.mark.parametrize("params", [g.SamplingParams(max_new_tokens=16), SAMPLED], ids=["greedy", "sampled"])
+def test_samples_of_a_prompt_share_one_prefill(tiny, params):
+    """4 samples of each of 9 prompts (request seeds as infer.py draws them) in 8 slots: prefilling each
+    prompt once and copying its keys and values gives the tokens of prefilling every copy, eager and
+    overlapped static steps, with at most about a quarter of the prompt tokens prefilled."""
+    model, _, tok, prompts = tiny
+    reqs = [g.Request((i, k), p, g.request_seed(params.seed, i, k)) for i, p in enumerate(prompts) for k in range(4)]
+    max_len = max(map(len, prompts)) + params.max_new_tokens
+    runs, prefilled = {}, {}
+    for share in (False, True):
+        for name, runner in (("eager", g.EagerSteps(model)), ("static", g.StaticSteps(model, 3, 4))):
+            batcher = g.Batcher(model, runner, params, 8, max_len, [tok.eos_id], share_prompts=share)
+            runs[share, name] = sorted((c.key, c.tokens, c.finish) for c in batcher.run(reqs))
+            prefilled[share, name] = batcher.prefilled
+    assert all(run == runs[False, "eager"] for run in runs.values())
+    assert prefilled[False, "eager"] == 4 * sum(map(len, prompts))
+    assert prefilled[True, "eager"] <= 0.35 * prefilled[False, "eager"]
+    if params.temperature:
+        assert all(len({tuple(t) for (i, _), t, _ in runs[True, "eager"] if i == j}) > 1 for j in range(9))

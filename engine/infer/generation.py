@@ -388,8 +388,10 @@ class Batcher:
     when it was chosen)."""
 
     def __init__(self, model, runner, params: SamplingParams, n: int, max_len: int, stop_ids: Sequence[int] = (),
-                 stop_strings: Optional[StopStrings] = None, prefill_tokens: int = 16384, refill_min: int = 1):
+                 stop_strings: Optional[StopStrings] = None, prefill_tokens: int = 16384, refill_min: int = 1,
+                 share_prompts: bool = True):
         self.model, self.runner, self.params, self.n, self.max_len = model, runner, params, n, max_len
+        self.share_prompts, self.prefilled = share_prompts, 0  # prompt tokens run through a prefill forward
         self.stops, self.stop_strings = set(stop_ids), stop_strings
         self.prefill_tokens, self.refill_min = prefill_tokens, refill_min
         self.overlap = runner.overlap
@@ -475,27 +477,51 @@ class Batcher:
 
     def prefill(self, rows: List[int], reqs: List[Request]) -> None:
         """Prompts into the KV cache rows `rows`, in groups within the prefill token budget; each row's
-        first token is drawn (draw 0) and left for a later drain."""
-        device, start = self.device, 0
-        while start < len(reqs):  # split by the prefill token budget
-            width = len(reqs[start].prompt)
-            end = start + max(1, min(len(reqs) - start, self.prefill_tokens // max(width, 1)))
-            group, group_rows = reqs[start:end], rows[start:end]
-            width = max(len(r.prompt) for r in group)
-            tokens = torch.zeros(len(group), width, dtype=torch.long)
-            for b, r in enumerate(group):
-                tokens[b, : len(r.prompt)] = torch.tensor(r.prompt)
-            lens = torch.tensor([len(r.prompt) for r in group], device=device)
-            idx = torch.tensor(group_rows, device=device)
-            seeds = torch.tensor([r.seed for r in group], device=device)
-            hidden = self.model.forward_hidden(tokens.to(device), cache=self.cache, cache_rows=idx)
-            logits = self.model.logits(hidden[torch.arange(len(group), device=device), lens - 1])
-            first = choose_tokens(logits, self.params, seeds, torch.zeros_like(seeds))
-            self.state.start(idx, first, lens, seeds)
-            self.chosen.append((group_rows, group, first))
-            for row, r in zip(group_rows, group):
-                self.host.req[row], self.host.out[row], self.host.produced[row], self.host.done[row] = r, [], 1, False
+        first token is drawn (draw 0) and left for a later drain. With `share_prompts` a prompt met
+        several times (the --num_samples rows of a record) is prefilled once, into its first row, and
+        its keys and values copied to the others, each of which draws its own first token from the
+        same logits."""
+        first_row, sharing = {}, {}  # prompt -> the row prefilled; that row -> [(row, request)] sharing it
+        unique = []
+        for row, r in zip(rows, reqs):
+            key = tuple(r.prompt)
+            if self.share_prompts and key in first_row:
+                sharing[first_row[key]].append((row, r))
+            else:
+                first_row[key], sharing[row] = row, []
+                unique.append((row, r))
+        start = 0
+        while start < len(unique):  # split by the prefill token budget
+            width = len(unique[start][1].prompt)
+            end = start + max(1, min(len(unique) - start, self.prefill_tokens // max(width, 1)))
+            self.prefill_group(unique[start:end], sharing)
             start = end
+
+    def prefill_group(self, group: list, sharing: dict) -> None:
+        """One prefill forward of the (row, request) pairs `group`, then the rows sharing their prompts."""
+        device = self.device
+        width = max(len(r.prompt) for _, r in group)
+        tokens = torch.zeros(len(group), width, dtype=torch.long)
+        for b, (_, r) in enumerate(group):
+            tokens[b, : len(r.prompt)] = torch.tensor(r.prompt)
+        lens = torch.tensor([len(r.prompt) for _, r in group], device=device)
+        self.prefilled += sum(len(r.prompt) for _, r in group)
+        hidden = self.model.forward_hidden(tokens.to(device), cache=self.cache,
+                                           cache_rows=torch.tensor([row for row, _ in group], device=device))
+        logits = self.model.logits(hidden[torch.arange(len(group), device=device), lens - 1])
+        shared = [(b, row, pair) for b, (row, _) in enumerate(group) for pair in sharing[row]]
+        if shared:  # the shared prompts' keys and values, copied once per sharing row
+            self.cache.copy_rows(torch.tensor([row for _, row, _ in shared], device=device),
+                                 torch.tensor([pair[0] for *_, pair in shared], device=device), width)
+            logits = torch.cat([logits, logits[torch.tensor([b for b, *_ in shared], device=device)]])
+        everyone = group + [pair for *_, pair in shared]
+        idx = torch.tensor([row for row, _ in everyone], device=device)
+        seeds = torch.tensor([r.seed for _, r in everyone], device=device)
+        first = choose_tokens(logits, self.params, seeds, torch.zeros_like(seeds))
+        self.state.start(idx, first, torch.tensor([len(r.prompt) for _, r in everyone], device=device), seeds)
+        self.chosen.append(([row for row, _ in everyone], [r for _, r in everyone], first))
+        for row, r in everyone:
+            self.host.req[row], self.host.out[row], self.host.produced[row], self.host.done[row] = r, [], 1, False
 
     def compact(self, live: List[int]) -> List[int]:
         """Move the live rows to the front of the cache, device state and host slots, and decode only
