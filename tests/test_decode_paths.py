@@ -18,7 +18,7 @@ SAMPLED = g.SamplingParams(max_new_tokens=20, temperature=0.9, top_p=0.9, top_k=
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tiny_tokenizer):
-    """(our model, HF's, tokenizer, encoded prompts) of one random Mistral (GQA, sliding window)."""
+    """(our model, HF's, tokenizer, encoded prompts, its directory) of one random Mistral (GQA, sliding window)."""
     from engine.checkpoint import load_for_inference
     from engine.runtime import distributed
 
@@ -28,7 +28,7 @@ def tiny(tmp_path_factory, tiny_tokenizer):
     shutil.copy(tiny_tokenizer, path / "tokenizer.model")
     model = load_for_inference(str(path), None, torch.float32, "cpu")[0].eval()
     tok = load_tokenizer(str(path))
-    return model, hf, tok, [tok.encode(p) for p in PROMPTS]
+    return model, hf, tok, [tok.encode(p) for p in PROMPTS], str(path)
 
 
 def _run(model, prompts, params, runner, stop_ids=(), stop_strings=None, slots=3, **kw):
@@ -69,7 +69,7 @@ def test_top_k_sampling_without_the_full_sort_draws_the_same_tokens(top_k, top_p
 def test_stop_strings_are_looked_for_only_after_tokens_that_could_end_one(tiny):
     """Sampled runs with stop strings of every kind (a space at either end, a digit, a word, a letter)
     finish every row where looking after every token does, with far fewer tails decoded."""
-    model, _, tok, prompts = tiny
+    model, _, tok, prompts, _ = tiny
     stops = ["e ", " t", "3", "the", "a", ".", "?"]
     for strings in ([s] for s in stops):
         params = g.SamplingParams(max_new_tokens=40, temperature=1.2, seed=len(strings[0]))
@@ -91,7 +91,7 @@ def test_overlapped_read_back_gives_the_tokens_of_the_plain_loop(tiny, params):
     stop decode a block more, free rows are refilled a block later) give the tokens of the same blocks
     without overlap and of the eager step-by-step loop: 9 prompts in 3 slots (refills), a stop string
     met inside a block, EOS, and the length limit."""
-    model, _, tok, prompts = tiny
+    model, _, tok, prompts, _ = tiny
     plain = _run(model, prompts, params, g.EagerSteps(model))
     stop = tok.decode(max(plain, key=lambda r: len(r[1]))[1][:8])[-2:]
     runs = {}
@@ -108,7 +108,7 @@ def test_samples_of_a_prompt_share_one_prefill(tiny, params):
     """4 samples of each of 9 prompts (request seeds as infer.py draws them) in 8 slots: prefilling each
     prompt once and copying its keys and values gives the tokens of prefilling every copy, eager and
     overlapped static steps, with at most about a quarter of the prompt tokens prefilled."""
-    model, _, tok, prompts = tiny
+    model, _, tok, prompts, _ = tiny
     reqs = [g.Request((i, k), p, g.request_seed(params.seed, i, k)) for i, p in enumerate(prompts) for k in range(4)]
     max_len = max(map(len, prompts)) + params.max_new_tokens
     runs, prefilled = {}, {}
@@ -122,3 +122,52 @@ def test_samples_of_a_prompt_share_one_prefill(tiny, params):
     assert prefilled[True, "eager"] <= 0.35 * prefilled[False, "eager"]
     if params.temperature:
         assert all(len({tuple(t) for (i, _), t, _ in runs[True, "eager"] if i == j}) > 1 for j in range(9))
+
+
+@pytest.mark.parametrize("window,block", [(None, 64), (None, 4), (6, 4), (5, 3)])
+def test_ragged_decode_attention_equals_the_dense_read(window, block):
+    """Each row reading only its live blocks (GQA, rows at positions 0 .. past several blocks, a cache
+    whose length is no multiple of the block, a sliding window) gives the dense masked attention."""
+    from models.transformer import attention_mask, grouped_attention, ragged_decode_attention
+
+    gen = torch.Generator().manual_seed(block)
+    keys, values = torch.randn(7, 2, 29, 8, generator=gen), torch.randn(7, 2, 29, 8, generator=gen)
+    q = torch.randn(6, 6, 1, 8, generator=gen)
+    positions = torch.tensor([0, 3, 4, 17, 28, 11])
+    dense = grouped_attention(q, keys[:6], values[:6], attention_mask(positions[:, None], torch.arange(29), window))
+    ragged = ragged_decode_attention(q, keys, values, positions, window, block)
+    assert torch.allclose(ragged, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_ragged_decode_attention_gives_hf_greedy_tokens_through_infer(tiny, tmp_path):
+    """infer.py --decode_attention ragged writes HF generate()'s greedy tokens (batched, left-padded) and
+    the dense path's sampled ones, refills and a sliding window of 8 included; a bad value is refused."""
+    import json
+
+    import infer
+    from engine.runtime.errors import UserError
+
+    model, hf, tok, prompts, path = tiny
+    width = max(map(len, prompts))
+    ids, mask = torch.full((len(prompts), width), 3), torch.zeros(len(prompts), width, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):], mask[b, width - len(p):] = torch.tensor(p), 1
+    with torch.no_grad():
+        gen = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=14, do_sample=False,
+                          eos_token_id=tok.eos_id, pad_token_id=3)[:, width:].tolist()
+    ref = [row[: row.index(tok.eos_id) + 1] if tok.eos_id in row else row for row in gen]
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({"instruction": p}) + "\n" for p in PROMPTS))
+    flags = dict(ckpt_dir=path, data_file=str(data), template="none", batch_size=3, max_new_tokens=14,
+                 output_tokens=True, progress=False)
+    runs = {}
+    for name, kw in (("greedy", {}), ("sampled", dict(temperature=0.9, top_p=0.9, seed=2))):
+        for kind in ("dense", "ragged"):
+            out = tmp_path / f"{name}-{kind}.jsonl"
+            infer.generate(**flags, **kw, decode_attention=kind, output_file=str(out))
+            runs[name, kind] = [json.loads(line)["tokens"] for line in open(out)]
+    model.decode_attention("dense")
+    assert runs["greedy", "ragged"] == ref and runs["greedy", "dense"] == ref
+    assert runs["sampled", "ragged"] == runs["sampled", "dense"] != ref
+    with pytest.raises(UserError, match="--decode_attention must be dense or ragged, got 'sparse'"):
+        infer.generate(**flags, decode_attention="sparse", output_file=str(tmp_path / "bad.jsonl"))

@@ -101,6 +101,9 @@ class GenerationFlags(CommandArgs):
     output_tokens: bool = flag("also write the generated token ids ('tokens') of each response.", False)
     compile: bool = flag("on a GPU, decode with CUDA graphs of a compiled step (False: eager; CPU is always eager).",
                          True)
+    decode_attention: str = flag("dense (every row reads the cache up to the batch's longest, batched matmuls) or "
+                                 "ragged (each row its own live keys only; eager steps: CPU, or --compile False).",
+                                 "dense")
     tp_size: Optional[int] = flag("tensor-parallel size (default: all processes); world size / tp_size replicas each "
                                   "generate a share of the records into the one output file.", None)
 
@@ -117,6 +120,8 @@ class GenerationFlags(CommandArgs):
         for name in ("num_samples", "batch_size", "max_new_tokens", "prefill_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.decode_attention not in ("dense", "ragged"):
+            raise UserError(f"--decode_attention must be dense or ragged, got {self.decode_attention!r}")
         if self.long_prompts not in ("skip", "truncate"):
             raise UserError(f"--long_prompts must be skip or truncate, got {self.long_prompts!r}")
         check_seed(self.seed)
@@ -169,6 +174,7 @@ class GenerateArgs(ModelSource, GenerationFlags):
         "progress",
         "output_tokens",
         "compile",
+        "decode_attention",
         "tp_size",
         "device",
         "task_prefix",

@@ -404,6 +404,7 @@ def run_generation(job: GenerationJob) -> None:
                 print(label_warning(bad, len(job.records), f.task, f.data_file), flush=True)
         model, tok, _ = load_for_inference(f.ckpt_dir, f.lora_dir, f.dtype, info.device)
         model.eval()
+        model.decode_attention(f.decode_attention)
         done = _already_done(out, info)
         write = _replica_writer(out, info)
         lines = Lines(job)
