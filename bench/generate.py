@@ -79,7 +79,7 @@ def _hf_generate(hf, prompts, new_tokens, device, eos=None):
 def main(batches="1,64,384", dim: int = 512, n_layers: int = 4, n_heads: int = 8, n_kv_heads: int = 4,
          vocab: int = 32000, min_prompt: int = 16, max_prompt: int = 96, new_tokens: int = 32, dtype: str = "fp32",
          device: str = None, seed: int = 0, compile: bool = None, e2e: bool = False, e2e_batch: int = 384,  # noqa: A002 (--compile)
-         e2e_records: int = 768, samples: int = 0):
+         e2e_records: int = 768, samples: int = 0, decode_attention: str = "dense"):
     """Print tokens/s of both engines at each batch size, their ratio, whether the tokens agree, and
     for batch 1 the fraction of the read-bandwidth limit reached.
 
@@ -96,12 +96,13 @@ def main(batches="1,64,384", dim: int = 512, n_layers: int = 4, n_heads: int = 8
         e2e_batch: slots of the end-to-end run.
         e2e_records: records of the end-to-end run.
         samples: K > 0 times K samples of each question, prefill shared vs every copy prefilled, instead.
+        decode_attention: our decode attention, dense or ragged; "dense,ragged" times both in the same run.
     """
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from engine.checkpoint import load_for_inference
-    from engine.infer.generation import SamplingParams, complete_prompts, make_runner
+    from engine.infer.generation import SamplingParams, make_runner
     from engine.runtime import distributed
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -134,37 +135,47 @@ def main(batches="1,64,384", dim: int = 512, n_layers: int = 4, n_heads: int = 8
     for bsz in sizes:
         lens = torch.randint(min_prompt, max_prompt + 1, (bsz,), generator=g).tolist()
         prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
-        runner = make_runner(ours, compile)
         greedy = SamplingParams(max_new_tokens=new_tokens)
         try:
-            if device == "cuda":  # compile / capture / cuBLAS warm-up outside the timing, for both sides
-                complete_prompts(ours, prompts, greedy, [], bsz, runner=runner)
+            if device == "cuda":  # cuBLAS warm-up of HF outside the timing
                 _hf_generate(hf, prompts[:1], 2, device)
-            mine, t_ours = _timed(lambda: complete_prompts(ours, prompts, greedy, [], bsz, runner=runner), device)
             theirs, t_hf = _timed(lambda: _hf_generate(hf, prompts, new_tokens, device), device)
+            kinds = decode_attention if isinstance(decode_attention, (list, tuple)) else str(decode_attention).split(",")
+            for kind in kinds:
+                if kind not in ("dense", "ragged"):
+                    raise SystemExit(f"--decode_attention takes dense and / or ragged, got {kind!r}")
+                ours.decode_attention(kind)
+                results.append(_ours_row(ours, make_runner(ours, compile), prompts, greedy, theirs, t_hf, device))
+                results[-1]["decode_attention"] = kind
+                if bsz == 1:  # bytes a step must read / step time / measured bandwidth
+                    step_s = bsz * new_tokens / results[-1]["ours_tokens_per_s"] / new_tokens
+                    kv_bytes = kv_per_token * (lens[0] + new_tokens / 2)
+                    results[-1]["bandwidth_fraction"] = (weight_bytes + kv_bytes) / step_s / bandwidth
+                print(f"batch {bsz:4d} ({kind}): " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                                               for k, v in results[-1].items()), flush=True)
         except torch.OutOfMemoryError:
             print(f"batch {bsz}: out of memory, skipped", flush=True)
             continue
-        runner = None  # frees the captured graphs before the next batch size (a `del` hides it from the lambdas)
-        same = sum(a == b for a, b in zip(mine, theirs))
-        n_tok = bsz * new_tokens
-        row = {"batch": bsz, "ours_tokens_per_s": n_tok / t_ours, "hf_tokens_per_s": n_tok / t_hf,
-               "ratio": t_hf / t_ours, "identical_sequences": f"{same}/{bsz}"}
-        line = (f"batch {bsz:4d}: ours {row['ours_tokens_per_s']:9.1f} tok/s  HF {row['hf_tokens_per_s']:9.1f} tok/s  "
-                f"ratio x{row['ratio']:.2f}  identical {row['identical_sequences']}")
-        if bsz == 1:  # bytes a step must read / step time / measured bandwidth
-            step_s = t_ours / new_tokens
-            kv_bytes = kv_per_token * (lens[0] + new_tokens / 2)
-            row["bandwidth_fraction"] = (weight_bytes + kv_bytes) / step_s / bandwidth
-            line += f"  step {step_s * 1e3:.2f} ms = {row['bandwidth_fraction']:.1%} of the bandwidth limit"
-        results.append(row)
-        print(line, flush=True)
+        ours.decode_attention("dense")
     summary = {"device": device, "dtype": dtype, "dim": dim, "n_layers": n_layers, "n_heads": n_heads,
                "n_kv_heads": n_kv_heads, "vocab": vocab, "new_tokens": new_tokens,
                "read_bandwidth_gb_s": bandwidth / 1e9, "results": results}
     if e2e:
         summary["e2e"] = end_to_end(tmp, hf, device, dtype, e2e_batch, e2e_records, new_tokens, min_prompt, seed)
     print(json.dumps(summary))
+
+
+def _ours_row(ours, runner, prompts, greedy, theirs, t_hf: float, device: str) -> dict:
+    """Our tokens/s on `prompts` (after a warm-up on a GPU: compile, capture) against HF's run."""
+    from engine.infer.generation import complete_prompts
+
+    bsz = len(prompts)
+    if device == "cuda":
+        complete_prompts(ours, prompts, greedy, [], bsz, runner=runner)
+    mine, t_ours = _timed(lambda: complete_prompts(ours, prompts, greedy, [], bsz, runner=runner), device)
+    n_tok = bsz * greedy.max_new_tokens
+    return {"batch": bsz, "ours_tokens_per_s": n_tok / t_ours, "hf_tokens_per_s": n_tok / t_hf, "ratio": t_hf / t_ours,
+            "identical_sequences": f"{sum(a == b for a, b in zip(mine, theirs))}/{bsz}"}
 
 
 def gsm8k_prompts(n: int, vocab: int, seed: int, max_len: int):
