@@ -8,6 +8,13 @@ decoding, writing) on the same prompts.
   python bench/generate.py [--batches 1,64,384] [--dim 512] [--n_layers 4] [--new_tokens 32] [--device cuda]
   python bench/generate.py --dim 2048 --n_layers 16 --n_heads 16 --n_kv_heads 8 --dtype bf16 \
       --new_tokens 128 --device cuda --e2e True                         # the GPU numbers in BENCHMARKS.md
+  python bench/generate.py --samples 10 --batches 40                    # --num_samples 10, prefill shared or not
+
+`--samples K` times K sampled rationales of each of several GSM8K questions (the test split's
+questions with the LLaMA-2 tokenizer where ../shared holds them, else random prompts of their
+lengths) in `--batches`' first size of slots, the prompt prefilled once and shared by its K rows,
+against the same requests with every copy prefilled (what `--num_samples 1` on K copies of the file
+runs), in the same run: tokens/s, prompt tokens prefilled, KV cache bytes, identical tokens.
 """
 from __future__ import annotations
 
@@ -72,7 +79,7 @@ def _hf_generate(hf, prompts, new_tokens, device, eos=None):
 def main(batches="1,64,384", dim: int = 512, n_layers: int = 4, n_heads: int = 8, n_kv_heads: int = 4,
          vocab: int = 32000, min_prompt: int = 16, max_prompt: int = 96, new_tokens: int = 32, dtype: str = "fp32",
          device: str = None, seed: int = 0, compile: bool = None, e2e: bool = False, e2e_batch: int = 384,  # noqa: A002 (--compile)
-         e2e_records: int = 768):
+         e2e_records: int = 768, samples: int = 0, decode_attention: str = "dense"):
     """Print tokens/s of both engines at each batch size, their ratio, whether the tokens agree, and
     for batch 1 the fraction of the read-bandwidth limit reached.
 
@@ -88,12 +95,14 @@ def main(batches="1,64,384", dim: int = 512, n_layers: int = 4, n_heads: int = 8
         e2e: also time infer.py end to end against an HF script doing the same work.
         e2e_batch: slots of the end-to-end run.
         e2e_records: records of the end-to-end run.
+        samples: K > 0 times K samples of each question, prefill shared vs every copy prefilled, instead.
+        decode_attention: our decode attention, dense or ragged; "dense,ragged" times both in the same run.
     """
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from engine.checkpoint import load_for_inference
-    from engine.infer.generation import SamplingParams, complete_prompts, make_runner
+    from engine.infer.generation import SamplingParams, make_runner
     from engine.runtime import distributed
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -118,42 +127,103 @@ def main(batches="1,64,384", dim: int = 512, n_layers: int = 4, n_heads: int = 8
     print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}, "
           f"{dtype}; read bandwidth {bandwidth / 1e9:.1f} GB/s; weights read per step {weight_bytes / 1e9:.3f} GB",
           flush=True)
+    if samples:
+        print(json.dumps(shared_prefill(ours, samples, sizes[0], new_tokens, device, seed, max_prompt)))
+        return
     g = torch.Generator().manual_seed(seed)
     results = []
     for bsz in sizes:
         lens = torch.randint(min_prompt, max_prompt + 1, (bsz,), generator=g).tolist()
         prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
-        runner = make_runner(ours, compile)
         greedy = SamplingParams(max_new_tokens=new_tokens)
         try:
-            if device == "cuda":  # compile / capture / cuBLAS warm-up outside the timing, for both sides
-                complete_prompts(ours, prompts, greedy, [], bsz, runner=runner)
+            if device == "cuda":  # cuBLAS warm-up of HF outside the timing
                 _hf_generate(hf, prompts[:1], 2, device)
-            mine, t_ours = _timed(lambda: complete_prompts(ours, prompts, greedy, [], bsz, runner=runner), device)
             theirs, t_hf = _timed(lambda: _hf_generate(hf, prompts, new_tokens, device), device)
+            kinds = decode_attention if isinstance(decode_attention, (list, tuple)) else str(decode_attention).split(",")
+            for kind in kinds:
+                if kind not in ("dense", "ragged"):
+                    raise SystemExit(f"--decode_attention takes dense and / or ragged, got {kind!r}")
+                ours.decode_attention(kind)
+                results.append(_ours_row(ours, make_runner(ours, compile), prompts, greedy, theirs, t_hf, device))
+                results[-1]["decode_attention"] = kind
+                if bsz == 1:  # bytes a step must read / step time / measured bandwidth
+                    step_s = bsz * new_tokens / results[-1]["ours_tokens_per_s"] / new_tokens
+                    kv_bytes = kv_per_token * (lens[0] + new_tokens / 2)
+                    results[-1]["bandwidth_fraction"] = (weight_bytes + kv_bytes) / step_s / bandwidth
+                print(f"batch {bsz:4d} ({kind}): " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                                               for k, v in results[-1].items()), flush=True)
         except torch.OutOfMemoryError:
             print(f"batch {bsz}: out of memory, skipped", flush=True)
             continue
-        runner = None  # frees the captured graphs before the next batch size (a `del` hides it from the lambdas)
-        same = sum(a == b for a, b in zip(mine, theirs))
-        n_tok = bsz * new_tokens
-        row = {"batch": bsz, "ours_tokens_per_s": n_tok / t_ours, "hf_tokens_per_s": n_tok / t_hf,
-               "ratio": t_hf / t_ours, "identical_sequences": f"{same}/{bsz}"}
-        line = (f"batch {bsz:4d}: ours {row['ours_tokens_per_s']:9.1f} tok/s  HF {row['hf_tokens_per_s']:9.1f} tok/s  "
-                f"ratio x{row['ratio']:.2f}  identical {row['identical_sequences']}")
-        if bsz == 1:  # bytes a step must read / step time / measured bandwidth
-            step_s = t_ours / new_tokens
-            kv_bytes = kv_per_token * (lens[0] + new_tokens / 2)
-            row["bandwidth_fraction"] = (weight_bytes + kv_bytes) / step_s / bandwidth
-            line += f"  step {step_s * 1e3:.2f} ms = {row['bandwidth_fraction']:.1%} of the bandwidth limit"
-        results.append(row)
-        print(line, flush=True)
+        ours.decode_attention("dense")
     summary = {"device": device, "dtype": dtype, "dim": dim, "n_layers": n_layers, "n_heads": n_heads,
                "n_kv_heads": n_kv_heads, "vocab": vocab, "new_tokens": new_tokens,
                "read_bandwidth_gb_s": bandwidth / 1e9, "results": results}
     if e2e:
         summary["e2e"] = end_to_end(tmp, hf, device, dtype, e2e_batch, e2e_records, new_tokens, min_prompt, seed)
     print(json.dumps(summary))
+
+
+def _ours_row(ours, runner, prompts, greedy, theirs, t_hf: float, device: str) -> dict:
+    """Our tokens/s on `prompts` (after a warm-up on a GPU: compile, capture) against HF's run."""
+    from engine.infer.generation import complete_prompts
+
+    bsz = len(prompts)
+    if device == "cuda":
+        complete_prompts(ours, prompts, greedy, [], bsz, runner=runner)
+    mine, t_ours = _timed(lambda: complete_prompts(ours, prompts, greedy, [], bsz, runner=runner), device)
+    n_tok = bsz * greedy.max_new_tokens
+    return {"batch": bsz, "ours_tokens_per_s": n_tok / t_ours, "hf_tokens_per_s": n_tok / t_hf, "ratio": t_hf / t_ours,
+            "identical_sequences": f"{sum(a == b for a, b in zip(mine, theirs))}/{bsz}"}
+
+
+def gsm8k_prompts(n: int, vocab: int, seed: int, max_len: int):
+    """(n GSM8K test questions as LLaMA-2 token ids cut to max_len, or random ids of about their
+    lengths where the shared data is not at hand; which of the two)."""
+    import random
+
+    data = os.path.join(os.path.dirname(ROOT), "shared", "data", "mcc", "GSM8K", "test.json")
+    tok_path = os.path.join(os.path.dirname(ROOT), "shared", "data", "tokenizers", "llama2.model")
+    if os.path.exists(data) and os.path.exists(tok_path) and vocab >= 32000:
+        from engine.text.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tok_path)
+        return [tok.encode(r["instruction"])[:max_len] for r in json.load(open(data))[:n]], "GSM8K test questions"
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(min(max_len, max(8, int(rng.gauss(70, 26)))))]
+            for _ in range(n)], "random prompts of GSM8K lengths"
+
+
+def shared_prefill(model, k: int, slots: int, new_tokens: int, device: str, seed: int, max_prompt: int) -> dict:
+    """K sampled rows per question (2 * slots / K questions, two refills' worth), prefill shared vs not,
+    each timed once in the same run (after a warm-up of both on a GPU); no stop, so both do the same work."""
+    from engine.infer.generation import Batcher, Request, SamplingParams, make_runner, request_seed
+
+    questions, source = gsm8k_prompts(max(1, 2 * slots // k), model.args.vocab_size, seed, max_prompt)
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.8, top_p=0.95, seed=seed)
+    reqs = [Request((i, j), q, request_seed(seed, i, j)) for i, q in enumerate(questions) for j in range(k)]
+    max_len = max(map(len, questions)) + new_tokens
+    runner, out = make_runner(model), {}
+
+    def run(share: bool):
+        batcher = Batcher(model, runner, params, slots, max_len, share_prompts=share)
+        tokens = sorted((c.key, c.tokens) for c in batcher.run(reqs))
+        kv = sum(t.numel() * t.element_size() for t in batcher.cache.k + batcher.cache.v)
+        return tokens, batcher.prefilled, kv
+
+    for share in (False, True) if device == "cuda" else ():
+        run(share)  # warm-up: capture, compile
+    for share, name in ((False, "every_copy_prefilled"), (True, "prefill_shared")):
+        (tokens, prefilled, kv), wall = _timed(lambda: run(share), device)
+        out[name] = {"tokens": tokens, "tokens_per_s": round(len(reqs) * new_tokens / wall, 1),
+                     "wall_s": round(wall, 2), "prompt_tokens_prefilled": prefilled, "kv_cache_bytes": kv}
+        print(f"{name}: {out[name]['tokens_per_s']} tok/s, {wall:.2f} s, {prefilled} prompt tokens prefilled, "
+              f"KV cache {kv / 2 ** 20:.1f} MiB", flush=True)
+    same = out["prefill_shared"].pop("tokens") == out["every_copy_prefilled"].pop("tokens")
+    return {"samples": k, "questions": len(questions), "prompts": source, "slots": slots, "new_tokens": new_tokens,
+            "mean_prompt_tokens": round(sum(map(len, questions)) / len(questions), 1), "identical_tokens": same,
+            "device": device, **out}
 
 
 def end_to_end(hf_dir: str, hf, device: str, dtype: str, batch: int, n_records: int, new_tokens: int,

@@ -151,6 +151,12 @@ class KVCache:
         return self.k[layer][:n_rows, :, :length], self.v[layer][:n_rows, :, :length]
 
     @torch.no_grad()
+    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
+        """Slots [0, length) of rows `src` into rows `dst` (a prompt prefilled once, shared by its samples)."""
+        for t in self.k + self.v:
+            t[dst, :, :length] = t[src, :, :length]
+
+    @torch.no_grad()
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Move `rows` (ascending) to the front, in place; the rows after them become free."""
         n = rows.numel()
@@ -175,6 +181,7 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(args.n_heads * args.head_dim, args.dim, bias=False, input_is_parallel=True,
                                     init_method=_keep)
         self.fused = None  # (weight, bias) of q/k/v in one matrix, see Transformer.fuse_projections
+        self.ragged = False  # decode steps read each row's live keys only (Transformer.decode_attention)
 
     def forward(self, x, cos, sin, positions, mask, cache: Optional[KVCache], kv_len: Optional[int],
                 cache_rows: Optional[torch.Tensor] = None):
@@ -190,7 +197,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             cache.write(self.layer_id, positions, k, v, cache_rows)
-        if cache is not None and cache_rows is None:  # continue every row from what its cache holds
+        if cache is not None and cache_rows is None and seqlen == 1 and self.ragged:  # each row's live keys only
+            out = ragged_decode_attention(q.transpose(1, 2), cache.k[self.layer_id], cache.v[self.layer_id],
+                                          positions[:, 0], self.window)
+        elif cache is not None and cache_rows is None:  # continue every row from what its cache holds
             keys, values = cache.read(self.layer_id, kv_len, bsz)
             out = grouped_attention(q.transpose(1, 2), keys, values, mask)
         else:  # no cache, or prefilling some rows of it from position 0: the fresh keys are all there is
@@ -217,6 +227,39 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
     return torch.matmul(probs, values).reshape(bsz, n_heads, seqlen, head_dim)
+
+
+def ragged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                            window: Optional[int] = None, block: int = 64) -> torch.Tensor:
+    """One new query per row over that row's cached keys at slots [0, position] (and > position -
+    window), reading only the blocks of `block` slots that hold them, not the batch's longest length:
+    each (row, block) pair is scored alone (its max, sum of exponentials and weighted values) and the
+    pairs of a row merged by log-sum-exp, as flash-decoding splits a row's keys. Shapes depend on the
+    positions (a host sync on a GPU; not for a captured step).
+    q: [B, Hq, 1, D]; keys/values: a cache layer [rows >= B, Hkv, max_len, D]; positions: [B]."""
+    bsz, n_heads, _, head_dim = q.shape
+    n_kv, max_len, dev = keys.shape[1], keys.shape[2], q.device
+    group = n_heads // n_kv
+    first = torch.zeros_like(positions) if window is None else (positions - window + 1).clamp(min=0)
+    counts = positions // block - first // block + 1  # blocks per row, each holding a visible slot
+    row = torch.repeat_interleave(torch.arange(bsz, device=dev), counts)
+    blk = first[row] // block + torch.arange(row.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[row]
+    slots = blk[:, None] * block + torch.arange(block, device=dev)  # [P, block]
+    valid = (slots <= positions[row, None]) & (slots >= first[row, None])
+    slots = slots.clamp(max=max_len - 1)
+    k, v = keys[row[:, None], :, slots], values[row[:, None], :, slots]  # [P, block, Hkv, D]
+    qp = q[row, :, 0].reshape(-1, n_kv, group, head_dim)
+    scores = torch.einsum("pkgd,ptkd->pkgt", qp, k).float() * head_dim ** -0.5
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    peak = scores.amax(-1)  # [P, Hkv, group]
+    probs = torch.exp(scores - peak[..., None])
+    part = torch.einsum("pkgt,ptkd->pkgd", probs.to(v.dtype), v).float()
+    top = torch.full((bsz, n_kv, group), float("-inf"), device=dev).scatter_reduce_(
+        0, row[:, None, None].expand_as(peak), peak, "amax")
+    weight = torch.exp(peak - top[row])
+    total = torch.zeros(bsz, n_kv, group, device=dev).index_add_(0, row, weight * probs.sum(-1))
+    out = torch.zeros(bsz, n_kv, group, head_dim, device=dev).index_add_(0, row, weight[..., None] * part)
+    return (out / total[..., None]).to(q.dtype).reshape(bsz, n_heads, 1, head_dim)
 
 
 class FeedForward(nn.Module):
@@ -417,18 +460,28 @@ class Transformer(nn.Module):
         """The local vocabulary shard of the output head [vocab / tp, dim]."""
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
+    def decode_attention(self, kind: str) -> None:
+        """"dense": a decode step reads slots [0, kv_len) of every row (batched matmuls); "ragged":
+        each row's own live slots only (ragged_decode_attention), outside static_shapes()."""
+        for layer in self.layers:
+            layer.attention.ragged = kind == "ragged"
+
     @contextlib.contextmanager
     def static_shapes(self):
         """Within: no operation waits for the GPU or depends on data for its shapes (the MoE routes
-        densely), so a forward can be captured in a CUDA graph."""
+        densely, decode attention is dense), so a forward can be captured in a CUDA graph."""
         moes = [m for m in self.modules() if isinstance(m, MoE)]
+        ragged = [layer.attention.ragged for layer in self.layers]
         for m in moes:
             m.static_shapes = True
+        self.decode_attention("dense")
         try:
             yield
         finally:
             for m in moes:
                 m.static_shapes = False
+            for layer, was in zip(self.layers, ragged):
+                layer.attention.ragged = was
 
     def new_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
         w = self.tok_embeddings.weight

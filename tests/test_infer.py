@@ -1,6 +1,7 @@
 """infer.py: greedy output token-identical to HF generate() for every family at TP=1 and TP=2,
 batch-independence, seeded sampling, resume after a kill, scoring, evaluation, bad input."""
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -238,6 +239,128 @@ def test_killed_run_resumes_with_every_record_once(tmp_path, tiny_tokenizer):
     assert [r["index"] for r in lines] == list(range(300))
     assert [r["id"] for r in lines] == [f"q{i}" for i in range(300)]
     assert lines == [json.loads(line) for line in open(tmp_path / "straight.jsonl")]
+
+
+def _torchrun_cmd(*args: str) -> list:
+    from tests.helpers import _free_port
+
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+            *args]
+
+
+def _output_lines(path) -> list:
+    return [json.loads(line) for line in open(path)]
+
+
+@pytest.mark.processes
+def test_data_parallel_replicas_write_one_file_and_resume(tmp_path, tiny_tokenizer):
+    """world 2: --tp_size 1 (two replicas, each taking every other record still to do) and --tp_size 2 write
+    the file one process writes, sampled, two samples a record; a killed two-replica run (lines in the
+    output and in replica 1's part file) resumes to that same file, the parts merged and removed."""
+    from checkpoint_split import init
+
+    for n in (1, 2):  # the same weights in 1 and in 2 shards (a native checkpoint holds one per tensor-parallel rank)
+        init("tiny-llama", str(tmp_path / f"m{n}"), n=n, tokenizer=tiny_tokenizer, seed=4)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "instruction": f"What is {i} + {i * 5 % 11} ?"}) + "\n"
+                            for i in range(150)))
+    args = ["infer.py", "--ckpt_dir", str(tmp_path / "m1"), "--data_file", str(data), "--template", "none",
+            "--max_new_tokens", "24", "--batch_size", "4", "--temperature", "0.9", "--num_samples", "2",
+            "--seed", "7", "--output_tokens", "True", "--progress", "False"]
+    one = run_cli(*args, "--output_file", str(tmp_path / "one.jsonl"))
+    assert one.returncode == 0, one.stderr
+    reference = _output_lines(tmp_path / "one.jsonl")
+    assert len({json.dumps(r["tokens"]) for r in reference}) > 100  # samples that differ record to record
+    for name, tp in (("dp", "1"), ("tp", "2")):
+        flags = args if tp == "1" else [a.replace(str(tmp_path / "m1"), str(tmp_path / "m2")) for a in args]
+        torchrun(*flags, "--output_file", str(tmp_path / f"{name}.jsonl"), "--tp_size", tp)
+        assert _output_lines(tmp_path / f"{name}.jsonl") == reference, name
+        summary = json.load(open(tmp_path / f"{name}.jsonl.meta.json"))["summary"]
+        assert summary["records"] == 150 and summary["generated_this_run"] == 150, name
+        assert summary["new_tokens"] == json.loads(one.stdout.strip().splitlines()[-1])["new_tokens"], name
+    assert not list(tmp_path.glob("*.part*"))
+
+    out = tmp_path / "killed.jsonl"
+    part = tmp_path / "killed.jsonl.part1"
+    cmd = _torchrun_cmd(*args, "--output_file", str(out), "--tp_size", "1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+    def count(path):
+        return sum(1 for _ in open(path)) if path.exists() else 0
+
+    deadline = time.time() + 240
+    while time.time() < deadline and (count(out) < 10 or count(part) < 10):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
+    proc.wait()
+    partial = count(out) + count(part)
+    assert 20 <= partial < 150 and count(part) >= 10
+    resumed = subprocess.run(_torchrun_cmd(*args, "--output_file", str(out), "--tp_size", "1"), cwd=ROOT,
+                             env=child_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert summary["records"] == 150 and summary["generated_this_run"] <= 150 - partial + 2
+    assert _output_lines(out) == reference
+    assert not part.exists()
+
+
+def test_replica_shares_and_part_files_make_one_output(tmp_path):
+    """The records still to do are dealt round-robin to the replicas (every one once, shares within one
+    of each other); the finished lines are the union of the output and every part file, a torn last line
+    cut; finish writes them in input order into the one file and removes the parts."""
+    from engine.infer.jobs import OutputFile, replica_share
+
+    done = {0, 1, 2, 7}
+    shares = [replica_share(20, done, r, 3) for r in range(3)]
+    assert sorted(sum(shares, [])) == [i for i in range(20) if i not in done]
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    assert shares[1] == [4, 8, 11, 14, 17]
+    out = OutputFile(str(tmp_path / "o.jsonl"), {"m": 1})
+    out.open()
+    out.append({"index": 3, "x": "a"})
+    out.close()
+    for r, idx in ((1, [0, 2]), (2, [1])):
+        part = OutputFile(out.path, {"m": 1})
+        part.open_part(r)
+        for i in idx:
+            part.append({"index": i, "x": str(i)})
+        part.close()
+    with open(out.path + ".part2", "a") as f:
+        f.write('{"index": 9, "x"')  # a replica killed mid-line
+    again = OutputFile(out.path, {"m": 1})
+    assert sorted(again.read_done()) == [0, 1, 2, 3]
+    again.open()
+    summary = again.finish(lambda lines: {"records": len(lines)}, 4)
+    assert summary == {"records": 4} and json.load(open(out.path + ".meta.json"))["complete"]
+    assert [r["index"] for r in _output_lines(out.path)] == [0, 1, 2, 3]
+    assert sorted(os.listdir(tmp_path)) == ["o.jsonl", "o.jsonl.meta.json"]
+
+
+@pytest.mark.processes
+def test_data_parallel_scoring_matches_one_process(tmp_path, tiny_tokenizer):
+    """score at world 2: --tp_size 1 (two replicas, each scoring every other sequence) and --tp_size 2
+    write what one process writes (log-likelihoods within 1e-5, the same top-k ids), in input order."""
+    from checkpoint_split import init
+
+    for n in (1, 2):
+        init("tiny-llama", str(tmp_path / f"m{n}"), n=n, tokenizer=tiny_tokenizer, seed=4)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"What is {i} + {i % 7} ?",
+                                        "output": [f"It is {2 * i}", "no idea" * (i % 3 + 1)]}) + "\n"
+                            for i in range(23)))
+    args = ["infer.py", "score", "--data_file", str(data), "--template", "none", "--batch_size", "4", "--top_k", "3"]
+    one = run_cli(*args, "--ckpt_dir", str(tmp_path / "m1"), "--output_file", str(tmp_path / "one.jsonl"))
+    assert one.returncode == 0, one.stderr
+    reference = _output_lines(tmp_path / "one.jsonl")
+    for name, tp in (("dp", "1"), ("tp", "2")):
+        torchrun(*args, "--ckpt_dir", str(tmp_path / f"m{tp if tp == '2' else 1}"), "--tp_size", tp,
+                 "--output_file", str(tmp_path / f"{name}.jsonl"))
+        got = _output_lines(tmp_path / f"{name}.jsonl")
+        assert [r["index"] for r in got] == list(range(23)), name
+        for g, r in zip(got, reference):
+            assert g["n_tokens"] == r["n_tokens"] and g["topk_ids"] == r["topk_ids"], name
+            assert max(abs(a - b) for a, b in zip(g["sum_logprob"], r["sum_logprob"])) < 1e-5, name
 
 
 def test_score_matches_hf_log_likelihood(models, dist1, tmp_path):

@@ -101,6 +101,11 @@ class GenerationFlags(CommandArgs):
     output_tokens: bool = flag("also write the generated token ids ('tokens') of each response.", False)
     compile: bool = flag("on a GPU, decode with CUDA graphs of a compiled step (False: eager; CPU is always eager).",
                          True)
+    decode_attention: str = flag("dense (every row reads the cache up to the batch's longest, batched matmuls) or "
+                                 "ragged (each row its own live keys only; eager steps: CPU, or --compile False).",
+                                 "dense")
+    tp_size: Optional[int] = flag("tensor-parallel size (default: all processes); world size / tp_size replicas each "
+                                  "generate a share of the records into the one output file.", None)
 
     def check_generation(self) -> None:
         """Sets `stops` (the stop strings as a tuple)."""
@@ -110,9 +115,13 @@ class GenerationFlags(CommandArgs):
             raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise UserError(f"--top_k must be >= 0 (0: off), got {self.top_k}")
+        if self.tp_size is not None and self.tp_size < 1:
+            raise UserError(f"--tp_size must be >= 1 (default: all processes), got {self.tp_size}")
         for name in ("num_samples", "batch_size", "max_new_tokens", "prefill_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.decode_attention not in ("dense", "ragged"):
+            raise UserError(f"--decode_attention must be dense or ragged, got {self.decode_attention!r}")
         if self.long_prompts not in ("skip", "truncate"):
             raise UserError(f"--long_prompts must be skip or truncate, got {self.long_prompts!r}")
         check_seed(self.seed)
@@ -165,6 +174,8 @@ class GenerateArgs(ModelSource, GenerationFlags):
         "progress",
         "output_tokens",
         "compile",
+        "decode_attention",
+        "tp_size",
         "device",
         "task_prefix",
         "overwrite",
@@ -281,7 +292,7 @@ class ScoreArgs(ModelSource):
                               "output tokens.")
     FLAGS: ClassVar[Tuple[str, ...]] = (
         "ckpt_dir", "data_file", "output_file", "batch_size", "template", "lora_dir", "use_float16", "use_bfloat16",
-        "include_eos", "device", "task_prefix", "top_k", "overwrite")
+        "include_eos", "device", "task_prefix", "top_k", "tp_size", "overwrite")
 
     data_file: str = flag("records with 'instruction' and 'output' (a string, or a list: one score each).")
     output_file: str = flag("JSON lines in input order: id, index, sum_logprob, mean_logprob, n_tokens (lists for "
@@ -291,10 +302,14 @@ class ScoreArgs(ModelSource):
     top_k: int = flag("also write each output token's k most likely tokens and log-probabilities (tokens, topk_ids, "
                       "topk_logprobs; OUTPUT.meta.json): a teacher file for train.py --objective teacher_kl (e.g. 5).",
                       0)
+    tp_size: Optional[int] = flag("tensor-parallel size (default: all processes); world size / tp_size replicas each "
+                                  "score a share of the sequences into the one output file.", None)
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise UserError(f"--batch_size must be >= 1, got {self.batch_size}")
+        if self.tp_size is not None and self.tp_size < 1:
+            raise UserError(f"--tp_size must be >= 1 (default: all processes), got {self.tp_size}")
         if self.top_k < 0:
             raise UserError(f"--top_k must be >= 0 (0: no top-k), got {self.top_k}")
         _check_output_file(self.output_file)

@@ -95,15 +95,19 @@ def uniform(seeds: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
 def choose_tokens(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor,
                   draws: torch.Tensor) -> torch.Tensor:
     """[n, V] logits -> [n] token ids on the device: greedy, or temperature / top-k / top-p sampling
-    by inverse CDF over the sorted distribution with one uniform per row from (seed, draw)."""
+    by inverse CDF over the sorted distribution with one uniform per row from (seed, draw). With
+    top_k only the k most likely tokens are taken (torch.topk, in order), never the whole vocabulary
+    sorted: the draw is the one over the sorted vocabulary with the rest zeroed. top_p alone sorts
+    the vocabulary (how much of it the nucleus needs is known only from the probabilities)."""
     if 0 < params.vocab_size < logits.shape[-1]:  # padding ids have no text: the tokenizer cannot decode them
         logits = logits[:, :params.vocab_size]
     if params.temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
     if params.top_k:
-        sorted_probs[:, params.top_k:] = 0.0
+        sorted_probs, order = probs.topk(min(params.top_k, probs.shape[-1]), dim=-1)
+    else:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
     if params.top_p < 1.0:  # keep the smallest prefix whose mass reaches top_p
         sorted_probs = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= params.top_p, 0.0)
     cdf = sorted_probs.cumsum(-1)
@@ -113,14 +117,32 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams, seeds: torch.Ten
 
 
 class StopStrings:
-    """Detects stop strings in the decoded tail of a sequence (decoding only a few tokens per step)."""
+    """Detects stop strings in the decoded tail of a sequence (decoding only a few tokens per step),
+    and only after a token that could end one (`could_end`)."""
 
     def __init__(self, tokenizer, strings: Sequence[str]):
         self.tok, self.strings = tokenizer, [s for s in strings if s]
         self.window = max((len(tokenizer.encode(s, bos=False)) for s in self.strings), default=0) + 4
+        self.last_chars = {s[-1] for s in self.strings}
+        anchor = tokenizer.encode("a", bos=False)
+        self._anchor, self._anchor_text = anchor, tokenizer.decode(anchor)
+        self._ends: dict = {}  # token id -> could_end, filled as tokens come
 
     def __bool__(self):
         return bool(self.strings)
+
+    def could_end(self, token: int) -> bool:
+        """Whether a sequence ending in `token` can hold a stop string it did not hold one token before:
+        the text the token adds after another (decoded after a plain anchor token, so a leading space
+        counts) holds the last character of a stop string, or is not plain text (empty, a byte of a
+        character, a special token: then it is looked at)."""
+        known = self._ends.get(token)
+        if known is None:
+            text = self.tok.decode(self._anchor + [token])
+            added = text[len(self._anchor_text):] if text.startswith(self._anchor_text) else ""
+            known = not added or "\ufffd" in added or any(c in added for c in self.last_chars)
+            self._ends[token] = known
+        return known
 
     def hit(self, tokens: List[int]) -> bool:
         tail = self.tok.decode(tokens[-self.window:])
@@ -206,6 +228,7 @@ class EagerSteps:
     graphs captured on them)."""
 
     sync_every = 1
+    overlap = False  # queue the next block before reading the last (Batcher)
     description = "eager decode step"
     step_call = None  # a CompiledCall of _decode_step when the step is compiled
 
@@ -245,9 +268,9 @@ class StaticSteps(EagerSteps):
     description = "static-shape decode step"
 
     def __init__(self, model, sync_every: int = 8, first_bucket: int = 64, compiled: bool = False,
-                 **compile_options):
+                 overlap: bool = True, **compile_options):
         super().__init__(model)
-        self.sync_every, self.first_bucket = sync_every, first_bucket
+        self.sync_every, self.first_bucket, self.overlap = sync_every, first_bucket, overlap
         if compiled:
             self.step_call = CompiledCall(_decode_step, "decode step", **compile_options)
 
@@ -333,69 +356,116 @@ def make_runner(model, compiled: Optional[bool] = None):
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
+class _Readback:
+    """Tokens chosen on the device, on their way to the host: (rows, the request each row held when
+    they were chosen, count) per group, and one copy of them all, started as soon as the block that
+    chose them is queued (on a GPU non-blocking into pinned memory, waited for by an event), so the
+    host can read it while the next block runs."""
+
+    def __init__(self, groups: list):
+        self.groups = [(rows, reqs, t.numel()) for rows, reqs, t in groups]
+        values = torch.cat([t for _, _, t in groups])
+        self.event = None
+        if values.device.type == "cuda":
+            values, self.event = values.to("cpu", non_blocking=True), torch.cuda.Event()
+            self.event.record()
+        self.values = values
+
+    def read(self) -> List[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.values.tolist()
+
+
 class Batcher:
     """One generate_stream call: `n` slots decoding together over a KV cache of max_len positions.
 
     A round (`run`) reads back the tokens chosen since the last one and finishes the rows that stop
     (`drain`), prefills waiting prompts into free slots (`refill`), moves the live rows to the front
     of the cache once nothing waits and half the rows are idle (`compact`), and decodes up to
-    runner.sync_every steps without looking at the tokens (`decode_block`)."""
+    runner.sync_every steps without looking at the tokens (`decode_block`). With `overlap` (the
+    runner's; the static-shape runners) the next block is queued before the last one is read, so the
+    device decodes while the host applies stops: a row that stopped in the block read decodes one
+    more block of throw-away tokens, and a free row is refilled one block later; the tokens of every
+    request are the same either way (each read-back token is kept only for the request its row held
+    when it was chosen)."""
 
     def __init__(self, model, runner, params: SamplingParams, n: int, max_len: int, stop_ids: Sequence[int] = (),
-                 stop_strings: Optional[StopStrings] = None, prefill_tokens: int = 16384, refill_min: int = 1):
+                 stop_strings: Optional[StopStrings] = None, prefill_tokens: int = 16384, refill_min: int = 1,
+                 share_prompts: bool = True):
         self.model, self.runner, self.params, self.n, self.max_len = model, runner, params, n, max_len
+        self.share_prompts, self.prefilled = share_prompts, 0  # prompt tokens run through a prefill forward
         self.stops, self.stop_strings = set(stop_ids), stop_strings
         self.prefill_tokens, self.refill_min = prefill_tokens, refill_min
+        self.overlap = runner.overlap
         self.device = model.head_weight.device
         self.cache, self.state = runner.buffers(n, max_len, params)
         self.host = _HostSlots(n)
-        self.pending = []  # (rows, or None for "the first m rows", tokens tensor) not read back yet
+        self.chosen = []  # (rows, requests, tokens tensor) queued since the last _Readback
+        self.pending: List[_Readback] = []  # not read by the host yet, oldest first
         self.m = n  # slots in use: rows [0, m) of the cache
 
     def run(self, requests: Sequence[Request]) -> Iterator[Completion]:
         """A Completion per request, in completion order."""
         queue = sorted(requests, key=lambda r: len(r.prompt))  # pop() takes the longest first
+        live: List[int] = []
         while True:
-            yield from self.drain()
+            ahead = self.overlap and live and not all(self.length_done(r, self.host.produced[r]) for r in live)
+            if ahead:  # the next block is queued before the host reads the last one
+                self.decode_block(live)
+            yield from self.drain(keep=1 if ahead else 0)
             live = self.host.live(self.m)
             if not queue and not live:
                 return
             live = self.refill(queue, live)
             if not queue and len(live) <= self.m // 2:  # the tail: keep the live rows at the front of the cache
+                yield from self.drain()  # every token read before rows move
+                live = self.host.live(self.m)
+                if not live:
+                    continue
                 live = self.compact(live)
-            self.decode_block(live)
+            if not self.overlap:
+                self.decode_block(live)
 
     def length_done(self, row: int, produced: int) -> bool:
         return produced >= self.params.max_new_tokens or len(self.host.req[row].prompt) + produced >= self.max_len
 
-    def drain(self) -> Iterator[Completion]:
-        """Read back every token chosen since the last sync and finish the rows that stop."""
-        if not self.pending:
-            return
-        host, values = self.host, torch.cat([t for _, t in self.pending]).tolist()
-        start, finished = 0, []
-        for rows, t in self.pending:
-            chunk = values[start:start + t.numel()]
-            start += t.numel()
-            for row, token in zip(rows if rows is not None else range(t.numel()), chunk):
-                if host.req[row] is None or host.done[row]:
-                    continue
-                out = host.out[row]
-                out.append(token)
-                finish = None
-                if token in self.stops or (self.stop_strings and self.stop_strings.hit(out)):
-                    finish = "stop"
-                elif self.length_done(row, len(out)):
-                    finish = "length"
-                if finish:
-                    host.done[row] = True
-                    finished.append(row)
-                    yield Completion(host.req[row].key, out, finish)
-        self.pending.clear()
+    def drain(self, keep: int = 0) -> Iterator[Completion]:
+        """Read back the tokens of every block but the last `keep` and finish the rows that stop."""
+        ready, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        host, finished = self.host, []
+        for readback in ready:
+            values, start = readback.read(), 0
+            for rows, reqs, count in readback.groups:
+                chunk = values[start:start + count]
+                start += count
+                for row, req, token in zip(rows, reqs, chunk):
+                    if req is None or host.req[row] is not req or host.done[row]:
+                        continue
+                    finish = self.finish_of(row, token)
+                    if finish:
+                        host.done[row] = True
+                        finished.append(row)
+                        yield Completion(req.key, host.out[row], finish)
         if finished:
             self.state.stop(torch.tensor(finished, device=self.device))
             for row in finished:
                 host.req[row], host.out[row], host.produced[row], host.done[row] = None, [], 0, False
+
+    def finish_of(self, row: int, token: int) -> Optional[str]:
+        """Append a read-back token to its row: "stop", "length" or None (the row goes on)."""
+        out = self.host.out[row]
+        out.append(token)
+        if token in self.stops or (self.stop_strings and self.stop_strings.could_end(token)
+                                   and self.stop_strings.hit(out)):
+            return "stop"
+        return "length" if self.length_done(row, len(out)) else None
+
+    def read_back_later(self) -> None:
+        """Start the copy of the tokens chosen since the last one (read by a later drain)."""
+        if self.chosen:
+            self.pending.append(_Readback(self.chosen))
+            self.chosen = []
 
     def refill(self, queue: List[Request], live: List[int]) -> List[int]:
         """Prefill waiting prompts into the free slots, once enough are free (or nothing is live);
@@ -404,38 +474,62 @@ class Batcher:
         if queue and free and (len(free) >= min(self.refill_min, len(queue)) or not live):
             take = [queue.pop() for _ in range(min(len(free), len(queue)))]
             self.prefill(free[: len(take)], take)
+            self.read_back_later()
             live = self.host.live(self.m)
         return live
 
     def prefill(self, rows: List[int], reqs: List[Request]) -> None:
         """Prompts into the KV cache rows `rows`, in groups within the prefill token budget; each row's
-        first token is drawn (draw 0) and left for the next drain."""
-        device, start = self.device, 0
-        while start < len(reqs):  # split by the prefill token budget
-            width = len(reqs[start].prompt)
-            end = start + max(1, min(len(reqs) - start, self.prefill_tokens // max(width, 1)))
-            group, group_rows = reqs[start:end], rows[start:end]
-            width = max(len(r.prompt) for r in group)
-            tokens = torch.zeros(len(group), width, dtype=torch.long)
-            for b, r in enumerate(group):
-                tokens[b, : len(r.prompt)] = torch.tensor(r.prompt)
-            lens = torch.tensor([len(r.prompt) for r in group], device=device)
-            idx = torch.tensor(group_rows, device=device)
-            seeds = torch.tensor([r.seed for r in group], device=device)
-            hidden = self.model.forward_hidden(tokens.to(device), cache=self.cache, cache_rows=idx)
-            logits = self.model.logits(hidden[torch.arange(len(group), device=device), lens - 1])
-            first = choose_tokens(logits, self.params, seeds, torch.zeros_like(seeds))
-            self.state.start(idx, first, lens, seeds)
-            self.pending.append((group_rows, first))
-            for row, r in zip(group_rows, group):
-                self.host.req[row], self.host.out[row], self.host.produced[row], self.host.done[row] = r, [], 1, False
+        first token is drawn (draw 0) and left for a later drain. With `share_prompts` a prompt met
+        several times (the --num_samples rows of a record) is prefilled once, into its first row, and
+        its keys and values copied to the others, each of which draws its own first token from the
+        same logits."""
+        first_row, sharing = {}, {}  # prompt -> the row prefilled; that row -> [(row, request)] sharing it
+        unique = []
+        for row, r in zip(rows, reqs):
+            key = tuple(r.prompt)
+            if self.share_prompts and key in first_row:
+                sharing[first_row[key]].append((row, r))
+            else:
+                first_row[key], sharing[row] = row, []
+                unique.append((row, r))
+        start = 0
+        while start < len(unique):  # split by the prefill token budget
+            width = len(unique[start][1].prompt)
+            end = start + max(1, min(len(unique) - start, self.prefill_tokens // max(width, 1)))
+            self.prefill_group(unique[start:end], sharing)
             start = end
+
+    def prefill_group(self, group: list, sharing: dict) -> None:
+        """One prefill forward of the (row, request) pairs `group`, then the rows sharing their prompts."""
+        device = self.device
+        width = max(len(r.prompt) for _, r in group)
+        tokens = torch.zeros(len(group), width, dtype=torch.long)
+        for b, (_, r) in enumerate(group):
+            tokens[b, : len(r.prompt)] = torch.tensor(r.prompt)
+        lens = torch.tensor([len(r.prompt) for _, r in group], device=device)
+        self.prefilled += sum(len(r.prompt) for _, r in group)
+        hidden = self.model.forward_hidden(tokens.to(device), cache=self.cache,
+                                           cache_rows=torch.tensor([row for row, _ in group], device=device))
+        logits = self.model.logits(hidden[torch.arange(len(group), device=device), lens - 1])
+        shared = [(b, row, pair) for b, (row, _) in enumerate(group) for pair in sharing[row]]
+        if shared:  # the shared prompts' keys and values, copied once per sharing row
+            self.cache.copy_rows(torch.tensor([row for _, row, _ in shared], device=device),
+                                 torch.tensor([pair[0] for *_, pair in shared], device=device), width)
+            logits = torch.cat([logits, logits[torch.tensor([b for b, *_ in shared], device=device)]])
+        everyone = group + [pair for *_, pair in shared]
+        idx = torch.tensor([row for row, _ in everyone], device=device)
+        seeds = torch.tensor([r.seed for _, r in everyone], device=device)
+        first = choose_tokens(logits, self.params, seeds, torch.zeros_like(seeds))
+        self.state.start(idx, first, torch.tensor([len(r.prompt) for _, r in everyone], device=device), seeds)
+        self.chosen.append(([row for row, _ in everyone], [r for _, r in everyone], first))
+        for row, r in everyone:
+            self.host.req[row], self.host.out[row], self.host.produced[row], self.host.done[row] = r, [], 1, False
 
     def compact(self, live: List[int]) -> List[int]:
         """Move the live rows to the front of the cache, device state and host slots, and decode only
         as many rows as the runner's shapes need from now on; returns the live rows (0, 1, ...).
-        Tokens still pending from this round's prefill name rows that do not move: the prefilled
-        rows were the lowest free ones, so every row below them is live."""
+        Every token chosen so far has been read back (drain) before."""
         idx = torch.tensor(live, device=self.device)
         self.cache.keep_rows(idx)
         self.state.keep_rows(idx)
@@ -444,17 +538,19 @@ class Batcher:
         return list(range(len(live)))
 
     def decode_block(self, live: List[int]) -> None:
-        """Up to runner.sync_every decode steps of the first m rows, their tokens left for the next
+        """Up to runner.sync_every decode steps of the first m rows, their tokens left for a later
         drain; stops early once every live row has reached its length limit."""
         host, max_len = self.host, self.max_len
+        rows, reqs = list(range(self.m)), list(host.req[: self.m])
         for _ in range(self.runner.sync_every):
-            need = max(min(len(host.req[r].prompt) - 1 + host.produced[r], max_len - 1) for r in live) + 1
-            self.runner.run(self.step, self.m, self.runner.kv_len(need, max_len))
-            self.pending.append((None, self.state.chosen[: self.m].clone()))
-            for r in live:
-                host.produced[r] += 1
             if all(self.length_done(r, host.produced[r]) for r in live):
                 break
+            need = max(min(len(host.req[r].prompt) - 1 + host.produced[r], max_len - 1) for r in live) + 1
+            self.runner.run(self.step, self.m, self.runner.kv_len(need, max_len))
+            self.chosen.append((rows, reqs, self.state.chosen[: self.m].clone()))
+            for r in live:
+                host.produced[r] += 1
+        self.read_back_later()
 
     def step(self, rows: int, kv_len: int) -> None:
         """One decode step of the first `rows` slots (what the runner runs, compiles or captures)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional
@@ -162,15 +163,46 @@ class ScoringJob(Job):
                    task_prefix=task_prefix, task_prefixes=task_prefixes)
 
 
+def _read_lines(path: str) -> Dict[int, dict]:
+    """index -> line of a JSON-lines output (possibly interrupted); a torn last line is cut off."""
+    done, good_bytes = {}, 0
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                rec = json.loads(raw)
+                done[rec["index"]] = rec
+                good_bytes += len(raw)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                break
+    if good_bytes != os.path.getsize(path):
+        with open(path, "r+b") as f:
+            f.truncate(good_bytes)
+    return done
+
+
 class OutputFile:
     """The JSON-lines output of a generation job and its `.meta.json`: lines are appended as records
     finish (so a killed job loses nothing finished), a rerun with the same settings resumes, and the
-    finished file is rewritten in input order."""
+    finished file is rewritten in input order.
+
+    With data-parallel replicas (`--tp_size` below the world size) replica 0 appends to the file itself
+    and replica r > 0 to `OUTPUT.part{r}` beside it; reading the finished lines (resume) takes the
+    union of all of them, whatever the replica count of the run that wrote them, and `finish` merges
+    them into the one file and removes the parts."""
 
     def __init__(self, path: str, meta: dict, overwrite: bool = False):
         self.path, self.meta, self.meta_path = path, meta, path + ".meta.json"
         self.resuming = os.path.exists(path) and not overwrite  # decided while this job owns the file
         self._f = None
+
+    def part_path(self, replica: int) -> str:
+        return self.path if replica == 0 else f"{self.path}.part{replica}"
+
+    def parts(self) -> List[str]:
+        """The replicas' part files now beside the output (any run's)."""
+        folder, base = os.path.split(os.path.abspath(self.path))
+        pattern = re.compile(re.escape(base) + r"\.part[1-9][0-9]*")
+        return sorted(os.path.join(folder, n) for n in os.listdir(folder) if pattern.fullmatch(n))
 
     def check_resume(self) -> None:
         if not self.resuming:
@@ -200,45 +232,53 @@ class OutputFile:
             )
 
     def read_done(self) -> Dict[int, dict]:
-        """index -> line of a (possibly interrupted) output file; a torn last line is cut off."""
-        done, good_bytes = {}, 0
-        with open(self.path, "rb") as f:
-            for raw in f:
-                try:
-                    rec = json.loads(raw)
-                    done[rec["index"]] = rec
-                    good_bytes += len(raw)
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    break
-        if good_bytes != os.path.getsize(self.path):
-            with open(self.path, "r+b") as f:
-                f.truncate(good_bytes)
+        """index -> line of every finished record, in the output and its replicas' parts."""
+        done = _read_lines(self.path)
+        for part in self.parts():
+            done.update(_read_lines(part))
         return done
 
     def open(self) -> Dict[int, dict]:
-        """Start (meta written, file emptied) or resume (finished lines kept); returns the finished ones."""
+        """Start (meta written, file emptied, parts of an older run removed) or resume (finished lines
+        kept); returns the finished ones. Rank 0 only."""
         with disk_errors(self.path):
             if self.resuming:
                 done = self.read_done()
             else:
+                for part in self.parts():  # left by a run whose output is gone: not lines of this one
+                    os.remove(part)
                 atomic_write_text(self.meta_path, json.dumps(self.meta, indent=2) + "\n")
                 open(self.path, "w").close()
                 done = {}
         self._f = open(self.path, "a", encoding="utf-8")
         return done
 
+    def open_part(self, replica: int) -> None:
+        """Replica r > 0's writer: its lines go to its part file (appended to, on a resume)."""
+        with disk_errors(self.part_path(replica)):
+            self._f = open(self.part_path(replica), "a", encoding="utf-8")
+
     def append(self, line: dict) -> None:
         with disk_errors(self.path):
             self._f.write(json.dumps(line, ensure_ascii=False) + "\n")
             self._f.flush()
 
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
     def finish(self, summary_of, n_records: int) -> dict:
-        """Rewrite the file in input order; record the summary (summary_of(lines)) in the meta file."""
-        self._f.close()
+        """Merge the parts, rewrite the file in input order; record the summary (summary_of(lines)) in
+        the meta file. Rank 0, once every replica has closed its part."""
+        self.close()
+        parts = self.parts()
         lines = sorted(self.read_done().values(), key=lambda r: r["index"])
         with atomic_open(self.path, "w") as f:
             for line in lines:
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
+        for part in parts:  # their lines are in the file now
+            os.remove(part)
         summary = summary_of(lines)
         self.meta.update(complete=len(lines) == n_records, summary=summary)
         atomic_write_text(self.meta_path, json.dumps(self.meta, indent=2) + "\n")
@@ -273,16 +313,14 @@ class Lines:
         return line
 
 
-def _plan(job: GenerationJob, tok, max_seq_len: int, skip: set, lines: Lines, write):
-    """Requests for every record not finished yet (num_samples each); prompts too long for the budget
-    are skipped (a line with an error) or cut from the left. Returns (requests, skipped, truncated)."""
+def _plan(job: GenerationJob, tok, max_seq_len: int, mine: List[int], lines: Lines, write):
+    """Requests for the records `mine` (num_samples each); prompts too long for the budget are skipped
+    (a line with an error) or cut from the left. Returns (requests, skipped, truncated)."""
     f = job.flags
     room = prompt_room(max_seq_len, f.max_new_tokens)
     requests, skipped, truncated = [], 0, 0
-    for i, rec in enumerate(job.records):
-        if i in skip:
-            continue
-        prompt = encode_prompt(tok, job.instruction(rec), job.template, room)
+    for i in mine:
+        prompt = encode_prompt(tok, job.instruction(job.records[i]), job.template, room)
         lines.prompts[i] = prompt.text
         if prompt.cut:
             if f.long_prompts == "skip":
@@ -300,11 +338,38 @@ def _plan(job: GenerationJob, tok, max_seq_len: int, skip: set, lines: Lines, wr
 def _already_done(out: OutputFile, info) -> set:
     """The records a resumed output file has finished (read on rank 0, the same set on every rank)."""
     done = out.open() if info.is_main else {}
-    if info.world_size > 1:  # every rank generates the same remaining records
+    if info.world_size > 1:
         box = [sorted(done)]
         torch.distributed.broadcast_object_list(box, src=0)
         return set(box[0])
     return set(done)
+
+
+def replica_share(n_records: int, done: set, replica: int, replicas: int) -> List[int]:
+    """The records a data-parallel replica generates: those not finished yet, dealt round-robin in
+    index order (so the replicas' shares stay even on a resume, whoever finished more before)."""
+    return [i for i in range(n_records) if i not in done][replica::replicas]
+
+
+def _replica_writer(out: OutputFile, info):
+    """Who writes a replica's lines: its first tensor-parallel rank (to the output on replica 0, to its
+    part file on the others); the other ranks of a replica compute the same lines and drop them."""
+    if info.tp_rank != 0:
+        return lambda line: None
+    if info.dp_rank != 0:
+        out.open_part(info.dp_rank)
+    return out.append
+
+
+def _job_totals(info, *counts: int) -> List[int]:
+    """Each count summed over the data-parallel replicas (counted once per replica, on its first
+    tensor-parallel rank). Every rank takes part; it is also where the replicas wait for the slowest."""
+    if info.world_size == 1:
+        return list(counts)
+    mine = list(counts) if info.tp_rank == 0 else [0] * len(counts)
+    gathered = [None] * info.world_size
+    torch.distributed.all_gather_object(gathered, mine)
+    return [sum(g[n] for g in gathered) for n in range(len(counts))]
 
 
 def _write_completions(job: GenerationJob, model, tok, requests: List[Request], lines: Lines, write,
@@ -338,9 +403,11 @@ def _write_completions(job: GenerationJob, model, tok, requests: List[Request], 
 
 
 def run_generation(job: GenerationJob) -> None:
+    """Every record not finished yet, generated by world / --tp_size data-parallel replicas (each one
+    --tp_size-way tensor parallel) taking a share each (replica_share); one output file and summary."""
     f = job.flags
     output = Output("--output_file", f.output_file, beside=(f.output_file + ".meta.json",))
-    with runtime_job(device=f.device, **owned_outputs(f, [output], continues=_resumable)) as info:
+    with runtime_job(tp_size=f.tp_size, device=f.device, **owned_outputs(f, [output], continues=_resumable)) as info:
         out = OutputFile(f.output_file, job.meta(), overwrite=f.overwrite)
         out.check_resume()
         on_interrupt(
@@ -353,16 +420,20 @@ def run_generation(job: GenerationJob) -> None:
                 print(label_warning(bad, len(job.records), f.task, f.data_file), flush=True)
         model, tok, _ = load_for_inference(f.ckpt_dir, f.lora_dir, f.dtype, info.device)
         model.eval()
-        skip = _already_done(out, info)
-        write = out.append if info.is_main else (lambda line: None)
+        model.decode_attention(f.decode_attention)
+        done = _already_done(out, info)
+        write = _replica_writer(out, info)
         lines = Lines(job)
-        requests, skipped, truncated = _plan(job, tok, model.args.max_seq_len, skip, lines, write)
+        mine = replica_share(len(job.records), done, info.dp_rank, info.dp_size)
+        requests, skipped, truncated = _plan(job, tok, model.args.max_seq_len, mine, lines, write)
         start = time.time()
         n_new_tokens = _write_completions(job, model, tok, requests, lines, write, info.is_main and f.progress)
+        out.close()  # a replica's part is complete before rank 0 merges it
+        n_new_tokens, skipped, truncated = _job_totals(info, n_new_tokens, skipped, truncated)
         wall = time.time() - start
         if info.is_main:
             def summary_of(finished):
-                summary = {"records": len(finished), "generated_this_run": len(job.records) - len(skip) - skipped,
+                summary = {"records": len(finished), "generated_this_run": len(job.records) - len(done) - skipped,
                            "skipped_long_prompts": sum(1 for r in finished if r.get("error")),
                            "truncated_prompts": truncated, "new_tokens": n_new_tokens,
                            "tokens_per_s": round(n_new_tokens / max(wall, 1e-9), 1), "wall_s": round(wall, 2)}
@@ -401,14 +472,15 @@ def run_scoring(job: ScoringJob) -> None:
     for train.py --objective teacher_kl, described by OUTPUT.meta.json)."""
     f = job.flags
     output = Output("--output_file", f.output_file, beside=(teacher_meta_path(f.output_file),) if f.top_k else ())
-    with runtime_job(device=f.device, **owned_outputs(f, [output])) as info:
+    with runtime_job(tp_size=f.tp_size, device=f.device, **owned_outputs(f, [output])) as info:
         model, tok, base_dir = load_for_inference(f.ckpt_dir, f.lora_dir, f.dtype, info.device)
         model.eval()
         vocab = model.args.vocab_size
         if f.top_k > vocab:
             raise UserError(f"--top_k {f.top_k} exceeds the vocabulary of the model in {f.ckpt_dir} ({vocab})")
         items, truncated = _scoring_items(job, tok, model.args.max_seq_len)
-        results, topk = _score(model, items, f.batch_size, f.top_k, tok.padding_id, info.device)
+        mine = [items[n] for n in _shortest_first(items)[info.dp_rank::info.dp_size]]
+        results, topk = _gather_scores(info, *_score(model, mine, f.batch_size, f.top_k, tok.padding_id, info.device))
         if info.is_main:
             _write_scores(job, results, topk)
             if f.top_k:
@@ -432,12 +504,30 @@ def _scoring_items(job: ScoringJob, tok, max_seq_len: int):
     return items, truncated
 
 
+def _shortest_first(items: list) -> List[int]:
+    return sorted(range(len(items)), key=lambda n: len(items[n][2]))
+
+
+def _gather_scores(info, results: dict, topk: dict):
+    """Every replica's (results, topk), merged on rank 0 ({} elsewhere): each sequence is scored by
+    one replica (world / --tp_size data-parallel replicas take every dp_size-th, shortest first)."""
+    if info.dp_size == 1:
+        return results, topk
+    gathered = [None] * info.world_size if info.is_main else None
+    torch.distributed.gather_object((results, topk) if info.tp_rank == 0 else ({}, {}), gathered, dst=0)
+    merged = ({}, {})
+    for r, t in gathered or []:
+        merged[0].update(r)
+        merged[1].update(t)
+    return merged
+
+
 @torch.no_grad()
 def _score(model, items: list, batch_size: int, top_k: int, pad_id: int, device):
     """(results, topk), both keyed by (record, output): (sum log-probability, token count), and with
     top_k the (tokens, top-k ids, top-k log-probabilities) of the output tokens. Shortest first."""
     results, topk = {}, {}
-    order = sorted(range(len(items)), key=lambda n: len(items[n][2]))
+    order = _shortest_first(items)
     for s in range(0, len(order), batch_size):
         chunk = [items[n] for n in order[s:s + batch_size]]
         x, y = pad_batch([(it[2], it[3]) for it in chunk], pad_id)

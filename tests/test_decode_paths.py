@@ -1,0 +1,173 @@
+"""The decode fast paths (issue 22, items 6-8) give the tokens of the plain paths: the read-back that
+overlaps the next block, stop strings looked at only after tokens that could end one, top-k sampling
+without sorting the vocabulary, and the prompt prefilled once for its --num_samples rows."""
+import shutil
+
+import pytest
+import torch
+
+from engine.infer import generation as g
+from engine.text.tokenizer import load_tokenizer
+from tests.helpers import save_hf
+
+PROMPTS = ["What is 1 + 2 ?", "Tom has 3 apples.", "What is 48 + 17 ? Let's think step by step, first add the ones",
+           "A", "Mary buys 12 books and sells 5 . How many books are left ?", "What is 999 * 12 ?",
+           "The answer is (A) bank", "2 + 2", "Sam walks 4 miles each day for 6 days ."]
+SAMPLED = g.SamplingParams(max_new_tokens=20, temperature=0.9, top_p=0.9, top_k=40, seed=5)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_tokenizer):
+    """(our model, HF's, tokenizer, encoded prompts, its directory) of one random Mistral (GQA, sliding window)."""
+    from engine.checkpoint import load_for_inference
+    from engine.runtime import distributed
+
+    distributed.setup(tp_size=1, device="cpu", own=False)
+    path = tmp_path_factory.mktemp("decode") / "mistral"
+    hf = save_hf("mistral", str(path), seed=3, vocab_size=320).eval()
+    shutil.copy(tiny_tokenizer, path / "tokenizer.model")
+    model = load_for_inference(str(path), None, torch.float32, "cpu")[0].eval()
+    tok = load_tokenizer(str(path))
+    return model, hf, tok, [tok.encode(p) for p in PROMPTS], str(path)
+
+
+def _run(model, prompts, params, runner, stop_ids=(), stop_strings=None, slots=3, **kw):
+    reqs = [g.Request(i, p, g.request_seed(params.seed, i)) for i, p in enumerate(prompts)]
+    return sorted((c.key, c.tokens, c.finish) for c in g.generate_stream(model, reqs, params, slots, stop_ids,
+                                                                           stop_strings, runner=runner, **kw))
+
+
+def _full_sort_choice(logits, params, seeds, draws):
+    """choose_tokens as it was: the whole vocabulary sorted, the tail past top_k zeroed."""
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    if params.top_k:
+        sorted_probs[:, params.top_k:] = 0.0
+    if params.top_p < 1.0:
+        sorted_probs = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= params.top_p, 0.0)
+    cdf = sorted_probs.cumsum(-1)
+    u = g.uniform(seeds, draws).to(cdf.dtype)
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).clamp(max=cdf.shape[-1] - 1)
+    return order.gather(-1, pick).squeeze(-1)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(1, 1.0), (5, 1.0), (40, 0.9), (40, 0.3), (300, 0.95), (320, 1.0),
+                                         (1000, 0.8), (0, 0.9)])
+def test_top_k_sampling_without_the_full_sort_draws_the_same_tokens(top_k, top_p):
+    """torch.topk's k tokens give the token the sorted vocabulary gives, draw for draw (4,096 rows of
+    peaked and flat distributions, top_k past the vocabulary too)."""
+    gen = torch.Generator().manual_seed(top_k)
+    logits = torch.randn(4096, 320, generator=gen) * torch.linspace(0.3, 6.0, 4096)[:, None]
+    seeds = torch.randint(0, 1 << 31, (4096,), generator=gen)
+    draws = torch.randint(0, 500, (4096,), generator=gen)
+    params = g.SamplingParams(temperature=0.8, top_k=top_k, top_p=top_p)
+    got = g.choose_tokens(logits, params, seeds, draws)
+    assert torch.equal(got, _full_sort_choice(logits, params, seeds, draws))
+    assert len(set(got.tolist())) > 20
+
+
+def test_stop_strings_are_looked_for_only_after_tokens_that_could_end_one(tiny):
+    """Sampled runs with stop strings of every kind (a space at either end, a digit, a word, a letter)
+    finish every row where looking after every token does, with far fewer tails decoded."""
+    model, _, tok, prompts, _ = tiny
+    stops = ["e ", " t", "3", "the", "a", ".", "?"]
+    for strings in ([s] for s in stops):
+        params = g.SamplingParams(max_new_tokens=40, temperature=1.2, seed=len(strings[0]))
+        every, filtered = g.StopStrings(tok, strings), g.StopStrings(tok, strings)
+        every.could_end = lambda token: True
+        calls = []
+        hit = filtered.hit
+        filtered.hit = lambda out: calls.append(1) or hit(out)
+        runs = [_run(model, prompts, params, g.EagerSteps(model), [tok.eos_id], s) for s in (every, filtered)]
+        assert runs[0] == runs[1], strings
+        n_tokens = sum(len(t) for _, t, _ in runs[0])
+        assert sum(f == "stop" for *_, f in runs[0]) >= 2, strings
+        assert len(calls) < n_tokens * 0.75, strings
+
+
+@pytest.mark.parametrize("params", [g.SamplingParams(max_new_tokens=20), SAMPLED], ids=["greedy", "sampled"])
+def test_overlapped_read_back_gives_the_tokens_of_the_plain_loop(tiny, params):
+    """Static-shape blocks of 3 steps with the next block queued before the last is read (rows that
+    stop decode a block more, free rows are refilled a block later) give the tokens of the same blocks
+    without overlap and of the eager step-by-step loop: 9 prompts in 3 slots (refills), a stop string
+    met inside a block, EOS, and the length limit."""
+    model, _, tok, prompts, _ = tiny
+    plain = _run(model, prompts, params, g.EagerSteps(model))
+    stop = tok.decode(max(plain, key=lambda r: len(r[1]))[1][:8])[-2:]
+    runs = {}
+    for name, runner in (("eager", g.EagerSteps(model)),
+                         ("blocks", g.StaticSteps(model, sync_every=3, first_bucket=4, overlap=False)),
+                         ("overlap", g.StaticSteps(model, sync_every=3, first_bucket=4))):
+        runs[name] = _run(model, prompts, params, runner, [tok.eos_id], g.StopStrings(tok, [stop]))
+    assert runs["overlap"] == runs["eager"] and runs["blocks"] == runs["eager"]
+    assert {f for *_, f in runs["eager"]} == {"stop", "length"}
+
+
+@pytest.mark.parametrize("params", [g.SamplingParams(max_new_tokens=16), SAMPLED], ids=["greedy", "sampled"])
+def test_samples_of_a_prompt_share_one_prefill(tiny, params):
+    """4 samples of each of 9 prompts (request seeds as infer.py draws them) in 8 slots: prefilling each
+    prompt once and copying its keys and values gives the tokens of prefilling every copy, eager and
+    overlapped static steps, with at most about a quarter of the prompt tokens prefilled."""
+    model, _, tok, prompts, _ = tiny
+    reqs = [g.Request((i, k), p, g.request_seed(params.seed, i, k)) for i, p in enumerate(prompts) for k in range(4)]
+    max_len = max(map(len, prompts)) + params.max_new_tokens
+    runs, prefilled = {}, {}
+    for share in (False, True):
+        for name, runner in (("eager", g.EagerSteps(model)), ("static", g.StaticSteps(model, 3, 4))):
+            batcher = g.Batcher(model, runner, params, 8, max_len, [tok.eos_id], share_prompts=share)
+            runs[share, name] = sorted((c.key, c.tokens, c.finish) for c in batcher.run(reqs))
+            prefilled[share, name] = batcher.prefilled
+    assert all(run == runs[False, "eager"] for run in runs.values())
+    assert prefilled[False, "eager"] == 4 * sum(map(len, prompts))
+    assert prefilled[True, "eager"] <= 0.35 * prefilled[False, "eager"]
+    if params.temperature:
+        assert all(len({tuple(t) for (i, _), t, _ in runs[True, "eager"] if i == j}) > 1 for j in range(9))
+
+
+@pytest.mark.parametrize("window,block", [(None, 64), (None, 4), (6, 4), (5, 3)])
+def test_ragged_decode_attention_equals_the_dense_read(window, block):
+    """Each row reading only its live blocks (GQA, rows at positions 0 .. past several blocks, a cache
+    whose length is no multiple of the block, a sliding window) gives the dense masked attention."""
+    from models.transformer import attention_mask, grouped_attention, ragged_decode_attention
+
+    gen = torch.Generator().manual_seed(block)
+    keys, values = torch.randn(7, 2, 29, 8, generator=gen), torch.randn(7, 2, 29, 8, generator=gen)
+    q = torch.randn(6, 6, 1, 8, generator=gen)
+    positions = torch.tensor([0, 3, 4, 17, 28, 11])
+    dense = grouped_attention(q, keys[:6], values[:6], attention_mask(positions[:, None], torch.arange(29), window))
+    ragged = ragged_decode_attention(q, keys, values, positions, window, block)
+    assert torch.allclose(ragged, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_ragged_decode_attention_gives_hf_greedy_tokens_through_infer(tiny, tmp_path):
+    """infer.py --decode_attention ragged writes HF generate()'s greedy tokens (batched, left-padded) and
+    the dense path's sampled ones, refills and a sliding window of 8 included; a bad value is refused."""
+    import json
+
+    import infer
+    from engine.runtime.errors import UserError
+
+    model, hf, tok, prompts, path = tiny
+    width = max(map(len, prompts))
+    ids, mask = torch.full((len(prompts), width), 3), torch.zeros(len(prompts), width, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):], mask[b, width - len(p):] = torch.tensor(p), 1
+    with torch.no_grad():
+        gen = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=14, do_sample=False,
+                          eos_token_id=tok.eos_id, pad_token_id=3)[:, width:].tolist()
+    ref = [row[: row.index(tok.eos_id) + 1] if tok.eos_id in row else row for row in gen]
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({"instruction": p}) + "\n" for p in PROMPTS))
+    flags = dict(ckpt_dir=path, data_file=str(data), template="none", batch_size=3, max_new_tokens=14,
+                 output_tokens=True, progress=False)
+    runs = {}
+    for name, kw in (("greedy", {}), ("sampled", dict(temperature=0.9, top_p=0.9, seed=2))):
+        for kind in ("dense", "ragged"):
+            out = tmp_path / f"{name}-{kind}.jsonl"
+            infer.generate(**flags, **kw, decode_attention=kind, output_file=str(out))
+            runs[name, kind] = [json.loads(line)["tokens"] for line in open(out)]
+    model.decode_attention("dense")
+    assert runs["greedy", "ragged"] == ref and runs["greedy", "dense"] == ref
+    assert runs["sampled", "ragged"] == runs["sampled", "dense"] != ref
+    with pytest.raises(UserError, match="--decode_attention must be dense or ragged, got 'sparse'"):
+        infer.generate(**flags, decode_attention="sparse", output_file=str(tmp_path / "bad.jsonl"))
