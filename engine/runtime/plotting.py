@@ -32,14 +32,16 @@ def plot_metrics(metrics_path: str, png_path: str, title: str = None) -> str:
             if metric == "accuracy":
                 ax.set_ylim(0, 1)
             continue
+        positive = True
         for k in keys:
             pts = [(r["step"], r[k]) for r in steps if isinstance(r.get(k), (int, float))]
             if pts:
                 ax.plot(*zip(*pts), label=k, linewidth=1.2)
+                positive = positive and min(v for _, v in pts) > 0
         ax.set_title(name)
         if len(keys) > 1:
             ax.legend(fontsize=8)
-        if name == "loss":
+        if name == "loss" and positive:  # a loss of exactly 0 (a teacher equal to the student) stays linear
             ax.set_yscale("log")
     fig.suptitle(title or os.path.basename(os.path.dirname(os.path.abspath(metrics_path))))
     fig.tight_layout()
