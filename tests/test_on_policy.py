@@ -157,12 +157,15 @@ def test_teacher_equal_to_the_student_gives_divergence_0_and_no_gradient(env, di
     assert abs(first["loss"]) <= 1e-9 and first["grad_norm"] <= 1e-6, first
 
 
+GEN = {"temperature": 0.8, "top_p": 0.95}  # the sampling of test_samples_equal_infer_py_and_follow_the_weights
+
+
 def _infer_samples(env, tmp_path, ckpt_dir, seed, name, lora_dir=None):
     """{(record, sample): tokens} infer.py samples from a checkpoint with --seed seed, as a user would."""
     root, _ = env
     out = tmp_path / f"{name}.jsonl"
     infer.generate(ckpt_dir=str(ckpt_dir), lora_dir=lora_dir, data_file=str(root / "arith" / "train.json"),
-                   output_file=str(out), temperature=1.0, top_p=1.0, num_samples=2, seed=seed,
+                   output_file=str(out), temperature=GEN["temperature"], top_p=GEN["top_p"], num_samples=2, seed=seed,
                    max_new_tokens=BASE["max_new_tokens"], template="none", batch_size=8, output_tokens=True,
                    progress=False)
     return {(line["index"], k): tokens for line in map(json.loads, open(out)) for k, tokens in enumerate(line["tokens"])}
@@ -175,13 +178,18 @@ def test_samples_equal_infer_py_and_follow_the_weights(env, dist1, tmp_path, mod
     LoRA the adapter, unmerged in training, merged by infer.py) and differ from the starting weights'."""
     root, models = env
     extra = {"model_type": "lora-tiny-llama", "lora_rank": 4} if mode == "lora" else {}
-    save = run(**_flags(env, divergence="jsd", num_samples=2, gen_temperature=1.0, max_steps=2, save_every=1,
-                        save_samples=True, save_dir=tmp_path / "run", **extra))
+    save = run(**_flags(env, divergence="jsd", num_samples=2, gen_temperature=GEN["temperature"],
+                        gen_top_p=GEN["top_p"], max_steps=2, save_every=1, save_samples=True,
+                        save_dir=tmp_path / "run", **extra))
     by_step = {}
     for line in samples(save):
         assert line["writer"] == STUDENT and line["seed"] == step_seed(0, STUDENT, line["step"])
         by_step.setdefault(line["step"], {})[(line["record"], line["sample"])] = line["tokens"]
     assert sorted(by_step) == [1, 2] and all(len(v) == 8 for v in by_step.values())
+    for line in metrics(save):  # every sampled token is a trained position (no cut at max_seq_len here)
+        mine = by_step[line["step"]].values()
+        assert line["generated_tokens"] == sum(map(len, mine)) and line["on_policy_fraction"] == 1
+        assert line["response_length"] == pytest.approx(line["generated_tokens"] / len(mine))
     start = models["student"][0]
     first = _infer_samples(env, tmp_path, start, step_seed(0, STUDENT, 1), "start-seed1")
     assert all(first[key] == tokens for key, tokens in by_step[1].items())
