@@ -227,8 +227,7 @@ def main(trl_path: str = None, dim: int = 256, n_layers: int = 4, teacher_dim: i
     """Print each side's tokens/s of a full on-policy step, its time split, and the ratio.
 
     Args:
-        trl_path: a folder holding TRL and datasets (pip install --target, bench/requirements-trl.txt); without
-            it the TRL side is reported absent.
+        trl_path: a folder holding TRL (pip install --target DIR -r bench/requirements-trl.txt); absent: ours only.
         dim, n_layers, teacher_dim, teacher_layers, n_heads, n_kv_heads, vocab: the random LLaMA student and teacher.
         batch, prompt, new_tokens: prompts per step, their length, tokens sampled per response.
         jsd_beta: the generalised JSD's beta (TRL's beta).

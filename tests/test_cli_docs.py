@@ -41,6 +41,8 @@ def _components():
         "bench/teacher_kl_experiment.py": mod("bench/teacher_kl_experiment.py").main,
         "data/multiplication.py": mod("data/multiplication.py").main,
         "bench/implicit_experiment.py": mod("bench/implicit_experiment.py").main,
+        "bench/on_policy.py": mod("bench/on_policy.py").main,
+        "bench/on_policy_experiment.py": mod("bench/on_policy_experiment.py").main,
     }
 
 
@@ -82,7 +84,8 @@ def test_every_readme_flag_exists():
                                     "bench/train_step.py", "bench/generate.py", "bench/mcc_experiment.py",
                                     "data/prepare_step_by_step.py", "bench/step_by_step_experiment.py",
                                     "data/make_formats.py", "bench/teacher_kl_experiment.py",
-                                    "train_implicit.py", "data/multiplication.py", "bench/implicit_experiment.py"])
+                                    "train_implicit.py", "data/multiplication.py", "bench/implicit_experiment.py",
+                                    "bench/on_policy.py", "bench/on_policy_experiment.py"])
 def test_help_explains_every_flag_in_one_line(script):
     for fn in _functions(_components()[script]):
         doc = inspect.getdoc(fn) or ""

@@ -10,8 +10,7 @@ from engine.train.args import DivergenceFlags, TeacherCheckpointFlag, TrainArgs
 
 @dataclass(kw_only=True)
 class TeacherKLArgs(DivergenceFlags, TeacherCheckpointFlag, TrainArgs):
-    """distillation from the teacher's next-token distributions: (1 - w) CE + w T^2 KL(teacher || student)
-    (or another --divergence)"""
+    """distillation from the teacher's next-token distributions: (1 - w) CE + w T^2 KL(teacher || student) or --divergence"""
 
     OBJECTIVE: ClassVar[str] = "teacher_kl"
     LAUNCHER: ClassVar[str] = "train.py"
