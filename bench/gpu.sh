@@ -2,7 +2,9 @@
 # Every GPU number of BENCHMARKS.md, on a bare GPU machine that has torch and transformers (+ peft)
 # but not fairscale / fire / deepspeed: those come from the wheels of ../shared/device-wheels (or a
 # copy of them in .device-wheels/), installed into the default environment so that subprocesses
-# see them too.   Usage: bash bench/gpu.sh [generate|train|all] 2>&1 | tee gpu.log
+# see them too.   Usage: bash bench/gpu.sh [generate|train|onpolicy|all] 2>&1 | tee gpu.log
+# onpolicy compares with TRL's GKDTrainer when TRL_PATH names a folder holding bench/requirements-trl.txt's
+# packages (pip install --target); without it, ours alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHAT=${1:-all}
@@ -20,4 +22,9 @@ if [ "$WHAT" = train ] || [ "$WHAT" = all ]; then
   # a 7B-shaped model with LoRA at batch 4 x 1024: does it fit one 80 GB GPU (ours only)
   python3 bench/train_step.py --modes lora --dim 4096 --n_layers 32 --n_heads 32 --n_kv_heads 32 --seq_len 1024 \
       --batch 4 --dtype bf16 --device cuda --steps 3 --sides ours
+fi
+if [ "$WHAT" = onpolicy ] || [ "$WHAT" = all ]; then
+  # goal: >= 5x TRL at batch 64 (our captured decode on the live weights against HF generate)
+  python3 bench/on_policy.py --trl_path "${TRL_PATH:-}" --dim 2048 --n_layers 16 --n_heads 16 --n_kv_heads 8 \
+      --teacher_dim 2048 --teacher_layers 24 --batch 64 --prompt 128 --new_tokens 128 --dtype bf16 --device cuda
 fi
