@@ -39,10 +39,11 @@ MUTATIONS = [
     ("--lmbda ignored (the student always samples)", SAMPLING, "if u < lmbda:", "if True:", [KD]),
     ("samples seeded without the step", TASK, "seed = step_seed(self.s.seed, writer, self.step)",
      "seed = step_seed(self.s.seed, writer, 1)", [SAMPLES]),
-    ("the student samples from a copy of itself made once", TASK,
-     "            model = self.model if writer == STUDENT else self.teacher.model",
-     "            model = __import__('copy').deepcopy(self.model) if writer == STUDENT else self.teacher.model",
-     [SAMPLES]),
+    ("the student samples from a copy of itself made at the first step", SAMPLING,
+     "            self.runner = make_runner(self.model, self.compiled)",
+     "            self.runner = make_runner(self.model, self.compiled)\n"
+     "            self.copy = __import__('copy').deepcopy(self.model)\n"
+     "        self.model = self.copy", [SAMPLES]),
     ("start_step called at the first step only", "engine/train/trainer.py",
      "        self.task.start_step(self.model, self.step + 1)",
      "        self.step == 0 and self.task.start_step(self.model, self.step + 1)", [SAMPLES]),
