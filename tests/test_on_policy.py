@@ -265,13 +265,15 @@ def test_tp2_equals_tp1_through_the_cli(env, dist1):
 
 
 def test_resume_gives_the_same_losses_and_samples(env, dist1):
-    """Stopped after 2 of 4 steps and resumed with --resume True: the losses, the samples of every step and
-    the final weights are those of the uninterrupted run."""
+    """Stopped after 3 of 4 steps, its last checkpoint at step 2, and resumed with --resume True (step 3 runs
+    again; --seq_kd so that every step writes samples): the losses, the samples of every step (step 3's once)
+    and the final weights are those of the uninterrupted run."""
     root, _ = env
-    common = _flags(env, lmbda=0.5, divergence="jsd", max_steps=4, save_every=2, save_samples=True)
-    whole = run(**common, save_dir=root / "whole")
-    stopped = run(**common, save_dir=root / "stopped", exit_after_steps=2)
-    assert len(metrics(stopped)) == 2
+    common = _flags(env, lmbda=0.5, seq_kd=True, divergence="jsd", max_steps=4, save_every=2, save_samples=True)
+    whole = run(**common, save_dir=root / "whole")  # every step has samples: the student's or the teacher's
+    stopped = run(**common, save_dir=root / "stopped", exit_after_steps=3)
+    assert len(metrics(stopped)) == 3 and 3 in {s["step"] for s in samples(stopped)}
+    assert not os.path.exists(os.path.join(stopped, "checkpoint-3"))  # the resume starts at step 3 again
     run(**common, save_dir=root / "stopped", resume=True)
     keys = ("step", "loss", "grad_norm", "on_policy_fraction", "generated_tokens", "response_length")
     assert [{k: m[k] for k in keys} for m in metrics(stopped)] == [{k: m[k] for k in keys} for m in metrics(whole)]
