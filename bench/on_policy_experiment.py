@@ -14,7 +14,7 @@ steps, several seeds (train.py --objective on_policy; Agarwal et al. 2024).
                   (temperature 1) and learns the teacher's distributions on them (GKD)
   Accuracy: exact-match answers on the held-out questions, greedy decoding (infer.py).
 
-  python bench/on_policy_experiment.py [--seeds 0,1,2] [--steps 600] [--arms sft,kd,on_policy] [--lmbda 1] [--out runs/on_policy]
+  python bench/on_policy_experiment.py [--seeds 0,1,2] [--steps 600] [--arms sft,kd,on_policy] [--lmbda 1] [--divergence jsd] [--out runs/on_policy]
 """
 from __future__ import annotations
 
@@ -40,13 +40,15 @@ def _accuracy(ckpt, test_file, output, env, max_new_tokens):
     return json.load(open(output + ".meta.json"))["summary"]
 
 
-def _arm_flags(arm: str, teacher: str, jsd_beta: float, gen_temperature: float, lmbda: float = 1.0) -> list:
+def _arm_flags(arm: str, teacher: str, jsd_beta: float, gen_temperature: float, lmbda: float = 1.0,
+               divergence: str = "jsd", kd_divergence: str = "forward_kl") -> list:
     if arm == "sft":
         return []
     if arm == "kd":
-        return ["--objective", "on_policy", "--teacher_ckpt_dir", teacher, "--lmbda", "0", "--divergence", "forward_kl"]
-    return ["--objective", "on_policy", "--teacher_ckpt_dir", teacher, "--lmbda", str(lmbda), "--divergence", "jsd",
-            "--jsd_beta", str(jsd_beta), "--gen_temperature", str(gen_temperature)]
+        return ["--objective", "on_policy", "--teacher_ckpt_dir", teacher, "--lmbda", "0", "--divergence", kd_divergence,
+                "--jsd_beta", str(jsd_beta)]
+    return ["--objective", "on_policy", "--teacher_ckpt_dir", teacher, "--lmbda", str(lmbda), "--divergence",
+            divergence, "--jsd_beta", str(jsd_beta), "--gen_temperature", str(gen_temperature)]
 
 
 def _time_split(save: str) -> dict:
@@ -58,7 +60,8 @@ def _time_split(save: str) -> dict:
 
 def main(seeds="0,1,2", steps: int = 600, batch: int = 32, lr: float = 5e-3, teacher_steps: int = 1000,
          student_questions: int = 2000, n_test: int = 200, jsd_beta: float = 0.5, gen_temperature: float = 1.0,
-         max_new_tokens: int = 48, lmbda: float = 1.0, arms: str = "sft,kd,on_policy", teacher_model: str = "small-llama",
+         max_new_tokens: int = 48, lmbda: float = 1.0, divergence: str = "jsd", kd_divergence: str = "forward_kl",
+         arms: str = "sft,kd,on_policy", teacher_model: str = "small-llama",
          student_model: str = "tiny-llama", out: str = "runs/on_policy"):
     """Train the teacher once, then every arm for every seed; print and save the held-out accuracies.
 
@@ -74,6 +77,8 @@ def main(seeds="0,1,2", steps: int = 600, batch: int = 32, lr: float = 5e-3, tea
         gen_temperature: the on_policy arm's sampling temperature.
         max_new_tokens: the sampling budget (teacher samples, on-policy samples, evaluation).
         lmbda: the on_policy arm's fraction of student-sampled micro-batches (1: all; the others the teacher's samples).
+        divergence: the on_policy arm's divergence (jsd, forward_kl or reverse_kl; jsd_beta for jsd).
+        kd_divergence: the kd arm's divergence (forward_kl, reverse_kl or jsd).
         arms: comma-separated subset of sft, kd, on_policy.
         teacher_model: registry preset of the teacher.
         student_model: registry preset of the students (the teacher's vocabulary).
@@ -132,7 +137,7 @@ def main(seeds="0,1,2", steps: int = 600, batch: int = 32, lr: float = 5e-3, tea
             args = ["train.py", "--ckpt_dir", init, "--save_dir", save, "--train_file", train_file, "--seed",
                     str(seed), "--max_steps", str(steps), "--max_batch_size", str(batch), "--lr", str(lr),
                     "--warmup_steps", "30", "--max_new_tokens", str(max_new_tokens), *common,
-                    *_arm_flags(arm, teacher_ckpt, jsd_beta, gen_temperature, lmbda)]
+                    *_arm_flags(arm, teacher_ckpt, jsd_beta, gen_temperature, lmbda, divergence, kd_divergence)]
             t0 = time.time()
             run_script(args, env)
             timings.setdefault(arm, []).append(time.time() - t0)
@@ -151,7 +156,7 @@ def main(seeds="0,1,2", steps: int = 600, batch: int = 32, lr: float = 5e-3, tea
                                 "batch": batch, "lr": lr, "teacher_steps": teacher_steps,
                                 "student_questions": student_questions, "n_test": n_test, "jsd_beta": jsd_beta,
                                 "gen_temperature": gen_temperature, "max_new_tokens": max_new_tokens,
-                                "lmbda": lmbda},
+                                "lmbda": lmbda, "divergence": divergence, "kd_divergence": kd_divergence},
                    "teacher_accuracy": teacher_eval["accuracy"], "teacher_sample_accuracy": sample_accuracy,
                    "results": summary}, f, indent=2)
     for arm, s in summary.items():
