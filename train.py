@@ -11,9 +11,13 @@
   torchrun --nproc_per_node 8 train.py --objective teacher_kl --teacher_file teacher.topk.jsonl ...
       (or --teacher_ckpt_dir T: the teacher's next-token distributions, see README)
 
+  torchrun --nproc_per_node 8 train.py --objective on_policy --teacher_ckpt_dir T --lmbda 1 \
+      --divergence jsd --jsd_beta 0.5 ...      # on-policy distillation (GKD): the student samples, T scores
+
 Every flag, its default and its help: engine/train/args.py (TrainArgs, the flags every objective shares)
-and each objective's package in engine/distill/ (sft, step_by_step, teacher_kl).
+and each objective's package in engine/distill/ (sft, step_by_step, teacher_kl, on_policy).
 """
+from engine.distill.on_policy.args import OnPolicyArgs
 from engine.distill.sft import SFTArgs
 from engine.distill.step_by_step.args import StepByStepArgs
 from engine.distill.teacher_kl.args import TeacherKLArgs
@@ -26,7 +30,7 @@ def train(args) -> None:
     run_training(args)
 
 
-main = launcher(SFTArgs, StepByStepArgs, TeacherKLArgs, run=train)
+main = launcher(SFTArgs, StepByStepArgs, TeacherKLArgs, OnPolicyArgs, run=train)
 
 if __name__ == "__main__":
     run_cli(main)

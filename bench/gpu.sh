@@ -7,10 +7,12 @@
 # from .device-data/ (or ../shared/data), else from a generated distribution (said in one line).
 #
 #   Usage: bash bench/gpu.sh PART 2>&1 | tee $OUT/PART.log
-#   PART: check | generate | e2e | train-full | train-lora | train-mcc | train-fixed | lora7b | all
+#   PART: check | generate | e2e | train-full | train-lora | train-mcc | train-fixed | lora7b | onpolicy | all
+# onpolicy compares with TRL's GKDTrainer when TRL_PATH names a folder holding bench/requirements-trl.txt's
+# packages (pip install --target); without it, ours alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PART=${1:?"which part: check, generate, e2e, train-full, train-lora, train-mcc, train-fixed, lora7b or all"}
+PART=${1:?"which part: check, generate, e2e, train-full, train-lora, train-mcc, train-fixed, lora7b, onpolicy or all"}
 WHEELS=${WHEELS:-$( [ -d .device-wheels ] && echo .device-wheels || echo ../shared/device-wheels )}
 python3 -c "import fairscale, fire" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile "$WHEELS"/*.whl
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
@@ -32,11 +34,14 @@ run() {
     lora7b)  # a 7B-shaped model with LoRA at batch 4 x 1024: does it fit one 80 GB GPU (ours only)
       python3 bench/train_step.py --modes lora --dim 4096 --n_layers 32 --n_heads 32 --n_kv_heads 32 --lengths fixed \
           --seq_len 1024 --batch 4 --dtype bf16 --device cuda --steps 3 --sides ours ;;
+    onpolicy)  # a full on-policy step against TRL's GKDTrainer; goal: >= 5x TRL at batch 64
+      python3 bench/on_policy.py --trl_path "${TRL_PATH:-}" $MODEL --teacher_dim 2048 --teacher_layers 24 --batch 64 \
+          --prompt 128 --new_tokens 128 --dtype bf16 --device cuda ;;
     *) echo "unknown part $1" >&2; exit 2 ;;
   esac
 }
 if [ "$PART" = all ]; then  # only where one call may take an hour
-  for p in check generate e2e train-full train-lora train-mcc train-fixed lora7b; do run "$p"; done
+  for p in check generate e2e train-full train-lora train-mcc train-fixed lora7b onpolicy; do run "$p"; done
 else
   run "$PART"
 fi

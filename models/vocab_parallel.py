@@ -1,5 +1,5 @@
-"""Losses on vocabulary shards: next-token cross-entropy and T^2 KL(teacher || student) from hidden states,
-chunk by chunk (no full logits), sharded log-softmax and sharded top-k.
+"""Losses on vocabulary shards: next-token cross-entropy and T^2 KL(teacher || student) (or reverse KL, or
+GKD's generalised JSD) from hidden states, chunk by chunk (no full logits), sharded log-softmax and top-k.
 
 Each loss returns SUMS (and the trainer divides by counts taken over the whole optimizer step, across
 data-parallel ranks and accumulation), so any split of a batch gives the same loss and gradient.
@@ -7,6 +7,7 @@ Logits are this rank's vocabulary shard [..., vocab / tp]; nothing gathers the f
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -222,6 +223,109 @@ def teacher_kl_chunks(target, temperature: float):
         return _kl_chunk(z, p, temperature, want_grad)
 
     return chunk
+
+
+# ----------------------------------------------------------------------------------------------
+# The divergences a token-level objective can train on (--divergence, --jsd_beta): forward KL above,
+# reverse KL (MiniLLM) and GKD's generalised Jensen-Shannon divergence, each T^2 times its value at
+# temperature T, as TRL's GKDTrainer.generalized_jsd_loss defines them (trl 1.16.0,
+# trl/experimental/gkd/gkd_trainer.py:238-318): beta 0 is KL(teacher || student), beta 1 KL(student ||
+# teacher), in between beta KL(p || m) + (1 - beta) KL(q || m) with m = beta p + (1 - beta) q formed in
+# log space. p: the teacher's distribution, q: the student's.
+# ----------------------------------------------------------------------------------------------
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def divergence_needs_full_support(divergence: str, beta: float) -> bool:
+    """Whether the divergence is infinite wherever the teacher gives a token no mass (reverse KL, and
+    the JSD at beta 1, which is reverse KL): it needs the teacher's full distribution."""
+    return divergence == "reverse_kl" or (divergence == "jsd" and beta == 1)
+
+
+def _sharded_log_softmax_(z: torch.Tensor) -> torch.Tensor:
+    """Log-softmax over the whole vocabulary of fp32 logits shards [rows, vocab / tp], in place."""
+    z -= all_reduce_tp_(z.max(dim=-1).values, dist.ReduceOp.MAX)[:, None]
+    z -= all_reduce_tp_(z.exp().sum(dim=-1)).log()[:, None]
+    return z
+
+
+def _target_log_chunk(target, s: int, e: int, local_vocab: int, start: int, temperature: float, like: torch.Tensor):
+    """log p of this rank's shard at rows s:e (-inf where the teacher gives no mass): the teacher's
+    log-softmax at T from its logits (a DenseTarget, one-hot rows 0 / -inf), or the log of a sparse
+    target's probabilities."""
+    if not isinstance(target, DenseTarget):
+        return _target_chunk(target, s, e, local_vocab, start, temperature, like).log()
+    z = F.linear(target.hidden[s:e].to(target.weight.dtype), target.weight).float() / temperature
+    log_p = _sharded_log_softmax_(z)
+    if target.one_hot is not None:
+        oh = target.one_hot[s:e]
+        cols = torch.arange(local_vocab, device=z.device) + start
+        log_p = torch.where((oh >= 0)[:, None], torch.where(cols[None, :] == oh[:, None], 0.0, float("-inf")), log_p)
+    return log_p
+
+
+def _reverse_kl_chunk(z: torch.Tensor, log_p: torch.Tensor, temperature: float, want_grad: bool):
+    """T^2 KL(q || p) summed over rows, q = softmax(z / T), and its gradient in z (fp32, consumed):
+    T q (log q - log p - KL) (MiniLLM's divergence; p must give every token mass)."""
+    log_q = _sharded_log_softmax_(z.div_(temperature))
+    q = log_q.exp()
+    per_row = all_reduce_tp_((q * (log_q - log_p)).sum(dim=-1))
+    loss = temperature ** 2 * per_row.sum()
+    if not want_grad:
+        return loss, None
+    return loss, temperature * q * (log_q - log_p - per_row[:, None])
+
+
+def _jsd_chunk(z: torch.Tensor, log_p: torch.Tensor, beta: float, temperature: float, want_grad: bool):
+    """T^2 [beta KL(p || m) + (1 - beta) KL(q || m)] summed over rows, m = beta p + (1 - beta) q (log m
+    by logaddexp, as TRL), and its gradient in z: T (1 - beta) q (h - sum q h), h = log q - log m (the
+    terms through m cancel: d JSD / d q = (1 - beta) log(q / m))."""
+    log_q = _sharded_log_softmax_(z.div_(temperature))
+    q = log_q.exp()
+    log_m = torch.logaddexp(log_q + math.log1p(-beta), log_p + math.log(beta))
+    p = log_p.exp()
+    to_p = torch.where(p > 0, p * (log_p - log_m), 0.0)  # 0 log 0 = 0 where the teacher gives no mass
+    h = log_q - log_m
+    per_row = all_reduce_tp_((beta * to_p + (1 - beta) * q * h).sum(dim=-1))
+    loss = temperature ** 2 * per_row.sum()
+    if not want_grad:
+        return loss, None
+    mean_h = all_reduce_tp_((q * h).sum(dim=-1))
+    return loss, temperature * (1 - beta) * q * (h - mean_h[:, None])
+
+
+def divergence_chunks(target, temperature: float, divergence: str = "forward_kl", beta: float = 0.5):
+    """The chunk loss of T^2 D(teacher, student) for --divergence forward_kl (teacher_kl_chunks itself),
+    reverse_kl or jsd with beta (0: forward KL, 1: reverse KL, as TRL)."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence {divergence!r} is not one of {', '.join(DIVERGENCES)}")
+    if divergence == "forward_kl" or (divergence == "jsd" and beta == 0):
+        return teacher_kl_chunks(target, temperature)
+    reverse = divergence == "reverse_kl" or beta == 1
+
+    def chunk(z, s, e, want_grad):
+        local_vocab = z.shape[-1]
+        log_p = _target_log_chunk(target, s, e, local_vocab, vocab_shard_start(local_vocab), temperature, z)
+        if reverse:
+            return _reverse_kl_chunk(z, log_p, temperature, want_grad)
+        return _jsd_chunk(z, log_p, beta, temperature, want_grad)
+
+    return chunk
+
+
+def head_divergence(hidden: torch.Tensor, head_weight: torch.Tensor, target, temperature: float = 1.0,
+                    divergence: str = "forward_kl", beta: float = 0.5, chunk_rows: int = 0) -> torch.Tensor:
+    """Sum over rows of T^2 D(P_teacher,T, P_student,T) (divergence_chunks), from the student's hidden
+    states [N, dim] and head shard, chunk by chunk like head_teacher_kl (which is its forward_kl)."""
+    return _ChunkedHeadLoss.apply(hidden, head_weight, divergence_chunks(target, float(temperature), divergence,
+                                                                         float(beta)),
+                                  chunk_rows or _default_chunk_rows(head_weight.shape[0]))
+
+
+def logits_divergence(logits_local: torch.Tensor, target, temperature: float = 1.0, divergence: str = "forward_kl",
+                      beta: float = 0.5) -> torch.Tensor:
+    """head_divergence from the student's logits shard [N, vocab / tp] (a head that is not one matrix)."""
+    return _LogitsLoss.apply(logits_local, divergence_chunks(target, float(temperature), divergence, float(beta)))
 
 
 def head_teacher_kl(hidden: torch.Tensor, head_weight: torch.Tensor, target, temperature: float = 1.0,

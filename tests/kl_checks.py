@@ -111,3 +111,43 @@ def authors_kl_results():
 def token_ids(rows: int, vocab: int) -> torch.Tensor:
     """Ids 7 * row mod vocab: some in each TP=2 shard."""
     return (torch.arange(rows) * 7) % vocab
+
+
+# the divergences of --divergence (models/vocab_parallel.divergence_chunks), each case (name, divergence,
+# jsd_beta, temperature, target): dense targets at T=1 and at a temperature, GKD's asymmetric betas and
+# its two ends, and the JSD against a sparse (top-k) target, which teacher_kl allows
+DIVERGENCE_CASES = [(f"{d}-b{b}-T{t}-{target}", d, b, t, target)
+                    for d, b in (("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.0),
+                                 ("jsd", 1.0))
+                    for t in (1.0, 1.7) for target in ("dense",)] + [
+    ("jsd-b0.3-T1.7-sparse", "jsd", 0.3, 1.7, "sparse"), ("forward_kl-b0.5-T1.7-sparse", "forward_kl", 0.5, 1.7,
+                                                          "sparse")]
+
+
+def divergence_grads():
+    """Loss and gradients (hidden states, full head) of every DIVERGENCE_CASES case on kl_inputs,
+    chunked by 4 rows and from logits, at the current tensor-parallel size."""
+    import torch.nn.functional as F
+    from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
+
+    from models.parallel import copy_to_tp, gather_from_tp, vocab_shard_start
+    from models.vocab_parallel import DenseTarget, SparseTarget, head_divergence, logits_divergence
+
+    hidden, weight, t_hidden, t_weight, ids, probs = kl_inputs()
+    local = weight.shape[0] // get_model_parallel_world_size()
+    start = vocab_shard_start(local)
+    targets = {"dense": DenseTarget(t_hidden, t_weight[start:start + local]), "sparse": SparseTarget(ids, probs)}
+    out = {}
+    for name, divergence, beta, temperature, target in DIVERGENCE_CASES:
+        for path in ("chunk4", "logits"):
+            h = hidden.clone().requires_grad_()
+            w = weight[start:start + local].clone().requires_grad_()
+            how = (temperature, divergence, beta)
+            if path == "logits":
+                loss = logits_divergence(F.linear(copy_to_tp(h), w), targets[target], *how)
+            else:
+                loss = head_divergence(h, w, targets[target], *how, chunk_rows=4)
+            loss.backward()
+            out[f"{name}/{path}"] = {"loss": float(loss.detach()), "grad_h": h.grad,
+                                     "grad_w": gather_from_tp(w.grad.t().contiguous()).t()}
+    return out

@@ -121,3 +121,32 @@ def test_more_processes_than_gpus_is_one_sentence(gpu_env, tmp_path):
     assert proc.returncode != 0
     assert f"error: {n} processes on this node but only {GPUS} GPU(s)" in proc.stderr
     assert "--device cpu" in proc.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_on_policy_decode_graphs_see_the_weights_after_an_optimizer_step(gpu_env, dist1, dtype):
+    """on_policy's Sampler keeps one runner (CUDA graphs of the compiled decode step) across training
+    steps: after an in-place AdamW step the replayed graphs sample what freshly captured ones do on the
+    new weights, and not what they sampled before; under bf16 autocast too (its weight cache is off, so no
+    cast copy of the old weights is captured)."""
+    from engine.checkpoint import load_model
+    from engine.distill.on_policy.sampling import Sampler
+    from engine.infer.generation import SamplingParams
+    from engine.text.tokenizer import load_tokenizer
+
+    root, hf_dir = gpu_env
+    model = load_model(str(hf_dir), dtype=torch.float32, device="cuda").train()
+    tok = load_tokenizer(str(hf_dir))
+    prompts = [tok.encode(q) for q in ("What is 12 + 30 ?", "What is 7 + 41 ?", "What is 55 + 5 ?")]
+    params, seeds = SamplingParams(max_new_tokens=12, temperature=1.0), [1, 2, 3]
+    reused = Sampler(model, params, 4, 48, [tok.eos_id], dtype)
+    before = reused.sample(prompts, seeds)
+    assert type(reused.runner).__name__ == "CUDAGraphSteps" and reused.runner.graphs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        loss = model.logits(model.forward_hidden(torch.tensor([prompts[0]], device="cuda"))).float().logsumexp(-1).mean()
+    loss.backward()
+    optimizer.step()
+    again = reused.sample(prompts, seeds)
+    assert again == Sampler(model, params, 4, 48, [tok.eos_id], dtype).sample(prompts, seeds)
+    assert again != before

@@ -81,6 +81,42 @@ class ParallelFlags:
                                  "cpu on a machine without one).", None)
 
 
+@dataclass(kw_only=True)
+class TeacherCheckpointFlag:
+    """A teacher run frozen beside the student (engine/train/teacher.py): teacher_kl's online teacher,
+    on_policy's teacher."""
+
+    teacher_ckpt_dir: Optional[str] = flag("online teacher: a checkpoint of ours (any family, one shard per "
+                                           "tensor-parallel rank), run frozen in this job.", None)
+
+
+@dataclass(kw_only=True)
+class DivergenceFlags:
+    """Which divergence between the teacher's and the student's next-token distributions a token-level
+    objective trains on (teacher_kl, on_policy): models/vocab_parallel.py computes each on the
+    vocabulary shards. check_divergence_flags checks them."""
+
+    divergence: str = flag("forward_kl: T^2 KL(teacher || student); reverse_kl: T^2 KL(student || teacher) "
+                           "(MiniLLM); jsd: GKD's generalised Jensen-Shannon divergence with --jsd_beta.",
+                           "forward_kl")
+    jsd_beta: float = flag("beta of --divergence jsd, as TRL's GKD: 0 is forward KL, 1 reverse KL, in between "
+                           "beta KL(teacher || m) + (1 - beta) KL(student || m), m = beta teacher + (1 - beta) "
+                           "student.", 0.5)
+    kl_temperature: float = flag("temperature T softening both distributions of the divergence (scaled by T^2).",
+                                 1.0)
+
+
+def check_divergence_flags(divergence: str, beta: float, temperature: float) -> None:
+    from models.vocab_parallel import DIVERGENCES
+
+    if divergence not in DIVERGENCES:
+        raise UserError(f"--divergence {divergence!r} is not one of {', '.join(DIVERGENCES)}")
+    if not 0 <= beta <= 1:
+        raise UserError(f"--jsd_beta must be in [0, 1], got {beta}")
+    if not temperature > 0:
+        raise UserError(f"--kl_temperature must be > 0, got {temperature}")
+
+
 # TrainArgs' own flags sit between the mixins', in links of a chain: a dataclass orders its fields
 # base by base, most distant first, and that order is the order of --help and of run_config.json.
 @dataclass(kw_only=True)
@@ -98,7 +134,8 @@ class _DataFlags(CheckpointFlag, _TaskFlag):
 class _EvalFlags(ModelFlags, _DataFlags):
     eval_batch_size: int = flag("sequences decoded together during evaluation.", 64)
     max_seq_len: int = flag("cut longer sequences (counted and reported).", 1024)
-    max_new_tokens: int = flag("generation budget during evaluation.", 256)
+    max_new_tokens: int = flag("generation budget: new tokens per response decoded in evaluation (and sampled by "
+                               "--objective on_policy).", 256)
     template: str = flag("prompt template: default or none (recorded with every saved checkpoint for infer.py).",
                          "default")
     max_eval_examples: int = flag("evaluate on the first N label_file records only (0: all).", 0)

@@ -63,6 +63,16 @@ class Task:
     def loss_sums(self, model, batch: Batch) -> Dict[str, torch.Tensor]:
         raise NotImplementedError(f"{type(self).__name__} computes no loss")
 
+    def start_step(self, model, step: int) -> None:
+        """Called before the micro-batches of optimizer step `step` (1-based, the number its metrics line
+        carries) are built, with the model being trained: an objective that samples from the live
+        weights (on_policy) takes them here. Default: nothing."""
+
+    def step_metrics(self) -> Dict[str, object]:
+        """The objective's own numbers for the metrics line of the step just taken (floats or device
+        tensors, read back when the line is written). Default: none."""
+        return {}
+
     def extra_modules(self) -> List[torch.nn.Module]:
         return []
 

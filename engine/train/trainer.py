@@ -21,6 +21,9 @@ task's interface (the Task base class of engine/train/task.py, which gives the d
                                      recorded with every saved model for infer.py
   task.write_files(directory)        (default: nothing) the objective's own files in every saved model
                                      directory, after the model's (every rank of the first replica)
+  task.start_step(model, step)       (default: nothing) before the micro-batches of step `step` are built,
+                                     with the model being trained (on_policy samples from it there)
+  task.step_metrics()                (default {}) the objective's own numbers for the step's metrics line
 
 Of an evaluator (the Evaluator base class of engine/train/evaluator.py) it asks: evaluator(model), its
 results (one evaluation line of metrics.jsonl); evaluator.metric and evaluator.higher_is_better, which
@@ -213,6 +216,7 @@ class Trainer:
         DeepSpeed's own): the returned loss parts, grad norm and token count are device tensors."""
         lr = self.optimizer.param_groups[0]["lr"]
         scale = self.scaler.scale if self.scaler else 1.0  # fp16: the loss scale of this step's backward
+        self.task.start_step(self.model, self.step + 1)
         per_part, weights, n_tokens = self._backward(global_batches, scale)
         gnorm, skipped = self._apply_gradients(scale)
         if not skipped:
@@ -225,6 +229,7 @@ class Trainer:
             out.update({f"loss_{p}": per_part[i] for i, p in enumerate(parts)})
         if self.scaler is not None:
             out.update({"loss_scale": self.scaler.scale, "skipped": skipped})
+        out.update(self.task.step_metrics())
         return out
 
     def _backward(self, global_batches: List[List[int]], scale: float):

@@ -5,25 +5,22 @@ from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 from engine.runtime.cli import flag
-from engine.train.args import TrainArgs
+from engine.train.args import DivergenceFlags, TeacherCheckpointFlag, TrainArgs
 
 
 @dataclass(kw_only=True)
-class TeacherKLArgs(TrainArgs):
-    """distillation from the teacher's next-token distributions: (1 - w) CE + w T^2 KL(teacher || student)"""
+class TeacherKLArgs(DivergenceFlags, TeacherCheckpointFlag, TrainArgs):
+    """distillation from the teacher's next-token distributions: (1 - w) CE + w T^2 KL(teacher || student) or --divergence"""
 
     OBJECTIVE: ClassVar[str] = "teacher_kl"
     LAUNCHER: ClassVar[str] = "train.py"
     SUMMARY: ClassVar[str] = ("Train a student on the teacher's next-token distributions over its rationales, mixed "
                               "with their cross-entropy.")
 
-    teacher_ckpt_dir: Optional[str] = flag("online teacher: a checkpoint of ours (any family, one shard per "
-                                           "tensor-parallel rank), run frozen in this job.", None)
     teacher_file: Optional[str] = flag("offline teacher: the top-k file `infer.py score --top_k K` wrote for this "
                                        "train_file.", None)
     kl_weight: Optional[float] = flag("weight w of the KL term; the cross-entropy gets 1 - w (default 0.5; not with "
                                       "--kl_formats).", None)
-    kl_temperature: float = flag("temperature T softening both distributions of the KL term (scaled by T^2).", 1.0)
     teacher_top_k: Optional[int] = flag("teacher tokens kept per position, renormalised (default 5; 0, the default "
                                         "for an online teacher with the student's tokenizer: its full distribution).",
                                         None)
@@ -73,6 +70,29 @@ class TeacherKLArgs(TrainArgs):
         check_teacher_flags(self.teacher_ckpt_dir, self.teacher_file, self.teacher_top_k,
                             0.5 if self.kl_weight is None else self.kl_weight, self.kl_temperature)
         check_target_flags(self.teacher_probs, self.eos_target, self.alignment, self.kl_temperature)
+        self._check_divergence()
+
+    def _check_divergence(self) -> None:
+        """--divergence against the targets: reverse KL is infinite where the teacher gives a token no
+        mass, so it needs the full distribution; the authors' raw top k is not a distribution."""
+        from engine.runtime.errors import UserError
+        from engine.train.args import check_divergence_flags
+        from models.vocab_parallel import divergence_needs_full_support
+
+        check_divergence_flags(self.divergence, self.jsd_beta, self.kl_temperature)
+        if self.teacher_probs == "raw" and self.divergence != "forward_kl":
+            raise UserError(f"--teacher_probs raw keeps the teacher's top k as they are, not a distribution; "
+                            f"--divergence {self.divergence} needs one: use --divergence forward_kl")
+        if not divergence_needs_full_support(self.divergence, self.jsd_beta):
+            return
+        what = f"--divergence {self.divergence}" + (" --jsd_beta 1" if self.divergence == "jsd" else "")
+        why = f"{what} (KL(student || teacher)) is infinite wherever the teacher gives a token no mass"
+        if self.teacher_file or self.teacher_top_k:
+            raise UserError(f"{why}, so it needs an online teacher's full distribution (--teacher_ckpt_dir, "
+                            f"--teacher_top_k 0), not a top k")
+        if self.eos_target == "one_hot":
+            raise UserError(f"{why}, and --eos_target one_hot gives the EOS a one-hot target: use --eos_target "
+                            f"teacher")
 
     def make_task(self, records, tokenizer, max_len: int, info):
         from engine.checkpoint import open_checkpoint
@@ -83,7 +103,9 @@ class TeacherKLArgs(TrainArgs):
             TeacherFile,
             check_kl_formats,
         )
+        from engine.runtime.errors import UserError
         from engine.text.vocab import Vocab
+        from models.vocab_parallel import divergence_needs_full_support
 
         if self.kl_format_names:
             check_kl_formats(self.kl_format_names, records, self.formats, self.train_file)
@@ -100,6 +122,10 @@ class TeacherKLArgs(TrainArgs):
                                     self.kl_temperature, self.same_tokenizer, self.template, self.dtype, info.device,
                                     **targets)
             what = f"--teacher_ckpt_dir {self.teacher_ckpt_dir}"
+            if not teacher.dense and divergence_needs_full_support(self.divergence, self.jsd_beta):
+                raise UserError(f"--divergence {self.divergence} (KL(student || teacher)) needs the teacher's full "
+                                f"distribution, which --teacher_ckpt_dir {self.teacher_ckpt_dir} cannot give: its "
+                                f"tokenizer differs from the student's (only its top k is mapped)")
         kl_weight = 0.5 if self.kl_weight is None else self.kl_weight
         if info.is_main:
             top = getattr(teacher, "top_k", 0)
@@ -114,10 +140,11 @@ class TeacherKLArgs(TrainArgs):
                 how += (f"; {teacher.coverage():.0%} of the first 50 records' response tokens aligned "
                         + ("to a teacher token" if self.alignment == "authors"
                            else "one-to-one"))
-            loss = (f"KL alone on {','.join(self.kl_format_names)} batches, cross-entropy alone on the others"
-                    if self.kl_format_names else f"{1 - kl_weight:g} CE + {kl_weight:g} KL on every batch")
+            kl = {"forward_kl": "KL", "reverse_kl": "reverse KL", "jsd": f"JSD(beta {self.jsd_beta:g})"}[self.divergence]
+            loss = (f"{kl} alone on {','.join(self.kl_format_names)} batches, cross-entropy alone on the others"
+                    if self.kl_format_names else f"{1 - kl_weight:g} CE + {kl_weight:g} {kl} on every batch")
             loss += (", each micro-batch its own token mean" if self.loss_reduction == "micro_batch_mean"
                      else ", token mean over each optimizer step")
             print(f"{self.train_file}: {data.describe()}; teacher {what}: {how}; loss: {loss}", flush=True)
         return TeacherKLTask(data, info.device, teacher, kl_weight, self.kl_temperature, self.kl_format_names,
-                             self.loss_reduction)
+                             self.loss_reduction, (self.divergence, self.jsd_beta))

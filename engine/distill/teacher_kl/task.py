@@ -1,8 +1,8 @@
-"""The teacher-distribution task: cross-entropy and T^2 KL(teacher || student) on the response tokens,
-mixed on every batch (ours) or chosen by the batch's data format (the authors', --kl_formats)."""
+"""The teacher-distribution task: cross-entropy and T^2 KL(teacher || student) (or another --divergence) on
+the response tokens, mixed on every batch (ours) or chosen by the batch's data format (the authors', --kl_formats)."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -14,7 +14,8 @@ from engine.train.task import Batch, response_cross_entropy
 
 class TeacherKLTask(SFTTask):
     """Distillation from the teacher's distributions. Per response token: the cross-entropy of the
-    student's token (`ce`) and T^2 KL(teacher || student) at temperature T (`kl`).
+    student's token (`ce`) and T^2 KL(teacher || student) at temperature T (`kl`; --divergence
+    reverse_kl or jsd puts that divergence there instead: models/vocab_parallel.divergence_chunks).
 
       mixture (default, ours)   every batch: (1 - w) ce + w kl
       kl_formats (the authors)  a batch of one of these formats: kl alone; any other batch: ce alone
@@ -29,9 +30,11 @@ class TeacherKLTask(SFTTask):
     or a frozen checkpoint run here."""
 
     def __init__(self, data: SFTData, device, teacher, kl_weight: float, temperature: float,
-                 kl_formats: Optional[Sequence[str]] = None, reduction: str = "step_token_mean"):
+                 kl_formats: Optional[Sequence[str]] = None, reduction: str = "step_token_mean",
+                 divergence: Tuple[str, float] = ("forward_kl", 0.5)):
         super().__init__(data, device)
         self.teacher, self.temperature = teacher, temperature
+        self.divergence, self.jsd_beta = divergence  # the `kl` part's divergence (--divergence, --jsd_beta)
         self.kl_formats = frozenset(kl_formats) if kl_formats else None
         self.micro_batch_mean = reduction == "micro_batch_mean"
         self.weights = {"ce": 1.0, "kl": 1.0} if self.kl_formats else {"ce": 1.0 - kl_weight, "kl": kl_weight}
@@ -60,7 +63,7 @@ class TeacherKLTask(SFTTask):
                      sum(len(x) for x, _ in pairs), extra, label_rows)
 
     def loss_sums(self, model, batch: Batch) -> Dict[str, torch.Tensor]:
-        from models.vocab_parallel import head_teacher_kl, logits_teacher_kl
+        from models.vocab_parallel import head_divergence, logits_divergence
 
         parts = batch.extra["parts"]
         # first: an online teacher's forward holds no student activations
@@ -73,10 +76,11 @@ class TeacherKLTask(SFTTask):
         if "kl" in parts:
             h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.label_rows)
             head = model.head_matrix()
+            how = (self.temperature, self.divergence, self.jsd_beta)
             if head is None:
-                out["kl"] = logits_teacher_kl(model.logits(h, gather=False), target, self.temperature)
+                out["kl"] = logits_divergence(model.logits(h, gather=False), target, *how)
             else:
-                out["kl"] = head_teacher_kl(h, head, target, self.temperature)
+                out["kl"] = head_divergence(h, head, target, *how)
         if self.micro_batch_mean:  # this micro-batch's token mean (its count is 1)
             n = max(1, batch.extra["n_labelled"])
             out = {k: v / n for k, v in out.items()}

@@ -379,16 +379,14 @@ class OnlineTeacher:
     def __init__(self, ckpt_dir: str, data, student_tok, student_model_vocab: int, top_k: Optional[int],
                  temperature: float, same_tokenizer: Optional[bool], template: str, dtype, device,
                  teacher_probs: str = "renormalised", eos_target: str = "teacher", alignment: str = "ours"):
-        from engine.checkpoint import load_for_inference
+        from engine.train.teacher import FrozenTeacher
 
-        if not os.path.exists(ckpt_dir):
-            raise UserError(f"--teacher_ckpt_dir {ckpt_dir} does not exist")
-        self.model, self.tok, _ = load_for_inference(ckpt_dir, None, dtype, device)
-        self.model.eval().requires_grad_(False)
+        frozen = FrozenTeacher(ckpt_dir, dtype, device)  # loaded frozen, the student's tensor parallelism
+        self.model, self.tok = frozen.model, frozen.tok
         self.data, self.template, self.temperature, self.device = data, template, temperature, device
         self.raw, self.eos_one_hot, self.alignment = teacher_probs == "raw", eos_target == "one_hot", alignment
         self.eos_id = student_tok.eos_id
-        self.student_vocab, self.vocab = Vocab.of(student_tok), Vocab.of(self.tok)
+        self.student_vocab, self.vocab = Vocab.of(student_tok), frozen.vocab
         difference = self.vocab.first_difference(self.student_vocab)
         if same_tokenizer and difference:
             raise UserError(f"--same_tokenizer True, but the tokenizer of --teacher_ckpt_dir {ckpt_dir} differs from "
