@@ -155,7 +155,7 @@ def test_raw_targets_of_the_notebook_example(tmp_path):
     authors' transform_step_probs (nb-dtw:1404-1446: the sampled token first with its own
     probability, then the top 5, by text into the student vocabulary, not renormalised; one-hot
     elsewhere) and the EOS one-hot (src/data_utils.py:324-325); our defaults give other targets."""
-    from engine.distill.teacher_kl.teachers import TeacherFile
+    from engine.distill.teacher_kl.teachers import TargetRule, TeacherFile
 
     path, data, student, s_id = _notebook_teacher_file(tmp_path)
     ex = EXAMPLES["ex1"]
@@ -168,13 +168,12 @@ def test_raw_targets_of_the_notebook_example(tmp_path):
             expect[r, s_id[piece.replace(SP, " ")]] = p
     expect[51, 2] = 1.0  # the EOS
     assert np.abs(expect.sum(axis=1) - 1).max() > 0.05  # copied rows whose mass is not 1: renormalising would show
-    teacher = TeacherFile(path, data, student, 5, 1.0, None, "train.json", teacher_probs="raw",
-                          eos_target="one_hot", alignment="authors")
+    teacher = TeacherFile(path, data, student, 5, TargetRule(1.0, "raw", "one_hot", "authors"), None, "train.json")
     ids, probs = teacher.host_targets(0, 0)
     got = _dense(ids, probs, len(student))
     assert np.abs(got - expect).max() <= 1e-6, np.abs(got - expect).max(axis=1)
     assert sum(j >= 0 for j in teacher._matches[(0, 0)]) == 28
-    default = TeacherFile(path, data, student, 5, 1.0, None, "train.json")
+    default = TeacherFile(path, data, student, 5, TargetRule(), None, "train.json")
     ids, probs = default.host_targets(0, 0)
     assert np.abs(_dense(ids, probs, len(student)) - expect).max() > 0.05
 

@@ -71,7 +71,7 @@ class OnPolicyArgs(DivergenceFlags, TeacherCheckpointFlag, TrainArgs):
                                         "--objective on_policy compares the teacher's and the student's next-token "
                                         "distributions token by token")
         sampling = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.gen_temperature,
-                                  top_p=self.gen_top_p)
+                                  top_p=self.gen_top_p, vocab_size=tokenizer.vocab_size)
         settings = OnPolicySettings(
             lmbda=self.lmbda, seq_kd=self.seq_kd, divergence=self.divergence, jsd_beta=self.jsd_beta,
             kl_temperature=self.kl_temperature, sampling=sampling, num_samples=self.num_samples, seed=self.seed,

@@ -98,11 +98,7 @@ class TeacherKLArgs(DivergenceFlags, TeacherCheckpointFlag, TrainArgs):
         from engine.checkpoint import open_checkpoint
         from engine.distill.sft import SFTData
         from engine.distill.teacher_kl.task import TeacherKLTask
-        from engine.distill.teacher_kl.teachers import (
-            OnlineTeacher,
-            TeacherFile,
-            check_kl_formats,
-        )
+        from engine.distill.teacher_kl.teachers import OnlineTeacher, TargetRule, TeacherFile, check_kl_formats
         from engine.runtime.errors import UserError
         from engine.text.vocab import Vocab
         from models.vocab_parallel import divergence_needs_full_support
@@ -110,17 +106,15 @@ class TeacherKLArgs(DivergenceFlags, TeacherCheckpointFlag, TrainArgs):
         if self.kl_format_names:
             check_kl_formats(self.kl_format_names, records, self.formats, self.train_file)
         data = SFTData(records, tokenizer, max_len, self.template, self.seed, self.train_file)
-        targets = dict(teacher_probs=self.teacher_probs, eos_target=self.eos_target, alignment=self.alignment)
+        rule = TargetRule(self.kl_temperature, self.teacher_probs, self.eos_target, self.alignment)
         if self.teacher_file:
             teacher = TeacherFile(self.teacher_file, data, Vocab.of(tokenizer), 5 if self.teacher_top_k is None
-                                  else self.teacher_top_k, self.kl_temperature, self.same_tokenizer, self.train_file,
-                                  **targets)
+                                  else self.teacher_top_k, rule, self.same_tokenizer, self.train_file)
             what = f"--teacher_file {self.teacher_file}"
         else:
             student_vocab = open_checkpoint(self.ckpt_dir, self.model_type).args.vocab_size
-            teacher = OnlineTeacher(self.teacher_ckpt_dir, data, tokenizer, student_vocab, self.teacher_top_k,
-                                    self.kl_temperature, self.same_tokenizer, self.template, self.dtype, info.device,
-                                    **targets)
+            teacher = OnlineTeacher(self.teacher_ckpt_dir, data, tokenizer, student_vocab, self.teacher_top_k, rule,
+                                    self.same_tokenizer, self.template, self.dtype, info.device)
             what = f"--teacher_ckpt_dir {self.teacher_ckpt_dir}"
             if not teacher.dense and divergence_needs_full_support(self.divergence, self.jsd_beta):
                 raise UserError(f"--divergence {self.divergence} (KL(student || teacher)) needs the teacher's full "

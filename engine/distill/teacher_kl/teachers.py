@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -219,6 +220,17 @@ def checked_array(value, kind: str, where: str, field: str, limit: int = 0) -> n
     return array
 
 
+@dataclass(frozen=True)
+class TargetRule:
+    """How the teacher's distributions become the student's targets (teacher_kl's flags):
+    --kl_temperature, --teacher_probs, --eos_target, --alignment."""
+
+    temperature: float = 1.0
+    teacher_probs: str = "renormalised"
+    eos_target: str = "teacher"
+    alignment: str = "ours"
+
+
 class TeacherFile:
     """The offline teacher: a JSON-lines file from `infer.py score --top_k K` over the SAME training
     file (record for record, output for output), and its FILE.meta.json. Checked whole at start:
@@ -228,11 +240,11 @@ class TeacherFile:
     online = False
     dense = False
 
-    def __init__(self, path: str, data, student_vocab: Vocab, top_k: int, temperature: float,
-                 same_tokenizer: Optional[bool], train_file: str, teacher_probs: str = "renormalised",
-                 eos_target: str = "teacher", alignment: str = "ours"):
-        self.path, self.data, self.top_k, self.temperature = path, data, top_k, temperature
-        self.raw, self.eos_one_hot, self.alignment = teacher_probs == "raw", eos_target == "one_hot", alignment
+    def __init__(self, path: str, data, student_vocab: Vocab, top_k: int, rule: TargetRule,
+                 same_tokenizer: Optional[bool], train_file: str):
+        self.path, self.data, self.top_k, self.temperature = path, data, top_k, rule.temperature
+        self.raw, self.eos_one_hot = rule.teacher_probs == "raw", rule.eos_target == "one_hot"
+        self.alignment = rule.alignment
         if not os.path.isfile(path):
             raise UserError(f"--teacher_file {path} does not exist")
         if not os.path.isfile(meta_path(path)):
@@ -377,14 +389,14 @@ class OnlineTeacher:
     online = True
 
     def __init__(self, ckpt_dir: str, data, student_tok, student_model_vocab: int, top_k: Optional[int],
-                 temperature: float, same_tokenizer: Optional[bool], template: str, dtype, device,
-                 teacher_probs: str = "renormalised", eos_target: str = "teacher", alignment: str = "ours"):
+                 rule: TargetRule, same_tokenizer: Optional[bool], template: str, dtype, device):
         from engine.train.teacher import FrozenTeacher
 
         frozen = FrozenTeacher(ckpt_dir, dtype, device)  # loaded frozen, the student's tensor parallelism
         self.model, self.tok = frozen.model, frozen.tok
-        self.data, self.template, self.temperature, self.device = data, template, temperature, device
-        self.raw, self.eos_one_hot, self.alignment = teacher_probs == "raw", eos_target == "one_hot", alignment
+        self.data, self.template, self.temperature, self.device = data, template, rule.temperature, device
+        self.raw, self.eos_one_hot = rule.teacher_probs == "raw", rule.eos_target == "one_hot"
+        self.alignment = rule.alignment
         self.eos_id = student_tok.eos_id
         self.student_vocab, self.vocab = Vocab.of(student_tok), frozen.vocab
         difference = self.vocab.first_difference(self.student_vocab)
