@@ -211,35 +211,12 @@ def probe_table(probes: dict) -> list:
     return rows
 
 
-def main(
-    out_dir: str = "implicit_out",
-    n: int = 3,
-    m: int = 2,
-    n_train: int = 80000,
-    n_valid: int = 200,
-    n_test: int = 500,
-    model_type: str = "small-llama",
-    dim: int = 64,
-    n_layers: int = 12,
-    n_heads: int = 4,
-    teacher_steps: int = 400,
-    student_factor: int = 3,
-    mind_read_steps: int = 0,
-    emulator_steps: int = 0,
-    couple_steps: int = 0,
-    no_cot_steps: int = 0,
-    batch_size: int = 32,
-    lr: float = 3e-3,
-    weight_decay: float = 0.01,
-    warmup_steps: int = 0,
-    schedule: str = "constant",
-    eval_batch_size: int = 100,
-    n_probe: int = 4000,
-    nproc: int = 1,
-    seed: int = 0,
-    test_file: str = None,
-    use_bfloat16: bool = False,
-):
+def main(out_dir: str = "implicit_out", n: int = 3, m: int = 2, n_train: int = 80000, n_valid: int = 200,
+         n_test: int = 500, model_type: str = "small-llama", dim: int = 64, n_layers: int = 12, n_heads: int = 4,
+         teacher_steps: int = 400, student_factor: int = 3, mind_read_steps: int = 0, emulator_steps: int = 0,
+         couple_steps: int = 0, no_cot_steps: int = 0, batch_size: int = 32, lr: float = 3e-3,
+         weight_decay: float = 0.01, warmup_steps: int = 0, schedule: str = "constant", eval_batch_size: int = 100,
+         n_probe: int = 4000, nproc: int = 1, seed: int = 0, test_file: str = None, use_bfloat16: bool = False):
     """Train and evaluate every stage, the positive control and the probes; print and write the report.
 
     Args:

@@ -21,7 +21,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as a script too
-from bench.runs import mean_and_spread, run_script  # noqa: E402
+from bench.runs import as_list, experiment_env, mean_and_spread, run_script  # noqa: E402
 
 
 def _commit() -> str:
@@ -36,21 +36,9 @@ def _final_accuracy(save_dir):
     return evals[-1]
 
 
-def main(
-    seeds="0,1,2",
-    steps: int = 600,
-    alpha: float = 0.1,
-    temperature: float = 1.0,
-    k: int = 3,
-    questions_per_step: int = 16,
-    lr: float = 5e-3,
-    max_value: int = 9,
-    n_train: int = 600,
-    n_test: int = 200,
-    model_type: str = "tiny-llama",
-    out: str = "runs/mcc_experiment",
-    arms: str = "sft,mcc_a0,mcc,mcc_authors",
-):
+def main(seeds="0,1,2", steps: int = 600, alpha: float = 0.1, temperature: float = 1.0, k: int = 3,
+         questions_per_step: int = 16, lr: float = 5e-3, max_value: int = 9, n_train: int = 600, n_test: int = 200,
+         model_type: str = "tiny-llama", out: str = "runs/mcc_experiment", arms: str = "sft,mcc_a0,mcc,mcc_authors"):
     """Run every arm for every seed and print the held-out accuracies.
 
     Args:
@@ -68,9 +56,8 @@ def main(
         arms: comma-separated arms to run (sft, mcc_a0, mcc, mcc_authors).
     """
     wanted = [a for a in (arms.split(",") if isinstance(arms, str) else arms) if a]
-    seeds = [int(s) for s in str(seeds).split(",")] if not isinstance(seeds, (list, tuple)) else list(seeds)
-    os.makedirs(out, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    seeds = as_list(seeds, int)
+    env = experiment_env(out, "2")
     data = os.path.join(out, "data")
     run_script(["data/arithmetic.py", "--overwrite", "True", "--out_dir", data, "--kind", "sum3", "--n_train", str(n_train), "--n_test",
           str(n_test), "--max_value", str(max_value), "--seed", "0"], env)

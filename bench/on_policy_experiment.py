@@ -27,7 +27,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as a script too
-from bench.runs import mean_and_spread, run_script  # noqa: E402
+from bench.runs import as_list, experiment_env, mean_and_spread, run_script  # noqa: E402
 
 
 def _accuracy(ckpt, test_file, output, env, max_new_tokens):
@@ -84,10 +84,9 @@ def main(seeds="0,1,2", steps: int = 600, batch: int = 32, lr: float = 5e-3, tea
         student_model: registry preset of the students (the teacher's vocabulary).
         out: output directory (data, checkpoints, runs, results.json).
     """
-    seeds = [int(s) for s in str(seeds).split(",")] if not isinstance(seeds, (list, tuple)) else list(seeds)
-    arms = arms.split(",") if isinstance(arms, str) else list(arms)
-    os.makedirs(out, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    seeds = as_list(seeds, int)
+    arms = as_list(arms)
+    env = experiment_env(out)
     start = time.time()
     data = os.path.join(out, "data")
     run_script(["data/arithmetic.py", "--out_dir", data, "--n_train", str(90 * 90 - n_test), "--n_test", str(n_test),

@@ -18,6 +18,18 @@ def run_script(args, env) -> subprocess.CompletedProcess:
     return proc
 
 
+def as_list(value, kind=str) -> list:
+    """A comma-separated flag ("0,1,2") or the list fire already made of it, as a list of `kind`."""
+    return [kind(v) for v in (str(value).split(",") if not isinstance(value, (list, tuple)) else value)]
+
+
+def experiment_env(out: str, threads: str = "1") -> dict:
+    """The environment every launcher of an experiment runs in (this checkout first on the path, one
+    thread per process unless OMP_NUM_THREADS says otherwise); `out` made first."""
+    os.makedirs(out, exist_ok=True)
+    return {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
+
+
 def mean_and_spread(values):
     """(mean, sample standard deviation; 0 for one value)."""
     values = list(values)

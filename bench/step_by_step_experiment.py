@@ -33,22 +33,13 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as a script too
-from bench.runs import mean_and_spread, run_script  # noqa: E402
+from bench.runs import as_list, experiment_env, mean_and_spread, run_script  # noqa: E402
 
 
-def main(
-    seeds="0,1,2",
-    steps: int = 300,
-    questions_per_step: int = 32,
-    lr: float = 3e-3,
-    alpha: float = 0.5,
-    beta: float = 0.1,
-    n_train: int = 300,
-    n_test: int = 200,
-    model_type: str = "tiny-llama",
-    arms: str = "sft_labels,step_by_step,step_by_step_authors,mi_pooled_ce,mi_authors,mi_critic",
-    out: str = "runs/sbs_experiment",
-):
+def main(seeds="0,1,2", steps: int = 300, questions_per_step: int = 32, lr: float = 3e-3, alpha: float = 0.5,
+         beta: float = 0.1, n_train: int = 300, n_test: int = 200, model_type: str = "tiny-llama",
+         arms: str = "sft_labels,step_by_step,step_by_step_authors,mi_pooled_ce,mi_authors,mi_critic",
+         out: str = "runs/sbs_experiment"):
     """Run every arm for every seed; print held-out label accuracy and ECE (mean +- sd over seeds).
 
     Args:
@@ -63,10 +54,9 @@ def main(
         arms: comma-separated subset of sft_labels, step_by_step, step_by_step_authors, mi_pooled_ce, mi_authors, mi_authors_masked, mi_critic.
         out: output directory (data, runs, results.json, results.md).
     """
-    seeds = [int(s) for s in str(seeds).split(",")] if not isinstance(seeds, (list, tuple)) else list(seeds)
-    arms = arms.split(",") if isinstance(arms, str) else list(arms)
-    os.makedirs(out, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    seeds = as_list(seeds, int)
+    arms = as_list(arms)
+    env = experiment_env(out)
     data = os.path.join(out, "data")
     run_script(["data/arithmetic.py", "--overwrite", "True", "--out_dir", data, "--kind", "sum3", "--max_value", "9", "--n_train", str(n_train),
           "--n_test", str(n_test), "--seed", "0"], env)

@@ -96,19 +96,8 @@ def make_splits(kind: str = "add", n_train: int = 2000, n_test: int = 200, n_dev
 
 
 @writes("out_dir", dirs=("out_dir",))
-def main(
-    out_dir: str,
-    kind: str = "add",
-    n_train: int = 2000,
-    n_test: int = 200,
-    n_dev: int = 0,
-    max_value: int = 99,
-    seed: int = 0,
-    min_value: int = 0,
-    style: str = "natural",
-    multi: bool = False,
-    overwrite: bool = False,
-):
+def main(out_dir: str, kind: str = "add", n_train: int = 2000, n_test: int = 200, n_dev: int = 0, max_value: int = 99,
+         seed: int = 0, min_value: int = 0, style: str = "natural", multi: bool = False, overwrite: bool = False):
     """Write train.json / test.json (and dev.json when n_dev > 0) under out_dir.
 
     Args:

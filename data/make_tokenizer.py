@@ -52,14 +52,8 @@ def train_tokenizer(output: str, corpus_lines, vocab_size: int = 320, split_digi
 
 
 @writes("output", inputs=("corpus",))
-def main(
-    output: str = "tokenizer.model",
-    corpus: str = None,
-    vocab_size: int = 320,
-    seed: int = 0,
-    split_digits: bool = True,
-    overwrite: bool = False,
-):
+def main(output: str = "tokenizer.model", corpus: str = None, vocab_size: int = 320, seed: int = 0,
+         split_digits: bool = True, overwrite: bool = False):
     """Train the tokenizer.
 
     Args:

@@ -77,17 +77,8 @@ def make_splits(n: int, m: int, sizes: dict, seed: int = 0, exclude=()):
 
 
 @writes("out_dir", dirs=("out_dir",), inputs=("exclude",))
-def main(
-    out_dir: str,
-    n: int = 3,
-    m: int = 3,
-    n_train: int = 20000,
-    n_valid: int = 500,
-    n_test: int = 500,
-    seed: int = 0,
-    exclude: str = None,
-    overwrite: bool = False,
-):
+def main(out_dir: str, n: int = 3, m: int = 3, n_train: int = 20000, n_valid: int = 500, n_test: int = 500,
+         seed: int = 0, exclude: str = None, overwrite: bool = False):
     """Write train.txt / valid.txt / test.txt of n x m multiplication under out_dir.
 
     Args:

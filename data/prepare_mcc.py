@@ -107,15 +107,8 @@ def prepare(records: List[dict], tokenizer, num_rationales: int, task: str, n: i
 
 
 @writes("output_file", inputs=("tokenizer",))
-def main(
-    input_file: str,
-    output_file: str,
-    tokenizer: str,
-    num_rationales: int = 3,
-    task: str = "GSM8K",
-    ngram: int = 3,
-    overwrite: bool = False,
-):
+def main(input_file: str, output_file: str, tokenizer: str, num_rationales: int = 3, task: str = "GSM8K",
+         ngram: int = 3, overwrite: bool = False):
     """Filter, diversify and span-annotate raw teacher rationales into an MCC-KD training file.
 
     Args:

@@ -146,18 +146,20 @@ def arith_and_model(root, tokenizer, family: str, model: str, n_train: int, n_te
     return root
 
 
-def teacher_and_students(root, tokenizer) -> dict:
-    """The teacher_kl tests' models, each in 1 and 2 shards: a student (tiny-llama), a teacher of another
-    family with the same tokenizer (tiny-qwen2), and one with another tokenizer whose numbers merge
-    (tiny-llama3, its tokenizer at root/other.model). Returns {name: (1-shard dir, 2-shard dir)}."""
+def teacher_and_students(root, tokenizer, roles=(("student", "tiny-llama", False), ("same", "tiny-qwen2", False),
+                                                  ("other", "tiny-llama3", True))) -> dict:
+    """Random models for the distillation tests, each in 1 and 2 shards, {name: (1-shard dir, 2-shard
+    dir)}: by default a student (tiny-llama), a teacher of another family with the same tokenizer
+    (tiny-qwen2), and one with another tokenizer whose numbers merge (tiny-llama3); a role is (name,
+    model type, whether it takes that other tokenizer, written at root/other.model)."""
     import checkpoint_split as cks
     from data.make_tokenizer import default_corpus, train_tokenizer
 
     other = train_tokenizer(str(root / "other.model"), default_corpus(500, seed=1), vocab_size=400, split_digits=False)
     models = {}
-    for name, model_type, tok in (("student", "tiny-llama", tokenizer), ("same", "tiny-qwen2", tokenizer),
-                                  ("other", "tiny-llama3", other)):
-        cks.init(model_type, str(root / f"{name}-1"), n=1, tokenizer=tok, seed=len(name))
+    for name, model_type, takes_other in roles:
+        cks.init(model_type, str(root / f"{name}-1"), n=1, tokenizer=other if takes_other else tokenizer,
+                 seed=len(name))
         cks.split(str(root / f"{name}-1"), str(root / f"{name}-2"), n=2)
         models[name] = root / f"{name}-1", root / f"{name}-2"
     return models

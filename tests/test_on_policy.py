@@ -14,10 +14,9 @@ import checkpoint_split as cks
 import infer
 import train
 from data.arithmetic import main as make_arith
-from data.make_tokenizer import default_corpus, train_tokenizer
 from engine.distill.on_policy.sampling import STUDENT, step_seed, writer_of
 from engine.runtime.errors import UserError
-from tests.helpers import assert_same_run, full_weights, losses, torchrun, train_args
+from tests.helpers import assert_same_run, full_weights, losses, teacher_and_students, torchrun, train_args
 
 BASE = {"task": "ARITH", "template": "none", "max_seq_len": 64, "lr": 1e-2, "max_steps": 3, "save_every": 3,
         "max_batch_size": 4, "objective": "on_policy", "max_new_tokens": 12}
@@ -108,14 +107,8 @@ def env(tmp_path_factory, tiny_tokenizer):
     head, one KV head), in 1 and 2 shards; a teacher with another tokenizer (and vocabulary size)."""
     root = tmp_path_factory.mktemp("on_policy")
     make_arith(str(root / "arith"), n_train=8, n_test=4, min_value=10, style="fixed", seed=1)
-    other_tok = train_tokenizer(str(root / "other.model"), default_corpus(500, seed=1), vocab_size=400,
-                                split_digits=False)
-    models = {}
-    for name, model_type, tok in (("student", "tiny-llama", tiny_tokenizer), ("teacher", "tiny-qwen2", tiny_tokenizer),
-                                  ("other", "tiny-llama", other_tok)):
-        cks.init(model_type, str(root / f"{name}-1"), n=1, tokenizer=tok, seed=len(name))
-        cks.split(str(root / f"{name}-1"), str(root / f"{name}-2"), n=2)
-        models[name] = root / f"{name}-1", root / f"{name}-2"
+    models = teacher_and_students(root, tiny_tokenizer, (("student", "tiny-llama", False),
+                                                         ("teacher", "tiny-qwen2", False), ("other", "tiny-llama", True)))
     return root, models
 
 

@@ -26,6 +26,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
+from engine.distill.implicit.states import read_module, save_module
 from engine.runtime.errors import UserError
 
 EMULATORS = ("authors", "readout")
@@ -107,29 +108,13 @@ class EmulatorHead(nn.Module):
 
     # ----- on disk: beside the emulator it runs on ---------------------------------------------
     def save(self, directory: str) -> None:
-        from safetensors.torch import save_file
-
-        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, os.path.join(directory, HEAD_FILE), metadata={k: str(v) for k, v in self.config().items()})
+        save_module(self, os.path.join(directory, HEAD_FILE))
 
     @classmethod
     def load(cls, directory: str, device=None) -> "EmulatorHead":
-        from safetensors import safe_open
-
-        path = os.path.join(directory, HEAD_FILE)
-        if not os.path.exists(path):
-            raise UserError(f"{directory} holds no {HEAD_FILE} (its emulator head); was it saved by train_implicit.py?")
-        with safe_open(path, "pt") as f:
-            meta = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        head = cls(
-            [int(x) for x in meta["layer_map"].split(",")],
-            int(meta["d_model"]),
-            int(meta["d_teacher"]),
-            int(meta["mixture_size"]),
-            float(meta["softmax_temperature"]),
-            int(meta["hidden"]),
-        )
+        meta, tensors = read_module(directory, HEAD_FILE, "its emulator head")
+        head = cls([int(x) for x in meta["layer_map"].split(",")], int(meta["d_model"]), int(meta["d_teacher"]),
+                   int(meta["mixture_size"]), float(meta["softmax_temperature"]), int(meta["hidden"]))
         head.load_state_dict(tensors)
         return head.to(device) if device is not None else head
 

@@ -153,24 +153,34 @@ class StateMaps(nn.Module):
 
     # ----- on disk: beside the model it feeds, for inference --------------------------------------
     def save(self, directory: str) -> None:
-        from safetensors.torch import save_file
-
-        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, os.path.join(directory, MAPS_FILE), metadata={k: str(v) for k, v in self.config().items()})
+        save_module(self, os.path.join(directory, MAPS_FILE))
 
     @classmethod
     def load(cls, directory: str, device=None) -> "StateMaps":
-        from safetensors import safe_open
-
-        path = os.path.join(directory, MAPS_FILE)
-        if not os.path.exists(path):
-            raise UserError(f"{directory} holds no {MAPS_FILE} (its state maps); was it saved by train_implicit.py?")
-        with safe_open(path, "pt") as f:
-            meta = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta, tensors = read_module(directory, MAPS_FILE, "its state maps")
         maps = cls(int(meta["n"]), int(meta["d_in"]), int(meta["d_out"]), meta["kind"], int(meta["hidden"]))
         maps.load_state_dict(tensors)
         return maps.to(device) if device is not None else maps
+
+
+# ----- a module beside the model it serves: its tensors and its config as metadata ------------------
+def save_module(module: nn.Module, path: str) -> None:
+    """module's tensors (float32) in a safetensors file, its config() as the file's metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
+    save_file(tensors, path, metadata={k: str(v) for k, v in module.config().items()})
+
+
+def read_module(directory: str, filename: str, what: str):
+    """(metadata, tensors) of a file save_module wrote; one sentence when the directory has none."""
+    from safetensors import safe_open
+
+    path = os.path.join(directory, filename)
+    if not os.path.exists(path):
+        raise UserError(f"{directory} holds no {filename} ({what}); was it saved by train_implicit.py?")
+    with safe_open(path, "pt") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
 
 
 # ----- reading and replacing layer inputs (Transformer.forward_hidden's layer_hook) --------------
