@@ -191,15 +191,20 @@ def _hand_forward(model, tokens, replace=None):
     return model.norm(h), inputs
 
 
+def _teacher_and_lines(models, tokenizer, n: int):
+    """(the frozen teacher, the tokenizer, the first n training lines, their CoTExamples read by the teacher
+    and by the model)."""
+    teacher = ck.load_model(models[1]["teacher"]).eval().requires_grad_(False)
+    tok = load_tokenizer(tokenizer)
+    lines = read_cot_lines(str(models[0] / "train.txt"))[:n]
+    return teacher, tok, lines, CoTExamples(lines, {"model": tok, "teacher": tok}, 512, "train")
+
+
 def test_state_injection_against_a_hand_computation(models, tiny_tokenizer, dist1):
     """Positions chosen on the diagonal, states replaced only at the last input position before every
     student layer, the loss and its gradients reaching the maps (and nothing reaching what they replace)."""
-    root, made = models
-    teacher = ck.load_model(made["teacher"]).eval().requires_grad_(False)
-    student = ck.load_model(made["student"]).train()
-    tok = load_tokenizer(tiny_tokenizer)
-    lines = read_cot_lines(str(root / "train.txt"))[:3]
-    examples = CoTExamples(lines, {"model": tok, "teacher": tok}, 512, "train")
+    teacher, tok, lines, examples = _teacher_and_lines(models, tiny_tokenizer, 3)
+    student = ck.load_model(models[1]["student"]).train()
     maps = StateMaps(2, 96, 64, "mlp", seed=7)
     layers = same_depth(2, 3)
     assert layers == [0, 2]  # student layer 1 reads the teacher's last layer
@@ -462,12 +467,8 @@ def test_emulator_loss_against_the_authors(models, dist1, tiny_tokenizer):
     the readout's is the per-element mean; the evaluator's state MSE is per element for both."""
     from engine.distill.implicit.decode import StateErrorEvaluator
 
-    root, made = models
-    teacher = ck.load_model(made["teacher"]).eval().requires_grad_(False)
-    emulator = ck.load_model(made["emulator"]).eval()
-    tok = load_tokenizer(tiny_tokenizer)
-    lines = read_cot_lines(str(root / "train.txt"))[:4]
-    examples = CoTExamples(lines, {"model": tok, "teacher": tok}, 512, "train")
+    teacher, tok, lines, examples = _teacher_and_lines(models, tiny_tokenizer, 4)
+    emulator = ck.load_model(models[1]["emulator"]).eval()
     head = EmulatorHead(same_depth(3, 4), 64, 96, seed=2)
     task = EmulatorTask(examples, torch.device("cpu"), teacher, head, same_depth(3, 4), StateSpec())
     batch = task.micro_batch([0, 1, 2, 3], 0)
