@@ -444,7 +444,7 @@ def test_bad_input_is_one_sentence(sbs, dist1, tmp_path):
 
     assert err(alpha=1.5) == "--alpha must be in [0, 1] (the label task's weight), got 1.5"
     assert err(beta=-0.1) == "--beta must be >= 0 (0: no mutual-information term), got -0.1"
-    assert err(objective="dss") == "--objective 'dss' is not one of sft, step_by_step, teacher_kl"
+    assert err(objective="dss") == "--objective 'dss' is not one of sft, step_by_step, teacher_kl, on_policy"
     assert err(beta=0.1, mi_estimator="mine") == (
         "--mi_estimator 'mine' is not one of pooled_distribution_ce, authors, critic (pooled_ce: the former "
         "name of pooled_distribution_ce)"
