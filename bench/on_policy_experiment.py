@@ -27,17 +27,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as a script too
-from bench.runs import as_list, experiment_env, mean_and_spread, run_script  # noqa: E402
-
-
-def _accuracy(ckpt, test_file, output, env, max_new_tokens):
-    """Greedy exact-match accuracy of a checkpoint on the held-out questions."""
-    if os.path.exists(output):
-        os.remove(output)
-    run_script(["infer.py", "--ckpt_dir", ckpt, "--data_file", test_file, "--output_file", output, "--task", "ARITH",
-                "--max_new_tokens", str(max_new_tokens), "--batch_size", "200", "--template", "none", "--progress",
-                "False"], env)
-    return json.load(open(output + ".meta.json"))["summary"]
+from bench import runs  # noqa: E402
 
 
 def _arm_flags(arm: str, teacher: str, jsd_beta: float, gen_temperature: float, lmbda: float = 1.0,
@@ -84,51 +74,28 @@ def main(seeds="0,1,2", steps: int = 600, batch: int = 32, lr: float = 5e-3, tea
         student_model: registry preset of the students (the teacher's vocabulary).
         out: output directory (data, checkpoints, runs, results.json).
     """
-    seeds = as_list(seeds, int)
-    arms = as_list(arms)
-    env = experiment_env(out)
+    seeds, arms, env = runs.as_list(seeds, int), runs.as_list(arms), runs.experiment_env(out)
     start = time.time()
-    data = os.path.join(out, "data")
-    run_script(["data/arithmetic.py", "--out_dir", data, "--n_train", str(90 * 90 - n_test), "--n_test", str(n_test),
-                "--min_value", "10", "--style", "fixed", "--seed", "0"], env)
-    pool = json.load(open(os.path.join(data, "train.json")))
-    json.dump(pool[:student_questions], open(os.path.join(data, "questions.json"), "w"))
+    # every two-digit question but the test ones; the teacher learns them all, the students see some
+    data = runs.two_digit_questions(out, n_test, student_questions, env)
     tok = os.path.join(out, "tokenizer.model")
-    run_script(["data/make_tokenizer.py", "--output", tok], env)
+    runs.run_script(["data/make_tokenizer.py", "--output", tok], env)
     common = ["--task", "ARITH", "--template", "none", "--max_seq_len", "64", "--keep_checkpoints", "1"]
     test_file = os.path.join(data, "test.json")
 
-    teacher = os.path.join(out, "teacher")
-    teacher_ckpt = os.path.join(teacher, f"checkpoint-{teacher_steps}")
-    if not os.path.exists(teacher_ckpt):  # reused by a rerun with other student settings
-        shutil.rmtree(teacher, ignore_errors=True)
-        run_script(["checkpoint_split.py", "init", "--model_type", teacher_model, "--save_dir",
-                    os.path.join(out, "t-init"), "--tokenizer", tok, "--seed", "0", "--overwrite", "True"], env)
-        run_script(["train.py", "--ckpt_dir", os.path.join(out, "t-init"), "--save_dir", teacher, "--train_file",
-                    os.path.join(data, "train.json"), "--max_steps", str(teacher_steps), "--max_batch_size", "32",
-                    "--lr", "3e-3", "--warmup_steps", "50", *common], env)
-    teacher_eval = _accuracy(teacher_ckpt, test_file, os.path.join(out, "teacher-test.jsonl"), env, max_new_tokens)
+    teacher_ckpt = runs.trained_teacher(out, data, tok, teacher_model, teacher_steps, 3e-3, common, env)
+    teacher_eval = runs.held_out_accuracy(teacher_ckpt, test_file, os.path.join(out, "teacher-test.jsonl"), env,
+                                     max_new_tokens)
     print(f"teacher held-out accuracy {teacher_eval['accuracy']:.3f} ({time.time() - start:.0f} s)", flush=True)
 
-    samples = os.path.join(out, "samples.jsonl")
-    if os.path.exists(samples):
-        os.remove(samples)
-    run_script(["infer.py", "--ckpt_dir", teacher_ckpt, "--data_file", os.path.join(data, "questions.json"),
-                "--output_file", samples, "--task", "ARITH", "--temperature", "1.0", "--max_new_tokens",
-                str(max_new_tokens), "--batch_size", "100", "--template", "none", "--progress", "False"], env)
-    sampled = [json.loads(line) for line in open(samples)]
-    sample_accuracy = sum(bool(s["correct"]) for s in sampled) / len(sampled)
-    sampled = [s for s in sampled if s["output"].strip()]  # a sample that is only EOS teaches no text
-    train_file = os.path.join(data, "sampled.json")
-    json.dump([{"instruction": s["instruction"], "output": s["output"], "label": s["label"]} for s in sampled],
-              open(train_file, "w"))
+    train_file, sampled, sample_accuracy = runs.teacher_samples(out, data, teacher_ckpt, 1.0, max_new_tokens, env)
     print(f"teacher samples: {sample_accuracy:.3f} correct, {len(sampled)} kept ({time.time() - start:.0f} s)",
           flush=True)
 
     results, timings, splits = {}, {}, {}
     for seed in seeds:
         init = os.path.join(out, f"s-init-{seed}")
-        run_script(["checkpoint_split.py", "init", "--model_type", student_model, "--save_dir", init, "--tokenizer",
+        runs.run_script(["checkpoint_split.py", "init", "--model_type", student_model, "--save_dir", init, "--tokenizer",
                     tok, "--seed", str(seed), "--overwrite", "True"], env)
         for arm in arms:
             save = os.path.join(out, f"{arm}-{seed}")
@@ -138,15 +105,15 @@ def main(seeds="0,1,2", steps: int = 600, batch: int = 32, lr: float = 5e-3, tea
                     "--warmup_steps", "30", "--max_new_tokens", str(max_new_tokens), *common,
                     *_arm_flags(arm, teacher_ckpt, jsd_beta, gen_temperature, lmbda, divergence, kd_divergence)]
             t0 = time.time()
-            run_script(args, env)
+            runs.run_script(args, env)
             timings.setdefault(arm, []).append(time.time() - t0)
             splits.setdefault(arm, []).append(_time_split(save))
-            final = _accuracy(os.path.join(save, f"checkpoint-{steps}"), test_file, save + "-test.jsonl", env,
+            final = runs.held_out_accuracy(os.path.join(save, f"checkpoint-{steps}"), test_file, save + "-test.jsonl", env,
                               max_new_tokens)
             results.setdefault(arm, {})[seed] = final["accuracy"]
             print(f"seed {seed} {arm:10s} accuracy {final['accuracy']:.3f} ({final['correct']}/{final['total']}) "
                   f"{timings[arm][-1]:.0f} s", flush=True)
-    summary = {arm: dict(zip(("mean", "stdev"), mean_and_spread(accs.values())), per_seed=accs,
+    summary = {arm: dict(zip(("mean", "stdev"), runs.mean_and_spread(accs.values())), per_seed=accs,
                          seconds_per_run=statistics.mean(timings[arm]),
                          time_split_per_step={k: statistics.mean(s[k] for s in splits[arm]) for k in splits[arm][0]})
                for arm, accs in results.items()}

@@ -14,7 +14,6 @@ class OnPolicyArgs(DivergenceFlags, TeacherCheckpointFlag, TrainArgs):
     """on-policy distillation (GKD): the student samples responses, a frozen teacher scores every token"""
 
     OBJECTIVE: ClassVar[str] = "on_policy"
-    LAUNCHER: ClassVar[str] = "train.py"
     SUMMARY: ClassVar[str] = ("Train a student on the teacher's next-token distributions over responses the "
                               "student samples itself (a fraction --lmbda of the micro-batches) or the data file's.")
 

@@ -13,7 +13,6 @@ class TeacherKLArgs(DivergenceFlags, TeacherCheckpointFlag, TrainArgs):
     """distillation from the teacher's next-token distributions: (1 - w) CE + w T^2 KL(teacher || student) or --divergence"""
 
     OBJECTIVE: ClassVar[str] = "teacher_kl"
-    LAUNCHER: ClassVar[str] = "train.py"
     SUMMARY: ClassVar[str] = ("Train a student on the teacher's next-token distributions over its rationales, mixed "
                               "with their cross-entropy.")
 
