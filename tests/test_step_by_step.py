@@ -354,7 +354,7 @@ def test_instruction_records_as_infer_writes_them(tmp_path, capsys, tiny_tokeniz
     """infer.py's output (instruction, output: one text or --num_samples K of them, label) and MCC-KD
     files are read like every other tool reads them; a list keeps its usable rationales and the label
     most of them state; the file written trains the step-by-step tasks (both label types)."""
-    from engine.distill.step_by_step.data import StepByStepData
+    from engine.distill.step_by_step.data import LabelSource, StepByStepData
     from engine.text.tokenizer import load_tokenizer
 
     ask = "Pick one.\nAnswer Choices:\n(a) x\n(b) y"
@@ -382,7 +382,7 @@ def test_instruction_records_as_infer_writes_them(tmp_path, capsys, tiny_tokeniz
                                                                        "rationales_no_answer_sentence": 3}
     tok = load_tokenizer(tiny_tokenizer)
     for label_type in ("gt", "llm"):
-        assert len(StepByStepData(out, tok, 256, task="CSQA", label_type=label_type)) == 3
+        assert len(StepByStepData(out, tok, 256, labels=LabelSource("CSQA", label_type))) == 3
     (tmp_path / "one.jsonl").write_text(json.dumps(rows[0]) + "\n")  # the default: the authors' split, text labels
     prepare_main(str(tmp_path / "one.json"), input_file=str(tmp_path / "one.jsonl"), task="CSQA")
     assert json.load(open(tmp_path / "one.json")) == [

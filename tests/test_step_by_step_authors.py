@@ -14,7 +14,12 @@ import torch
 
 import train
 from data.prepare_step_by_step import authors_split, main as prepare_main, parse_teacher_output
-from engine.distill.step_by_step.data import StepByStepData, authors_training_indices, train_test_split_indices
+from engine.distill.step_by_step.data import (
+    LabelSource,
+    StepByStepData,
+    authors_training_indices,
+    train_test_split_indices,
+)
 from engine.distill.step_by_step.evaluator import StepByStepEvaluator
 from engine.infer.metrics import accuracy_of, file_accuracy
 from engine.runtime.errors import UserError
@@ -198,14 +203,14 @@ def test_the_label_task_trains_and_scores_text_labels(tiny_tokenizer, tmp_path):
         return {i: tok.decode([t for t in data.example(task, i, 0)[1] if t != IGNORE and t != tok.eos_id])
                 for i in data.keep}
 
-    gt = StepByStepData(records, tok, 96, "none", task="CSQA", label_type="gt")
+    gt = StepByStepData(records, tok, 96, "none", labels=LabelSource("CSQA", "gt"))
     assert targets(gt) == {i: "math problem" for i in range(4)}
-    llm = StepByStepData(records, tok, 96, "none", task="CSQA", label_type="llm")
+    llm = StepByStepData(records, tok, 96, "none", labels=LabelSource("CSQA", "llm"))
     assert targets(llm) == {0: "gravity", 1: "aquarium or", 3: "math problem"}
     assert (llm.blank_labels, llm.unnamed_labels) == (1, 1)
     assert "1 left out (a blank teacher label); 1 teacher labels name no choice" in llm.describe()
     with pytest.raises(UserError, match="record 0: 'label' 'zoo' is not an answer of --task CSQA"):
-        StepByStepData([{**records[0], "label": "zoo"}], tok, 96, "none", task="CSQA")
+        StepByStepData([{**records[0], "label": "zoo"}], tok, 96, "none", labels=LabelSource("CSQA"))
 
     ev = StepByStepEvaluator([{"instruction": QUESTION, "label": "math problem"}] * 3, tok, INFO,
                              Decoding("CSQA", template="none"))
@@ -278,7 +283,7 @@ def test_label_type_llm_trains_on_the_teachers_label(tiny_tokenizer):
                 "llm_label": "4"},
                {"instruction": "What is 2 + 2 ?", "output": "2 + 2 = 5 . The answer is 5 .", "label": "4"}]
     for label_type, expected in (("gt", ["3", "4"]), ("llm", ["4", "5"])):
-        data = StepByStepData(records, tok, 64, "none", task="ARITH", label_type=label_type)
+        data = StepByStepData(records, tok, 64, "none", labels=LabelSource("ARITH", label_type))
         got = [tok.decode([t for t in data.example("label", i, 0)[1] if t not in (IGNORE, tok.eos_id)])
                for i in data.keep]
         assert got == expected, label_type

@@ -115,7 +115,7 @@ class StepByStepArgs(TrainArgs):
         return {name: "" for name in TASK_PREFIXES} if self.standard else None
 
     def make_task(self, records, tokenizer, max_len: int, info):
-        from engine.distill.step_by_step.data import StepByStepData, authors_training_indices
+        from engine.distill.step_by_step.data import LabelSource, StepByStepData, authors_training_indices
         from engine.distill.step_by_step.task import StepByStepTask
 
         passes = StepByStepTask.passes_for(self.alpha, self.beta)
@@ -124,8 +124,8 @@ class StepByStepArgs(TrainArgs):
         if not selected:
             raise UserError(f"--subsample {self.subsample} and --holdout_fraction {self.holdout_fraction} leave none "
                             f"of the {len(records)} records of {self.train_file} to train on")
-        data = StepByStepData(records, tokenizer, max_len, self.template, self.seed, self.train_file, self.task,
-                              self.label_type, passes, self.task_prefixes(), selected)
+        data = StepByStepData(records, tokenizer, max_len, self.template, self.seed, self.train_file,
+                              LabelSource(self.task, self.label_type), passes, self.task_prefixes(), selected)
         if info.is_main:
             print(f"{self.train_file}: {data.describe()}", flush=True)
         critic_dim = 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -75,6 +76,15 @@ def authors_training_indices(n: int, subsample: float = 1.0, subsample_seed: int
     return indices
 
 
+@dataclass(frozen=True)
+class LabelSource:
+    """What the label task learns: the records' gold label (label_type gt) or the teacher's (llm), read
+    as answers of `task`."""
+
+    task: str = "GSM8K"
+    label_type: str = "gt"
+
+
 class StepByStepData:
     """Records -> the two tasks of distilling step-by-step over one model, told apart by a task prefix
     of the instruction (engine.prompts.TASK_PREFIXES, or `prefixes`; empty ones for the authors'
@@ -86,9 +96,11 @@ class StepByStepData:
     examples are named by their index in `records`."""
 
     def __init__(self, records: List[dict], tokenizer, max_seq_len: int, template: str = "default",
-                 seed: int = 0, path: str = "train_file", task: str = "GSM8K", label_type: str = "gt",
+                 seed: int = 0, path: str = "train_file", labels: LabelSource = LabelSource(),
                  passes=("label", "rationale"), prefixes: dict = None, selected: Optional[List[int]] = None):
         from engine.text.prompts import TASK_PREFIXES, task_instruction
+
+        task, label_type = labels.task, labels.label_type
 
         if label_type not in LABEL_TYPES:
             raise DataError(f"--label_type {label_type!r} is not one of {', '.join(LABEL_TYPES)}")
