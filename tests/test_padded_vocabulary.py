@@ -88,3 +88,17 @@ def test_training_evaluation_on_a_padded_vocabulary(padded, tmp_path, dist1, mon
     evals = [json.loads(x) for x in open(tmp_path / "s" / "metrics.jsonl") if '"eval"' in x]
     assert evals and evals[0]["total"] == 4
     assert chosen and all(0 <= t < vocab for ids in chosen for t in ids)  # the ids the evaluation decoded
+
+
+def test_implicit_decoding_never_chooses_padding_ids(padded):
+    """train_implicit.py's own greedy loop (the stages' evaluation and `evaluate`) keeps to the tokenizer."""
+    from engine import checkpoint as ck
+    from engine.distill.implicit.decode import greedy_decode
+
+    root, vocab, model_vocab = padded
+    model = ck.load_model(str(root / "m")).eval()
+    prompts = [[1, 5, 7], [1, 9]]
+    unlimited = greedy_decode(model, prompts, eos=2, n_eos=1, max_new_tokens=5)
+    assert any(t >= vocab for ids in unlimited for t in ids)  # what the padding rows would win
+    limited = greedy_decode(model, prompts, eos=2, n_eos=1, max_new_tokens=5, vocab_size=vocab)
+    assert all(len(ids) and all(t < vocab for t in ids) for ids in limited)

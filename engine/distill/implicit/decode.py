@@ -19,16 +19,23 @@ from engine.train.evaluator import Evaluator
 SYNC_EVERY = 8  # decode steps between checks (on the host) whether every row has finished
 
 
+def _best(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The greedy choice among the ids the tokenizer has (all, when vocab_size is 0)."""
+    return (logits[:, :vocab_size] if 0 < vocab_size < logits.shape[-1] else logits).argmax(-1)
+
+
 @torch.no_grad()
 def greedy_decode(model, prompts: Sequence[Sequence[int]], eos: int, n_eos: int, max_new_tokens: int,
-                  states: Optional[torch.Tensor] = None) -> List[List[int]]:
+                  states: Optional[torch.Tensor] = None, vocab_size: int = 0) -> List[List[int]]:
     """New tokens of each prompt, greedy, up to and including its n_eos-th EOS (or max_new_tokens).
-    states [B, n_layers, dim]: injected before each layer at each prompt's last position (prefill)."""
+    states [B, n_layers, dim]: injected before each layer at each prompt's last position (prefill).
+    vocab_size: the tokenizer's; ids at or above it (a padded vocabulary's rows) are never chosen."""
     fit = [i for i, p in enumerate(prompts) if len(p) < model.args.max_seq_len]
     if len(fit) < len(prompts):  # a line with no room to answer is answered with nothing: it counts wrong
         some = states[fit] if states is not None else None
         got = (
-            dict(zip(fit, greedy_decode(model, [prompts[i] for i in fit], eos, n_eos, max_new_tokens, some)))
+            dict(zip(fit, greedy_decode(model, [prompts[i] for i in fit], eos, n_eos, max_new_tokens, some,
+                                        vocab_size)))
             if fit
             else {}
         )
@@ -42,7 +49,7 @@ def greedy_decode(model, prompts: Sequence[Sequence[int]], eos: int, n_eos: int,
     cache = model.new_cache(len(prompts), width + budget)
     hook = inject_hook(states, rows, last) if states is not None else None
     hidden = model.forward_hidden(padded(prompts, eos).to(device), cache=cache, cache_rows=rows, layer_hook=hook)
-    token = model.logits(hidden[rows, last]).argmax(-1)
+    token = _best(model.logits(hidden[rows, last]), vocab_size)
     out = torch.empty(len(prompts), budget, dtype=torch.long, device=device)
     seen = torch.zeros(len(prompts), dtype=torch.long, device=device)
     pos = last + 1
@@ -52,7 +59,8 @@ def greedy_decode(model, prompts: Sequence[Sequence[int]], eos: int, n_eos: int,
         if step + 1 == budget or ((step + 1) % SYNC_EVERY == 0 and bool((seen >= n_eos).all())):
             break
         # rows decode from their own positions; the host knows the longest without asking
-        token = model(token[:, None], positions=pos[:, None], cache=cache, kv_len=width + step + 1)[:, -1].argmax(-1)
+        token = _best(model(token[:, None], positions=pos[:, None], cache=cache, kv_len=width + step + 1)[:, -1],
+                      vocab_size)
         pos = pos + 1
     result = []
     for ids in out[:, :step + 1].tolist():
@@ -100,7 +108,8 @@ def explicit_answers(examples: CoTExamples, view: str, tok, cot: bool, max_new_t
 
     def answer(model, positions):
         encs = [examples.get(view, p) for p in positions]
-        outs = greedy_decode(model, [e.prompt(eos) for e in encs], eos, 2 if cot else 1, max_new_tokens)
+        outs = greedy_decode(model, [e.prompt(eos) for e in encs], eos, 2 if cot else 1, max_new_tokens,
+                             vocab_size=tok.vocab_size)
         return [(output_text(o, eos, tok), answer_of(o, eos, cot, tok)) for o in outs]
 
     return answer
@@ -115,7 +124,7 @@ def implicit_answers(examples: CoTExamples, view: str, tok, max_new_tokens: int,
         encs: List[Encoded] = [examples.get(view, p) for p in positions]
         with torch.no_grad():
             z = states(positions)
-        outs = greedy_decode(model, [e.prompt(eos) for e in encs], eos, 1, max_new_tokens, z)
+        outs = greedy_decode(model, [e.prompt(eos) for e in encs], eos, 1, max_new_tokens, z, tok.vocab_size)
         return [(output_text(o, eos, tok), answer_of(o, eos, False, tok)) for o in outs]
 
     return answer
