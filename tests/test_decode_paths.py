@@ -171,3 +171,48 @@ def test_ragged_decode_attention_gives_hf_greedy_tokens_through_infer(tiny, tmp_
     assert runs["sampled", "ragged"] == runs["sampled", "dense"] != ref
     with pytest.raises(UserError, match="--decode_attention must be dense or ragged, got 'sparse'"):
         infer.generate(**flags, decode_attention="sparse", output_file=str(tmp_path / "bad.jsonl"))
+
+
+def test_a_decode_block_copies_no_tokens_between_its_steps(tiny):
+    """The steps of a block write their tokens into the slots' ring themselves: outside its steps a
+    block dispatches the same few operations whether it runs 6 steps or 5 (the ring's counter reset
+    and the one copy of its tokens), not a copy per step, and its tokens are those of the eager loop."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model, _, tok, prompts, _ = tiny
+    params = g.SamplingParams(max_new_tokens=12)
+    runner = g.StaticSteps(model, sync_every=6, first_bucket=4, overlap=False)
+    outside, inside = [], [False]
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside[0] and not func.is_view:
+                outside.append(func)
+            return func(*args, **(kwargs or {}))
+
+    run = runner.run
+
+    def counted(step, m, kv_len):
+        inside[0] = True
+        try:
+            run(step, m, kv_len)
+        finally:
+            inside[0] = False
+
+    runner.run = counted
+    batcher = g.Batcher(model, runner, params, 3, 64, [tok.eos_id])
+    decode_block = batcher.decode_block
+
+    def block(live):
+        outside.clear()
+        with Count():
+            decode_block(live)
+        blocks.append(list(outside))
+
+    blocks = []
+    batcher.decode_block = block
+    got = sorted((c.key, c.tokens, c.finish) for c in batcher.run(
+        [g.Request(i, p) for i, p in enumerate(prompts[:3])]))
+    assert got == _run(model, prompts[:3], params, g.EagerSteps(model), [tok.eos_id])
+    assert len(blocks) == 2 and blocks[0] == blocks[1] and len(blocks[0]) <= 3, blocks
+    assert blocks[0].count(torch.ops.aten.cat.default) == 1

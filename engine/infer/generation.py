@@ -157,14 +157,20 @@ class StopStrings:
 # Slot state
 # ----------------------------------------------------------------------------------------------
 class _DeviceSlots:
-    """Per-slot decode state on the device, updated in place by the decode step."""
+    """Per-slot decode state on the device, updated in place by the decode step.
 
-    def __init__(self, n: int, device):
+    The tokens chosen by the steps of one block go into `ring` [steps per block, n] at row
+    `ring_at` (a device counter the step advances), so a step needs no copy of its tokens outside
+    it: a captured step writes them itself, and the block's tokens are read back in one copy."""
+
+    def __init__(self, n: int, device, ring: int = 1):
         def zeros():
             return torch.zeros(n, dtype=torch.long, device=device)
 
-        self.tokens, self.pos, self.live, self.seeds, self.draws, self.chosen = (zeros() for _ in range(6))
-        self.all = (self.tokens, self.pos, self.live, self.seeds, self.draws, self.chosen)
+        self.tokens, self.pos, self.live, self.seeds, self.draws = (zeros() for _ in range(5))
+        self.all = (self.tokens, self.pos, self.live, self.seeds, self.draws)
+        self.ring = torch.zeros(ring, n, dtype=torch.long, device=device)
+        self.ring_at = torch.zeros(1, dtype=torch.long, device=device)
 
     def start(self, rows: torch.Tensor, first: torch.Tensor, prompt_lens: torch.Tensor, seeds: torch.Tensor) -> None:
         """Rows just prefilled: `first` (drawn with draw 0) is fed next, at position len(prompt)."""
@@ -183,7 +189,8 @@ class _DeviceSlots:
 
     def advance(self, m: int, chosen: torch.Tensor, max_len: int) -> None:
         live = self.live[:m]
-        self.chosen[:m].copy_(chosen)
+        self.ring[:, :m].index_copy_(0, self.ring_at, chosen[None])
+        self.ring_at.add_(1)
         self.tokens[:m].copy_(chosen)
         self.pos[:m].copy_(torch.clamp(self.pos[:m] + live, max=max_len - 1))
         self.draws[:m].add_(live)
@@ -241,9 +248,9 @@ class EagerSteps:
             self.cache = self.state = None  # free the old ones first
             self.forget()
             self.cache = self.model.new_cache(n, max_len)
-            self.state, self._key = _DeviceSlots(n, self.model.head_weight.device), key
+            self.state, self._key = _DeviceSlots(n, self.model.head_weight.device, self.sync_every), key
         else:
-            for t in self.state.all:
+            for t in self.state.all + (self.state.ring, self.state.ring_at):
                 t.zero_()
         return self.cache, self.state
 
@@ -363,8 +370,10 @@ class _Readback:
     host can read it while the next block runs."""
 
     def __init__(self, groups: list):
-        self.groups = [(rows, reqs, t.numel()) for rows, reqs, t in groups]
-        values = torch.cat([t for _, _, t in groups])
+        """groups: (rows, requests, tokens) with tokens [len(rows)] (a prefill's first tokens) or
+        [steps, len(rows)] (a decode block's, step by step)."""
+        self.groups = [(rows, reqs, len(rows)) for rows, reqs, t in groups for _ in range(t.shape[0] if t.dim() == 2 else 1)]
+        values = torch.cat([t.reshape(-1) for _, _, t in groups])
         self.event = None
         if values.device.type == "cuda":
             values, self.event = values.to("cpu", non_blocking=True), torch.cuda.Event()
@@ -542,14 +551,18 @@ class Batcher:
         drain; stops early once every live row has reached its length limit."""
         host, max_len = self.host, self.max_len
         rows, reqs = list(range(self.m)), list(host.req[: self.m])
+        self.state.ring_at.zero_()
+        steps = 0
         for _ in range(self.runner.sync_every):
             if all(self.length_done(r, host.produced[r]) for r in live):
                 break
             need = max(min(len(host.req[r].prompt) - 1 + host.produced[r], max_len - 1) for r in live) + 1
             self.runner.run(self.step, self.m, self.runner.kv_len(need, max_len))
-            self.chosen.append((rows, reqs, self.state.chosen[: self.m].clone()))
+            steps += 1
             for r in live:
                 host.produced[r] += 1
+        if steps:  # copied out (read_back_later) before the next block writes the ring again
+            self.chosen.append((rows, reqs, self.state.ring[:steps, : self.m]))
         self.read_back_later()
 
     def step(self, rows: int, kv_len: int) -> None:
