@@ -47,10 +47,10 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-SECTIONS = ("env", "bandwidth", "decode", "tokens", "train", "hf")
+SECTIONS = ("env", "bandwidth", "decode", "fused", "tokens", "train", "hf")
 # seconds each section is expected to need (full sizes on an H200 with compiles, tiny sizes on a CPU)
-ESTIMATE = {"env": (5, 0.5), "bandwidth": (10, 0.5), "decode": (150, 3), "tokens": (90, 3), "train": (150, 5),
-            "hf": (90, 3)}
+ESTIMATE = {"env": (5, 0.5), "bandwidth": (10, 0.5), "decode": (150, 3), "fused": (120, 3), "tokens": (90, 3),
+            "train": (150, 5), "hf": (90, 3)}
 # prompt + new tokens stay within one KV bucket of the captured step (128) at batch 1, and within two at
 # batch 384: few shapes, so few compiles of the decode step
 FULL = dict(dim=2048, n_layers=16, n_heads=16, n_kv_heads=8, vocab=32000, dtype="bf16", prompt=64, new_tokens=64,
@@ -306,15 +306,13 @@ def section_bandwidth(check: Check, report: Report) -> None:
                 matmul_tflop_s=rate / 1e12, matmul=f"{n}x{n}x{n} {str(dt).replace('torch.', '')}, random data")
 
 
-def section_decode(check: Check, report: Report) -> None:
-    import torch
-
+def _batch1_decode(check: Check, model) -> dict:
+    """One prompt decoded alone by the fastest runner (CUDA graphs on a GPU), twice (the first call
+    warms up): end-to-end tokens/s, and the replay of its largest captured shape."""
     from engine.infer.generation import SamplingParams, complete_prompts, make_runner
 
     s = check.size
-    model = check.bench_model()
     weights = check.weight_bytes(model)
-    report.line("decode", "running", "model", weight_gb=weights / 1e9, n_params=sum(p.numel() for p in model.parameters()))
     runner = make_runner(model)
     params = SamplingParams(max_new_tokens=s["new_tokens"])
     _, warm_s = check.timed(lambda: complete_prompts(model, [check.prompt], params, [], 1, runner=runner))
@@ -324,11 +322,9 @@ def section_decode(check: Check, report: Report) -> None:
     bandwidth = check.results.get("bandwidth")
     kv = check.kv_bytes(s["prompt"] + s["new_tokens"] / 2)
     row = {"warmup_s": warm_s, "e2e_tokens_per_s": s["new_tokens"] / e2e_s, "e2e_ms_per_step": step_s * 1e3,
-           "tokens": len(out[0]), **facts}
+           "tokens": len(out[0]), "out": out[0], **facts}
     if bandwidth:
         row["e2e_bandwidth_fraction"] = (weights + kv) / step_s / bandwidth
-    check.results["ours_b1_tokens_per_s"] = row["e2e_tokens_per_s"]
-    check.results["ours_b1_tokens"] = out[0]
     graphs = getattr(runner, "graphs", None)
     if isinstance(graphs, dict) and graphs:
         key = max((k for k in graphs if isinstance(k, tuple) and k[0] == 1), key=lambda k: k[1], default=None)
@@ -339,6 +335,17 @@ def section_decode(check: Check, report: Report) -> None:
             row["kernels_per_step"] = _kernels_per_call(check, graph.replay)
             if bandwidth:
                 row["replay_bandwidth_fraction"] = (weights + check.kv_bytes(key[1])) / (row["replay_ms"] / 1e3) / bandwidth
+    return row
+
+
+def section_decode(check: Check, report: Report) -> None:
+    import torch
+
+    model = check.bench_model()
+    weights = check.weight_bytes(model)
+    report.line("decode", "running", "model", weight_gb=weights / 1e9, n_params=sum(p.numel() for p in model.parameters()))
+    row = _batch1_decode(check, model)
+    check.results["ours_b1_tokens_per_s"], check.results["ours_b1_tokens"] = row["e2e_tokens_per_s"], row.pop("out")
     report.line("decode", "running", "runner", **row)
 
     # the plain decode forward (no compile), eager and captured by hand: what the compiled step improves on
@@ -369,6 +376,98 @@ def section_decode(check: Check, report: Report) -> None:
             except Exception as e:  # a report, not a crash: the capture failing is itself the answer
                 plain["capture_error"] = " ".join(str(e).split())[:300]
     report.line("decode", "ok", "plain_forward", **plain)
+
+
+def _attention_inputs(check: Check, rows: int, kv_len: int, dtype):
+    """Random decode-attention inputs of the bench model's heads: positions spread over [kv_len / 8,
+    kv_len) (a large batch's rows at different lengths), the last row at the bucket's end."""
+    import torch
+
+    s, dev = check.size, check.info.device
+    head_dim, n_kv = s["dim"] // s["n_heads"], s["n_kv_heads"]
+    g = torch.Generator(device=dev).manual_seed(rows + kv_len)
+
+    def rand(*shape):
+        return torch.randn(*shape, device=dev, generator=g).to(dtype)
+
+    angles = torch.rand(rows, head_dim // 2, device=dev, generator=g) * 6
+    cos, sin = (torch.cat([f(angles)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
+    positions = torch.randint(kv_len // 8, kv_len, (rows,), device=dev, generator=g)
+    positions[-1] = kv_len - 1
+    return (rand(rows, s["n_heads"], head_dim), rand(rows, n_kv, head_dim), rand(rows, n_kv, head_dim), cos, sin,
+            rand(rows, n_kv, kv_len, head_dim), rand(rows, n_kv, kv_len, head_dim), positions)
+
+
+def section_fused(check: Check, report: Report) -> None:
+    """--decode_attention fused (models/decode_kernels.py, a Triton kernel on a GPU, its torch twin on
+    a CPU): the kernel against its twin on random inputs, the captured fused step's tokens against the
+    eager dense step's, batch-1 decode with it, and its attention alone at large batch against the
+    dense read and against the bytes it must read (each row's live keys and values)."""
+    import torch
+
+    from engine.infer.generation import SamplingParams, complete_prompts, make_runner
+    from models import decode_kernels as dk
+    from models.transformer import apply_rope, attention_mask, grouped_attention
+
+    s = check.size
+    dt = check.dt if check.device == "cuda" else torch.float32
+    kernel = check.device == "cuda" and dk.triton_available()
+    errors = {}
+    for rows, kv_len in ((1, 128), (64, 1024), (7, 320)):
+        inputs = _attention_inputs(check, rows, kv_len, dt)
+        twin_caches = [t.clone() for t in inputs[5:7]]
+        got = dk.fused_decode_attention(*inputs, None, kv_len)
+        want = dk.reference(*inputs[:5], *twin_caches, inputs[7], None, kv_len)
+        errors[f"{rows}x{kv_len}"] = float((got.float() - want.float()).norm() / want.float().norm())
+    report.line("fused", "running", "kernel_vs_twin", kernel=kernel, rel_err=errors, worst_rel_err=max(errors.values()),
+                dtype=str(dt).replace("torch.", ""))
+
+    model = check.check_model()
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, s["check"]["vocab"], (int(n),), generator=g).tolist()
+               for n in torch.randint(4, 40 if not check.tiny else 10, (s["check_prompts"],), generator=g)]
+    params = SamplingParams(max_new_tokens=s["check_tokens"], temperature=0.8, top_p=0.9, seed=4)
+    dense = complete_prompts(model, prompts, params, [], s["check_slots"], compiled=False)
+    try:
+        model.decode_attention("fused")
+        runner = make_runner(model)
+        fused = complete_prompts(model, prompts, params, [], s["check_slots"], runner=runner)
+    finally:
+        model.decode_attention("dense")
+    same = sum(a == b for a, b in zip(dense, fused))
+    report.line("fused", "running", "tokens", identical=f"{same}/{len(prompts)}", all_identical=same == len(prompts),
+                fast=_runner_facts(runner))
+
+    bench = check.bench_model()
+    try:
+        bench.decode_attention("fused")
+        row = _batch1_decode(check, bench)
+    finally:
+        bench.decode_attention("dense")
+    row["same_tokens_as_dense"] = row.pop("out") == check.results.get("ours_b1_tokens")
+    report.line("fused", "running", "batch_1", **row)
+
+    bandwidth = check.results.get("bandwidth")
+    kv_len = 1024 if not check.tiny else 64
+    for rows in (64, s["big_batch"]):
+        q, k, v, cos, sin, k_cache, v_cache, positions = _attention_inputs(check, rows, kv_len, dt)
+        mask = attention_mask(positions[:, None], torch.arange(kv_len, device=q.device), None)
+
+        def dense_attention():  # what a dense decode step runs per layer: RoPE, cache write, masked read
+            qr, kr = apply_rope(q[:, None], cos[:, None], sin[:, None]), apply_rope(k[:, None], cos[:, None], sin[:, None])
+            idx = torch.arange(rows, device=q.device)[:, None]
+            k_cache[idx, :, positions[:, None]], v_cache[idx, :, positions[:, None]] = kr, v[:, None]
+            return grouped_attention(qr.transpose(1, 2), k_cache, v_cache, mask)
+
+        fused_ms = _replay_ms(check, lambda: dk.fused_decode_attention(q, k, v, cos, sin, k_cache, v_cache, positions,
+                                                                       None, kv_len), 20)
+        dense_ms = _replay_ms(check, dense_attention, 20)
+        live = float((positions + 1).sum()) * 2 * k_cache.shape[1] * k_cache.shape[3] * k_cache.element_size()
+        row = {"kv_len": kv_len, "fused_ms": fused_ms, "dense_ms": dense_ms, "dense_over_fused": dense_ms / fused_ms,
+               "live_kv_mb": live / 1e6, "dense_read_mb": 2 * k_cache.numel() * k_cache.element_size() / 1e6}
+        if bandwidth:
+            row["fused_roofline_fraction"] = live / (fused_ms / 1e3) / bandwidth
+        report.line("fused", "running" if rows != s["big_batch"] else "ok", f"attention_{rows}", **row)
 
 
 def section_tokens(check: Check, report: Report) -> None:
@@ -473,8 +572,8 @@ def section_hf(check: Check, report: Report) -> None:
                 ratio=t_hf / t_ours, ours_warmup_s=warm_s, identical=f"{sum(a == b for a, b in zip(mine, theirs))}/{n}")
 
 
-RUN = {"env": section_env, "bandwidth": section_bandwidth, "decode": section_decode, "tokens": section_tokens,
-       "train": section_train, "hf": section_hf}
+RUN = {"env": section_env, "bandwidth": section_bandwidth, "decode": section_decode, "fused": section_fused,
+       "tokens": section_tokens, "train": section_train, "hf": section_hf}
 
 
 def main(out_dir: str = None, budget_s: float = 480, device: str = None, tiny: bool = False, sections: str = "all"):
@@ -485,7 +584,7 @@ def main(out_dir: str = None, budget_s: float = 480, device: str = None, tiny: b
         budget_s: seconds for the whole run, imports included; a section that no longer fits is skipped.
         device: cuda or cpu (default: cuda when available).
         tiny: tiny sizes (the CPU smoke run of tests/test_gpu_check.py).
-        sections: comma-separated subset of env,bandwidth,decode,tokens,train,hf (default all, in that order).
+        sections: comma-separated subset of env,bandwidth,decode,fused,tokens,train,hf (default all, in that order).
     """
     start = time.perf_counter()
     import torch
@@ -539,7 +638,8 @@ def main(out_dir: str = None, budget_s: float = 480, device: str = None, tiny: b
           + f"; results in {report.lines_path} and {report.summary_path}")
     keys = ("read_gb_s", "matmul_tflop_s", "e2e_tokens_per_s", "replay_ms", "kernels_per_step",
             "replay_bandwidth_fraction", "eager_ms", "captured_ms", "identical", "tokens_per_s", "mfu_vs_989_tflops",
-            "graph_breaks", "ours_tokens_per_s", "hf_tokens_per_s", "ratio")
+            "graph_breaks", "ours_tokens_per_s", "hf_tokens_per_s", "ratio", "worst_rel_err", "fused_ms", "dense_ms",
+            "fused_roofline_fraction")
     for name, entry in report.summary["sections"].items():
         for part, r in [(None, entry)] + sorted(entry.get("parts", {}).items()):
             shown = ", ".join(f"{k}={r[k]:.4g}" if isinstance(r[k], float) else f"{k}={r[k]}" for k in keys if k in r)

@@ -16,6 +16,8 @@ from typing import Optional
 
 from models.errors import UserError
 
+DECODE_ATTENTION = ("dense", "ragged", "fused")  # how a decode step attends (Transformer.decode_attention)
+
 
 class ConfigError(UserError):
     """A user-facing configuration problem; the message is one sentence naming the file or flag."""

@@ -24,8 +24,9 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from models.args import ModelArgs
+from models.args import DECODE_ATTENTION, ModelArgs
 from models.compiled import CompiledCall
+from models.decode_kernels import fused_decode_attention
 from models.parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -181,7 +182,7 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(args.n_heads * args.head_dim, args.dim, bias=False, input_is_parallel=True,
                                     init_method=_keep)
         self.fused = None  # (weight, bias) of q/k/v in one matrix, see Transformer.fuse_projections
-        self.ragged = False  # decode steps read each row's live keys only (Transformer.decode_attention)
+        self.decode_kind = "dense"  # how a decode step attends (Transformer.decode_attention)
 
     def forward(self, x, cos, sin, positions, mask, cache: Optional[KVCache], kv_len: Optional[int],
                 cache_rows: Optional[torch.Tensor] = None):
@@ -194,10 +195,15 @@ class Attention(nn.Module):
         q = q.unflatten(-1, (self.n_local_heads, self.head_dim))
         k = k.unflatten(-1, (self.n_local_kv_heads, self.head_dim))
         v = v.unflatten(-1, (self.n_local_kv_heads, self.head_dim))
+        decoding = cache is not None and cache_rows is None and seqlen == 1
+        if decoding and self.decode_kind == "fused":  # RoPE, the cache write and attention in one operation
+            out = fused_decode_attention(q[:, 0], k[:, 0], v[:, 0], cos[:, 0], sin[:, 0], cache.k[self.layer_id],
+                                         cache.v[self.layer_id], positions[:, 0], self.window, kv_len)
+            return self.wo(out.reshape(bsz, 1, -1))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             cache.write(self.layer_id, positions, k, v, cache_rows)
-        if cache is not None and cache_rows is None and seqlen == 1 and self.ragged:  # each row's live keys only
+        if decoding and self.decode_kind == "ragged":  # each row's live keys only
             out = ragged_decode_attention(q.transpose(1, 2), cache.k[self.layer_id], cache.v[self.layer_id],
                                           positions[:, 0], self.window)
         elif cache is not None and cache_rows is None:  # continue every row from what its cache holds
@@ -462,26 +468,31 @@ class Transformer(nn.Module):
 
     def decode_attention(self, kind: str) -> None:
         """"dense": a decode step reads slots [0, kv_len) of every row (batched matmuls); "ragged":
-        each row's own live slots only (ragged_decode_attention), outside static_shapes()."""
+        each row's own live slots only (ragged_decode_attention), outside static_shapes(); "fused":
+        RoPE, the cache write and attention over each row's live slots in one Triton kernel on a GPU
+        (models/decode_kernels.py; its torch twin elsewhere), static shapes included."""
+        if kind not in DECODE_ATTENTION:
+            raise ValueError(f"decode attention {kind!r} is not one of {', '.join(DECODE_ATTENTION)}")
         for layer in self.layers:
-            layer.attention.ragged = kind == "ragged"
+            layer.attention.decode_kind = kind
 
     @contextlib.contextmanager
     def static_shapes(self):
         """Within: no operation waits for the GPU or depends on data for its shapes (the MoE routes
         densely, decode attention is dense), so a forward can be captured in a CUDA graph."""
         moes = [m for m in self.modules() if isinstance(m, MoE)]
-        ragged = [layer.attention.ragged for layer in self.layers]
+        kinds = [layer.attention.decode_kind for layer in self.layers]
         for m in moes:
             m.static_shapes = True
-        self.decode_attention("dense")
+        for layer in self.layers:  # the fused kernel's grid depends on shapes only: it stays
+            layer.attention.decode_kind = "fused" if layer.attention.decode_kind == "fused" else "dense"
         try:
             yield
         finally:
             for m in moes:
                 m.static_shapes = False
-            for layer, was in zip(self.layers, ragged):
-                layer.attention.ragged = was
+            for layer, was in zip(self.layers, kinds):
+                layer.attention.decode_kind = was
 
     def new_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
         w = self.tok_embeddings.weight

@@ -1,7 +1,9 @@
+import getpass
 import os
 import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -9,6 +11,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+# Triton's CPU interpreter, chosen before anything imports triton (its own library functions are
+# built for one mode at import): the tests that run a GPU kernel on the CPU opt in through
+# models.decode_kernels.CPU_KERNEL; every other CPU path keeps its torch twin
+os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +31,14 @@ def tiny_tokenizer(tmp_path_factory):
 
     path = str(tmp_path_factory.mktemp("tok") / "tokenizer.model")
     return train_tokenizer(path, default_corpus(500))
+
+
+@pytest.fixture
+def inductor_cache(monkeypatch):
+    """A persistent inductor cache of this project's tests (one set in the environment wins); inductor's
+    caches are keyed by content, so a stale entry is never used."""
+    default = os.path.join(tempfile.gettempdir(), f"cot-distill-tests-inductor-{getpass.getuser()}")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.environ.get("TORCHINDUCTOR_CACHE_DIR", default))
 
 
 def shared_path(*parts):

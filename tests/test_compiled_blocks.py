@@ -5,20 +5,9 @@ all layers), with and without activation checkpointing, and trains like the eage
 
 Inductor on the CPU, a tiny model; compiled code is kept between runs in a cache of these tests
 (inductor's caches are keyed by content, so a stale entry is never used)."""
-import getpass
-import os
-import tempfile
-
 import pytest
 
 LENGTHS = (13, 21, 34)  # more than two lengths: a third one must not compile again
-
-
-@pytest.fixture
-def inductor_cache(monkeypatch):
-    """A persistent inductor cache of this project's tests (one set in the environment wins)."""
-    default = os.path.join(tempfile.gettempdir(), f"cot-distill-tests-inductor-{getpass.getuser()}")
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.environ.get("TORCHINDUCTOR_CACHE_DIR", default))
 
 
 def _loss_and_grads(model, batches):

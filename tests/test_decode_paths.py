@@ -1,6 +1,7 @@
 """The decode fast paths (issue 22, items 6-8) give the tokens of the plain paths: the read-back that
 overlaps the next block, stop strings looked at only after tokens that could end one, top-k sampling
 without sorting the vocabulary, and the prompt prefilled once for its --num_samples rows."""
+import os
 import shutil
 
 import pytest
@@ -139,9 +140,10 @@ def test_ragged_decode_attention_equals_the_dense_read(window, block):
     assert torch.allclose(ragged, dense, atol=1e-5, rtol=1e-5)
 
 
-def test_ragged_decode_attention_gives_hf_greedy_tokens_through_infer(tiny, tmp_path):
-    """infer.py --decode_attention ragged writes HF generate()'s greedy tokens (batched, left-padded) and
-    the dense path's sampled ones, refills and a sliding window of 8 included; a bad value is refused."""
+def test_ragged_and_fused_decode_attention_give_hf_greedy_tokens_through_infer(tiny, tmp_path):
+    """infer.py --decode_attention ragged and fused (its torch twin on the CPU) write HF generate()'s
+    greedy tokens (batched, left-padded) and the dense path's sampled ones, refills and a sliding
+    window of 8 included; a bad value is refused."""
     import json
 
     import infer
@@ -162,14 +164,14 @@ def test_ragged_decode_attention_gives_hf_greedy_tokens_through_infer(tiny, tmp_
                  output_tokens=True, progress=False)
     runs = {}
     for name, kw in (("greedy", {}), ("sampled", dict(temperature=0.9, top_p=0.9, seed=2))):
-        for kind in ("dense", "ragged"):
+        for kind in ("dense", "ragged", "fused"):
             out = tmp_path / f"{name}-{kind}.jsonl"
             infer.generate(**flags, **kw, decode_attention=kind, output_file=str(out))
             runs[name, kind] = [json.loads(line)["tokens"] for line in open(out)]
     model.decode_attention("dense")
-    assert runs["greedy", "ragged"] == ref and runs["greedy", "dense"] == ref
-    assert runs["sampled", "ragged"] == runs["sampled", "dense"] != ref
-    with pytest.raises(UserError, match="--decode_attention must be dense or ragged, got 'sparse'"):
+    assert runs["greedy", "ragged"] == ref and runs["greedy", "dense"] == ref and runs["greedy", "fused"] == ref
+    assert runs["sampled", "ragged"] == runs["sampled", "dense"] == runs["sampled", "fused"] != ref
+    with pytest.raises(UserError, match="--decode_attention must be dense, ragged or fused, got 'sparse'"):
         infer.generate(**flags, decode_attention="sparse", output_file=str(tmp_path / "bad.jsonl"))
 
 
@@ -216,3 +218,104 @@ def test_a_decode_block_copies_no_tokens_between_its_steps(tiny):
     assert got == _run(model, prompts[:3], params, g.EagerSteps(model), [tok.eos_id])
     assert len(blocks) == 2 and blocks[0] == blocks[1] and len(blocks[0]) <= 3, blocks
     assert blocks[0].count(torch.ops.aten.cat.default) == 1
+
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """Triton kernels run by Triton's CPU interpreter (the kernel code itself, not its torch twin);
+    conftest.py set TRITON_INTERPRET=1 before anything imported triton."""
+    import triton  # noqa: F401  (requirements-ci.txt)
+
+    from models import decode_kernels
+
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    monkeypatch.setattr(decode_kernels, "CPU_KERNEL", True)
+
+
+def _decode_inputs(gen, rows, n_kv, group, head_dim, max_len, dtype):
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    angles = torch.rand(rows, head_dim // 2, generator=gen) * 6
+    cos, sin = (torch.cat([f(angles)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
+    return (rand(rows, n_kv * group, head_dim), rand(rows, n_kv, head_dim), rand(rows, n_kv, head_dim), cos, sin,
+            rand(rows + 2, n_kv, max_len, head_dim), rand(rows + 2, n_kv, max_len, head_dim))
+
+
+@pytest.mark.parametrize("rows,n_kv,group,head_dim,max_len,kv_len,window,dtype", [
+    (3, 2, 2, 16, 40, 40, None, torch.float32),  # one block, GQA
+    (2, 1, 1, 8, 200, 130, None, torch.float32),  # head_dim under 16 (padded), a cache longer than the bucket
+    (4, 2, 4, 32, 300, 256, 50, torch.float32),  # sliding window across pieces
+    (5, 8, 1, 64, 700, 640, None, torch.float32),  # several pieces per row (split-K), plain MHA
+    (3, 2, 3, 16, 100, 70, 7, torch.bfloat16),  # a group of 3 (padded), bf16 cache
+])
+def test_fused_decode_kernel_is_its_torch_twin(triton_interpreter, rows, n_kv, group, head_dim, max_len, kv_len,
+                                               window, dtype):
+    """The Triton kernel (RoPE, cache write, attention over each row's live slots in pieces merged by
+    log-sum-exp) computes what its twin computes, for rows at position 0, mid-block and at the bucket's
+    last slot: the same output and the same cache, with the rows past the batch untouched."""
+    from models import decode_kernels as dk
+
+    gen = torch.Generator().manual_seed(kv_len)
+    q, k, v, cos, sin, k_cache, v_cache = _decode_inputs(gen, rows, n_kv, group, head_dim, max_len, dtype)
+    positions = torch.randint(0, kv_len, (rows,), generator=gen)
+    positions[0], positions[-1] = kv_len - 1, 0
+    caches = (k_cache.clone(), v_cache.clone())
+    got = dk.triton_decode_attention(q, k, v, cos, sin, k_cache, v_cache, positions, window, kv_len)
+    want = dk.reference(q, k, v, cos, sin, *caches, positions, window, kv_len)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() < tol
+    assert torch.equal(v_cache, caches[1])
+    assert torch.allclose(k_cache.float(), caches[0].float(), atol=tol, rtol=tol)
+    if dtype == torch.float32:
+        assert torch.equal(k_cache, caches[0])
+
+
+@pytest.mark.parametrize("params", [g.SamplingParams(max_new_tokens=12), SAMPLED], ids=["greedy", "sampled"])
+def test_fused_decode_attention_gives_the_dense_tokens(tiny, triton_interpreter, params):
+    """Generation with the fused decode attention, the Triton kernel itself (interpreted) and its twin,
+    eager and in static-shape blocks, gives the dense path's tokens (GQA, a sliding window of 8 that
+    long prompts pass, refills)."""
+    model, _, tok, prompts, _ = tiny
+    prompts = prompts[:5]
+    want = _run(model, prompts, params, g.EagerSteps(model), [tok.eos_id])
+    runs = {}
+    try:
+        model.decode_attention("fused")
+        runs["kernel"] = _run(model, prompts, params, g.StaticSteps(model, 4, 4), [tok.eos_id])
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("models.decode_kernels.CPU_KERNEL", False)  # the CPU picks the twin
+            runs["twin eager"] = _run(model, prompts, params, g.EagerSteps(model), [tok.eos_id])
+            runs["twin static"] = _run(model, prompts, params, g.StaticSteps(model, 4, 4), [tok.eos_id])
+    finally:
+        model.decode_attention("dense")
+    assert all(run == want for run in runs.values()), [name for name, run in runs.items() if run != want]
+    assert max(len(p) + len(t) for p, (_, t, _) in zip(prompts, want)) > 8
+
+
+@pytest.mark.processes  # inductor starts compile workers
+def test_fused_decode_attention_updates_the_cache_in_place_when_compiled(inductor_cache):
+    """Under torch.compile (inductor) the fused operation runs on the KV cache itself, not a copy of it
+    (a copy would cost a cache's bytes per step), and the compiled step's result is the eager one."""
+    from models import decode_kernels as dk
+
+    seen = []
+    twin = dk.reference
+
+    def spy(q, k, v, cos, sin, k_cache, *rest):
+        seen.append(k_cache.data_ptr())
+        return twin(q, k, v, cos, sin, k_cache, *rest)
+
+    def step(q, k, v, cos, sin, positions, caches):
+        return 2 * dk.fused_decode_attention(q.sin(), k, v, cos, sin, caches[0], caches[1], positions, None, 16)
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, cos, sin, k_cache, v_cache = _decode_inputs(gen, 2, 2, 2, 16, 32, torch.float32)
+    positions = torch.tensor([3, 15])
+    eager_caches = [k_cache.clone(), v_cache.clone()]
+    want = step(q, k, v, cos, sin, positions, eager_caches)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dk, "reference", spy)
+        got = torch.compile(step, backend="inductor")(q, k, v, cos, sin, positions, [k_cache, v_cache])
+    assert seen == [k_cache.data_ptr()]
+    assert torch.allclose(got, want, atol=1e-6) and torch.equal(k_cache, eager_caches[0])

@@ -26,7 +26,7 @@ def test_cpu_smoke_run_writes_every_section(tmp_path):
     summary = json.load(open(out / "gpu_check.json"))
     assert summary["status"] == "complete" and summary["failed"] == [], summary
     order = list(dict.fromkeys(r["section"] for r in lines))
-    assert order == ["env", "bandwidth", "decode", "tokens", "train", "hf"]
+    assert order == ["env", "bandwidth", "decode", "fused", "tokens", "train", "hf"]
     sections = summary["sections"]
     assert all(sections[name]["status"] == "ok" for name in order), {n: sections[n]["status"] for n in order}
     assert not [r for r in lines if r["status"] in ("error", "skipped", "out_of_time")]
@@ -36,6 +36,10 @@ def test_cpu_smoke_run_writes_every_section(tmp_path):
     runner = sections["decode"]["parts"]["runner"]
     assert runner["tokens"] == 8 and runner["e2e_tokens_per_s"] > 0 and runner["description"]
     assert sections["decode"]["parts"]["plain_forward"]["eager_ms"] > 0
+    fused = sections["fused"]["parts"]
+    assert fused["kernel_vs_twin"]["worst_rel_err"] < 1e-5 and fused["tokens"]["all_identical"]
+    assert fused["batch_1"]["same_tokens_as_dense"] and fused["batch_1"]["tokens"] == 8
+    assert all(fused[f"attention_{n}"]["fused_ms"] > 0 and fused[f"attention_{n}"]["dense_ms"] > 0 for n in (8, 64))
     for name in ("greedy", "sampled"):
         tokens = sections["tokens"]["parts"][name]
         assert tokens["all_identical"] and tokens["identical"] == "6/6", tokens

@@ -21,6 +21,7 @@ from typing import ClassVar, Optional, Tuple
 from engine.runtime.cli import check_seed, flag
 from engine.runtime.errors import UserError
 from engine.text.answers import check_task
+from models.args import DECODE_ATTENTION
 
 _CPU_OR_CUDA = "cpu or cuda (default: cuda when every process on this node has a GPU of its own)."
 _TASK_PREFIX = "a step-by-step model's task: label (the default for such a model) or rationale."
@@ -101,9 +102,10 @@ class GenerationFlags(CommandArgs):
     output_tokens: bool = flag("also write the generated token ids ('tokens') of each response.", False)
     compile: bool = flag("on a GPU, decode with CUDA graphs of a compiled step (False: eager; CPU is always eager).",
                          True)
-    decode_attention: str = flag("dense (every row reads the cache up to the batch's longest, batched matmuls) or "
-                                 "ragged (each row its own live keys only; eager steps: CPU, or --compile False).",
-                                 "dense")
+    decode_attention: str = flag("dense (every row reads the cache up to the batch's longest, batched matmuls), "
+                                 "ragged (each row its own live keys only; eager steps: CPU, or --compile False) or "
+                                 "fused (RoPE, the cache write and each row's live keys in one Triton kernel on a "
+                                 "GPU, CUDA graphs included; its torch twin on the CPU).", "dense")
     tp_size: Optional[int] = flag("tensor-parallel size (default: all processes); world size / tp_size replicas each "
                                   "generate a share of the records into the one output file.", None)
 
@@ -120,8 +122,9 @@ class GenerationFlags(CommandArgs):
         for name in ("num_samples", "batch_size", "max_new_tokens", "prefill_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.decode_attention not in ("dense", "ragged"):
-            raise UserError(f"--decode_attention must be dense or ragged, got {self.decode_attention!r}")
+        if self.decode_attention not in DECODE_ATTENTION:
+            raise UserError(f"--decode_attention must be {', '.join(DECODE_ATTENTION[:-1])} or {DECODE_ATTENTION[-1]}, "
+                            f"got {self.decode_attention!r}")
         if self.long_prompts not in ("skip", "truncate"):
             raise UserError(f"--long_prompts must be skip or truncate, got {self.long_prompts!r}")
         check_seed(self.seed)

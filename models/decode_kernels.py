@@ -1,0 +1,211 @@
+"""One decode step's attention of a layer as one Triton kernel (and a small merge): RoPE of the new
+query and key, the new key and value written into the KV cache, and flash-decoding attention of each
+row's query heads over that row's live slots only (positions [first, position], first > 0 with a
+sliding window), its keys split into pieces scored by separate programs and merged by log-sum-exp.
+
+Why: at batch 1 a decode step is launch-bound (RoPE, two cache writes, scores, mask, softmax and the
+weighted sum are ~6 kernels per layer in eager PyTorch); at large batch the dense read of every row
+up to the batch's longest reads more KV than needed. The grid depends only on the batch, the KV
+heads and the bucketed KV length, so a CUDA graph captures it; each program skips the blocks past
+its row's position.
+
+`fused_decode_attention` is the entry point: the Triton kernel on a GPU (or on the CPU under
+TRITON_INTERPRET=1, which is how the tests run the kernel itself); its torch twin `reference`
+computes the same thing with plain operations.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+
+BLOCK_N = 64  # cache slots scored per loop iteration of a program
+CPU_KERNEL = False  # on the CPU, run the kernel (TRITON_INTERPRET=1 set before triton is imported): tests
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, D] rotated by the rotate-half convention with cos/sin [B, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def reference(q, k, v, cos, sin, k_cache, v_cache, positions, window: Optional[int], kv_len: int) -> torch.Tensor:
+    """The torch twin of the kernel. q [B, Hq, D], k/v [B, Hkv, D] (q and k before RoPE), cos/sin
+    [B, D], caches [rows >= B, Hkv, max_len, D], positions [B]: writes k (rotated) and v at each row's
+    position and returns [B, Hq, D], the attention of each row's queries over slots [first, position]."""
+    bsz, n_heads, head_dim = q.shape
+    n_kv = k.shape[1]
+    q, k = rotate_half_rope(q, cos, sin), rotate_half_rope(k, cos, sin)
+    rows = torch.arange(bsz, device=q.device)
+    k_cache[rows, :, positions] = k.to(k_cache.dtype)
+    v_cache[rows, :, positions] = v.to(v_cache.dtype)
+    keys, values = k_cache[:bsz, :, :kv_len], v_cache[:bsz, :, :kv_len]
+    slots = torch.arange(kv_len, device=q.device)
+    visible = slots[None] <= positions[:, None]
+    if window is not None:
+        visible &= positions[:, None] - slots[None] < window
+    scores = torch.einsum("bkgd,bktd->bkgt", q.reshape(bsz, n_kv, -1, head_dim).float(), keys.float())
+    scores = (scores * head_dim ** -0.5).masked_fill(~visible[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bkgt,bktd->bkgd", probs, values.float())
+    return out.reshape(bsz, n_heads, head_dim).to(q.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """The Triton kernels, built at the first call (so that importing this module needs no Triton)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def partials(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr,
+                 sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, sc_h, sc_t, scale, window, n_splits, split_len,
+                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr,
+                 BLOCK: tl.constexpr, WINDOWED: tl.constexpr):
+        b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        half: tl.constexpr = HEAD_DIM // 2
+        d = tl.arange(0, D_PAD)
+        g = tl.arange(0, G_PAD)
+        d_ok, g_ok = d < HEAD_DIM, g < GROUP
+        partner = tl.where(d < half, d + half, d - half)  # rotate-half: x[d] pairs with x[partner]
+        sign = tl.where(d < half, -1.0, 1.0)
+        pos = tl.load(pos_ptr + b)
+        cos = tl.load(cos_ptr + b * HEAD_DIM + d, mask=d_ok, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + b * HEAD_DIM + d, mask=d_ok, other=0.0).to(tl.float32)
+        q_rows = q_ptr + b * sq_b + (h * GROUP + g[:, None]) * sq_h
+        q_mask = g_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_rows + d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+        q_pair = tl.load(q_rows + partner[None, :], mask=q_mask, other=0.0).to(tl.float32)
+        q = (q * cos[None, :] + sign[None, :] * q_pair * sin[None, :]) * scale
+        k_new = tl.load(k_ptr + b * sk_b + h * sk_h + d, mask=d_ok, other=0.0).to(tl.float32)
+        k_pair = tl.load(k_ptr + b * sk_b + h * sk_h + partner, mask=d_ok, other=0.0).to(tl.float32)
+        k_new = k_new * cos + sign * k_pair * sin
+        v_new = tl.load(v_ptr + b * sv_b + h * sv_h + d, mask=d_ok, other=0.0).to(tl.float32)
+        kc = kc_ptr + b * sc_b + h * sc_h
+        vc = vc_ptr + b * sc_b + h * sc_h
+        if s == pos // split_len:  # the one program whose piece holds the new slot stores it
+            tl.store(kc + pos * sc_t + d, k_new.to(kc_ptr.dtype.element_ty), mask=d_ok)
+            tl.store(vc + pos * sc_t + d, v_new.to(vc_ptr.dtype.element_ty), mask=d_ok)
+        first = 0
+        if WINDOWED:
+            first = tl.maximum(pos - window + 1, 0)
+        lo = tl.maximum(s * split_len, (first // BLOCK) * BLOCK)
+        hi = tl.minimum((s + 1) * split_len, pos + 1)
+        peak = tl.full([G_PAD], float("-inf"), tl.float32)
+        total = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+        for start in range(lo, hi, BLOCK):  # only blocks holding this row's visible slots
+            t = start + tl.arange(0, BLOCK)
+            seen = (t <= pos) & (t >= first) & (t < hi)
+            kv_mask = seen[:, None] & d_ok[None, :]
+            keys = tl.load(kc + t[:, None] * sc_t + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+            vals = tl.load(vc + t[:, None] * sc_t + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+            fresh = (t == pos)[:, None]  # the new slot comes from registers: another program may not have stored it
+            keys = tl.where(fresh, k_new[None, :], keys)
+            vals = tl.where(fresh, v_new[None, :], vals)
+            scores = tl.dot(q, tl.trans(keys), input_precision="ieee")
+            scores = tl.where(seen[None, :], scores, float("-inf"))
+            new_peak = tl.maximum(peak, tl.max(scores, axis=1))
+            safe = tl.where(new_peak == float("-inf"), 0.0, new_peak)
+            probs = tl.exp(scores - safe[:, None])
+            rescale = tl.exp(peak - safe)
+            total = total * rescale + tl.sum(probs, axis=1)
+            acc = acc * rescale[:, None] + tl.dot(probs, vals, input_precision="ieee")
+            peak = new_peak
+        part = (b * tl.num_programs(1) + h) * n_splits + s
+        tl.store(m_ptr + part * G_PAD + g, peak)
+        tl.store(l_ptr + part * G_PAD + g, total)
+        tl.store(acc_ptr + (part * G_PAD + g[:, None]) * D_PAD + d[None, :], acc)
+
+    @triton.jit
+    def merge(m_ptr, l_ptr, acc_ptr, out_ptr, so_b, so_h, n_splits,
+              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr):
+        b, h = tl.program_id(0), tl.program_id(1)
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, D_PAD)
+        base = (b * tl.num_programs(1) + h) * n_splits
+        top = tl.full([G_PAD], float("-inf"), tl.float32)
+        for s in range(0, n_splits):
+            top = tl.maximum(top, tl.load(m_ptr + (base + s) * G_PAD + g))
+        total = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+        for s in range(0, n_splits):
+            w = tl.exp(tl.load(m_ptr + (base + s) * G_PAD + g) - top)  # 0 for pieces past the row's position
+            total += w * tl.load(l_ptr + (base + s) * G_PAD + g)
+            acc += w[:, None] * tl.load(acc_ptr + ((base + s) * G_PAD + g[:, None]) * D_PAD + d[None, :])
+        out = acc / total[:, None]
+        mask = (g < GROUP)[:, None] & (d < HEAD_DIM)[None, :]
+        tl.store(out_ptr + b * so_b + (h * GROUP + g[:, None]) * so_h + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    return partials, merge
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def split_length(kv_len: int, programs: int, target: int = 512) -> int:
+    """Slots per piece: whole blocks, enough pieces that batch x KV heads x pieces reaches about
+    `target` programs (an H200 has 132 multiprocessors), never more pieces than blocks."""
+    blocks = -(-kv_len // BLOCK_N)
+    pieces = max(1, min(blocks, -(-target // max(programs, 1))))
+    return -(-blocks // pieces) * BLOCK_N
+
+
+def triton_decode_attention(q, k, v, cos, sin, k_cache, v_cache, positions, window: Optional[int],
+                            kv_len: int) -> torch.Tensor:
+    """`reference`'s computation by the Triton kernels (see the module's docstring)."""
+    bsz, n_heads, head_dim = q.shape
+    n_kv = k.shape[1]
+    group = n_heads // n_kv
+    g_pad, d_pad = max(16, _next_pow2(group)), max(16, _next_pow2(head_dim))
+    split = split_length(kv_len, bsz * n_kv)
+    n_splits = -(-kv_len // split)
+    peaks = torch.empty(bsz, n_kv, n_splits, g_pad, device=q.device, dtype=torch.float32)
+    totals = torch.empty_like(peaks)
+    accs = torch.empty(bsz, n_kv, n_splits, g_pad, d_pad, device=q.device, dtype=torch.float32)
+    out = torch.empty_like(q)
+    cos, sin, positions = cos.contiguous(), sin.contiguous(), positions.contiguous()
+    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
+    partials, merge = _kernels()
+    partials[(bsz, n_kv, n_splits)](
+        q, k, v, cos, sin, k_cache, v_cache, positions, peaks, totals, accs,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), head_dim ** -0.5, window or 0, n_splits, split,
+        GROUP=group, HEAD_DIM=head_dim, G_PAD=g_pad, D_PAD=d_pad, BLOCK=BLOCK_N, WINDOWED=window is not None)
+    merge[(bsz, n_kv)](peaks, totals, accs, out, out.stride(0), out.stride(1), n_splits,
+                       GROUP=group, HEAD_DIM=head_dim, G_PAD=g_pad, D_PAD=d_pad)
+    return out
+
+
+@torch.library.custom_op("cot_distill::fused_decode_attention", mutates_args=("k_cache", "v_cache"))
+def fused_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                           k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                           window: Optional[int], kv_len: int) -> torch.Tensor:
+    """One operation for torch.compile (it neither traces nor copies the cache): the Triton kernel on
+    a GPU with Triton (and on the CPU with CPU_KERNEL, interpreted), else the torch twin."""
+    if triton_available() and (q.is_cuda or (CPU_KERNEL and _interpreting())):
+        return triton_decode_attention(q, k, v, cos, sin, k_cache, v_cache, positions, window, kv_len)
+    return reference(q, k, v, cos, sin, k_cache, v_cache, positions, window, kv_len)
+
+
+@fused_decode_attention.register_fake
+def _(q, k, v, cos, sin, k_cache, v_cache, positions, window, kv_len):
+    return torch.empty_like(q)
