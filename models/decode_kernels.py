@@ -65,10 +65,10 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def partials(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr,
-                 sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, sc_h, sc_t, scale, window, n_splits, split_len,
+    def partials(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, out_ptr,
+                 sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, sc_h, sc_t, so_b, so_h, scale, window, n_splits, split_len,
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr,
-                 BLOCK: tl.constexpr, WINDOWED: tl.constexpr):
+                 BLOCK: tl.constexpr, WINDOWED: tl.constexpr, ONE_PIECE: tl.constexpr):
         b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         half: tl.constexpr = HEAD_DIM // 2
         d = tl.arange(0, D_PAD)
@@ -119,10 +119,14 @@ def _kernels():
             total = total * rescale + tl.sum(probs, axis=1)
             acc = acc * rescale[:, None] + tl.dot(probs, vals, input_precision="ieee")
             peak = new_peak
-        part = (b * tl.num_programs(1) + h) * n_splits + s
-        tl.store(m_ptr + part * G_PAD + g, peak)
-        tl.store(l_ptr + part * G_PAD + g, total)
-        tl.store(acc_ptr + (part * G_PAD + g[:, None]) * D_PAD + d[None, :], acc)
+        if ONE_PIECE:  # the whole row in this program: the output itself, no merge kernel
+            tl.store(out_ptr + b * so_b + (h * GROUP + g[:, None]) * so_h + d[None, :],
+                     (acc / total[:, None]).to(out_ptr.dtype.element_ty), mask=q_mask)
+        else:
+            part = (b * tl.num_programs(1) + h) * n_splits + s
+            tl.store(m_ptr + part * G_PAD + g, peak)
+            tl.store(l_ptr + part * G_PAD + g, total)
+            tl.store(acc_ptr + (part * G_PAD + g[:, None]) * D_PAD + d[None, :], acc)
 
     @triton.jit
     def merge(m_ptr, l_ptr, acc_ptr, out_ptr, so_b, so_h, n_splits,
@@ -161,9 +165,12 @@ def triton_available() -> bool:
     return True
 
 
-def split_length(kv_len: int, programs: int, target: int = 512) -> int:
+def split_length(kv_len: int, programs: int, target: int = 512, one_piece_up_to: int = 256) -> int:
     """Slots per piece: whole blocks, enough pieces that batch x KV heads x pieces reaches about
-    `target` programs (an H200 has 132 multiprocessors), never more pieces than blocks."""
+    `target` programs (an H200 has 132 multiprocessors), never more pieces than blocks; one piece
+    (no merge kernel) up to `one_piece_up_to` slots, which one program reads in about a kernel launch."""
+    if kv_len <= one_piece_up_to:
+        return kv_len
     blocks = -(-kv_len // BLOCK_N)
     pieces = max(1, min(blocks, -(-target // max(programs, 1))))
     return -(-blocks // pieces) * BLOCK_N
@@ -186,12 +193,14 @@ def triton_decode_attention(q, k, v, cos, sin, k_cache, v_cache, positions, wind
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
     partials, merge = _kernels()
     partials[(bsz, n_kv, n_splits)](
-        q, k, v, cos, sin, k_cache, v_cache, positions, peaks, totals, accs,
+        q, k, v, cos, sin, k_cache, v_cache, positions, peaks, totals, accs, out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), head_dim ** -0.5, window or 0, n_splits, split,
-        GROUP=group, HEAD_DIM=head_dim, G_PAD=g_pad, D_PAD=d_pad, BLOCK=BLOCK_N, WINDOWED=window is not None)
-    merge[(bsz, n_kv)](peaks, totals, accs, out, out.stride(0), out.stride(1), n_splits,
-                       GROUP=group, HEAD_DIM=head_dim, G_PAD=g_pad, D_PAD=d_pad)
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1), head_dim ** -0.5,
+        window or 0, n_splits, split, GROUP=group, HEAD_DIM=head_dim, G_PAD=g_pad, D_PAD=d_pad, BLOCK=BLOCK_N,
+        WINDOWED=window is not None, ONE_PIECE=n_splits == 1)
+    if n_splits > 1:
+        merge[(bsz, n_kv)](peaks, totals, accs, out, out.stride(0), out.stride(1), n_splits,
+                           GROUP=group, HEAD_DIM=head_dim, G_PAD=g_pad, D_PAD=d_pad)
     return out
 
 

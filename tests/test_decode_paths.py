@@ -246,13 +246,14 @@ def _decode_inputs(gen, rows, n_kv, group, head_dim, max_len, dtype):
     (3, 2, 2, 16, 40, 40, None, torch.float32),  # one block, GQA
     (2, 1, 1, 8, 200, 130, None, torch.float32),  # head_dim under 16 (padded), a cache longer than the bucket
     (4, 2, 4, 32, 300, 256, 50, torch.float32),  # sliding window across pieces
-    (5, 8, 1, 64, 700, 640, None, torch.float32),  # several pieces per row (split-K), plain MHA
+    (5, 8, 1, 64, 700, 640, None, torch.float32),  # several pieces per row (split-K, merged), plain MHA
+    (2, 2, 4, 32, 1100, 1024, 300, torch.float32),  # 16 pieces, a window spanning several
     (3, 2, 3, 16, 100, 70, 7, torch.bfloat16),  # a group of 3 (padded), bf16 cache
 ])
 def test_fused_decode_kernel_is_its_torch_twin(triton_interpreter, rows, n_kv, group, head_dim, max_len, kv_len,
                                                window, dtype):
-    """The Triton kernel (RoPE, cache write, attention over each row's live slots in pieces merged by
-    log-sum-exp) computes what its twin computes, for rows at position 0, mid-block and at the bucket's
+    """The Triton kernel (RoPE, cache write, attention over each row's live slots, in one piece or in
+    pieces merged by log-sum-exp) computes what its twin computes, for rows at position 0, mid-block and at the bucket's
     last slot: the same output and the same cache, with the rows past the batch untouched."""
     from models import decode_kernels as dk
 
