@@ -96,7 +96,8 @@ def main(batches="1,64,384", dim: int = 512, n_layers: int = 4, n_heads: int = 8
         e2e_batch: slots of the end-to-end run.
         e2e_records: records of the end-to-end run.
         samples: K > 0 times K samples of each question, prefill shared vs every copy prefilled, instead.
-        decode_attention: our decode attention, dense or ragged; "dense,ragged" times both in the same run.
+        decode_attention: our decode attention, auto, dense, ragged or fused; "dense,fused" times both in the same
+            run.
     """
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -104,6 +105,7 @@ def main(batches="1,64,384", dim: int = 512, n_layers: int = 4, n_heads: int = 8
     from engine.checkpoint import load_for_inference
     from engine.infer.generation import SamplingParams, make_runner
     from engine.runtime import distributed
+    from models.args import DECODE_ATTENTION
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
@@ -142,8 +144,8 @@ def main(batches="1,64,384", dim: int = 512, n_layers: int = 4, n_heads: int = 8
             theirs, t_hf = _timed(lambda: _hf_generate(hf, prompts, new_tokens, device), device)
             kinds = decode_attention if isinstance(decode_attention, (list, tuple)) else str(decode_attention).split(",")
             for kind in kinds:
-                if kind not in ("dense", "ragged"):
-                    raise SystemExit(f"--decode_attention takes dense and / or ragged, got {kind!r}")
+                if kind not in DECODE_ATTENTION:
+                    raise SystemExit(f"--decode_attention takes some of {', '.join(DECODE_ATTENTION)}, got {kind!r}")
                 ours.decode_attention(kind)
                 results.append(_ours_row(ours, make_runner(ours, compile), prompts, greedy, theirs, t_hf, device))
                 results[-1]["decode_attention"] = kind

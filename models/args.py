@@ -16,7 +16,7 @@ from typing import Optional
 
 from models.errors import UserError
 
-DECODE_ATTENTION = ("dense", "ragged", "fused")  # how a decode step attends (Transformer.decode_attention)
+DECODE_ATTENTION = ("auto", "dense", "ragged", "fused")  # how a decode step attends (Transformer.decode_attention)
 
 
 class ConfigError(UserError):

@@ -204,6 +204,36 @@ def triton_decode_attention(q, k, v, cos, sin, k_cache, v_cache, positions, wind
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def kernel_check(device: str, dtype: torch.dtype, n_heads: int, n_kv: int, head_dim: int,
+                 window: Optional[int]) -> Optional[str]:
+    """None when the Triton kernel runs on `device` and computes its twin's result on random inputs of
+    these heads (one piece and several, a row at position 0); else why not, in a few words. Run once
+    per shape by `--decode_attention auto` before it picks the kernel."""
+    if not triton_available():
+        return "Triton is not installed"
+    try:
+        gen = torch.Generator(device=device).manual_seed(0)
+        for rows, kv_len in ((3, 100), (3, 700)):
+            def rand(*shape):
+                return torch.randn(*shape, device=device, generator=gen).to(dtype)
+
+            angles = torch.rand(rows, head_dim // 2, device=device, generator=gen) * 6
+            cos, sin = (torch.cat([f(angles)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
+            q, k, v = rand(rows, n_heads, head_dim), rand(rows, n_kv, head_dim), rand(rows, n_kv, head_dim)
+            caches = [rand(rows, n_kv, kv_len, head_dim) for _ in range(2)]
+            positions = torch.tensor([kv_len - 1, kv_len // 2, 0], device=device)
+            want = reference(q.float(), k.float(), v.float(), cos.float(), sin.float(), *[c.float() for c in caches],
+                             positions, window, kv_len)
+            got = triton_decode_attention(q, k, v, cos, sin, *caches, positions, window, kv_len).float()
+            err = float((got - want).norm() / want.norm())
+            if not err < (1e-4 if dtype == torch.float32 else 3e-2):  # NaN fails too
+                return f"its result differs from the torch twin's (relative error {err:.2g})"
+    except Exception as e:  # a Triton or driver error: the dense path still works
+        return f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+    return None
+
+
 @torch.library.custom_op("cot_distill::fused_decode_attention", mutates_args=("k_cache", "v_cache"))
 def fused_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                            k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,

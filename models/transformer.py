@@ -24,8 +24,9 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from models import decode_kernels
 from models.args import DECODE_ATTENTION, ModelArgs
-from models.compiled import CompiledCall
+from models.compiled import CompiledCall, say_once
 from models.decode_kernels import fused_decode_attention
 from models.parallel import (
     ColumnParallelLinear,
@@ -470,11 +471,27 @@ class Transformer(nn.Module):
         """"dense": a decode step reads slots [0, kv_len) of every row (batched matmuls); "ragged":
         each row's own live slots only (ragged_decode_attention), outside static_shapes(); "fused":
         RoPE, the cache write and attention over each row's live slots in one Triton kernel on a GPU
-        (models/decode_kernels.py; its torch twin elsewhere), static shapes included."""
+        (models/decode_kernels.py; its torch twin elsewhere), static shapes included; "auto": fused on
+        a GPU where the kernel passes a check against its twin (once per shape), else dense."""
         if kind not in DECODE_ATTENTION:
             raise ValueError(f"decode attention {kind!r} is not one of {', '.join(DECODE_ATTENTION)}")
+        if kind == "auto":
+            kind = self._auto_decode_attention()
         for layer in self.layers:
             layer.attention.decode_kind = kind
+
+    def _auto_decode_attention(self) -> str:
+        """"fused" where the Triton kernel runs (a GPU; the CPU under decode_kernels.CPU_KERNEL) and
+        passes its check against the twin, else "dense"."""
+        w = self.head_weight
+        if w.device.type != "cuda" and not decode_kernels.CPU_KERNEL:
+            return "dense"
+        args = self.args
+        why = decode_kernels.kernel_check(str(w.device), w.dtype, args.n_heads // self.tp_size, args.local_kv_heads(self.tp_size),
+                           args.head_dim, args.sliding_window)
+        say_once("decode attention: fused Triton kernel" if why is None else
+                 f"decode attention: dense (the fused Triton kernel is not used: {why})")
+        return "fused" if why is None else "dense"
 
     @contextlib.contextmanager
     def static_shapes(self):

@@ -171,7 +171,7 @@ def test_ragged_and_fused_decode_attention_give_hf_greedy_tokens_through_infer(t
     model.decode_attention("dense")
     assert runs["greedy", "ragged"] == ref and runs["greedy", "dense"] == ref and runs["greedy", "fused"] == ref
     assert runs["sampled", "ragged"] == runs["sampled", "dense"] == runs["sampled", "fused"] != ref
-    with pytest.raises(UserError, match="--decode_attention must be dense, ragged or fused, got 'sparse'"):
+    with pytest.raises(UserError, match="--decode_attention must be auto, dense, ragged or fused, got 'sparse'"):
         infer.generate(**flags, decode_attention="sparse", output_file=str(tmp_path / "bad.jsonl"))
 
 
@@ -320,3 +320,32 @@ def test_fused_decode_attention_updates_the_cache_in_place_when_compiled(inducto
         got = torch.compile(step, backend="inductor")(q, k, v, cos, sin, positions, [k_cache, v_cache])
     assert seen == [k_cache.data_ptr()]
     assert torch.allclose(got, want, atol=1e-6) and torch.equal(k_cache, eager_caches[0])
+
+
+def test_auto_decode_attention_takes_the_kernel_only_where_it_passes_its_check(tiny, triton_interpreter, monkeypatch,
+                                                                               capsys):
+    """--decode_attention auto: dense on the CPU; where the kernel runs (here: interpreted) fused, once
+    it has matched its twin on random inputs of the model's heads; dense again, with the reason in one
+    line, when the kernel computes something else or fails."""
+    from models import compiled, decode_kernels as dk
+
+    model = tiny[0]
+    kinds = lambda: {layer.attention.decode_kind for layer in model.layers}  # noqa: E731
+    try:
+        with pytest.MonkeyPatch.context() as cpu:
+            cpu.setattr(dk, "CPU_KERNEL", False)
+            model.decode_attention("auto")
+            assert kinds() == {"dense"}
+        model.decode_attention("auto")
+        assert kinds() == {"fused"}
+        real = dk.triton_decode_attention
+        for broken, why in ((lambda *a: real(*a) * 1.01, "differs from the torch twin's"),
+                            (lambda *a: 1 / 0, "ZeroDivisionError")):
+            dk.kernel_check.cache_clear()
+            monkeypatch.setattr(dk, "triton_decode_attention", broken)
+            monkeypatch.setattr(compiled, "_SAID", set())
+            model.decode_attention("auto")
+            assert kinds() == {"dense"} and why in capsys.readouterr().err
+    finally:
+        dk.kernel_check.cache_clear()
+        model.decode_attention("dense")

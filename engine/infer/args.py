@@ -102,10 +102,11 @@ class GenerationFlags(CommandArgs):
     output_tokens: bool = flag("also write the generated token ids ('tokens') of each response.", False)
     compile: bool = flag("on a GPU, decode with CUDA graphs of a compiled step (False: eager; CPU is always eager).",
                          True)
-    decode_attention: str = flag("dense (every row reads the cache up to the batch's longest, batched matmuls), "
-                                 "ragged (each row its own live keys only; eager steps: CPU, or --compile False) or "
-                                 "fused (RoPE, the cache write and each row's live keys in one Triton kernel on a "
-                                 "GPU, CUDA graphs included; its torch twin on the CPU).", "dense")
+    decode_attention: str = flag("auto (fused on a GPU where the Triton kernel passes a check against its torch twin, "
+                                 "else dense), dense (every row reads the cache up to the batch's longest, batched "
+                                 "matmuls), ragged (each row its own live keys only; eager steps: CPU, or --compile "
+                                 "False) or fused (RoPE, the cache write and each row's live keys in one Triton "
+                                 "kernel on a GPU, CUDA graphs included; its torch twin on the CPU).", "auto")
     tp_size: Optional[int] = flag("tensor-parallel size (default: all processes); world size / tp_size replicas each "
                                   "generate a share of the records into the one output file.", None)
 
