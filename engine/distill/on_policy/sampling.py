@@ -62,6 +62,7 @@ class Sampler:
     def sample(self, prompts: List[List[int]], seeds: List[int]) -> List[Tuple[List[int], str]]:
         """(new tokens, finish) per prompt, in prompt order; a stop id, when reached, is the last token."""
         if self.runner is None:
+            self.model.decode_attention("auto")  # the fused kernel on a GPU where it passes its check
             self.runner = make_runner(self.model, self.compiled)
         training = self.model.training
         self.model.eval()
