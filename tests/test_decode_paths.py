@@ -349,3 +349,28 @@ def test_auto_decode_attention_takes_the_kernel_only_where_it_passes_its_check(t
     finally:
         dk.kernel_check.cache_clear()
         model.decode_attention("dense")
+
+
+def test_compiled_prefill_is_a_few_graphs_for_every_prompt_width(tiny):
+    """The static runner's compiled prefill (dynamic shapes) gives the eager prefill's tokens for 9
+    prompts of 2-19 tokens prefilled in groups of 1-3, in a few graphs (not one per width): one or
+    two per kind of batch (a single prompt, several), within and beyond the sliding window."""
+    import torch._dynamo
+
+    from models.compiled import CompiledCall
+
+    model, _, tok, prompts, _ = tiny
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    params = g.SamplingParams(max_new_tokens=6)
+    runner = g.StaticSteps(model, 3, 4)
+    runner.prefill_call = CompiledCall(g._prefill_logits, "prefill", dynamic=True, backend=counting)
+    got = _run(model, prompts, params, runner, [tok.eos_id], refill_min=1)
+    assert got == _run(model, prompts, params, g.EagerSteps(model), [tok.eos_id])
+    assert runner.prefill_call.active and len({len(p) for p in prompts}) >= 8
+    assert 1 <= len(graphs) <= 4, len(graphs)

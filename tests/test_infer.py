@@ -170,7 +170,7 @@ def test_cuda_graph_runner_says_what_it_is_without_a_gpu(capsys):
 @pytest.mark.processes
 @pytest.mark.parametrize("family", ["llama3"])
 def test_inductor_compiled_decode_step_matches_hf(models, family, dist1):
-    """The step torch.compile builds for the GPU path, compiled here by inductor for the CPU."""
+    """The step and the prefill torch.compile builds for the GPU path, compiled here by inductor for the CPU."""
     import torch._dynamo
 
     from engine.checkpoint import load_model
@@ -184,7 +184,7 @@ def test_inductor_compiled_decode_step_matches_hf(models, family, dist1):
     runner = g.StaticSteps(model, sync_every=3, first_bucket=8, compiled=True)
     out = g.complete_prompts(model, [tok.encode(q) for q in QUESTIONS], g.SamplingParams(max_new_tokens=NEW), [tok.eos_id], 3,
                      runner=runner)
-    assert runner.step_call.active and out == ref
+    assert runner.step_call.active and runner.prefill_call.active and out == ref
 
 
 def test_batching_and_sampling(models, dist1, tmp_path):

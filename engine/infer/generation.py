@@ -218,6 +218,13 @@ class _HostSlots:
         self.done = [self.done[i] for i in rows] + [False] * free
 
 
+def _prefill_logits(model, tokens: torch.Tensor, cache, rows: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Prompts [g, width] into cache rows `rows` from position 0; the logits [g, V] at each prompt's
+    last position `last` (what a compiled prefill runs, one graph for every width)."""
+    hidden = model.forward_hidden(tokens, cache=cache, cache_rows=rows)
+    return model.logits(hidden[torch.arange(tokens.shape[0], device=tokens.device), last])
+
+
 def _decode_step(model, cache, state: _DeviceSlots, params: SamplingParams, m: int, kv_len: int, max_len: int):
     """One token for each of the first m slots, everything on the device: what a CUDA graph captures."""
     logits = model(state.tokens[:m, None], positions=state.pos[:m, None], cache=cache, kv_len=kv_len)[:, -1]
@@ -238,6 +245,7 @@ class EagerSteps:
     overlap = False  # queue the next block before reading the last (Batcher)
     description = "eager decode step"
     step_call = None  # a CompiledCall of _decode_step when the step is compiled
+    prefill_call = None  # and one of _prefill_logits (dynamic shapes) with it
 
     def __init__(self, model):
         self.model, self._key, self.cache, self.state = model, None, None, None
@@ -280,6 +288,9 @@ class StaticSteps(EagerSteps):
         self.sync_every, self.first_bucket, self.overlap = sync_every, first_bucket, overlap
         if compiled:
             self.step_call = CompiledCall(_decode_step, "decode step", **compile_options)
+            # prompts come in every width: one dynamic-shape graph (not captured; its kernels fused)
+            self.prefill_call = CompiledCall(_prefill_logits, "prefill", dynamic=True,
+                                             backend=compile_options.get("backend", "inductor"))
 
     def rows_for(self, count: int, n: int) -> int:
         level = n
@@ -518,9 +529,8 @@ class Batcher:
             tokens[b, : len(r.prompt)] = torch.tensor(r.prompt)
         lens = torch.tensor([len(r.prompt) for _, r in group], device=device)
         self.prefilled += sum(len(r.prompt) for _, r in group)
-        hidden = self.model.forward_hidden(tokens.to(device), cache=self.cache,
-                                           cache_rows=torch.tensor([row for row, _ in group], device=device))
-        logits = self.model.logits(hidden[torch.arange(len(group), device=device), lens - 1])
+        logits = (self.runner.prefill_call or _prefill_logits)(
+            self.model, tokens.to(device), self.cache, torch.tensor([row for row, _ in group], device=device), lens - 1)
         shared = [(b, row, pair) for b, (row, _) in enumerate(group) for pair in sharing[row]]
         if shared:  # the shared prompts' keys and values, copied once per sharing row
             self.cache.copy_rows(torch.tensor([row for _, row, _ in shared], device=device),
