@@ -107,9 +107,11 @@ def resolve_device(requested: str | None) -> str:
 _OWNED: list = []  # set when setup() created the process group (a launcher's own run)
 
 
-def teardown() -> None:
-    """Destroy what setup() created; a process group made by someone else (a test) is left alone."""
-    if not _OWNED:
+def teardown(always: bool = False) -> None:
+    """Destroy what setup() created; a process group made by someone else (a test) is left alone
+    unless `always` (the end of a process that keeps one group across several jobs: the group is
+    destroyed in order rather than by the interpreter's exit, where gloo's threads may abort it)."""
+    if not _OWNED and not always:
         return
     _OWNED.clear()
     if mpu.model_parallel_is_initialized():

@@ -23,3 +23,4 @@ def main(jobs_file):
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    distributed.teardown(always=True)  # in order, not by the interpreter's exit

@@ -18,3 +18,4 @@ def main(out):
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    distributed.teardown(always=True)  # in order, not by the interpreter's exit

@@ -121,3 +121,6 @@ def main(ckpt_dir, out):
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    from engine.runtime import distributed
+
+    distributed.teardown(always=True)  # in order, not by the interpreter's exit

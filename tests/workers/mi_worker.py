@@ -70,3 +70,6 @@ def main(out):
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    from engine.runtime import distributed
+
+    distributed.teardown(always=True)  # in order, not by the interpreter's exit
