@@ -149,7 +149,49 @@ def _kernels():
         tl.store(out_ptr + b * so_b + (h * GROUP + g[:, None]) * so_h + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=mask)
 
-    return partials, merge
+    @triton.jit
+    def linear(x_ptr, w_ptr, b_ptr, g_ptr, r_ptr, y_ptr, rows, n_out, k_in, sx, sw, sr, sy, eps,
+               R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
+               GLU: tl.constexpr, BIAS: tl.constexpr, RESID: tl.constexpr):
+        """y[r, n] = sum_k W[n, k] x'[r, k] (+ bias[n]) (+ residual[r, n]) for a few rows r, each program
+        BLOCK_N outputs; x' = RMSNorm(x) * g (NORM) or silu(gate) * up of x = [gate | up] (GLU)."""
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        r = tl.arange(0, R_PAD)
+        kk = tl.arange(0, BLOCK_K)
+        n_ok, r_ok = n < n_out, r < rows
+        inv_rms = tl.full([R_PAD], 1.0, tl.float32)
+        if NORM:  # every program reads the few input rows once more for their norm: they sit in L2
+            squares = tl.zeros([R_PAD], tl.float32)
+            for k0 in range(0, k_in, BLOCK_K):
+                k = k0 + kk
+                xt = tl.load(x_ptr + r[:, None] * sx + k[None, :], mask=r_ok[:, None] & (k < k_in)[None, :],
+                             other=0.0).to(tl.float32)
+                squares += tl.sum(xt * xt, axis=1)
+            inv_rms = 1.0 / tl.sqrt(squares / k_in + eps)
+        acc = tl.zeros([R_PAD, BLOCK_N], tl.float32)
+        for k0 in range(0, k_in, BLOCK_K):
+            k = k0 + kk
+            k_ok = k < k_in
+            x_mask = r_ok[:, None] & k_ok[None, :]
+            xt = tl.load(x_ptr + r[:, None] * sx + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
+            if GLU:
+                up = tl.load(x_ptr + r[:, None] * sx + k_in + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
+                xt = xt * tl.sigmoid(xt) * up
+            if NORM:
+                g = tl.load(g_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+                xt = xt * inv_rms[:, None] * g[None, :]
+            xt = xt.to(w_ptr.dtype.element_ty).to(tl.float32)  # the input rounded as the layer's own input is
+            w = tl.load(w_ptr + n[:, None] * sw + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                        other=0.0).to(tl.float32)
+            acc += tl.sum(xt[:, None, :] * w[None, :, :], axis=2)
+        if BIAS:
+            acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        out_mask = r_ok[:, None] & n_ok[None, :]
+        if RESID:
+            acc += tl.load(r_ptr + r[:, None] * sr + n[None, :], mask=out_mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + r[:, None] * sy + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+    return partials, merge, linear
 
 
 def _interpreting() -> bool:
@@ -191,7 +233,7 @@ def triton_decode_attention(q, k, v, cos, sin, k_cache, v_cache, positions, wind
     out = torch.empty_like(q)
     cos, sin, positions = cos.contiguous(), sin.contiguous(), positions.contiguous()
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
-    partials, merge = _kernels()
+    partials, merge, _ = _kernels()
     partials[(bsz, n_kv, n_splits)](
         q, k, v, cos, sin, k_cache, v_cache, positions, peaks, totals, accs, out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -204,12 +246,68 @@ def triton_decode_attention(q, k, v, cos, sin, k_cache, v_cache, positions, wind
     return out
 
 
+MAX_LINEAR_ROWS = 4  # rows a decode step may have for the fused projections (a matrix-vector product)
+
+
+def linear_reference(x, weight, bias=None, norm_weight=None, residual=None, eps: float = 1e-6,
+                     glu: bool = False) -> torch.Tensor:
+    """The twin of the `linear` kernel: x [R, K] (or [R, 2K] = [gate | up] with glu) -> [R, N]."""
+    if glu:
+        gate, up = x.float().chunk(2, dim=-1)
+        x = (torch.nn.functional.silu(gate) * up).to(x.dtype)
+    if norm_weight is not None:
+        x32 = x.float()
+        x = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()).to(weight.dtype)
+    y = torch.nn.functional.linear(x.to(weight.dtype).float(), weight.float(), None if bias is None else bias.float())
+    return (y if residual is None else y + residual.float()).to(x.dtype if residual is None else residual.dtype)
+
+
+def triton_linear(x, weight, bias=None, norm_weight=None, residual=None, eps: float = 1e-6,
+                  glu: bool = False) -> torch.Tensor:
+    """`linear_reference`'s computation by the Triton kernel."""
+    rows, n_out, k_in = x.shape[0], weight.shape[0], weight.shape[1]
+    assert rows <= MAX_LINEAR_ROWS and x.stride(-1) == 1 and weight.stride(-1) == 1
+    assert x.shape[1] == (2 * k_in if glu else k_in) and not (glu and norm_weight is not None)  # one prologue
+    y = torch.empty(rows, n_out, device=x.device, dtype=x.dtype if residual is None else residual.dtype)
+    block_n = 16 if n_out <= 4096 else 32
+    _, _, linear = _kernels()
+    linear[(-(-n_out // block_n),)](
+        x, weight, weight if bias is None else bias, weight if norm_weight is None else norm_weight,
+        y if residual is None else residual, y, rows, n_out, k_in, x.stride(0), weight.stride(0),
+        0 if residual is None else residual.stride(0), y.stride(0), eps, R_PAD=_next_pow2(rows), BLOCK_N=block_n,
+        BLOCK_K=128, NORM=norm_weight is not None, GLU=glu, BIAS=bias is not None, RESID=residual is not None)
+    return y
+
+
+def kernels_run_on(device: torch.device) -> bool:
+    """Whether the Triton kernels run here: a GPU with Triton, or the CPU under CPU_KERNEL."""
+    return triton_available() and (device.type == "cuda" or (CPU_KERNEL and _interpreting()))
+
+
+@torch.library.custom_op("cot_distill::decode_linear", mutates_args=())
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  norm_weight: Optional[torch.Tensor], residual: Optional[torch.Tensor], eps: float,
+                  glu: bool) -> torch.Tensor:
+    """A decode step's projection of a few rows with what surrounds it in one kernel: the RMSNorm
+    before it (norm_weight), the SwiGLU product before it (glu), the residual add after it."""
+    if kernels_run_on(x.device):
+        return triton_linear(x, weight, bias, norm_weight, residual, eps, glu)
+    return linear_reference(x, weight, bias, norm_weight, residual, eps, glu)
+
+
+@decode_linear.register_fake
+def _(x, weight, bias, norm_weight, residual, eps, glu):
+    dtype = x.dtype if residual is None else residual.dtype
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=dtype)
+
+
 @functools.lru_cache(maxsize=None)
 def kernel_check(device: str, dtype: torch.dtype, n_heads: int, n_kv: int, head_dim: int,
                  window: Optional[int]) -> Optional[str]:
-    """None when the Triton kernel runs on `device` and computes its twin's result on random inputs of
-    these heads (one piece and several, a row at position 0); else why not, in a few words. Run once
-    per shape by `--decode_attention auto` before it picks the kernel."""
+    """None when the Triton kernels run on `device` and compute their twins' results on random inputs
+    (the attention on these heads, in one piece and several, a row at position 0; the fused
+    projections with each prologue and epilogue); else why not, in a few words. Run once per shape by
+    `--decode_attention auto` before it picks the kernels."""
     if not triton_available():
         return "Triton is not installed"
     try:
@@ -229,6 +327,17 @@ def kernel_check(device: str, dtype: torch.dtype, n_heads: int, n_kv: int, head_
             err = float((got - want).norm() / want.norm())
             if not err < (1e-4 if dtype == torch.float32 else 3e-2):  # NaN fails too
                 return f"its result differs from the torch twin's (relative error {err:.2g})"
+        for rows, glu in ((1, False), (3, True)):  # the fused projections: norm + bias, SwiGLU + residual
+            x = torch.randn(rows, 600 if glu else 300, device=device, generator=gen).to(dtype)
+            weight = (torch.randn(200, 300, device=device, generator=gen) / 17).to(dtype)
+            extra = dict(residual=torch.randn(rows, 200, device=device, generator=gen).to(dtype)) if glu else dict(
+                bias=torch.randn(200, device=device, generator=gen).to(dtype),
+                norm_weight=torch.rand(300, device=device, generator=gen).to(dtype))
+            want = linear_reference(x.float(), weight.float(), **{k: t.float() for k, t in extra.items()}, glu=glu)
+            got = triton_linear(x, weight, **extra, glu=glu).float()
+            err = float((got - want).norm() / want.norm())
+            if not err < (1e-4 if dtype == torch.float32 else 3e-2):
+                return f"its projection differs from the torch twin's (relative error {err:.2g})"
     except Exception as e:  # a Triton or driver error: the dense path still works
         return f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
     return None
@@ -240,7 +349,7 @@ def fused_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
                            window: Optional[int], kv_len: int) -> torch.Tensor:
     """One operation for torch.compile (it neither traces nor copies the cache): the Triton kernel on
     a GPU with Triton (and on the CPU with CPU_KERNEL, interpreted), else the torch twin."""
-    if triton_available() and (q.is_cuda or (CPU_KERNEL and _interpreting())):
+    if kernels_run_on(q.device):
         return triton_decode_attention(q, k, v, cos, sin, k_cache, v_cache, positions, window, kv_len)
     return reference(q, k, v, cos, sin, k_cache, v_cache, positions, window, kv_len)
 

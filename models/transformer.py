@@ -366,8 +366,45 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x, cos, sin, positions, mask, cache=None, kv_len=None, cache_rows=None):
+        if cache is not None and cache_rows is None and self._fused_layer(x):
+            return self._fused_decode(x, cos, sin, positions, cache, kv_len)
         h = x + self.attention(self.attention_norm(x), cos, sin, positions, mask, cache, kv_len, cache_rows)
         return h + self.feed_forward(self.ffn_norm(h))
+
+    def _fused_layer(self, x) -> bool:
+        """Whether this decode step runs the layer as five kernels (_fused_decode): --decode_attention
+        fused where the kernels run, one token of at most MAX_LINEAR_ROWS rows, fused projections
+        without an unmerged LoRA adapter, a dense MLP, no autocast (the kernels take the weights' dtype)."""
+        att, ffn = self.attention, self.feed_forward
+        if att.decode_kind != "fused" or x.shape[1] != 1 or x.shape[0] > decode_kernels.MAX_LINEAR_ROWS:
+            return False
+        if att.fused is None or not isinstance(ffn, FeedForward) or ffn.fused is None:
+            return False
+        if any(getattr(m, "lora_A", None) is not None and not m.merged for m in (att.wo, ffn.w2)):
+            return False
+        return decode_kernels.kernels_run_on(x.device) and not torch.is_autocast_enabled(x.device.type)
+
+    def _fused_decode(self, x, cos, sin, positions, cache, kv_len):
+        """The block for one decode token in five kernels: RMSNorm + q/k/v projection; RoPE + cache
+        write + attention; output projection + residual; RMSNorm + gate/up projection; SwiGLU + down
+        projection + residual (under tensor parallelism the residuals are added after the all-reduce)."""
+        att, ffn, linear = self.attention, self.feed_forward, decode_kernels.decode_linear
+        bsz = x.shape[0]
+        x2 = x.reshape(bsz, -1)
+        qkv = linear(x2, att.fused[0], att.fused[1], self.attention_norm.weight, None, self.attention_norm.eps, False)
+        q, k, v = qkv.split([att.wq.weight.shape[0], att.wk.weight.shape[0], att.wv.weight.shape[0]], dim=-1)
+        out = fused_decode_attention(q.unflatten(-1, (att.n_local_heads, att.head_dim)),
+                                     k.unflatten(-1, (att.n_local_kv_heads, att.head_dim)),
+                                     v.unflatten(-1, (att.n_local_kv_heads, att.head_dim)), cos[:, 0], sin[:, 0],
+                                     cache.k[att.layer_id], cache.v[att.layer_id], positions[:, 0], att.window, kv_len)
+        one_rank = get_model_parallel_world_size() == 1
+        a = out.reshape(bsz, -1)
+        h = linear(a, att.wo.weight, None, None, x2, 0.0, False) if one_rank else \
+            x2 + reduce_from_tp(linear(a, att.wo.weight, None, None, None, 0.0, False))
+        gate_up = linear(h, ffn.fused[0], None, self.ffn_norm.weight, None, self.ffn_norm.eps, False)
+        y = linear(gate_up, ffn.w2.weight, None, None, h, 0.0, True) if one_rank else \
+            h + reduce_from_tp(linear(gate_up, ffn.w2.weight, None, None, None, 0.0, True))
+        return y.view(bsz, 1, -1)
 
 
 CHECKPOINT_POLICIES = ("none", "full", "selective")

@@ -55,7 +55,28 @@ def decode_paths(model, prompts, stop_ids, new_tokens, slots=3):
     runner = static(compiled=True, fullgraph=True, backend="eager")
     out["traced_greedy"] = g.complete_prompts(model, prompts, greedy, stop_ids, slots, runner=runner)
     out["traced_without_fallback"] = runner.step_call.active  # False when tracing failed and the step ran eagerly
+    out.update(_fused_kernel_paths(model, prompts, stop_ids, slots, static, greedy))
     return out
+
+
+def _fused_kernel_paths(model, prompts, stop_ids, slots, static, greedy) -> dict:
+    """--decode_attention fused with the Triton kernels themselves, run by Triton's CPU interpreter
+    (TRITON_INTERPRET=1 from tests/conftest.py, inherited by torchrun's workers): the static step,
+    greedy (test_decode_paths.py samples with them)."""
+    import os
+
+    from engine.infer import generation as g
+    from models import decode_kernels
+
+    if os.environ.get("TRITON_INTERPRET") != "1" or not decode_kernels.triton_available():
+        return {}
+    saved, decode_kernels.CPU_KERNEL = decode_kernels.CPU_KERNEL, True
+    try:
+        model.decode_attention("fused")
+        return {"fused_greedy": g.complete_prompts(model, prompts, greedy, stop_ids, slots, runner=static())}
+    finally:
+        decode_kernels.CPU_KERNEL = saved
+        model.decode_attention("dense")
 
 
 def head_loss_grads(seed: int = 0, rows: int = 5, cols: int = 9, dim: int = 16, vocab: int = 48):

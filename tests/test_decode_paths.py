@@ -272,18 +272,49 @@ def test_fused_decode_kernel_is_its_torch_twin(triton_interpreter, rows, n_kv, g
         assert torch.equal(k_cache, caches[0])
 
 
+@pytest.mark.parametrize("rows,k_in,n_out,extra,glu,dtype", [
+    (1, 40, 37, ("norm",), False, torch.float32),  # RMSNorm prologue; sizes off the blocks
+    (3, 300, 200, ("norm", "bias"), False, torch.float32),  # q/k/v with a bias (Qwen)
+    (4, 130, 70, ("residual",), True, torch.float32),  # SwiGLU prologue, residual epilogue
+    (2, 256, 4100, ("residual",), False, torch.float32),  # the wider output blocks
+    (3, 200, 64, ("norm", "bias"), False, torch.bfloat16),
+    (2, 200, 64, ("residual",), True, torch.bfloat16),
+])
+def test_fused_projection_kernel_is_its_torch_twin(triton_interpreter, rows, k_in, n_out, extra, glu, dtype):
+    """The decode projection kernel (a few rows; RMSNorm or SwiGLU before it, bias and residual after)
+    computes what its twin computes, every output written."""
+    from models import decode_kernels as dk
+
+    gen = torch.Generator().manual_seed(k_in)
+    x = torch.randn(rows, 2 * k_in if glu else k_in, generator=gen).to(dtype)
+    weight = (torch.randn(n_out, k_in, generator=gen) / k_in ** 0.5).to(dtype)
+    kw = {"norm_weight": torch.rand(k_in, generator=gen).to(dtype) + 0.5 if "norm" in extra else None,
+          "bias": torch.randn(n_out, generator=gen).to(dtype) if "bias" in extra else None,
+          "residual": torch.randn(rows, n_out, generator=gen).to(dtype) if "residual" in extra else None}
+    got = dk.triton_linear(x, weight, **kw, glu=glu)
+    want = dk.linear_reference(x, weight, **kw, glu=glu)
+    assert got.shape == want.shape == (rows, n_out) and got.dtype == want.dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() < tol
+
+
 @pytest.mark.parametrize("params", [g.SamplingParams(max_new_tokens=12), SAMPLED], ids=["greedy", "sampled"])
-def test_fused_decode_attention_gives_the_dense_tokens(tiny, triton_interpreter, params):
-    """Generation with the fused decode attention, the Triton kernel itself (interpreted) and its twin,
-    eager and in static-shape blocks, gives the dense path's tokens (GQA, a sliding window of 8 that
-    long prompts pass, refills)."""
+def test_fused_decode_attention_gives_the_dense_tokens(tiny, triton_interpreter, params, monkeypatch):
+    """Generation with --decode_attention fused, the Triton kernels themselves (interpreted: the
+    attention, and each layer as five kernels) and their twin, eager and in static-shape blocks, gives
+    the dense path's tokens (GQA, a sliding window of 8 that long prompts pass, refills)."""
+    from models import decode_kernels as dk
+
     model, _, tok, prompts, _ = tiny
     prompts = prompts[:5]
     want = _run(model, prompts, params, g.EagerSteps(model), [tok.eos_id])
-    runs = {}
+    runs, projections = {}, []
+    real = dk.triton_linear
+    monkeypatch.setattr(dk, "triton_linear", lambda *a, **kw: projections.append(1) or real(*a, **kw))
     try:
         model.decode_attention("fused")
         runs["kernel"] = _run(model, prompts, params, g.StaticSteps(model, 4, 4), [tok.eos_id])
+        assert len(projections) >= 4 * len(model.layers) * params.max_new_tokens  # the five-kernel layers ran
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr("models.decode_kernels.CPU_KERNEL", False)  # the CPU picks the twin
             runs["twin eager"] = _run(model, prompts, params, g.EagerSteps(model), [tok.eos_id])
