@@ -96,8 +96,7 @@ def main(batches="1,64,384", dim: int = 512, n_layers: int = 4, n_heads: int = 8
         e2e_batch: slots of the end-to-end run.
         e2e_records: records of the end-to-end run.
         samples: K > 0 times K samples of each question, prefill shared vs every copy prefilled, instead.
-        decode_attention: our decode attention, auto, dense, ragged or fused; "dense,fused" times both in the same
-            run.
+        decode_attention: our decode attention (auto, dense, ragged, fused); "dense,fused" times both in one run.
     """
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
