@@ -71,6 +71,10 @@ def test_relations_between_outputs_and_inputs(tmp_path):
     assert "holds the --data_file" in refused(tmp_path / "d", is_dir=True)
     assert "holds the --data_file" in refused(tmp_path, is_dir=True)  # the first input it holds
     out.check_relations([out.Output("--output_file", str(tmp_path / "d" / "other.json"))], inputs)  # a sibling
+    parts = out.Output("--output_file", str(tmp_path / "d" / "data"), beside_suffixes=r"\.part[1-9][0-9]*")
+    out.check_relations([parts], inputs)  # "data" + ".json" is no part
+    renamed = [("--data_file", str(tmp_path / "d" / "data.part12"))]
+    assert "writes and removes files named like the --data_file" in _error(out.check_relations, [parts], renamed)
 
 
 def test_existing_outputs_and_impossible_paths(tmp_path):
@@ -154,6 +158,11 @@ def test_launchers_refuse_outputs_that_are_inputs(env, tmp_path, dist1):
     assert "is inside the --ckpt_dir" in _error(
         infer.generate, output_file=str(env / "m" / "p.jsonl"), progress=False, **job
     )
+    part = tmp_path / "p.jsonl.part1"  # the name of a replica's part: a generation run would remove it
+    shutil.copy(data, part)
+    assert "writes and removes files named like the --data_file" in _error(
+        infer.generate, output_file=str(tmp_path / "p.jsonl"), progress=False, **{**job, "data_file": str(part)})
+    assert part.read_bytes() == before and not (tmp_path / "p.jsonl").exists()
     assert "is the --ckpt_dir" in _error(cks.reshard, str(env / "m"), str(env / "m"), 1, overwrite=True)
     kw = _train_kw(env, env / "arith")
     assert "holds the --train_file" in _error(train.main, **kw)

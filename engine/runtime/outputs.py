@@ -25,6 +25,7 @@ import errno
 import functools
 import inspect
 import os
+import re
 from dataclasses import dataclass, fields
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -53,6 +54,17 @@ class Output:
     is_dir: bool = False
     beside: Tuple[str, ...] = ()
     lock: Optional[str] = None  # default: PATH.lock beside the output
+    # files of a count not known in advance that the command writes, and removes, beside the output:
+    # a regular expression of their names after the output's own (infer.py's replica parts: r"\.part[1-9][0-9]*")
+    beside_suffixes: Optional[str] = None
+
+    def writes_beside(self, path: str) -> bool:
+        """Whether `path` is one of the beside_suffixes files of this output."""
+        if self.beside_suffixes is None:
+            return False
+        folder, base = os.path.split(_real(self.path))
+        other_folder, name = os.path.split(_real(path))
+        return folder == other_folder and re.fullmatch(re.escape(base) + self.beside_suffixes, name) is not None
 
     @property
     def lock_path(self) -> str:
@@ -118,6 +130,10 @@ def _same(a: str, b: str) -> bool:
 def check_relations(outputs: Sequence[Output], inputs: Sequence[Tuple[str, str]]) -> None:
     """Refuse an output (or a file written beside it) that is, is inside, or holds an input."""
     for out in outputs:
+        for flag, inp in inputs:
+            if inp and out.writes_beside(inp):
+                raise OutputError(f"{out.flag} {out.path} writes and removes files named like the {flag} {inp} "
+                                  f"beside it; write it elsewhere (an output never replaces an input)")
         for path in (out.path, *out.beside):
             for flag, inp in inputs:
                 if not inp:
