@@ -32,11 +32,12 @@ def ragged_cached_logits(model, tokens, prompt_lens):
 
 
 @torch.no_grad()
-def decode_paths(model, prompts, stop_ids, new_tokens, slots=3):
+def decode_paths(model, prompts, stop_ids, new_tokens, slots=3, fused=True):
     """Tokens of every decode path on the same prompts (more prompts than slots, so slots are
     refilled): the eager step; the static-shape step a CUDA graph captures (reading the back of the
     window of sync_every=3 steps, KV buckets from 4); and that step traced whole by Dynamo
-    (fullgraph: no graph break, so no host sync or data-dependent shape inside it)."""
+    (fullgraph: no graph break, so no host sync or data-dependent shape inside it); with `fused`,
+    --decode_attention fused with its kernels interpreted."""
     import torch._dynamo
 
     from engine.infer import generation as g
@@ -55,7 +56,8 @@ def decode_paths(model, prompts, stop_ids, new_tokens, slots=3):
     runner = static(compiled=True, fullgraph=True, backend="eager")
     out["traced_greedy"] = g.complete_prompts(model, prompts, greedy, stop_ids, slots, runner=runner)
     out["traced_without_fallback"] = runner.step_call.active  # False when tracing failed and the step ran eagerly
-    out.update(_fused_kernel_paths(model, prompts, stop_ids, slots, static, greedy))
+    if fused:
+        out.update(_fused_kernel_paths(model, prompts, stop_ids, slots, static, greedy))
     return out
 
 
