@@ -1,13 +1,13 @@
 """torchrun worker: every decode path (tests/model_checks.decode_paths) for each job's HF
 checkpoint at the launch's tensor-parallel size; rank 0 writes the tokens.  Usage: decode_worker.py JOBS.json"""
 import json
-import sys
 
 import torch
 
 from engine.checkpoint import load_for_inference
 from engine.runtime import distributed
 from tests.model_checks import decode_paths
+from tests.workers import run
 
 
 def main(jobs_file):
@@ -22,5 +22,4 @@ def main(jobs_file):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
-    distributed.teardown(always=True)  # in order, not by the interpreter's exit
+    run(main)

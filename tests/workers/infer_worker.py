@@ -1,9 +1,9 @@
 """torchrun worker: run infer.generate for several jobs in one launch.  Usage: infer_worker.py JOBS.json"""
 import json
-import sys
 
 import infer
 from engine.runtime import distributed
+from tests.workers import run
 
 
 def main(jobs_file):
@@ -14,5 +14,4 @@ def main(jobs_file):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
-    distributed.teardown(always=True)  # in order, not by the interpreter's exit
+    run(main)

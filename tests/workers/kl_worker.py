@@ -1,12 +1,12 @@
 """torchrun worker: tests/kl_checks.teacher_kl_grads (or, with `authors`, authors_kl_results; with
 `divergences`, divergence_grads) at the launch's tensor-parallel size; rank 0 saves the results.
 Usage: kl_worker.py OUT.pt [authors|divergences]"""
-import sys
 
 import torch
 
 from engine.runtime import distributed
 from tests.kl_checks import authors_kl_results, divergence_grads, teacher_kl_grads
+from tests.workers import run
 
 
 def main(out, which="ours"):
@@ -18,5 +18,4 @@ def main(out, which="ours"):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
-    distributed.teardown(always=True)  # in order, not by the interpreter's exit
+    run(main)

@@ -1,11 +1,11 @@
 """torchrun worker: tests/model_checks.head_loss_grads at the launch's tensor-parallel size; rank 0
 saves the results.  Usage: loss_worker.py OUT.pt"""
-import sys
 
 import torch
 
 from engine.runtime import distributed
 from tests.model_checks import head_loss_grads
+from tests.workers import run
 
 
 def main(out):
@@ -17,5 +17,4 @@ def main(out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
-    distributed.teardown(always=True)  # in order, not by the interpreter's exit
+    run(main)

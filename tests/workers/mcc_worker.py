@@ -8,6 +8,8 @@ import sys
 
 import torch
 
+from tests.workers import run
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 ALPHA, TEMPERATURE, HEAD_SCALE = 0.7, 1.3, 25.0
@@ -120,7 +122,4 @@ def main(ckpt_dir, out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
-    from engine.runtime import distributed
-
-    distributed.teardown(always=True)  # in order, not by the interpreter's exit
+    run(main)

@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+from tests.workers import run
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
@@ -69,7 +71,4 @@ def main(out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
-    from engine.runtime import distributed
-
-    distributed.teardown(always=True)  # in order, not by the interpreter's exit
+    run(main)

@@ -1,13 +1,13 @@
 """torchrun worker: load each job's checkpoint at the launch's tensor-parallel size, run the model,
 and (rank 0) save full and cached logits.  Usage: parity_worker.py JOBS.json"""
 import json
-import sys
 
 import torch
 
 from engine.checkpoint import load_model
 from engine.runtime import distributed
 from tests.model_checks import full_logits, ragged_cached_logits
+from tests.workers import run
 
 
 def main(jobs_file):
@@ -24,5 +24,4 @@ def main(jobs_file):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
-    distributed.teardown(always=True)  # in order, not by the interpreter's exit
+    run(main)
