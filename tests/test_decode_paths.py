@@ -406,3 +406,24 @@ def test_compiled_prefill_is_a_few_graphs_for_every_prompt_width(tiny):
     assert got == _run(model, prompts, params, g.EagerSteps(model), [tok.eos_id])
     assert runner.prefill_call.active and len({len(p) for p in prompts}) >= 8
     assert 1 <= len(graphs) <= 4, len(graphs)
+
+
+def test_a_fused_decode_step_dispatches_five_operations_a_layer(tiny, triton_interpreter):
+    """bench/decode_ops.py's count on the Mistral: a batch-1 (and a 3-row) decode step with
+    --decode_attention fused dispatches five operations a layer (the five kernels), the dense one
+    more than three times as many a layer."""
+    from bench.decode_ops import count_step_ops
+
+    model = tiny[0]
+    try:
+        for rows in (1, 3):
+            model.decode_attention("fused")
+            fused = count_step_ops(model, rows, 32)
+            model.decode_attention("dense")
+            dense = count_step_ops(model, rows, 32)
+            n = len(model.layers)
+            assert fused["cot_distill.decode_linear"] == 4 * n and fused["cot_distill.fused_decode_attention"] == n
+            outside = sum(fused.values()) - 5 * n  # embedding, positions, final norm, head: the same on both
+            assert (sum(dense.values()) - outside) / n > 3 * 5, (dense, fused)
+    finally:
+        model.decode_attention("dense")
