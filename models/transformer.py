@@ -524,8 +524,8 @@ class Transformer(nn.Module):
         if w.device.type != "cuda" and not decode_kernels.CPU_KERNEL:
             return "dense"
         args = self.args
-        why = decode_kernels.kernel_check(str(w.device), w.dtype, args.n_heads // self.tp_size, args.local_kv_heads(self.tp_size),
-                           args.head_dim, args.sliding_window)
+        why = decode_kernels.kernel_check(str(w.device), w.dtype, args.n_heads // self.tp_size,
+                                          args.local_kv_heads(self.tp_size), args.head_dim, args.sliding_window)
         say_once("decode attention: fused Triton kernel" if why is None else
                  f"decode attention: dense (the fused Triton kernel is not used: {why})")
         return "fused" if why is None else "dense"
@@ -533,7 +533,8 @@ class Transformer(nn.Module):
     @contextlib.contextmanager
     def static_shapes(self):
         """Within: no operation waits for the GPU or depends on data for its shapes (the MoE routes
-        densely, decode attention is dense), so a forward can be captured in a CUDA graph."""
+        densely, decode attention is dense or the fused kernel), so a forward can be captured in a
+        CUDA graph."""
         moes = [m for m in self.modules() if isinstance(m, MoE)]
         kinds = [layer.attention.decode_kind for layer in self.layers]
         for m in moes:
