@@ -185,17 +185,22 @@ class Attention(nn.Module):
         self.fused = None  # (weight, bias) of q/k/v in one matrix, see Transformer.fuse_projections
         self.decode_kind = "dense"  # how a decode step attends (Transformer.decode_attention)
 
+    def heads(self, *qkv):
+        """q, k, v [..., heads, head_dim] from the three projections, or from the fused one [..., q | k | v]."""
+        if len(qkv) == 1:
+            qkv = qkv[0].split([self.wq.weight.shape[0], self.wk.weight.shape[0], self.wv.weight.shape[0]], dim=-1)
+        q, k, v = qkv
+        return (q.unflatten(-1, (self.n_local_heads, self.head_dim)),
+                k.unflatten(-1, (self.n_local_kv_heads, self.head_dim)),
+                v.unflatten(-1, (self.n_local_kv_heads, self.head_dim)))
+
     def forward(self, x, cos, sin, positions, mask, cache: Optional[KVCache], kv_len: Optional[int],
                 cache_rows: Optional[torch.Tensor] = None):
         bsz, seqlen, _ = x.shape
         if self.fused is not None:
-            q, k, v = F.linear(x, *self.fused).split([self.wq.weight.shape[0], self.wk.weight.shape[0],
-                                                     self.wv.weight.shape[0]], dim=-1)
+            q, k, v = self.heads(F.linear(x, *self.fused))
         else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        q = q.unflatten(-1, (self.n_local_heads, self.head_dim))
-        k = k.unflatten(-1, (self.n_local_kv_heads, self.head_dim))
-        v = v.unflatten(-1, (self.n_local_kv_heads, self.head_dim))
+            q, k, v = self.heads(self.wq(x), self.wk(x), self.wv(x))
         decoding = cache is not None and cache_rows is None and seqlen == 1
         if decoding and self.decode_kind == "fused":  # RoPE, the cache write and attention in one operation
             out = fused_decode_attention(q[:, 0], k[:, 0], v[:, 0], cos[:, 0], sin[:, 0], cache.k[self.layer_id],
@@ -392,11 +397,8 @@ class TransformerBlock(nn.Module):
         bsz = x.shape[0]
         x2 = x.reshape(bsz, -1)
         qkv = linear(x2, att.fused[0], att.fused[1], self.attention_norm.weight, None, self.attention_norm.eps, False)
-        q, k, v = qkv.split([att.wq.weight.shape[0], att.wk.weight.shape[0], att.wv.weight.shape[0]], dim=-1)
-        out = fused_decode_attention(q.unflatten(-1, (att.n_local_heads, att.head_dim)),
-                                     k.unflatten(-1, (att.n_local_kv_heads, att.head_dim)),
-                                     v.unflatten(-1, (att.n_local_kv_heads, att.head_dim)), cos[:, 0], sin[:, 0],
-                                     cache.k[att.layer_id], cache.v[att.layer_id], positions[:, 0], att.window, kv_len)
+        out = fused_decode_attention(*att.heads(qkv), cos[:, 0], sin[:, 0], cache.k[att.layer_id],
+                                     cache.v[att.layer_id], positions[:, 0], att.window, kv_len)
         one_rank = get_model_parallel_world_size() == 1
         a = out.reshape(bsz, -1)
         h = linear(a, att.wo.weight, None, None, x2, 0.0, False) if one_rank else \

@@ -163,12 +163,22 @@ def test_ragged_and_fused_decode_attention_give_hf_greedy_tokens_through_infer(t
     data.write_text("".join(json.dumps({"instruction": p}) + "\n" for p in PROMPTS))
     flags = dict(ckpt_dir=path, data_file=str(data), template="none", batch_size=3, max_new_tokens=14,
                  output_tokens=True, progress=False)
-    runs = {}
-    for name, kw in (("greedy", {}), ("sampled", dict(temperature=0.9, top_p=0.9, seed=2))):
-        for kind in ("dense", "ragged", "fused"):
-            out = tmp_path / f"{name}-{kind}.jsonl"
-            infer.generate(**flags, **kw, decode_attention=kind, output_file=str(out))
-            runs[name, kind] = [json.loads(line)["tokens"] for line in open(out)]
+    import models.decode_kernels as dk
+    import models.transformer as tf
+
+    runs, calls = {}, []
+    with pytest.MonkeyPatch.context() as spy:  # each kind's own path runs: the flag is not ignored
+        for module, name in ((tf, "ragged_decode_attention"), (dk, "reference")):
+            real = getattr(module, name)
+            spy.setattr(module, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+        for name, kw in (("greedy", {}), ("sampled", dict(temperature=0.9, top_p=0.9, seed=2))):
+            for kind in ("dense", "ragged", "fused"):
+                out = tmp_path / f"{name}-{kind}.jsonl"
+                calls.clear()
+                infer.generate(**flags, **kw, decode_attention=kind, output_file=str(out))
+                runs[name, kind] = [json.loads(line)["tokens"] for line in open(out)]
+                assert set(calls) == {"dense": set(), "ragged": {"ragged_decode_attention"},
+                                      "fused": {"reference"}}[kind], (kind, set(calls))
     model.decode_attention("dense")
     assert runs["greedy", "ragged"] == ref and runs["greedy", "dense"] == ref and runs["greedy", "fused"] == ref
     assert runs["sampled", "ragged"] == runs["sampled", "dense"] == runs["sampled", "fused"] != ref
