@@ -130,39 +130,68 @@ class KVCache:
     Slot t of row r holds the key/value of that row's position t. A forward over B rows without
     `rows` uses the first B rows of the cache, so a decode loop that keeps its live rows at the
     front (see `keep_rows`) can run on a prefix of a cache allocated once: the tensors never move,
-    which is what lets a captured decode step replay on them."""
+    which is what lets a captured decode step replay on them.
 
-    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device, dtype, tp_size: int = None):
+    With `prompts` (another KVCache, one row per prompt: the shared prompt segment) a row holds only
+    what follows its prompt: row r reads positions [0, prompt_len[r]) from prompt row prompt_of[r]
+    and keeps position p at its own slot p - prompt_len[r]. The K sampled rows of one prompt then
+    keep one copy of its keys and values, not K (--num_samples)."""
+
+    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device, dtype, tp_size: int = None,
+                 prompts: Optional["KVCache"] = None):
         tp = tp_size or get_model_parallel_world_size()
         shape = (batch_size, args.local_kv_heads(tp), max_len, args.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
-        self.rows, self.max_len = batch_size, max_len
+        self.rows, self.max_len, self.prompts = batch_size, max_len, prompts
+        if prompts is not None:  # row r continues prompt row prompt_of[r] of prompt_len[r] tokens (0: none)
+            self.prompt_of = torch.zeros(batch_size, dtype=torch.long, device=device)
+            self.prompt_len = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def nbytes(self) -> int:
+        own = sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return own + (self.prompts.nbytes() if self.prompts is not None else 0)
+
+    def slots(self, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The slots [B, S] of `positions` [B, S] in cache rows `rows` [B]."""
+        if self.prompts is None:
+            return positions
+        return (positions - self.prompt_len[rows][:, None]).clamp(0, self.max_len - 1)
 
     def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               rows: Optional[torch.Tensor] = None) -> None:
         """Store k/v [B, S, H, D] of input row b at (rows[b] or b, positions[b, s])."""
         if rows is None:
             rows = torch.arange(k.shape[0], device=k.device)
-        ck, cv = self.k[layer], self.v[layer]
-        ck[rows[:, None], :, positions] = k.to(ck.dtype)  # advanced indexing -> [B, S, H, D]
-        cv[rows[:, None], :, positions] = v.to(cv.dtype)
+        ck, cv, slots = self.k[layer], self.v[layer], self.slots(positions, rows)
+        ck[rows[:, None], :, slots] = k.to(ck.dtype)  # advanced indexing -> [B, S, H, D]
+        cv[rows[:, None], :, slots] = v.to(cv.dtype)
 
     def read(self, layer: int, length: int, n_rows: int):
-        """Keys and values [n_rows, H, length, D] of the first n_rows rows, slots [0, length)."""
-        return self.k[layer][:n_rows, :, :length], self.v[layer][:n_rows, :, :length]
+        """Keys and values [n_rows, H, T, D] of the first n_rows rows: slots [0, length) (T = length),
+        after the whole prompt segment of each row's prompt with `prompts` (see key_positions)."""
+        k, v = self.k[layer][:n_rows, :, :length], self.v[layer][:n_rows, :, :length]
+        if self.prompts is None:
+            return k, v
+        rows = self.prompt_of[:n_rows]
+        return (torch.cat([self.prompts.k[layer].index_select(0, rows), k], dim=2),
+                torch.cat([self.prompts.v[layer].index_select(0, rows), v], dim=2))
 
-    @torch.no_grad()
-    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
-        """Slots [0, length) of rows `src` into rows `dst` (a prompt prefilled once, shared by its samples)."""
-        for t in self.k + self.v:
-            t[dst, :, :length] = t[src, :, :length]
+    def key_positions(self, length: int, n_rows: int, device) -> torch.Tensor:
+        """The position of each key `read` returns: [length], or [n_rows, T] with `prompts` (prompt
+        slots past a row's prompt get a position no query reaches)."""
+        slots = torch.arange(length, device=device)
+        if self.prompts is None:
+            return slots
+        plen = self.prompt_len[:n_rows, None]
+        prompt = torch.arange(self.prompts.max_len, device=device).expand(n_rows, -1)
+        return torch.cat([prompt.masked_fill(prompt >= plen, 1 << 40), plen + slots], dim=1)
 
     @torch.no_grad()
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Move `rows` (ascending) to the front, in place; the rows after them become free."""
         n = rows.numel()
-        for t in self.k + self.v:
+        for t in self.k + self.v + ([self.prompt_of, self.prompt_len] if self.prompts is not None else []):
             t[:n] = t.index_select(0, rows)
 
 
@@ -202,14 +231,15 @@ class Attention(nn.Module):
         else:
             q, k, v = self.heads(self.wq(x), self.wk(x), self.wv(x))
         decoding = cache is not None and cache_rows is None and seqlen == 1
-        if decoding and self.decode_kind == "fused":  # RoPE, the cache write and attention in one operation
+        kind = self.decode_kind if decoding and cache.prompts is None else "dense"  # a prompt segment: dense
+        if kind == "fused":  # RoPE, the cache write and attention in one operation
             out = fused_decode_attention(q[:, 0], k[:, 0], v[:, 0], cos[:, 0], sin[:, 0], cache.k[self.layer_id],
                                          cache.v[self.layer_id], positions[:, 0], self.window, kv_len)
             return self.wo(out.reshape(bsz, 1, -1))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             cache.write(self.layer_id, positions, k, v, cache_rows)
-        if decoding and self.decode_kind == "ragged":  # each row's live keys only
+        if kind == "ragged":  # each row's live keys only
             out = ragged_decode_attention(q.transpose(1, 2), cache.k[self.layer_id], cache.v[self.layer_id],
                                           positions[:, 0], self.window)
         elif cache is not None and cache_rows is None:  # continue every row from what its cache holds
@@ -371,7 +401,7 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x, cos, sin, positions, mask, cache=None, kv_len=None, cache_rows=None):
-        if cache is not None and cache_rows is None and self._fused_layer(x):
+        if cache is not None and cache_rows is None and cache.prompts is None and self._fused_layer(x):
             return self._fused_decode(x, cos, sin, positions, cache, kv_len)
         h = x + self.attention(self.attention_norm(x), cos, sin, positions, mask, cache, kv_len, cache_rows)
         return h + self.feed_forward(self.ffn_norm(h))
@@ -551,9 +581,11 @@ class Transformer(nn.Module):
             for layer, was in zip(self.layers, kinds):
                 layer.attention.decode_kind = was
 
-    def new_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int, dtype=None, prompts: Optional[tuple] = None) -> KVCache:
+        """prompts: (rows, length) of a shared prompt segment (see KVCache), or None."""
         w = self.tok_embeddings.weight
-        return KVCache(self.args, batch_size, max_len, w.device, dtype or w.dtype, self.tp_size)
+        shared = None if prompts is None else self.new_cache(*prompts, dtype=dtype)
+        return KVCache(self.args, batch_size, max_len, w.device, dtype or w.dtype, self.tp_size, shared)
 
     def forward_hidden(self, tokens: torch.Tensor, start_pos: int = 0, positions: Optional[torch.Tensor] = None,
                        cache: Optional[KVCache] = None, kv_len: Optional[int] = None,
@@ -578,7 +610,7 @@ class Transformer(nn.Module):
         if cache is not None and cache_rows is None:
             if kv_len is None:
                 kv_len = int(positions.max()) + 1
-            mask = attention_mask(positions, torch.arange(kv_len, device=tokens.device), window)
+            mask = attention_mask(positions, cache.key_positions(kv_len, bsz, tokens.device), window)
         elif contiguous_from_start and (window is None or seqlen <= window):
             mask = None  # plain causal attention: SDPA's fused causal path
         else:

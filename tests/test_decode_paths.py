@@ -106,22 +106,40 @@ def test_overlapped_read_back_gives_the_tokens_of_the_plain_loop(tiny, params):
 
 
 @pytest.mark.parametrize("params", [g.SamplingParams(max_new_tokens=16), SAMPLED], ids=["greedy", "sampled"])
-def test_samples_of_a_prompt_share_one_prefill(tiny, params):
-    """4 samples of each of 9 prompts (request seeds as infer.py draws them) in 8 slots: prefilling each
-    prompt once and copying its keys and values gives the tokens of prefilling every copy, eager and
-    overlapped static steps, with at most about a quarter of the prompt tokens prefilled."""
+def test_samples_of_a_prompt_share_one_prefill_and_one_copy_of_its_keys(tiny, params, monkeypatch):
+    """4 samples of each of 9 prompts (request seeds as infer.py draws them; a stop string ends rows at
+    different steps) in 6 slots: each prompt
+    prefilled once into a shared prompt segment of 4 rows (refills wait for a free one) and read there
+    by its samples gives the tokens of prefilling every copy into its own row, eager and overlapped
+    static steps, with about a quarter of the prompt tokens prefilled and a cache of 6 x new tokens +
+    4 x the longest prompt slots a layer instead of 6 x both; some rows join a prompt prefilled by an earlier refill (its logits kept)."""
     model, _, tok, prompts, _ = tiny
     reqs = [g.Request((i, k), p, g.request_seed(params.seed, i, k)) for i, p in enumerate(prompts) for k in range(4)]
-    max_len = max(map(len, prompts)) + params.max_new_tokens
-    runs, prefilled = {}, {}
+    longest = max(map(len, prompts))
+    max_len = longest + params.max_new_tokens
+    assert g.prompt_layout(reqs, 6) == (4, longest) and g.prompt_layout(reqs[::4], 6) is None
+    joined, prefill = [], g.Batcher.prefill
+
+    def watched(self, rows, group):
+        if self.prompts is not None:
+            joined.extend(r for r in group if tuple(r.prompt) in self.prompts.of)
+        prefill(self, rows, group)
+
+    monkeypatch.setattr(g.Batcher, "prefill", watched)
+    runs, prefilled, kv = {}, {}, {}
     for share in (False, True):
         for name, runner in (("eager", g.EagerSteps(model)), ("static", g.StaticSteps(model, 3, 4))):
-            batcher = g.Batcher(model, runner, params, 8, max_len, [tok.eos_id], share_prompts=share)
+            batcher = g.Batcher(model, runner, params, 6, max_len, [tok.eos_id], g.StopStrings(tok, ["r"]),
+                                share_prompts=share)
             runs[share, name] = sorted((c.key, c.tokens, c.finish) for c in batcher.run(reqs))
-            prefilled[share, name] = batcher.prefilled
+            prefilled[share, name], kv[share, name] = batcher.prefilled, batcher.cache.nbytes()
+            assert (batcher.cache.prompts is not None) == share
     assert all(run == runs[False, "eager"] for run in runs.values())
     assert prefilled[False, "eager"] == 4 * sum(map(len, prompts))
     assert prefilled[True, "eager"] <= 0.35 * prefilled[False, "eager"]
+    slot = kv[False, "eager"] // (6 * max_len)
+    assert kv[True, "eager"] == slot * (6 * params.max_new_tokens + 4 * longest)
+    assert joined, "no row joined a prompt prefilled earlier"
     if params.temperature:
         assert all(len({tuple(t) for (i, _), t, _ in runs[True, "eager"] if i == j}) > 1 for j in range(9))
 

@@ -197,14 +197,15 @@ class _DeviceSlots:
 
 
 class _HostSlots:
-    """What the host knows of each slot: its request, tokens read back so far, and how many tokens
-    it has produced on the device (read back or not)."""
+    """What the host knows of each slot: its request, tokens read back so far, how many tokens it
+    has produced on the device (read back or not) and the row of the shared prompt segment it reads."""
 
     def __init__(self, n: int):
         self.req: List[Optional[Request]] = [None] * n
         self.out: List[List[int]] = [[] for _ in range(n)]
         self.produced = [0] * n
         self.done = [False] * n  # finished by a token read back; freed at the next sync
+        self.entry: List[Optional[int]] = [None] * n
 
     def live(self, m: int) -> List[int]:
         return [i for i in range(m) if self.req[i] is not None]
@@ -216,6 +217,38 @@ class _HostSlots:
         self.out = [self.out[i] for i in rows] + [[] for _ in range(free)]
         self.produced = [self.produced[i] for i in rows] + [0] * free
         self.done = [self.done[i] for i in rows] + [False] * free
+        self.entry = [self.entry[i] for i in rows] + [None] * free
+
+
+class _PromptRows:
+    """The rows of a shared prompt segment (KVCache.prompts): which prompt each holds, how many
+    decoding rows read it, and its last position's logits (a row that joins a prompt prefilled
+    earlier draws its first token from them)."""
+
+    def __init__(self, n: int):
+        self.free = list(range(n - 1, -1, -1))  # pop() takes the lowest
+        self.of: dict = {}  # prompt tuple -> row
+        self.users = [0] * n
+        self.logits: Optional[torch.Tensor] = None  # [n, V], allocated at the first prefill
+
+    def release(self, row: int, prompt: tuple) -> None:
+        self.users[row] -= 1
+        if not self.users[row]:
+            del self.of[prompt]
+            self.free.append(row)
+
+
+def prompt_layout(requests: Sequence[Request], slots: int) -> Optional[tuple]:
+    """(rows, length) of a shared prompt segment for `requests` decoded in `slots` rows, or None
+    when no prompt repeats. A prompt's row is kept until the last of its samples finishes, so the
+    segment has twice the rows the slots fill at K samples per prompt (refills wait for a free one)."""
+    counts: dict = {}
+    for r in requests:
+        counts[tuple(r.prompt)] = counts.get(tuple(r.prompt), 0) + 1
+    most = max(counts.values(), default=1)
+    if most < 2:
+        return None
+    return min(slots, len(counts), 2 * -(-slots // most)), max(len(r.prompt) for r in requests)
 
 
 def _prefill_logits(model, tokens: torch.Tensor, cache, rows: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
@@ -250,15 +283,18 @@ class EagerSteps:
     def __init__(self, model):
         self.model, self._key, self.cache, self.state = model, None, None, None
 
-    def buffers(self, n: int, max_len: int, params: SamplingParams):
-        key = (n, max_len, params.temperature, params.top_p, params.top_k, params.vocab_size)
+    def buffers(self, n: int, max_len: int, params: SamplingParams, prompts: Optional[tuple] = None):
+        """The KV cache (n rows of max_len slots; prompts: (rows, length) of a shared prompt segment)
+        and the slot state of a call."""
+        key = (n, max_len, prompts, params.temperature, params.top_p, params.top_k, params.vocab_size)
         if key != self._key:
             self.cache = self.state = None  # free the old ones first
             self.forget()
-            self.cache = self.model.new_cache(n, max_len)
+            self.cache = self.model.new_cache(n, max_len, prompts=prompts)
             self.state, self._key = _DeviceSlots(n, self.model.head_weight.device, self.sync_every), key
         else:
-            for t in self.state.all + (self.state.ring, self.state.ring_at):
+            shared = (self.cache.prompt_of, self.cache.prompt_len) if prompts else ()
+            for t in self.state.all + (self.state.ring, self.state.ring_at) + shared:
                 t.zero_()
         return self.cache, self.state
 
@@ -419,7 +455,7 @@ class Batcher:
         self.prefill_tokens, self.refill_min = prefill_tokens, refill_min
         self.overlap = runner.overlap
         self.device = model.head_weight.device
-        self.cache, self.state = runner.buffers(n, max_len, params)
+        self.cache = self.state = self.prompts = None  # allocated by run(), which knows the prompts
         self.host = _HostSlots(n)
         self.chosen = []  # (rows, requests, tokens tensor) queued since the last _Readback
         self.pending: List[_Readback] = []  # not read by the host yet, oldest first
@@ -427,6 +463,11 @@ class Batcher:
 
     def run(self, requests: Sequence[Request]) -> Iterator[Completion]:
         """A Completion per request, in completion order."""
+        layout = prompt_layout(requests, self.n) if self.share_prompts else None
+        # with a shared prompt segment a row's own slots hold its new tokens only
+        own = self.max_len if layout is None else min(self.params.max_new_tokens, self.max_len)
+        self.cache, self.state = self.runner.buffers(self.n, own, self.params, layout)
+        self.prompts = None if layout is None else _PromptRows(layout[0])
         queue = sorted(requests, key=lambda r: len(r.prompt))  # pop() takes the longest first
         live: List[int] = []
         while True:
@@ -470,7 +511,10 @@ class Batcher:
         if finished:
             self.state.stop(torch.tensor(finished, device=self.device))
             for row in finished:
+                if host.entry[row] is not None:
+                    self.prompts.release(host.entry[row], tuple(host.req[row].prompt))
                 host.req[row], host.out[row], host.produced[row], host.done[row] = None, [], 0, False
+                host.entry[row] = None
 
     def finish_of(self, row: int, token: int) -> Optional[str]:
         """Append a read-back token to its row: "stop", "length" or None (the row goes on)."""
@@ -489,39 +533,77 @@ class Batcher:
 
     def refill(self, queue: List[Request], live: List[int]) -> List[int]:
         """Prefill waiting prompts into the free slots, once enough are free (or nothing is live);
-        returns the live rows."""
+        returns the live rows. With a shared prompt segment a request waits while its prompt has no
+        row there and none is free."""
         free = [i for i in range(self.m) if self.host.req[i] is None]
         if queue and free and (len(free) >= min(self.refill_min, len(queue)) or not live):
-            take = [queue.pop() for _ in range(min(len(free), len(queue)))]
-            self.prefill(free[: len(take)], take)
-            self.read_back_later()
-            live = self.host.live(self.m)
+            take, new = [], set()
+            while queue and len(take) < len(free):
+                prompt = tuple(queue[-1].prompt)
+                if self.prompts is not None and prompt not in self.prompts.of and prompt not in new:
+                    if len(new) == len(self.prompts.free):
+                        break
+                    new.add(prompt)
+                take.append(queue.pop())
+            if not take and not live:  # every prompt row is free once nothing decodes
+                raise RuntimeError("generation: no row of the shared prompt segment is free while no row decodes")
+            if take:
+                self.prefill(free[: len(take)], take)
+                self.read_back_later()
+                live = self.host.live(self.m)
         return live
 
     def prefill(self, rows: List[int], reqs: List[Request]) -> None:
-        """Prompts into the KV cache rows `rows`, in groups within the prefill token budget; each row's
-        first token is drawn (draw 0) and left for a later drain. With `share_prompts` a prompt met
-        several times (the --num_samples rows of a record) is prefilled once, into its first row, and
-        its keys and values copied to the others, each of which draws its own first token from the
-        same logits."""
-        first_row, sharing = {}, {}  # prompt -> the row prefilled; that row -> [(row, request)] sharing it
-        unique = []
-        for row, r in zip(rows, reqs):
-            key = tuple(r.prompt)
-            if self.share_prompts and key in first_row:
-                sharing[first_row[key]].append((row, r))
-            else:
-                first_row[key], sharing[row] = row, []
-                unique.append((row, r))
-        start = 0
+        """Prompts into the KV cache, in groups within the prefill token budget; each row's first token
+        is drawn (draw 0) and left for a later drain. Without a shared prompt segment each row's prompt
+        is prefilled into that row. With one (KVCache.prompts: a prompt met several times, the
+        --num_samples rows of a record) a prompt is prefilled once, into a row of the segment, and
+        every row sampling it reads it there and draws its own first token from the same logits."""
+        device, prompts = self.device, self.prompts
+        if prompts is None:
+            targets = rows  # where each prompt is prefilled
+            unique = list(zip(rows, reqs))
+        else:
+            unique = []
+            for r in reqs:
+                key = tuple(r.prompt)
+                if key not in prompts.of:
+                    prompts.of[key] = prompts.free.pop()
+                    unique.append((prompts.of[key], r))
+            targets = [prompts.of[tuple(r.prompt)] for r in reqs]
+        logits, start = [], 0
         while start < len(unique):  # split by the prefill token budget
             width = len(unique[start][1].prompt)
             end = start + max(1, min(len(unique) - start, self.prefill_tokens // max(width, 1)))
-            self.prefill_group(unique[start:end], sharing)
+            logits.append(self.prefill_group(unique[start:end]))
             start = end
+        if prompts is None:
+            logits = torch.cat(logits)
+        else:
+            if logits:
+                new = torch.cat(logits)
+                if prompts.logits is None:
+                    prompts.logits = new.new_zeros(len(prompts.users), new.shape[-1])
+                prompts.logits[torch.tensor([e for e, _ in unique], device=device)] = new
+            entries = torch.tensor(targets, device=device)
+            logits = prompts.logits[entries]
+            self.cache.prompt_of[torch.tensor(rows, device=device)] = entries
+            self.cache.prompt_len[torch.tensor(rows, device=device)] = torch.tensor([len(r.prompt) for r in reqs],
+                                                                                   device=device)
+        idx = torch.tensor(rows, device=device)
+        seeds = torch.tensor([r.seed for r in reqs], device=device)
+        first = choose_tokens(logits, self.params, seeds, torch.zeros_like(seeds))
+        self.state.start(idx, first, torch.tensor([len(r.prompt) for r in reqs], device=device), seeds)
+        self.chosen.append((list(rows), list(reqs), first))
+        for row, target, r in zip(rows, targets, reqs):
+            self.host.req[row], self.host.out[row], self.host.produced[row], self.host.done[row] = r, [], 1, False
+            if prompts is not None:
+                self.host.entry[row] = target
+                prompts.users[target] += 1
 
-    def prefill_group(self, group: list, sharing: dict) -> None:
-        """One prefill forward of the (row, request) pairs `group`, then the rows sharing their prompts."""
+    def prefill_group(self, group: list) -> torch.Tensor:
+        """One prefill forward of the (cache row, request) pairs `group`: the logits [len(group), V] of
+        each prompt's last position."""
         device = self.device
         width = max(len(r.prompt) for _, r in group)
         tokens = torch.zeros(len(group), width, dtype=torch.long)
@@ -529,21 +611,9 @@ class Batcher:
             tokens[b, : len(r.prompt)] = torch.tensor(r.prompt)
         lens = torch.tensor([len(r.prompt) for _, r in group], device=device)
         self.prefilled += sum(len(r.prompt) for _, r in group)
-        logits = (self.runner.prefill_call or _prefill_logits)(
-            self.model, tokens.to(device), self.cache, torch.tensor([row for row, _ in group], device=device), lens - 1)
-        shared = [(b, row, pair) for b, (row, _) in enumerate(group) for pair in sharing[row]]
-        if shared:  # the shared prompts' keys and values, copied once per sharing row
-            self.cache.copy_rows(torch.tensor([row for _, row, _ in shared], device=device),
-                                 torch.tensor([pair[0] for *_, pair in shared], device=device), width)
-            logits = torch.cat([logits, logits[torch.tensor([b for b, *_ in shared], device=device)]])
-        everyone = group + [pair for *_, pair in shared]
-        idx = torch.tensor([row for row, _ in everyone], device=device)
-        seeds = torch.tensor([r.seed for _, r in everyone], device=device)
-        first = choose_tokens(logits, self.params, seeds, torch.zeros_like(seeds))
-        self.state.start(idx, first, torch.tensor([len(r.prompt) for _, r in everyone], device=device), seeds)
-        self.chosen.append(([row for row, _ in everyone], [r for _, r in everyone], first))
-        for row, r in everyone:
-            self.host.req[row], self.host.out[row], self.host.produced[row], self.host.done[row] = r, [], 1, False
+        cache = self.cache if self.prompts is None else self.cache.prompts
+        return (self.runner.prefill_call or _prefill_logits)(
+            self.model, tokens.to(device), cache, torch.tensor([row for row, _ in group], device=device), lens - 1)
 
     def compact(self, live: List[int]) -> List[int]:
         """Move the live rows to the front of the cache, device state and host slots, and decode only
@@ -559,21 +629,29 @@ class Batcher:
     def decode_block(self, live: List[int]) -> None:
         """Up to runner.sync_every decode steps of the first m rows, their tokens left for a later
         drain; stops early once every live row has reached its length limit."""
-        host, max_len = self.host, self.max_len
+        host = self.host
         rows, reqs = list(range(self.m)), list(host.req[: self.m])
         self.state.ring_at.zero_()
         steps = 0
         for _ in range(self.runner.sync_every):
             if all(self.length_done(r, host.produced[r]) for r in live):
                 break
-            need = max(min(len(host.req[r].prompt) - 1 + host.produced[r], max_len - 1) for r in live) + 1
-            self.runner.run(self.step, self.m, self.runner.kv_len(need, max_len))
+            need = max(self.slot_of_next(r) for r in live) + 1
+            self.runner.run(self.step, self.m, self.runner.kv_len(need, self.cache.max_len))
             steps += 1
             for r in live:
                 host.produced[r] += 1
         if steps:  # copied out (read_back_later) before the next block writes the ring again
             self.chosen.append((rows, reqs, self.state.ring[:steps, : self.m]))
         self.read_back_later()
+
+    def slot_of_next(self, row: int) -> int:
+        """The cache slot of the token the next step feeds row `row` (the position of its last token
+        produced; with a shared prompt segment, counted from the prompt's end)."""
+        produced = self.host.produced[row]
+        if self.prompts is not None:
+            return min(produced - 1, self.cache.max_len - 1)
+        return min(len(self.host.req[row].prompt) - 1 + produced, self.max_len - 1)
 
     def step(self, rows: int, kv_len: int) -> None:
         """One decode step of the first `rows` slots (what the runner runs, compiles or captures)."""
