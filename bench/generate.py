@@ -210,8 +210,7 @@ def shared_prefill(model, k: int, slots: int, new_tokens: int, device: str, seed
     def run(share: bool):
         batcher = Batcher(model, runner, params, slots, max_len, share_prompts=share)
         tokens = sorted((c.key, c.tokens) for c in batcher.run(reqs))
-        kv = sum(t.numel() * t.element_size() for t in batcher.cache.k + batcher.cache.v)
-        return tokens, batcher.prefilled, kv
+        return tokens, batcher.prefilled, batcher.cache.nbytes()
 
     for share in (False, True) if device == "cuda" else ():
         run(share)  # warm-up: capture, compile
@@ -221,7 +220,12 @@ def shared_prefill(model, k: int, slots: int, new_tokens: int, device: str, seed
                      "wall_s": round(wall, 2), "prompt_tokens_prefilled": prefilled, "kv_cache_bytes": kv}
         print(f"{name}: {out[name]['tokens_per_s']} tok/s, {wall:.2f} s, {prefilled} prompt tokens prefilled, "
               f"KV cache {kv / 2 ** 20:.1f} MiB", flush=True)
-    same = out["prefill_shared"].pop("tokens") == out["every_copy_prefilled"].pop("tokens")
+    a, b = out["prefill_shared"].pop("tokens"), out["every_copy_prefilled"].pop("tokens")
+    same = a == b
+    if not same:
+        import sys
+        bad = [(x[0], x[1], y[1]) for x, y in zip(a, b) if x != y]
+        print(len(bad), bad[:3], file=sys.stderr)
     return {"samples": k, "questions": len(questions), "prompts": source, "slots": slots, "new_tokens": new_tokens,
             "mean_prompt_tokens": round(sum(map(len, questions)) / len(questions), 1), "identical_tokens": same,
             "device": device, **out}

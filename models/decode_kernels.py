@@ -36,21 +36,34 @@ def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-def reference(q, k, v, cos, sin, k_cache, v_cache, positions, window: Optional[int], kv_len: int) -> torch.Tensor:
+def reference(q, k, v, cos, sin, k_cache, v_cache, positions, window: Optional[int], kv_len: int,
+              prompt_k=None, prompt_v=None, prompt_of=None, prompt_len=None) -> torch.Tensor:
     """The torch twin of the kernel. q [B, Hq, D], k/v [B, Hkv, D] (q and k before RoPE), cos/sin
     [B, D], caches [rows >= B, Hkv, max_len, D], positions [B]: writes k (rotated) and v at each row's
-    position and returns [B, Hq, D], the attention of each row's queries over slots [first, position]."""
+    position and returns [B, Hq, D], the attention of each row's queries over positions [first, position].
+    With a shared prompt segment (prompt_k/v [prompt rows, Hkv, width, D]; models.transformer.KVCache):
+    row b reads positions [0, prompt_len[b]) from prompt row prompt_of[b] and keeps position p at slot
+    p - prompt_len[b] of its own cache (kv_len: its own slots read)."""
     bsz, n_heads, head_dim = q.shape
     n_kv = k.shape[1]
     q, k = rotate_half_rope(q, cos, sin), rotate_half_rope(k, cos, sin)
     rows = torch.arange(bsz, device=q.device)
-    k_cache[rows, :, positions] = k.to(k_cache.dtype)
-    v_cache[rows, :, positions] = v.to(v_cache.dtype)
+    slots = torch.arange(kv_len, device=q.device)[None].expand(bsz, -1)  # the positions of the keys read
+    own = positions
+    if prompt_k is not None:
+        plen = prompt_len[:bsz]
+        own = (positions - plen).clamp(0, k_cache.shape[2] - 1)
+        prompt = torch.arange(prompt_k.shape[2], device=q.device).expand(bsz, -1)
+        slots = torch.cat([prompt.masked_fill(prompt >= plen[:, None], 1 << 40), plen[:, None] + slots], 1)
+    k_cache[rows, :, own] = k.to(k_cache.dtype)
+    v_cache[rows, :, own] = v.to(v_cache.dtype)
     keys, values = k_cache[:bsz, :, :kv_len], v_cache[:bsz, :, :kv_len]
-    slots = torch.arange(kv_len, device=q.device)
-    visible = slots[None] <= positions[:, None]
+    if prompt_k is not None:
+        keys = torch.cat([prompt_k.index_select(0, prompt_of[:bsz]), keys], 2)
+        values = torch.cat([prompt_v.index_select(0, prompt_of[:bsz]), values], 2)
+    visible = slots <= positions[:, None]
     if window is not None:
-        visible &= positions[:, None] - slots[None] < window
+        visible &= positions[:, None] - slots < window
     scores = torch.einsum("bkgd,bktd->bkgt", q.reshape(bsz, n_kv, -1, head_dim).float(), keys.float())
     scores = (scores * head_dim ** -0.5).masked_fill(~visible[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
@@ -66,9 +79,11 @@ def _kernels():
 
     @triton.jit
     def partials(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, out_ptr,
-                 sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, sc_h, sc_t, so_b, so_h, scale, window, n_splits, split_len,
+                 pk_ptr, pv_ptr, pof_ptr, plen_ptr,
+                 sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, sc_h, sc_t, so_b, so_h, sp_b, sp_h, sp_t, own_len,
+                 scale, window, n_splits, split_len,
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr,
-                 BLOCK: tl.constexpr, WINDOWED: tl.constexpr, ONE_PIECE: tl.constexpr):
+                 BLOCK: tl.constexpr, WINDOWED: tl.constexpr, ONE_PIECE: tl.constexpr, SHARED: tl.constexpr):
         b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         half: tl.constexpr = HEAD_DIM // 2
         d = tl.arange(0, D_PAD)
@@ -90,9 +105,15 @@ def _kernels():
         v_new = tl.load(v_ptr + b * sv_b + h * sv_h + d, mask=d_ok, other=0.0).to(tl.float32)
         kc = kc_ptr + b * sc_b + h * sc_h
         vc = vc_ptr + b * sc_b + h * sc_h
+        plen = 0  # positions below plen are in the shared prompt segment, the rest at slot position - plen
+        if SHARED:
+            plen = tl.load(plen_ptr + b)
+            pk = pk_ptr + tl.load(pof_ptr + b) * sp_b + h * sp_h
+            pv = pv_ptr + tl.load(pof_ptr + b) * sp_b + h * sp_h
         if s == pos // split_len:  # the one program whose piece holds the new slot stores it
-            tl.store(kc + pos * sc_t + d, k_new.to(kc_ptr.dtype.element_ty), mask=d_ok)
-            tl.store(vc + pos * sc_t + d, v_new.to(vc_ptr.dtype.element_ty), mask=d_ok)
+            slot = tl.minimum(tl.maximum(pos - plen, 0), own_len - 1)
+            tl.store(kc + slot * sc_t + d, k_new.to(kc_ptr.dtype.element_ty), mask=d_ok)
+            tl.store(vc + slot * sc_t + d, v_new.to(vc_ptr.dtype.element_ty), mask=d_ok)
         first = 0
         if WINDOWED:
             first = tl.maximum(pos - window + 1, 0)
@@ -104,9 +125,16 @@ def _kernels():
         for start in range(lo, hi, BLOCK):  # only blocks holding this row's visible slots
             t = start + tl.arange(0, BLOCK)
             seen = (t <= pos) & (t >= first) & (t < hi)
+            if SHARED:  # a row past its own slots (decoding throw-away tokens) reads no further
+                seen = seen & (t - plen < own_len)
             kv_mask = seen[:, None] & d_ok[None, :]
-            keys = tl.load(kc + t[:, None] * sc_t + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-            vals = tl.load(vc + t[:, None] * sc_t + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+            own_mask = kv_mask & (t >= plen)[:, None]
+            keys = tl.load(kc + (t - plen)[:, None] * sc_t + d[None, :], mask=own_mask, other=0.0).to(tl.float32)
+            vals = tl.load(vc + (t - plen)[:, None] * sc_t + d[None, :], mask=own_mask, other=0.0).to(tl.float32)
+            if SHARED:
+                in_prompt = kv_mask & (t < plen)[:, None]
+                keys += tl.load(pk + t[:, None] * sp_t + d[None, :], mask=in_prompt, other=0.0).to(tl.float32)
+                vals += tl.load(pv + t[:, None] * sp_t + d[None, :], mask=in_prompt, other=0.0).to(tl.float32)
             fresh = (t == pos)[:, None]  # the new slot comes from registers: another program may not have stored it
             keys = tl.where(fresh, k_new[None, :], keys)
             vals = tl.where(fresh, v_new[None, :], vals)
@@ -219,11 +247,18 @@ def split_length(kv_len: int, programs: int, target: int = 512, one_piece_up_to:
 
 
 def triton_decode_attention(q, k, v, cos, sin, k_cache, v_cache, positions, window: Optional[int],
-                            kv_len: int) -> torch.Tensor:
+                            kv_len: int, prompt_k=None, prompt_v=None, prompt_of=None, prompt_len=None) -> torch.Tensor:
     """`reference`'s computation by the Triton kernels (see the module's docstring)."""
     bsz, n_heads, head_dim = q.shape
     n_kv = k.shape[1]
     group = n_heads // n_kv
+    shared = prompt_k is not None
+    own_len = k_cache.shape[2]
+    if shared:  # the pieces cover positions: the prompt segment's, then kv_len of the row's own
+        kv_len += prompt_k.shape[2]
+        assert prompt_k.stride() == prompt_v.stride() and prompt_k.stride(-1) == 1
+    else:
+        prompt_k = prompt_v = prompt_of = prompt_len = k_cache  # unused pointers
     g_pad, d_pad = max(16, _next_pow2(group)), max(16, _next_pow2(head_dim))
     split = split_length(kv_len, bsz * n_kv)
     n_splits = -(-kv_len // split)
@@ -235,11 +270,12 @@ def triton_decode_attention(q, k, v, cos, sin, k_cache, v_cache, positions, wind
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
     partials, merge, _ = _kernels()
     partials[(bsz, n_kv, n_splits)](
-        q, k, v, cos, sin, k_cache, v_cache, positions, peaks, totals, accs, out,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1), head_dim ** -0.5,
+        q, k, v, cos, sin, k_cache, v_cache, positions, peaks, totals, accs, out, prompt_k, prompt_v, prompt_of,
+        prompt_len, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
+        prompt_k.stride(0), prompt_k.stride(1), prompt_k.stride(2), own_len, head_dim ** -0.5,
         window or 0, n_splits, split, GROUP=group, HEAD_DIM=head_dim, G_PAD=g_pad, D_PAD=d_pad, BLOCK=BLOCK_N,
-        WINDOWED=window is not None, ONE_PIECE=n_splits == 1)
+        WINDOWED=window is not None, ONE_PIECE=n_splits == 1, SHARED=shared)
     if n_splits > 1:
         merge[(bsz, n_kv)](peaks, totals, accs, out, out.stride(0), out.stride(1), n_splits,
                            GROUP=group, HEAD_DIM=head_dim, G_PAD=g_pad, D_PAD=d_pad)
@@ -305,14 +341,14 @@ def _(x, weight, bias, norm_weight, residual, eps, glu):
 def kernel_check(device: str, dtype: torch.dtype, n_heads: int, n_kv: int, head_dim: int,
                  window: Optional[int]) -> Optional[str]:
     """None when the Triton kernels run on `device` and compute their twins' results on random inputs
-    (the attention on these heads, in one piece and several, a row at position 0; the fused
+    (the attention on these heads, in one piece and several, a row at position 0, a shared prompt segment; the fused
     projections with each prologue and epilogue); else why not, in a few words. Run once per shape by
     `--decode_attention auto` before it picks the kernels."""
     if not triton_available():
         return "Triton is not installed"
     try:
         gen = torch.Generator(device=device).manual_seed(0)
-        for rows, kv_len in ((3, 100), (3, 700)):
+        for rows, kv_len, width in ((3, 100, 0), (3, 700, 0), (3, 300, 500)):  # width: a shared prompt segment
             def rand(*shape):
                 return torch.randn(*shape, device=device, generator=gen).to(dtype)
 
@@ -321,9 +357,15 @@ def kernel_check(device: str, dtype: torch.dtype, n_heads: int, n_kv: int, head_
             q, k, v = rand(rows, n_heads, head_dim), rand(rows, n_kv, head_dim), rand(rows, n_kv, head_dim)
             caches = [rand(rows, n_kv, kv_len, head_dim) for _ in range(2)]
             positions = torch.tensor([kv_len - 1, kv_len // 2, 0], device=device)
+            prompts = ()
+            if width:  # rows with prompts of width, 100 and 0 tokens from two prompt rows
+                lens = torch.tensor([width, 100, 0], device=device)
+                prompts = (rand(2, n_kv, width, head_dim), rand(2, n_kv, width, head_dim),
+                           torch.tensor([1, 0, 1], device=device), lens)
+                positions = positions + lens
             want = reference(q.float(), k.float(), v.float(), cos.float(), sin.float(), *[c.float() for c in caches],
-                             positions, window, kv_len)
-            got = triton_decode_attention(q, k, v, cos, sin, *caches, positions, window, kv_len).float()
+                             positions, window, kv_len, *[t.float() if t.is_floating_point() else t for t in prompts])
+            got = triton_decode_attention(q, k, v, cos, sin, *caches, positions, window, kv_len, *prompts).float()
             err = float((got - want).norm() / want.norm())
             if not err < (1e-4 if dtype == torch.float32 else 3e-2):  # NaN fails too
                 return f"its result differs from the torch twin's (relative error {err:.2g})"
@@ -346,14 +388,17 @@ def kernel_check(device: str, dtype: torch.dtype, n_heads: int, n_kv: int, head_
 @torch.library.custom_op("cot_distill::fused_decode_attention", mutates_args=("k_cache", "v_cache"))
 def fused_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                            k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-                           window: Optional[int], kv_len: int) -> torch.Tensor:
+                           window: Optional[int], kv_len: int, prompt_k: Optional[torch.Tensor] = None,
+                           prompt_v: Optional[torch.Tensor] = None, prompt_of: Optional[torch.Tensor] = None,
+                           prompt_len: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One operation for torch.compile (it neither traces nor copies the cache): the Triton kernel on
     a GPU with Triton (and on the CPU with CPU_KERNEL, interpreted), else the torch twin."""
-    if kernels_run_on(q.device):
-        return triton_decode_attention(q, k, v, cos, sin, k_cache, v_cache, positions, window, kv_len)
-    return reference(q, k, v, cos, sin, k_cache, v_cache, positions, window, kv_len)
+    run = triton_decode_attention if kernels_run_on(q.device) else reference
+    return run(q, k, v, cos, sin, k_cache, v_cache, positions, window, kv_len, prompt_k, prompt_v, prompt_of,
+               prompt_len)
 
 
 @fused_decode_attention.register_fake
-def _(q, k, v, cos, sin, k_cache, v_cache, positions, window, kv_len):
+def _(q, k, v, cos, sin, k_cache, v_cache, positions, window, kv_len, prompt_k=None, prompt_v=None, prompt_of=None,
+      prompt_len=None):
     return torch.empty_like(q)

@@ -177,6 +177,12 @@ class KVCache:
         return (torch.cat([self.prompts.k[layer].index_select(0, rows), k], dim=2),
                 torch.cat([self.prompts.v[layer].index_select(0, rows), v], dim=2))
 
+    def prompt_segment(self, layer: int) -> tuple:
+        """(keys, values, prompt_of, prompt_len) of the shared prompt segment (the fused kernel's), or ()."""
+        if self.prompts is None:
+            return ()
+        return self.prompts.k[layer], self.prompts.v[layer], self.prompt_of, self.prompt_len
+
     def key_positions(self, length: int, n_rows: int, device) -> torch.Tensor:
         """The position of each key `read` returns: [length], or [n_rows, T] with `prompts` (prompt
         slots past a row's prompt get a position no query reaches)."""
@@ -231,10 +237,13 @@ class Attention(nn.Module):
         else:
             q, k, v = self.heads(self.wq(x), self.wk(x), self.wv(x))
         decoding = cache is not None and cache_rows is None and seqlen == 1
-        kind = self.decode_kind if decoding and cache.prompts is None else "dense"  # a prompt segment: dense
+        kind = self.decode_kind if decoding else "dense"
+        if kind == "ragged" and cache.prompts is not None:  # it reads one cache row per row: dense
+            kind = "dense"
         if kind == "fused":  # RoPE, the cache write and attention in one operation
             out = fused_decode_attention(q[:, 0], k[:, 0], v[:, 0], cos[:, 0], sin[:, 0], cache.k[self.layer_id],
-                                         cache.v[self.layer_id], positions[:, 0], self.window, kv_len)
+                                         cache.v[self.layer_id], positions[:, 0], self.window, kv_len,
+                                         *cache.prompt_segment(self.layer_id))
             return self.wo(out.reshape(bsz, 1, -1))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -401,7 +410,7 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x, cos, sin, positions, mask, cache=None, kv_len=None, cache_rows=None):
-        if cache is not None and cache_rows is None and cache.prompts is None and self._fused_layer(x):
+        if cache is not None and cache_rows is None and self._fused_layer(x):
             return self._fused_decode(x, cos, sin, positions, cache, kv_len)
         h = x + self.attention(self.attention_norm(x), cos, sin, positions, mask, cache, kv_len, cache_rows)
         return h + self.feed_forward(self.ffn_norm(h))
@@ -428,7 +437,8 @@ class TransformerBlock(nn.Module):
         x2 = x.reshape(bsz, -1)
         qkv = linear(x2, att.fused[0], att.fused[1], self.attention_norm.weight, None, self.attention_norm.eps, False)
         out = fused_decode_attention(*att.heads(qkv), cos[:, 0], sin[:, 0], cache.k[att.layer_id],
-                                     cache.v[att.layer_id], positions[:, 0], att.window, kv_len)
+                                     cache.v[att.layer_id], positions[:, 0], att.window, kv_len,
+                                     *cache.prompt_segment(att.layer_id))
         one_rank = get_model_parallel_world_size() == 1
         a = out.reshape(bsz, -1)
         h = linear(a, att.wo.weight, None, None, x2, 0.0, False) if one_rank else \

@@ -36,7 +36,8 @@ def decode_paths(model, prompts, stop_ids, new_tokens, slots=3, fused=True):
     """Tokens of every decode path on the same prompts (more prompts than slots, so slots are
     refilled): the eager step; the static-shape step a CUDA graph captures (reading the back of the
     window of sync_every=3 steps, KV buckets from 4); and that step traced whole by Dynamo
-    (fullgraph: no graph break, so no host sync or data-dependent shape inside it); with `fused`,
+    (fullgraph: no graph break, so no host sync or data-dependent shape inside it); the static step
+    with every prompt requested twice (a shared prompt segment, 2 x the tokens); with `fused`,
     --decode_attention fused with its kernels interpreted."""
     import torch._dynamo
 
@@ -52,6 +53,9 @@ def decode_paths(model, prompts, stop_ids, new_tokens, slots=3, fused=True):
     for name, params in (("greedy", greedy), ("sample", sample)):
         out[f"eager_{name}"] = g.complete_prompts(model, prompts, params, stop_ids, slots, runner=g.EagerSteps(model))
         out[f"static_{name}"] = g.complete_prompts(model, prompts, params, stop_ids, slots, runner=static())
+    shared = static()  # each prompt twice: read from a shared prompt segment of the cache
+    out["shared_greedy"] = g.complete_prompts(model, prompts * 2, greedy, stop_ids, slots, runner=shared)
+    out["shared_segment"] = shared.cache.prompts is not None
     torch._dynamo.reset()
     runner = static(compiled=True, fullgraph=True, backend="eager")
     out["traced_greedy"] = g.complete_prompts(model, prompts, greedy, stop_ids, slots, runner=runner)

@@ -301,6 +301,46 @@ def test_fused_decode_kernel_is_its_torch_twin(triton_interpreter, rows, n_kv, g
         assert torch.equal(k_cache, caches[0])
 
 
+@pytest.mark.parametrize("rows,width,own_len,kv_len,window,dtype", [
+    (4, 40, 30, 20, None, torch.float32),  # one piece: prompt and own slots in one block
+    (5, 300, 500, 448, None, torch.float32),  # pieces across the prompt's end, merged
+    (3, 130, 90, 64, 50, torch.float32),  # a sliding window reaching back into the prompt or not
+    (3, 70, 40, 33, None, torch.bfloat16),
+])
+def test_fused_decode_kernel_reads_a_shared_prompt_segment(triton_interpreter, rows, width, own_len, kv_len, window,
+                                                           dtype):
+    """Rows reading their prompt from a shared segment (2 prompt rows for `rows` rows; prompts of 0, 1,
+    a block's worth and the whole width) and the rest from their own slots: the twin gives the plain
+    twin's attention over the same keys laid out in one row (prompt, then own slots), and the kernel
+    gives the twin's output and cache; the prompt segment is not written."""
+    from models import decode_kernels as dk
+
+    gen = torch.Generator().manual_seed(width)
+    n_kv, group, head_dim = 2, 2, 16
+    q, k, v, cos, sin, k_cache, v_cache = _decode_inputs(gen, rows, n_kv, group, head_dim, own_len, dtype)
+    prompt_k, prompt_v = (torch.randn(2, n_kv, width, head_dim, generator=gen).to(dtype) for _ in range(2))
+    prompt_of = torch.tensor([1, 0, 1, 0, 1][:rows])
+    prompt_len = torch.tensor([width, 0, 1, min(64, width), width - 3][:rows])
+    positions = prompt_len + torch.randint(0, kv_len, (rows,), generator=gen)
+    positions[0] = prompt_len[0] + kv_len - 1
+    shared = (prompt_k.clone(), prompt_v.clone(), prompt_of, prompt_len)
+    caches = (k_cache.clone(), v_cache.clone())
+    want = dk.reference(q, k, v, cos, sin, *caches, positions, window, kv_len, *shared)
+    flat = [torch.zeros(rows, n_kv, width + own_len, head_dim, dtype=dtype) for _ in range(2)]
+    for b in range(rows):  # the same keys in one row: prompt at [0, plen), own slot s at plen + s
+        n = int(prompt_len[b])
+        for f, pc, oc in zip(flat, (prompt_k, prompt_v), (k_cache, v_cache)):
+            f[b, :, :n], f[b, :, n:n + own_len] = pc[prompt_of[b], :, :n], oc[b]
+    plain = dk.reference(q, k, v, cos, sin, *flat, positions, window, int(positions.max()) + 1)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert ((plain.float() - want.float()).norm() / want.float().norm()).item() < tol
+    got = dk.triton_decode_attention(q, k, v, cos, sin, k_cache, v_cache, positions, window, kv_len,
+                                     prompt_k, prompt_v, prompt_of, prompt_len)
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() < tol
+    assert torch.equal(v_cache, caches[1]) and torch.equal(prompt_k, shared[0]) and torch.equal(prompt_v, shared[1])
+    assert torch.allclose(k_cache.float(), caches[0].float(), atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("rows,k_in,n_out,extra,glu,dtype", [
     (1, 40, 37, ("norm",), False, torch.float32),  # RMSNorm prologue; sizes off the blocks
     (3, 300, 200, ("norm", "bias"), False, torch.float32),  # q/k/v with a bias (Qwen)
@@ -331,12 +371,16 @@ def test_fused_projection_kernel_is_its_torch_twin(triton_interpreter, rows, k_i
 def test_fused_decode_attention_gives_the_dense_tokens(tiny, triton_interpreter, params, monkeypatch):
     """Generation with --decode_attention fused, the Triton kernels themselves (interpreted: the
     attention, and each layer as five kernels) and their twin, eager and in static-shape blocks, gives
-    the dense path's tokens (GQA, a sliding window of 8 that long prompts pass, refills)."""
+    the dense path's tokens (GQA, a sliding window of 8 that long prompts pass, refills); so do
+    prompts requested twice, read from a shared prompt segment by the kernels, against the dense
+    path without one."""
     from models import decode_kernels as dk
 
     model, _, tok, prompts, _ = tiny
     prompts, params = prompts[1:5], dataclasses.replace(params, max_new_tokens=10)
     want = _run(model, prompts, params, g.EagerSteps(model), [tok.eos_id])
+    twice = prompts[1:4] * 2
+    want_twice = _run(model, twice, params, g.EagerSteps(model), [tok.eos_id], share_prompts=False)
     runs, projections = {}, []
     real = dk.triton_linear
     monkeypatch.setattr(dk, "triton_linear", lambda *a, **kw: projections.append(1) or real(*a, **kw))
@@ -344,6 +388,9 @@ def test_fused_decode_attention_gives_the_dense_tokens(tiny, triton_interpreter,
         model.decode_attention("fused")
         runs["kernel"] = _run(model, prompts, params, g.StaticSteps(model, 4, 4), [tok.eos_id])
         assert len(projections) >= 4 * len(model.layers) * params.max_new_tokens  # the five-kernel layers ran
+        shared = g.StaticSteps(model, 4, 4)
+        assert _run(model, twice, params, shared, [tok.eos_id], slots=4) == want_twice
+        assert shared.cache.prompts is not None
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr("models.decode_kernels.CPU_KERNEL", False)  # the CPU picks the twin
             runs["twin eager"] = _run(model, prompts, params, g.EagerSteps(model), [tok.eos_id])
@@ -386,7 +433,8 @@ def test_auto_decode_attention_takes_the_kernel_only_where_it_passes_its_check(t
                                                                                capsys):
     """--decode_attention auto: dense on the CPU; where the kernel runs (here: interpreted) fused, once
     it has matched its twin on random inputs of the model's heads; dense again, with the reason in one
-    line, when the kernel computes something else or fails."""
+    line, when the kernel computes something else (also: only when it reads a shared prompt segment)
+    or fails."""
     from models import compiled, decode_kernels as dk
 
     model = tiny[0]
@@ -400,7 +448,8 @@ def test_auto_decode_attention_takes_the_kernel_only_where_it_passes_its_check(t
         assert kinds() == {"fused"}
         real = dk.triton_decode_attention
         for broken, why in ((lambda *a: real(*a) * 1.01, "differs from the torch twin's"),
-                            (lambda *a: 1 / 0, "ZeroDivisionError")):
+                            (lambda *a: real(*a) * (1.01 if len(a) > 10 else 1), "differs from the torch twin's"),
+                            (lambda *a: 1 / 0, "ZeroDivisionError")):  # the second: wrong with a prompt segment
             dk.kernel_check.cache_clear()
             monkeypatch.setattr(dk, "triton_decode_attention", broken)
             monkeypatch.setattr(compiled, "_SAID", set())

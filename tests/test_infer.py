@@ -94,6 +94,7 @@ def _check_decode_paths(paths, ref, family, fused=True):
     for name in ("eager_greedy", "static_greedy", "traced_greedy") + (("fused_greedy",) if fused else ()):
         assert paths[name] == ref, (family, name)
     assert paths["static_sample"] == paths["eager_sample"], family
+    assert paths["shared_greedy"] == ref * 2 and paths["shared_segment"] is True, family
     assert paths["eager_sample"] != paths["eager_greedy"], family
 
 

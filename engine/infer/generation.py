@@ -663,14 +663,16 @@ class Batcher:
 def generate_stream(model, requests: Sequence[Request], params: SamplingParams, batch_size: int,
                     stop_ids: Sequence[int] = (), stop_strings: Optional[StopStrings] = None,
                     prefill_tokens: int = 16384, refill_min: Optional[int] = None,
-                    compiled: Optional[bool] = None, runner=None) -> Iterator[Completion]:
+                    compiled: Optional[bool] = None, runner=None, share_prompts: bool = True) -> Iterator[Completion]:
     """Yield a Completion per request, in completion order (continuous batching).
 
     batch_size: decoding slots. prefill_tokens: token budget of one prefill forward (more prompts
     are prefilled in several passes). refill_min: refill free slots once at least this many are free
     (default batch_size / 8), so prefills run in groups rather than one prompt at a time.
     compiled: None picks the fastest path for the device (see make_runner); runner: an explicit one
-    (pass the same runner to several calls of the same shape to reuse its buffers and graphs)."""
+    (pass the same runner to several calls of the same shape to reuse its buffers and graphs).
+    share_prompts: a prompt several requests hold is prefilled once and its keys and values kept
+    once, in a shared prompt segment of the cache (Batcher)."""
     if not requests:
         return
     longest = max(len(r.prompt) for r in requests)
@@ -680,7 +682,7 @@ def generate_stream(model, requests: Sequence[Request], params: SamplingParams, 
     n = max(1, min(batch_size, len(requests)))
     runner = runner or make_runner(model, compiled)
     batcher = Batcher(model, runner, params, n, max_len, stop_ids, stop_strings, prefill_tokens,
-                      max(1, refill_min or n // 8))
+                      max(1, refill_min or n // 8), share_prompts)
     yield from batcher.run(requests)
 
 
