@@ -195,18 +195,33 @@ def test_inductor_compiled_decode_step_matches_hf(models, family, dist1):
     assert runner.step_call.active and runner.prefill_call.active and out == ref
 
 
-def test_batching_and_sampling(models, dist1, tmp_path):
-    """Same outputs in a batch as alone (greedy and seeded sampling); seeds reproduce; K samples."""
+def test_batching_and_sampling(models, dist1, tmp_path, monkeypatch):
+    """Same outputs in a batch as alone (greedy and seeded sampling); seeds reproduce; K samples, the
+    same with their prompt's keys in a shared segment of the cache (the default) and copied per row
+    (--share_prompts False)."""
+    from engine.infer import generation
+
     root, data, refs = models
     hf_dir = refs["llama3"][0]
-    runs = {}
+    runs, segments = {}, {}
+    real = generation.Batcher.run
+
+    def watched(batcher, requests):  # which layout each run's cache had
+        yield from real(batcher, requests)
+        segments[name] = batcher.cache.prompts is not None
+
+    monkeypatch.setattr(generation.Batcher, "run", watched)
     for name, kw in {"greedy-b7": dict(batch_size=7), "greedy-b1": dict(batch_size=1),
                      "sample-b7": dict(batch_size=7, temperature=0.9, top_p=0.9, seed=1),
                      "sample-b2": dict(batch_size=2, temperature=0.9, top_p=0.9, seed=1),
                      "sample-seed2": dict(batch_size=7, temperature=0.9, top_p=0.9, seed=2),
-                     "k4": dict(batch_size=5, temperature=1.0, top_k=50, num_samples=4, seed=3)}.items():
+                     "k4": dict(batch_size=5, temperature=1.0, top_k=50, num_samples=4, seed=3),
+                     "k4-copies": dict(batch_size=5, temperature=1.0, top_k=50, num_samples=4, seed=3,
+                                       share_prompts=False)}.items():
         infer.generate(**_job(hf_dir, data, tmp_path / f"{name}.jsonl", **kw))
         runs[name] = [json.loads(line) for line in open(tmp_path / f"{name}.jsonl")]
+    assert segments == {name: name == "k4" for name in runs}
+    assert runs["k4"] == runs["k4-copies"]
     tokens = {k: [r["tokens"] for r in v] for k, v in runs.items()}
     assert tokens["greedy-b7"] == tokens["greedy-b1"]
     assert tokens["sample-b7"] == tokens["sample-b2"]

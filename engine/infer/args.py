@@ -98,6 +98,9 @@ class GenerationFlags(CommandArgs):
     long_prompts: str = flag("prompts leaving < max_new_tokens of room: skip (written with an error, counted wrong) "
                              "or truncate (left).", "skip")
     prefill_tokens: int = flag("token budget of one prefill pass.", 16384)
+    share_prompts: bool = flag("a prompt several requests hold (--num_samples K) is prefilled once and its keys and "
+                               "values kept once, in a shared prompt segment of the KV cache (False: a copy per "
+                               "row).", True)
     progress: bool = flag("show a progress bar.", True)
     output_tokens: bool = flag("also write the generated token ids ('tokens') of each response.", False)
     compile: bool = flag("on a GPU, decode with CUDA graphs of a compiled step (False: eager; CPU is always eager).",
@@ -175,6 +178,7 @@ class GenerateArgs(ModelSource, GenerationFlags):
         "stop",
         "long_prompts",
         "prefill_tokens",
+        "share_prompts",
         "progress",
         "output_tokens",
         "compile",

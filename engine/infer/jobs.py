@@ -387,7 +387,7 @@ def _write_completions(job: GenerationJob, model, tok, requests: List[Request], 
     bar = Progress(len(requests), "generating", "seq") if progress else None
     params = replace(job.params, vocab_size=tok.vocab_size)
     for c in generate_stream(model, requests, params, f.batch_size, stop_ids, stop_strings, f.prefill_tokens,
-                             compiled=f.compiled):
+                             compiled=f.compiled, share_prompts=f.share_prompts):
         i, k = c.key
         n_new_tokens += len(c.tokens)
         text = tok.decode([t for t in c.tokens if t not in stop_ids])
