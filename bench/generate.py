@@ -8,13 +8,14 @@ decoding, writing) on the same prompts.
   python bench/generate.py [--batches 1,64,384] [--dim 512] [--n_layers 4] [--new_tokens 32] [--device cuda]
   python bench/generate.py --dim 2048 --n_layers 16 --n_heads 16 --n_kv_heads 8 --dtype bf16 \
       --new_tokens 128 --device cuda --e2e True                         # the GPU numbers in BENCHMARKS.md
-  python bench/generate.py --samples 10 --batches 40                    # --num_samples 10, prefill shared or not
+  python bench/generate.py --samples 10 --batches 40 [--few_shot True]  # --num_samples 10: prompt KV shared or not
 
 `--samples K` times K sampled rationales of each of several GSM8K questions (the test split's
 questions with the LLaMA-2 tokenizer where ../shared holds them, else random prompts of their
-lengths) in `--batches`' first size of slots, the prompt prefilled once and shared by its K rows,
-against the same requests with every copy prefilled (what `--num_samples 1` on K copies of the file
-runs), in the same run: tokens/s, prompt tokens prefilled, KV cache bytes, identical tokens.
+lengths) in `--batches`' first size of slots, the prompt prefilled once into a shared prompt segment
+of the KV cache read by its K rows, against the same requests with the prompt prefilled into every
+row (what `--share_prompts False` runs), in the same
+run: tokens/s, prompt tokens prefilled, KV cache bytes, identical tokens.
 """
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def _hf_generate(hf, prompts, new_tokens, device, eos=None):
 def main(batches="1,64,384", dim: int = 512, n_layers: int = 4, n_heads: int = 8, n_kv_heads: int = 4,
          vocab: int = 32000, min_prompt: int = 16, max_prompt: int = 96, new_tokens: int = 32, dtype: str = "fp32",
          device: str = None, seed: int = 0, compile: bool = None, e2e: bool = False, e2e_batch: int = 384,  # noqa: A002 (--compile)
-         e2e_records: int = 768, samples: int = 0, decode_attention: str = "dense"):
+         e2e_records: int = 768, samples: int = 0, few_shot: bool = False, decode_attention: str = "dense"):
     """Print tokens/s of both engines at each batch size, their ratio, whether the tokens agree, and
     for batch 1 the fraction of the read-bandwidth limit reached.
 
@@ -95,7 +96,9 @@ def main(batches="1,64,384", dim: int = 512, n_layers: int = 4, n_heads: int = 8
         e2e: also time infer.py end to end against an HF script doing the same work.
         e2e_batch: slots of the end-to-end run.
         e2e_records: records of the end-to-end run.
-        samples: K > 0 times K samples of each question, prefill shared vs every copy prefilled, instead.
+        samples: K > 0 times K samples of each question, the prompt's keys in a shared segment of the
+            cache vs a copy per row, instead.
+        few_shot: with samples, each question after GSM8K's 8 chain-of-thought demonstrations.
         decode_attention: our decode attention (auto, dense, ragged, fused); "dense,fused" times both in one run.
     """
     import torch
@@ -129,7 +132,7 @@ def main(batches="1,64,384", dim: int = 512, n_layers: int = 4, n_heads: int = 8
           f"{dtype}; read bandwidth {bandwidth / 1e9:.1f} GB/s; weights read per step {weight_bytes / 1e9:.3f} GB",
           flush=True)
     if samples:
-        print(json.dumps(shared_prefill(ours, samples, sizes[0], new_tokens, device, seed, max_prompt)))
+        print(json.dumps(shared_prefill(ours, samples, sizes[0], new_tokens, device, seed, max_prompt, few_shot)))
         return
     g = torch.Generator().manual_seed(seed)
     results = []
@@ -179,55 +182,69 @@ def _ours_row(ours, runner, prompts, greedy, theirs, t_hf: float, device: str) -
             "identical_sequences": f"{sum(a == b for a, b in zip(mine, theirs))}/{bsz}"}
 
 
-def gsm8k_prompts(n: int, vocab: int, seed: int, max_len: int):
+def gsm8k_prompts(n: int, vocab: int, seed: int, max_len: int, few_shot: bool = False):
     """(n GSM8K test questions as LLaMA-2 token ids cut to max_len, or random ids of about their
-    lengths where the shared data is not at hand; which of the two)."""
+    lengths where the shared data is not at hand; which of the two). few_shot: each question after
+    the 8 demonstrations of shared/data/prompts/gsm8k_complex_cot.txt, as `infer.py --prompt_file`
+    puts them (cut from the left to max_len)."""
     import random
 
-    data = os.path.join(os.path.dirname(ROOT), "shared", "data", "mcc", "GSM8K", "test.json")
-    tok_path = os.path.join(os.path.dirname(ROOT), "shared", "data", "tokenizers", "llama2.model")
-    if os.path.exists(data) and os.path.exists(tok_path) and vocab >= 32000:
+    shared = os.path.join(os.path.dirname(ROOT), "shared", "data")
+    data = os.path.join(shared, "mcc", "GSM8K", "test.json")
+    tok_path = os.path.join(shared, "tokenizers", "llama2.model")
+    demos = os.path.join(shared, "prompts", "gsm8k_complex_cot.txt")
+    if os.path.exists(data) and os.path.exists(tok_path) and vocab >= 32000 and (os.path.exists(demos) or not few_shot):
+        from engine.text.prompts import few_shot_prompt, read_prompt_file
         from engine.text.tokenizer import load_tokenizer
 
-        tok = load_tokenizer(tok_path)
-        return [tok.encode(r["instruction"])[:max_len] for r in json.load(open(data))[:n]], "GSM8K test questions"
+        tok, texts = load_tokenizer(tok_path), [r["instruction"] for r in json.load(open(data))[:n]]
+        if few_shot:
+            texts = [few_shot_prompt(read_prompt_file(demos), t) for t in texts]
+        return ([tok.encode(t)[-max_len:] for t in texts],
+                "GSM8K test questions" + (" after 8 demonstrations" if few_shot else ""))
     rng = random.Random(seed)
-    return [[rng.randrange(3, vocab) for _ in range(min(max_len, max(8, int(rng.gauss(70, 26)))))]
-            for _ in range(n)], "random prompts of GSM8K lengths"
+    mean = 1900 if few_shot else 70
+    return [[rng.randrange(3, vocab) for _ in range(min(max_len, max(8, int(rng.gauss(mean, 26)))))]
+            for _ in range(n)], "random prompts of GSM8K lengths" + (" with 8 demonstrations" if few_shot else "")
 
 
-def shared_prefill(model, k: int, slots: int, new_tokens: int, device: str, seed: int, max_prompt: int) -> dict:
-    """K sampled rows per question (2 * slots / K questions, two refills' worth), prefill shared vs not,
-    each timed once in the same run (after a warm-up of both on a GPU); no stop, so both do the same work."""
+def shared_prefill(model, k: int, slots: int, new_tokens: int, device: str, seed: int, max_prompt: int,
+                   few_shot: bool = False) -> dict:
+    """K sampled rows per question (2 * slots / K questions, two refills' worth), the prompt's keys in a
+    shared segment of the cache (prefilled once, one copy) vs a copy per row (prefilled per row), each
+    timed once in the same run (after a warm-up of both on a GPU); no stop, so both do the same work.
+    Then both greedy, untimed: the same tokens? (Sampled tokens may differ where a draw falls within
+    rounding of a token's boundary: the two layouts sum the attention in different orders.)"""
+    import torch
+
     from engine.infer.generation import Batcher, Request, SamplingParams, make_runner, request_seed
 
-    questions, source = gsm8k_prompts(max(1, 2 * slots // k), model.args.vocab_size, seed, max_prompt)
-    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.8, top_p=0.95, seed=seed)
+    questions, source = gsm8k_prompts(max(1, 2 * slots // k), model.args.vocab_size, seed, max_prompt, few_shot)
+    sampled = SamplingParams(max_new_tokens=new_tokens, temperature=0.8, top_p=0.95, seed=seed)
     reqs = [Request((i, j), q, request_seed(seed, i, j)) for i, q in enumerate(questions) for j in range(k)]
     max_len = max(map(len, questions)) + new_tokens
-    runner, out = make_runner(model), {}
+    runner, out, tokens = make_runner(model), {}, {}
 
-    def run(share: bool):
+    @torch.no_grad()  # as generate_stream runs it
+    def run(share: bool, params=sampled):
         batcher = Batcher(model, runner, params, slots, max_len, share_prompts=share)
-        tokens = sorted((c.key, c.tokens) for c in batcher.run(reqs))
-        return tokens, batcher.prefilled, batcher.cache.nbytes()
+        done = sorted((c.key, c.tokens) for c in batcher.run(reqs))
+        return done, batcher.prefilled, batcher.cache.nbytes()
 
     for share in (False, True) if device == "cuda" else ():
         run(share)  # warm-up: capture, compile
-    for share, name in ((False, "every_copy_prefilled"), (True, "prefill_shared")):
-        (tokens, prefilled, kv), wall = _timed(lambda: run(share), device)
-        out[name] = {"tokens": tokens, "tokens_per_s": round(len(reqs) * new_tokens / wall, 1),
-                     "wall_s": round(wall, 2), "prompt_tokens_prefilled": prefilled, "kv_cache_bytes": kv}
+    for share, name in ((False, "copy_per_row"), (True, "shared_segment")):
+        (tokens[name], prefilled, kv), wall = _timed(lambda: run(share), device)
+        out[name] = {"tokens_per_s": round(len(reqs) * new_tokens / wall, 1), "wall_s": round(wall, 2),
+                     "prompt_tokens_prefilled": prefilled, "kv_cache_bytes": kv}
         print(f"{name}: {out[name]['tokens_per_s']} tok/s, {wall:.2f} s, {prefilled} prompt tokens prefilled, "
               f"KV cache {kv / 2 ** 20:.1f} MiB", flush=True)
-    a, b = out["prefill_shared"].pop("tokens"), out["every_copy_prefilled"].pop("tokens")
-    same = a == b
-    if not same:
-        import sys
-        bad = [(x[0], x[1], y[1]) for x, y in zip(a, b) if x != y]
-        print(len(bad), bad[:3], file=sys.stderr)
+    same = sum(a == b for a, b in zip(tokens["copy_per_row"], tokens["shared_segment"]))
+    greedy = SamplingParams(max_new_tokens=new_tokens)
+    greedy_same = sum(a == b for a, b in zip(run(False, greedy)[0], run(True, greedy)[0]))
     return {"samples": k, "questions": len(questions), "prompts": source, "slots": slots, "new_tokens": new_tokens,
-            "mean_prompt_tokens": round(sum(map(len, questions)) / len(questions), 1), "identical_tokens": same,
+            "mean_prompt_tokens": round(sum(map(len, questions)) / len(questions), 1),
+            "identical_sampled_rows": f"{same}/{len(reqs)}", "identical_greedy_rows": f"{greedy_same}/{len(reqs)}",
             "device": device, **out}
 
 

@@ -10,7 +10,8 @@ after each section, so a run cut short still leaves what it measured.
              generation loop, kernels per step (profiler), the fraction of the read-bandwidth limit; and
              the plain (uncompiled) decode forward, eager and captured by hand, for comparison
   tokens     the captured path's tokens equal the eager path's: greedy and sampled, more prompts than
-             slots (refills) and a stop id (rows end unevenly), on an fp32 model whose logits are far apart
+             slots (refills) and a stop id (rows end unevenly), on an fp32 model whose logits are far apart;
+             and every prompt twice, read from a shared prompt segment, against eager copies per row
   train      the trainer's step (compiled blocks on a GPU, chunked loss, fused AdamW) on batches of real
              lengths (bench/lengths.py), each step another shape: tokens/s, MFU, dynamo's graph breaks and
              compiles
@@ -497,9 +498,18 @@ def section_tokens(check: Check, report: Report) -> None:
         mismatch = next(({"prompt": i, "at": next((j for j, (x, y) in enumerate(zip(a, b)) if x != y),
                                                   min(len(a), len(b))), "eager": a[:12], "fast": b[:12]}
                          for i, (a, b) in enumerate(zip(eager, fast)) if a != b), None)
-        report.line("tokens", "running" if name == "greedy" else "ok", name, identical=f"{same}/{len(prompts)}", all_identical=same == len(prompts), slots=slots,
+        report.line("tokens", "running", name, identical=f"{same}/{len(prompts)}", all_identical=same == len(prompts), slots=slots,
                     stop_id=stop, stopped_early=sum(len(o) < n_new for o in eager), first_mismatch=mismatch,
                     eager_path=getattr(eager_runner, "description", None), fast=_runner_facts(fast_runner))
+    # every prompt twice, greedy: the captured step reading a shared prompt segment vs eager copies per row
+    greedy, twice = SamplingParams(max_new_tokens=n_new), prompts * 2
+    eager = complete_prompts(model, twice, greedy, [stop], slots, runner=make_runner(model, False), share_prompts=False)
+    fast_runner = make_runner(model)
+    fast = complete_prompts(model, twice, greedy, [stop], slots, runner=fast_runner)
+    same = sum(a == b for a, b in zip(eager, fast))
+    report.line("tokens", "ok", "shared_prompts", identical=f"{same}/{len(twice)}", all_identical=same == len(twice),
+                segment=getattr(getattr(fast_runner, "cache", None), "prompts", None) is not None,
+                fast=_runner_facts(fast_runner))
 
 
 def section_train(check: Check, report: Report) -> None:

@@ -44,6 +44,8 @@ def test_cpu_smoke_run_writes_every_section(tmp_path):
         tokens = sections["tokens"]["parts"][name]
         assert tokens["all_identical"] and tokens["identical"] == "6/6", tokens
     assert sections["tokens"]["parts"]["greedy"]["stopped_early"] > 0  # the stop id made rows end unevenly
+    shared = sections["tokens"]["parts"]["shared_prompts"]
+    assert shared["identical"] == "12/12" and shared["segment"], shared
     train = sections["train"]
     assert train["tokens_per_s"] > 0 and train["graph_breaks"] == 0
     assert len(set(train["widths"])) > 1  # every step another shape, the first two different

@@ -18,6 +18,9 @@ What lives where:
   (a row that stopped early decoded a few throw-away tokens meanwhile), frees finished rows and
   refills them. `Batcher` is that loop, one named step per part (drain, refill / prefill, compact,
   decode_block); `generate_stream` sizes it for a call.
+- A prompt several requests hold (the --num_samples rows of a record) is prefilled once into a row
+  of a shared prompt segment of the cache (`_PromptRows` on the host, models.transformer.KVCache on
+  the device); the rows sampling it read it there and keep only their new tokens.
 
 Sampling uses a counter-based generator: the u of draw j of a request is a hash of (its seed, j),
 so results do not depend on which slot or batch a request lands in, nor on the device. All
@@ -688,11 +691,11 @@ def generate_stream(model, requests: Sequence[Request], params: SamplingParams, 
 
 def complete_prompts(model, prompts: Sequence[Sequence[int]], params: SamplingParams, stop_ids: Sequence[int] = (),
                      batch_size: Optional[int] = None, compiled: Optional[bool] = None,
-                     runner=None) -> List[List[int]]:
+                     runner=None, share_prompts: bool = True) -> List[List[int]]:
     """New token ids for each prompt, in prompt order (a stop id, when reached, is kept last)."""
     reqs = [Request(i, list(p), request_seed(params.seed, i)) for i, p in enumerate(prompts)]
     out: List[List[int]] = [[] for _ in prompts]
     for c in generate_stream(model, reqs, params, batch_size or len(prompts), stop_ids, compiled=compiled,
-                             runner=runner):
+                             runner=runner, share_prompts=share_prompts):
         out[c.key] = c.tokens
     return out
