@@ -68,6 +68,56 @@ def test_top_k_sampling_without_the_full_sort_draws_the_same_tokens(top_k, top_p
     assert len(set(got.tolist())) > 20
 
 
+@pytest.mark.parametrize("bound,top_p", [(8, 0.9), (40, 0.95), (100, 0.5), (320, 0.99)])
+def test_top_p_bound_draws_the_full_sorts_token_wherever_its_tokens_hold_top_p(bound, top_p):
+    """--top_p_bound B: among the B most likely tokens (torch.topk) the draw is the full sort's wherever
+    they hold top_p of the mass; `short` marks exactly the other rows (the B tokens' mass from the full
+    sort), and there the token is one of the B (4,096 rows of peaked and flat distributions)."""
+    gen = torch.Generator().manual_seed(bound)
+    logits = torch.randn(4096, 320, generator=gen) * torch.linspace(0.3, 6.0, 4096)[:, None]
+    seeds = torch.randint(0, 1 << 31, (4096,), generator=gen)
+    draws = torch.randint(0, 500, (4096,), generator=gen)
+    params = g.SamplingParams(temperature=0.8, top_p=top_p, top_p_bound=bound)
+    short = torch.ones(4096, dtype=torch.bool)
+    got = g.choose_tokens(logits, params, seeds, draws, short)
+    exact = _full_sort_choice(logits, params, seeds, draws)
+    probs, order = torch.softmax(logits / 0.8, -1).sort(-1, descending=True)
+    assert torch.equal(short, probs[:, :bound].sum(-1) < top_p)
+    assert torch.equal(got[~short], exact[~short])
+    assert (got[:, None] == order[:, :bound]).any(-1).all()
+    assert (0 < short.sum() < 4096) if bound < 320 else not short.any()
+
+
+def test_top_p_bound_counts_the_draws_it_cut_in_generation(tiny):
+    """In generation the tokens whose draw's nucleus the bound cut are counted, those of the outputs
+    only (in 4 slots, eager and static steps, as in 1 slot: idle slots and throw-away tokens do not
+    count); a bound of the whole vocabulary cuts none and gives the exact tokens."""
+    model, _, tok, prompts, _ = tiny
+    exact = g.SamplingParams(max_new_tokens=12, temperature=0.2, top_p=0.9, seed=4)  # a third of the draws cut
+    reqs = [g.Request(i, p, g.request_seed(4, i)) for i, p in enumerate(prompts)]
+    runs, stops = {}, g.StopStrings(tok, ["e"])  # rows end at different steps
+    for bound in (16, 320):
+        params = dataclasses.replace(exact, top_p_bound=bound)
+        for name, runner, slots in (("eager", g.EagerSteps(model), 4), ("static", g.StaticSteps(model, 3, 4), 4),
+                                    ("one slot", g.EagerSteps(model), 1)):
+            stats = {}
+            done = sorted((c.key, c.tokens) for c in g.generate_stream(model, reqs, params, slots, [tok.eos_id],
+                                                                       stops, runner=runner, stats=stats))
+            runs[bound, name] = done, stats["top_p_cut"]
+    want = sorted((c.key, c.tokens) for c in g.generate_stream(model, reqs, exact, 4, [tok.eos_id], stops,
+                                                                runner=g.EagerSteps(model)))
+    assert runs[320, "eager"] == runs[320, "static"] == (want, 0)
+    assert runs[16, "eager"] == runs[16, "static"] == runs[16, "one slot"]
+    cut, (outputs, counted) = 0, runs[16, "eager"]
+    for (i, out) in outputs:  # each kept token's distribution again, from one forward over its sequence
+        seq = torch.tensor([prompts[i] + out[:-1]])
+        with torch.no_grad():
+            probs = torch.softmax(model(seq)[0, len(prompts[i]) - 1:].float() / 0.2, -1)
+        cut += int((probs.topk(16, -1).values.sum(-1) < 0.9).sum())
+    assert counted == cut and 0 < cut < sum(len(t) for _, t in outputs) and outputs != want
+    assert len({len(t) for _, t in outputs}) > 2
+
+
 def test_stop_strings_are_looked_for_only_after_tokens_that_could_end_one(tiny):
     """Sampled runs with stop strings of every kind (a space at either end, a digit, a word, a letter)
     finish every row where looking after every token does, with far fewer tails decoded."""

@@ -278,7 +278,8 @@ def _output_lines(path) -> list:
 @pytest.mark.processes
 def test_data_parallel_replicas_write_one_file_and_resume(tmp_path, tiny_tokenizer):
     """world 2: --tp_size 1 (two replicas, each taking every other record still to do) and --tp_size 2 write
-    the file one process writes, sampled, two samples a record; a killed two-replica run (lines in the
+    the file one process writes, sampled (--top_p_bound: the draws it cut counted over the replicas), two
+    samples a record; a killed two-replica run (lines in the
     output and in replica 1's part file) resumes to that same file, the parts merged and removed."""
     from checkpoint_split import init
 
@@ -289,8 +290,9 @@ def test_data_parallel_replicas_write_one_file_and_resume(tmp_path, tiny_tokeniz
                             for i in range(150)))
     args = ["infer.py", "--ckpt_dir", str(tmp_path / "m1"), "--data_file", str(data), "--template", "none",
             "--max_new_tokens", "24", "--batch_size", "4", "--temperature", "0.9", "--num_samples", "2",
-            "--seed", "7", "--output_tokens", "True", "--progress", "False"]
+            "--top_p", "0.9", "--top_p_bound", "64", "--seed", "7", "--output_tokens", "True", "--progress", "False"]
     one = run_cli(*args, "--output_file", str(tmp_path / "one.jsonl"))
+    cut = json.loads(one.stdout.strip().splitlines()[-1])["top_p_cut_draws"]
     assert one.returncode == 0, one.stderr
     reference = _output_lines(tmp_path / "one.jsonl")
     assert len({json.dumps(r["tokens"]) for r in reference}) > 100  # samples that differ record to record
@@ -301,6 +303,7 @@ def test_data_parallel_replicas_write_one_file_and_resume(tmp_path, tiny_tokeniz
         summary = json.load(open(tmp_path / f"{name}.jsonl.meta.json"))["summary"]
         assert summary["records"] == 150 and summary["generated_this_run"] == 150, name
         assert summary["new_tokens"] == json.loads(one.stdout.strip().splitlines()[-1])["new_tokens"], name
+        assert summary["top_p_cut_draws"] == cut > 0, name  # summed over the replicas
     assert not list(tmp_path.glob("*.part*"))
 
     out = tmp_path / "killed.jsonl"

@@ -92,6 +92,10 @@ class GenerationFlags(CommandArgs):
     temperature: float = flag("0 for greedy decoding, > 0 to sample.", 0.0)
     top_p: float = flag("nucleus sampling mass in (0, 1].", 1.0)
     top_k: int = flag("sample from the k most likely tokens only (0: off).", 0)
+    top_p_bound: int = flag("with --top_p (no --top_k): take the nucleus among this many most likely tokens "
+                            "(torch.topk) instead of sorting the vocabulary each step: the same draws wherever they "
+                            "hold top_p of the mass, elsewhere the nucleus is cut to them (the summary counts those "
+                            "draws as top_p_cut_draws). 0: sort the vocabulary, exact.", 0)
     num_samples: int = flag("responses per record, sampled independently (seeded by --seed and the record).", 1)
     seed: int = flag("sampling seed.", 0)
     stop: Optional[str] = flag("stop string(s), comma separated, besides EOS; the output is cut before them.", None)
@@ -121,6 +125,8 @@ class GenerationFlags(CommandArgs):
             raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise UserError(f"--top_k must be >= 0 (0: off), got {self.top_k}")
+        if self.top_p_bound < 0:
+            raise UserError(f"--top_p_bound must be >= 0 (0: the whole vocabulary), got {self.top_p_bound}")
         if self.tp_size is not None and self.tp_size < 1:
             raise UserError(f"--tp_size must be >= 1 (default: all processes), got {self.tp_size}")
         for name in ("num_samples", "batch_size", "max_new_tokens", "prefill_tokens"):
@@ -138,7 +144,7 @@ class GenerationFlags(CommandArgs):
                     f"--num_samples {self.num_samples} with --temperature 0 gives {self.num_samples} identical "
                     f"greedy answers; pass --temperature > 0 to sample them"
                 )
-            for name, off in (("top_p", 1.0), ("top_k", 0)):
+            for name, off in (("top_p", 1.0), ("top_k", 0), ("top_p_bound", 0)):
                 if getattr(self, name) != off:
                     raise UserError(
                         f"--{name} {getattr(self, name)} has no effect with --temperature 0 (greedy decoding); "
@@ -169,6 +175,7 @@ class GenerateArgs(ModelSource, GenerationFlags):
         "temperature",
         "top_p",
         "top_k",
+        "top_p_bound",
         "num_samples",
         "template",
         "seed",

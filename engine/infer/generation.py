@@ -48,6 +48,7 @@ class SamplingParams:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: off
+    top_p_bound: int = 0  # top_p among this many most likely tokens (torch.topk, no full sort); 0: the vocabulary
     seed: int = 0
     vocab_size: int = 0  # the tokenizer's: ids at or above it (a padded vocabulary's rows) are never chosen; 0: all
 
@@ -95,24 +96,31 @@ def uniform(seeds: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
     return _shift_right(z, 40).float() / float(1 << 24)
 
 
-def choose_tokens(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor,
-                  draws: torch.Tensor) -> torch.Tensor:
+def choose_tokens(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor, draws: torch.Tensor,
+                  short: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[n, V] logits -> [n] token ids on the device: greedy, or temperature / top-k / top-p sampling
     by inverse CDF over the sorted distribution with one uniform per row from (seed, draw). With
     top_k only the k most likely tokens are taken (torch.topk, in order), never the whole vocabulary
     sorted: the draw is the one over the sorted vocabulary with the rest zeroed. top_p alone sorts
-    the vocabulary (how much of it the nucleus needs is known only from the probabilities)."""
+    the vocabulary (how much of it the nucleus needs is known only from the probabilities), unless
+    top_p_bound: then the nucleus is taken among that many most likely tokens, the draw of the full
+    sort wherever they hold top_p of the mass; `short` ([n] bool, written) says where they did not
+    (there the nucleus was cut to them)."""
     if 0 < params.vocab_size < logits.shape[-1]:  # padding ids have no text: the tokenizer cannot decode them
         logits = logits[:, :params.vocab_size]
     if params.temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    if params.top_k:
-        sorted_probs, order = probs.topk(min(params.top_k, probs.shape[-1]), dim=-1)
+    bound = params.top_k or (params.top_p_bound if params.top_p < 1.0 else 0)
+    if bound:
+        sorted_probs, order = probs.topk(min(bound, probs.shape[-1]), dim=-1)
     else:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
     if params.top_p < 1.0:  # keep the smallest prefix whose mass reaches top_p
-        sorted_probs = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= params.top_p, 0.0)
+        mass = sorted_probs.cumsum(-1)
+        if short is not None:
+            short.copy_(mass[:, -1] < params.top_p)
+        sorted_probs = sorted_probs.masked_fill(mass - sorted_probs >= params.top_p, 0.0)
     cdf = sorted_probs.cumsum(-1)
     u = uniform(seeds, draws).to(cdf.dtype)
     pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).clamp(max=cdf.shape[-1] - 1)
@@ -174,6 +182,7 @@ class _DeviceSlots:
         self.all = (self.tokens, self.pos, self.live, self.seeds, self.draws)
         self.ring = torch.zeros(ring, n, dtype=torch.long, device=device)
         self.ring_at = torch.zeros(1, dtype=torch.long, device=device)
+        self.short = torch.zeros(n, dtype=torch.bool, device=device)  # see choose_tokens
 
     def start(self, rows: torch.Tensor, first: torch.Tensor, prompt_lens: torch.Tensor, seeds: torch.Tensor) -> None:
         """Rows just prefilled: `first` (drawn with draw 0) is fed next, at position len(prompt)."""
@@ -190,9 +199,10 @@ class _DeviceSlots:
             t[:n] = t.index_select(0, rows)
             t[n:] = 0
 
-    def advance(self, m: int, chosen: torch.Tensor, max_len: int) -> None:
+    def advance(self, m: int, chosen: torch.Tensor, max_len: int, short: Optional[torch.Tensor] = None) -> None:
+        """The step's tokens into the ring (as cut_mark marks them where `short`) and the rows' state."""
         live = self.live[:m]
-        self.ring[:, :m].index_copy_(0, self.ring_at, chosen[None])
+        self.ring[:, :m].index_copy_(0, self.ring_at, (chosen if short is None else cut_mark(chosen, short))[None])
         self.ring_at.add_(1)
         self.tokens[:m].copy_(chosen)
         self.pos[:m].copy_(torch.clamp(self.pos[:m] + live, max=max_len - 1))
@@ -261,10 +271,22 @@ def _prefill_logits(model, tokens: torch.Tensor, cache, rows: torch.Tensor, last
     return model.logits(hidden[torch.arange(tokens.shape[0], device=tokens.device), last])
 
 
+def bounds_nucleus(params: SamplingParams) -> bool:
+    """Whether top_p_bound applies: sampling with top_p and without top_k."""
+    return params.temperature > 0 and params.top_p < 1.0 and not params.top_k and params.top_p_bound > 0
+
+
+def cut_mark(tokens: torch.Tensor, short: torch.Tensor) -> torch.Tensor:
+    """Tokens on their way to the host, -1 - token where the bound cut their draw's nucleus (the host
+    counts the tokens it keeps that were: no other copy, no other sync)."""
+    return torch.where(short, -1 - tokens, tokens)
+
+
 def _decode_step(model, cache, state: _DeviceSlots, params: SamplingParams, m: int, kv_len: int, max_len: int):
     """One token for each of the first m slots, everything on the device: what a CUDA graph captures."""
     logits = model(state.tokens[:m, None], positions=state.pos[:m, None], cache=cache, kv_len=kv_len)[:, -1]
-    state.advance(m, choose_tokens(logits, params, state.seeds[:m], state.draws[:m]), max_len)
+    short = state.short[:m] if bounds_nucleus(params) else None
+    state.advance(m, choose_tokens(logits, params, state.seeds[:m], state.draws[:m], short), max_len, short)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,7 +311,8 @@ class EagerSteps:
     def buffers(self, n: int, max_len: int, params: SamplingParams, prompts: Optional[tuple] = None):
         """The KV cache (n rows of max_len slots; prompts: (rows, length) of a shared prompt segment)
         and the slot state of a call."""
-        key = (n, max_len, prompts, params.temperature, params.top_p, params.top_k, params.vocab_size)
+        key = (n, max_len, prompts, params.temperature, params.top_p, params.top_k, params.top_p_bound,
+               params.vocab_size)
         if key != self._key:
             self.cache = self.state = None  # free the old ones first
             self.forget()
@@ -454,6 +477,7 @@ class Batcher:
                  share_prompts: bool = True):
         self.model, self.runner, self.params, self.n, self.max_len = model, runner, params, n, max_len
         self.share_prompts, self.prefilled = share_prompts, 0  # prompt tokens run through a prefill forward
+        self.cut = 0  # tokens kept whose draw's nucleus top_p_bound cut
         self.stops, self.stop_strings = set(stop_ids), stop_strings
         self.prefill_tokens, self.refill_min = prefill_tokens, refill_min
         self.overlap = runner.overlap
@@ -506,6 +530,8 @@ class Batcher:
                 for row, req, token in zip(rows, reqs, chunk):
                     if req is None or host.req[row] is not req or host.done[row]:
                         continue
+                    if token < 0:  # a draw whose nucleus top_p_bound cut (cut_mark)
+                        token, self.cut = -1 - token, self.cut + 1
                     finish = self.finish_of(row, token)
                     if finish:
                         host.done[row] = True
@@ -595,9 +621,10 @@ class Batcher:
                                                                                    device=device)
         idx = torch.tensor(rows, device=device)
         seeds = torch.tensor([r.seed for r in reqs], device=device)
-        first = choose_tokens(logits, self.params, seeds, torch.zeros_like(seeds))
+        short = self.state.short[:len(rows)] if bounds_nucleus(self.params) else None
+        first = choose_tokens(logits, self.params, seeds, torch.zeros_like(seeds), short)
         self.state.start(idx, first, torch.tensor([len(r.prompt) for r in reqs], device=device), seeds)
-        self.chosen.append((list(rows), list(reqs), first))
+        self.chosen.append((list(rows), list(reqs), first if short is None else cut_mark(first, short)))
         for row, target, r in zip(rows, targets, reqs):
             self.host.req[row], self.host.out[row], self.host.produced[row], self.host.done[row] = r, [], 1, False
             if prompts is not None:
@@ -666,7 +693,8 @@ class Batcher:
 def generate_stream(model, requests: Sequence[Request], params: SamplingParams, batch_size: int,
                     stop_ids: Sequence[int] = (), stop_strings: Optional[StopStrings] = None,
                     prefill_tokens: int = 16384, refill_min: Optional[int] = None,
-                    compiled: Optional[bool] = None, runner=None, share_prompts: bool = True) -> Iterator[Completion]:
+                    compiled: Optional[bool] = None, runner=None, share_prompts: bool = True,
+                    stats: Optional[dict] = None) -> Iterator[Completion]:
     """Yield a Completion per request, in completion order (continuous batching).
 
     batch_size: decoding slots. prefill_tokens: token budget of one prefill forward (more prompts
@@ -675,7 +703,8 @@ def generate_stream(model, requests: Sequence[Request], params: SamplingParams, 
     compiled: None picks the fastest path for the device (see make_runner); runner: an explicit one
     (pass the same runner to several calls of the same shape to reuse its buffers and graphs).
     share_prompts: a prompt several requests hold is prefilled once and its keys and values kept
-    once, in a shared prompt segment of the cache (Batcher)."""
+    once, in a shared prompt segment of the cache (Batcher). stats: a dict that gets, once every
+    request is done, "top_p_cut": the draws whose nucleus top_p_bound cut (with a bound)."""
     if not requests:
         return
     longest = max(len(r.prompt) for r in requests)
@@ -687,6 +716,8 @@ def generate_stream(model, requests: Sequence[Request], params: SamplingParams, 
     batcher = Batcher(model, runner, params, n, max_len, stop_ids, stop_strings, prefill_tokens,
                       max(1, refill_min or n // 8), share_prompts)
     yield from batcher.run(requests)
+    if stats is not None and bounds_nucleus(params):
+        stats["top_p_cut"] = batcher.cut
 
 
 def complete_prompts(model, prompts: Sequence[Sequence[int]], params: SamplingParams, stop_ids: Sequence[int] = (),

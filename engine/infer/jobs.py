@@ -49,6 +49,7 @@ SETTINGS = (
     "temperature",
     "top_p",
     "top_k",
+    "top_p_bound",
     "num_samples",
     "seed",
     "stop",
@@ -58,7 +59,7 @@ SETTINGS = (
     "prompt_sha256",
 )
 # what a setting read from a .meta.json written before it existed was (such files resume as before)
-SETTINGS_BEFORE = {"scoring": "ours"}
+SETTINGS_BEFORE = {"scoring": "ours", "top_p_bound": 0}
 
 
 def model_inputs(flags) -> List[tuple]:
@@ -114,7 +115,7 @@ class GenerationJob(Job):
     def params(self) -> SamplingParams:
         f = self.flags
         return SamplingParams(max_new_tokens=f.max_new_tokens, temperature=f.temperature, top_p=f.top_p, top_k=f.top_k,
-                              seed=f.seed)
+                              top_p_bound=f.top_p_bound, seed=f.seed)
 
     def meta(self) -> dict:
         f = self.flags
@@ -131,6 +132,7 @@ class GenerationJob(Job):
             "temperature": f.temperature,
             "top_p": f.top_p,
             "top_k": f.top_k,
+            "top_p_bound": f.top_p_bound,
             "num_samples": f.num_samples,
             "seed": f.seed,
             "stop": list(f.stops),
@@ -376,18 +378,18 @@ def _job_totals(info, *counts: int) -> List[int]:
 
 
 def _write_completions(job: GenerationJob, model, tok, requests: List[Request], lines: Lines, write,
-                       progress: bool) -> int:
+                       progress: bool) -> tuple:
     """Generate every request; a record's line is written once all its samples are done. Returns the
-    number of tokens generated."""
+    number of tokens generated and of draws whose nucleus --top_p_bound cut."""
     f = job.flags
     stop_strings = StopStrings(tok, f.stops) if f.stops else None
     stop_ids = [tok.eos_id] if tok.eos_id is not None else []
     samples: Dict[int, dict] = {}
     n_new_tokens = 0
     bar = Progress(len(requests), "generating", "seq") if progress else None
-    params = replace(job.params, vocab_size=tok.vocab_size)
+    params, stats = replace(job.params, vocab_size=tok.vocab_size), {}
     for c in generate_stream(model, requests, params, f.batch_size, stop_ids, stop_strings, f.prefill_tokens,
-                             compiled=f.compiled, share_prompts=f.share_prompts):
+                             compiled=f.compiled, share_prompts=f.share_prompts, stats=stats):
         i, k = c.key
         n_new_tokens += len(c.tokens)
         text = tok.decode([t for t in c.tokens if t not in stop_ids])
@@ -402,7 +404,7 @@ def _write_completions(job: GenerationJob, model, tok, requests: List[Request], 
             bar.update(1)
     if bar is not None:
         bar.close()
-    return n_new_tokens
+    return n_new_tokens, stats.get("top_p_cut", 0)
 
 
 def run_generation(job: GenerationJob) -> None:
@@ -431,9 +433,9 @@ def run_generation(job: GenerationJob) -> None:
         mine = replica_share(len(job.records), done, info.dp_rank, info.dp_size)
         requests, skipped, truncated = _plan(job, tok, model.args.max_seq_len, mine, lines, write)
         start = time.time()
-        n_new_tokens = _write_completions(job, model, tok, requests, lines, write, info.is_main and f.progress)
+        n_new_tokens, cut = _write_completions(job, model, tok, requests, lines, write, info.is_main and f.progress)
         out.close()  # a replica's part is complete before rank 0 merges it
-        n_new_tokens, skipped, truncated = _job_totals(info, n_new_tokens, skipped, truncated)
+        n_new_tokens, skipped, truncated, cut = _job_totals(info, n_new_tokens, skipped, truncated, cut)
         wall = time.time() - start
         if info.is_main:
             def summary_of(finished):
@@ -441,6 +443,8 @@ def run_generation(job: GenerationJob) -> None:
                            "skipped_long_prompts": sum(1 for r in finished if r.get("error")),
                            "truncated_prompts": truncated, "new_tokens": n_new_tokens,
                            "tokens_per_s": round(n_new_tokens / max(wall, 1e-9), 1), "wall_s": round(wall, 2)}
+                if f.top_p_bound and f.top_p < 1 and not f.top_k:
+                    summary["top_p_cut_draws"] = cut  # this run's draws whose nucleus the bound cut
                 if f.task:
                     summary.update(_accuracy(finished, job).as_dict(f.report))
                     if f.num_samples > 1:
