@@ -96,8 +96,7 @@ def main(batches="1,64,384", dim: int = 512, n_layers: int = 4, n_heads: int = 8
         e2e: also time infer.py end to end against an HF script doing the same work.
         e2e_batch: slots of the end-to-end run.
         e2e_records: records of the end-to-end run.
-        samples: K > 0 times K samples of each question, the prompt's keys in a shared segment of the
-            cache vs a copy per row, instead.
+        samples: K > 0 times K samples of each question, prompt keys shared vs a copy per row, instead.
         few_shot: with samples, each question after GSM8K's 8 chain-of-thought demonstrations.
         decode_attention: our decode attention (auto, dense, ragged, fused); "dense,fused" times both in one run.
     """
