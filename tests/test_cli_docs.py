@@ -34,7 +34,7 @@ def _components():
             "bench/train_step.py", "bench/generate.py", "bench/mcc_experiment.py",
             "bench/step_by_step_experiment.py", "data/make_formats.py", "bench/teacher_kl_experiment.py",
             "data/multiplication.py", "bench/implicit_experiment.py", "bench/gpu_check.py",
-            "bench/on_policy.py", "bench/on_policy_experiment.py")},
+            "bench/on_policy.py", "bench/on_policy_experiment.py", "bench/sampling.py")},
     }
 
 
@@ -77,7 +77,8 @@ def test_every_readme_flag_exists():
                                     "data/prepare_step_by_step.py", "bench/step_by_step_experiment.py",
                                     "data/make_formats.py", "bench/teacher_kl_experiment.py",
                                     "train_implicit.py", "data/multiplication.py", "bench/implicit_experiment.py",
-                                    "bench/gpu_check.py", "bench/on_policy.py", "bench/on_policy_experiment.py"])
+                                    "bench/gpu_check.py", "bench/on_policy.py", "bench/on_policy_experiment.py",
+                                    "bench/sampling.py"])
 def test_help_explains_every_flag_in_one_line(script):
     for fn in _functions(_components()[script]):
         doc = inspect.getdoc(fn) or ""
