@@ -161,7 +161,7 @@ def test_samples_of_a_prompt_share_one_prefill_and_one_copy_of_its_keys(tiny, pa
     different steps) in 6 slots: each prompt
     prefilled once into a shared prompt segment of 4 rows (refills wait for a free one) and read there
     by its samples gives the tokens of prefilling every copy into its own row, eager and overlapped
-    static steps, with about a quarter of the prompt tokens prefilled and a cache of 6 x new tokens +
+    static steps (and --decode_attention ragged, dense with a segment), with about a quarter of the prompt tokens prefilled and a cache of 6 x new tokens +
     4 x the longest prompt slots a layer instead of 6 x both; some rows join a prompt prefilled by an earlier refill (its logits kept)."""
     model, _, tok, prompts, _ = tiny
     reqs = [g.Request((i, k), p, g.request_seed(params.seed, i, k)) for i, p in enumerate(prompts) for k in range(4)]
@@ -184,6 +184,12 @@ def test_samples_of_a_prompt_share_one_prefill_and_one_copy_of_its_keys(tiny, pa
             runs[share, name] = sorted((c.key, c.tokens, c.finish) for c in batcher.run(reqs))
             prefilled[share, name], kv[share, name] = batcher.prefilled, batcher.cache.nbytes()
             assert (batcher.cache.prompts is not None) == share
+    try:  # ragged attention reads one cache row per row: with a prompt segment it is the dense read
+        model.decode_attention("ragged")
+        batcher = g.Batcher(model, g.EagerSteps(model), params, 6, max_len, [tok.eos_id], g.StopStrings(tok, ["r"]))
+        runs["ragged"] = sorted((c.key, c.tokens, c.finish) for c in batcher.run(reqs))
+    finally:
+        model.decode_attention("dense")
     assert all(run == runs[False, "eager"] for run in runs.values())
     assert prefilled[False, "eager"] == 4 * sum(map(len, prompts))
     assert prefilled[True, "eager"] <= 0.35 * prefilled[False, "eager"]
