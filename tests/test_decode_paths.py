@@ -158,11 +158,12 @@ def test_overlapped_read_back_gives_the_tokens_of_the_plain_loop(tiny, params):
 @pytest.mark.parametrize("params", [g.SamplingParams(max_new_tokens=16), SAMPLED], ids=["greedy", "sampled"])
 def test_samples_of_a_prompt_share_one_prefill_and_one_copy_of_its_keys(tiny, params, monkeypatch):
     """4 samples of each of 9 prompts (request seeds as infer.py draws them; a stop string ends rows at
-    different steps) in 6 slots: each prompt
-    prefilled once into a shared prompt segment of 4 rows (refills wait for a free one) and read there
-    by its samples gives the tokens of prefilling every copy into its own row, eager and overlapped
-    static steps (and --decode_attention ragged, dense with a segment), with about a quarter of the prompt tokens prefilled and a cache of 6 x new tokens +
-    4 x the longest prompt slots a layer instead of 6 x both; some rows join a prompt prefilled by an earlier refill (its logits kept)."""
+    different steps) in 6 slots: each prompt prefilled once into a shared prompt segment of 4 rows
+    (refills wait for a free one) and read there by its samples gives the tokens of prefilling every
+    copy into its own row, eager and overlapped static steps (and --decode_attention ragged, dense
+    with a segment), with about a quarter of the prompt tokens prefilled and a cache of 6 x new
+    tokens + 4 x the longest prompt slots a layer instead of 6 x both; some rows join a prompt
+    prefilled by an earlier refill (its logits kept)."""
     model, _, tok, prompts, _ = tiny
     reqs = [g.Request((i, k), p, g.request_seed(params.seed, i, k)) for i, p in enumerate(prompts) for k in range(4)]
     longest = max(map(len, prompts))
