@@ -7,12 +7,12 @@
 # from .device-data/ (or ../shared/data), else from a generated distribution (said in one line).
 #
 #   Usage: bash bench/gpu.sh PART 2>&1 | tee $OUT/PART.log
-#   PART: check | generate | e2e | train-full | train-lora | train-mcc | train-fixed | lora7b | onpolicy | all
+#   PART: check | generate | e2e | samples | train-full | train-lora | train-mcc | train-fixed | lora7b | onpolicy | all
 # onpolicy compares with TRL's GKDTrainer when TRL_PATH names a folder holding bench/requirements-trl.txt's
 # packages (pip install --target); without it, ours alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PART=${1:?"which part: check, generate, e2e, train-full, train-lora, train-mcc, train-fixed, lora7b, onpolicy or all"}
+PART=${1:?"which part: check, generate, e2e, samples, train-full, train-lora, train-mcc, train-fixed, lora7b, onpolicy or all"}
 WHEELS=${WHEELS:-$( [ -d .device-wheels ] && echo .device-wheels || echo ../shared/device-wheels )}
 python3 -c "import fairscale, fire" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile "$WHEELS"/*.whl
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
@@ -26,6 +26,10 @@ run() {
       python3 bench/generate.py $MODEL --dtype bf16 --new_tokens 128 --batches 1,16,64,384 --device cuda ;;
     e2e)  # infer.py end to end at batch 384 (768 records) against the same job written with HF
       python3 bench/generate.py $MODEL --dtype bf16 --new_tokens 128 --batches 1 --device cuda --e2e True ;;
+    samples)  # --num_samples 10 of few-shot GSM8K prompts: the shared prompt segment vs a copy per row; sampling's sort
+      python3 bench/generate.py $MODEL --dtype bf16 --samples 10 --batches 64 --few_shot True --max_prompt 2500 \
+          --new_tokens 256 --device cuda
+      python3 bench/sampling.py --device cuda ;;
     train-full|train-lora|train-mcc)  # real SVAMP lengths, 32 rows a step (about 5,800 tokens), ours vs HF
       python3 bench/train_step.py --modes "${1#train-}" $MODEL --seq_len 2048 --batch 32 --dtype bf16 --device cuda ;;
     train-fixed)  # the fixed shape of the earlier tables: 4 x 2048, every position labelled
@@ -41,7 +45,7 @@ run() {
   esac
 }
 if [ "$PART" = all ]; then  # only where one call may take an hour
-  for p in check generate e2e train-full train-lora train-mcc train-fixed lora7b onpolicy; do run "$p"; done
+  for p in check generate e2e samples train-full train-lora train-mcc train-fixed lora7b onpolicy; do run "$p"; done
 else
   run "$PART"
 fi
