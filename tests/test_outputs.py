@@ -324,6 +324,10 @@ def test_flag_values_that_cannot_mean_anything(env, tmp_path, dist1):
     for change, words in [
         ({"num_samples": 3}, "--num_samples 3 with --temperature 0 gives 3 identical greedy answers"),
         ({"top_p": 0.9}, "--top_p 0.9 has no effect with --temperature 0"),
+        ({"temperature": 1.0, "top_p_bound": 64}, "--top_p_bound 64 has no effect without --top_p below 1"),
+        ({"temperature": 1.0, "top_p": 0.9, "top_k": 5, "top_p_bound": 64},
+         "--top_p_bound 64 has no effect with --top_k 5"),
+        ({"temperature": 1.0, "top_p": 0.9, "top_p_bound": -1}, "--top_p_bound must be >= 0"),
         ({"temperature": 1e999}, "--temperature must be a finite number, got inf"),
         ({"seed": -1, "temperature": 1.0}, "--seed must be a whole number from 0"),
         ({"max_new_tokens": 600}, "--max_new_tokens 600 leaves no room for a prompt under the max_seq_len 512"),

@@ -150,6 +150,11 @@ class GenerationFlags(CommandArgs):
                         f"--{name} {getattr(self, name)} has no effect with --temperature 0 (greedy decoding); "
                         f"pass --temperature > 0 to sample, or leave --{name} out"
                     )
+        elif self.top_p_bound and (self.top_p >= 1 or self.top_k):
+            raise UserError(
+                f"--top_p_bound {self.top_p_bound} has no effect " + (
+                    f"with --top_k {self.top_k} (top-k already samples among the k most likely tokens)" if self.top_k
+                    else "without --top_p below 1 (nothing to bound)") + "; leave --top_p_bound out")
         stop = self.stop
         self.stops = tuple(s for s in (stop.split(",") if isinstance(stop, str) else list(stop or [])) if s)
 
