@@ -169,6 +169,9 @@ def test_samples_of_a_prompt_share_one_prefill_and_one_copy_of_its_keys(tiny, pa
     longest = max(map(len, prompts))
     max_len = longest + params.max_new_tokens
     assert g.prompt_layout(reqs, 6) == (4, longest) and g.prompt_layout(reqs[::4], 6) is None
+    mixed = reqs[:4] + [g.Request(i, [3, i]) for i in range(20)]  # one prompt 4 times among 20 single ones
+    few = reqs[:8] + reqs[20:22]  # 3 prompts, 10 requests: rows for 2 x 6 / 3.3, but 3 prompts only
+    assert g.prompt_layout(mixed, 6) is None and g.prompt_layout(few, 6) == (3, max(len(r.prompt) for r in few))
     joined, prefill = [], g.Batcher.prefill
 
     def watched(self, rows, group):

@@ -33,6 +33,7 @@ CUDA graph can capture) and `CUDAGraphSteps` (those shapes captured once each an
 """
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass
 from typing import Hashable, Iterator, List, Optional, Sequence
@@ -253,15 +254,15 @@ class _PromptRows:
 
 def prompt_layout(requests: Sequence[Request], slots: int) -> Optional[tuple]:
     """(rows, length) of a shared prompt segment for `requests` decoded in `slots` rows, or None
-    when no prompt repeats. A prompt's row is kept until the last of its samples finishes, so the
-    segment has twice the rows the slots fill at K samples per prompt (refills wait for a free one)."""
-    counts: dict = {}
-    for r in requests:
-        counts[tuple(r.prompt)] = counts.get(tuple(r.prompt), 0) + 1
-    most = max(counts.values(), default=1)
-    if most < 2:
+    when prompts repeat fewer than twice on average. A prompt's row is kept until the last of its
+    samples finishes, so the segment has twice the rows the slots fill at K samples a prompt on
+    average (refills wait for a free one; with the maximum instead, a few repeated prompts among
+    many single ones would leave most slots waiting)."""
+    prompts = {tuple(r.prompt) for r in requests}
+    per_prompt = len(requests) / max(len(prompts), 1)
+    if per_prompt < 2:
         return None
-    return min(slots, len(counts), 2 * -(-slots // most)), max(len(r.prompt) for r in requests)
+    return min(slots, len(prompts), 2 * math.ceil(slots / per_prompt)), max(len(r.prompt) for r in requests)
 
 
 def _prefill_logits(model, tokens: torch.Tensor, cache, rows: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
