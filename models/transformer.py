@@ -168,14 +168,14 @@ class KVCache:
         cv[rows[:, None], :, slots] = v.to(cv.dtype)
 
     def read(self, layer: int, length: int, n_rows: int):
-        """Keys and values [n_rows, H, T, D] of the first n_rows rows: slots [0, length) (T = length),
-        after the whole prompt segment of each row's prompt with `prompts` (see key_positions)."""
+        """Keys and values [n_rows, H, length, D] of the first n_rows rows, slots [0, length); with
+        `prompts`, each a pair of blocks: the whole prompt segment of each row's prompt [n_rows, H,
+        width, D], then those slots (their positions: key_positions)."""
         k, v = self.k[layer][:n_rows, :, :length], self.v[layer][:n_rows, :, :length]
         if self.prompts is None:
             return k, v
         rows = self.prompt_of[:n_rows]
-        return (torch.cat([self.prompts.k[layer].index_select(0, rows), k], dim=2),
-                torch.cat([self.prompts.v[layer].index_select(0, rows), v], dim=2))
+        return (self.prompts.k[layer].index_select(0, rows), k), (self.prompts.v[layer].index_select(0, rows), v)
 
     def prompt_segment(self, layer: int) -> tuple:
         """(keys, values, prompt_of, prompt_len) of the shared prompt segment (the fused kernel's), or ()."""
@@ -265,19 +265,28 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
-def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def grouped_attention(q: torch.Tensor, keys, values, mask: torch.Tensor) -> torch.Tensor:
     """Attention of a few new queries over cached keys, each KV head read once for its group of
     query heads (SDPA's GQA path with a mask copies every KV head per query head first).
-    q: [B, Hq, S, D]; keys/values: [B, Hkv, T, D]; mask: [B, 1, S, T] bool. Returns [B, Hq, S, D]."""
+    q: [B, Hq, S, D]; keys/values: [B, Hkv, T, D], or blocks of them along T (a tuple: scored one
+    by one, their scores joined, so the blocks are never copied into one); mask: [B, 1, S, T] bool.
+    Returns [B, Hq, S, D]."""
+    blocks_k, blocks_v = (keys, values) if isinstance(keys, tuple) else ((keys,), (values,))
     bsz, n_heads, seqlen, head_dim = q.shape
-    n_kv = keys.shape[1]
+    n_kv = blocks_k[0].shape[1]
     group = n_heads // n_kv
     q = q.reshape(bsz, n_kv, group * seqlen, head_dim)  # query head h reads KV head h // group
-    scores = torch.matmul(q, keys.transpose(-1, -2)) * head_dim ** -0.5
+    scores = [torch.matmul(q, k.transpose(-1, -2)) for k in blocks_k]
+    scores = (scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1)) * head_dim ** -0.5
     mask = mask[:, :, None].expand(bsz, 1, group, seqlen, mask.shape[-1]).reshape(bsz, 1, group * seqlen, -1)
     scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
-    return torch.matmul(probs, values).reshape(bsz, n_heads, seqlen, head_dim)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(blocks_v[0].dtype)
+    if len(blocks_v) == 1:
+        out = torch.matmul(probs, blocks_v[0])
+    else:
+        parts = probs.split([v.shape[2] for v in blocks_v], dim=-1)
+        out = torch.stack([torch.matmul(p, v) for p, v in zip(parts, blocks_v)]).sum(0)
+    return out.reshape(bsz, n_heads, seqlen, head_dim)
 
 
 def ragged_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
