@@ -204,6 +204,20 @@ def test_samples_of_a_prompt_share_one_prefill_and_one_copy_of_its_keys(tiny, pa
         assert all(len({tuple(t) for (i, _), t, _ in runs[True, "eager"] if i == j}) > 1 for j in range(9))
 
 
+def test_a_prompt_segment_keeps_its_shape_from_call_to_call(tiny):
+    """Calls of the same slots and max_len (the on-policy sampler's, step after step) with other
+    prompts, 2 samples each, reuse the runner's cache (and so its captured graphs): the segment is as
+    wide as max_len leaves a prompt, not as the call's longest prompt."""
+    model, _, tok, prompts, _ = tiny
+    runner, params, caches = g.StaticSteps(model, 3, 4), g.SamplingParams(max_new_tokens=6), []
+    for batch in (prompts[:3], prompts[3:6]):
+        assert max(map(len, batch)) < 34
+        reqs = [g.Request((i, k), p, k) for i, p in enumerate(batch) for k in range(2)]
+        assert len(list(g.Batcher(model, runner, params, 4, 40, [tok.eos_id]).run(reqs))) == 6
+        caches.append(runner.cache)
+    assert caches[0] is caches[1] and caches[0].prompts.max_len == 34
+
+
 @pytest.mark.parametrize("window,block", [(None, 64), (None, 4), (6, 4), (5, 3)])
 def test_ragged_decode_attention_equals_the_dense_read(window, block):
     """Each row reading only its live blocks (GQA, rows at positions 0 .. past several blocks, a cache

@@ -494,6 +494,9 @@ class Batcher:
         layout = prompt_layout(requests, self.n) if self.share_prompts else None
         # with a shared prompt segment a row's own slots hold its new tokens only
         own = self.max_len if layout is None else min(self.params.max_new_tokens, self.max_len)
+        if layout is not None:  # as wide as max_len leaves a prompt: a caller that fixes max_len (the
+            # on-policy sampler, call after call) keeps the runner's buffers and captured graphs
+            layout = (layout[0], max(layout[1], self.max_len - own))
         self.cache, self.state = self.runner.buffers(self.n, own, self.params, layout)
         self.prompts = None if layout is None else _PromptRows(layout[0])
         queue = sorted(requests, key=lambda r: len(r.prompt))  # pop() takes the longest first
