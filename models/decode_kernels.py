@@ -36,6 +36,14 @@ def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return x * cos[:, None] + rotated * sin[:, None]
 
 
+def segment_key_positions(prompt_len: torch.Tensor, width: int, length: int) -> torch.Tensor:
+    """[rows, width + length]: the positions of a prompt segment's slots (those past each row's
+    prompt at a position no query reaches) then of `length` own slots (models.transformer.KVCache)."""
+    prompt = torch.arange(width, device=prompt_len.device).expand(prompt_len.shape[0], -1)
+    own = prompt_len[:, None] + torch.arange(length, device=prompt_len.device)
+    return torch.cat([prompt.masked_fill(prompt >= prompt_len[:, None], 1 << 40), own], dim=1)
+
+
 def reference(q, k, v, cos, sin, k_cache, v_cache, positions, window: Optional[int], kv_len: int,
               prompt_k=None, prompt_v=None, prompt_of=None, prompt_len=None) -> torch.Tensor:
     """The torch twin of the kernel. q [B, Hq, D], k/v [B, Hkv, D] (q and k before RoPE), cos/sin
@@ -51,10 +59,8 @@ def reference(q, k, v, cos, sin, k_cache, v_cache, positions, window: Optional[i
     slots = torch.arange(kv_len, device=q.device)[None].expand(bsz, -1)  # the positions of the keys read
     own = positions
     if prompt_k is not None:
-        plen = prompt_len[:bsz]
-        own = (positions - plen).clamp(0, k_cache.shape[2] - 1)
-        prompt = torch.arange(prompt_k.shape[2], device=q.device).expand(bsz, -1)
-        slots = torch.cat([prompt.masked_fill(prompt >= plen[:, None], 1 << 40), plen[:, None] + slots], 1)
+        own = (positions - prompt_len[:bsz]).clamp(0, k_cache.shape[2] - 1)
+        slots = segment_key_positions(prompt_len[:bsz], prompt_k.shape[2], kv_len)
     k_cache[rows, :, own] = k.to(k_cache.dtype)
     v_cache[rows, :, own] = v.to(v_cache.dtype)
     keys, values = k_cache[:bsz, :, :kv_len], v_cache[:bsz, :, :kv_len]

@@ -186,12 +186,9 @@ class KVCache:
     def key_positions(self, length: int, n_rows: int, device) -> torch.Tensor:
         """The position of each key `read` returns: [length], or [n_rows, T] with `prompts` (prompt
         slots past a row's prompt get a position no query reaches)."""
-        slots = torch.arange(length, device=device)
         if self.prompts is None:
-            return slots
-        plen = self.prompt_len[:n_rows, None]
-        prompt = torch.arange(self.prompts.max_len, device=device).expand(n_rows, -1)
-        return torch.cat([prompt.masked_fill(prompt >= plen, 1 << 40), plen + slots], dim=1)
+            return torch.arange(length, device=device)
+        return decode_kernels.segment_key_positions(self.prompt_len[:n_rows], self.prompts.max_len, length)
 
     @torch.no_grad()
     def keep_rows(self, rows: torch.Tensor) -> None:

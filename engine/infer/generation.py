@@ -612,22 +612,20 @@ class Batcher:
             start = end
         if prompts is None:
             logits = torch.cat(logits)
-        else:
-            if logits:
-                new = torch.cat(logits)
-                if prompts.logits is None:
-                    prompts.logits = new.new_zeros(len(prompts.users), new.shape[-1])
-                prompts.logits[torch.tensor([e for e, _ in unique], device=device)] = new
+        elif logits:  # the prompts new to the segment: their last position's logits kept for later rows
+            new = torch.cat(logits)
+            if prompts.logits is None:
+                prompts.logits = new.new_zeros(len(prompts.users), new.shape[-1])
+            prompts.logits[torch.tensor([e for e, _ in unique], device=device)] = new
+        idx, lens = torch.tensor(rows, device=device), torch.tensor([len(r.prompt) for r in reqs], device=device)
+        if prompts is not None:
             entries = torch.tensor(targets, device=device)
             logits = prompts.logits[entries]
-            self.cache.prompt_of[torch.tensor(rows, device=device)] = entries
-            self.cache.prompt_len[torch.tensor(rows, device=device)] = torch.tensor([len(r.prompt) for r in reqs],
-                                                                                   device=device)
-        idx = torch.tensor(rows, device=device)
+            self.cache.prompt_of[idx], self.cache.prompt_len[idx] = entries, lens
         seeds = torch.tensor([r.seed for r in reqs], device=device)
         short = self.state.short[:len(rows)] if bounds_nucleus(self.params) else None
         first = choose_tokens(logits, self.params, seeds, torch.zeros_like(seeds), short)
-        self.state.start(idx, first, torch.tensor([len(r.prompt) for r in reqs], device=device), seeds)
+        self.state.start(idx, first, lens, seeds)
         self.chosen.append((list(rows), list(reqs), first if short is None else cut_mark(first, short)))
         for row, target, r in zip(rows, targets, reqs):
             self.host.req[row], self.host.out[row], self.host.produced[row], self.host.done[row] = r, [], 1, False
