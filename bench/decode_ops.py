@@ -50,13 +50,14 @@ def count_step_ops(model, rows: int, kv_len: int) -> Counter:
 
 
 def main(n_layers: int = 16, dim: int = 256, n_heads: int = 4, n_kv_heads: int = 2, rows: int = 1,
-         kv_len: int = 128):
+         kv_len: int = 128, n_experts: int = 0, top_k: int = 2):
     """Print the operations per step of each path, their ratio, and the counts by operation.
 
     Args:
         n_layers, dim, n_heads, n_kv_heads: the random LLaMA's shape (layers matter; widths do not).
         rows: decode rows (the five-kernel layer takes at most 4).
         kv_len: the KV length the step reads.
+        n_experts, top_k: a Mixtral instead, its MoE layers of n_experts experts, top_k a token (0: LLaMA).
     """
     import torch
 
@@ -69,8 +70,9 @@ def main(n_layers: int = 16, dim: int = 256, n_heads: int = 4, n_kv_heads: int =
         raise SystemExit("bench/decode_ops.py needs triton (pip install triton) to interpret the fused kernels")
     distributed.setup(1, device="cpu")
     torch.manual_seed(0)
-    args = model_args_for("llama-2-7b", dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                          vocab_size=512, max_seq_len=2 * kv_len)
+    experts = dict(n_experts=n_experts, n_experts_per_tok=top_k, hidden_dim=4 * dim) if n_experts else {}
+    args = model_args_for("mixtral-8x7b-instruct-v0.1" if n_experts else "llama-2-7b", dim=dim, n_layers=n_layers,
+                          n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=512, max_seq_len=2 * kv_len, **experts)
     model = Transformer(args).eval()
     for p in model.parameters():
         p.data.normal_(0, 0.02)
@@ -81,10 +83,11 @@ def main(n_layers: int = 16, dim: int = 256, n_heads: int = 4, n_kv_heads: int =
         model.decode_attention(kind)
         counts[kind] = count_step_ops(model, rows, kv_len)
     dense, fused = sum(counts["dense"].values()), sum(counts["fused"].values())
-    print(f"operations per decode step ({n_layers} layers, {rows} row(s), KV length {kv_len}): "
+    model_name = f"MoE of {n_experts} experts, top {top_k}" if n_experts else "dense MLP"
+    print(f"operations per decode step ({n_layers} layers, {model_name}, {rows} row(s), KV length {kv_len}): "
           f"dense {dense} ({dense / n_layers:.1f} a layer), fused {fused} ({fused / n_layers:.1f} a layer), "
           f"x{dense / fused:.2f} fewer")
-    print(json.dumps({"n_layers": n_layers, "rows": rows, "kv_len": kv_len, "dense_ops": dense, "fused_ops": fused,
+    print(json.dumps({"n_layers": n_layers, "n_experts": n_experts, "rows": rows, "kv_len": kv_len, "dense_ops": dense, "fused_ops": fused,
                       "by_op": {k: dict(v.most_common()) for k, v in counts.items()}}))
 
 

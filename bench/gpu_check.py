@@ -16,6 +16,8 @@ after each section, so a run cut short still leaves what it measured.
              lengths (bench/lengths.py), each step another shape: tokens/s, MFU, dynamo's graph breaks and
              compiles
   hf         HF generate() at batch 1 and 384 against this engine at the same batches: the ratio
+  moe        a Mixtral (8 experts, top 2) at batch 1, dense against fused (the MoE layers reading only the
+             chosen experts): the kernels' check, tokens fused == dense, ms per step, the bytes a step needs
 
 A section that no longer fits in the budget is skipped, and says so; one that fails writes its error
 and the next runs (the exit status is then 1, once everything is written). `--device cpu --tiny
@@ -48,20 +50,24 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-SECTIONS = ("env", "bandwidth", "decode", "fused", "tokens", "train", "hf")
+SECTIONS = ("env", "bandwidth", "decode", "fused", "tokens", "train", "hf", "moe")
 # seconds each section is expected to need (full sizes on an H200 with compiles, tiny sizes on a CPU)
 ESTIMATE = {"env": (5, 0.5), "bandwidth": (10, 0.5), "decode": (150, 3), "fused": (120, 3), "tokens": (90, 3),
-            "train": (150, 5), "hf": (90, 3)}
+            "train": (150, 5), "hf": (90, 3), "moe": (90, 4)}
 # prompt + new tokens stay within one KV bucket of the captured step (128) at batch 1, and within two at
 # batch 384: few shapes, so few compiles of the decode step
 FULL = dict(dim=2048, n_layers=16, n_heads=16, n_kv_heads=8, vocab=32000, dtype="bf16", prompt=64, new_tokens=64,
             big_batch=384, big_prompts=(16, 60), read_bytes=4 * 1024 ** 3, matmul=8192,
             check=dict(dim=512, n_layers=4, n_heads=8, n_kv_heads=4, vocab=32000), check_prompts=12, check_slots=4,
-            check_tokens=24, train_batch=32, train_seq_len=2048, train_steps=4)
+            check_tokens=24, train_batch=32, train_seq_len=2048, train_steps=4,
+            moe=dict(dim=2048, n_layers=8, n_heads=16, n_kv_heads=8, vocab=32000, experts=8,
+                     check=dict(dim=256, n_layers=2, n_heads=8, n_kv_heads=4, vocab=32000)))
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab=512, dtype="fp32", prompt=8, new_tokens=8,
             big_batch=8, big_prompts=(4, 12), read_bytes=64 * 1024 ** 2, matmul=256,
             check=dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab=512), check_prompts=6, check_slots=2,
-            check_tokens=6, train_batch=4, train_seq_len=96, train_steps=2)
+            check_tokens=6, train_batch=4, train_seq_len=96, train_steps=2,
+            moe=dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab=512, experts=4,
+                     check=dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab=512)))
 NOMINAL_PEAK = 989e12  # dense bf16 of an H100 / H200 (the issue's MFU goals count against it)
 
 
@@ -152,16 +158,19 @@ class Check:
         return out, time.perf_counter() - t0
 
     def hf_dir(self, name: str, dim: int, n_layers: int, n_heads: int, n_kv_heads: int, vocab: int, dtype,
-               init_range: float = 0.02) -> str:
-        """A random LLaMA written as an HF directory (created on the device, so it takes seconds)."""
+               init_range: float = 0.02, experts: int = 0) -> str:
+        """A random LLaMA (with `experts`: a Mixtral of that many experts, top 2) written as an HF
+        directory (created on the device, so it takes seconds)."""
         path = os.path.join(self.work, name)
         if not os.path.isdir(path):
             import torch
-            from transformers import AutoModelForCausalLM, LlamaConfig
+            from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig
 
-            cfg = LlamaConfig(hidden_size=dim, intermediate_size=int(dim * 8 / 3) // 64 * 64, num_hidden_layers=n_layers,
-                              num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, vocab_size=vocab,
-                              max_position_embeddings=4096, initializer_range=init_range)
+            config, moe = (MixtralConfig, dict(num_local_experts=experts, num_experts_per_tok=2, sliding_window=None)) \
+                if experts else (LlamaConfig, {})
+            cfg = config(hidden_size=dim, intermediate_size=int(dim * 8 / 3) // 64 * 64, num_hidden_layers=n_layers,
+                         num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, vocab_size=vocab,
+                         max_position_embeddings=4096, initializer_range=init_range, **moe)
             torch.manual_seed(0)
             with torch.device(self.device):
                 model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
@@ -582,8 +591,71 @@ def section_hf(check: Check, report: Report) -> None:
                 ratio=t_hf / t_ours, ours_warmup_s=warm_s, identical=f"{sum(a == b for a, b in zip(mine, theirs))}/{n}")
 
 
+def section_moe(check: Check, report: Report) -> None:
+    """A Mixtral at batch 1 with --decode_attention fused, whose MoE layers read only the chosen
+    experts (models/decode_kernels.py's expert kernel): the kernels' check against their twins, the
+    fused captured step's tokens against the eager dense step's (fp32, far-apart logits), and batch-1
+    decode dense vs fused: ms per replayed step, kernels per step, and the bytes a step must read
+    (every weight but the embedding table, of the experts only the top 2 of each layer's 8) over the
+    read bandwidth. On a CPU the fused MoE layer does not run (the kernels are GPU-only there): plumbing."""
+    import torch
+
+    from engine.checkpoint import load_for_inference
+    from engine.infer.generation import SamplingParams, complete_prompts, make_runner
+    from models import decode_kernels as dk
+
+    s, m = check.size, check.size["moe"]
+    dt = check.dt
+    why = dk.kernel_check(check.device, dt, m["n_heads"], m["n_kv_heads"], m["dim"] // m["n_heads"], None) \
+        if check.device == "cuda" else "not a GPU"
+    report.line("moe", "running", "kernel_check", passed=why is None, why=why)
+
+    path = check.hf_dir("moe_check", **m["check"], dtype=torch.float32, init_range=0.1, experts=m["experts"])
+    model = load_for_inference(path, None, torch.float32, check.info.device, tokenizer=False)[0].eval()
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, m["check"]["vocab"], (int(n),), generator=g).tolist()
+               for n in torch.randint(4, 40 if not check.tiny else 10, (s["check_prompts"] // 2,), generator=g)]
+    for name, params in (("greedy", SamplingParams(max_new_tokens=s["check_tokens"])),
+                         ("sampled", SamplingParams(max_new_tokens=s["check_tokens"], temperature=0.8, top_p=0.9,
+                                                    seed=6))):
+        dense = complete_prompts(model, prompts, params, [], 2, compiled=False)
+        try:
+            model.decode_attention("fused")
+            runner = make_runner(model)
+            fused = complete_prompts(model, prompts, params, [], 2, runner=runner)
+        finally:
+            model.decode_attention("dense")
+        same = sum(a == b for a, b in zip(dense, fused))
+        report.line("moe", "running", f"tokens_{name}", identical=f"{same}/{len(prompts)}",
+                    all_identical=same == len(prompts), fast=_runner_facts(runner))
+    del model
+
+    path = check.hf_dir("moe_bench", **{k: m[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab")},
+                        dtype=dt, experts=m["experts"])
+    model = load_for_inference(path, None, dt, check.info.device, tokenizer=False)[0].eval()
+    experts = sum(p.numel() for layer in model.layers for p in layer.feed_forward.experts.parameters())
+    element = model.head_weight.element_size()
+    needed = check.weight_bytes(model) - experts * element * (1 - 2 / m["experts"])
+    bandwidth = check.results.get("bandwidth")
+    rows = {}
+    for kind in ("dense", "fused"):
+        try:
+            model.decode_attention(kind)
+            row = _batch1_decode(check, model)
+        finally:
+            model.decode_attention("dense")
+        rows[kind] = row.pop("out")
+        for key in ("e2e_bandwidth_fraction", "replay_bandwidth_fraction"):
+            row.pop(key, None)  # counted against all weights; the fraction below counts what a step needs
+        if bandwidth and "replay_ms" in row:
+            row["needed_bandwidth_fraction"] = needed / (row["replay_ms"] / 1e3) / bandwidth
+        row.update(weight_gb=check.weight_bytes(model) / 1e9, needed_gb=needed / 1e9)
+        report.line("moe", "running" if kind == "dense" else "ok", f"batch_1_{kind}",
+                    **row, **({"same_tokens_as_dense": rows["fused"] == rows["dense"]} if kind == "fused" else {}))
+
+
 RUN = {"env": section_env, "bandwidth": section_bandwidth, "decode": section_decode, "fused": section_fused,
-       "tokens": section_tokens, "train": section_train, "hf": section_hf}
+       "tokens": section_tokens, "train": section_train, "hf": section_hf, "moe": section_moe}
 
 
 def main(out_dir: str = None, budget_s: float = 480, device: str = None, tiny: bool = False, sections: str = "all"):
@@ -594,7 +666,7 @@ def main(out_dir: str = None, budget_s: float = 480, device: str = None, tiny: b
         budget_s: seconds for the whole run, imports included; a section that no longer fits is skipped.
         device: cuda or cpu (default: cuda when available).
         tiny: tiny sizes (the CPU smoke run of tests/test_gpu_check.py).
-        sections: comma-separated subset of env,bandwidth,decode,fused,tokens,train,hf (default all, in that order).
+        sections: comma-separated subset of env,bandwidth,decode,fused,tokens,train,hf,moe (default all).
     """
     start = time.perf_counter()
     import torch
@@ -649,7 +721,7 @@ def main(out_dir: str = None, budget_s: float = 480, device: str = None, tiny: b
     keys = ("read_gb_s", "matmul_tflop_s", "e2e_tokens_per_s", "replay_ms", "kernels_per_step",
             "replay_bandwidth_fraction", "eager_ms", "captured_ms", "identical", "tokens_per_s", "mfu_vs_989_tflops",
             "graph_breaks", "ours_tokens_per_s", "hf_tokens_per_s", "ratio", "worst_rel_err", "fused_ms", "dense_ms",
-            "fused_roofline_fraction")
+            "fused_roofline_fraction", "needed_bandwidth_fraction")
     for name, entry in report.summary["sections"].items():
         for part, r in [(None, entry)] + sorted(entry.get("parts", {}).items()):
             shown = ", ".join(f"{k}={r[k]:.4g}" if isinstance(r[k], float) else f"{k}={r[k]}" for k in keys if k in r)

@@ -225,7 +225,52 @@ def _kernels():
             acc += tl.load(r_ptr + r[:, None] * sr + n[None, :], mask=out_mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + r[:, None] * sy + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
-    return partials, merge, linear
+    @triton.jit
+    def expert_linear(x_ptr, w_ptr, g_ptr, r_ptr, y_ptr, e_ptr, c_ptr, n_out, k_in, sx, sw_e, sw, sr, sy, eps,
+                      TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
+                      GLU: tl.constexpr, COMBINE: tl.constexpr, RESID: tl.constexpr):
+        """For row r (program axis 1) and each of its TOP_K chosen experts e_j: y_j = W[e_j] x'_j, only
+        the chosen experts' weights read. x'_j = RMSNorm(x[r]) * g (NORM: one input a row) or
+        silu(gate) * up of x[r * TOP_K + j] = [gate | up] (GLU: one input a choice). COMBINE: one
+        output a row, sum_j c[r, j] y_j (+ residual[r]); else one a choice, y[r * TOP_K + j] = y_j."""
+        r = tl.program_id(1)
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        kk = tl.arange(0, BLOCK_K)
+        n_ok = n < n_out
+        if NORM:
+            squares = tl.zeros([BLOCK_K], tl.float32)
+            for k0 in range(0, k_in, BLOCK_K):
+                xt = tl.load(x_ptr + r * sx + k0 + kk, mask=k0 + kk < k_in, other=0.0).to(tl.float32)
+                squares += xt * xt
+            inv_rms = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / k_in + eps)
+        total = tl.zeros([BLOCK_N], tl.float32)
+        for j in tl.static_range(TOP_K):
+            expert = tl.load(e_ptr + r * TOP_K + j).to(tl.int64)
+            x_row = x_ptr + (r if NORM else r * TOP_K + j) * sx
+            acc = tl.zeros([BLOCK_N], tl.float32)
+            for k0 in range(0, k_in, BLOCK_K):
+                k = k0 + kk
+                k_ok = k < k_in
+                xt = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)
+                if GLU:
+                    up = tl.load(x_row + k_in + k, mask=k_ok, other=0.0).to(tl.float32)
+                    xt = xt * tl.sigmoid(xt) * up
+                if NORM:
+                    xt = xt * inv_rms * tl.load(g_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+                xt = xt.to(w_ptr.dtype.element_ty).to(tl.float32)  # the input rounded as the layer's own input is
+                w = tl.load(w_ptr + expert * sw_e + n[:, None] * sw + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                            other=0.0).to(tl.float32)
+                acc += tl.sum(w * xt[None, :], axis=1)
+            if COMBINE:
+                total += tl.load(c_ptr + r * TOP_K + j).to(tl.float32) * acc
+            else:
+                tl.store(y_ptr + (r * TOP_K + j) * sy + n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+        if COMBINE:
+            if RESID:
+                total += tl.load(r_ptr + r * sr + n, mask=n_ok, other=0.0).to(tl.float32)
+            tl.store(y_ptr + r * sy + n, total.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+    return partials, merge, linear, expert_linear
 
 
 def _interpreting() -> bool:
@@ -274,7 +319,7 @@ def triton_decode_attention(q, k, v, cos, sin, k_cache, v_cache, positions, wind
     out = torch.empty_like(q)
     cos, sin, positions = cos.contiguous(), sin.contiguous(), positions.contiguous()
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
-    partials, merge, _ = _kernels()
+    partials, merge, _, _ = _kernels()
     partials[(bsz, n_kv, n_splits)](
         q, k, v, cos, sin, k_cache, v_cache, positions, peaks, totals, accs, out, prompt_k, prompt_v, prompt_of,
         prompt_len, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -294,14 +339,22 @@ MAX_LINEAR_ROWS = 4  # rows a decode step may have for the fused projections (a 
 def linear_reference(x, weight, bias=None, norm_weight=None, residual=None, eps: float = 1e-6,
                      glu: bool = False) -> torch.Tensor:
     """The twin of the `linear` kernel: x [R, K] (or [R, 2K] = [gate | up] with glu) -> [R, N]."""
+    out_dtype = x.dtype if residual is None else residual.dtype
+    x = _projection_input(x, weight.dtype, norm_weight, eps, glu)
+    y = torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    return (y if residual is None else y + residual.float()).to(out_dtype)
+
+
+def _projection_input(x, dtype, norm_weight, eps: float, glu: bool) -> torch.Tensor:
+    """What the projection kernels multiply: silu(gate) * up of x = [gate | up] (glu), or RMSNorm(x) *
+    norm_weight, or x; rounded to the weights' dtype."""
     if glu:
         gate, up = x.float().chunk(2, dim=-1)
         x = (torch.nn.functional.silu(gate) * up).to(x.dtype)
     if norm_weight is not None:
         x32 = x.float()
-        x = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()).to(weight.dtype)
-    y = torch.nn.functional.linear(x.to(weight.dtype).float(), weight.float(), None if bias is None else bias.float())
-    return (y if residual is None else y + residual.float()).to(x.dtype if residual is None else residual.dtype)
+        x = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()).to(dtype)
+    return x.to(dtype)
 
 
 def triton_linear(x, weight, bias=None, norm_weight=None, residual=None, eps: float = 1e-6,
@@ -312,12 +365,53 @@ def triton_linear(x, weight, bias=None, norm_weight=None, residual=None, eps: fl
     assert x.shape[1] == (2 * k_in if glu else k_in) and not (glu and norm_weight is not None)  # one prologue
     y = torch.empty(rows, n_out, device=x.device, dtype=x.dtype if residual is None else residual.dtype)
     block_n = 16 if n_out <= 4096 else 32
-    _, _, linear = _kernels()
+    _, _, linear, _ = _kernels()
     linear[(-(-n_out // block_n),)](
         x, weight, weight if bias is None else bias, weight if norm_weight is None else norm_weight,
         y if residual is None else residual, y, rows, n_out, k_in, x.stride(0), weight.stride(0),
         0 if residual is None else residual.stride(0), y.stride(0), eps, R_PAD=_next_pow2(rows), BLOCK_N=block_n,
         BLOCK_K=128, NORM=norm_weight is not None, GLU=glu, BIAS=bias is not None, RESID=residual is not None)
+    return y
+
+
+def expert_linear_reference(x, weights, chosen, coeffs=None, norm_weight=None, residual=None, eps: float = 1e-6,
+                            glu: bool = False) -> torch.Tensor:
+    """The twin of the `expert_linear` kernel: weights [E, N, K] stacked experts, chosen [R, top_k]
+    each row's experts; x [R, K] with norm_weight (one input a row) or [R * top_k, 2K] with glu (one a
+    choice). -> [R * top_k, N], or with coeffs [R, top_k]: [R, N], the choices' sum weighted by coeffs
+    (+ residual)."""
+    rows, top_k = chosen.shape
+    out_dtype = x.dtype if residual is None else residual.dtype
+    x = _projection_input(x, weights.dtype, norm_weight, eps, glu)
+    if norm_weight is not None:
+        x = x.repeat_interleave(top_k, dim=0)
+    y = torch.einsum("cnk,ck->cn", weights[chosen.reshape(-1)].float(), x.float())
+    if coeffs is None:
+        return y.to(out_dtype)
+    y = (y.view(rows, top_k, -1) * coeffs.float()[..., None]).sum(1)
+    return (y if residual is None else y + residual.float()).to(out_dtype)
+
+
+def triton_expert_linear(x, weights, chosen, coeffs=None, norm_weight=None, residual=None, eps: float = 1e-6,
+                         glu: bool = False) -> torch.Tensor:
+    """`expert_linear_reference`'s computation by the Triton kernel."""
+    n_out, k_in = weights.shape[1:]
+    rows, top_k = chosen.shape
+    combine = coeffs is not None
+    assert rows <= MAX_LINEAR_ROWS and x.stride(-1) == 1 and weights.stride(-1) == 1 and chosen.is_contiguous()
+    assert (glu and norm_weight is None and x.shape == (rows * top_k, 2 * k_in)) or \
+        (not glu and norm_weight is not None and x.shape == (rows, k_in))  # one prologue, as the layer uses them
+    assert residual is None or combine
+    y = torch.empty(rows if combine else rows * top_k, n_out, device=x.device,
+                    dtype=x.dtype if residual is None else residual.dtype)
+    coeffs = coeffs.contiguous() if combine else chosen
+    block_n = 16 if n_out <= 4096 else 32
+    *_, expert_linear = _kernels()
+    expert_linear[(-(-n_out // block_n), rows)](
+        x, weights, weights if norm_weight is None else norm_weight, y if residual is None else residual, y, chosen,
+        coeffs, n_out, k_in, x.stride(0), weights.stride(0), weights.stride(1),
+        0 if residual is None else residual.stride(0), y.stride(0), eps, TOP_K=top_k, BLOCK_N=block_n, BLOCK_K=128,
+        NORM=norm_weight is not None, GLU=glu, COMBINE=combine, RESID=residual is not None)
     return y
 
 
@@ -343,12 +437,31 @@ def _(x, weight, bias, norm_weight, residual, eps, glu):
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=dtype)
 
 
+@torch.library.custom_op("cot_distill::decode_expert_linear", mutates_args=())
+def decode_expert_linear(x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, coeffs: Optional[torch.Tensor],
+                         norm_weight: Optional[torch.Tensor], residual: Optional[torch.Tensor], eps: float,
+                         glu: bool) -> torch.Tensor:
+    """A decode step's projection of a few rows by each row's chosen experts, in one kernel that reads
+    only those experts' weights: the gate/up projections after the RMSNorm (norm_weight), or the down
+    projections after the SwiGLU product (glu), weighted by the router (coeffs) and summed with the
+    residual."""
+    if kernels_run_on(x.device):
+        return triton_expert_linear(x, weights, chosen, coeffs, norm_weight, residual, eps, glu)
+    return expert_linear_reference(x, weights, chosen, coeffs, norm_weight, residual, eps, glu)
+
+
+@decode_expert_linear.register_fake
+def _(x, weights, chosen, coeffs, norm_weight, residual, eps, glu):
+    rows = chosen.shape[0] if coeffs is not None else chosen.numel()
+    return x.new_empty((rows, weights.shape[1]), dtype=x.dtype if residual is None else residual.dtype)
+
+
 @functools.lru_cache(maxsize=None)
 def kernel_check(device: str, dtype: torch.dtype, n_heads: int, n_kv: int, head_dim: int,
                  window: Optional[int]) -> Optional[str]:
     """None when the Triton kernels run on `device` and compute their twins' results on random inputs
     (the attention on these heads, in one piece and several, a row at position 0, a shared prompt segment; the fused
-    projections with each prologue and epilogue); else why not, in a few words. Run once per shape by
+    projections with each prologue and epilogue, and the MoE experts'); else why not, in a few words. Run once per shape by
     `--decode_attention auto` before it picks the kernels."""
     if not triton_available():
         return "Triton is not installed"
@@ -386,6 +499,19 @@ def kernel_check(device: str, dtype: torch.dtype, n_heads: int, n_kv: int, head_
             err = float((got - want).norm() / want.norm())
             if not err < (1e-4 if dtype == torch.float32 else 3e-2):
                 return f"its projection differs from the torch twin's (relative error {err:.2g})"
+        weights = (torch.randn(4, 200, 300, device=device, generator=gen) / 17).to(dtype)
+        chosen = torch.tensor([[2, 0], [3, 1], [1, 2]], device=device)
+        for extra in (dict(x=torch.randn(3, 300, device=device, generator=gen).to(dtype),  # MoE: gate/up, down
+                           norm_weight=torch.rand(300, device=device, generator=gen).to(dtype)),
+                      dict(x=torch.randn(6, 600, device=device, generator=gen).to(dtype), glu=True,
+                           coeffs=torch.rand(3, 2, device=device, generator=gen),
+                           residual=torch.randn(3, 200, device=device, generator=gen).to(dtype))):
+            want = expert_linear_reference(weights=weights.float(), chosen=chosen, **{
+                k: t.float() if isinstance(t, torch.Tensor) else t for k, t in extra.items()})
+            got = triton_expert_linear(weights=weights, chosen=chosen, **extra).float()
+            err = float((got - want).norm() / want.norm())
+            if not err < (1e-4 if dtype == torch.float32 else 3e-2):
+                return f"its expert projection differs from the torch twin's (relative error {err:.2g})"
     except Exception as e:  # a Triton or driver error: the dense path still works
         return f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
     return None

@@ -366,6 +366,18 @@ class Expert(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def _stack_experts(experts) -> tuple:
+    """Every expert's gate/up in one tensor [E, 2 x local, dim] and its down projection in another
+    [E, dim, local], the experts' parameters views into them (no memory), so a decode kernel reaches
+    any expert's weights by its index."""
+    gate_up = torch.stack([torch.cat([e.w1.weight.detach(), e.w3.weight.detach()]) for e in experts])
+    down = torch.stack([e.w2.weight.detach() for e in experts])
+    local = experts[0].w1.weight.shape[0]
+    for i, e in enumerate(experts):
+        e.w1.weight.data, e.w3.weight.data, e.w2.weight.data = gate_up[i, :local], gate_up[i, local:], down[i]
+    return gate_up, down
+
+
 class MoE(nn.Module):
     """Mixtral sparse MoE: softmax router (fp32), top-k experts per token, weights renormalised."""
 
@@ -375,6 +387,7 @@ class MoE(nn.Module):
         self.gate = nn.Linear(args.dim, args.n_experts, bias=False, device="meta")
         self.experts = nn.ModuleList(Expert(args) for _ in range(args.n_experts))
         self.static_shapes = False  # set by Transformer.static_shapes(): route without a host sync
+        self.stacked = None  # (gate/up [E, 2 local, dim], down [E, dim, local]), see Transformer.fuse_projections
 
     def forward(self, x):
         shape = x.shape
@@ -422,22 +435,27 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
     def _fused_layer(self, x) -> bool:
-        """Whether this decode step runs the layer as five kernels (_fused_decode): --decode_attention
-        fused where the kernels run, one token of at most MAX_LINEAR_ROWS rows, fused projections
-        without an unmerged LoRA adapter, a dense MLP, no autocast (the kernels take the weights' dtype)."""
+        """Whether this decode step runs the layer as a few kernels (_fused_decode): --decode_attention
+        fused where the kernels run, one token of at most MAX_LINEAR_ROWS rows (for an MoE layer at
+        most as many choices as experts), fused projections (or stacked experts) without an unmerged
+        LoRA adapter, no autocast (the kernels take the weights' dtype)."""
         att, ffn = self.attention, self.feed_forward
         if att.decode_kind != "fused" or x.shape[1] != 1 or x.shape[0] > decode_kernels.MAX_LINEAR_ROWS:
             return False
-        if att.fused is None or not isinstance(ffn, FeedForward) or ffn.fused is None:
+        if att.fused is None or (ffn.stacked if isinstance(ffn, MoE) else ffn.fused) is None:
             return False
-        if any(getattr(m, "lora_A", None) is not None and not m.merged for m in (att.wo, ffn.w2)):
+        if isinstance(ffn, MoE) and x.shape[0] * ffn.top_k > len(ffn.experts):  # the kernel reads an expert once
+            return False  # a choice: past len(experts) choices, running every expert (MoE.forward) reads less
+        if any(getattr(m, "lora_A", None) is not None and not m.merged
+               for m in (att.wo, ffn.gate if isinstance(ffn, MoE) else ffn.w2)):
             return False
         return decode_kernels.kernels_run_on(x.device) and not torch.is_autocast_enabled(x.device.type)
 
     def _fused_decode(self, x, cos, sin, positions, cache, kv_len):
         """The block for one decode token in five kernels: RMSNorm + q/k/v projection; RoPE + cache
         write + attention; output projection + residual; RMSNorm + gate/up projection; SwiGLU + down
-        projection + residual (under tensor parallelism the residuals are added after the all-reduce)."""
+        projection + residual (under tensor parallelism the residuals are added after the all-reduce).
+        An MoE layer's last two are three (_fused_experts)."""
         att, ffn, linear = self.attention, self.feed_forward, decode_kernels.decode_linear
         bsz = x.shape[0]
         x2 = x.reshape(bsz, -1)
@@ -449,10 +467,29 @@ class TransformerBlock(nn.Module):
         a = out.reshape(bsz, -1)
         h = linear(a, att.wo.weight, None, None, x2, 0.0, False) if one_rank else \
             x2 + reduce_from_tp(linear(a, att.wo.weight, None, None, None, 0.0, False))
+        if isinstance(ffn, MoE):
+            return self._fused_experts(h, one_rank).view(bsz, 1, -1)
         gate_up = linear(h, ffn.fused[0], None, self.ffn_norm.weight, None, self.ffn_norm.eps, False)
         y = linear(gate_up, ffn.w2.weight, None, None, h, 0.0, True) if one_rank else \
             h + reduce_from_tp(linear(gate_up, ffn.w2.weight, None, None, None, 0.0, True))
         return y.view(bsz, 1, -1)
+
+    def _fused_experts(self, h, one_rank: bool):
+        """The MoE half of a fused decode step, reading only the chosen experts' weights (the static
+        MoE.forward runs every expert on every row): RMSNorm + router; its top-k, their softmax; RMSNorm
+        + each row's chosen experts' gate/up; SwiGLU + their down projections, weighted, summed, +
+        residual. The softmax over the chosen logits is MoE.forward's renormalised top-k of the softmax
+        over all (the same ratios exp(l_j) / sum of the chosen), and softmax keeps the logits' order."""
+        moe, norm = self.feed_forward, self.ffn_norm
+        logits = decode_kernels.decode_linear(h, moe.gate.weight, None, norm.weight, None, norm.eps, False)
+        top, chosen = logits.float().topk(moe.top_k, dim=-1)
+        coeffs = torch.softmax(top, dim=-1)
+        gate_up, down = moe.stacked
+        experts = decode_kernels.decode_expert_linear
+        hidden = experts(h, gate_up, chosen, None, norm.weight, None, norm.eps, False)
+        if one_rank:
+            return experts(hidden, down, chosen, coeffs, None, h, 0.0, True)
+        return h + reduce_from_tp(experts(hidden, down, chosen, coeffs, None, None, 0.0, True))
 
 
 CHECKPOINT_POLICIES = ("none", "full", "selective")
@@ -529,14 +566,16 @@ class Transformer(nn.Module):
     def fuse_projections(self) -> None:
         """For inference: q/k/v, and gate/up, of each layer as one matrix each, so a decode step runs
         fewer, larger matmuls (each layer's input is read once per group). Same weights: the separate
-        parameters become views of the fused ones. Layers with an unmerged LoRA adapter stay apart."""
+        parameters become views of the fused ones. Layers with an unmerged LoRA adapter stay apart. An
+        MoE layer's experts are stacked instead (_stack_experts), for the fused decode step's kernels."""
         for layer in self.layers:
             parts = [layer.attention.wq, layer.attention.wk, layer.attention.wv]
             if not any(getattr(m, "lora_A", None) is not None and not m.merged for m in parts):
                 layer.attention.fused = _fuse_columns(parts)
             ffn = layer.feed_forward
-            if isinstance(ffn, FeedForward) and not any(getattr(m, "lora_A", None) is not None and not m.merged
-                                                        for m in (ffn.w1, ffn.w3)):
+            if isinstance(ffn, MoE):  # experts never carry LoRA
+                ffn.stacked = _stack_experts(ffn.experts)
+            elif not any(getattr(m, "lora_A", None) is not None and not m.merged for m in (ffn.w1, ffn.w3)):
                 ffn.fused = _fuse_columns([ffn.w1, ffn.w3])
 
     @property

@@ -19,7 +19,7 @@ FAMILIES = {
                                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
     "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=8)),
-    "mixtral": ("MixtralConfig", dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+    "mixtral": ("MixtralConfig", dict(num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
                                       intermediate_size=48)),
     "qwen2": ("Qwen2Config", dict(num_key_value_heads=1, tie_word_embeddings=True)),  # KV replicated at TP=2
     "qwen1": ("Qwen2Config", dict(num_key_value_heads=4)),  # written with Qwen-1's names, see save_qwen1

@@ -441,6 +441,88 @@ def test_fused_projection_kernel_is_its_torch_twin(triton_interpreter, rows, k_i
     assert ((got.float() - want.float()).norm() / want.float().norm()).item() < tol
 
 
+@pytest.mark.parametrize("rows,top_k,n_experts,k_in,n_out,dtype", [
+    (1, 2, 8, 40, 37, torch.float32),  # batch 1, sizes off the blocks
+    (3, 2, 4, 130, 70, torch.float32),
+    (4, 1, 3, 256, 4100, torch.float32),  # one expert a row, the wider output blocks
+    (2, 3, 5, 200, 64, torch.bfloat16),
+])
+def test_expert_projection_kernel_is_its_torch_twin(triton_interpreter, rows, top_k, n_experts, k_in, n_out, dtype):
+    """The MoE decode kernel computes its twin's result, and the twin what a loop over each row's
+    chosen experts computes with the plain projection's twin: the gate/up projections of the RMSNorm of
+    each row (one output a choice), and the down projections of each choice's SwiGLU product,
+    weighted by the router and summed with the residual (one output a row)."""
+    from models import decode_kernels as dk
+
+    gen = torch.Generator().manual_seed(k_in)
+    weights = (torch.randn(n_experts, n_out, k_in, generator=gen) / k_in ** 0.5).to(dtype)
+    chosen = torch.stack([torch.randperm(n_experts, generator=gen)[:top_k] for _ in range(rows)])
+    coeffs = torch.softmax(torch.randn(rows, top_k, generator=gen), -1)
+    norm_weight = torch.rand(k_in, generator=gen).to(dtype) + 0.5
+    x_norm = torch.randn(rows, k_in, generator=gen).to(dtype)
+    x_glu = torch.randn(rows * top_k, 2 * k_in, generator=gen).to(dtype)
+    residual = torch.randn(rows, n_out, generator=gen).to(dtype)
+    per_choice = [(r, j, int(chosen[r, j])) for r in range(rows) for j in range(top_k)]
+    loop_up = torch.cat([dk.linear_reference(x_norm[r:r + 1], weights[e], norm_weight=norm_weight)
+                         for r, _, e in per_choice])
+    down_of = {(r, j): dk.linear_reference(x_glu[r * top_k + j:r * top_k + j + 1], weights[e], glu=True).float()
+               for r, j, e in per_choice}
+    loop_down = torch.cat([sum(coeffs[r, j] * down_of[r, j] for j in range(top_k)) + residual[r].float()
+                           for r in range(rows)]).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for kw, loop in ((dict(x=x_norm, norm_weight=norm_weight), loop_up),
+                     (dict(x=x_glu, coeffs=coeffs, residual=residual, glu=True), loop_down)):
+        got = dk.triton_expert_linear(weights=weights, chosen=chosen, **kw)
+        want = dk.expert_linear_reference(weights=weights, chosen=chosen, **kw)
+        assert got.shape == want.shape == loop.shape and got.dtype == want.dtype == dtype
+        for a, b in ((got, want), (want, loop)):
+            assert ((a.float() - b.float()).norm() / b.float().norm()).item() < tol
+
+
+@pytest.mark.parametrize("params", [g.SamplingParams(max_new_tokens=12), SAMPLED], ids=["greedy", "sampled"])
+def test_fused_moe_decode_reads_only_the_chosen_experts_and_gives_the_dense_tokens(tmp_path, tiny_tokenizer,
+                                                                                   triton_interpreter, params):
+    """A Mixtral decoding with --decode_attention fused (its kernels interpreted) runs each layer as
+    the attention's three kernels and the MoE's router, top-k and two expert kernels, the experts'
+    weights reached in place through their stacked copies, and gives the dense static path's tokens,
+    which are HF's greedy tokens; no expert runs on its own. Where the rows' choices outnumber the
+    experts, the layer runs every expert once instead (MoE.forward, static shapes)."""
+    from bench.decode_ops import count_step_ops
+    from engine.checkpoint import load_for_inference
+    from engine.runtime import distributed
+    from models.transformer import MoE
+
+    distributed.setup(tp_size=1, device="cpu", own=False)
+    hf = save_hf("mixtral", str(tmp_path), seed=4, vocab_size=320).eval()
+    shutil.copy(tiny_tokenizer, tmp_path / "tokenizer.model")
+    model = load_for_inference(str(tmp_path), None, torch.float32, "cpu")[0].eval()
+    tok = load_tokenizer(str(tmp_path))
+    prompts = [tok.encode(p) for p in PROMPTS[1:5]]
+    moe = model.layers[0].feed_forward
+    assert isinstance(moe, MoE) and moe.stacked[0].shape == (8, 2 * 48, 64)
+    assert moe.experts[2].w3.weight.data_ptr() == moe.stacked[0][2, 48:].data_ptr()  # views: no copy
+    want = _run(model, prompts, params, g.StaticSteps(model, 4, 4), [tok.eos_id])
+    if params.temperature == 0:
+        for prompt, (_, tokens, _) in zip(prompts, want):
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=len(tokens), do_sample=False)[0, len(prompt):]
+            assert tokens == ref.tolist()[:len(tokens)]
+    try:
+        model.decode_attention("fused")
+        ops = count_step_ops(model, 3, 32)
+        got = _run(model, prompts, params, g.StaticSteps(model, 4, 4), [tok.eos_id])
+        for layer in model.layers:  # 3 rows of 3 choices: more than the 8 experts, each run once instead
+            layer.feed_forward.top_k = 3
+        assert "cot_distill.decode_expert_linear" not in count_step_ops(model, 3, 32)
+    finally:
+        model.decode_attention("dense")
+        for layer in model.layers:
+            layer.feed_forward.top_k = 2
+    n = len(model.layers)
+    assert ops["cot_distill.decode_expert_linear"] == 2 * n and ops["cot_distill.decode_linear"] == 3 * n
+    assert ops["aten.topk"] == n and "aten.silu" not in ops, ops
+    assert got == want
+
+
 @pytest.mark.parametrize("params", [g.SamplingParams(max_new_tokens=12), SAMPLED], ids=["greedy", "sampled"])
 def test_fused_decode_attention_gives_the_dense_tokens(tiny, triton_interpreter, params, monkeypatch):
     """Generation with --decode_attention fused, the Triton kernels themselves (interpreted: the
@@ -520,12 +602,17 @@ def test_auto_decode_attention_takes_the_kernel_only_where_it_passes_its_check(t
             assert kinds() == {"dense"}
         model.decode_attention("auto")
         assert kinds() == {"fused"}
-        real = dk.triton_decode_attention
-        for broken, why in ((lambda *a: real(*a) * 1.01, "differs from the torch twin's"),
-                            (lambda *a: real(*a) * (1.01 if len(a) > 10 else 1), "differs from the torch twin's"),
-                            (lambda *a: 1 / 0, "ZeroDivisionError")):  # the second: wrong with a prompt segment
+        real, real_experts = dk.triton_decode_attention, dk.triton_expert_linear
+        for name, broken, why in (
+                ("triton_decode_attention", lambda *a: real(*a) * 1.01, "differs from the torch twin's"),
+                ("triton_decode_attention", lambda *a: real(*a) * (1.01 if len(a) > 10 else 1),  # with a segment
+                 "differs from the torch twin's"),
+                ("triton_decode_attention", lambda *a: 1 / 0, "ZeroDivisionError"),
+                ("triton_expert_linear", lambda **kw: real_experts(**kw) * 1.01, "expert projection differs")):
             dk.kernel_check.cache_clear()
-            monkeypatch.setattr(dk, "triton_decode_attention", broken)
+            monkeypatch.undo()
+            monkeypatch.setattr(dk, "CPU_KERNEL", True)
+            monkeypatch.setattr(dk, name, broken)
             monkeypatch.setattr(compiled, "_SAID", set())
             model.decode_attention("auto")
             assert kinds() == {"dense"} and why in capsys.readouterr().err

@@ -26,7 +26,7 @@ def test_cpu_smoke_run_writes_every_section(tmp_path):
     summary = json.load(open(out / "gpu_check.json"))
     assert summary["status"] == "complete" and summary["failed"] == [], summary
     order = list(dict.fromkeys(r["section"] for r in lines))
-    assert order == ["env", "bandwidth", "decode", "fused", "tokens", "train", "hf"]
+    assert order == ["env", "bandwidth", "decode", "fused", "tokens", "train", "hf", "moe"]
     sections = summary["sections"]
     assert all(sections[name]["status"] == "ok" for name in order), {n: sections[n]["status"] for n in order}
     assert not [r for r in lines if r["status"] in ("error", "skipped", "out_of_time")]
@@ -52,6 +52,10 @@ def test_cpu_smoke_run_writes_every_section(tmp_path):
     hf = sections["hf"]["parts"]
     assert set(hf) == {"batch_1", "batch_8"}
     assert all(r["ours_tokens_per_s"] > 0 and r["hf_tokens_per_s"] > 0 and r["ratio"] > 0 for r in hf.values())
+    moe = sections["moe"]["parts"]
+    assert moe["tokens_greedy"]["all_identical"] and moe["tokens_sampled"]["identical"] == "3/3", moe
+    assert moe["batch_1_fused"]["same_tokens_as_dense"] and moe["batch_1_dense"]["tokens"] == 8
+    assert 0 < moe["batch_1_fused"]["needed_gb"] < moe["batch_1_fused"]["weight_gb"]
     assert "gpu_check: complete" in proc.stdout
 
 
