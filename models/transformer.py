@@ -336,6 +336,11 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def _unmerged_lora(linears) -> bool:
+    """Whether any of these layers carries a LoRA adapter not merged into its weight (it then runs apart)."""
+    return any(getattr(m, "lora_A", None) is not None and not m.merged for m in linears)
+
+
 def _fuse_columns(linears) -> tuple:
     """One matrix (and bias) stacking column-parallel layers' local weights on the output dimension;
     the layers' parameters become views into it, so it costs no memory."""
@@ -446,8 +451,7 @@ class TransformerBlock(nn.Module):
             return False
         if isinstance(ffn, MoE) and x.shape[0] * ffn.top_k > len(ffn.experts):  # the kernel reads an expert once
             return False  # a choice: past len(experts) choices, running every expert (MoE.forward) reads less
-        if any(getattr(m, "lora_A", None) is not None and not m.merged
-               for m in (att.wo, ffn.gate if isinstance(ffn, MoE) else ffn.w2)):
+        if _unmerged_lora([att.wo] if isinstance(ffn, MoE) else [att.wo, ffn.w2]):  # experts never carry LoRA
             return False
         return decode_kernels.kernels_run_on(x.device) and not torch.is_autocast_enabled(x.device.type)
 
@@ -570,12 +574,12 @@ class Transformer(nn.Module):
         MoE layer's experts are stacked instead (_stack_experts), for the fused decode step's kernels."""
         for layer in self.layers:
             parts = [layer.attention.wq, layer.attention.wk, layer.attention.wv]
-            if not any(getattr(m, "lora_A", None) is not None and not m.merged for m in parts):
+            if not _unmerged_lora(parts):
                 layer.attention.fused = _fuse_columns(parts)
             ffn = layer.feed_forward
             if isinstance(ffn, MoE):  # experts never carry LoRA
                 ffn.stacked = _stack_experts(ffn.experts)
-            elif not any(getattr(m, "lora_A", None) is not None and not m.merged for m in (ffn.w1, ffn.w3)):
+            elif not _unmerged_lora([ffn.w1, ffn.w3]):
                 ffn.fused = _fuse_columns([ffn.w1, ffn.w3])
 
     @property
