@@ -9,6 +9,7 @@ a dispatch mode: every operation that computes (views, which launch nothing, not
 PyTorch on both sides: inductor's fusions on a GPU shrink the dense count further (BENCHMARKS.md).
 
   python bench/decode_ops.py [--n_layers 16] [--dim 256] [--rows 1]
+  python bench/decode_ops.py --n_experts 8 [--top_k 2] [--time_rows 64]   # a Mixtral; its MoE routes too
 """
 from __future__ import annotations
 
@@ -49,8 +50,44 @@ def count_step_ops(model, rows: int, kv_len: int) -> Counter:
     return ops
 
 
+def step_ms(model, rows: int, kv_len: int, repeats: int = 5) -> float:
+    """Mean wall-clock ms of the static-shape decode forward of `rows` rows (after one warm-up)."""
+    import time
+
+    import torch
+
+    cache = model.new_cache(rows, kv_len)
+    tokens = torch.ones(rows, 1, dtype=torch.long)
+    positions = torch.full((rows, 1), kv_len // 2, dtype=torch.long)
+    with torch.no_grad(), model.static_shapes():
+        model(tokens, positions=positions, cache=cache, kv_len=kv_len)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            model(tokens, positions=positions, cache=cache, kv_len=kv_len)
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def moe_routes(model, rows: int, kv_len: int, time_rows: int) -> dict:
+    """The static MoE's two routes, grouped matmuls (MoE.forward's default where torch's grouped matmul
+    runs without the host) and every expert on every row: operations per step at `rows` rows, and
+    (time_rows > 0) ms per static step at time_rows rows, eager on this CPU."""
+    from models import transformer
+
+    routes = {}
+    real = transformer.grouped_matmul_runs_on
+    for route, runs_on in (("grouped", real), ("every_expert", lambda weight: False)):
+        transformer.grouped_matmul_runs_on = runs_on
+        try:
+            routes[f"{route}_ops"] = sum(count_step_ops(model, rows, kv_len).values())
+            if time_rows:
+                routes[f"{route}_ms_at_{time_rows}_rows"] = step_ms(model, time_rows, kv_len)
+        finally:
+            transformer.grouped_matmul_runs_on = real
+    return routes
+
+
 def main(n_layers: int = 16, dim: int = 256, n_heads: int = 4, n_kv_heads: int = 2, rows: int = 1,
-         kv_len: int = 128, n_experts: int = 0, top_k: int = 2):
+         kv_len: int = 128, n_experts: int = 0, top_k: int = 2, time_rows: int = 0):
     """Print the operations per step of each path, their ratio, and the counts by operation.
 
     Args:
@@ -58,6 +95,7 @@ def main(n_layers: int = 16, dim: int = 256, n_heads: int = 4, n_kv_heads: int =
         rows: decode rows (the five-kernel layer takes at most 4).
         kv_len: the KV length the step reads.
         n_experts, top_k: a Mixtral instead, its MoE layers of n_experts experts, top_k a token (0: LLaMA).
+        time_rows: with n_experts, also time the dense static step at this many rows, by each MoE route.
     """
     import torch
 
@@ -87,8 +125,13 @@ def main(n_layers: int = 16, dim: int = 256, n_heads: int = 4, n_kv_heads: int =
     print(f"operations per decode step ({n_layers} layers, {model_name}, {rows} row(s), KV length {kv_len}): "
           f"dense {dense} ({dense / n_layers:.1f} a layer), fused {fused} ({fused / n_layers:.1f} a layer), "
           f"x{dense / fused:.2f} fewer")
+    routes = {}
+    if n_experts:
+        model.decode_attention("dense")
+        routes = moe_routes(model, rows, kv_len, time_rows)
+        print("the dense step's MoE routes: " + ", ".join(f"{k} {v:.4g}" for k, v in routes.items()))
     print(json.dumps({"n_layers": n_layers, "n_experts": n_experts, "rows": rows, "kv_len": kv_len, "dense_ops": dense, "fused_ops": fused,
-                      "by_op": {k: dict(v.most_common()) for k, v in counts.items()}}))
+                      **routes, "by_op": {k: dict(v.most_common()) for k, v in counts.items()}}))
 
 
 if __name__ == "__main__":

@@ -383,6 +383,32 @@ def _stack_experts(experts) -> tuple:
     return gate_up, down
 
 
+def grouped_matmul_runs_on(weight: torch.Tensor) -> bool:
+    """Whether torch's grouped matmul runs without waiting for the host on `weight`'s device: CUTLASS's
+    kernel on SM90 / SM100 in bf16 with 16-byte aligned rows (elsewhere on a GPU torch falls back to
+    a loop that reads the group offsets on the host, which a CUDA graph cannot capture), or the CPU's."""
+    if weight.device.type == "cpu":
+        return True
+    aligned = weight.dtype == torch.bfloat16 and all(n % 8 == 0 for n in weight.shape[1:])
+    return weight.device.type == "cuda" and aligned and torch.cuda.get_device_capability(weight.device)[0] in (9, 10)
+
+
+def grouped_experts(x, weights, chosen, gate_up, down):
+    """[N, dim]: each row's chosen experts' SwiGLU, weighted by the router and summed, as two grouped
+    matmuls over the (row, choice) pairs sorted by expert (gate_up [E, 2 x local, dim], down [E, dim,
+    local]: _stack_experts). Shapes depend on N only and nothing waits for the host, so a CUDA graph
+    captures it, and it does only the chosen experts' work (the dense static route: every expert's)."""
+    n, k = chosen.shape
+    flat = chosen.reshape(-1)
+    order = flat.argsort(stable=True)  # pair order[i] is the i-th by expert
+    experts = torch.arange(gate_up.shape[0], device=flat.device)
+    ends = torch.searchsorted(flat[order], experts, right=True, out_int32=True)  # where each expert's pairs end
+    gate, up = F.grouped_mm(x[order // k], gate_up.transpose(1, 2), offs=ends).chunk(2, dim=-1)
+    y = F.grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs=ends)
+    pairs = torch.empty_like(y).index_copy_(0, order, y)  # back in (row, choice) order
+    return (pairs.float() * weights.reshape(-1, 1)).to(x.dtype).view(n, k, -1).sum(1)
+
+
 class MoE(nn.Module):
     """Mixtral sparse MoE: softmax router (fp32), top-k experts per token, weights renormalised."""
 
@@ -393,6 +419,7 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(Expert(args) for _ in range(args.n_experts))
         self.static_shapes = False  # set by Transformer.static_shapes(): route without a host sync
         self.stacked = None  # (gate/up [E, 2 local, dim], down [E, dim, local]), see Transformer.fuse_projections
+        self.grouped = False  # with static_shapes: route by grouped matmuls (set by Transformer.static_shapes())
 
     def forward(self, x):
         shape = x.shape
@@ -405,6 +432,10 @@ class MoE(nn.Module):
         weights = copy_to_tp(weights)
         x_par = copy_to_tp(x)
 
+        # compiled, torch's grouped matmul takes bf16 with 16-byte aligned rows only
+        if self.static_shapes and self.grouped and (not torch.compiler.is_compiling() or (
+                x.dtype == torch.bfloat16 and x.shape[-1] % 8 == 0 and self.stacked[1].shape[-1] % 8 == 0)):
+            return reduce_from_tp(grouped_experts(x_par, weights, chosen, *self.stacked)).view(shape)
         out = torch.zeros_like(x)
         if self.static_shapes:  # every expert sees every token, weighted 0 where not chosen: no host sync
             dense = torch.zeros_like(probs).scatter(1, chosen, weights)
@@ -479,8 +510,8 @@ class TransformerBlock(nn.Module):
         return y.view(bsz, 1, -1)
 
     def _fused_experts(self, h, one_rank: bool):
-        """The MoE half of a fused decode step, reading only the chosen experts' weights (the static
-        MoE.forward runs every expert on every row): RMSNorm + router; its top-k, their softmax; RMSNorm
+        """The MoE half of a fused decode step, reading only the chosen experts' weights in two
+        kernels (MoE.forward's grouped route takes about ten operations, its dense one every expert): RMSNorm + router; its top-k, their softmax; RMSNorm
         + each row's chosen experts' gate/up; SwiGLU + their down projections, weighted, summed, +
         residual. The softmax over the chosen logits is MoE.forward's renormalised top-k of the softmax
         over all (the same ratios exp(l_j) / sum of the chosen), and softmax keeps the logits' order."""
@@ -623,20 +654,21 @@ class Transformer(nn.Module):
 
     @contextlib.contextmanager
     def static_shapes(self):
-        """Within: no operation waits for the GPU or depends on data for its shapes (the MoE routes
-        densely, decode attention is dense or the fused kernel), so a forward can be captured in a
-        CUDA graph."""
+        """Within: no operation waits for the GPU or depends on data for its shapes (the MoE routes by
+        grouped matmuls where they run without the host, else densely; decode attention is dense or
+        the fused kernel), so a forward can be captured in a CUDA graph."""
         moes = [m for m in self.modules() if isinstance(m, MoE)]
         kinds = [layer.attention.decode_kind for layer in self.layers]
         for m in moes:
             m.static_shapes = True
+            m.grouped = m.stacked is not None and grouped_matmul_runs_on(m.stacked[0])
         for layer in self.layers:  # the fused kernel's grid depends on shapes only: it stays
             layer.attention.decode_kind = "fused" if layer.attention.decode_kind == "fused" else "dense"
         try:
             yield
         finally:
             for m in moes:
-                m.static_shapes = False
+                m.static_shapes = m.grouped = False
             for layer, was in zip(self.layers, kinds):
                 layer.attention.decode_kind = was
 

@@ -479,6 +479,105 @@ def test_expert_projection_kernel_is_its_torch_twin(triton_interpreter, rows, to
             assert ((a.float() - b.float()).norm() / b.float().norm()).item() < tol
 
 
+def _experts_one_by_one(x, weights, chosen, gate_up, down):
+    """Mixtral's sparse MoE written out, expert by expert, in fp32 (HF's MixtralSparseMoeBlock.forward:
+    each expert's rows, SwiGLU, times their routing weight, summed per row)."""
+    import torch.nn.functional as F
+
+    out = torch.zeros(x.shape[0], down.shape[1])
+    for e in range(gate_up.shape[0]):
+        rows, slot = (chosen == e).nonzero(as_tuple=True)
+        gate, up = (x[rows].float() @ gate_up[e].float().T).chunk(2, dim=-1)
+        out.index_add_(0, rows, weights[rows, slot, None].float() * ((F.silu(gate) * up) @ down[e].float().T))
+    return out
+
+
+@pytest.mark.parametrize("rows,top_k,n_experts,dtype", [(1, 2, 8, torch.float32), (5, 2, 8, torch.float32),
+                                                        (64, 2, 8, torch.float32), (33, 3, 4, torch.float32),
+                                                        (7, 1, 8, torch.float32), (64, 2, 8, torch.bfloat16)])
+def test_grouped_experts_are_the_experts_one_by_one(rows, top_k, n_experts, dtype):
+    """The static MoE's grouped route (two grouped matmuls over the (row, choice) pairs sorted by
+    expert) is each chosen expert run on its rows, weighted and summed; experts no row chose (batch 1
+    leaves 6 of 8) and experts chosen by many rows included."""
+    from models.transformer import grouped_experts
+
+    gen = torch.Generator().manual_seed(rows * 10 + top_k)
+    dim, local = 32, 24
+    x = torch.randn(rows, dim, generator=gen).to(dtype)
+    gate_up = (torch.randn(n_experts, 2 * local, dim, generator=gen) / dim ** 0.5).to(dtype)
+    down = (torch.randn(n_experts, dim, local, generator=gen) / local ** 0.5).to(dtype)
+    chosen = torch.stack([torch.randperm(n_experts, generator=gen)[:top_k] for _ in range(rows)])
+    weights = torch.rand(rows, top_k, generator=gen).softmax(-1)
+    got = grouped_experts(x, weights, chosen, gate_up, down)
+    want = _experts_one_by_one(x, weights, chosen, gate_up, down)
+    assert got.dtype == dtype and got.shape == (rows, dim)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got.float(), want, atol=tol, rtol=tol), (got.float() - want).abs().max()
+
+
+def test_static_moe_routes_by_grouped_matmuls(tmp_path, monkeypatch):
+    """Within static_shapes() (the step a CUDA graph captures) a loaded Mixtral's MoE layers run as two
+    grouped matmuls, not every expert on every row, and give what the host-routed MoE.forward and the
+    every-expert route give; where torch's grouped matmul would wait for the host (a GPU other than
+    SM90 / SM100, or not bf16) the every-expert route stays."""
+    from bench.decode_ops import count_step_ops
+    from engine.checkpoint import load_for_inference
+    from engine.runtime import distributed
+    from models import transformer
+
+    distributed.setup(tp_size=1, device="cpu", own=False)
+    save_hf("mixtral", str(tmp_path), seed=4, vocab_size=320)
+    model = load_for_inference(str(tmp_path), None, torch.float32, "cpu", tokenizer=False)[0].eval()
+    moe = model.layers[0].feed_forward
+    x = torch.randn(37, 1, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        host_routed = moe(x)
+        with model.static_shapes():
+            assert moe.grouped
+            grouped = moe(x)
+            moe.grouped = False
+            every_expert = moe(x)
+    assert not moe.grouped and not moe.static_shapes
+    assert torch.allclose(grouped, host_routed, atol=1e-5) and torch.allclose(grouped, every_expert, atol=1e-5)
+    n = len(model.layers)
+    ops = count_step_ops(model, 6, 32)
+    assert ops["aten._grouped_mm"] == 2 * n and ops["aten.silu"] == n, ops  # one SwiGLU a layer, not one an expert
+    monkeypatch.setattr(transformer, "grouped_matmul_runs_on", lambda weight: False)
+    ops = count_step_ops(model, 6, 32)
+    assert "aten._grouped_mm" not in ops and ops["aten.silu"] == len(moe.experts) * n, ops
+
+
+@pytest.mark.processes  # inductor starts compile workers
+def test_compiled_static_moe_takes_the_grouped_route_in_bf16_only(tmp_path):
+    """Compiled (the decode step torch.compile builds before a CUDA graph captures it), the static MoE
+    takes the grouped route in bf16 (torch's compiled grouped matmul takes nothing else) and the
+    every-expert route in fp32; both give the eager layer's output."""
+    from torch._dynamo.utils import counters
+
+    from engine.checkpoint import load_for_inference
+    from engine.runtime import distributed
+
+    distributed.setup(tp_size=1, device="cpu", own=False)
+    save_hf("mixtral", str(tmp_path), seed=4, vocab_size=320)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        model = load_for_inference(str(tmp_path), None, dtype, "cpu", tokenizer=False)[0].eval()
+        moe = model.layers[0].feed_forward
+        x = torch.randn(16, 1, 64, generator=torch.Generator().manual_seed(3)).to(dtype)
+        torch._dynamo.reset()
+        counters.clear()
+        seen = []
+        with torch.no_grad(), model.static_shapes():
+            eager = moe(x)
+            traced = torch.compile(moe, backend=lambda gm, inputs: seen.append(gm) or gm.forward)(x)
+            torch._dynamo.reset()
+            compiled = torch.compile(moe)(x)  # inductor
+        ops = {str(n.target) for gm in seen for n in gm.graph.nodes if n.op == "call_function"}
+        assert any("grouped_mm" in op for op in ops) == (dtype == torch.bfloat16), (dtype, ops)
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        for out in (traced, compiled):
+            assert torch.allclose(out.float(), eager.float(), atol=tol, rtol=tol), (out - eager).abs().max()
+
+
 @pytest.mark.parametrize("params", [g.SamplingParams(max_new_tokens=12), SAMPLED], ids=["greedy", "sampled"])
 def test_fused_moe_decode_reads_only_the_chosen_experts_and_gives_the_dense_tokens(tmp_path, tiny_tokenizer,
                                                                                    triton_interpreter, params):
@@ -486,7 +585,7 @@ def test_fused_moe_decode_reads_only_the_chosen_experts_and_gives_the_dense_toke
     the attention's three kernels and the MoE's router, top-k and two expert kernels, the experts'
     weights reached in place through their stacked copies, and gives the dense static path's tokens,
     which are HF's greedy tokens; no expert runs on its own. Where the rows' choices outnumber the
-    experts, the layer runs every expert once instead (MoE.forward, static shapes)."""
+    experts, the layer runs as MoE.forward's grouped matmuls instead (static shapes)."""
     from bench.decode_ops import count_step_ops
     from engine.checkpoint import load_for_inference
     from engine.runtime import distributed
@@ -510,9 +609,10 @@ def test_fused_moe_decode_reads_only_the_chosen_experts_and_gives_the_dense_toke
         model.decode_attention("fused")
         ops = count_step_ops(model, 3, 32)
         got = _run(model, prompts, params, g.StaticSteps(model, 4, 4), [tok.eos_id])
-        for layer in model.layers:  # 3 rows of 3 choices: more than the 8 experts, each run once instead
+        for layer in model.layers:  # 3 rows of 3 choices: more than the 8 experts: grouped matmuls instead
             layer.feed_forward.top_k = 3
-        assert "cot_distill.decode_expert_linear" not in count_step_ops(model, 3, 32)
+        fallback = count_step_ops(model, 3, 32)
+        assert "cot_distill.decode_expert_linear" not in fallback and fallback["aten._grouped_mm"] == 2 * len(model.layers)
     finally:
         model.decode_attention("dense")
         for layer in model.layers:

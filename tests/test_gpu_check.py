@@ -56,6 +56,9 @@ def test_cpu_smoke_run_writes_every_section(tmp_path):
     assert moe["tokens_greedy"]["all_identical"] and moe["tokens_sampled"]["identical"] == "3/3", moe
     assert moe["batch_1_fused"]["same_tokens_as_dense"] and moe["batch_1_dense"]["tokens"] == 8
     assert 0 < moe["batch_1_fused"]["needed_gb"] < moe["batch_1_fused"]["weight_gb"]
+    routes = moe["batch_6_routes"]  # the static MoE by grouped matmuls, and every expert on every row
+    assert routes["grouped_route_available"] and routes["grouped_vs_loop_rel_err"] < 1e-5, routes
+    assert routes["grouped_eager_ms"] > 0 and routes["dense_eager_ms"] > 0
     assert "gpu_check: complete" in proc.stdout
 
 

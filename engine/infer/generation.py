@@ -340,7 +340,7 @@ class EagerSteps:
 
 class StaticSteps(EagerSteps):
     """A few fixed shapes: row counts n, n/2, n/4 ...; KV lengths 64, 128, ... 1024, then multiples
-    of 1024 (short sequences do not read the whole cache); MoE routed densely (no host sync). On
+    of 1024 (short sequences do not read the whole cache); MoE routed without a host sync. On
     CPU this runs the step a CUDA graph captures, uncaptured (compiled: through torch.compile)."""
 
     description = "static-shape decode step"
