@@ -18,7 +18,7 @@ after each section, so a run cut short still leaves what it measured.
   hf         HF generate() at batch 1 and 384 against this engine at the same batches: the ratio
   moe        a Mixtral (8 experts, top 2) at batch 1, dense against fused (the MoE layers reading only the
              chosen experts): the kernels' check, tokens fused == dense, ms per step, the bytes a step needs;
-             at batch 64 the static MoE's grouped-matmul route against its every-expert route
+             at batch 64 and 384 the static MoE's grouped-matmul route against its every-expert route
 
 A section that no longer fits in the budget is skipped, and says so; one that fails writes its error
 and the next runs (the exit status is then 1, once everything is written). `--device cpu --tiny
@@ -63,13 +63,13 @@ FULL = dict(dim=2048, n_layers=16, n_heads=16, n_kv_heads=8, vocab=32000, dtype=
             check=dict(dim=512, n_layers=4, n_heads=8, n_kv_heads=4, vocab=32000), check_prompts=12, check_slots=4,
             check_tokens=24, train_batch=32, train_seq_len=2048, train_steps=4,
             moe=dict(dim=2048, n_layers=8, n_heads=16, n_kv_heads=8, vocab=32000, experts=8,
-                     check=dict(dim=256, n_layers=2, n_heads=8, n_kv_heads=4, vocab=32000)), moe_rows=64)
+                     check=dict(dim=256, n_layers=2, n_heads=8, n_kv_heads=4, vocab=32000)), moe_rows=(64, 384))
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab=512, dtype="fp32", prompt=8, new_tokens=8,
             big_batch=8, big_prompts=(4, 12), read_bytes=64 * 1024 ** 2, matmul=256,
             check=dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab=512), check_prompts=6, check_slots=2,
             check_tokens=6, train_batch=4, train_seq_len=96, train_steps=2,
             moe=dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab=512, experts=4,
-                     check=dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab=512)), moe_rows=6)
+                     check=dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab=512)), moe_rows=(6,))
 NOMINAL_PEAK = 989e12  # dense bf16 of an H100 / H200 (the issue's MFU goals count against it)
 
 
@@ -668,47 +668,52 @@ def section_moe(check: Check, report: Report) -> None:
 
 
 def _moe_routes(check: Check, report: Report, model) -> None:
-    """The static-shape MoE at a large batch: two grouped matmuls over the chosen (row, expert) pairs
+    """The static-shape MoE at large batches: two grouped matmuls over the chosen (row, expert) pairs
     (MoE.forward's grouped route, where torch's grouped matmul runs without the host) against every
     expert on every row (its dense route, E / top_k times the expert FLOPs): models.transformer.
-    grouped_experts against a loop over the experts on random inputs (the largest relative error),
+    grouped_experts against a loop over the experts on random inputs (relative error, Frobenius),
     and the plain decode forward of the layer stack at that batch, each route captured by hand."""
     import torch
     import torch.nn.functional as F
 
     from models.transformer import grouped_experts
 
-    rows, kv_len = check.size["moe_rows"], 128 if not check.tiny else 16
-    moe = model.layers[0].feed_forward
-    gate_up, down = moe.stacked
-    g = torch.Generator(device=check.info.device).manual_seed(9)
-    x = torch.randn(rows, gate_up.shape[2], device=check.info.device, generator=g).to(gate_up.dtype)
-    weights, chosen = torch.rand(rows, moe.top_k, device=x.device, generator=g).softmax(-1), \
-        torch.rand(rows, gate_up.shape[0], device=x.device, generator=g).topk(moe.top_k, dim=-1)[1]
-    with torch.no_grad():
-        got = grouped_experts(x, weights, chosen, gate_up, down).float()
-        want = torch.zeros_like(got)
-        for e in range(gate_up.shape[0]):
-            gate, up = (x.float() @ gate_up[e].float().T).chunk(2, dim=-1)
-            w = (weights * (chosen == e)).sum(-1, keepdim=True)
-            want += w * ((F.silu(gate) * up) @ down[e].float().T)
-    row = {"rows": rows, "grouped_vs_loop_rel_err": ((got - want).norm() / want.norm()).item()}
-    cache = model.new_cache(rows, kv_len)
-    tok = torch.zeros(rows, 1, dtype=torch.long, device=check.info.device)
-    pos = torch.full((rows, 1), kv_len // 2, dtype=torch.long, device=check.info.device)
+    kv_len, dev = 128 if not check.tiny else 16, check.info.device
     moes = [layer.feed_forward for layer in model.layers]
-    for route in ("grouped", "dense"):
-        with torch.no_grad(), model.static_shapes():
-            if route == "grouped":  # False where torch's grouped matmul would wait for the host: both dense
-                row["grouped_route_available"] = moes[0].grouped
-            for m in moes:
-                m.grouped = m.grouped and route == "grouped"
-            forward = functools.partial(model, tok, positions=pos, cache=cache, kv_len=kv_len)
-            row.update({f"{route}_{k}": v for k, v in {"eager_ms": _replay_ms(check, forward, 5),
-                                                       **_captured(check, forward)}.items()})
-    if "grouped_captured_ms" in row and "dense_captured_ms" in row:
-        row["dense_over_grouped"] = row["dense_captured_ms"] / row["grouped_captured_ms"]
-    report.line("moe", "ok", f"batch_{rows}_routes", **row)
+    gate_up, down = moes[0].stacked
+    n_experts, top_k = gate_up.shape[0], moes[0].top_k
+    expert_params = sum(m.stacked[0].numel() + m.stacked[1].numel() for m in moes)
+    for rows in check.size["moe_rows"]:
+        g = torch.Generator(device=dev).manual_seed(9)
+        x = torch.randn(rows, gate_up.shape[2], device=dev, generator=g).to(gate_up.dtype)
+        weights = torch.rand(rows, top_k, device=dev, generator=g).softmax(-1)
+        chosen = torch.rand(rows, n_experts, device=dev, generator=g).topk(top_k, dim=-1)[1]
+        with torch.no_grad():
+            got = grouped_experts(x, weights, chosen, gate_up, down).float()
+            want = torch.zeros_like(got)
+            for e in range(n_experts):
+                gate, up = (x.float() @ gate_up[e].float().T).chunk(2, dim=-1)
+                w = (weights * (chosen == e)).sum(-1, keepdim=True)
+                want += w * ((F.silu(gate) * up) @ down[e].float().T)
+        row = {"grouped_vs_loop_rel_err": ((got - want).norm() / want.norm()).item(),
+               "expert_tflop_dense": 2 * rows * expert_params / 1e12,
+               "expert_tflop_grouped": 2 * rows * expert_params * top_k / n_experts / 1e12}
+        cache = model.new_cache(rows, kv_len)
+        tok = torch.zeros(rows, 1, dtype=torch.long, device=dev)
+        pos = torch.full((rows, 1), kv_len // 2, dtype=torch.long, device=dev)
+        for route in ("grouped", "dense"):
+            with torch.no_grad(), model.static_shapes():
+                if route == "grouped":  # False where torch's grouped matmul would wait for the host: both dense
+                    row["grouped_route_available"] = moes[0].grouped
+                for m in moes:
+                    m.grouped = m.grouped and route == "grouped"
+                forward = functools.partial(model, tok, positions=pos, cache=cache, kv_len=kv_len)
+                row.update({f"{route}_{k}": v for k, v in {"eager_ms": _replay_ms(check, forward, 5),
+                                                           **_captured(check, forward)}.items()})
+        if "grouped_captured_ms" in row and "dense_captured_ms" in row:
+            row["dense_over_grouped"] = row["dense_captured_ms"] / row["grouped_captured_ms"]
+        del cache
+        report.line("moe", "ok" if rows == check.size["moe_rows"][-1] else "running", f"batch_{rows}_routes", **row)
 
 
 RUN = {"env": section_env, "bandwidth": section_bandwidth, "decode": section_decode, "fused": section_fused,
