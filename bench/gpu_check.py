@@ -55,7 +55,7 @@ sys.path.insert(0, ROOT)
 SECTIONS = ("env", "bandwidth", "decode", "fused", "tokens", "train", "hf", "moe")
 # seconds each section is expected to need (full sizes on an H200 with compiles, tiny sizes on a CPU)
 ESTIMATE = {"env": (5, 0.5), "bandwidth": (10, 0.5), "decode": (150, 3), "fused": (120, 3), "tokens": (90, 3),
-            "train": (150, 5), "hf": (90, 3), "moe": (90, 4)}
+            "train": (150, 5), "hf": (90, 3), "moe": (100, 4)}
 # prompt + new tokens stay within one KV bucket of the captured step (128) at batch 1, and within two at
 # batch 384: few shapes, so few compiles of the decode step
 FULL = dict(dim=2048, n_layers=16, n_heads=16, n_kv_heads=8, vocab=32000, dtype="bf16", prompt=64, new_tokens=64,
