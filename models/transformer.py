@@ -383,14 +383,17 @@ def _stack_experts(experts) -> tuple:
     return gate_up, down
 
 
-def grouped_matmul_runs_on(weight: torch.Tensor) -> bool:
-    """Whether torch's grouped matmul runs without waiting for the host on `weight`'s device: CUTLASS's
-    kernel on SM90 / SM100 in bf16 with 16-byte aligned rows (elsewhere on a GPU torch falls back to
-    a loop that reads the group offsets on the host, which a CUDA graph cannot capture), or the CPU's."""
-    if weight.device.type == "cpu":
+def grouped_matmul_runs_on(*weights: torch.Tensor) -> bool:
+    """Whether torch's grouped matmul runs without waiting for the host on `weights` (stacked [E, out,
+    in]): CUTLASS's kernel on SM90 / SM100 in bf16 with 16-byte aligned rows (elsewhere on a GPU torch
+    falls back to a loop that reads the group offsets on the host, which a CUDA graph cannot
+    capture), or the CPU's."""
+    device = weights[0].device
+    if device.type == "cpu":
         return True
-    aligned = weight.dtype == torch.bfloat16 and all(n % 8 == 0 for n in weight.shape[1:])
-    return weight.device.type == "cuda" and aligned and torch.cuda.get_device_capability(weight.device)[0] in (9, 10)
+    aligned = all(w.dtype == torch.bfloat16 and w.shape[1] % 8 == 0 and w.shape[2] % 8 == 0 for w in weights)
+    nvidia = device.type == "cuda" and torch.version.hip is None  # ROCm's numbering means other chips
+    return nvidia and aligned and torch.cuda.get_device_capability(device)[0] in (9, 10)
 
 
 def grouped_experts(x, weights, chosen, gate_up, down):
@@ -661,7 +664,7 @@ class Transformer(nn.Module):
         kinds = [layer.attention.decode_kind for layer in self.layers]
         for m in moes:
             m.static_shapes = True
-            m.grouped = m.stacked is not None and grouped_matmul_runs_on(m.stacked[0])
+            m.grouped = m.stacked is not None and grouped_matmul_runs_on(*m.stacked)
         for layer in self.layers:  # the fused kernel's grid depends on shapes only: it stays
             layer.attention.decode_kind = "fused" if layer.attention.decode_kind == "fused" else "dense"
         try:

@@ -515,6 +515,30 @@ def test_grouped_experts_are_the_experts_one_by_one(rows, top_k, n_experts, dtyp
     assert torch.allclose(got.float(), want, atol=tol, rtol=tol), (got.float() - want).abs().max()
 
 
+def test_grouped_route_only_where_the_grouped_matmul_needs_no_host(monkeypatch):
+    """CUTLASS's grouped matmul (bf16, SM90 / SM100, 16-byte aligned rows) and the CPU's take the
+    grouped route; elsewhere on a GPU torch's fallback copies the offsets to the host (no capture)."""
+    from types import SimpleNamespace
+
+    from models.transformer import grouped_matmul_runs_on
+
+    def stacked(device="cuda", dtype=torch.bfloat16, local=48, dim=64):
+        return (SimpleNamespace(device=torch.device(device), dtype=dtype, shape=(8, 2 * local, dim)),
+                SimpleNamespace(device=torch.device(device), dtype=dtype, shape=(8, dim, local)))
+
+    for major, runs in ((9, True), (10, True), (8, False), (12, False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, m=major: (m, 0))
+        assert grouped_matmul_runs_on(*stacked()) is runs, major
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert not grouped_matmul_runs_on(*stacked(dtype=torch.float16))
+    assert not grouped_matmul_runs_on(*stacked(dtype=torch.float32))
+    assert not grouped_matmul_runs_on(*stacked(local=44))  # the down projection's rows of 44: not aligned
+    assert not grouped_matmul_runs_on(*stacked(dim=60))
+    assert grouped_matmul_runs_on(*stacked(device="cpu", dtype=torch.float32, local=5, dim=7))
+    monkeypatch.setattr(torch.version, "hip", "6.4")
+    assert not grouped_matmul_runs_on(*stacked())
+
+
 def test_static_moe_routes_by_grouped_matmuls(tmp_path, monkeypatch):
     """Within static_shapes() (the step a CUDA graph captures) a loaded Mixtral's MoE layers run as two
     grouped matmuls, not every expert on every row, and give what the host-routed MoE.forward and the
@@ -542,7 +566,7 @@ def test_static_moe_routes_by_grouped_matmuls(tmp_path, monkeypatch):
     n = len(model.layers)
     ops = count_step_ops(model, 6, 32)
     assert ops["aten._grouped_mm"] == 2 * n and ops["aten.silu"] == n, ops  # one SwiGLU a layer, not one an expert
-    monkeypatch.setattr(transformer, "grouped_matmul_runs_on", lambda weight: False)
+    monkeypatch.setattr(transformer, "grouped_matmul_runs_on", lambda *weights: False)
     ops = count_step_ops(model, 6, 32)
     assert "aten._grouped_mm" not in ops and ops["aten.silu"] == len(moe.experts) * n, ops
 
