@@ -674,9 +674,8 @@ def _moe_routes(check: Check, report: Report, model) -> None:
     grouped_experts against a loop over the experts on random inputs (relative error, Frobenius),
     and the plain decode forward of the layer stack at that batch, each route captured by hand."""
     import torch
-    import torch.nn.functional as F
 
-    from models.transformer import grouped_experts
+    from models.transformer import experts_one_by_one, grouped_experts
 
     kv_len, dev = 128 if not check.tiny else 16, check.info.device
     moes = [layer.feed_forward for layer in model.layers]
@@ -690,11 +689,7 @@ def _moe_routes(check: Check, report: Report, model) -> None:
         chosen = torch.rand(rows, n_experts, device=dev, generator=g).topk(top_k, dim=-1)[1]
         with torch.no_grad():
             got = grouped_experts(x, weights, chosen, gate_up, down).float()
-            want = torch.zeros_like(got)
-            for e in range(n_experts):
-                gate, up = (x.float() @ gate_up[e].float().T).chunk(2, dim=-1)
-                w = (weights * (chosen == e)).sum(-1, keepdim=True)
-                want += w * ((F.silu(gate) * up) @ down[e].float().T)
+            want = experts_one_by_one(x, weights, chosen, gate_up, down)
         row = {"grouped_vs_loop_rel_err": ((got - want).norm() / want.norm()).item(),
                "expert_tflop_dense": 2 * rows * expert_params / 1e12,
                "expert_tflop_grouped": 2 * rows * expert_params * top_k / n_experts / 1e12}

@@ -412,6 +412,36 @@ def grouped_experts(x, weights, chosen, gate_up, down):
     return (pairs.float() * weights.reshape(-1, 1)).to(x.dtype).view(n, k, -1).sum(1)
 
 
+def experts_one_by_one(x, weights, chosen, gate_up, down) -> torch.Tensor:
+    """grouped_experts's result in fp32, written as a loop over the experts (each on its rows)."""
+    out = torch.zeros(x.shape[0], down.shape[1], device=x.device)
+    for e in range(gate_up.shape[0]):
+        rows, slot = (chosen == e).nonzero(as_tuple=True)
+        gate, up = (x[rows].float() @ gate_up[e].float().T).chunk(2, dim=-1)
+        out.index_add_(0, rows, weights[rows, slot, None].float() * ((F.silu(gate) * up) @ down[e].float().T))
+    return out
+
+
+def grouped_check(gate_up: torch.Tensor, down: torch.Tensor, top_k: int, rows: int = 3) -> Optional[str]:
+    """None when grouped_experts on these stacked experts gives experts_one_by_one's result for `rows`
+    random rows, else why not, in a few words: what the grouped route's first use on a device checks
+    (a torch build whose grouped matmul fails there keeps the every-expert route, and says so)."""
+    gen = torch.Generator(device=gate_up.device).manual_seed(0)
+    x = torch.randn(rows, gate_up.shape[2], device=gate_up.device, generator=gen).to(gate_up.dtype)
+    weights = torch.rand(rows, top_k, device=x.device, generator=gen).softmax(-1)
+    chosen = torch.rand(rows, gate_up.shape[0], device=x.device, generator=gen).topk(top_k, dim=-1)[1]
+    try:
+        with torch.no_grad():
+            got = grouped_experts(x, weights, chosen, gate_up, down).float()
+            want = experts_one_by_one(x, weights, chosen, gate_up, down)
+    except Exception as e:
+        return f"torch's grouped matmul failed ({' '.join(str(e).split())[:160]})"
+    err = float((got - want).norm() / want.norm())
+    if not err < (1e-4 if gate_up.dtype == torch.float32 else 3e-2):  # NaN fails too
+        return f"its result differs from a loop over the experts (relative error {err:.2g})"
+    return None
+
+
 class MoE(nn.Module):
     """Mixtral sparse MoE: softmax router (fp32), top-k experts per token, weights renormalised."""
 
@@ -563,6 +593,7 @@ class Transformer(nn.Module):
         self.args = args
         self.tp_size = get_model_parallel_world_size()
         self.tp_rank = get_model_parallel_rank()
+        self._grouped_checks = {}  # (device, dtype) -> whether the grouped MoE route passed grouped_check there
         args.check_tp(self.tp_size, where="the tensor-parallel size")
         self.tok_embeddings = VocabParallelEmbedding(args.vocab_size, args.dim, init_method=_keep)
         _materialize(self.tok_embeddings, device, dtype)
@@ -655,6 +686,22 @@ class Transformer(nn.Module):
                  f"decode attention: dense (the fused Triton kernel is not used: {why})")
         return "fused" if why is None else "dense"
 
+    def _grouped_route(self, moes) -> bool:
+        """Whether static_shapes() routes the MoE layers by grouped matmuls: stacked experts where
+        torch's grouped matmul runs without the host and passes grouped_check on the first layer's
+        experts (once per device and dtype; one line says so where it does not)."""
+        if not moes or moes[0].stacked is None or not grouped_matmul_runs_on(*moes[0].stacked):
+            return False
+        gate_up = moes[0].stacked[0]
+        key = (str(gate_up.device), gate_up.dtype)
+        if key not in self._grouped_checks:
+            why = grouped_check(*moes[0].stacked, moes[0].top_k)
+            self._grouped_checks[key] = why is None
+            if why is not None:
+                say_once(f"MoE: every expert on every row in the static decode step (the grouped route is not "
+                         f"used: {why})")
+        return self._grouped_checks[key]
+
     @contextlib.contextmanager
     def static_shapes(self):
         """Within: no operation waits for the GPU or depends on data for its shapes (the MoE routes by
@@ -662,9 +709,9 @@ class Transformer(nn.Module):
         the fused kernel), so a forward can be captured in a CUDA graph."""
         moes = [m for m in self.modules() if isinstance(m, MoE)]
         kinds = [layer.attention.decode_kind for layer in self.layers]
+        grouped = self._grouped_route(moes)
         for m in moes:
-            m.static_shapes = True
-            m.grouped = m.stacked is not None and grouped_matmul_runs_on(*m.stacked)
+            m.static_shapes, m.grouped = True, grouped
         for layer in self.layers:  # the fused kernel's grid depends on shapes only: it stays
             layer.attention.decode_kind = "fused" if layer.attention.decode_kind == "fused" else "dense"
         try:

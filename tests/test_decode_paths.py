@@ -479,19 +479,6 @@ def test_expert_projection_kernel_is_its_torch_twin(triton_interpreter, rows, to
             assert ((a.float() - b.float()).norm() / b.float().norm()).item() < tol
 
 
-def _experts_one_by_one(x, weights, chosen, gate_up, down):
-    """Mixtral's sparse MoE written out, expert by expert, in fp32 (HF's MixtralSparseMoeBlock.forward:
-    each expert's rows, SwiGLU, times their routing weight, summed per row)."""
-    import torch.nn.functional as F
-
-    out = torch.zeros(x.shape[0], down.shape[1])
-    for e in range(gate_up.shape[0]):
-        rows, slot = (chosen == e).nonzero(as_tuple=True)
-        gate, up = (x[rows].float() @ gate_up[e].float().T).chunk(2, dim=-1)
-        out.index_add_(0, rows, weights[rows, slot, None].float() * ((F.silu(gate) * up) @ down[e].float().T))
-    return out
-
-
 @pytest.mark.parametrize("rows,top_k,n_experts,dtype", [(1, 2, 8, torch.float32), (5, 2, 8, torch.float32),
                                                         (64, 2, 8, torch.float32), (33, 3, 4, torch.float32),
                                                         (7, 1, 8, torch.float32), (64, 2, 8, torch.bfloat16)])
@@ -499,7 +486,7 @@ def test_grouped_experts_are_the_experts_one_by_one(rows, top_k, n_experts, dtyp
     """The static MoE's grouped route (two grouped matmuls over the (row, choice) pairs sorted by
     expert) is each chosen expert run on its rows, weighted and summed; experts no row chose (batch 1
     leaves 6 of 8) and experts chosen by many rows included."""
-    from models.transformer import grouped_experts
+    from models.transformer import experts_one_by_one, grouped_experts
 
     gen = torch.Generator().manual_seed(rows * 10 + top_k)
     dim, local = 32, 24
@@ -509,7 +496,7 @@ def test_grouped_experts_are_the_experts_one_by_one(rows, top_k, n_experts, dtyp
     chosen = torch.stack([torch.randperm(n_experts, generator=gen)[:top_k] for _ in range(rows)])
     weights = torch.rand(rows, top_k, generator=gen).softmax(-1)
     got = grouped_experts(x, weights, chosen, gate_up, down)
-    want = _experts_one_by_one(x, weights, chosen, gate_up, down)
+    want = experts_one_by_one(x, weights, chosen, gate_up, down)
     assert got.dtype == dtype and got.shape == (rows, dim)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert torch.allclose(got.float(), want, atol=tol, rtol=tol), (got.float() - want).abs().max()
@@ -537,6 +524,35 @@ def test_grouped_route_only_where_the_grouped_matmul_needs_no_host(monkeypatch):
     assert grouped_matmul_runs_on(*stacked(device="cpu", dtype=torch.float32, local=5, dim=7))
     monkeypatch.setattr(torch.version, "hip", "6.4")
     assert not grouped_matmul_runs_on(*stacked())
+
+
+def test_a_grouped_matmul_that_fails_its_check_keeps_the_every_expert_route(tmp_path, monkeypatch, capsys):
+    """The grouped route's first use on a device checks it against the loop over the experts; one that
+    raises, or computes something else, is not used, and one line says why."""
+    import torch.nn.functional as F
+
+    from engine.checkpoint import load_for_inference
+    from engine.runtime import distributed
+    from models import compiled, transformer
+
+    distributed.setup(tp_size=1, device="cpu", own=False)
+    save_hf("mixtral", str(tmp_path), seed=4, vocab_size=320)
+    real = F.grouped_mm
+    for broken, why in ((lambda *a, **kw: 1.01 * real(*a, **kw), "differs from a loop over the experts"),
+                        (lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("no kernel")), "failed (no kernel)")):
+        model = load_for_inference(str(tmp_path), None, torch.float32, "cpu", tokenizer=False)[0].eval()
+        moe = model.layers[0].feed_forward
+        assert transformer.grouped_check(*moe.stacked, moe.top_k) is None
+        monkeypatch.setattr(compiled, "_SAID", set())
+        with monkeypatch.context() as patch:
+            patch.setattr(F, "grouped_mm", broken)
+            with model.static_shapes():
+                assert not moe.grouped
+            with model.static_shapes():  # checked once per device and dtype
+                assert not moe.grouped
+        assert capsys.readouterr().err.count(why) == 1
+        with model.static_shapes():
+            assert not moe.grouped  # the verdict stays for this model
 
 
 def test_static_moe_routes_by_grouped_matmuls(tmp_path, monkeypatch):
