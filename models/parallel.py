@@ -40,7 +40,10 @@ def _all_gather_last(x: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         import torch.distributed._functional_collectives as funcol
 
-        return funcol.all_gather_tensor(x.contiguous(), x.dim() - 1, group)
+        # gathered along dim 0 and put side by side here: with another dim torch 2.11's funcol calls a
+        # helper Dynamo refuses to trace (`_maybe_view_chunk_cat`), and the whole step would run eagerly
+        world = dist.get_world_size(group)
+        return torch.cat(funcol.all_gather_tensor(x.contiguous(), 0, group).chunk(world, dim=0), dim=-1)
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=-1)
