@@ -54,3 +54,27 @@ def test_compiled_blocks_do_not_break_or_recompile_over_lengths(policy, dist1, i
     assert abs(compiled[0] - eager[0]) <= 1e-5 * abs(eager[0])
     assert len(compiled[1]) == len(eager[1]) > 0
     assert max((a - b).abs().max().item() for a, b in zip(compiled[1], eager[1])) <= 1e-5
+
+
+def test_compiled_gather_avoids_the_helper_torch_2_11_dynamo_refuses(dist1, monkeypatch):
+    """The tensor-parallel gather, compiled (the decode step's logits under TP), gathers along dim 0
+    and puts the shards side by side itself: torch 2.11's functional all-gather along another dim
+    calls `_maybe_view_chunk_cat`, which its Dynamo refuses to trace, so at TP=2 the compiled decode
+    step ran eagerly on that torch (patched here to fail wherever it is called)."""
+    import torch
+    import torch._dynamo
+    import torch.distributed._functional_collectives as funcol
+
+    from models.parallel import _all_gather_last
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("_maybe_view_chunk_cat called")
+
+    monkeypatch.setattr(funcol, "_maybe_view_chunk_cat", refused)
+    torch._dynamo.reset()
+    x = torch.randn(3, 2, 5)
+    try:
+        out = torch.compile(_all_gather_last, fullgraph=True, backend="eager")(x)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(out, x)  # a world of one: the gather is the shard
