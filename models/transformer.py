@@ -544,9 +544,9 @@ class TransformerBlock(nn.Module):
 
     def _fused_experts(self, h, one_rank: bool):
         """The MoE half of a fused decode step, reading only the chosen experts' weights in two
-        kernels (MoE.forward's grouped route takes about ten operations, its dense one every expert): RMSNorm + router; its top-k, their softmax; RMSNorm
-        + each row's chosen experts' gate/up; SwiGLU + their down projections, weighted, summed, +
-        residual. The softmax over the chosen logits is MoE.forward's renormalised top-k of the softmax
+        kernels (MoE.forward's grouped route takes about ten operations, its dense one every expert):
+        RMSNorm + router; its top-k, their softmax; RMSNorm + each row's chosen experts' gate/up;
+        SwiGLU + their down projections, weighted, summed, + residual. The softmax over the chosen logits is MoE.forward's renormalised top-k of the softmax
         over all (the same ratios exp(l_j) / sum of the chosen), and softmax keeps the logits' order."""
         moe, norm = self.feed_forward, self.ffn_norm
         logits = decode_kernels.decode_linear(h, moe.gate.weight, None, norm.weight, None, norm.eps, False)
