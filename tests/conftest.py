@@ -11,10 +11,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+
+
+def _gpu_visible() -> bool:
+    import torch  # imports no triton
+
+    return torch.cuda.is_available()
+
+
 # Triton's CPU interpreter, chosen before anything imports triton (its own library functions are
 # built for one mode at import): the tests that run a GPU kernel on the CPU opt in through
-# models.decode_kernels.CPU_KERNEL; every other CPU path keeps its torch twin
-os.environ["TRITON_INTERPRET"] = "1"
+# models.decode_kernels.CPU_KERNEL; every other CPU path keeps its torch twin. Not where a GPU is
+# visible: there the kernels compile for it (tests/test_cuda.py; interpreted, a CUDA graph could not
+# capture them), and the CPU processes the tests launch interpret them (tests/helpers.child_env)
+if not _gpu_visible():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session")

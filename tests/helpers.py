@@ -182,10 +182,14 @@ def poisoned_copy(src, dst, key: str, index: tuple, value: float):
 def child_env(gpu: bool = False, **extra) -> dict:
     """The environment for a launched process: this repo on the path, one thread, none of the test
     process's own torch.distributed variables (the child starts its own world), and, unless `gpu`,
-    no visible GPU: the CPU tests (gloo, fp32) stay CPU tests on a GPU machine too."""
+    no visible GPU: the CPU tests (gloo, fp32) stay CPU tests on a GPU machine too, their Triton
+    kernels interpreted (TRITON_INTERPRET=1, as conftest.py sets it on a CPU machine); a GPU child
+    compiles them."""
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    if not gpu:
-        env["CUDA_VISIBLE_DEVICES"] = ""
+    if gpu:
+        env.pop("TRITON_INTERPRET", None)
+    else:
+        env.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **extra}
 
 

@@ -331,7 +331,8 @@ def triton_interpreter(monkeypatch):
 
     from models import decode_kernels
 
-    assert os.environ.get("TRITON_INTERPRET") == "1"
+    if os.environ.get("TRITON_INTERPRET") != "1":  # conftest.py: a GPU is visible
+        pytest.skip("a GPU is visible: Triton compiles the kernels for it here (tests/test_cuda.py, bench/gpu_check.py)")
     monkeypatch.setattr(decode_kernels, "CPU_KERNEL", True)
 
 

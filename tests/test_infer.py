@@ -112,7 +112,7 @@ def test_static_decode_step_matches_eager_and_hf_tp1(models, family, dist1, tiny
     tok = load_tokenizer(tiny_tokenizer)
     model = load_for_inference(hf_dir, None, torch.float32, "cpu")[0].eval()  # q/k/v and gate/up fused, as infer.py
     assert model.layers[0].attention.fused is not None
-    fused = family in FUSED_AT_TP1
+    fused = family in FUSED_AT_TP1 and os.environ.get("TRITON_INTERPRET") == "1"  # not where a GPU is visible
     paths = decode_paths(model, [tok.encode(q) for q in QUESTIONS], [tok.eos_id], NEW, fused=fused)
     _check_decode_paths(paths, ref, family, fused)
 

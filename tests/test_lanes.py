@@ -31,3 +31,24 @@ def test_a_marked_test_can():
 ])
 def test_what_counts_as_a_python_process(args, expected):
     assert starts_python(args) == expected
+
+
+def test_triton_kernels_interpreted_on_cpu_processes_only(monkeypatch):
+    """conftest.py interprets Triton kernels in a test process that sees no GPU (and only there: on a
+    GPU, interpreted kernels could not be captured in CUDA graphs, so tests/test_cuda.py would test
+    the fallback); the CPU processes tests launch interpret them on any machine, GPU ones compile them."""
+    import os
+
+    import torch
+
+    from tests.helpers import child_env
+
+    assert (os.environ.get("TRITON_INTERPRET") == "1") == (not torch.cuda.is_available())
+    for outside in ("1", None):  # a CPU machine's test process, a GPU machine's
+        if outside is None:
+            monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        else:
+            monkeypatch.setenv("TRITON_INTERPRET", outside)
+        cpu, gpu = child_env(), child_env(gpu=True)
+        assert cpu["TRITON_INTERPRET"] == "1" and cpu["CUDA_VISIBLE_DEVICES"] == ""
+        assert "TRITON_INTERPRET" not in gpu and gpu.get("CUDA_VISIBLE_DEVICES") != ""
