@@ -42,12 +42,21 @@ def count_step_ops(model, rows: int, kv_len: int) -> Counter:
                 ops[str(func.overloadpacket)] += 1
             return func(*args, **(kwargs or {}))
 
-    cache = model.new_cache(rows, kv_len)
+    step = _decode_step(model, rows, kv_len)
+    with torch.no_grad(), model.static_shapes(), Count():
+        step()
+    return ops
+
+
+def _decode_step(model, rows: int, kv_len: int):
+    """One decode forward of `rows` rows at position kv_len / 2 on a fresh cache, as a call."""
+    import functools
+
+    import torch
+
     tokens = torch.ones(rows, 1, dtype=torch.long)
     positions = torch.full((rows, 1), kv_len // 2, dtype=torch.long)
-    with torch.no_grad(), model.static_shapes(), Count():
-        model(tokens, positions=positions, cache=cache, kv_len=kv_len)
-    return ops
+    return functools.partial(model, tokens, positions=positions, cache=model.new_cache(rows, kv_len), kv_len=kv_len)
 
 
 def step_ms(model, rows: int, kv_len: int, repeats: int = 5) -> float:
@@ -56,14 +65,12 @@ def step_ms(model, rows: int, kv_len: int, repeats: int = 5) -> float:
 
     import torch
 
-    cache = model.new_cache(rows, kv_len)
-    tokens = torch.ones(rows, 1, dtype=torch.long)
-    positions = torch.full((rows, 1), kv_len // 2, dtype=torch.long)
+    step = _decode_step(model, rows, kv_len)
     with torch.no_grad(), model.static_shapes():
-        model(tokens, positions=positions, cache=cache, kv_len=kv_len)
+        step()
         start = time.perf_counter()
         for _ in range(repeats):
-            model(tokens, positions=positions, cache=cache, kv_len=kv_len)
+            step()
     return (time.perf_counter() - start) / repeats * 1e3
 
 

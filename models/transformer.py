@@ -383,6 +383,12 @@ def _stack_experts(experts) -> tuple:
     return gate_up, down
 
 
+def _bf16_aligned(*weights: torch.Tensor) -> bool:
+    """Stacked [E, out, in] weights that torch's compiled (and CUTLASS's) grouped matmul takes: bf16,
+    rows of a multiple of 16 bytes."""
+    return all(w.dtype == torch.bfloat16 and w.shape[1] % 8 == 0 and w.shape[2] % 8 == 0 for w in weights)
+
+
 def grouped_matmul_runs_on(*weights: torch.Tensor) -> bool:
     """Whether torch's grouped matmul runs without waiting for the host on `weights` (stacked [E, out,
     in]): CUTLASS's kernel on SM90 / SM100 in bf16 with 16-byte aligned rows (elsewhere on a GPU torch
@@ -391,9 +397,8 @@ def grouped_matmul_runs_on(*weights: torch.Tensor) -> bool:
     device = weights[0].device
     if device.type == "cpu":
         return True
-    aligned = all(w.dtype == torch.bfloat16 and w.shape[1] % 8 == 0 and w.shape[2] % 8 == 0 for w in weights)
     nvidia = device.type == "cuda" and torch.version.hip is None  # ROCm's numbering means other chips
-    return nvidia and aligned and torch.cuda.get_device_capability(device)[0] in (9, 10)
+    return nvidia and _bf16_aligned(*weights) and torch.cuda.get_device_capability(device)[0] in (9, 10)
 
 
 def grouped_experts(x, weights, chosen, gate_up, down):
@@ -466,8 +471,7 @@ class MoE(nn.Module):
         x_par = copy_to_tp(x)
 
         # compiled, torch's grouped matmul takes bf16 with 16-byte aligned rows only
-        if self.static_shapes and self.grouped and (not torch.compiler.is_compiling() or (
-                x.dtype == torch.bfloat16 and x.shape[-1] % 8 == 0 and self.stacked[1].shape[-1] % 8 == 0)):
+        if self.static_shapes and self.grouped and (not torch.compiler.is_compiling() or _bf16_aligned(*self.stacked)):
             return reduce_from_tp(grouped_experts(x_par, weights, chosen, *self.stacked)).view(shape)
         out = torch.zeros_like(x)
         if self.static_shapes:  # every expert sees every token, weighted 0 where not chosen: no host sync
