@@ -11,7 +11,9 @@ its row's position.
 
 `fused_decode_attention` is the entry point: the Triton kernel on a GPU (or on the CPU under
 TRITON_INTERPRET=1, which is how the tests run the kernel itself); its torch twin `reference`
-computes the same thing with plain operations.
+computes the same thing with plain operations. The interpreter checks what the kernels compute, not
+how they compile: `bench/kernel_build.py` builds them for SM80 / SM90 / SM100 without a GPU and says
+what each variant takes of a multiprocessor (registers, spills, shared memory, tensor-core dots).
 """
 from __future__ import annotations
 
@@ -89,7 +91,8 @@ def _kernels():
                  sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, sc_h, sc_t, so_b, so_h, sp_b, sp_h, sp_t, own_len,
                  scale, window, n_splits, split_len,
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr,
-                 BLOCK: tl.constexpr, WINDOWED: tl.constexpr, ONE_PIECE: tl.constexpr, SHARED: tl.constexpr):
+                 BLOCK: tl.constexpr, WINDOWED: tl.constexpr, ONE_PIECE: tl.constexpr, SHARED: tl.constexpr,
+                 FP32_DOTS: tl.constexpr):
         b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         half: tl.constexpr = HEAD_DIM // 2
         d = tl.arange(0, D_PAD)
@@ -128,30 +131,43 @@ def _kernels():
         peak = tl.full([G_PAD], float("-inf"), tl.float32)
         total = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+        # the dots in the cache's dtype (fp32 sums): on tensor cores for a 16-bit cache, as flash attention
+        # does, where fp32 operands would run on the CUDA cores, 16 rows of them for a group of 1-8 heads;
+        # the new key and value as the cache stores them, which is what later steps read
+        dot_type = kc_ptr.dtype.element_ty
+        q, k_new, v_new = q.to(dot_type), k_new.to(dot_type), v_new.to(dot_type)
+        if FP32_DOTS:  # Triton's interpreter multiplies 16-bit operands wrongly: there, the same values in fp32
+            q = q.to(tl.float32)
         for start in range(lo, hi, BLOCK):  # only blocks holding this row's visible slots
             t = start + tl.arange(0, BLOCK)
             seen = (t <= pos) & (t >= first) & (t < hi)
             if SHARED:  # a row past its own slots (decoding throw-away tokens) reads no further
                 seen = seen & (t - plen < own_len)
             kv_mask = seen[:, None] & d_ok[None, :]
-            own_mask = kv_mask & (t >= plen)[:, None]
-            keys = tl.load(kc + (t - plen)[:, None] * sc_t + d[None, :], mask=own_mask, other=0.0).to(tl.float32)
-            vals = tl.load(vc + (t - plen)[:, None] * sc_t + d[None, :], mask=own_mask, other=0.0).to(tl.float32)
-            if SHARED:
-                in_prompt = kv_mask & (t < plen)[:, None]
-                keys += tl.load(pk + t[:, None] * sp_t + d[None, :], mask=in_prompt, other=0.0).to(tl.float32)
-                vals += tl.load(pv + t[:, None] * sp_t + d[None, :], mask=in_prompt, other=0.0).to(tl.float32)
+            key_at = kc + (t - plen)[:, None] * sc_t + d[None, :]
+            value_at = vc + (t - plen)[:, None] * sc_t + d[None, :]
+            if SHARED:  # a slot below the row's prompt length is in the prompt segment: one load either way
+                in_prompt = (t < plen)[:, None]
+                key_at = tl.where(in_prompt, pk + t[:, None] * sp_t + d[None, :], key_at)
+                value_at = tl.where(in_prompt, pv + t[:, None] * sp_t + d[None, :], value_at)
+            keys = tl.load(key_at, mask=kv_mask, other=0.0)
+            vals = tl.load(value_at, mask=kv_mask, other=0.0)
             fresh = (t == pos)[:, None]  # the new slot comes from registers: another program may not have stored it
             keys = tl.where(fresh, k_new[None, :], keys)
             vals = tl.where(fresh, v_new[None, :], vals)
-            scores = tl.dot(q, tl.trans(keys), input_precision="ieee")
+            if FP32_DOTS:
+                keys, vals = keys.to(tl.float32), vals.to(tl.float32)
+            scores = tl.dot(q, tl.trans(keys), input_precision="ieee")  # (the precision of fp32 operands)
             scores = tl.where(seen[None, :], scores, float("-inf"))
             new_peak = tl.maximum(peak, tl.max(scores, axis=1))
             safe = tl.where(new_peak == float("-inf"), 0.0, new_peak)
             probs = tl.exp(scores - safe[:, None])
             rescale = tl.exp(peak - safe)
             total = total * rescale + tl.sum(probs, axis=1)
-            acc = acc * rescale[:, None] + tl.dot(probs, vals, input_precision="ieee")
+            weights = probs.to(dot_type)
+            if FP32_DOTS:
+                weights = weights.to(tl.float32)
+            acc = acc * rescale[:, None] + tl.dot(weights, vals, input_precision="ieee")
             peak = new_peak
         if ONE_PIECE:  # the whole row in this program: the output itself, no merge kernel
             tl.store(out_ptr + b * so_b + (h * GROUP + g[:, None]) * so_h + d[None, :],
@@ -326,7 +342,8 @@ def triton_decode_attention(q, k, v, cos, sin, k_cache, v_cache, positions, wind
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
         prompt_k.stride(0), prompt_k.stride(1), prompt_k.stride(2), own_len, head_dim ** -0.5,
         window or 0, n_splits, split, GROUP=group, HEAD_DIM=head_dim, G_PAD=g_pad, D_PAD=d_pad, BLOCK=BLOCK_N,
-        WINDOWED=window is not None, ONE_PIECE=n_splits == 1, SHARED=shared)
+        WINDOWED=window is not None, ONE_PIECE=n_splits == 1, SHARED=shared, FP32_DOTS=_interpreting(),
+        num_stages=2)  # K/V blocks in flight: two, as sglang's decode kernel; Triton's three took 1.5x the shared memory
     if n_splits > 1:
         merge[(bsz, n_kv)](peaks, totals, accs, out, out.stride(0), out.stride(1), n_splits,
                            GROUP=group, HEAD_DIM=head_dim, G_PAD=g_pad, D_PAD=d_pad)
