@@ -8,6 +8,9 @@ argument specialisations) is compiled to a cubin, and its resources are read fro
   shared    shared memory a program (Triton's dynamic share; the launch fails past the device's limit)
   programs  programs one multiprocessor holds at once (by registers, shared memory and warps)
   tensor_ops  tensor-core instructions in the code (mma / wgmma: a tl.dot on 16-bit operands)
+  loop_instructions, loop_load_bytes  the longest loop's instructions and the bytes a thread loads
+            from global memory in one pass of it: a decode step reads its weights at the HBM's rate
+            only if a multiprocessor (4 warp instructions a cycle) issues them fast enough
   wide      the share of the code's global-load instructions that move 16 bytes (a bandwidth-bound
             kernel wants its large loads wide; a few scalar loads of positions and norms are expected)
 
@@ -112,13 +115,28 @@ def _bin(tool: str) -> str:
     return os.path.join(os.path.dirname(compiler.__file__), "bin", tool)
 
 
+def _longest_loop(sass: str) -> tuple:
+    """(instructions, bytes of global loads a thread) of the longest loop in SASS (a branch back), or
+    (0, 0): how many instructions the kernel issues for each byte its main loop loads."""
+    code = [(int(a, 16), op.strip()) for a, op in re.findall(r"^\s*/\*([0-9a-f]{4,})\*/\s*([^;]*);", sass, flags=re.M)]
+    longest = []
+    for at, op in code:
+        back = re.search(r"\bBRA (0x[0-9a-f]+)", op)
+        if back and int(back.group(1), 16) < at:
+            body = [o for a, o in code if int(back.group(1), 16) <= a <= at]
+            longest = max(longest, body, key=len)
+    width = {".128": 16, ".64": 8, ".U16": 2, ".S16": 2, ".U8": 1, ".S8": 1}
+    loads = [o.split()[-3] if o.startswith("@") else o.split()[0] for o in longest if "LDG" in o]
+    return len(longest), sum(next((b for w, b in width.items() if w in ld), 4) for ld in loads)
+
+
 def resources(kernel, arch: int) -> dict:
     """What the cubin of a CompiledKernel takes on one multiprocessor of `arch`."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        usage = subprocess.run([_bin("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout
+        usage, sass = (subprocess.run([_bin("cuobjdump"), flag, f.name], capture_output=True, text=True,
+                                      check=True).stdout for flag in ("-res-usage", "-sass"))
     regs, stack, local = (int(re.search(rf"\b{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK", "LOCAL"))
     warps, shared = kernel.metadata.num_warps, kernel.metadata.shared
     regs_a_warp = -(-regs * 32 // 256) * 256  # registers are handed out per warp in units of 256
@@ -129,8 +147,10 @@ def resources(kernel, arch: int) -> dict:
                        flags=re.M)  # (cp.async: a load into shared memory, the pipelined loops')
     wide = sum(re.search(r"\.v4\.[bfu]32|\.v2\.[bfu]64", ld) is not None or ", 0x10," in ld for ld in loads)
     tensor_ops = len(re.findall(r"^\s*(?:@!?%p\d+\s+)?w?mma\.", kernel.asm["ptx"], flags=re.M))
+    loop_instructions, loop_load_bytes = _longest_loop(sass)
     return dict(warps=warps, regs=regs, stack=stack + local, shared=shared, programs=programs,
                 wide=round(wide / len(loads), 2) if loads else None, tensor_ops=tensor_ops,
+                loop_instructions=loop_instructions, loop_load_bytes=loop_load_bytes,
                 fits=shared <= per_program and regs <= 255)
 
 

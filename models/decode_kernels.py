@@ -218,7 +218,9 @@ def _kernels():
                              other=0.0).to(tl.float32)
                 squares += tl.sum(xt * xt, axis=1)
             inv_rms = 1.0 / tl.sqrt(squares / k_in + eps)
-        acc = tl.zeros([R_PAD, BLOCK_N], tl.float32)
+        # products kept per k lane and summed once after the loop: a sum across threads in every
+        # iteration made the loop ~4x the instructions, too many to keep up with HBM at batch 1
+        acc = tl.zeros([R_PAD, BLOCK_N, BLOCK_K], tl.float32)
         for k0 in range(0, k_in, BLOCK_K):
             k = k0 + kk
             k_ok = k < k_in
@@ -233,7 +235,8 @@ def _kernels():
             xt = xt.to(w_ptr.dtype.element_ty).to(tl.float32)  # the input rounded as the layer's own input is
             w = tl.load(w_ptr + n[:, None] * sw + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
                         other=0.0).to(tl.float32)
-            acc += tl.sum(xt[:, None, :] * w[None, :, :], axis=2)
+            acc += xt[:, None, :] * w[None, :, :]
+        acc = tl.sum(acc, axis=2)
         if BIAS:
             acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         out_mask = r_ok[:, None] & n_ok[None, :]
@@ -263,7 +266,7 @@ def _kernels():
         for j in tl.static_range(TOP_K):
             expert = tl.load(e_ptr + r * TOP_K + j).to(tl.int64)
             x_row = x_ptr + (r if NORM else r * TOP_K + j) * sx
-            acc = tl.zeros([BLOCK_N], tl.float32)
+            acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)  # summed after the loop, as in `linear`
             for k0 in range(0, k_in, BLOCK_K):
                 k = k0 + kk
                 k_ok = k < k_in
@@ -276,7 +279,8 @@ def _kernels():
                 xt = xt.to(w_ptr.dtype.element_ty).to(tl.float32)  # the input rounded as the layer's own input is
                 w = tl.load(w_ptr + expert * sw_e + n[:, None] * sw + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
                             other=0.0).to(tl.float32)
-                acc += tl.sum(w * xt[None, :], axis=1)
+                acc += w * xt[None, :]
+            acc = tl.sum(acc, axis=1)
             if COMBINE:
                 total += tl.load(c_ptr + r * TOP_K + j).to(tl.float32) * acc
             else:
