@@ -121,7 +121,7 @@ def _longest_loop(sass: str) -> tuple:
     code = [(int(a, 16), op.strip()) for a, op in re.findall(r"^\s*/\*([0-9a-f]{4,})\*/\s*([^;]*);", sass, flags=re.M)]
     longest = []
     for at, op in code:
-        back = re.search(r"\bBRA (0x[0-9a-f]+)", op)
+        back = re.search(r"\bBRA(?:\.\w+)*\s+(?:!?U?P\w+,\s*)?(0x[0-9a-f]+)", op)  # (SM100: BRA.U !UP0, 0x..)
         if back and int(back.group(1), 16) < at:
             body = [o for a, o in code if int(back.group(1), 16) <= a <= at]
             longest = max(longest, body, key=len)
