@@ -331,6 +331,9 @@ def triton_decode_attention(q, k, v, cos, sin, k_cache, v_cache, positions, wind
     else:
         prompt_k = prompt_v = prompt_of = prompt_len = k_cache  # unused pointers
     g_pad, d_pad = max(16, _next_pow2(group)), max(16, _next_pow2(head_dim))
+    # fp32 dots run on the CUDA cores out of registers: half a block spills a tenth as much (an SM90
+    # build, head dim 128: 0.4 KB a thread against 3.8); pieces stay whole blocks (multiples of BLOCK_N)
+    block = BLOCK_N if k_cache.element_size() < 4 else BLOCK_N // 2
     split = split_length(kv_len, bsz * n_kv)
     n_splits = -(-kv_len // split)
     peaks = torch.empty(bsz, n_kv, n_splits, g_pad, device=q.device, dtype=torch.float32)
@@ -345,7 +348,7 @@ def triton_decode_attention(q, k, v, cos, sin, k_cache, v_cache, positions, wind
         prompt_len, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
         prompt_k.stride(0), prompt_k.stride(1), prompt_k.stride(2), own_len, head_dim ** -0.5,
-        window or 0, n_splits, split, GROUP=group, HEAD_DIM=head_dim, G_PAD=g_pad, D_PAD=d_pad, BLOCK=BLOCK_N,
+        window or 0, n_splits, split, GROUP=group, HEAD_DIM=head_dim, G_PAD=g_pad, D_PAD=d_pad, BLOCK=block,
         WINDOWED=window is not None, ONE_PIECE=n_splits == 1, SHARED=shared, FP32_DOTS=_interpreting(),
         num_stages=2)  # K/V blocks in flight: two, as sglang's decode kernel; Triton's three took 1.5x the shared memory
     if n_splits > 1:
