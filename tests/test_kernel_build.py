@@ -40,9 +40,7 @@ def test_every_decode_kernel_variant_builds_for_sm90_and_fits(tmp_path):
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in open(out)]
-    # a spilling loop takes hundreds of bytes of stack; Triton 3.9's ptxas keeps three registers of the
-    # Mixtral router's 4-row projection there (16 bytes, outside its loop), 3.6's (the GPU image's) none
-    bad = [r for r in records if not (r["ok"] and r["fits"] and r["stack"] <= 16)]
+    bad = [r for r in records if not (r["ok"] and r["fits"] and r["stack"] == 0)]  # no spills (Triton 3.6, 3.9)
     assert not bad, bad
     kernels = {r["kernel"] for r in records}
     assert kernels == {"partials", "merge", "linear", "expert_linear"}, kernels
