@@ -126,7 +126,7 @@ def _longest_loop(sass: str) -> tuple:
             body = [o for a, o in code if int(back.group(1), 16) <= a <= at]
             longest = max(longest, body, key=len)
     width = {".128": 16, ".64": 8, ".U16": 2, ".S16": 2, ".U8": 1, ".S8": 1}
-    loads = [o.split()[-3] if o.startswith("@") else o.split()[0] for o in longest if "LDG" in o]
+    loads = [t for o in longest for t in o.split() if t.startswith("LDG") and t != "LDGDEPBAR"]  # (a barrier)
     return len(longest), sum(next((b for w, b in width.items() if w in ld), 4) for ld in loads)
 
 
@@ -188,7 +188,7 @@ def _layer_launches(dim, n_heads, n_kv, head_dim, ffn, experts, bias, dtype):
         for residual in (h, None):
             linear(attended, torch.empty(dim, n_heads * head_dim, dtype=dtype), residual=residual)
         if not experts:
-            gate_up = linear(h, torch.empty(2 * ffn, dim, dtype=dtype), norm_weight=norm)
+            linear(h, torch.empty(2 * ffn, dim, dtype=dtype), norm_weight=norm)
             for residual in (h, None):
                 linear(torch.empty(rows, 2 * ffn, dtype=dtype), torch.empty(dim, ffn, dtype=dtype), residual=residual,
                        glu=True)
@@ -197,13 +197,12 @@ def _layer_launches(dim, n_heads, n_kv, head_dim, ffn, experts, bias, dtype):
             continue
         linear(h, torch.empty(experts, dim, dtype=dtype), norm_weight=norm)  # the router
         chosen = torch.arange(rows * 2).view(rows, 2) % experts
-        gate_up = decode_kernels.triton_expert_linear(h, torch.empty(experts, 2 * ffn, dim, dtype=dtype), chosen,
-                                                      norm_weight=norm)
+        decode_kernels.triton_expert_linear(h, torch.empty(experts, 2 * ffn, dim, dtype=dtype), chosen,
+                                            norm_weight=norm)
         for residual in (h, None):
             decode_kernels.triton_expert_linear(torch.empty(rows * 2, 2 * ffn, dtype=dtype),
                                                 torch.empty(experts, dim, ffn, dtype=dtype), chosen,
                                                 torch.rand(rows, 2), residual=residual, glu=True)
-        del gate_up
 
 
 def build_all(models=tuple(MODELS), archs=ARCHS, dtypes=("bf16", "fp16")) -> list:
