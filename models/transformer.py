@@ -147,6 +147,7 @@ class KVCache:
         if prompts is not None:  # row r continues prompt row prompt_of[r] of prompt_len[r] tokens (0: none)
             self.prompt_of = torch.zeros(batch_size, dtype=torch.long, device=device)
             self.prompt_len = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self._by_prompt, self._groups = False, None  # see grouped_by_prompt
 
     def nbytes(self) -> int:
         own = sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -174,8 +175,28 @@ class KVCache:
         k, v = self.k[layer][:n_rows, :, :length], self.v[layer][:n_rows, :, :length]
         if self.prompts is None:
             return k, v
-        rows = self.prompt_of[:n_rows]
-        return (self.prompts.k[layer].index_select(0, rows), k), (self.prompts.v[layer].index_select(0, rows), v)
+        pk, pv = self.prompts.k[layer], self.prompts.v[layer]
+        if not self._by_prompt:  # static shapes: each row's prompt block copied out for it
+            rows = self.prompt_of[:n_rows]
+            return (pk.index_select(0, rows), k), (pv.index_select(0, rows), v)
+        if self._groups is None or self._groups[0] != n_rows:  # once per forward (the layers share it)
+            self._groups = (n_rows, prompt_groups(self.prompt_of[:n_rows], pk.shape[0]))
+        used, group, rank, members = self._groups[1]
+        if used is not None:
+            pk, pv = pk.index_select(0, used), pv.index_select(0, used)
+        return (SharedPromptBlock(pk, group, rank, members), k), (SharedPromptBlock(pv, group, rank, members), v)
+
+    @contextlib.contextmanager
+    def grouped_by_prompt(self):
+        """Within (one eager decode forward): `read` gives the prompt segment as one block per prompt
+        row in use (SharedPromptBlock), which attention scores for all of that prompt's rows at once,
+        instead of a copy of it per row; the grouping depends on the data (its size is read back),
+        so not under static_shapes()."""
+        self._by_prompt, self._groups = self.prompts is not None, None
+        try:
+            yield
+        finally:
+            self._by_prompt, self._groups = False, None
 
     def prompt_segment(self, layer: int) -> tuple:
         """(keys, values, prompt_of, prompt_len) of the shared prompt segment (the fused kernel's), or ()."""
@@ -262,18 +283,62 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
+def prompt_groups(prompt_of: torch.Tensor, n_prompt_rows: int) -> tuple:
+    """How rows reading a shared prompt segment group by prompt row: (the prompt rows in use, None
+    when all are; each row's group among them [B]; its rank within its group [B], in row order; the
+    largest group's size, a host int)."""
+    used, group, counts = torch.unique(prompt_of, return_inverse=True, return_counts=True)
+    order = torch.argsort(group, stable=True)  # the rows of group 0, then of group 1, ...
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(group)
+    rank[order] = torch.arange(group.numel(), device=group.device) - starts[group[order]]
+    return (None if used.numel() == n_prompt_rows else used), group, rank, int(counts.max())
+
+
+class SharedPromptBlock:
+    """Keys or values [U, Hkv, W, D] of U prompt rows that several batch rows read: row b is member
+    rank[b] (of at most `members`) of prompt row group[b]. A prompt's rows meet its keys as one matrix
+    of queries (members x group query heads), so each prompt row is read once a step, not once a row."""
+
+    def __init__(self, tensor: torch.Tensor, group: torch.Tensor, rank: torch.Tensor, members: int):
+        self.tensor, self.group, self.rank, self.members = tensor, group, rank, members
+        self.shape, self.dtype = tensor.shape, tensor.dtype
+
+    def per_prompt(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, Hkv, R, X] -> [U, Hkv, members * R, X] (zeros where a group has fewer members)."""
+        _, heads, r, width = x.shape
+        out = x.new_zeros(self.tensor.shape[0], self.members, heads, r, width)
+        out[self.group, self.rank] = x
+        return out.transpose(1, 2).reshape(self.tensor.shape[0], heads, self.members * r, width)
+
+    def per_row(self, y: torch.Tensor) -> torch.Tensor:
+        """[U, Hkv, members * R, X] -> [B, Hkv, R, X]."""
+        groups, heads, _, width = y.shape
+        return y.view(groups, heads, self.members, -1, width).transpose(1, 2)[self.group, self.rank]
+
+    def matmul_by(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """x [B, Hkv, R, ·] @ each row's block (transposed: its keys' scores) -> [B, Hkv, R, ·]."""
+        return self.per_row(torch.matmul(self.per_prompt(x), self.tensor.transpose(-1, -2) if transpose else self.tensor))
+
+
+def _block_matmul(x: torch.Tensor, block, transpose: bool = False) -> torch.Tensor:
+    if isinstance(block, SharedPromptBlock):
+        return block.matmul_by(x, transpose)
+    return torch.matmul(x, block.transpose(-1, -2) if transpose else block)
+
+
 def grouped_attention(q: torch.Tensor, keys, values, mask: torch.Tensor) -> torch.Tensor:
     """Attention of a few new queries over cached keys, each KV head read once for its group of
     query heads (SDPA's GQA path with a mask copies every KV head per query head first).
     q: [B, Hq, S, D]; keys/values: [B, Hkv, T, D], or blocks of them along T (a tuple: scored one
-    by one, their scores joined, so the blocks are never copied into one); mask: [B, 1, S, T] bool.
-    Returns [B, Hq, S, D]."""
+    by one, their scores joined, so the blocks are never copied into one; a block may be a
+    SharedPromptBlock); mask: [B, 1, S, T] bool. Returns [B, Hq, S, D]."""
     blocks_k, blocks_v = (keys, values) if isinstance(keys, tuple) else ((keys,), (values,))
     bsz, n_heads, seqlen, head_dim = q.shape
     n_kv = blocks_k[0].shape[1]
     group = n_heads // n_kv
     q = q.reshape(bsz, n_kv, group * seqlen, head_dim)  # query head h reads KV head h // group
-    scores = [torch.matmul(q, k.transpose(-1, -2)) for k in blocks_k]
+    scores = [_block_matmul(q, k, transpose=True) for k in blocks_k]
     scores = (scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1)) * head_dim ** -0.5
     mask = mask[:, :, None].expand(bsz, 1, group, seqlen, mask.shape[-1]).reshape(bsz, 1, group * seqlen, -1)
     scores = scores.masked_fill(~mask, float("-inf"))
@@ -282,7 +347,7 @@ def grouped_attention(q: torch.Tensor, keys, values, mask: torch.Tensor) -> torc
         out = torch.matmul(probs, blocks_v[0])
     else:
         parts = probs.split([v.shape[2] for v in blocks_v], dim=-1)
-        out = torch.stack([torch.matmul(p, v) for p, v in zip(parts, blocks_v)]).sum(0)
+        out = torch.stack([_block_matmul(p, v) for p, v in zip(parts, blocks_v)]).sum(0)
     return out.reshape(bsz, n_heads, seqlen, head_dim)
 
 
@@ -598,6 +663,7 @@ class Transformer(nn.Module):
         self.tp_size = get_model_parallel_world_size()
         self.tp_rank = get_model_parallel_rank()
         self._grouped_checks = {}  # (device, dtype) -> whether the grouped MoE route passed grouped_check there
+        self.in_static_shapes = False  # within static_shapes()
         args.check_tp(self.tp_size, where="the tensor-parallel size")
         self.tok_embeddings = VocabParallelEmbedding(args.vocab_size, args.dim, init_method=_keep)
         _materialize(self.tok_embeddings, device, dtype)
@@ -716,6 +782,7 @@ class Transformer(nn.Module):
         grouped = self._grouped_route(moes)
         for m in moes:
             m.static_shapes, m.grouped = True, grouped
+        self.in_static_shapes = True
         for layer in self.layers:  # the fused kernel's grid depends on shapes only: it stays
             layer.attention.decode_kind = "fused" if layer.attention.decode_kind == "fused" else "dense"
         try:
@@ -723,6 +790,7 @@ class Transformer(nn.Module):
         finally:
             for m in moes:
                 m.static_shapes = m.grouped = False
+            self.in_static_shapes = False
             for layer, was in zip(self.layers, kinds):
                 layer.attention.decode_kind = was
 
@@ -764,10 +832,13 @@ class Transformer(nn.Module):
             calls = self.layers
         else:
             calls = self.train_calls if self.training and torch.is_grad_enabled() else self.eval_calls
-        for i, call in enumerate(calls):
-            if layer_hook is not None:
-                h = layer_hook(i, h)
-            h = call(h, cos, sin, positions, mask, cache, kv_len, cache_rows)
+        by_prompt = (cache is not None and cache_rows is None and cache.prompts is not None
+                     and not self.in_static_shapes and not torch.compiler.is_compiling())
+        with cache.grouped_by_prompt() if by_prompt else contextlib.nullcontext():
+            for i, call in enumerate(calls):
+                if layer_hook is not None:
+                    h = layer_hook(i, h)
+                h = call(h, cos, sin, positions, mask, cache, kv_len, cache_rows)
         return self.norm(h)
 
     def head_matrix(self) -> Optional[torch.Tensor]:

@@ -218,6 +218,44 @@ def test_a_prompt_segment_keeps_its_shape_from_call_to_call(tiny):
     assert caches[0] is caches[1] and caches[0].prompts.max_len == 34
 
 
+def test_eager_decode_reads_each_prompt_row_once_not_a_copy_per_row(tiny):
+    """An eager decode step over rows sharing a prompt segment (rows in no order of their prompt, groups
+    of 1-4 rows, a prompt row nobody reads, prompts of 0 to all of the segment's slots) scores each
+    prompt row for its rows at once: the logits of copying each row's prompt block out for it (what a
+    static-shape step does), and no tensor of the step is as large as such a copy."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model, _, _, _, _ = tiny
+    rows, width, own, n_kv, head_dim = 9, 24, 6, model.args.local_kv_heads(1), model.args.head_dim
+    cache = model.new_cache(rows, own, prompts=(5, width))
+    gen = torch.Generator().manual_seed(0)
+    for t in cache.k + cache.v + cache.prompts.k + cache.prompts.v:
+        t.copy_(torch.randn(t.shape, generator=gen))
+    cache.prompt_of.copy_(torch.tensor([3, 0, 3, 4, 0, 3, 1, 3, 4]))  # prompt row 2 unused; row 3 four times
+    cache.prompt_len.copy_(torch.tensor([20, 24, 20, 0, 24, 20, 7, 20, 0]))
+    positions = (cache.prompt_len + torch.tensor([5, 2, 0, 5, 3, 4, 1, 5, 2]))[:, None]
+    tokens = torch.randint(3, model.args.vocab_size, (rows, 1), generator=gen)
+
+    class Largest(TorchDispatchMode):  # the largest block of prompt keys or values [..., width, head_dim] made
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and tuple(t.shape[-2:]) == (width, head_dim):
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    with torch.no_grad():
+        with model.static_shapes(), Largest() as copied:
+            want = model(tokens, positions=positions, cache=cache, kv_len=own)
+        with Largest() as grouped:
+            got = model(tokens, positions=positions, cache=cache, kv_len=own)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    copy = rows * n_kv * width * head_dim  # one row's prompt block, for every row
+    assert copied.numel == copy and grouped.numel == 4 * n_kv * width * head_dim  # the 4 prompt rows read
+
+
 @pytest.mark.parametrize("window,block", [(None, 64), (None, 4), (6, 4), (5, 3)])
 def test_ragged_decode_attention_equals_the_dense_read(window, block):
     """Each row reading only its live blocks (GQA, rows at positions 0 .. past several blocks, a cache
