@@ -39,10 +39,18 @@ def _run(model, prompts, params, runner, stop_ids=(), stop_strings=None, slots=3
                                                                            stop_strings, runner=runner, **kw))
 
 
+def _peaked_and_flat_logits(gen, rows=4096, vocab=320):
+    """Rows of peaked to flat logits, every other row rounded to bf16 as a bf16 model's are (equal
+    logits, so equal probabilities, in the nucleus and at the top-k boundary)."""
+    logits = torch.randn(rows, vocab, generator=gen) * torch.linspace(0.3, 6.0, rows)[:, None]
+    logits[::2] = logits[::2].bfloat16().float()
+    return logits
+
+
 def _full_sort_choice(logits, params, seeds, draws):
     """choose_tokens as it was: the whole vocabulary sorted, the tail past top_k zeroed."""
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)  # equal ones by token id
     if params.top_k:
         sorted_probs[:, params.top_k:] = 0.0
     if params.top_p < 1.0:
@@ -56,10 +64,11 @@ def _full_sort_choice(logits, params, seeds, draws):
 @pytest.mark.parametrize("top_k,top_p", [(1, 1.0), (5, 1.0), (40, 0.9), (40, 0.3), (300, 0.95), (320, 1.0),
                                          (1000, 0.8), (0, 0.9)])
 def test_top_k_sampling_without_the_full_sort_draws_the_same_tokens(top_k, top_p):
-    """torch.topk's k tokens give the token the sorted vocabulary gives, draw for draw (4,096 rows of
-    peaked and flat distributions, top_k past the vocabulary too)."""
+    """The k most likely tokens (most_likely) give the token the sorted vocabulary gives, draw for draw
+    (4,096 rows of peaked and flat distributions, half of them with bf16's equal logits; top_k past
+    the vocabulary too)."""
     gen = torch.Generator().manual_seed(top_k)
-    logits = torch.randn(4096, 320, generator=gen) * torch.linspace(0.3, 6.0, 4096)[:, None]
+    logits = _peaked_and_flat_logits(gen)
     seeds = torch.randint(0, 1 << 31, (4096,), generator=gen)
     draws = torch.randint(0, 500, (4096,), generator=gen)
     params = g.SamplingParams(temperature=0.8, top_k=top_k, top_p=top_p)
@@ -72,17 +81,18 @@ def test_top_k_sampling_without_the_full_sort_draws_the_same_tokens(top_k, top_p
 def test_top_p_bound_draws_the_full_sorts_token_wherever_its_tokens_hold_top_p(bound, top_p):
     """--top_p_bound B: among the B most likely tokens (torch.topk) the draw is the full sort's wherever
     they hold top_p of the mass; `short` marks exactly the other rows (the B tokens' mass from the full
-    sort), and there the token is one of the B (4,096 rows of peaked and flat distributions)."""
+    sort), and there the token is one of the B (4,096 rows of peaked and flat distributions, half of
+    them with bf16's equal logits)."""
     gen = torch.Generator().manual_seed(bound)
-    logits = torch.randn(4096, 320, generator=gen) * torch.linspace(0.3, 6.0, 4096)[:, None]
+    logits = _peaked_and_flat_logits(gen)
     seeds = torch.randint(0, 1 << 31, (4096,), generator=gen)
     draws = torch.randint(0, 500, (4096,), generator=gen)
     params = g.SamplingParams(temperature=0.8, top_p=top_p, top_p_bound=bound)
     short = torch.ones(4096, dtype=torch.bool)
     got = g.choose_tokens(logits, params, seeds, draws, short)
     exact = _full_sort_choice(logits, params, seeds, draws)
-    probs, order = torch.softmax(logits / 0.8, -1).sort(-1, descending=True)
-    assert torch.equal(short, probs[:, :bound].sum(-1) < top_p)
+    probs, order = torch.softmax(logits / 0.8, -1).sort(dim=-1, descending=True, stable=True)
+    assert torch.equal(short, probs[:, :bound].cumsum(-1)[:, -1] < top_p)
     assert torch.equal(got[~short], exact[~short])
     assert (got[:, None] == order[:, :bound]).any(-1).all()
     assert (0 < short.sum() < 4096) if bound < 320 else not short.any()

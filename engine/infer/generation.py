@@ -97,16 +97,28 @@ def uniform(seeds: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
     return _shift_right(z, 40).float() / float(1 << 24)
 
 
+def most_likely(probs: torch.Tensor, k: int) -> tuple:
+    """The k most likely tokens of each row [n, V] of float32 probabilities, (their probabilities, ids)
+    [n, k], in the order of a stable descending sort (equal probabilities by token id). torch.topk
+    orders and picks among equal values as it likes, so it ranks a key of both: non-negative floats
+    order as their bits, and V * bits + (V - 1 - id) breaks their ties by id."""
+    vocab = probs.shape[-1]
+    ids = torch.arange(vocab, device=probs.device)
+    key = probs.contiguous().view(torch.int32).long() * vocab + (vocab - 1 - ids)
+    order = key.topk(k, dim=-1).indices
+    return probs.gather(-1, order), order
+
+
 def choose_tokens(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor, draws: torch.Tensor,
                   short: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[n, V] logits -> [n] token ids on the device: greedy, or temperature / top-k / top-p sampling
-    by inverse CDF over the sorted distribution with one uniform per row from (seed, draw). With
-    top_k only the k most likely tokens are taken (torch.topk, in order), never the whole vocabulary
-    sorted: the draw is the one over the sorted vocabulary with the rest zeroed. top_p alone sorts
-    the vocabulary (how much of it the nucleus needs is known only from the probabilities), unless
-    top_p_bound: then the nucleus is taken among that many most likely tokens, the draw of the full
-    sort wherever they hold top_p of the mass; `short` ([n] bool, written) says where they did not
-    (there the nucleus was cut to them)."""
+    by inverse CDF over the sorted distribution (probability descending, equal ones by token id) with
+    one uniform per row from (seed, draw). With top_k only the k most likely tokens are taken
+    (most_likely), never the whole vocabulary sorted: the draw is the one over the sorted vocabulary
+    with the rest zeroed. top_p alone sorts the vocabulary (how much of it the nucleus needs is known
+    only from the probabilities), unless top_p_bound: then the nucleus is taken among that many most
+    likely tokens, the draw of the full sort wherever they hold top_p of the mass; `short` ([n] bool,
+    written) says where they did not (there the nucleus was cut to them)."""
     if 0 < params.vocab_size < logits.shape[-1]:  # padding ids have no text: the tokenizer cannot decode them
         logits = logits[:, :params.vocab_size]
     if params.temperature <= 0:
@@ -114,9 +126,9 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams, seeds: torch.Ten
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     bound = params.top_k or (params.top_p_bound if params.top_p < 1.0 else 0)
     if bound:
-        sorted_probs, order = probs.topk(min(bound, probs.shape[-1]), dim=-1)
-    else:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        sorted_probs, order = most_likely(probs, min(bound, probs.shape[-1]))
+    else:  # stable: equal probabilities (common with bf16 logits) in token order, as most_likely ranks them
+        sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
     if params.top_p < 1.0:  # keep the smallest prefix whose mass reaches top_p
         mass = sorted_probs.cumsum(-1)
         if short is not None:
