@@ -103,8 +103,8 @@ def most_likely(probs: torch.Tensor, k: int) -> tuple:
     orders and picks among equal values as it likes, so it ranks a key of both: non-negative floats
     order as their bits, and V * bits + (V - 1 - id) breaks their ties by id."""
     vocab = probs.shape[-1]
-    ids = torch.arange(vocab, device=probs.device)
-    key = probs.contiguous().view(torch.int32).long() * vocab + (vocab - 1 - ids)
+    reversed_ids = torch.arange(vocab - 1, -1, -1, device=probs.device)
+    key = torch.add(reversed_ids, probs.contiguous().view(torch.int32).long(), alpha=vocab)
     order = key.topk(k, dim=-1).indices
     return probs.gather(-1, order), order
 
