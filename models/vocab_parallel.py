@@ -359,10 +359,20 @@ def sharded_token_logprobs(logits_local: torch.Tensor, ids: torch.Tensor) -> tor
     return all_reduce_tp_(torch.where(here, picked, 0.0)) - log_norm
 
 
+def ranking_key(values: torch.Tensor, ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """An int64 key per float32 value whose descending order is the values', equal ones by ascending
+    id (a stable descending sort's order), for torch.topk, which orders and picks among equal values
+    as it likes: floats order as their bits once a negative one's magnitude bits are negated."""
+    bits = values.float().contiguous().view(torch.int32).long()
+    bits = torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
+    return torch.add(vocab - 1 - ids, bits, alpha=vocab)
+
+
 def sharded_topk(logits_local: torch.Tensor, k: int):
     """The k most likely tokens of each row from vocabulary-sharded logits [N, vocab / tp]: (global
-    ids [N, k] long, log-probabilities [N, k] fp32, descending). Each rank takes its own top k, the
-    candidates (k x tp per row, never the vocabulary) are gathered and the best k kept."""
+    ids [N, k] long, log-probabilities [N, k] fp32, descending, equal ones by id, so every TP size
+    keeps the same tokens). Each rank takes its own top k, the candidates (k x tp per row, never the
+    vocabulary) are gathered and the best k kept."""
     from fairscale.nn.model_parallel.initialize import (
         get_model_parallel_group,
         get_model_parallel_world_size,
@@ -372,15 +382,17 @@ def sharded_topk(logits_local: torch.Tensor, k: int):
     local_vocab = z.shape[-1]
     m = all_reduce_tp_(z.max(dim=-1).values.clone(), dist.ReduceOp.MAX)
     log_norm = all_reduce_tp_((z - m[:, None]).exp().sum(dim=-1)).log() + m
-    values, ids = z.topk(min(k, local_vocab), dim=-1)
-    ids = ids + vocab_shard_start(local_vocab)
     tp = get_model_parallel_world_size()
+    vocab = local_vocab * tp
+    ids = torch.arange(local_vocab, device=z.device) + vocab_shard_start(local_vocab)
+    pick = ranking_key(z, ids, vocab).topk(min(k, local_vocab), dim=-1).indices
+    values, ids = z.gather(1, pick), ids[pick]
     if tp > 1:
         group = get_model_parallel_group()
         all_v, all_i = [torch.empty_like(values) for _ in range(tp)], [torch.empty_like(ids) for _ in range(tp)]
         dist.all_gather(all_v, values.contiguous(), group=group)
         dist.all_gather(all_i, ids.contiguous(), group=group)
         values, ids = torch.cat(all_v, dim=-1), torch.cat(all_i, dim=-1)
-        values, pick = values.topk(k, dim=-1)
-        ids = ids.gather(1, pick)
+        pick = ranking_key(values, ids, vocab).topk(k, dim=-1).indices
+        values, ids = values.gather(1, pick), ids.gather(1, pick)
     return ids, values - log_norm[:, None]

@@ -48,7 +48,19 @@ def teacher_kl_grads(temperature: float = 1.7):
                                      "grad_w": gather_from_tp(w.grad.t().contiguous()).t()}
     top_ids, top_logp = sharded_topk(F.linear(t_hidden, t_weight[start:start + local]), 5)
     out["topk"] = {"ids": top_ids, "logprobs": top_logp}
+    tied = tied_logits()
+    out["topk_tied"] = sharded_topk(tied[:, start:start + local], 5)[0]
     return out
+
+
+def tied_logits(rows: int = 64, vocab: int = 48) -> torch.Tensor:
+    """Logits with many equal values (in halves, across both TP=2 shards, at the top-5 boundary;
+    negative ones too), as a bf16 teacher's are."""
+    g = torch.Generator().manual_seed(7)
+    logits = (torch.randn(rows, vocab, generator=g) * 2).round() / 2
+    logits[0] = 1.0  # every token equal
+    logits[1] = -logits[1].abs() - 0.5  # every token negative
+    return logits
 
 
 def authors_kl_inputs(seed: int = 1, rows: int = 9, dim: int = 16, vocab: int = 48):
