@@ -179,9 +179,9 @@ class KVCache:
         if not self._by_prompt:  # static shapes: each row's prompt block copied out for it
             rows = self.prompt_of[:n_rows]
             return (pk.index_select(0, rows), k), (pv.index_select(0, rows), v)
-        if self._groups is None or self._groups[0] != n_rows:  # once per forward (the layers share it)
-            self._groups = (n_rows, prompt_groups(self.prompt_of[:n_rows], pk.shape[0]))
-        used, group, rank, members = self._groups[1]
+        if self._groups is None:  # once per forward (its layers read the same rows)
+            self._groups = prompt_groups(self.prompt_of[:n_rows], pk.shape[0])
+        used, group, rank, members = self._groups
         if used is not None:
             pk, pv = pk.index_select(0, used), pv.index_select(0, used)
         return (SharedPromptBlock(pk, group, rank, members), k), (SharedPromptBlock(pv, group, rank, members), v)

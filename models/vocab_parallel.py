@@ -359,19 +359,21 @@ def sharded_token_logprobs(logits_local: torch.Tensor, ids: torch.Tensor) -> tor
     return all_reduce_tp_(torch.where(here, picked, 0.0)) - log_norm
 
 
-def ranking_key(values: torch.Tensor, ids: torch.Tensor, vocab: int) -> torch.Tensor:
+def ranking_key(values: torch.Tensor, ids: torch.Tensor, vocab: int, non_negative: bool = False) -> torch.Tensor:
     """An int64 key per float32 value whose descending order is the values', equal ones by ascending
     id (a stable descending sort's order), for torch.topk, which orders and picks among equal values
-    as it likes: floats order as their bits once a negative one's magnitude bits are negated."""
+    as it likes: floats order as their bits once a negative one's magnitude bits are negated
+    (non_negative: none are, e.g. probabilities; the pass that negates is skipped)."""
     bits = values.float().contiguous().view(torch.int32).long()
-    bits = torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
+    if not non_negative:
+        bits = torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
     return torch.add(vocab - 1 - ids, bits, alpha=vocab)
 
 
 def sharded_topk(logits_local: torch.Tensor, k: int):
     """The k most likely tokens of each row from vocabulary-sharded logits [N, vocab / tp]: (global
-    ids [N, k] long, log-probabilities [N, k] fp32, descending, equal ones by id, so every TP size
-    keeps the same tokens). Each rank takes its own top k, the candidates (k x tp per row, never the
+    ids [N, k] long, log-probabilities [N, k] fp32, descending, equal ones by id, however the
+    vocabulary is sharded). Each rank takes its own top k, the candidates (k x tp per row, never the
     vocabulary) are gathered and the best k kept."""
     from fairscale.nn.model_parallel.initialize import (
         get_model_parallel_group,

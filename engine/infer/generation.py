@@ -41,6 +41,7 @@ from typing import Hashable, Iterator, List, Optional, Sequence
 import torch
 
 from models.compiled import CompiledCall, say_once
+from models.vocab_parallel import ranking_key
 
 
 @dataclass
@@ -99,12 +100,10 @@ def uniform(seeds: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
 
 def most_likely(probs: torch.Tensor, k: int) -> tuple:
     """The k most likely tokens of each row [n, V] of float32 probabilities, (their probabilities, ids)
-    [n, k], in the order of a stable descending sort (equal probabilities by token id). torch.topk
-    orders and picks among equal values as it likes, so it ranks a key of both: non-negative floats
-    order as their bits, and V * bits + (V - 1 - id) breaks their ties by id."""
+    [n, k], in the order of a stable descending sort (equal probabilities by token id): torch.topk
+    of ranking_key, as torch.topk alone orders and picks among equal values as it likes."""
     vocab = probs.shape[-1]
-    reversed_ids = torch.arange(vocab - 1, -1, -1, device=probs.device)
-    key = torch.add(reversed_ids, probs.contiguous().view(torch.int32).long(), alpha=vocab)
+    key = ranking_key(probs, torch.arange(vocab, device=probs.device), vocab, non_negative=True)
     order = key.topk(k, dim=-1).indices
     return probs.gather(-1, order), order
 
